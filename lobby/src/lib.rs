@@ -1,0 +1,10 @@
+//! Lobby: a layer-4 load balancer whose data plane is the kernel's.
+//!
+//! - [`config`]: YAML text to validated types (pure).
+//! - [`model`]: the desired state: which upstreams each target balances over.
+//! - [`nft`]: renders the desired state to nftables and applies it; the only
+//!   module that runs `nft`.
+//! - [`ebpf`]: loads and attaches the counters, reads their maps; the only
+//!   module that imports aya.
+//! - [`daemon`]: the reconcile loop that wires them together.
+pub mod config;
