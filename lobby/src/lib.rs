@@ -8,3 +8,4 @@
 //!   module that imports aya.
 //! - [`daemon`]: the reconcile loop that wires them together.
 pub mod config;
+pub mod model;
