@@ -19,7 +19,7 @@ pub const IPPROTO_TCP: u8 = 6;
 /// and port, both in network byte order as they appear in the packet, and
 /// the IP protocol.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UpstreamKey {
     pub addr: u32,
     pub port: u16,

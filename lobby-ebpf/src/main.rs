@@ -8,7 +8,9 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_CURRENT_NETNS, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock_tuple},
+    bindings::{
+        BPF_F_CURRENT_NETNS, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock_tuple,
+    },
     helpers::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_skb_load_bytes_relative},
     macros::{classifier, map},
     maps::PerCpuHashMap,
@@ -70,8 +72,15 @@ pub fn lobby_ingress(ctx: TcContext) -> i32 {
 }
 
 fn count_toward_upstream(ctx: &TcContext, seg: &Segment) {
-    let key = UpstreamKey { addr: seg.daddr, port: seg.dport, protocol: IPPROTO_TCP, _pad: 0 };
-    let Some(counters) = COUNTERS.get_ptr_mut(&key) else { return };
+    let key = UpstreamKey {
+        addr: seg.daddr,
+        port: seg.dport,
+        protocol: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let Some(counters) = COUNTERS.get_ptr_mut(key) else {
+        return;
+    };
     // The local socket of an outgoing packet sees the upstream as its peer.
     if is_local_socket(ctx, seg.daddr, seg.saddr, seg.dport, seg.sport) {
         return;
@@ -87,8 +96,15 @@ fn count_toward_upstream(ctx: &TcContext, seg: &Segment) {
 }
 
 fn count_from_upstream(ctx: &TcContext, seg: &Segment) {
-    let key = UpstreamKey { addr: seg.saddr, port: seg.sport, protocol: IPPROTO_TCP, _pad: 0 };
-    let Some(counters) = COUNTERS.get_ptr_mut(&key) else { return };
+    let key = UpstreamKey {
+        addr: seg.saddr,
+        port: seg.sport,
+        protocol: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let Some(counters) = COUNTERS.get_ptr_mut(key) else {
+        return;
+    };
     if is_local_socket(ctx, seg.saddr, seg.daddr, seg.sport, seg.dport) {
         return;
     }
@@ -104,7 +120,13 @@ fn count_from_upstream(ctx: &TcContext, seg: &Segment) {
 /// Whether a connected socket of this host owns the flow: the daemon's own
 /// health probes, which are not client traffic. Forwarded client flows have
 /// no local socket. Only asked for packets of a counted upstream.
-fn is_local_socket(ctx: &TcContext, remote: u32, local: u32, remote_port: u16, local_port: u16) -> bool {
+fn is_local_socket(
+    ctx: &TcContext,
+    remote: u32,
+    local: u32,
+    remote_port: u16,
+    local_port: u16,
+) -> bool {
     // SAFETY: a zeroed tuple is a valid value of this plain C union.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     tuple.__bindgen_anon_1.ipv4.saddr = remote;
@@ -153,7 +175,11 @@ fn read_segment(ctx: &TcContext) -> Option<Segment> {
         dport: u16::from_ne_bytes([tcp[2], tcp[3]]),
         // BIG TCP super-packets carry 0; fall back to the skb's length less
         // the Ethernet header.
-        ip_len: if tot_len != 0 { u32::from(tot_len) } else { ctx.len().saturating_sub(14) },
+        ip_len: if tot_len != 0 {
+            u32::from(tot_len)
+        } else {
+            ctx.len().saturating_sub(14)
+        },
         flags: tcp[13],
     })
 }

@@ -8,4 +8,7 @@
 //!   module that imports aya.
 //! - [`daemon`]: the reconcile loop that wires them together.
 pub mod config;
+pub mod daemon;
+pub mod ebpf;
 pub mod model;
+pub mod nft;

@@ -60,10 +60,7 @@ pub struct DesiredTarget {
 impl Desired {
     /// Every upstream of `config` whose state says it is available and has
     /// an address; upstreams missing from `states` are left out.
-    pub fn from_config(
-        config: &Config,
-        states: &BTreeMap<UpstreamId, UpstreamState>,
-    ) -> Self {
+    pub fn from_config(config: &Config, states: &BTreeMap<UpstreamId, UpstreamState>) -> Self {
         let targets = config
             .targets
             .iter()

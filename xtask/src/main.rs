@@ -1,1 +1,38 @@
-fn main(){}
+//! Project tasks: `cargo xtask <task>`.
+mod build_ebpf;
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Lobby's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and the tests need (apt packages, rust-src,
+    /// bpf-linker); quick when already done.
+    Setup,
+    /// Build the eBPF counters (lobby-ebpf) with the nightly toolchain.
+    BuildEbpf,
+    /// Setup, format check, clippy -D warnings, unit and integration tests.
+    Test,
+    /// Start Lobby in a namespace topology and show connections going to the
+    /// upstreams in turn; cleans up after itself.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => build_ebpf::run(),
+        Task::Test => test::run(),
+        Task::Demo => demo::run(),
+    }
+}

@@ -134,3 +134,5 @@ pub struct DnsConfig {
     /// Overrides the answer's TTL as the re-resolution period.
     pub ttl: Option<Duration>,
 }
+mod interim;
+pub use interim::*;

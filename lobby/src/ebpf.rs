@@ -1,0 +1,448 @@
+//! The traffic counters in the kernel: loads the embedded eBPF object, pins
+//! its map in bpffs (so counters survive a crash and a restart), attaches
+//! the classifiers to the interfaces that route to the upstreams, keeps the
+//! map's keys equal to the configured upstreams and reads it. The only
+//! module that talks to aya.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuHashMap, PerCpuValues},
+    programs::{SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId},
+    util::{KernelVersion, nr_cpus},
+};
+use lobby_common::{COUNTERS_MAP, UpstreamCounters, UpstreamKey};
+use tracing::{debug, info, warn};
+
+/// The object built from lobby-ebpf by build.rs; empty when the build was
+/// told to skip it (AYA_BUILD_SKIP).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lobby-counters"));
+
+const EGRESS: &str = "lobby_egress";
+const INGRESS: &str = "lobby_ingress";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where systemd mounts bpffs; Lobby mounts it there when nobody did.
+const BPF_FS_ROOT: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CountersError {
+    #[error(
+        "this lobby binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild it with `cargo xtask build-ebpf` or a plain `cargo build`"
+    )]
+    NoObject,
+    #[error("{op} {path}")]
+    PinDir {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{path} is not on a bpffs; mount one there (mount -t bpf bpf DIR) or choose another --pin-dir"
+    )]
+    NotBpfFs { path: PathBuf },
+    #[error("loading the eBPF counters (needs CAP_BPF and CAP_NET_ADMIN, or root)")]
+    Load(#[source] aya::EbpfError),
+    #[error("preparing eBPF program {program}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching the counters to interface {interface}")]
+    Attach {
+        interface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("adding the clsact qdisc to interface {interface}")]
+    Clsact {
+        interface: String,
+        #[source]
+        source: tc::TcError,
+    },
+    #[error("counter map {op}")]
+    Map {
+        op: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("counting the CPUs: {0}")]
+    Cpus(String),
+    #[error("looking up the routes to the upstreams")]
+    Route(#[source] io::Error),
+}
+
+/// What is attached where, and the map of per-upstream counters.
+pub struct Counters {
+    ebpf: Ebpf,
+    pin_path: PathBuf,
+    links: BTreeMap<String, [SchedClassifierLinkId; 2]>,
+    cpus: usize,
+    /// Before 6.6 programs are attached as tc filters, which outlive a
+    /// crashed daemon; those of a previous run are removed before attaching.
+    netlink_filters: bool,
+}
+
+impl Counters {
+    /// Loads the programs and opens (or creates) the pinned counter map in
+    /// `pin_dir`, mounting bpffs at /sys/fs/bpf first if `pin_dir` is below
+    /// it and nothing is mounted there.
+    pub fn load(pin_dir: &Path) -> Result<Self, CountersError> {
+        if OBJECT.is_empty() {
+            return Err(CountersError::NoObject);
+        }
+        prepare_pin_dir(pin_dir)?;
+        let pin_path = pin_dir.join(COUNTERS_MAP);
+        let mut ebpf = EbpfLoader::new()
+            .map_pin_path(COUNTERS_MAP, pin_path.as_path())
+            .load(OBJECT)
+            .map_err(CountersError::Load)?;
+        for program in [EGRESS, INGRESS] {
+            let classifier: &mut SchedClassifier = ebpf
+                .program_mut(program)
+                .expect("the object defines both classifiers")
+                .try_into()
+                .map_err(|source| CountersError::Program { program, source })?;
+            classifier
+                .load()
+                .map_err(|source| CountersError::Program { program, source })?;
+        }
+        let cpus = nr_cpus().map_err(|(what, e)| CountersError::Cpus(format!("{what}: {e}")))?;
+        let netlink_filters =
+            KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0));
+        Ok(Self {
+            ebpf,
+            pin_path,
+            links: BTreeMap::new(),
+            cpus,
+            netlink_filters,
+        })
+    }
+
+    /// Attaches both classifiers to every interface of `interfaces` that
+    /// lacks them and detaches them from every other one.
+    pub fn attach_to(&mut self, interfaces: &BTreeSet<String>) -> Result<(), CountersError> {
+        let stale: Vec<String> = self
+            .links
+            .keys()
+            .filter(|i| !interfaces.contains(*i))
+            .cloned()
+            .collect();
+        for interface in stale {
+            let [egress, ingress] = self.links.remove(&interface).expect("listed above");
+            // The interface may be gone already, taking the programs with it.
+            if let Err(e) = self.classifier(EGRESS).detach(egress) {
+                debug!(interface, error = %e, "detaching egress counter");
+            }
+            if let Err(e) = self.classifier(INGRESS).detach(ingress) {
+                debug!(interface, error = %e, "detaching ingress counter");
+            }
+            info!(interface, "counters detached");
+        }
+        for interface in interfaces {
+            if self.links.contains_key(interface) {
+                continue;
+            }
+            if self.netlink_filters {
+                prepare_clsact(interface)?;
+            }
+            let attach = |counters: &mut Self, program, direction| {
+                counters
+                    .classifier(program)
+                    .attach(interface, direction)
+                    .map_err(|source| CountersError::Attach {
+                        interface: interface.clone(),
+                        source,
+                    })
+            };
+            let egress = attach(self, EGRESS, TcAttachType::Egress)?;
+            let ingress = match attach(self, INGRESS, TcAttachType::Ingress) {
+                Ok(link) => link,
+                Err(e) => {
+                    let _ = self.classifier(EGRESS).detach(egress);
+                    return Err(e);
+                }
+            };
+            self.links.insert(interface.clone(), [egress, ingress]);
+            info!(interface, "counters attached");
+        }
+        Ok(())
+    }
+
+    /// Makes the map's keys exactly `keys`: new upstreams start at zero,
+    /// the counters of those still configured are left as they are, and
+    /// removed upstreams are forgotten.
+    pub fn track(&mut self, keys: &BTreeSet<UpstreamKey>) -> Result<(), CountersError> {
+        let cpus = self.cpus;
+        let mut map = self.map_mut()?;
+        let present: BTreeSet<UpstreamKey> =
+            map.keys()
+                .collect::<Result<_, _>>()
+                .map_err(|source| CountersError::Map {
+                    op: "listing keys",
+                    source,
+                })?;
+        for key in present.difference(keys) {
+            map.remove(key).map_err(|source| CountersError::Map {
+                op: "removing a key",
+                source,
+            })?;
+        }
+        for key in keys.difference(&present) {
+            let zeros =
+                PerCpuValues::try_from(vec![UpstreamCounters::default(); cpus]).map_err(|e| {
+                    CountersError::Map {
+                        op: "zeroing a value",
+                        source: aya::maps::MapError::IoError(e),
+                    }
+                })?;
+            // BPF_NOEXIST: never reset a key the programs already count in.
+            map.insert(key, zeros, 1)
+                .map_err(|source| CountersError::Map {
+                    op: "inserting a key",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The counters of every tracked upstream, summed over the CPUs.
+    pub fn read(&self) -> Result<BTreeMap<UpstreamKey, UpstreamCounters>, CountersError> {
+        let map = self
+            .ebpf
+            .map(COUNTERS_MAP)
+            .expect("the object defines the counter map");
+        let map: PerCpuHashMap<&MapData, UpstreamKey, UpstreamCounters> =
+            map.try_into().map_err(|source| CountersError::Map {
+                op: "opening",
+                source,
+            })?;
+        map.iter()
+            .map(|entry| {
+                let (key, per_cpu) = entry.map_err(|source| CountersError::Map {
+                    op: "reading",
+                    source,
+                })?;
+                let mut total = UpstreamCounters::default();
+                for cpu in per_cpu.iter() {
+                    total.add(cpu);
+                }
+                Ok((key, total))
+            })
+            .collect()
+    }
+
+    /// Detaches the programs and removes the pinned map: a clean shutdown
+    /// leaves nothing behind.
+    pub fn remove(self) {
+        let pin_path = self.pin_path.clone();
+        drop(self);
+        match std::fs::remove_file(&pin_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(path = %pin_path.display(), error = %e, "removing the pinned counter map")
+            }
+        }
+        if let Some(dir) = pin_path.parent() {
+            // Only succeeds when empty: never removes what others pinned.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
+    fn classifier(&mut self, program: &'static str) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(program)
+            .expect("the object defines both classifiers")
+            .try_into()
+            .expect("checked at load")
+    }
+
+    fn map_mut(
+        &mut self,
+    ) -> Result<PerCpuHashMap<&mut MapData, UpstreamKey, UpstreamCounters>, CountersError> {
+        self.ebpf
+            .map_mut(COUNTERS_MAP)
+            .expect("the object defines the counter map")
+            .try_into()
+            .map_err(|source| CountersError::Map {
+                op: "opening",
+                source,
+            })
+    }
+}
+
+/// The key under which the programs count an upstream.
+pub fn key_of(address: SocketAddrV4, protocol: u8) -> UpstreamKey {
+    UpstreamKey::new(u32::from(*address.ip()), address.port(), protocol)
+}
+
+fn prepare_clsact(interface: &str) -> Result<(), CountersError> {
+    match tc::qdisc_add_clsact(interface) {
+        Ok(()) => {}
+        // Left by an earlier run or by other software: fine to share.
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(tc::TcError::AlreadyAttached) => {}
+        Err(source) => {
+            return Err(CountersError::Clsact {
+                interface: interface.to_owned(),
+                source,
+            });
+        }
+    }
+    for (program, direction) in [
+        (EGRESS, TcAttachType::Egress),
+        (INGRESS, TcAttachType::Ingress),
+    ] {
+        match tc::qdisc_detach_program(interface, direction, program) {
+            Ok(()) => info!(
+                interface,
+                program, "removed a counter left by a previous run"
+            ),
+            Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(interface, program, error = %e, "removing a counter left by a previous run")
+            }
+        }
+    }
+    Ok(())
+}
+
+fn prepare_pin_dir(pin_dir: &Path) -> Result<(), CountersError> {
+    let root = Path::new(BPF_FS_ROOT);
+    if pin_dir.starts_with(root) && !is_bpffs(root) {
+        std::fs::create_dir_all(root).map_err(|source| CountersError::PinDir {
+            op: "creating",
+            path: root.to_owned(),
+            source,
+        })?;
+        mount_bpffs(root)?;
+        info!(path = BPF_FS_ROOT, "mounted bpffs");
+    }
+    std::fs::create_dir_all(pin_dir).map_err(|source| CountersError::PinDir {
+        op: "creating",
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    if !is_bpffs(pin_dir) {
+        return Err(CountersError::NotBpfFs {
+            path: pin_dir.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct and reads a valid C string.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn mount_bpffs(path: &Path) -> Result<(), CountersError> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .expect("no NUL in a constant path");
+    // SAFETY: valid C strings; bpffs takes no data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c_path.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(CountersError::PinDir {
+            op: "mounting bpffs on",
+            path: path.to_owned(),
+            source: io::Error::last_os_error(),
+        })
+    }
+}
+
+/// The interfaces the kernel routes each address through, by one `ip -batch`
+/// run of `route get` per address. Addresses without a route are left out
+/// (and logged): their traffic cannot flow anyway.
+pub async fn interfaces_toward(
+    addresses: &BTreeSet<Ipv4Addr>,
+) -> Result<BTreeSet<String>, CountersError> {
+    use tokio::io::AsyncWriteExt as _;
+    if addresses.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let mut child = tokio::process::Command::new("ip")
+        .args(["-o", "-force", "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(CountersError::Route)?;
+    let mut script = String::new();
+    for address in addresses {
+        script.push_str(&format!("route get {address}\n"));
+    }
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    stdin
+        .write_all(script.as_bytes())
+        .await
+        .map_err(CountersError::Route)?;
+    drop(stdin);
+    let output = child
+        .wait_with_output()
+        .await
+        .map_err(CountersError::Route)?;
+    if !output.stderr.is_empty() {
+        warn!(error = %String::from_utf8_lossy(&output.stderr).trim(), "some upstreams have no route");
+    }
+    Ok(parse_route_devices(&String::from_utf8_lossy(
+        &output.stdout,
+    )))
+}
+
+/// The `dev NAME` of each line of `ip -o route get` output, except
+/// loopback: traffic to this host's own addresses is not forwarded.
+fn parse_route_devices(output: &str) -> BTreeSet<String> {
+    output
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "dev")?;
+            words.next().map(str::to_owned)
+        })
+        .filter(|dev| dev != "lo")
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_devices_are_read_from_each_line() {
+        let output = "198.18.1.11 dev veth-up1 src 198.18.1.1 uid 0 \\    cache \n\
+                      198.18.2.11 via 198.18.0.1 dev eth0 src 198.18.0.2 uid 0 \\    cache \n\
+                      127.0.0.1 dev lo src 127.0.0.1 uid 0 \\    cache <local> \n";
+        let devices: Vec<String> = parse_route_devices(output).into_iter().collect();
+        assert_eq!(devices, ["eth0", "veth-up1"]);
+    }
+
+    #[test]
+    fn keys_hold_network_byte_order() {
+        let key = key_of(SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 11), 9000), 6);
+        assert_eq!(key.addr.to_ne_bytes(), [198, 18, 1, 11]);
+        assert_eq!(key.port.to_ne_bytes(), 9000u16.to_be_bytes());
+    }
+}

@@ -1,0 +1,428 @@
+//! The data plane's ruleset: renders the desired state to nftables (pure)
+//! and applies it (the only code in Lobby that runs `nft`).
+//!
+//! Shape (see shared/NFTABLES.md): one owned table; a base chain at the
+//! `dstnat` priority dispatches `l4proto . dport` of traffic addressed to
+//! this host through a verdict map to one chain per target; each target
+//! chain holds one rule, the round-robin DNAT over the target's available
+//! upstreams (or a TCP reset when none is available). Only connections to
+//! Lobby's own upstreams are masqueraded. A change touches only the chains
+//! and elements it must, in one transaction.
+use std::{collections::BTreeSet, fmt::Write as _, net::SocketAddrV4, process::Stdio};
+
+use tokio::{io::AsyncWriteExt as _, process::Command};
+
+use crate::{
+    config::Protocol,
+    model::{Desired, DesiredTarget},
+};
+
+/// The one table Lobby owns; it never touches any other.
+pub const TABLE: &str = "lobby";
+
+/// Renders the whole table.
+pub fn render(desired: &Desired) -> String {
+    let mut out = String::new();
+    writeln!(out, "table ip {TABLE} {{").unwrap();
+    writeln!(out, "\tmap targets {{").unwrap();
+    writeln!(out, "\t\ttype inet_proto . inet_service : verdict").unwrap();
+    let dispatch: Vec<String> = desired
+        .targets
+        .iter()
+        .map(|(name, target)| dispatch_element(name, target))
+        .collect();
+    write_elements(&mut out, &dispatch);
+    writeln!(out, "\t}}").unwrap();
+    writeln!(out, "\tset backends {{").unwrap();
+    writeln!(out, "\t\ttype ipv4_addr . inet_proto . inet_service").unwrap();
+    let backends: Vec<String> = backends(desired).iter().map(backend_element).collect();
+    write_elements(&mut out, &backends);
+    writeln!(out, "\t}}").unwrap();
+    writeln!(out, "\tchain prerouting {{").unwrap();
+    writeln!(
+        out,
+        "\t\ttype nat hook prerouting priority dstnat; policy accept;"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "\t\tfib daddr type local meta l4proto . th dport vmap @targets"
+    )
+    .unwrap();
+    writeln!(out, "\t}}").unwrap();
+    writeln!(out, "\tchain postrouting {{").unwrap();
+    writeln!(
+        out,
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "\t\tct status dnat ip daddr . meta l4proto . th dport @backends masquerade"
+    )
+    .unwrap();
+    writeln!(out, "\t}}").unwrap();
+    for (name, target) in &desired.targets {
+        writeln!(out, "\tchain {} {{", chain_name(name)).unwrap();
+        writeln!(out, "\t\t{}", target_rule(target)).unwrap();
+        writeln!(out, "\t}}").unwrap();
+    }
+    writeln!(out, "}}").unwrap();
+    out
+}
+
+/// The transaction that turns `applied` into `desired`, or `None` when they
+/// are equal. Without an applied state (start, takeover of a stale table)
+/// the table is replaced whole; `add` before `delete` makes the delete
+/// succeed whether or not a table exists, all in one transaction so that
+/// established connections never see a missing rule.
+pub fn plan(applied: Option<&Desired>, desired: &Desired) -> Option<String> {
+    let Some(applied) = applied else {
+        return Some(format!(
+            "add table ip {TABLE}\ndelete table ip {TABLE}\n{}",
+            render(desired)
+        ));
+    };
+    if applied == desired {
+        return None;
+    }
+    let mut out = String::new();
+    // Removals first: a dispatch element must go before the chain it jumps
+    // to, and a reused port must be free before it is added again.
+    for (name, old) in &applied.targets {
+        match desired.targets.get(name) {
+            None => {
+                delete_dispatch(&mut out, old);
+                writeln!(out, "delete chain ip {TABLE} {}", chain_name(name)).unwrap();
+            }
+            Some(new) if dispatch_key(old) != dispatch_key(new) => delete_dispatch(&mut out, old),
+            Some(_) => {}
+        }
+    }
+    let old_backends = backends(applied);
+    let new_backends = backends(desired);
+    let gone: Vec<String> = old_backends
+        .difference(&new_backends)
+        .map(backend_element)
+        .collect();
+    if !gone.is_empty() {
+        writeln!(
+            out,
+            "delete element ip {TABLE} backends {{ {} }}",
+            gone.join(", ")
+        )
+        .unwrap();
+    }
+    let added: Vec<String> = new_backends
+        .difference(&old_backends)
+        .map(backend_element)
+        .collect();
+    if !added.is_empty() {
+        writeln!(
+            out,
+            "add element ip {TABLE} backends {{ {} }}",
+            added.join(", ")
+        )
+        .unwrap();
+    }
+    for (name, new) in &desired.targets {
+        let chain = chain_name(name);
+        let old = applied.targets.get(name);
+        match old {
+            None => writeln!(out, "add chain ip {TABLE} {chain}").unwrap(),
+            Some(old) if target_rule(old) != target_rule(new) => {
+                writeln!(out, "flush chain ip {TABLE} {chain}").unwrap()
+            }
+            Some(_) => {}
+        }
+        if old.is_none_or(|old| target_rule(old) != target_rule(new)) {
+            writeln!(out, "add rule ip {TABLE} {chain} {}", target_rule(new)).unwrap();
+        }
+        if old.is_none_or(|old| dispatch_key(old) != dispatch_key(new)) {
+            writeln!(
+                out,
+                "add element ip {TABLE} targets {{ {} }}",
+                dispatch_element(name, new)
+            )
+            .unwrap();
+        }
+    }
+    Some(out)
+}
+
+/// The transaction that removes Lobby's table, whether or not it exists.
+pub fn teardown() -> String {
+    format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
+}
+
+fn write_elements(out: &mut String, elements: &[String]) {
+    if !elements.is_empty() {
+        writeln!(out, "\t\telements = {{ {} }}", elements.join(", ")).unwrap();
+    }
+}
+
+fn delete_dispatch(out: &mut String, target: &DesiredTarget) {
+    writeln!(
+        out,
+        "delete element ip {TABLE} targets {{ {} }}",
+        dispatch_key(target)
+    )
+    .unwrap();
+}
+
+fn dispatch_key(target: &DesiredTarget) -> String {
+    format!("{} . {}", target.protocol.as_str(), target.port)
+}
+
+fn dispatch_element(name: &str, target: &DesiredTarget) -> String {
+    format!("{} : jump {}", dispatch_key(target), chain_name(name))
+}
+
+/// Every (address, protocol, port) that some target sends connections to:
+/// the connections toward them are the ones Lobby translated.
+fn backends(desired: &Desired) -> BTreeSet<(SocketAddrV4, Protocol)> {
+    desired
+        .targets
+        .values()
+        .flat_map(|t| t.upstreams.iter().map(|u| (*u, t.protocol)))
+        .collect()
+}
+
+fn backend_element((addr, protocol): &(SocketAddrV4, Protocol)) -> String {
+    format!("{} . {} . {}", addr.ip(), protocol.as_str(), addr.port())
+}
+
+fn target_rule(target: &DesiredTarget) -> String {
+    let mut rule = String::new();
+    if let Some(ip) = target.ip {
+        write!(rule, "ip daddr {ip} ").unwrap();
+    }
+    let protocol = target.protocol.as_str();
+    write!(rule, "meta l4proto {protocol} ").unwrap();
+    if target.upstreams.is_empty() {
+        rule.push_str("reject with tcp reset");
+        return rule;
+    }
+    let slots: Vec<String> = target
+        .upstreams
+        .iter()
+        .enumerate()
+        .map(|(slot, addr)| format!("{slot} : {} . {}", addr.ip(), addr.port()))
+        .collect();
+    write!(
+        rule,
+        "dnat ip to numgen inc mod {} map {{ {} }}",
+        target.upstreams.len(),
+        slots.join(", ")
+    )
+    .unwrap();
+    rule
+}
+
+/// A chain name for a target that nft accepts whatever the target is
+/// called: letters, digits and `-` stay, every other byte becomes `_XX`, so
+/// distinct names stay distinct.
+pub fn chain_name(target: &str) -> String {
+    let mut name = String::from("target-");
+    for byte in target.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' {
+            name.push(char::from(byte));
+        } else {
+            write!(name, "_{byte:02x}").unwrap();
+        }
+    }
+    name
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run nft (is the nftables package installed?)")]
+    Spawn(#[source] std::io::Error),
+    #[error("nft rejected the transaction ({status}): {stderr}")]
+    Rejected {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
+
+/// Runs one transaction with `nft -f -`: the kernel applies all of it or
+/// none of it.
+pub async fn apply(script: &str) -> Result<(), NftError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(NftError::Spawn)?;
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    // A write error means nft exited early; its status and stderr say why.
+    let _ = stdin.write_all(script.as_bytes()).await;
+    drop(stdin);
+    let output = child.wait_with_output().await.map_err(NftError::Spawn)?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(NftError::Rejected {
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Whether a table of Lobby exists: one left by a previous run that did not
+/// shut down cleanly.
+pub async fn table_exists() -> Result<bool, NftError> {
+    let output = Command::new("nft")
+        .args(["list", "table", "ip", TABLE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .map_err(NftError::Spawn)?;
+    Ok(output.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, net::Ipv4Addr};
+
+    use super::*;
+    use crate::config::Ipv4Net;
+
+    fn target(port: u16, upstreams: &[(u8, u16)]) -> DesiredTarget {
+        DesiredTarget {
+            protocol: Protocol::Tcp,
+            port,
+            ip: None,
+            upstreams: upstreams
+                .iter()
+                .map(|&(host, port)| SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, host), port))
+                .collect(),
+        }
+    }
+
+    fn desired(targets: &[(&str, DesiredTarget)]) -> Desired {
+        Desired {
+            targets: targets
+                .iter()
+                .map(|(n, t)| (n.to_string(), t.clone()))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    #[test]
+    fn renders_dispatch_dnat_reset_and_masquerade() {
+        let mut api = target(8082, &[]);
+        api.ip = Some(Ipv4Net {
+            addr: Ipv4Addr::new(198, 18, 0, 0),
+            prefix_len: 24,
+        });
+        let state = desired(&[
+            ("web", target(8081, &[(11, 9000), (12, 9000)])),
+            ("api", api),
+        ]);
+        let expected = "\
+table ip lobby {
+\tmap targets {
+\t\ttype inet_proto . inet_service : verdict
+\t\telements = { tcp . 8082 : jump target-api, tcp . 8081 : jump target-web }
+\t}
+\tset backends {
+\t\ttype ipv4_addr . inet_proto . inet_service
+\t\telements = { 198.18.1.11 . tcp . 9000, 198.18.1.12 . tcp . 9000 }
+\t}
+\tchain prerouting {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tfib daddr type local meta l4proto . th dport vmap @targets
+\t}
+\tchain postrouting {
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tct status dnat ip daddr . meta l4proto . th dport @backends masquerade
+\t}
+\tchain target-api {
+\t\tip daddr 198.18.0.0/24 meta l4proto tcp reject with tcp reset
+\t}
+\tchain target-web {
+\t\tmeta l4proto tcp dnat ip to numgen inc mod 2 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000 }
+\t}
+}
+";
+        assert_eq!(render(&state), expected);
+    }
+
+    #[test]
+    fn empty_state_renders_a_table_without_elements() {
+        let text = render(&Desired::default());
+        assert!(!text.contains("elements"), "{text}");
+        assert!(!text.contains("chain target-"), "{text}");
+    }
+
+    #[test]
+    fn first_plan_replaces_the_table_in_one_transaction() {
+        let state = desired(&[("web", target(8081, &[(11, 9000)]))]);
+        let script = plan(None, &state).expect("a first plan");
+        assert!(
+            script.starts_with("add table ip lobby\ndelete table ip lobby\ntable ip lobby {"),
+            "{script}"
+        );
+    }
+
+    #[test]
+    fn equal_states_need_no_transaction() {
+        let state = desired(&[("web", target(8081, &[(11, 9000)]))]);
+        assert_eq!(plan(Some(&state), &state.clone()), None);
+    }
+
+    #[test]
+    fn an_upstream_going_down_rewrites_only_its_target_chain() {
+        let before = desired(&[
+            ("web", target(8081, &[(11, 9000), (12, 9000)])),
+            ("api", target(8082, &[(21, 80)])),
+        ]);
+        let after = desired(&[
+            ("web", target(8081, &[(12, 9000)])),
+            ("api", target(8082, &[(21, 80)])),
+        ]);
+        let script = plan(Some(&before), &after).expect("a change");
+        assert_eq!(
+            script,
+            "delete element ip lobby backends { 198.18.1.11 . tcp . 9000 }\n\
+             flush chain ip lobby target-web\n\
+             add rule ip lobby target-web meta l4proto tcp dnat ip to numgen inc mod 1 map { 0 : 198.18.1.12 . 9000 }\n"
+        );
+    }
+
+    #[test]
+    fn targets_added_removed_and_moved() {
+        let before = desired(&[
+            ("web", target(8081, &[(11, 9000)])),
+            ("old", target(8083, &[(31, 80)])),
+        ]);
+        let after = desired(&[
+            ("web", target(8090, &[(11, 9000)])),
+            ("new", target(8083, &[])),
+        ]);
+        let script = plan(Some(&before), &after).expect("a change");
+        assert_eq!(
+            script,
+            "delete element ip lobby targets { tcp . 8083 }\n\
+             delete chain ip lobby target-old\n\
+             delete element ip lobby targets { tcp . 8081 }\n\
+             delete element ip lobby backends { 198.18.1.31 . tcp . 80 }\n\
+             add chain ip lobby target-new\n\
+             add rule ip lobby target-new meta l4proto tcp reject with tcp reset\n\
+             add element ip lobby targets { tcp . 8083 : jump target-new }\n\
+             add element ip lobby targets { tcp . 8090 : jump target-web }\n"
+        );
+    }
+
+    #[test]
+    fn chain_names_keep_distinct_targets_distinct() {
+        assert_eq!(chain_name("web-1"), "target-web-1");
+        assert_eq!(chain_name("web_1"), "target-web_5f1");
+        assert_eq!(chain_name("web 1"), "target-web_201");
+        assert_ne!(chain_name("a_2e"), chain_name("a."));
+    }
+}

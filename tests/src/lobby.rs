@@ -1,0 +1,181 @@
+//! The real `lobby` binary, running in the load balancer's namespace with
+//! its own config file, bpffs pin directory and log file.
+use std::{
+    fs::File,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::{NetNs, wait_for};
+
+pub struct Lobby {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub pin_dir: PathBuf,
+    pub log_path: PathBuf,
+    bpffs: PathBuf,
+    ns_name: String,
+}
+
+/// The lobby binary of this workspace's build: `LOBBY_BIN`, else
+/// target/debug/lobby (the xtask test builds it first).
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("LOBBY_BIN") {
+        return path.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("debug/lobby");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build -p lobby` (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+impl Lobby {
+    /// Starts lobby in `ns` with `config` and waits until it balances.
+    pub fn start(ns: &NetNs, config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bpffs = dir.path().join("bpffs");
+        std::fs::create_dir(&bpffs).expect("bpffs mount point");
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&bpffs)
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting a bpffs for the test's pins");
+        let mut lobby = Self {
+            child: None,
+            config_path: dir.path().join("lobby.yaml"),
+            pin_dir: bpffs.join("lobby"),
+            log_path: dir.path().join("lobby.log"),
+            bpffs,
+            dir,
+            ns_name: ns.name.clone(),
+        };
+        lobby.write_config(config);
+        lobby.spawn();
+        lobby.wait_for_log("lobby is balancing");
+        lobby
+    }
+
+    /// Starts the binary again (after a stop or a kill), on the same
+    /// config, pins and log file, and waits until it balances.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "lobby is still running");
+        let before = self.log().matches("lobby is balancing").count();
+        self.spawn();
+        wait_for("lobby to balance again", Duration::from_secs(20), || {
+            (self.log().matches("lobby is balancing").count() > before).then_some(())
+        });
+    }
+
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(&self.config_path, config).expect("writing the config");
+    }
+
+    fn spawn(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("log file");
+        let netns =
+            File::open(format!("/run/netns/{}", self.ns_name)).expect("opening the namespace");
+        let netns_fd = netns.as_raw_fd();
+        let mut command = Command::new(binary());
+        command
+            .arg("-c")
+            .arg(&self.config_path)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(["-l", "debug"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        // SAFETY: setns is async-signal-safe; the fd stays open until after
+        // the spawn. Entering only the network namespace keeps the mount
+        // namespace, where the test's bpffs is.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self.child = Some(command.spawn().expect("starting lobby"));
+        drop(netns);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn wait_for_log(&mut self, needle: &str) {
+        let deadline = Duration::from_secs(20);
+        let start = std::time::Instant::now();
+        loop {
+            if self.log().contains(needle) {
+                return;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "lobby exited ({status}) before logging {needle:?}; its log:\n{}",
+                    self.log()
+                );
+            }
+            if start.elapsed() > deadline {
+                panic!(
+                    "lobby did not log {needle:?} within {deadline:?}; its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("lobby is running").id()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill on our own child's pid.
+        let rc = unsafe { libc::kill(self.pid() as i32, signal) };
+        assert_eq!(rc, 0, "kill({signal})");
+    }
+
+    /// Sends `signal` and waits for the process to exit; returns its status.
+    pub fn stop_with(&mut self, signal: i32) -> std::process::ExitStatus {
+        self.signal(signal);
+        let mut child = self.child.take().expect("lobby is running");
+        wait_for("lobby to exit", Duration::from_secs(20), || {
+            child.try_wait().expect("waiting for lobby")
+        })
+    }
+}
+
+impl Drop for Lobby {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("umount").arg(&self.bpffs).status();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- lobby log ({}) ---\n{}",
+                self.log_path.display(),
+                self.log()
+            );
+        }
+    }
+}

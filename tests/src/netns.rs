@@ -1,0 +1,177 @@
+//! Network namespaces with unique names, deleted on drop.
+use std::{
+    fs::File,
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace, deleted (with its links) on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// A fresh namespace named `lobbyt-<pid>-<n>-<role>` with `lo` up.
+    pub fn new(role: &str) -> Self {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let name = format!("lobbyt-{}-{id}-{role}", std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs `ip -n NAME ARGS`, panicking with its stderr on failure.
+    pub fn ip(&self, args: &[&str]) -> Output {
+        run(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    /// Runs a program inside the namespace (`ip netns exec`).
+    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args))
+    }
+
+    /// Runs a program inside the namespace and returns its output, whatever
+    /// its exit status.
+    pub fn try_exec(&self, program: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .output()
+            .expect("running ip netns exec")
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it
+    /// creates belong to the namespace for their whole life.
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "setns into {path}: {}",
+                std::io::Error::last_os_error()
+            );
+            f()
+        })
+        .join()
+        .expect("the thread inside the namespace panicked")
+    }
+
+    /// A listening socket inside this namespace.
+    pub fn listen(&self, addr: SocketAddr) -> TcpListener {
+        self.within(move || TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")))
+    }
+
+    /// A connection from this namespace.
+    pub fn connect(&self, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+        self.within(move || TcpStream::connect_timeout(&addr, timeout))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let status = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        if !matches!(status, Ok(s) if s.success()) && !std::thread::panicking() {
+            panic!("deleting namespace {}: {status:?}", self.name);
+        }
+    }
+}
+
+fn run(command: &mut Command) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// A client, a load balancer and N upstreams, each in its own namespace:
+///
+/// ```text
+/// client 198.18.0.2 --- 198.18.0.1 lb 198.18.<i+1>.1 --- 198.18.<i+1>.11 upstream i
+/// ```
+///
+/// Upstreams have no route back to the client: Lobby masquerades, so they
+/// answer the load balancer.
+pub struct Topology {
+    pub client: NetNs,
+    pub lb: NetNs,
+    pub upstreams: Vec<NetNs>,
+}
+
+impl Topology {
+    pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+    pub fn new(upstreams: usize) -> Self {
+        assert!(upstreams < 250, "one /24 per upstream under 198.18.0.0/16");
+        let client = NetNs::new("client");
+        let lb = NetNs::new("lb");
+        link(
+            &client,
+            "eth0",
+            &Self::CLIENT_ADDR,
+            &lb,
+            "client0",
+            &Self::LB_ADDR,
+        );
+        let upstreams = (0..upstreams)
+            .map(|i| {
+                let ns = NetNs::new(&format!("up{i}"));
+                link(
+                    &ns,
+                    "eth0",
+                    &Self::upstream_addr(i),
+                    &lb,
+                    &format!("up{i}"),
+                    &Self::lb_addr_toward(i),
+                );
+                ns
+            })
+            .collect();
+        Self {
+            client,
+            lb,
+            upstreams,
+        }
+    }
+
+    /// The address of upstream `i`.
+    pub fn upstream_addr(i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, i as u8 + 1, 11)
+    }
+
+    /// The load balancer's address on the link to upstream `i`.
+    pub fn lb_addr_toward(i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, i as u8 + 1, 1)
+    }
+}
+
+/// A veth pair from `a` to `b`, created inside `a` with its peer moved
+/// straight into `b`, both up, each with a /24.
+fn link(a: &NetNs, a_if: &str, a_addr: &Ipv4Addr, b: &NetNs, b_if: &str, b_addr: &Ipv4Addr) {
+    a.ip(&[
+        "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+    ]);
+    a.ip(&["addr", "add", &format!("{a_addr}/24"), "dev", a_if]);
+    b.ip(&["addr", "add", &format!("{b_addr}/24"), "dev", b_if]);
+    a.ip(&["link", "set", a_if, "up"]);
+    b.ip(&["link", "set", b_if, "up"]);
+}

@@ -1,0 +1,143 @@
+//! Installs what building and testing Lobby needs on a Debian 12 machine,
+//! idempotently: whatever is already there is skipped.
+use std::{path::Path, process::Command, time::Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd::{cargo, checked, stdout};
+
+/// Debian packages: nftables for the data plane; iproute2 for namespaces
+/// and routes; util-linux for mount; the rest for the tests and the bench.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("nft", "nftables"),
+    ("ip", "iproute2"),
+    ("mount", "mount"),
+    ("conntrack", "conntrack"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("haproxy", "haproxy"),
+    ("wrk", "wrk"),
+    ("iperf3", "iperf3"),
+    ("bpftool", "bpftool"),
+];
+
+/// Where bpf-linker finds the nightly's own LLVM (Debian's is too old).
+const LLVM_PREFIX: &str = "/opt/rustllvm";
+
+pub fn run() -> anyhow::Result<()> {
+    let started = Instant::now();
+    apt_packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    eprintln!("setup: done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn has_command(name: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .any(|dir| dir.join(name).is_file())
+    })
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(command, _)| !has_command(command))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        eprintln!("setup: apt packages present");
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    checked(Command::new("apt-get").args(["update", "-qq"]))?;
+    checked(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = stdout(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("setup: rust-src present");
+        return Ok(());
+    }
+    checked(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// bpf-linker built against the LLVM that the nightly ships: its major
+/// version is read from `rustc +nightly -vV`, not assumed.
+fn bpf_linker() -> anyhow::Result<()> {
+    if has_command("bpf-linker") || Path::new(&home_cargo_bin("bpf-linker")).is_file() {
+        eprintln!("setup: bpf-linker present");
+        return Ok(());
+    }
+    let version = stdout(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly -vV shows no LLVM version")?
+        .to_owned();
+    let sysroot = stdout(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    // The real shared object, not the linker script named libLLVM-*-rust-*.so.
+    let real = std::fs::read_dir(&lib_dir)
+        .with_context(|| format!("reading {}", lib_dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
+    let prefix_lib = Path::new(LLVM_PREFIX).join("lib");
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    for link in [
+        prefix_lib.join("libLLVM.so"),
+        prefix_lib.join(real.file_name().expect("a file")),
+    ] {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&real, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    eprintln!("setup: building bpf-linker against LLVM {major}");
+    checked(
+        cargo()
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )?;
+    if !Path::new(&home_cargo_bin("bpf-linker")).is_file() && !has_command("bpf-linker") {
+        bail!("bpf-linker was installed but is not on PATH");
+    }
+    Ok(())
+}
+
+fn home_cargo_bin(name: &str) -> String {
+    let cargo_home = std::env::var("CARGO_HOME").unwrap_or_else(|_| {
+        format!(
+            "{}/.cargo",
+            std::env::var("HOME").unwrap_or_else(|_| "/root".into())
+        )
+    });
+    format!("{cargo_home}/bin/{name}")
+}
