@@ -1,5 +1,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
+use lobby::config;
+
 use clap::{Parser, Subcommand};
 
 /// Lobby: layer-4 load balancing by the kernel (nftables DNAT), with exact
@@ -25,7 +27,29 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Check { config: _ }) => ExitCode::SUCCESS,
+        Some(Command::Check { config }) => check(config),
         None => ExitCode::SUCCESS,
+    }
+}
+
+/// `lobby check`: exit 0 with a summary when the file is valid, 1 with every
+/// error otherwise. Reads the file and nothing else.
+fn check(path: Option<PathBuf>) -> ExitCode {
+    let Some(path) = path.or_else(config::find_default_path) else {
+        eprintln!(
+            "no configuration file: -c not given and none of {} exists",
+            config::DEFAULT_PATHS.join(", ")
+        );
+        return ExitCode::FAILURE;
+    };
+    match config::load(&path) {
+        Ok(config) => {
+            println!("{}: valid: {}", path.display(), config.summary());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::FAILURE
+        }
     }
 }
