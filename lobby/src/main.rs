@@ -2,7 +2,7 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use lobby::daemon;
+use lobby::{config, daemon};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -54,7 +54,7 @@ enum LogLevel {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Check { config: _ }) => ExitCode::SUCCESS,
+        Some(Command::Check { config }) => check(config),
         None => match run_daemon(cli.run) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -62,6 +62,28 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// `lobby check`: exit 0 with a summary when the file is valid, 1 with every
+/// error otherwise. Reads the file and nothing else.
+fn check(path: Option<PathBuf>) -> ExitCode {
+    let Some(path) = path.or_else(config::find_default_path) else {
+        eprintln!(
+            "no configuration file: -c not given and none of {} exists",
+            config::DEFAULT_PATHS.join(", ")
+        );
+        return ExitCode::FAILURE;
+    };
+    match config::load(&path) {
+        Ok(config) => {
+            println!("{}: valid: {}", path.display(), config.summary());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::FAILURE
+        }
     }
 }
 

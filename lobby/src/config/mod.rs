@@ -4,9 +4,122 @@
 //! The types below are what the rest of Lobby consumes; they hold only
 //! values that passed validation.
 use std::{
+    fmt,
     net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
     time::Duration,
 };
+
+mod error;
+mod validate;
+mod values;
+mod yaml;
+
+pub use error::{ConfigError, ConfigErrors};
+
+/// Where [`find_default_path`] looks, in this order: Lobby's own name first,
+/// then the original Lobby's.
+pub const DEFAULT_PATHS: [&str; 4] = [
+    "./lobby.yaml",
+    "/etc/lobby/lobby.yaml",
+    "./lobby.conf",
+    "/etc/lobby/lobby.conf",
+];
+
+/// The configuration in `text`, or every problem in it; `file` only names
+/// the text in the errors.
+pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
+    match yaml::parse(text) {
+        Ok(Some(root)) => validate::config(&root, file).map_err(ConfigErrors::new),
+        Ok(None) => Err(ConfigErrors::of_document(
+            file,
+            1,
+            1,
+            "empty configuration; expected a mapping with the key `lb`".to_owned(),
+        )),
+        Err(error) => Err(ConfigErrors::of_document(
+            file,
+            error.mark.line,
+            error.mark.column,
+            error.message,
+        )),
+    }
+}
+
+/// The configuration in the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| ConfigErrors::of_document(path, 0, 0, format!("cannot read: {e}")))?;
+    match std::str::from_utf8(&bytes) {
+        Ok(text) => parse(text, path),
+        Err(e) => {
+            let before = String::from_utf8_lossy(&bytes[..e.valid_up_to()]);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            Err(ConfigErrors::of_document(
+                path,
+                line,
+                column,
+                "not UTF-8 text".to_owned(),
+            ))
+        }
+    }
+}
+
+/// The first of [`DEFAULT_PATHS`] that is a file.
+pub fn find_default_path() -> Option<PathBuf> {
+    first_file(&DEFAULT_PATHS)
+}
+
+/// The first of `candidates` that is a file.
+pub fn first_file<P: AsRef<Path>>(candidates: &[P]) -> Option<PathBuf> {
+    candidates
+        .iter()
+        .map(|p| p.as_ref())
+        .find(|p| p.is_file())
+        .map(Path::to_path_buf)
+}
+
+/// What a configuration holds, in numbers, for `lobby check`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub targets: usize,
+    pub upstreams: usize,
+    pub health_checked: usize,
+    /// Upstreams whose host is a name to resolve.
+    pub fqdn: usize,
+}
+
+/// `2 targets, 5 upstreams (3 health-checked, 1 FQDN)`.
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
+        write!(
+            f,
+            "{} target{}, {} upstream{} ({} health-checked, {} FQDN)",
+            self.targets,
+            plural(self.targets),
+            self.upstreams,
+            plural(self.upstreams),
+            self.health_checked,
+            self.fqdn
+        )
+    }
+}
+
+impl Config {
+    pub fn summary(&self) -> Summary {
+        let upstreams = || self.targets.iter().flat_map(|t| &t.group.upstreams);
+        Summary {
+            targets: self.targets.len(),
+            upstreams: upstreams().count(),
+            health_checked: upstreams().filter(|u| u.health_check.is_some()).count(),
+            fqdn: upstreams()
+                .filter(|u| matches!(u.host, Host::Fqdn(_)))
+                .count(),
+        }
+    }
+}
 
 /// A whole, valid configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,5 +247,3 @@ pub struct DnsConfig {
     /// Overrides the answer's TTL as the re-resolution period.
     pub ttl: Option<Duration>,
 }
-mod interim;
-pub use interim::*;

@@ -1,0 +1,594 @@
+//! The tree of a YAML document to a [`Config`], collecting every problem
+//! instead of stopping at the first.
+//!
+//! Names: target names and upstream group names are unique in the whole
+//! file; upstream names are unique within their group, since an operator
+//! knows an upstream as `target/upstream`.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use super::{
+    Config, ConfigError, Distribution, DnsConfig, HealthCheck, Host, MetricsConfig, Protocol,
+    Target, Upstream, UpstreamGroup,
+    values::{
+        Boolean, HostName, Integer, Ipv4Range, Keyword, Listen, Name, PORT, Resolver, Want,
+        describe,
+    },
+    yaml::{Mark, Node, Value},
+};
+
+const PROTOCOL: Keyword<Protocol> = Keyword {
+    choices: &[("tcp", Protocol::Tcp)],
+};
+const DISTRIBUTION: Keyword<Distribution> = Keyword {
+    choices: &[("round-robin", Distribution::RoundRobin)],
+};
+/// The original's only engine; nothing to choose, so it may be left out.
+const ENGINE: Keyword<()> = Keyword {
+    choices: &[("nftables", ())],
+};
+const CHECK_INTERVAL: Integer = Integer {
+    what: "seconds",
+    min: 1,
+    max: 65536,
+};
+const TIMEOUT: Integer = Integer {
+    what: "seconds",
+    min: 1,
+    max: 256,
+};
+const COUNT: Integer = Integer {
+    what: "a count",
+    min: 1,
+    max: u32::MAX as u64,
+};
+/// DNS TTLs are at most 2^31 - 1 seconds (RFC 2181).
+const TTL: Integer = Integer {
+    what: "seconds",
+    min: 1,
+    max: i32::MAX as u64,
+};
+/// `failure_count` when not given: the original marks an upstream down at
+/// the first failure.
+const DEFAULT_FAILURE_COUNT: u32 = 1;
+
+/// The configuration in `root`, or every problem found in it.
+pub(crate) fn config(root: &Node, file: &Path) -> Result<Config, Vec<ConfigError>> {
+    let mut checker = Checker {
+        file: file.to_path_buf(),
+        errors: Vec::new(),
+        target_names: Seen::default(),
+        group_names: Seen::default(),
+        listeners: HashMap::new(),
+    };
+    match checker.root(root) {
+        Some(config) if checker.errors.is_empty() => Ok(config),
+        _ => Err(checker.errors),
+    }
+}
+
+/// The keys of one mapping, checked against what it may hold.
+struct Fields<'n> {
+    path: String,
+    mark: Mark,
+    entries: Vec<(&'n str, &'n Node)>,
+}
+
+impl<'n> Fields<'n> {
+    fn get(&self, key: &str) -> Option<&'n Node> {
+        self.entries
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+    }
+
+    fn path(&self, key: &str) -> String {
+        child(&self.path, key)
+    }
+}
+
+fn child(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Where each name was first seen, to report the second one.
+#[derive(Default)]
+struct Seen {
+    lines: HashMap<String, usize>,
+}
+
+impl Seen {
+    /// The line of the earlier occurrence of `name`, if any.
+    fn earlier(&mut self, name: &str, line: usize) -> Option<usize> {
+        match self.lines.get(name) {
+            Some(first) => Some(*first),
+            None => {
+                self.lines.insert(name.to_owned(), line);
+                None
+            }
+        }
+    }
+}
+
+struct Checker {
+    file: PathBuf,
+    errors: Vec<ConfigError>,
+    target_names: Seen,
+    group_names: Seen,
+    /// Protocol and port to the target that listens there and its line.
+    listeners: HashMap<(Protocol, u16), (String, usize)>,
+}
+
+impl Checker {
+    fn report(&mut self, mark: Mark, path: String, message: String) {
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            line: mark.line,
+            column: mark.column,
+            path,
+            message,
+        });
+    }
+
+    /// The entries of a mapping, after reporting keys that are not in
+    /// `schema` or appear twice.
+    fn mapping<'n>(&mut self, node: &'n Node, path: String, schema: &[&str]) -> Option<Fields<'n>> {
+        let Value::Mapping(pairs) = &node.value else {
+            let message = format!("expected a mapping, found {}", describe(node));
+            self.report(node.mark, path, message);
+            return None;
+        };
+        let mut fields = Fields {
+            path,
+            mark: node.mark,
+            entries: Vec::with_capacity(pairs.len()),
+        };
+        for (key, value) in pairs {
+            let Value::Scalar { text, .. } = &key.value else {
+                let message = format!("expected a key, found {}", describe(key));
+                self.report(key.mark, fields.path.clone(), message);
+                continue;
+            };
+            if let Some(first) = fields.entries.iter().find(|(k, _)| k == text) {
+                let message = format!(
+                    "duplicate key `{text}` (first at line {})",
+                    first.1.mark.line
+                );
+                self.report(key.mark, fields.path(text), message);
+            } else if !schema.contains(&text.as_str()) {
+                self.report(key.mark, fields.path(text), unknown_key(text, schema));
+            } else {
+                fields.entries.push((text, value));
+            }
+        }
+        Some(fields)
+    }
+
+    /// A sub-mapping; `None` also when it is absent or empty.
+    fn optional_mapping<'n>(
+        &mut self,
+        fields: &Fields<'n>,
+        key: &str,
+        schema: &[&str],
+    ) -> Option<Fields<'n>> {
+        let node = fields
+            .get(key)
+            .filter(|n| !matches!(n.value, Value::Null))?;
+        self.mapping(node, fields.path(key), schema)
+    }
+
+    fn required_mapping<'n>(
+        &mut self,
+        fields: &Fields<'n>,
+        key: &str,
+        schema: &[&str],
+    ) -> Option<Fields<'n>> {
+        let Some(node) = fields.get(key) else {
+            self.missing(fields, key, "a mapping");
+            return None;
+        };
+        self.mapping(node, fields.path(key), schema)
+    }
+
+    fn missing(&mut self, fields: &Fields, key: &str, expected: &str) {
+        let message = format!("missing; expected {expected}");
+        self.report(fields.mark, fields.path(key), message);
+    }
+
+    fn read<W: Want>(&mut self, node: &Node, path: String, want: &W) -> Option<W::Value> {
+        match want.read(node) {
+            Ok(value) => Some(value),
+            Err(found) => {
+                let message = format!("expected {}, found {found}", want.expected());
+                self.report(node.mark, path, message);
+                None
+            }
+        }
+    }
+
+    /// `None` when absent, null or invalid (reported).
+    fn optional<W: Want>(&mut self, fields: &Fields, key: &str, want: &W) -> Option<W::Value> {
+        let node = fields
+            .get(key)
+            .filter(|n| !matches!(n.value, Value::Null))?;
+        self.read(node, fields.path(key), want)
+    }
+
+    fn required<W: Want>(&mut self, fields: &Fields, key: &str, want: &W) -> Option<W::Value> {
+        let Some(node) = fields.get(key) else {
+            self.missing(fields, key, &want.expected());
+            return None;
+        };
+        self.read(node, fields.path(key), want)
+    }
+
+    /// The items of a list with their paths; empty when absent and
+    /// optional, or when not a list (reported).
+    fn list<'n>(
+        &mut self,
+        fields: &Fields<'n>,
+        key: &str,
+        expected: &str,
+        required: bool,
+    ) -> Vec<(String, &'n Node)> {
+        let path = fields.path(key);
+        let node = match fields.get(key) {
+            Some(node) if required || !matches!(node.value, Value::Null) => node,
+            Some(_) => return Vec::new(),
+            None => {
+                if required {
+                    self.missing(fields, key, expected);
+                }
+                return Vec::new();
+            }
+        };
+        match &node.value {
+            Value::Sequence(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| (format!("{path}[{i}]"), item))
+                .collect(),
+            _ => {
+                let message = format!("expected {expected}, found {}", describe(node));
+                self.report(node.mark, path, message);
+                Vec::new()
+            }
+        }
+    }
+
+    /// Reports `name` when `seen` already holds it.
+    fn unique_name(&mut self, seen: Which, fields: &Fields, name: &str, what: &str) {
+        let Some(node) = fields.get("name") else {
+            return;
+        };
+        let seen = match seen {
+            Which::Targets => &mut self.target_names,
+            Which::Groups => &mut self.group_names,
+            Which::Local(seen) => seen,
+        };
+        if let Some(first) = seen.earlier(name, node.mark.line) {
+            let message = format!("duplicate {what} name `{name}` (first at line {first})");
+            self.report(node.mark, fields.path("name"), message);
+        }
+    }
+
+    fn root(&mut self, root: &Node) -> Option<Config> {
+        let fields = self.mapping(root, String::new(), &["lb", "metrics"])?;
+        let metrics = self
+            .optional_mapping(&fields, "metrics", &["listen"])
+            .map(|metrics| {
+                self.required(&metrics, "listen", &Listen)
+                    .map(|listen| MetricsConfig { listen })
+            });
+        let mut targets = Vec::new();
+        for (path, node) in self.list(&fields, "lb", "a list of load balancers", true) {
+            targets.extend(self.load_balancer(node, path));
+        }
+        Some(Config {
+            targets: targets.into_iter().collect::<Option<_>>()?,
+            metrics: metrics.map_or(Some(None), |m| m.map(Some))?,
+        })
+    }
+
+    /// The targets of one `lb` entry (`None` for those that are invalid).
+    fn load_balancer(&mut self, node: &Node, path: String) -> Vec<Option<Target>> {
+        let Some(fields) = self.mapping(node, path, &["engine", "targets"]) else {
+            return Vec::new();
+        };
+        self.optional(&fields, "engine", &ENGINE);
+        self.list(&fields, "targets", "a list of targets", true)
+            .into_iter()
+            .map(|(path, node)| self.target(node, path))
+            .collect()
+    }
+
+    fn target(&mut self, node: &Node, path: String) -> Option<Target> {
+        let fields = self.mapping(
+            node,
+            path,
+            &["name", "protocol", "port", "ip", "upstream_group"],
+        )?;
+        let name = self.required(&fields, "name", &Name);
+        if let Some(name) = &name {
+            self.unique_name(Which::Targets, &fields, name, "target");
+        }
+        let protocol = self.required(&fields, "protocol", &PROTOCOL);
+        let port = self.required(&fields, "port", &PORT).map(port_number);
+        if let (Some(protocol), Some(port), Some(port_node)) = (protocol, port, fields.get("port"))
+        {
+            self.unique_listener(protocol, port, port_node, &fields, name.as_deref());
+        }
+        let ip = self.optional(&fields, "ip", &Ipv4Range);
+        let group = self
+            .required_mapping(
+                &fields,
+                "upstream_group",
+                &["name", "distribution", "upstreams"],
+            )
+            .and_then(|group| self.group(&group, protocol));
+        Some(Target {
+            name: name?,
+            protocol: protocol?,
+            port: port?,
+            ip,
+            group: group?,
+        })
+    }
+
+    fn unique_listener(
+        &mut self,
+        protocol: Protocol,
+        port: u16,
+        port_node: &Node,
+        fields: &Fields,
+        name: Option<&str>,
+    ) {
+        let this = (name.unwrap_or_default().to_owned(), port_node.mark.line);
+        if let Some((other, line)) = self.listeners.get(&(protocol, port)) {
+            let message = format!(
+                "{} port {port} is already the port of target `{other}` (line {line})",
+                protocol.as_str()
+            );
+            self.report(port_node.mark, fields.path("port"), message);
+        } else {
+            self.listeners.insert((protocol, port), this);
+        }
+    }
+
+    /// `protocol` is the target's, which every upstream shares.
+    fn group(&mut self, fields: &Fields, protocol: Option<Protocol>) -> Option<UpstreamGroup> {
+        let name = self.required(fields, "name", &Name);
+        if let Some(name) = &name {
+            self.unique_name(Which::Groups, fields, name, "upstream group");
+        }
+        let distribution = self.required(fields, "distribution", &DISTRIBUTION);
+        let items = self.list(fields, "upstreams", "a list of upstreams", true);
+        if let Some(node) = fields.get("upstreams")
+            && matches!(&node.value, Value::Sequence(items) if items.is_empty())
+        {
+            let message = "expected at least one upstream, found an empty list".to_owned();
+            self.report(node.mark, fields.path("upstreams"), message);
+        }
+        let mut upstream_names = Seen::default();
+        let upstreams: Vec<Option<Upstream>> = items
+            .into_iter()
+            .map(|(path, node)| self.upstream(node, path, protocol, &mut upstream_names))
+            .collect();
+        Some(UpstreamGroup {
+            name: name?,
+            distribution: distribution?,
+            upstreams: upstreams.into_iter().collect::<Option<_>>()?,
+        })
+    }
+
+    fn upstream(
+        &mut self,
+        node: &Node,
+        path: String,
+        target_protocol: Option<Protocol>,
+        names: &mut Seen,
+    ) -> Option<Upstream> {
+        let fields = self.mapping(
+            node,
+            path,
+            &["name", "protocol", "host", "port", "health_check", "dns"],
+        )?;
+        let name = self.required(&fields, "name", &Name);
+        if let Some(name) = &name {
+            self.unique_name(Which::Local(names), &fields, name, "upstream");
+        }
+        // Accepted as in the original, where it repeats the target's.
+        if let (Some(own), Some(target)) = (
+            self.optional(&fields, "protocol", &PROTOCOL),
+            target_protocol,
+        ) && own != target
+        {
+            let message = format!(
+                "expected `{}` (the target's protocol), found `{}`",
+                target.as_str(),
+                own.as_str()
+            );
+            if let Some(node) = fields.get("protocol") {
+                self.report(node.mark, fields.path("protocol"), message);
+            }
+        }
+        let host = self.required(&fields, "host", &HostName);
+        let port = self.required(&fields, "port", &PORT).map(port_number);
+        let health_check = self.health_check(&fields);
+        let dns = self.dns(&fields, host.as_ref());
+        Some(Upstream {
+            name: name?,
+            host: host?,
+            port: port?,
+            health_check: health_check?,
+            dns: dns?,
+        })
+    }
+
+    /// `Some(None)` when there is none: absent, null or an empty mapping.
+    fn health_check(&mut self, upstream: &Fields) -> Option<Option<HealthCheck>> {
+        let node = upstream.get("health_check");
+        if node.is_some_and(|n| matches!(&n.value, Value::Mapping(e) if e.is_empty())) {
+            return Some(None);
+        }
+        let Some(fields) = self.optional_mapping(
+            upstream,
+            "health_check",
+            &["protocol", "port", "start_available", "probe"],
+        ) else {
+            // Absent and null are no health check; anything else was reported.
+            return node
+                .is_none_or(|n| matches!(n.value, Value::Null))
+                .then_some(None);
+        };
+        let protocol = self.required(&fields, "protocol", &PROTOCOL);
+        let port = self.required(&fields, "port", &PORT).map(port_number);
+        let start_available = self
+            .optional(&fields, "start_available", &Boolean)
+            .unwrap_or(false);
+        let probe = self.required_mapping(
+            &fields,
+            "probe",
+            &[
+                "check_interval",
+                "timeout",
+                "success_count",
+                "failure_count",
+            ],
+        )?;
+        let interval = self.required(&probe, "check_interval", &CHECK_INTERVAL);
+        let timeout = self.required(&probe, "timeout", &TIMEOUT);
+        let success_count = self.required(&probe, "success_count", &COUNT);
+        let failure_count = match probe.get("failure_count") {
+            None => Some(DEFAULT_FAILURE_COUNT),
+            Some(_) => self.required(&probe, "failure_count", &COUNT).map(count),
+        };
+        Some(Some(HealthCheck {
+            protocol: protocol?,
+            port: port?,
+            start_available,
+            interval: Duration::from_secs(interval?),
+            timeout: Duration::from_secs(timeout?),
+            success_count: count(success_count?),
+            failure_count: failure_count?,
+        }))
+    }
+
+    /// `Some(None)` when absent or null.
+    fn dns(&mut self, upstream: &Fields, host: Option<&Host>) -> Option<Option<DnsConfig>> {
+        let node = upstream
+            .get("dns")
+            .filter(|n| !matches!(n.value, Value::Null));
+        let Some(node) = node else {
+            return Some(None);
+        };
+        if let Some(Host::Ip(ip)) = host {
+            let message = format!(
+                "only for a host name; the host is the IP address {ip}, which is never resolved"
+            );
+            self.report(node.mark, upstream.path("dns"), message);
+        }
+        let fields = self.mapping(node, upstream.path("dns"), &["servers", "ttl"])?;
+        let servers: Vec<_> = self
+            .list(&fields, "servers", "a list of resolver addresses", false)
+            .into_iter()
+            .map(|(path, node)| self.read(node, path, &Resolver))
+            .collect();
+        let ttl = match fields.get("ttl") {
+            None => Some(None),
+            Some(_) => self
+                .required(&fields, "ttl", &TTL)
+                .map(|ttl| Some(Duration::from_secs(ttl))),
+        };
+        Some(Some(DnsConfig {
+            servers: servers.into_iter().collect::<Option<_>>()?,
+            ttl: ttl?,
+        }))
+    }
+}
+
+/// Which names a name must differ from.
+enum Which<'s> {
+    Targets,
+    Groups,
+    Local(&'s mut Seen),
+}
+
+/// Values read through [`PORT`] fit.
+fn port_number(port: u64) -> u16 {
+    u16::try_from(port).unwrap_or(u16::MAX)
+}
+
+/// Values read through [`COUNT`] fit.
+fn count(count: u64) -> u32 {
+    u32::try_from(count).unwrap_or(u32::MAX)
+}
+
+/// The message for a key not in `schema`, with the closest known key when one
+/// is close enough to be a typo.
+fn unknown_key(key: &str, schema: &[&str]) -> String {
+    let closest = schema
+        .iter()
+        .map(|known| (edit_distance(key, known), known))
+        .min()
+        .filter(|(distance, known)| *distance <= (known.len() / 3).max(1));
+    match closest {
+        Some((_, known)) => format!("unknown key `{key}`; did you mean `{known}`?"),
+        None => format!(
+            "unknown key `{key}`; expected one of: {}",
+            schema.join(", ")
+        ),
+    }
+}
+
+/// Levenshtein distance, in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("sucess_count", "success_count"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn suggestions() {
+        let schema = [
+            "check_interval",
+            "timeout",
+            "success_count",
+            "failure_count",
+        ];
+        assert_eq!(
+            unknown_key("sucess_count", &schema),
+            "unknown key `sucess_count`; did you mean `success_count`?"
+        );
+        assert_eq!(
+            unknown_key("retries", &schema),
+            "unknown key `retries`; expected one of: check_interval, timeout, success_count, failure_count"
+        );
+    }
+}

@@ -1,0 +1,343 @@
+//! Reading one YAML value as one kind of configuration value. Each kind says
+//! what it expects, so every message reads `expected X, found Y`.
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    str::FromStr,
+};
+
+use super::{Host, Ipv4Net, yaml::Node, yaml::Value};
+
+/// The port a resolver address without one is asked on.
+const DNS_PORT: u16 = 53;
+/// Longest name: 63 characters fit every identifier the other modules build
+/// from it (nftables chain names, metric labels) with room to spare.
+const MAX_NAME_LEN: usize = 63;
+
+pub(crate) trait Want {
+    type Value;
+    /// What a valid value looks like, e.g. "an integer in 1..=65535".
+    fn expected(&self) -> String;
+    /// The value, or what was found instead (with why it is wrong when that
+    /// is not obvious).
+    fn read(&self, node: &Node) -> Result<Self::Value, String>;
+}
+
+/// How a value that is not the wanted one is named in a message.
+pub(crate) fn describe(node: &Node) -> String {
+    const SHOWN: usize = 40;
+    match &node.value {
+        Value::Null => "nothing".to_owned(),
+        Value::Sequence(_) => "a list".to_owned(),
+        Value::Mapping(_) => "a mapping".to_owned(),
+        Value::Scalar { text, quoted } => {
+            let shown: String = if text.chars().count() > SHOWN {
+                text.chars().take(SHOWN).chain("...".chars()).collect()
+            } else {
+                text.clone()
+            };
+            if *quoted {
+                format!("the string {shown:?}")
+            } else {
+                format!("`{}`", shown.escape_debug())
+            }
+        }
+    }
+}
+
+/// The text of a scalar, quoted or not.
+fn text(node: &Node) -> Result<&str, String> {
+    match &node.value {
+        Value::Scalar { text, .. } => Ok(text),
+        _ => Err(describe(node)),
+    }
+}
+
+/// The text of an unquoted scalar: numbers and booleans are never quoted.
+fn plain(node: &Node) -> Result<&str, String> {
+    match &node.value {
+        Value::Scalar {
+            text,
+            quoted: false,
+        } => Ok(text),
+        _ => Err(describe(node)),
+    }
+}
+
+/// A whole number within bounds, written in decimal.
+pub(crate) struct Integer {
+    pub what: &'static str,
+    pub min: u64,
+    pub max: u64,
+}
+
+pub(crate) const PORT: Integer = Integer {
+    what: "a port",
+    min: 1,
+    max: 65535,
+};
+
+impl Want for Integer {
+    type Value = u64;
+    fn expected(&self) -> String {
+        format!("{} in {}..={}", self.what, self.min, self.max)
+    }
+    fn read(&self, node: &Node) -> Result<u64, String> {
+        let text = plain(node)?;
+        text.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| text.parse::<u64>().ok())
+            .flatten()
+            .filter(|n| (self.min..=self.max).contains(n))
+            .ok_or_else(|| describe(node))
+    }
+}
+
+/// One of a fixed set of words.
+pub(crate) struct Keyword<T: 'static> {
+    pub choices: &'static [(&'static str, T)],
+}
+
+impl<T: Copy> Want for Keyword<T> {
+    type Value = T;
+    fn expected(&self) -> String {
+        let words: Vec<String> = self.choices.iter().map(|(w, _)| format!("`{w}`")).collect();
+        match words.as_slice() {
+            [one] => one.clone(),
+            _ => format!("one of {}", words.join(", ")),
+        }
+    }
+    fn read(&self, node: &Node) -> Result<T, String> {
+        let text = text(node)?;
+        self.choices
+            .iter()
+            .find(|(word, _)| *word == text)
+            .map(|(_, value)| *value)
+            .ok_or_else(|| describe(node))
+    }
+}
+
+pub(crate) struct Boolean;
+
+impl Want for Boolean {
+    type Value = bool;
+    fn expected(&self) -> String {
+        "`true` or `false`".to_owned()
+    }
+    fn read(&self, node: &Node) -> Result<bool, String> {
+        match plain(node)? {
+            "true" | "True" | "TRUE" => Ok(true),
+            "false" | "False" | "FALSE" => Ok(false),
+            _ => Err(describe(node)),
+        }
+    }
+}
+
+/// A name an operator greps for in logs (`web/web1`) and other modules build
+/// identifiers from.
+pub(crate) struct Name;
+
+impl Want for Name {
+    type Value = String;
+    fn expected(&self) -> String {
+        format!("a name of 1 to {MAX_NAME_LEN} letters, digits, `-`, `_` or `.`")
+    }
+    fn read(&self, node: &Node) -> Result<String, String> {
+        let name = text(node)?;
+        let valid = (1..=MAX_NAME_LEN).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if valid {
+            Ok(name.to_owned())
+        } else {
+            Err(describe(node))
+        }
+    }
+}
+
+/// An upstream host: an IPv4 address or a host name.
+pub(crate) struct HostName;
+
+impl Want for HostName {
+    type Value = Host;
+    fn expected(&self) -> String {
+        "an IPv4 address or a host name".to_owned()
+    }
+    fn read(&self, node: &Node) -> Result<Host, String> {
+        parse_host(text(node)?).map_err(|why| format!("{} ({why})", describe(node)))
+    }
+}
+
+fn parse_host(host: &str) -> Result<Host, String> {
+    if host.contains(':') {
+        return Err("IPv6 upstreams are not supported".to_owned());
+    }
+    // All digits and dots is meant as an address, never a name: a
+    // top-level label is never all digits.
+    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Ipv4Addr::from_str(host)
+            .map(Host::Ip)
+            .map_err(|_| "not a valid IPv4 address".to_owned());
+    }
+    parse_fqdn(host).map(Host::Fqdn)
+}
+
+/// A host name per RFC 1123, lower-cased, without the trailing dot.
+fn parse_fqdn(host: &str) -> Result<String, String> {
+    const MAX_LEN: usize = 253;
+    const MAX_LABEL_LEN: usize = 63;
+    let name = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    if name.len() > MAX_LEN {
+        return Err(format!("a host name is at most {MAX_LEN} characters"));
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err("empty label".to_owned());
+        }
+        if label.len() > MAX_LABEL_LEN {
+            return Err(format!("a label is at most {MAX_LABEL_LEN} characters"));
+        }
+        if let Some(bad) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+        {
+            return Err(format!("{bad:?} is not allowed in a host name"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label {label:?} starts or ends with `-`"));
+        }
+    }
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err("the last label is all digits".to_owned());
+    }
+    Ok(name)
+}
+
+/// A target's `ip`: one IPv4 address (a /32) or a CIDR range.
+pub(crate) struct Ipv4Range;
+
+impl Want for Ipv4Range {
+    type Value = Ipv4Net;
+    fn expected(&self) -> String {
+        "an IPv4 address or CIDR range such as 198.18.0.0/24".to_owned()
+    }
+    fn read(&self, node: &Node) -> Result<Ipv4Net, String> {
+        parse_ipv4_net(text(node)?).map_err(|why| match why {
+            Some(why) => format!("{} ({why})", describe(node)),
+            None => describe(node),
+        })
+    }
+}
+
+/// `Err(Some(why))` when the reason is worth saying.
+fn parse_ipv4_net(text: &str) -> Result<Ipv4Net, Option<String>> {
+    const MAX_PREFIX: u8 = 32;
+    let (addr, prefix_len) = match text.split_once('/') {
+        None => (text, MAX_PREFIX),
+        Some((addr, len)) => {
+            let len = Some(len)
+                .filter(|len| len.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|len| len.parse::<u8>().ok())
+                .filter(|len| *len <= MAX_PREFIX)
+                .ok_or_else(|| Some(format!("prefix length must be 0..={MAX_PREFIX}")))?;
+            (addr, len)
+        }
+    };
+    let addr = Ipv4Addr::from_str(addr).map_err(|_| None)?;
+    let mask = u32::MAX
+        .checked_shl(u32::from(MAX_PREFIX - prefix_len))
+        .unwrap_or(0);
+    let network = Ipv4Addr::from(u32::from(addr) & mask);
+    if network != addr {
+        return Err(Some(format!(
+            "host bits are set; did you mean {network}/{prefix_len}?"
+        )));
+    }
+    Ok(Ipv4Net { addr, prefix_len })
+}
+
+/// A DNS resolver: an IPv4 or IPv6 address, optionally with a port.
+pub(crate) struct Resolver;
+
+impl Want for Resolver {
+    type Value = SocketAddr;
+    fn expected(&self) -> String {
+        "a resolver address such as 198.18.0.53, 198.18.0.53:5353, 2001:db8::53 or [2001:db8::53]:5353"
+            .to_owned()
+    }
+    fn read(&self, node: &Node) -> Result<SocketAddr, String> {
+        let text = text(node)?;
+        let addr = SocketAddr::from_str(text)
+            .or_else(|_| IpAddr::from_str(text).map(|ip| SocketAddr::new(ip, DNS_PORT)))
+            .map_err(|_| describe(node))?;
+        nonzero_port(addr, node)
+    }
+}
+
+/// An address and port to listen on.
+pub(crate) struct Listen;
+
+impl Want for Listen {
+    type Value = SocketAddr;
+    fn expected(&self) -> String {
+        "an address with a port such as 127.0.0.1:9091 or [::1]:9091".to_owned()
+    }
+    fn read(&self, node: &Node) -> Result<SocketAddr, String> {
+        let addr = SocketAddr::from_str(text(node)?).map_err(|_| describe(node))?;
+        nonzero_port(addr, node)
+    }
+}
+
+fn nonzero_port(addr: SocketAddr, node: &Node) -> Result<SocketAddr, String> {
+    if addr.port() == 0 {
+        Err(format!("{} (port 0)", describe(node)))
+    } else {
+        Ok(addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        assert_eq!(
+            parse_host("198.18.1.11"),
+            Ok(Host::Ip(Ipv4Addr::new(198, 18, 1, 11)))
+        );
+        assert_eq!(
+            parse_host("Web2.Example.TEST."),
+            Ok(Host::Fqdn("web2.example.test".into()))
+        );
+        assert_eq!(parse_host("backend"), Ok(Host::Fqdn("backend".into())));
+        assert!(parse_host("198.18.1.300").is_err());
+        assert!(parse_host("::1").is_err());
+        assert!(parse_host("a..b").is_err());
+        assert!(parse_host("-a.b").is_err());
+        assert!(parse_host("a_b.c").is_err());
+        assert!(parse_host("a.123").is_err());
+        assert!(parse_host(&format!("{}.test", "a".repeat(64))).is_err());
+    }
+
+    #[test]
+    fn ipv4_nets() {
+        let net = |a, p| {
+            Ok(Ipv4Net {
+                addr: Ipv4Addr::from_str(a).unwrap(),
+                prefix_len: p,
+            })
+        };
+        assert_eq!(parse_ipv4_net("10.0.0.1"), net("10.0.0.1", 32));
+        assert_eq!(parse_ipv4_net("10.0.0.0/8"), net("10.0.0.0", 8));
+        assert_eq!(parse_ipv4_net("0.0.0.0/0"), net("0.0.0.0", 0));
+        assert!(parse_ipv4_net("10.0.0.1/8").is_err());
+        assert!(parse_ipv4_net("10.0.0.0/33").is_err());
+        assert!(parse_ipv4_net("10.0.0.0/").is_err());
+        assert!(parse_ipv4_net("10.0.0/8").is_err());
+    }
+}
