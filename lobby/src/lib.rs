@@ -8,4 +8,5 @@
 //!   module that imports aya.
 //! - [`daemon`]: the reconcile loop that wires them together.
 pub mod config;
+pub mod health;
 pub mod model;
