@@ -254,6 +254,22 @@ mod tests {
         (listener, queued, address.port())
     }
 
+    /// This host's sockets waiting for the answer to their SYN (state 02 in
+    /// /proc/net/tcp) from `port` on loopback.
+    fn connecting_to(port: u16) -> usize {
+        let sockets = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+        // The kernel prints the address as the native-endian u32 of its
+        // network-order bytes.
+        let remote = format!("{:08X}:{port:04X}", u32::from_ne_bytes(LOOPBACK.octets()));
+        sockets
+            .lines()
+            .filter(|line| {
+                let mut fields = line.split_whitespace().skip(2);
+                fields.next() == Some(remote.as_str()) && fields.next() == Some("02")
+            })
+            .count()
+    }
+
     async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
         time::timeout(Duration::from_secs(5), future)
             .await
@@ -355,12 +371,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn hanging_connect_fails_at_the_timeout() {
+    async fn hanging_connect_fails_at_the_timeout_and_closes_its_socket() {
         let (_listener, _queued, port) = black_hole().await;
         let timeout = Duration::from_millis(300);
         let started = Instant::now();
-        let outcome = probe_tcp(SocketAddrV4::new(LOOPBACK, port), timeout).await;
+        let probing = tokio::spawn(probe_tcp(SocketAddrV4::new(LOOPBACK, port), timeout));
+        time::sleep(timeout / 3).await;
+        assert_eq!(connecting_to(port), 1, "the probe's SYN goes unanswered");
+        let outcome = probing.await.expect("probe task");
         let waited = started.elapsed();
+        assert_eq!(connecting_to(port), 0, "the abandoned connect is closed");
         assert_eq!(
             outcome,
             ProbeOutcome::Failure(FailureReason::Timeout { after: timeout })
