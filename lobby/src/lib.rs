@@ -10,5 +10,6 @@
 pub mod config;
 pub mod daemon;
 pub mod ebpf;
+pub mod health;
 pub mod model;
 pub mod nft;

@@ -1,0 +1,333 @@
+//! The health state of one upstream as a pure state machine: probe outcomes
+//! in, availability changes out. No I/O, no clock.
+use std::{fmt, io, time::Duration};
+
+/// What one probe found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    Success,
+    Failure(FailureReason),
+}
+
+impl ProbeOutcome {
+    pub fn is_success(self) -> bool {
+        self == ProbeOutcome::Success
+    }
+}
+
+impl fmt::Display for ProbeOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeOutcome::Success => f.write_str("connected"),
+            ProbeOutcome::Failure(reason) => reason.fmt(f),
+        }
+    }
+}
+
+/// Why a probe failed. `Copy` and free of heap data, so that a probe
+/// allocates nothing beyond its socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureReason {
+    /// The upstream answered the SYN with a reset: nothing listens there.
+    Refused,
+    /// No answer within the configured timeout.
+    Timeout { after: Duration },
+    /// No route to the network or host.
+    Unreachable,
+    /// Any other error of the connect, including local ones such as running
+    /// out of file descriptors.
+    Io {
+        kind: io::ErrorKind,
+        errno: Option<i32>,
+    },
+    /// The upstream's host name has not resolved yet: nothing to probe.
+    NoAddress,
+}
+
+impl From<&io::Error> for FailureReason {
+    fn from(error: &io::Error) -> Self {
+        match error.kind() {
+            io::ErrorKind::ConnectionRefused => FailureReason::Refused,
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                FailureReason::Unreachable
+            }
+            kind => FailureReason::Io {
+                kind,
+                errno: error.raw_os_error(),
+            },
+        }
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FailureReason::Refused => f.write_str("connect refused"),
+            FailureReason::Timeout { after } if after.subsec_nanos() == 0 => {
+                write!(f, "timeout after {} s", after.as_secs())
+            }
+            FailureReason::Timeout { after } => {
+                write!(f, "timeout after {} ms", after.as_millis())
+            }
+            FailureReason::Unreachable => f.write_str("unreachable"),
+            // The OS text ("Connection reset by peer (os error 104)") says
+            // more to an operator than the portable kind.
+            FailureReason::Io {
+                errno: Some(errno), ..
+            } => io::Error::from_raw_os_error(*errno).fmt(f),
+            FailureReason::Io { kind, errno: None } => kind.fmt(f),
+            FailureReason::NoAddress => f.write_str("no address"),
+        }
+    }
+}
+
+/// A change of availability, with what led to it: the last probe's outcome
+/// and the run of like outcomes that reached the threshold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub available: bool,
+    pub last_probe: ProbeOutcome,
+    /// Consecutive outcomes like the last one, `threshold` or more.
+    pub run: u32,
+    pub threshold: u32,
+}
+
+/// Availability of one upstream and the run of like probe outcomes that may
+/// change it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthState {
+    available: bool,
+    success_threshold: u32,
+    failure_threshold: u32,
+    /// Consecutive outcomes like the last one (`run_of_successes`); 0 before
+    /// the first probe.
+    run: u32,
+    run_of_successes: bool,
+}
+
+impl HealthState {
+    /// A threshold of 0 acts as 1: a single outcome is the least that can
+    /// change anything, and logs then read `1/1`.
+    pub fn new(start_available: bool, success_count: u32, failure_count: u32) -> Self {
+        Self {
+            available: start_available,
+            success_threshold: success_count.max(1),
+            failure_threshold: failure_count.max(1),
+            run: 0,
+            run_of_successes: start_available,
+        }
+    }
+
+    pub fn available(&self) -> bool {
+        self.available
+    }
+
+    /// Counts `outcome` into the current run; returns the transition when
+    /// the run reaches the threshold that flips the availability.
+    pub fn observe(&mut self, outcome: ProbeOutcome) -> Option<Transition> {
+        let success = outcome.is_success();
+        self.run = if success == self.run_of_successes {
+            self.run.saturating_add(1)
+        } else {
+            1
+        };
+        self.run_of_successes = success;
+        let threshold = if success {
+            self.success_threshold
+        } else {
+            self.failure_threshold
+        };
+        if success == self.available || self.run < threshold {
+            return None;
+        }
+        self.available = success;
+        Some(Transition {
+            available: success,
+            last_probe: outcome,
+            run: self.run,
+            threshold,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REFUSED: ProbeOutcome = ProbeOutcome::Failure(FailureReason::Refused);
+    const SUCCESS: ProbeOutcome = ProbeOutcome::Success;
+
+    /// Feeds `outcomes` in order; returns, per outcome, the transition it
+    /// caused as `(available, run, threshold)`.
+    fn replay(state: &mut HealthState, outcomes: &[ProbeOutcome]) -> Vec<Option<(bool, u32, u32)>> {
+        outcomes
+            .iter()
+            .map(|&outcome| {
+                state
+                    .observe(outcome)
+                    .map(|t| (t.available, t.run, t.threshold))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn available_upstream_goes_down_after_failure_count_failures() {
+        let mut state = HealthState::new(true, 3, 2);
+        assert_eq!(
+            replay(&mut state, &[REFUSED, REFUSED]),
+            [None, Some((false, 2, 2))]
+        );
+        assert!(!state.available());
+    }
+
+    #[test]
+    fn unavailable_upstream_comes_up_after_success_count_successes() {
+        let mut state = HealthState::new(false, 3, 2);
+        assert_eq!(
+            replay(&mut state, &[SUCCESS, SUCCESS, SUCCESS]),
+            [None, None, Some((true, 3, 3))]
+        );
+        assert!(state.available());
+    }
+
+    #[test]
+    fn a_success_resets_the_run_of_failures() {
+        let mut state = HealthState::new(true, 1, 3);
+        let outcomes = [REFUSED, REFUSED, SUCCESS, REFUSED, REFUSED, REFUSED];
+        assert_eq!(
+            replay(&mut state, &outcomes),
+            [None, None, None, None, None, Some((false, 3, 3))]
+        );
+    }
+
+    #[test]
+    fn a_failure_resets_the_run_of_successes() {
+        let mut state = HealthState::new(false, 2, 1);
+        let outcomes = [SUCCESS, REFUSED, SUCCESS, SUCCESS];
+        assert_eq!(
+            replay(&mut state, &outcomes),
+            [None, None, None, Some((true, 2, 2))]
+        );
+    }
+
+    #[test]
+    fn outcomes_that_confirm_the_state_cause_no_transition() {
+        let mut up = HealthState::new(true, 1, 1);
+        assert_eq!(replay(&mut up, &[SUCCESS; 5]), [None; 5]);
+        let mut down = HealthState::new(false, 1, 1);
+        assert_eq!(replay(&mut down, &[REFUSED; 5]), [None; 5]);
+    }
+
+    #[test]
+    fn each_change_is_reported_once() {
+        let mut state = HealthState::new(true, 2, 2);
+        let outcomes = [
+            REFUSED, REFUSED, REFUSED, REFUSED, SUCCESS, SUCCESS, SUCCESS,
+        ];
+        assert_eq!(
+            replay(&mut state, &outcomes),
+            [
+                None,
+                Some((false, 2, 2)),
+                None,
+                None,
+                None,
+                Some((true, 2, 2)),
+                None
+            ]
+        );
+    }
+
+    #[test]
+    fn thresholds_of_one_flip_on_every_change_of_outcome() {
+        let mut state = HealthState::new(false, 1, 1);
+        assert_eq!(
+            replay(&mut state, &[SUCCESS, REFUSED, SUCCESS]),
+            [Some((true, 1, 1)), Some((false, 1, 1)), Some((true, 1, 1))]
+        );
+    }
+
+    #[test]
+    fn a_threshold_of_zero_acts_as_one() {
+        let mut state = HealthState::new(true, 0, 0);
+        assert_eq!(
+            replay(&mut state, &[REFUSED, SUCCESS]),
+            [Some((false, 1, 1)), Some((true, 1, 1))]
+        );
+    }
+
+    #[test]
+    fn the_first_outcome_starts_a_run_whatever_the_start_state() {
+        // Starting available does not count as a success already seen.
+        let mut state = HealthState::new(true, 2, 2);
+        assert_eq!(
+            replay(&mut state, &[SUCCESS, REFUSED, REFUSED]),
+            [None, None, Some((false, 2, 2))]
+        );
+    }
+
+    #[test]
+    fn the_transition_carries_the_last_probe() {
+        let timeout = ProbeOutcome::Failure(FailureReason::Timeout {
+            after: Duration::from_secs(1),
+        });
+        let mut state = HealthState::new(true, 1, 2);
+        assert_eq!(state.observe(REFUSED), None);
+        let transition = state.observe(timeout).expect("second failure flips");
+        assert_eq!(transition.last_probe, timeout);
+    }
+
+    #[test]
+    fn reasons_read_as_operators_expect() {
+        let cases = [
+            (FailureReason::Refused, "connect refused"),
+            (
+                FailureReason::Timeout {
+                    after: Duration::from_secs(1),
+                },
+                "timeout after 1 s",
+            ),
+            (
+                FailureReason::Timeout {
+                    after: Duration::from_millis(250),
+                },
+                "timeout after 250 ms",
+            ),
+            (FailureReason::Unreachable, "unreachable"),
+            (FailureReason::NoAddress, "no address"),
+            (
+                FailureReason::Io {
+                    kind: io::ErrorKind::ConnectionReset,
+                    errno: Some(libc::ECONNRESET),
+                },
+                "Connection reset by peer (os error 104)",
+            ),
+            (
+                FailureReason::Io {
+                    kind: io::ErrorKind::ConnectionReset,
+                    errno: None,
+                },
+                "connection reset",
+            ),
+        ];
+        for (reason, text) in cases {
+            assert_eq!(reason.to_string(), text, "{reason:?}");
+        }
+        assert_eq!(ProbeOutcome::Success.to_string(), "connected");
+    }
+
+    #[test]
+    fn io_errors_are_classified_by_kind() {
+        let classify = |errno| FailureReason::from(&io::Error::from_raw_os_error(errno));
+        assert_eq!(classify(libc::ECONNREFUSED), FailureReason::Refused);
+        assert_eq!(classify(libc::EHOSTUNREACH), FailureReason::Unreachable);
+        assert_eq!(classify(libc::ENETUNREACH), FailureReason::Unreachable);
+        assert_eq!(
+            classify(libc::ECONNRESET),
+            FailureReason::Io {
+                kind: io::ErrorKind::ConnectionReset,
+                errno: Some(libc::ECONNRESET)
+            }
+        );
+    }
+}
