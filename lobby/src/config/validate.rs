@@ -140,7 +140,7 @@ impl Checker {
     /// The entries of a mapping, after reporting keys that are not in
     /// `schema` or appear twice.
     fn mapping<'n>(&mut self, node: &'n Node, path: String, schema: &[&str]) -> Option<Fields<'n>> {
-        let Value::Mapping(pairs) = &node.value else {
+        let Value::Mapping(pairs) = node.value() else {
             let message = format!("expected a mapping, found {}", describe(node));
             self.report(node.mark, path, message);
             return None;
@@ -151,7 +151,7 @@ impl Checker {
             entries: Vec::with_capacity(pairs.len()),
         };
         for (key, value) in pairs {
-            let Value::Scalar { text, .. } = &key.value else {
+            let Value::Scalar { text, .. } = key.value() else {
                 let message = format!("expected a key, found {}", describe(key));
                 self.report(key.mark, fields.path.clone(), message);
                 continue;
@@ -178,9 +178,7 @@ impl Checker {
         key: &str,
         schema: &[&str],
     ) -> Option<Fields<'n>> {
-        let node = fields
-            .get(key)
-            .filter(|n| !matches!(n.value, Value::Null))?;
+        let node = fields.get(key).filter(|n| !n.is_null())?;
         self.mapping(node, fields.path(key), schema)
     }
 
@@ -215,9 +213,7 @@ impl Checker {
 
     /// `None` when absent, null or invalid (reported).
     fn optional<W: Want>(&mut self, fields: &Fields, key: &str, want: &W) -> Option<W::Value> {
-        let node = fields
-            .get(key)
-            .filter(|n| !matches!(n.value, Value::Null))?;
+        let node = fields.get(key).filter(|n| !n.is_null())?;
         self.read(node, fields.path(key), want)
     }
 
@@ -240,7 +236,7 @@ impl Checker {
     ) -> Vec<(String, &'n Node)> {
         let path = fields.path(key);
         let node = match fields.get(key) {
-            Some(node) if required || !matches!(node.value, Value::Null) => node,
+            Some(node) if required || !node.is_null() => node,
             Some(_) => return Vec::new(),
             None => {
                 if required {
@@ -249,7 +245,7 @@ impl Checker {
                 return Vec::new();
             }
         };
-        match &node.value {
+        match node.value() {
             Value::Sequence(items) => items
                 .iter()
                 .enumerate()
@@ -371,7 +367,7 @@ impl Checker {
         let distribution = self.required(fields, "distribution", &DISTRIBUTION);
         let items = self.list(fields, "upstreams", "a list of upstreams", true);
         if let Some(node) = fields.get("upstreams")
-            && matches!(&node.value, Value::Sequence(items) if items.is_empty())
+            && matches!(node.value(), Value::Sequence(items) if items.is_empty())
         {
             let message = "expected at least one upstream, found an empty list".to_owned();
             self.report(node.mark, fields.path("upstreams"), message);
@@ -435,7 +431,7 @@ impl Checker {
     /// `Some(None)` when there is none: absent, null or an empty mapping.
     fn health_check(&mut self, upstream: &Fields) -> Option<Option<HealthCheck>> {
         let node = upstream.get("health_check");
-        if node.is_some_and(|n| matches!(&n.value, Value::Mapping(e) if e.is_empty())) {
+        if node.is_some_and(|n| matches!(n.value(), Value::Mapping(e) if e.is_empty())) {
             return Some(None);
         }
         let Some(fields) = self.optional_mapping(
@@ -444,9 +440,7 @@ impl Checker {
             &["protocol", "port", "start_available", "probe"],
         ) else {
             // Absent and null are no health check; anything else was reported.
-            return node
-                .is_none_or(|n| matches!(n.value, Value::Null))
-                .then_some(None);
+            return node.is_none_or(|n| n.is_null()).then_some(None);
         };
         let protocol = self.required(&fields, "protocol", &PROTOCOL);
         let port = self.required(&fields, "port", &PORT).map(port_number);
@@ -481,11 +475,9 @@ impl Checker {
         }))
     }
 
-    /// `Some(None)` when absent or null.
+    /// `Some(None)` when absent, null or empty.
     fn dns(&mut self, upstream: &Fields, host: Option<&Host>) -> Option<Option<DnsConfig>> {
-        let node = upstream
-            .get("dns")
-            .filter(|n| !matches!(n.value, Value::Null));
+        let node = upstream.get("dns").filter(|n| !n.is_null());
         let Some(node) = node else {
             return Some(None);
         };
@@ -507,10 +499,12 @@ impl Checker {
                 .required(&fields, "ttl", &TTL)
                 .map(|ttl| Some(Duration::from_secs(ttl))),
         };
-        Some(Some(DnsConfig {
+        let dns = DnsConfig {
             servers: servers.into_iter().collect::<Option<_>>()?,
             ttl: ttl?,
-        }))
+        };
+        // One way to say "the host's resolvers, the answer's TTL".
+        Some(Some(dns).filter(|dns| !dns.servers.is_empty() || dns.ttl.is_some()))
     }
 }
 
