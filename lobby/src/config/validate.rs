@@ -1,9 +1,26 @@
 //! The tree of a YAML document to a [`Config`], collecting every problem
 //! instead of stopping at the first.
 //!
-//! Names: target names and upstream group names are unique in the whole
-//! file; upstream names are unique within their group, since an operator
-//! knows an upstream as `target/upstream`.
+//! Decisions where SPEC.md is silent:
+//! - Names: target names and upstream group names are unique in the whole
+//!   file; upstream names are unique within their group, since an operator
+//!   knows an upstream as `target/upstream`. Names are 1 to 63 letters,
+//!   digits, `-`, `_`, `.`: safe in log lines, metric labels and nftables
+//!   identifiers.
+//! - Protocol and port are unique across targets even when their `ip`
+//!   differs.
+//! - An empty `lb` list is valid (a Lobby with nothing to balance yet); an
+//!   upstream group needs at least one upstream.
+//! - Required as in the original: `lb`, `targets`, the names, `protocol`,
+//!   `port`, `host`, `distribution`, `upstreams`; in a non-empty
+//!   `health_check` its `protocol`, `port` and the probe's `check_interval`,
+//!   `timeout`, `success_count`. Defaults: `engine` nftables,
+//!   `start_available` false, `failure_count` 1.
+//! - A `timeout` longer than `check_interval` is accepted, as in the
+//!   original: probes of one upstream never overlap, the next starts when
+//!   the previous has ended.
+//! - Numbers and booleans are unquoted YAML 1.2 (`"80"` and `yes` are
+//!   rejected with a message saying what was found).
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
