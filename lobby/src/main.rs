@@ -1,8 +1,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
-use lobby::config;
-
 use clap::{Parser, Subcommand};
+use lobby::config;
 
 /// Lobby: layer-4 load balancing by the kernel (nftables DNAT), with exact
 /// per-upstream counters (eBPF).
