@@ -1,9 +1,26 @@
 //! The tree of a YAML document to a [`Config`], collecting every problem
 //! instead of stopping at the first.
 //!
-//! Names: target names and upstream group names are unique in the whole
-//! file; upstream names are unique within their group, since an operator
-//! knows an upstream as `target/upstream`.
+//! Decisions where SPEC.md is silent:
+//! - Names: target names and upstream group names are unique in the whole
+//!   file; upstream names are unique within their group, since an operator
+//!   knows an upstream as `target/upstream`. Names are 1 to 63 letters,
+//!   digits, `-`, `_`, `.`: safe in log lines, metric labels and nftables
+//!   identifiers.
+//! - Protocol and port are unique across targets even when their `ip`
+//!   differs.
+//! - An empty `lb` list is valid (a Lobby with nothing to balance yet); an
+//!   upstream group needs at least one upstream.
+//! - Required as in the original: `lb`, `targets`, the names, `protocol`,
+//!   `port`, `host`, `distribution`, `upstreams`; in a non-empty
+//!   `health_check` its `protocol`, `port` and the probe's `check_interval`,
+//!   `timeout`, `success_count`. Defaults: `engine` nftables,
+//!   `start_available` false, `failure_count` 1.
+//! - A `timeout` longer than `check_interval` is accepted, as in the
+//!   original: probes of one upstream never overlap, the next starts when
+//!   the previous has ended.
+//! - Numbers and booleans are unquoted YAML 1.2 (`"80"` and `yes` are
+//!   rejected with a message saying what was found).
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -140,7 +157,7 @@ impl Checker {
     /// The entries of a mapping, after reporting keys that are not in
     /// `schema` or appear twice.
     fn mapping<'n>(&mut self, node: &'n Node, path: String, schema: &[&str]) -> Option<Fields<'n>> {
-        let Value::Mapping(pairs) = &node.value else {
+        let Value::Mapping(pairs) = node.value() else {
             let message = format!("expected a mapping, found {}", describe(node));
             self.report(node.mark, path, message);
             return None;
@@ -151,7 +168,7 @@ impl Checker {
             entries: Vec::with_capacity(pairs.len()),
         };
         for (key, value) in pairs {
-            let Value::Scalar { text, .. } = &key.value else {
+            let Value::Scalar { text, .. } = key.value() else {
                 let message = format!("expected a key, found {}", describe(key));
                 self.report(key.mark, fields.path.clone(), message);
                 continue;
@@ -178,9 +195,7 @@ impl Checker {
         key: &str,
         schema: &[&str],
     ) -> Option<Fields<'n>> {
-        let node = fields
-            .get(key)
-            .filter(|n| !matches!(n.value, Value::Null))?;
+        let node = fields.get(key).filter(|n| !n.is_null())?;
         self.mapping(node, fields.path(key), schema)
     }
 
@@ -215,9 +230,7 @@ impl Checker {
 
     /// `None` when absent, null or invalid (reported).
     fn optional<W: Want>(&mut self, fields: &Fields, key: &str, want: &W) -> Option<W::Value> {
-        let node = fields
-            .get(key)
-            .filter(|n| !matches!(n.value, Value::Null))?;
+        let node = fields.get(key).filter(|n| !n.is_null())?;
         self.read(node, fields.path(key), want)
     }
 
@@ -240,7 +253,7 @@ impl Checker {
     ) -> Vec<(String, &'n Node)> {
         let path = fields.path(key);
         let node = match fields.get(key) {
-            Some(node) if required || !matches!(node.value, Value::Null) => node,
+            Some(node) if required || !node.is_null() => node,
             Some(_) => return Vec::new(),
             None => {
                 if required {
@@ -249,7 +262,7 @@ impl Checker {
                 return Vec::new();
             }
         };
-        match &node.value {
+        match node.value() {
             Value::Sequence(items) => items
                 .iter()
                 .enumerate()
@@ -371,7 +384,7 @@ impl Checker {
         let distribution = self.required(fields, "distribution", &DISTRIBUTION);
         let items = self.list(fields, "upstreams", "a list of upstreams", true);
         if let Some(node) = fields.get("upstreams")
-            && matches!(&node.value, Value::Sequence(items) if items.is_empty())
+            && matches!(node.value(), Value::Sequence(items) if items.is_empty())
         {
             let message = "expected at least one upstream, found an empty list".to_owned();
             self.report(node.mark, fields.path("upstreams"), message);
@@ -435,7 +448,7 @@ impl Checker {
     /// `Some(None)` when there is none: absent, null or an empty mapping.
     fn health_check(&mut self, upstream: &Fields) -> Option<Option<HealthCheck>> {
         let node = upstream.get("health_check");
-        if node.is_some_and(|n| matches!(&n.value, Value::Mapping(e) if e.is_empty())) {
+        if node.is_some_and(|n| matches!(n.value(), Value::Mapping(e) if e.is_empty())) {
             return Some(None);
         }
         let Some(fields) = self.optional_mapping(
@@ -444,9 +457,7 @@ impl Checker {
             &["protocol", "port", "start_available", "probe"],
         ) else {
             // Absent and null are no health check; anything else was reported.
-            return node
-                .is_none_or(|n| matches!(n.value, Value::Null))
-                .then_some(None);
+            return node.is_none_or(|n| n.is_null()).then_some(None);
         };
         let protocol = self.required(&fields, "protocol", &PROTOCOL);
         let port = self.required(&fields, "port", &PORT).map(port_number);
@@ -481,11 +492,9 @@ impl Checker {
         }))
     }
 
-    /// `Some(None)` when absent or null.
+    /// `Some(None)` when absent, null or empty.
     fn dns(&mut self, upstream: &Fields, host: Option<&Host>) -> Option<Option<DnsConfig>> {
-        let node = upstream
-            .get("dns")
-            .filter(|n| !matches!(n.value, Value::Null));
+        let node = upstream.get("dns").filter(|n| !n.is_null());
         let Some(node) = node else {
             return Some(None);
         };
@@ -507,10 +516,12 @@ impl Checker {
                 .required(&fields, "ttl", &TTL)
                 .map(|ttl| Some(Duration::from_secs(ttl))),
         };
-        Some(Some(DnsConfig {
+        let dns = DnsConfig {
             servers: servers.into_iter().collect::<Option<_>>()?,
             ttl: ttl?,
-        }))
+        };
+        // One way to say "the host's resolvers, the answer's TTL".
+        Some(Some(dns).filter(|dns| !dns.servers.is_empty() || dns.ttl.is_some()))
     }
 }
 

@@ -25,7 +25,7 @@ pub(crate) trait Want {
 /// How a value that is not the wanted one is named in a message.
 pub(crate) fn describe(node: &Node) -> String {
     const SHOWN: usize = 40;
-    match &node.value {
+    match node.value() {
         Value::Null => "nothing".to_owned(),
         Value::Sequence(_) => "a list".to_owned(),
         Value::Mapping(_) => "a mapping".to_owned(),
@@ -46,7 +46,7 @@ pub(crate) fn describe(node: &Node) -> String {
 
 /// The text of a scalar, quoted or not.
 fn text(node: &Node) -> Result<&str, String> {
-    match &node.value {
+    match node.value() {
         Value::Scalar { text, .. } => Ok(text),
         _ => Err(describe(node)),
     }
@@ -54,7 +54,7 @@ fn text(node: &Node) -> Result<&str, String> {
 
 /// The text of an unquoted scalar: numbers and booleans are never quoted.
 fn plain(node: &Node) -> Result<&str, String> {
-    match &node.value {
+    match node.value() {
         Value::Scalar {
             text,
             quoted: false,
@@ -169,6 +169,9 @@ impl Want for HostName {
 }
 
 fn parse_host(host: &str) -> Result<Host, String> {
+    if host.is_empty() {
+        return Err("empty".to_owned());
+    }
     if host.contains(':') {
         return Err("IPv6 upstreams are not supported".to_owned());
     }

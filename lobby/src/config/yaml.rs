@@ -6,7 +6,7 @@
 //! nesting depth, and the number of nodes including those that aliases
 //! repeat, so an alias bomb ("billion laughs") stops at the limit instead of
 //! expanding.
-use std::collections::HashMap;
+use std::{collections::HashMap, rc::Rc};
 
 use saphyr_parser::{Event, Marker, Parser, ScalarStyle, StrInput};
 
@@ -33,10 +33,22 @@ impl From<&Marker> for Mark {
     }
 }
 
+/// Cheap to clone: an alias shares the anchored value instead of copying it,
+/// so memory grows with the text, not with what aliases repeat.
 #[derive(Clone, Debug)]
 pub(crate) struct Node {
     pub mark: Mark,
-    pub value: Value,
+    value: Rc<Value>,
+}
+
+impl Node {
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(*self.value, Value::Null)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -204,7 +216,10 @@ impl<'t> TreeBuilder<'t> {
             }
             _ => return Err(self.unexpected("a value")),
         };
-        let node = Node { mark, value };
+        let node = Node {
+            mark,
+            value: Rc::new(value),
+        };
         if anchor != 0 {
             self.anchors.insert(anchor, (node.clone(), size));
         }
@@ -249,7 +264,7 @@ impl<'t> TreeBuilder<'t> {
             }
         }
         for source in merged {
-            merge_into(&mut entries, source, mark)?;
+            merge_into(&mut entries, &source, mark)?;
         }
         Ok((entries, size))
     }
@@ -259,21 +274,21 @@ impl<'t> TreeBuilder<'t> {
 /// `entries` lacks: keys written in the mapping win over merged ones.
 fn merge_into(
     entries: &mut Vec<(Node, Node)>,
-    source: Node,
+    source: &Node,
     mark: Mark,
 ) -> Result<(), SyntaxError> {
-    match source.value {
+    match source.value() {
         Value::Mapping(source_entries) => {
             for (key, value) in source_entries {
-                let text = scalar_text(&key);
+                let text = scalar_text(key);
                 if !entries.iter().any(|(k, _)| scalar_text(k) == text) {
-                    entries.push((key, value));
+                    entries.push((key.clone(), value.clone()));
                 }
             }
             Ok(())
         }
         Value::Sequence(sources) => sources
-            .into_iter()
+            .iter()
             .try_for_each(|source| merge_into(entries, source, mark)),
         _ => Err(SyntaxError {
             mark,
@@ -283,7 +298,7 @@ fn merge_into(
 }
 
 fn scalar_text(node: &Node) -> Option<&str> {
-    match &node.value {
+    match node.value() {
         Value::Scalar { text, .. } => Some(text),
         _ => None,
     }

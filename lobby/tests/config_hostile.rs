@@ -1,0 +1,104 @@
+//! Hostile input ends in a clear error, quickly and in bounded memory, and
+//! nothing makes the parser panic.
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use lobby::config;
+use proptest::prelude::*;
+
+/// What the operator is promised for any input.
+const PROMPT: Duration = Duration::from_secs(1);
+
+/// The one error for `text`, and how long it took to say so.
+fn rejected(text: &str) -> (String, Duration) {
+    let start = Instant::now();
+    let result = config::parse(text, Path::new("hostile.yaml"));
+    let elapsed = start.elapsed();
+    let errors = result.expect_err("hostile input must be rejected");
+    assert_eq!(errors.errors().len(), 1, "{errors}");
+    (errors.to_string(), elapsed)
+}
+
+#[test]
+fn ten_megabytes_of_flow_nesting() {
+    let (error, elapsed) = rejected(&"[".repeat(10 << 20));
+    assert!(error.contains("nesting"), "{error}");
+    assert!(elapsed < PROMPT, "took {elapsed:?}");
+}
+
+#[test]
+fn ten_megabytes_of_block_nesting() {
+    let (error, elapsed) = rejected(&"- ".repeat(5 << 20));
+    assert_eq!(error, "hostile.yaml:1:67: nesting deeper than 32 levels");
+    assert!(elapsed < PROMPT, "took {elapsed:?}");
+}
+
+#[test]
+fn a_billion_laughs() {
+    let mut text = String::from("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for (previous, anchor) in ('a'..='i').zip('b'..='j') {
+        let aliases = vec![format!("*{previous}"); 10].join(", ");
+        text.push_str(&format!("{anchor}: &{anchor} [{aliases}]\n"));
+    }
+    let (error, elapsed) = rejected(&text);
+    assert!(error.contains("document too large"), "{error}");
+    assert!(elapsed < PROMPT, "took {elapsed:?}");
+}
+
+/// Documents built from YAML's punctuation and Lobby's keys, so that
+/// generated input reaches validation as well as the parser.
+fn yamlish() -> impl Strategy<Value = String> {
+    const FRAGMENTS: &[&str] = &[
+        "lb:",
+        "targets:",
+        "upstream_group:",
+        "upstreams:",
+        "health_check:",
+        "probe:",
+        "dns:",
+        "name: a",
+        "port: 80",
+        "host: 1.2.3.4",
+        "<<: *a",
+        "&a",
+    ];
+    let token = prop_oneof![
+        prop::sample::select(FRAGMENTS).prop_map(str::to_owned),
+        "[-:{}\\[\\],&*!|>'\"#?%@` \t\n]{1,3}".prop_map(String::from),
+        "[a-z0-9._]{1,8}".prop_map(String::from),
+        (0usize..6).prop_map(|n| format!("\n{}", "  ".repeat(n))),
+    ];
+    proptest::collection::vec(token, 0..64).prop_map(|tokens| tokens.join(" "))
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = config::parse(&String::from_utf8_lossy(&bytes), Path::new("fuzz.yaml"));
+    }
+
+    #[test]
+    fn yamlish_documents_never_panic(text in yamlish()) {
+        let _ = config::parse(&text, Path::new("fuzz.yaml"));
+    }
+
+    /// A valid file with one character changed is accepted or rejected
+    /// with located errors, never a panic.
+    #[test]
+    fn mutated_valid_files_never_panic(at in any::<prop::sample::Index>(), c in any::<char>()) {
+        let original = include_str!("data/config/valid/original.yaml");
+        let chars: Vec<char> = original.chars().collect();
+        let at = at.index(chars.len());
+        // Replace one character, and cut a few off the end.
+        let text: String = chars[..chars.len() - at % 7]
+            .iter()
+            .enumerate()
+            .map(|(i, o)| if i == at { c } else { *o })
+            .collect();
+        if let Err(errors) = config::parse(&text, Path::new("fuzz.yaml")) {
+            prop_assert!(errors.errors().iter().all(|e| e.line >= 1 && e.column >= 1));
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Valid files parse to exactly the expected [`Config`], and the default
+//! path is looked for in the documented order.
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use lobby::config::{
+    self, Config, Distribution, DnsConfig, HealthCheck, Host, Ipv4Net, MetricsConfig, Protocol,
+    Summary, Target, Upstream, UpstreamGroup,
+};
+
+fn load(name: &str) -> Config {
+    let path = Path::new("tests/data/config/valid").join(name);
+    config::load(&path).unwrap_or_else(|errors| panic!("{errors}"))
+}
+
+fn ip(text: &str) -> Host {
+    Host::Ip(text.parse().expect("an IPv4 address"))
+}
+
+fn fqdn(name: &str) -> Host {
+    Host::Fqdn(name.to_owned())
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("a socket address")
+}
+
+fn target(
+    name: &str,
+    port: u16,
+    ip: Option<Ipv4Net>,
+    group: &str,
+    upstreams: Vec<Upstream>,
+) -> Target {
+    Target {
+        name: name.to_owned(),
+        protocol: Protocol::Tcp,
+        port,
+        ip,
+        group: UpstreamGroup {
+            name: group.to_owned(),
+            distribution: Distribution::RoundRobin,
+            upstreams,
+        },
+    }
+}
+
+fn upstream(name: &str, host: Host, port: u16) -> Upstream {
+    Upstream {
+        name: name.to_owned(),
+        host,
+        port,
+        health_check: None,
+        dns: None,
+    }
+}
+
+/// A TCP check with `failure_count` 1 and `start_available` false unless
+/// changed by the caller.
+fn check(port: u16, interval: u64, timeout: u64, success_count: u32) -> HealthCheck {
+    HealthCheck {
+        protocol: Protocol::Tcp,
+        port,
+        start_available: false,
+        interval: Duration::from_secs(interval),
+        timeout: Duration::from_secs(timeout),
+        success_count,
+        failure_count: 1,
+    }
+}
+
+#[test]
+fn an_original_lobby_file_loads_unchanged() {
+    let expected = Config {
+        metrics: None,
+        targets: vec![
+            target(
+                "web",
+                8081,
+                None,
+                "web-pool",
+                vec![
+                    Upstream {
+                        health_check: Some(HealthCheck {
+                            start_available: true,
+                            ..check(9000, 2, 1, 3)
+                        }),
+                        ..upstream("web1", ip("198.18.1.11"), 9000)
+                    },
+                    Upstream {
+                        dns: Some(DnsConfig {
+                            servers: vec![addr("198.18.0.53:53"), addr("198.18.0.54:5353")],
+                            ttl: Some(Duration::from_secs(30)),
+                        }),
+                        ..upstream("web2", fqdn("web2.example.test"), 9000)
+                    },
+                    upstream("web3", ip("198.18.1.13"), 9000),
+                ],
+            ),
+            target(
+                "api",
+                8082,
+                None,
+                "api-pool",
+                vec![Upstream {
+                    dns: Some(DnsConfig {
+                        servers: vec![
+                            addr("1.1.1.1:53"),
+                            addr("[2606:4700::1111]:53"),
+                            addr("[2001:db8::53]:5353"),
+                        ],
+                        ttl: None,
+                    }),
+                    health_check: Some(check(8080, 10, 2, 5)),
+                    ..upstream("api1", fqdn("api.example.test"), 8443)
+                }],
+            ),
+        ],
+    };
+    let config = load("original.yaml");
+    assert_eq!(config, expected);
+    assert_eq!(
+        config.summary(),
+        Summary {
+            targets: 2,
+            upstreams: 4,
+            health_checked: 2,
+            fqdn: 2
+        }
+    );
+    assert_eq!(
+        config.summary().to_string(),
+        "2 targets, 4 upstreams (2 health-checked, 2 FQDN)"
+    );
+}
+
+#[test]
+fn every_field_and_extension_loads() {
+    let shared_check = check(8080, 5, 2, 2);
+    let expected = Config {
+        metrics: Some(MetricsConfig {
+            listen: addr("[::1]:9091"),
+        }),
+        targets: vec![
+            target(
+                "web",
+                443,
+                Some(Ipv4Net {
+                    addr: Ipv4Addr::new(198, 18, 0, 10),
+                    prefix_len: 32,
+                }),
+                "web-pool",
+                vec![
+                    Upstream {
+                        health_check: Some(shared_check.clone()),
+                        dns: Some(DnsConfig {
+                            servers: vec![
+                                addr("198.18.0.53:53"),
+                                addr("198.18.0.54:5353"),
+                                addr("[2001:db8::53]:53"),
+                                addr("[2001:db8::54]:5353"),
+                            ],
+                            ttl: Some(Duration::from_secs(60)),
+                        }),
+                        ..upstream("web1", fqdn("web1.example.test"), 8443)
+                    },
+                    Upstream {
+                        health_check: Some(HealthCheck {
+                            start_available: true,
+                            failure_count: 3,
+                            ..shared_check
+                        }),
+                        ..upstream("web2", ip("198.18.1.12"), 8443)
+                    },
+                ],
+            ),
+            target(
+                "dns-tcp",
+                53,
+                Some(Ipv4Net {
+                    addr: Ipv4Addr::new(198, 18, 0, 0),
+                    prefix_len: 24,
+                }),
+                "resolvers",
+                vec![
+                    upstream("r1", fqdn("resolver.example.test"), 53),
+                    upstream("r2", fqdn("resolver.example.test"), 5353),
+                ],
+            ),
+        ],
+    };
+    assert_eq!(load("full.yaml"), expected);
+}
+
+#[test]
+fn an_empty_lb_list_is_a_lobby_with_nothing_to_balance() {
+    let config = load("empty_lb.yaml");
+    assert!(config.targets.is_empty());
+    assert_eq!(
+        config.summary().to_string(),
+        "0 targets, 0 upstreams (0 health-checked, 0 FQDN)"
+    );
+}
+
+/// A fresh folder for one test, under cargo's temporary directory.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("etc")).expect("creating a scratch folder");
+    dir
+}
+
+/// The default paths' shape, inside `dir`.
+fn candidates(dir: &Path) -> Vec<PathBuf> {
+    [
+        "lobby.yaml",
+        "etc/lobby.yaml",
+        "lobby.conf",
+        "etc/lobby.conf",
+    ]
+    .iter()
+    .map(|name| dir.join(name))
+    .collect()
+}
+
+#[test]
+fn the_yaml_name_is_preferred_over_the_conf_name() {
+    let dir = scratch("default-path-yaml");
+    let candidates = candidates(&dir);
+    fs::write(&candidates[2], "lb: []\n").expect("writing lobby.conf");
+    assert_eq!(config::first_file(&candidates), Some(candidates[2].clone()));
+    fs::write(&candidates[0], "lb: []\n").expect("writing lobby.yaml");
+    assert_eq!(config::first_file(&candidates), Some(candidates[0].clone()));
+}
+
+#[test]
+fn the_etc_file_is_found_when_there_is_none_here() {
+    let dir = scratch("default-path-etc");
+    let candidates = candidates(&dir);
+    assert_eq!(config::first_file(&candidates), None);
+    fs::write(&candidates[3], "lb: []\n").expect("writing etc/lobby.conf");
+    assert_eq!(config::first_file(&candidates), Some(candidates[3].clone()));
+    fs::write(&candidates[1], "lb: []\n").expect("writing etc/lobby.yaml");
+    assert_eq!(config::first_file(&candidates), Some(candidates[1].clone()));
+    // A folder by that name is not a configuration file.
+    fs::create_dir_all(&candidates[0]).expect("creating a folder");
+    assert_eq!(config::first_file(&candidates), Some(candidates[1].clone()));
+}
+
+#[test]
+fn the_default_paths_are_the_documented_ones() {
+    assert_eq!(
+        config::DEFAULT_PATHS,
+        [
+            "./lobby.yaml",
+            "/etc/lobby/lobby.yaml",
+            "./lobby.conf",
+            "/etc/lobby/lobby.conf"
+        ]
+    );
+}
