@@ -8,8 +8,13 @@
 //!   module that imports aya.
 //! - [`daemon`]: the reconcile loop that wires them together.
 pub mod config;
+pub mod ctl;
 pub mod daemon;
+pub mod dns;
 pub mod ebpf;
 pub mod health;
+pub mod metrics;
 pub mod model;
 pub mod nft;
+pub mod systemd;
+pub mod watch;

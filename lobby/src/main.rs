@@ -1,8 +1,8 @@
-use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use lobby::{config, daemon};
+use lobby::{config, ctl, daemon};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -26,9 +26,19 @@ struct RunArgs {
     /// Log level.
     #[arg(short = 'l', long = "log-level", value_enum, default_value_t = LogLevel::Info)]
     log_level: LogLevel,
+    /// Control socket that `lobby stats` talks to.
+    #[arg(long, default_value = ctl::DEFAULT_SOCKET)]
+    socket: PathBuf,
     /// Where BPF maps are pinned; must be on a bpffs.
     #[arg(long, default_value = "/sys/fs/bpf/lobby")]
     pin_dir: PathBuf,
+    /// Seconds between the log lines of each upstream's traffic; 0 turns
+    /// them off.
+    #[arg(long, default_value_t = 60)]
+    traffic_log_interval: u64,
+    /// Balance without loading the eBPF counters (stats then show zeros).
+    #[arg(long)]
+    no_counters: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -39,6 +49,19 @@ enum Command {
         /// ./lobby.conf, /etc/lobby/lobby.conf).
         #[arg(short = 'c', long = "config")]
         config: Option<PathBuf>,
+    },
+    /// Show each target's upstreams: state, address, connections, packets
+    /// and bytes each way, and rates.
+    Stats {
+        /// The daemon's control socket.
+        #[arg(long, default_value = ctl::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print the JSON contract instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every SECS seconds until interrupted.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<u64>,
     },
 }
 
@@ -53,15 +76,25 @@ enum LogLevel {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Check { config }) => check(config),
-        None => match run_daemon(cli.run) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
+    let result = match cli.command {
+        Some(Command::Check { config }) => return check(config),
+        Some(Command::Stats {
+            socket,
+            json,
+            watch,
+        }) => stats(&socket, json, watch),
+        None => run_daemon(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if tracing::dispatcher::has_been_set() {
                 tracing::error!("{e:#}");
-                ExitCode::FAILURE
+            } else {
+                eprintln!("lobby: {e:#}");
             }
-        },
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -87,23 +120,74 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// How long a plain `lobby stats` samples to show rates.
+const RATE_SAMPLE: Duration = Duration::from_secs(1);
+
+fn stats(socket: &std::path::Path, json: bool, watch: Option<u64>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        if json && watch.is_none() {
+            let report = ctl::fetch_stats(socket).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).expect("plain data serializes")
+            );
+            return Ok(());
+        }
+        let period = watch.map_or(RATE_SAMPLE, |secs| Duration::from_secs(secs.max(1)));
+        let mut earlier = ctl::fetch_stats(socket).await?;
+        loop {
+            tokio::time::sleep(period).await;
+            let now = ctl::fetch_stats(socket).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&now).expect("plain data serializes")
+                );
+            } else {
+                if watch.is_some() && std::io::stdout().is_terminal() {
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!(
+                    "{}",
+                    ctl::render_table(&now, Some((&earlier, period.as_secs_f64())))
+                );
+            }
+            if watch.is_none() {
+                return Ok(());
+            }
+            earlier = now;
+        }
+    })
+}
+
 fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_level);
     check_privileges()?;
     let config_path = match args.config {
         Some(path) => path,
-        None => lobby::config::find_default_path().context(
-            "no configuration file: none of ./lobby.yaml, /etc/lobby/lobby.yaml, ./lobby.conf, /etc/lobby/lobby.conf exists; pass -c FILE",
-        )?,
+        None => config::find_default_path().with_context(|| {
+            format!(
+                "no configuration file: none of {} exists; pass -c FILE",
+                config::DEFAULT_PATHS.join(", ")
+            )
+        })?,
     };
     let options = daemon::Options {
         config_path,
         pin_dir: args.pin_dir,
+        socket_path: args.socket,
+        traffic_log_interval: (args.traffic_log_interval > 0)
+            .then(|| Duration::from_secs(args.traffic_log_interval)),
+        counters: !args.no_counters,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        daemon::run(options, shutdown)
+        daemon::run(options, shutdown, || {})
             .await
             .map_err(anyhow::Error::from)
     })

@@ -7,6 +7,7 @@
 //! `ip -n`, so the root namespace's interfaces, routes, sysctls and
 //! nftables are never touched. Addresses are in 198.18.0.0/15, and no
 //! namespace has a route out.
+pub mod fixtures;
 pub mod lobby;
 pub mod netns;
 pub mod server;

@@ -16,6 +16,7 @@ pub struct Lobby {
     pub config_path: PathBuf,
     pub pin_dir: PathBuf,
     pub log_path: PathBuf,
+    pub socket_path: PathBuf,
     bpffs: PathBuf,
     ns_name: String,
 }
@@ -55,6 +56,7 @@ impl Lobby {
             config_path: dir.path().join("lobby.yaml"),
             pin_dir: bpffs.join("lobby"),
             log_path: dir.path().join("lobby.log"),
+            socket_path: dir.path().join("lobby.sock"),
             bpffs,
             dir,
             ns_name: ns.name.clone(),
@@ -95,6 +97,8 @@ impl Lobby {
             .arg(&self.config_path)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
+            .arg("--socket")
+            .arg(&self.socket_path)
             .args(["-l", "debug"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
@@ -141,6 +145,52 @@ impl Lobby {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `lobby stats --json` against this daemon.
+    pub fn stats(&self) -> serde_json::Value {
+        let output = Command::new(binary())
+            .args(["stats", "--json", "--socket"])
+            .arg(&self.socket_path)
+            .output()
+            .expect("running lobby stats");
+        assert!(
+            output.status.success(),
+            "lobby stats failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("lobby stats --json prints JSON")
+    }
+
+    /// The stats of one upstream of one target.
+    pub fn upstream_stats(&self, target: &str, upstream: &str) -> serde_json::Value {
+        let stats = self.stats();
+        let found = stats["targets"]
+            .as_array()
+            .and_then(|targets| targets.iter().find(|t| t["name"] == target))
+            .and_then(|t| t["upstreams"].as_array())
+            .and_then(|upstreams| upstreams.iter().find(|u| u["name"] == upstream))
+            .cloned();
+        found.unwrap_or_else(|| panic!("no upstream {target}/{upstream} in {stats}"))
+    }
+
+    /// Sends SIGHUP (reload).
+    pub fn reload(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
+    /// How many times `needle` occurs in the log.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// Waits until `needle` occurs more than `before` times in the log.
+    pub fn wait_for_log_count(&self, needle: &str, before: usize) {
+        wait_for(
+            &format!("log line {needle:?}"),
+            Duration::from_secs(20),
+            || (self.log_count(needle) > before).then_some(()),
+        );
     }
 
     pub fn pid(&self) -> u32 {

@@ -26,6 +26,14 @@ impl NetNs {
         ns
     }
 
+    /// A handle on an existing namespace that is not deleted on drop: for
+    /// threads that act inside a namespace their test owns.
+    pub fn attach(name: &str) -> std::mem::ManuallyDrop<Self> {
+        std::mem::ManuallyDrop::new(Self {
+            name: name.to_owned(),
+        })
+    }
+
     /// Runs `ip -n NAME ARGS`, panicking with its stderr on failure.
     pub fn ip(&self, args: &[&str]) -> Output {
         run(Command::new("ip").args(["-n", &self.name]).args(args))
@@ -88,6 +96,36 @@ impl Drop for NetNs {
             panic!("deleting namespace {}: {status:?}", self.name);
         }
     }
+}
+
+impl NetNs {
+    /// `nft list table ip lobby` with each set's elements sorted, so that
+    /// two listings of the same content compare equal whatever order the
+    /// kernel's hash sets keep.
+    pub fn lobby_ruleset(&self) -> String {
+        let listing =
+            String::from_utf8_lossy(&self.exec("nft", &["list", "table", "ip", "lobby"]).stdout)
+                .into_owned();
+        normalize_ruleset(&listing)
+    }
+}
+
+/// Joins multi-line element lists and sorts their items.
+pub fn normalize_ruleset(listing: &str) -> String {
+    let flat = listing.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut out = String::new();
+    let mut rest = flat.as_str();
+    while let Some(start) = rest.find("elements = { ") {
+        let (before, after) = rest.split_at(start + "elements = { ".len());
+        let end = after.find(" }").expect("element lists are closed");
+        let mut items: Vec<&str> = after[..end].split(", ").collect();
+        items.sort_unstable();
+        out.push_str(before);
+        out.push_str(&items.join(", "));
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn run(command: &mut Command) -> Output {

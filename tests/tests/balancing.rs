@@ -1,55 +1,20 @@
 //! Round-robin DNAT end to end: real servers, real connections, the real
 //! binary and ruleset.
-use std::net::SocketAddr;
-
-use lobby_tests::{Lobby, NameServer, Topology, privileged, server::ask_name};
+use lobby_tests::{
+    Lobby, Topology,
+    fixtures::{ConfigBuilder, health_check, start_servers, target_addr},
+    privileged,
+    server::ask_name,
+};
 
 const PORT: u16 = 8081;
-const UPSTREAM_PORT: u16 = 9000;
-
-fn config(upstreams: usize, start_available: bool) -> String {
-    let mut yaml = format!(
-        "lb:\n  - engine: nftables\n    targets:\n      - name: web\n        protocol: tcp\n        port: {PORT}\n        upstream_group:\n          name: web-pool\n          distribution: round-robin\n          upstreams:\n"
-    );
-    for i in 0..upstreams {
-        yaml.push_str(&format!(
-            "            - name: web{i}\n              host: {}\n              port: {UPSTREAM_PORT}\n",
-            Topology::upstream_addr(i)
-        ));
-        if !start_available {
-            yaml.push_str(&format!(
-                "              health_check:\n                protocol: tcp\n                port: {}\n                start_available: false\n                probe: {{ check_interval: 60, timeout: 1, success_count: 1 }}\n",
-                UPSTREAM_PORT + 1
-            ));
-        }
-    }
-    yaml
-}
-
-fn start_servers(topology: &Topology) -> Vec<NameServer> {
-    topology
-        .upstreams
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| {
-            NameServer::start(
-                ns,
-                SocketAddr::from((Topology::upstream_addr(i), UPSTREAM_PORT)),
-                &format!("web{i}"),
-            )
-        })
-        .collect()
-}
-
-fn target() -> SocketAddr {
-    SocketAddr::from((Topology::LB_ADDR, PORT))
-}
 
 /// The names in the order connections reached them, `count` connections.
 fn names(topology: &Topology, count: usize) -> Vec<String> {
     (0..count)
         .map(|i| {
-            ask_name(&topology.client, target()).unwrap_or_else(|e| panic!("connection {i}: {e}"))
+            ask_name(&topology.client, target_addr(PORT))
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"))
         })
         .collect()
 }
@@ -82,7 +47,13 @@ fn thirty_connections_over_three_upstreams_go_ten_each_in_turn() {
     }
     let topology = Topology::new(3);
     let _servers = start_servers(&topology);
-    let _lobby = Lobby::start(&topology.lb, &config(3, true));
+    let _lobby = Lobby::start(
+        &topology.lb,
+        &ConfigBuilder::new()
+            .target("web", PORT)
+            .topology_upstreams(3, "")
+            .build(),
+    );
     let names = names(&topology, 30);
     assert_round_robin(&names, 3);
 }
@@ -94,9 +65,13 @@ fn target_without_available_upstream_resets_at_once() {
     }
     let topology = Topology::new(2);
     let _servers = start_servers(&topology);
-    let _lobby = Lobby::start(&topology.lb, &config(2, false));
+    // Probes of a closed port every minute: unavailable from the start.
+    let config = ConfigBuilder::new()
+        .target("web", PORT)
+        .topology_upstreams(2, &health_check(9999, false, 60, 1, 1));
+    let lobby = Lobby::start(&topology.lb, &config.build());
     let started = std::time::Instant::now();
-    let err = ask_name(&topology.client, target()).expect_err("no upstream is available");
+    let err = ask_name(&topology.client, target_addr(PORT)).expect_err("no upstream is available");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     // A reset answers within a round trip; a drop would wait for the 5 s
     // connect timeout.
@@ -104,6 +79,11 @@ fn target_without_available_upstream_resets_at_once() {
         started.elapsed() < std::time::Duration::from_secs(2),
         "refused only after {:?}",
         started.elapsed()
+    );
+    assert!(
+        lobby.log().contains("target web has no upstream available"),
+        "{}",
+        lobby.log()
     );
 }
 
@@ -114,7 +94,13 @@ fn sigterm_removes_the_table_and_a_restart_after_kill_takes_over() {
     }
     let topology = Topology::new(3);
     let _servers = start_servers(&topology);
-    let mut lobby = Lobby::start(&topology.lb, &config(3, true));
+    let mut lobby = Lobby::start(
+        &topology.lb,
+        &ConfigBuilder::new()
+            .target("web", PORT)
+            .topology_upstreams(3, "")
+            .build(),
+    );
     assert_round_robin(&names(&topology, 6), 3);
 
     // kill -9: the ruleset stays and keeps balancing without a daemon.
@@ -140,7 +126,7 @@ fn sigterm_removes_the_table_and_a_restart_after_kill_takes_over() {
         1
     );
 
-    // SIGTERM: clean shutdown, no table and no pin left behind.
+    // SIGTERM: clean shutdown, no table, program or pin left behind.
     let status = lobby.stop_with(libc::SIGTERM);
     assert!(status.success(), "{status}");
     let tables = topology.lb.exec("nft", &["list", "tables"]);
@@ -152,5 +138,10 @@ fn sigterm_removes_the_table_and_a_restart_after_kill_takes_over() {
         !lobby.pin_dir.exists(),
         "pins left behind in {}",
         lobby.pin_dir.display()
+    );
+    let attached = topology.lb.exec("bpftool", &["net", "show"]);
+    assert!(
+        !String::from_utf8_lossy(&attached.stdout).contains("lobby_"),
+        "programs left attached"
     );
 }

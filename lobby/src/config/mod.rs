@@ -48,22 +48,20 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
 
 /// The configuration in the file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    parse(&read(path)?, path)
+}
+
+/// The text of the file at `path`, which must be UTF-8.
+pub fn read(path: &Path) -> Result<String, ConfigErrors> {
     let bytes = std::fs::read(path)
         .map_err(|e| ConfigErrors::of_document(path, 0, 0, format!("cannot read: {e}")))?;
-    match std::str::from_utf8(&bytes) {
-        Ok(text) => parse(text, path),
-        Err(e) => {
-            let before = String::from_utf8_lossy(&bytes[..e.valid_up_to()]);
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            Err(ConfigErrors::of_document(
-                path,
-                line,
-                column,
-                "not UTF-8 text".to_owned(),
-            ))
-        }
-    }
+    String::from_utf8(bytes).map_err(|e| {
+        let bytes = e.as_bytes();
+        let before = String::from_utf8_lossy(&bytes[..e.utf8_error().valid_up_to()]);
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        ConfigErrors::of_document(path, line, column, "not UTF-8 text".to_owned())
+    })
 }
 
 /// The first of [`DEFAULT_PATHS`] that is a file.

@@ -1,0 +1,107 @@
+//! Configurations and servers the tests share.
+use std::{fmt::Display, net::SocketAddr};
+
+use crate::{NameServer, Topology};
+
+/// The port upstream servers listen on.
+pub const UPSTREAM_PORT: u16 = 9000;
+
+/// Builds a lobby.yaml: targets, each followed by its upstreams.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigBuilder {
+    targets: Vec<(String, u16, Vec<String>)>,
+}
+
+impl ConfigBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn target(mut self, name: &str, port: u16) -> Self {
+        self.targets.push((name.to_owned(), port, Vec::new()));
+        self
+    }
+
+    /// An upstream of the last target, with extra keys (e.g.
+    /// [`health_check`]) as YAML lines indented under it.
+    pub fn upstream_with(mut self, name: &str, host: impl Display, port: u16, extra: &str) -> Self {
+        let target = self
+            .targets
+            .last_mut()
+            .expect("an upstream belongs to a target");
+        let mut yaml = format!(
+            "            - name: {name}\n              host: {host}\n              port: {port}\n"
+        );
+        for line in extra.lines() {
+            yaml.push_str(&format!("              {line}\n"));
+        }
+        target.2.push(yaml);
+        self
+    }
+
+    pub fn upstream(self, name: &str, host: impl Display, port: u16) -> Self {
+        self.upstream_with(name, host, port, "")
+    }
+
+    /// Upstreams `web0..` at the topology's upstream addresses.
+    pub fn topology_upstreams(mut self, count: usize, extra: &str) -> Self {
+        for i in 0..count {
+            self = self.upstream_with(
+                &format!("web{i}"),
+                Topology::upstream_addr(i),
+                UPSTREAM_PORT,
+                extra,
+            );
+        }
+        self
+    }
+
+    pub fn build(&self) -> String {
+        let mut yaml = String::from("lb:\n  - engine: nftables\n    targets:\n");
+        for (name, port, upstreams) in &self.targets {
+            yaml.push_str(&format!(
+                "      - name: {name}\n        protocol: tcp\n        port: {port}\n        upstream_group:\n          name: {name}-pool\n          distribution: round-robin\n          upstreams:\n"
+            ));
+            if upstreams.is_empty() {
+                yaml.push_str("            []\n");
+            }
+            for upstream in upstreams {
+                yaml.push_str(upstream);
+            }
+        }
+        yaml
+    }
+}
+
+/// A `health_check:` block: TCP probes of `port`.
+pub fn health_check(
+    port: u16,
+    start_available: bool,
+    interval: u32,
+    success: u32,
+    failure: u32,
+) -> String {
+    format!(
+        "health_check:\n  protocol: tcp\n  port: {port}\n  start_available: {start_available}\n  probe: {{ check_interval: {interval}, timeout: 1, success_count: {success}, failure_count: {failure} }}"
+    )
+}
+
+/// A name server on each upstream namespace, named `web0..`.
+pub fn start_servers(topology: &Topology) -> Vec<NameServer> {
+    (0..topology.upstreams.len())
+        .map(|i| start_server(topology, i))
+        .collect()
+}
+
+pub fn start_server(topology: &Topology, i: usize) -> NameServer {
+    NameServer::start(
+        &topology.upstreams[i],
+        SocketAddr::from((Topology::upstream_addr(i), UPSTREAM_PORT)),
+        &format!("web{i}"),
+    )
+}
+
+/// A target's address as the client sees it.
+pub fn target_addr(port: u16) -> SocketAddr {
+    SocketAddr::from((Topology::LB_ADDR, port))
+}

@@ -1,0 +1,225 @@
+//! The eBPF counters against independent kernel counts, through reloads,
+//! crashes and a clean shutdown.
+use std::io::{Read as _, Write as _};
+
+use lobby_tests::{
+    Lobby, NetNs, Topology,
+    fixtures::{ConfigBuilder, UPSTREAM_PORT, start_servers, target_addr},
+    privileged,
+    server::ask_name,
+};
+
+const PORT: u16 = 8081;
+
+/// The test's own table in the load balancer's namespace: nft counters of
+/// forwarded traffic to and from each upstream, the independent count.
+fn add_reference_counters(lb: &NetNs, upstreams: usize) {
+    let mut rules = String::from(
+        "table ip lobbytest {\n chain forward {\n  type filter hook forward priority 0; policy accept;\n",
+    );
+    for i in 0..upstreams {
+        let addr = Topology::upstream_addr(i);
+        rules.push_str(&format!(
+            "  ip daddr {addr} tcp dport {UPSTREAM_PORT} counter comment \"out{i}\"\n"
+        ));
+        rules.push_str(&format!(
+            "  ip saddr {addr} tcp sport {UPSTREAM_PORT} counter comment \"in{i}\"\n"
+        ));
+    }
+    rules.push_str(" }\n}\n");
+    let path = std::env::temp_dir().join(format!("{}-reference.nft", lb.name));
+    std::fs::write(&path, rules).unwrap();
+    lb.exec("nft", &["-f", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(path);
+}
+
+/// (packets, bytes) of the reference counter with `comment`.
+fn reference(lb: &NetNs, comment: &str) -> (u64, u64) {
+    let listing =
+        String::from_utf8_lossy(&lb.exec("nft", &["list", "table", "ip", "lobbytest"]).stdout)
+            .into_owned();
+    let line = listing
+        .lines()
+        .find(|l| l.contains(&format!("comment \"{comment}\"")))
+        .unwrap_or_else(|| panic!("no counter {comment} in {listing}"));
+    let number_after = |word: &str| -> u64 {
+        let rest = &line[line.find(word).unwrap() + word.len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    (number_after("packets "), number_after("bytes "))
+}
+
+#[test]
+fn counts_equal_the_kernels_own_and_split_by_round_robin() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(3);
+    let _servers = start_servers(&topology);
+    add_reference_counters(&topology.lb, 3);
+    let lobby = Lobby::start(
+        &topology.lb,
+        &ConfigBuilder::new()
+            .target("web", PORT)
+            .topology_upstreams(3, "")
+            .build(),
+    );
+    const N: usize = 30;
+    for _ in 0..N {
+        // Some payload each way, so that bytes differ from headers alone.
+        let mut stream = topology
+            .client
+            .connect(target_addr(PORT), std::time::Duration::from_secs(5))
+            .unwrap();
+        let mut greeting = [0u8; 5];
+        stream.read_exact(&mut greeting).unwrap();
+        stream.write_all(&[7u8; 3000]).unwrap();
+        let mut echo = vec![0u8; 3000];
+        stream.read_exact(&mut echo).unwrap();
+    }
+    // Counting is asynchronous to the client: wait until FIN/ACKs settle.
+    let settled = |i: usize| {
+        let name = format!("web{i}");
+        lobby_tests::wait_for(
+            "the counters to match the reference",
+            std::time::Duration::from_secs(10),
+            || {
+                let stats = lobby.upstream_stats("web", &name);
+                let out = reference(&topology.lb, &format!("out{i}"));
+                let inn = reference(&topology.lb, &format!("in{i}"));
+                let ours = (
+                    (stats["packets_out"].as_u64()?, stats["bytes_out"].as_u64()?),
+                    (stats["packets_in"].as_u64()?, stats["bytes_in"].as_u64()?),
+                );
+                (ours == (out, inn)).then_some(stats)
+            },
+        )
+    };
+    let mut total = 0;
+    for i in 0..3 {
+        let stats = settled(i);
+        assert_eq!(stats["connections"], 10, "{stats}");
+        assert_eq!(stats["resets"], 0, "{stats}");
+        assert!(stats["bytes_out"].as_u64().unwrap() > 10 * 3000, "{stats}");
+        total += stats["connections"].as_u64().unwrap();
+    }
+    assert_eq!(total, N as u64);
+}
+
+#[test]
+fn an_available_upstream_that_refuses_shows_resets_and_a_warning() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(2);
+    // Only web0 serves; web1's port is closed but it has no health check.
+    let _server = lobby_tests::fixtures::start_server(&topology, 0);
+    let lobby = Lobby::start(
+        &topology.lb,
+        &ConfigBuilder::new()
+            .target("web", PORT)
+            .topology_upstreams(2, "")
+            .build(),
+    );
+    let refused = (0..6)
+        .filter(|_| ask_name(&topology.client, target_addr(PORT)).is_err())
+        .count();
+    assert_eq!(refused, 3);
+    let stats = lobby_tests::wait_for(
+        "resets to be counted",
+        std::time::Duration::from_secs(10),
+        || {
+            let stats = lobby.upstream_stats("web", "web1");
+            (stats["resets"] == 3).then_some(stats)
+        },
+    );
+    assert_eq!(stats["connections"], 3, "{stats}");
+    lobby_tests::wait_for(
+        "the reset warning",
+        std::time::Duration::from_secs(10),
+        || {
+            lobby
+                .log()
+                .contains(
+                    "upstream web/web1 is marked available but answers new connections with resets",
+                )
+                .then_some(())
+        },
+    );
+}
+
+#[test]
+fn counts_survive_a_reload_and_a_crash_and_a_clean_stop_leaves_nothing() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(3);
+    let _servers = start_servers(&topology);
+    let two = ConfigBuilder::new()
+        .target("web", PORT)
+        .topology_upstreams(2, "");
+    let mut lobby = Lobby::start(&topology.lb, &two.build());
+    for _ in 0..4 {
+        ask_name(&topology.client, target_addr(PORT)).unwrap();
+    }
+    let connections = |lobby: &Lobby, name: &str| {
+        lobby.upstream_stats("web", name)["connections"]
+            .as_u64()
+            .unwrap()
+    };
+    lobby_tests::wait_for(
+        "4 connections counted",
+        std::time::Duration::from_secs(10),
+        || (connections(&lobby, "web0") == 2 && connections(&lobby, "web1") == 2).then_some(()),
+    );
+
+    // Reload with a third upstream: the first two keep their counts.
+    let before = lobby.log_count("reload applied");
+    lobby.write_config(
+        &ConfigBuilder::new()
+            .target("web", PORT)
+            .topology_upstreams(3, "")
+            .build(),
+    );
+    lobby.reload();
+    lobby.wait_for_log_count("reload applied", before);
+    assert_eq!(
+        (connections(&lobby, "web0"), connections(&lobby, "web1")),
+        (2, 2)
+    );
+    assert_eq!(connections(&lobby, "web2"), 0);
+
+    // kill -9 and a new start: the pinned map keeps the counts.
+    lobby.stop_with(libc::SIGKILL);
+    lobby.restart();
+    assert_eq!(
+        (connections(&lobby, "web0"), connections(&lobby, "web1")),
+        (2, 2)
+    );
+    for _ in 0..3 {
+        ask_name(&topology.client, target_addr(PORT)).unwrap();
+    }
+    lobby_tests::wait_for(
+        "counting to continue",
+        std::time::Duration::from_secs(10),
+        || {
+            let sum: u64 = (0..3)
+                .map(|i| connections(&lobby, &format!("web{i}")))
+                .sum();
+            (sum == 7).then_some(())
+        },
+    );
+
+    let status = lobby.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    assert!(
+        !lobby.pin_dir.exists(),
+        "pins left behind in {}",
+        lobby.pin_dir.display()
+    );
+    let attached = topology.lb.exec("bpftool", &["net", "show"]);
+    assert!(
+        !String::from_utf8_lossy(&attached.stdout).contains("lobby_"),
+        "programs left attached"
+    );
+}

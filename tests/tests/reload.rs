@@ -1,0 +1,208 @@
+//! Reloads under load: short connections without pause and long-lived
+//! streams must not notice 50 reloads, and a broken file changes nothing.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpStream,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use lobby_tests::{
+    Lobby, NetNs, Topology,
+    fixtures::{ConfigBuilder, UPSTREAM_PORT, start_servers, target_addr},
+    privileged,
+    server::ask_name,
+    wait_for,
+};
+
+const STABLE: u16 = 8081;
+const CHURN: u16 = 8082;
+
+/// Opens short connections to `port` without pause until stopped; counts
+/// successes and failures.
+struct ShortClients {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    thread: Option<JoinHandle<Vec<String>>>,
+}
+
+impl ShortClients {
+    fn start(client: &NetNs, port: u16) -> Self {
+        let (stop, ok, failed) = Default::default();
+        let (stop2, ok2, failed2): (Arc<AtomicBool>, Arc<AtomicU64>, Arc<AtomicU64>) =
+            (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+        let ns = client.name.clone();
+        let thread = std::thread::spawn(move || {
+            let ns = NetNs::attach(&ns);
+            let mut errors = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                match ask_name(&ns, target_addr(port)) {
+                    Ok(_) => ok2.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        failed2.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+            errors
+        });
+        Self {
+            stop,
+            ok,
+            failed,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and returns (successes, failures, error texts).
+    fn finish(mut self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self.thread.take().unwrap().join().unwrap();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
+    }
+}
+
+/// A connection that streams data through the balancer and checks every
+/// byte of the echo.
+struct LongStream {
+    stream: TcpStream,
+    sent: u64,
+}
+
+impl LongStream {
+    fn open(client: &NetNs, port: u16) -> Self {
+        let stream = client
+            .connect(target_addr(port), Duration::from_secs(5))
+            .expect("long-lived connection");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut greeting = String::new();
+        BufReader::new(&stream).read_line(&mut greeting).unwrap();
+        Self { stream, sent: 0 }
+    }
+
+    /// One round trip of 1 KiB; the echo must match.
+    fn exchange(&mut self) -> std::io::Result<()> {
+        let chunk: Vec<u8> = (0..1024).map(|i| (self.sent as usize + i) as u8).collect();
+        self.stream.write_all(&chunk)?;
+        let mut echo = vec![0u8; chunk.len()];
+        self.stream.read_exact(&mut echo)?;
+        assert_eq!(echo, chunk, "the echo differs");
+        self.sent += chunk.len() as u64;
+        Ok(())
+    }
+}
+
+/// Config A: the stable target with web0 and web1; config B adds web2 to it
+/// and a second target; they alternate.
+fn config(variant: bool) -> String {
+    let mut config = ConfigBuilder::new()
+        .target("stable", STABLE)
+        .upstream("web0", Topology::upstream_addr(0), UPSTREAM_PORT)
+        .upstream("web1", Topology::upstream_addr(1), UPSTREAM_PORT);
+    if variant {
+        config = config
+            .upstream("web2", Topology::upstream_addr(2), UPSTREAM_PORT)
+            .target("churn", CHURN)
+            .upstream("web2", Topology::upstream_addr(2), UPSTREAM_PORT);
+    }
+    config.build()
+}
+
+#[test]
+fn fifty_reloads_under_load_break_nothing_and_end_like_a_fresh_start() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(3);
+    let _servers = start_servers(&topology);
+    let mut lobby = Lobby::start(&topology.lb, &config(false));
+    let mut streams: Vec<LongStream> = (0..4)
+        .map(|_| LongStream::open(&topology.client, STABLE))
+        .collect();
+    let clients = ShortClients::start(&topology.client, STABLE);
+
+    for round in 1..=50 {
+        let before = lobby.log_count("reload applied");
+        lobby.write_config(&config(round % 2 == 1));
+        lobby.reload();
+        lobby.wait_for_log_count("reload applied", before);
+        for (i, stream) in streams.iter_mut().enumerate() {
+            stream.exchange().unwrap_or_else(|e| {
+                panic!("long-lived connection {i} broke at reload {round}: {e}")
+            });
+        }
+    }
+    let (ok, failed, errors) = clients.finish();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} short connections failed: {errors:?}",
+        ok + failed
+    );
+    assert!(ok > 50, "the client made only {ok} connections");
+
+    // The incremental result equals a fresh start with the final config.
+    let reloaded = topology.lb.lobby_ruleset();
+    lobby.stop_with(libc::SIGKILL);
+    lobby.restart();
+    assert_eq!(reloaded, topology.lb.lobby_ruleset());
+}
+
+#[test]
+fn an_invalid_file_changes_nothing_and_a_later_valid_one_applies() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(3);
+    let _servers = start_servers(&topology);
+    let lobby = Lobby::start(&topology.lb, &config(false));
+    let ruleset = topology.lb.lobby_ruleset();
+
+    // Written over the running file: the watcher notices, no SIGHUP needed.
+    let broken = config(true).replace("port: 8082", "port: 80820");
+    lobby.write_config(&broken);
+    wait_for("the reload error", Duration::from_secs(10), || {
+        lobby
+            .log()
+            .contains("reload failed, the running configuration stays")
+            .then_some(())
+    });
+    assert!(
+        lobby.log().contains("lb[0].targets[1].port"),
+        "the error names the field: {}",
+        lobby.log()
+    );
+    assert_eq!(topology.lb.lobby_ruleset(), ruleset);
+    for _ in 0..4 {
+        ask_name(&topology.client, target_addr(STABLE)).expect("traffic continues");
+    }
+
+    let before = lobby.log_count("reload applied");
+    lobby.write_config(&config(true));
+    lobby.wait_for_log_count("reload applied", before);
+    assert_eq!(
+        ask_name(&topology.client, target_addr(CHURN)).unwrap(),
+        "web2"
+    );
+    assert!(
+        lobby.log().contains("reload: target churn added"),
+        "{}",
+        lobby.log()
+    );
+    assert!(
+        lobby.log().contains("reload: upstream stable/web2 added"),
+        "{}",
+        lobby.log()
+    );
+}
