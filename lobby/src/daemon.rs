@@ -568,17 +568,7 @@ impl Daemon {
         runtime.state.available = report.available;
         runtime.state_changes += 1;
         let (available, total) = self.availability(&report.id.target);
-        info!(
-            upstream = %report.id,
-            available = report.available,
-            "upstream {} is {} ({}, {}/{} {}); {available} of {total} available",
-            report.id,
-            if report.available { "UP" } else { "DOWN" },
-            report.reason,
-            report.run,
-            report.threshold,
-            if report.available { "successes" } else { "failures" },
-        );
+        info!(upstream = %report.id, available = report.available, "{report}; {available} of {total} available");
         true
     }
 
