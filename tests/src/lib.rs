@@ -7,12 +7,13 @@
 //! `ip -n`, so the root namespace's interfaces, routes, sysctls and
 //! nftables are never touched. Addresses are in 198.18.0.0/15, and no
 //! namespace has a route out.
+pub mod dns;
 pub mod fixtures;
 pub mod lobby;
 pub mod netns;
 pub mod server;
 
-pub use lobby::Lobby;
+pub use lobby::{Launch, Lobby};
 pub use netns::{NetNs, Topology};
 pub use server::NameServer;
 

@@ -19,6 +19,17 @@ pub struct Lobby {
     pub socket_path: PathBuf,
     bpffs: PathBuf,
     ns_name: String,
+    launch: Launch,
+}
+
+/// How the daemon enters the load balancer's namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launch {
+    /// setns before exec: only the network namespace changes.
+    Setns,
+    /// `ip netns exec`, as operators do: /etc/netns/NAME files are
+    /// bind-mounted too (resolv.conf).
+    IpNetnsExec,
 }
 
 /// The lobby binary of this workspace's build: `LOBBY_BIN`, else
@@ -42,6 +53,10 @@ pub fn binary() -> PathBuf {
 impl Lobby {
     /// Starts lobby in `ns` with `config` and waits until it balances.
     pub fn start(ns: &NetNs, config: &str) -> Self {
+        Self::start_with(ns, config, Launch::Setns)
+    }
+
+    pub fn start_with(ns: &NetNs, config: &str, launch: Launch) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let bpffs = dir.path().join("bpffs");
         std::fs::create_dir(&bpffs).expect("bpffs mount point");
@@ -60,6 +75,7 @@ impl Lobby {
             bpffs,
             dir,
             ns_name: ns.name.clone(),
+            launch,
         };
         lobby.write_config(config);
         lobby.spawn();
@@ -91,7 +107,14 @@ impl Lobby {
         let netns =
             File::open(format!("/run/netns/{}", self.ns_name)).expect("opening the namespace");
         let netns_fd = netns.as_raw_fd();
-        let mut command = Command::new(binary());
+        let mut command = match self.launch {
+            Launch::Setns => Command::new(binary()),
+            Launch::IpNetnsExec => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", &self.ns_name]).arg(binary());
+                command
+            }
+        };
         command
             .arg("-c")
             .arg(&self.config_path)
@@ -106,13 +129,15 @@ impl Lobby {
         // SAFETY: setns is async-signal-safe; the fd stays open until after
         // the spawn. Entering only the network namespace keeps the mount
         // namespace, where the test's bpffs is.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        if self.launch == Launch::Setns {
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         self.child = Some(command.spawn().expect("starting lobby"));
         drop(netns);

@@ -87,8 +87,19 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// The resolv.conf programs started with `ip netns exec` see: iproute2
+    /// bind-mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf.
+    pub fn set_resolv_conf(&self, text: &str) {
+        let dir = format!("/etc/netns/{}", self.name);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {dir}: {e}"));
+        std::fs::write(format!("{dir}/resolv.conf"), text).expect("writing resolv.conf");
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
         let status = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();

@@ -1,0 +1,276 @@
+//! FQDN upstreams against real resolvers in a namespace: answers that
+//! change, servers that fail, die or never knew the name.
+use std::time::{Duration, Instant};
+
+use lobby_tests::{
+    Launch, Lobby, Topology,
+    dns::{Dnsmasq, FailingDns, Failure, RESOLVER_A, RESOLVER_B, RESOLVER_C, resolver_namespace},
+    fixtures::{ConfigBuilder, UPSTREAM_PORT, start_servers, target_addr},
+    privileged,
+    server::ask_name,
+    wait_for,
+};
+
+const PORT: u16 = 8081;
+const NAME: &str = "web.lobby.test";
+
+fn in_rotation(topology: &Topology, i: usize) -> bool {
+    topology
+        .lb
+        .lobby_ruleset()
+        .contains(&format!("{} . {UPSTREAM_PORT}", Topology::upstream_addr(i)))
+}
+
+fn dns(servers: &[std::net::Ipv4Addr], ttl: Option<u32>) -> String {
+    let servers: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
+    let ttl = ttl.map_or(String::new(), |t| format!(", ttl: {t}"));
+    format!("dns: {{ servers: [{}]{ttl} }}", servers.join(", "))
+}
+
+#[test]
+fn a_changed_answer_moves_traffic_within_the_ttl() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(2);
+    let _servers = start_servers(&topology);
+    let resolvers = resolver_namespace(&topology.lb);
+    let dnsmasq = Dnsmasq::start(
+        &resolvers,
+        RESOLVER_A,
+        1,
+        &[(NAME, Topology::upstream_addr(0))],
+    );
+    // No `ttl`: the answer's TTL (1 s) is the period.
+    let config = ConfigBuilder::new().target("web", PORT).upstream_with(
+        "web",
+        NAME,
+        UPSTREAM_PORT,
+        &dns(&[RESOLVER_A], None),
+    );
+    let lobby = Lobby::start(&topology.lb, &config.build());
+    wait_for("the first resolution", Duration::from_secs(10), || {
+        in_rotation(&topology, 0).then_some(())
+    });
+    assert_eq!(
+        ask_name(&topology.client, target_addr(PORT)).unwrap(),
+        "web0"
+    );
+
+    dnsmasq.set_records(&[(NAME, Topology::upstream_addr(1))]);
+    let changed = Instant::now();
+    wait_for("traffic to move", Duration::from_secs(10), || {
+        (ask_name(&topology.client, target_addr(PORT)).ok()? == "web1").then_some(())
+    });
+    let moved = changed.elapsed();
+    assert!(
+        moved <= Duration::from_secs(2),
+        "traffic moved {moved:?} after the answer changed (ttl 1 s)"
+    );
+    assert!(
+        !in_rotation(&topology, 0),
+        "{}",
+        topology.lb.lobby_ruleset()
+    );
+    assert!(
+        lobby.log().contains(&format!(
+            "upstream web/web moved from {} to {}",
+            Topology::upstream_addr(0),
+            Topology::upstream_addr(1)
+        )),
+        "{}",
+        lobby.log()
+    );
+    let stats = lobby.upstream_stats("web", "web");
+    assert_eq!(
+        stats["address"],
+        Topology::upstream_addr(1).to_string(),
+        "{stats}"
+    );
+}
+
+#[test]
+fn a_dead_or_failing_first_server_hands_over_to_the_second() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let _servers = start_servers(&topology);
+    let resolvers = resolver_namespace(&topology.lb);
+    let _dnsmasq = Dnsmasq::start(
+        &resolvers,
+        RESOLVER_A,
+        60,
+        &[(NAME, Topology::upstream_addr(0))],
+    );
+    let _silent = FailingDns::start(&resolvers, RESOLVER_B, Failure::Silent);
+    let _servfail = FailingDns::start(&resolvers, RESOLVER_C, Failure::ServFail);
+    let config = ConfigBuilder::new()
+        .target("dead-first", PORT)
+        .upstream_with(
+            "web",
+            NAME,
+            UPSTREAM_PORT,
+            &dns(&[RESOLVER_B, RESOLVER_A], None),
+        )
+        .target("servfail-first", PORT + 1)
+        .upstream_with(
+            "web",
+            NAME,
+            UPSTREAM_PORT,
+            &dns(&[RESOLVER_C, RESOLVER_A], None),
+        );
+    let lobby = Lobby::start(&topology.lb, &config.build());
+    wait_for("both targets to resolve", Duration::from_secs(10), || {
+        let stats = lobby.stats();
+        let resolved = stats["targets"]
+            .as_array()?
+            .iter()
+            .all(|t| t["upstreams"][0]["address"].is_string());
+        resolved.then_some(())
+    });
+    assert_eq!(
+        ask_name(&topology.client, target_addr(PORT)).unwrap(),
+        "web0"
+    );
+    assert_eq!(
+        ask_name(&topology.client, target_addr(PORT + 1)).unwrap(),
+        "web0"
+    );
+}
+
+#[test]
+fn when_every_server_dies_the_last_address_is_kept() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let _servers = start_servers(&topology);
+    let resolvers = resolver_namespace(&topology.lb);
+    let dnsmasq = Dnsmasq::start(
+        &resolvers,
+        RESOLVER_A,
+        1,
+        &[(NAME, Topology::upstream_addr(0))],
+    );
+    let config = ConfigBuilder::new().target("web", PORT).upstream_with(
+        "web",
+        NAME,
+        UPSTREAM_PORT,
+        &dns(&[RESOLVER_A], Some(1)),
+    );
+    let lobby = Lobby::start(&topology.lb, &config.build());
+    wait_for("the first resolution", Duration::from_secs(10), || {
+        in_rotation(&topology, 0).then_some(())
+    });
+    drop(dnsmasq);
+    wait_for("a failed re-resolution", Duration::from_secs(15), || {
+        lobby
+            .log()
+            .contains(&format!("keeping {}", Topology::upstream_addr(0)))
+            .then_some(())
+    });
+    assert!(in_rotation(&topology, 0), "{}", topology.lb.lobby_ruleset());
+    for _ in 0..3 {
+        assert_eq!(
+            ask_name(&topology.client, target_addr(PORT)).unwrap(),
+            "web0"
+        );
+    }
+}
+
+#[test]
+fn without_servers_the_namespaces_resolv_conf_is_used() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let _servers = start_servers(&topology);
+    let resolvers = resolver_namespace(&topology.lb);
+    let _dnsmasq = Dnsmasq::start(
+        &resolvers,
+        RESOLVER_A,
+        60,
+        &[(NAME, Topology::upstream_addr(0))],
+    );
+    topology
+        .lb
+        .set_resolv_conf(&format!("nameserver {RESOLVER_A}\n"));
+    let config = ConfigBuilder::new()
+        .target("web", PORT)
+        .upstream("web", NAME, UPSTREAM_PORT);
+    let _lobby = Lobby::start_with(&topology.lb, &config.build(), Launch::IpNetnsExec);
+    wait_for(
+        "resolution through resolv.conf",
+        Duration::from_secs(10),
+        || in_rotation(&topology, 0).then_some(()),
+    );
+    assert_eq!(
+        ask_name(&topology.client, target_addr(PORT)).unwrap(),
+        "web0"
+    );
+}
+
+#[test]
+fn a_name_that_never_resolves_gets_no_traffic_and_harms_nothing() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(2);
+    let _servers = start_servers(&topology);
+    let resolvers = resolver_namespace(&topology.lb);
+    let dnsmasq = Dnsmasq::start(
+        &resolvers,
+        RESOLVER_A,
+        1,
+        &[(NAME, Topology::upstream_addr(1))],
+    );
+    let config = ConfigBuilder::new()
+        .target("web", PORT)
+        .upstream("web0", Topology::upstream_addr(0), UPSTREAM_PORT)
+        .upstream_with(
+            "ghost",
+            "nowhere.lobby.test",
+            UPSTREAM_PORT,
+            &dns(&[RESOLVER_A], None),
+        )
+        // Two more upstreams on one name and resolver: resolved once per period.
+        .target("shared", PORT + 1)
+        .upstream_with("a", NAME, UPSTREAM_PORT, &dns(&[RESOLVER_A], Some(1)))
+        .upstream_with("b", NAME, UPSTREAM_PORT, &dns(&[RESOLVER_A], Some(1)));
+    let lobby = Lobby::start(&topology.lb, &config.build());
+    wait_for(
+        "the failed resolution to be logged",
+        Duration::from_secs(10),
+        || {
+            lobby
+                .log()
+                .contains("its upstreams stay unavailable")
+                .then_some(())
+        },
+    );
+    for _ in 0..4 {
+        assert_eq!(
+            ask_name(&topology.client, target_addr(PORT)).unwrap(),
+            "web0"
+        );
+    }
+    let ghost = lobby.upstream_stats("web", "ghost");
+    assert!(
+        ghost["address"].is_null() && ghost["available"] == false,
+        "{ghost}"
+    );
+
+    let before = dnsmasq.queries(NAME);
+    std::thread::sleep(Duration::from_secs(3));
+    let queries = dnsmasq.queries(NAME) - before;
+    // One query per 1 s period for both upstreams, not one each.
+    assert!(
+        (2..=4).contains(&queries),
+        "{queries} queries for {NAME} in 3 s"
+    );
+    assert!(
+        lobby.stats()["targets"].as_array().unwrap().len() == 2,
+        "the daemon still answers"
+    );
+}
