@@ -139,26 +139,49 @@ pub async fn serve(
     requests: mpsc::Sender<Request>,
     cancel: CancellationToken,
 ) {
+    accept_until(
+        &cancel,
+        "control",
+        || async { listener.accept().await.map(|(stream, _)| stream) },
+        |stream| {
+            let requests = requests.clone();
+            async move { answer(stream, &requests).await }
+        },
+    )
+    .await;
+    let _ = tokio::fs::remove_file(&path).await;
+}
+
+/// Accepts with `accept` until `cancel`, each connection handled on a task
+/// of its own by `handle`; errors of one connection are its own.
+pub(crate) async fn accept_until<S, Accepted, Handled>(
+    cancel: &CancellationToken,
+    what: &'static str,
+    accept: impl Fn() -> Accepted,
+    handle: impl Fn(S) -> Handled,
+) where
+    Accepted: Future<Output = io::Result<S>>,
+    Handled: Future<Output = io::Result<()>> + Send + 'static,
+{
     loop {
         tokio::select! {
-            () = cancel.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let requests = requests.clone();
+            () = cancel.cancelled() => return,
+            accepted = accept() => match accepted {
+                Ok(stream) => {
+                    let handled = handle(stream);
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &requests).await {
-                            debug!(error = %e, "control connection");
+                        if let Err(e) = handled.await {
+                            debug!(error = %e, "{what} connection");
                         }
                     });
                 }
                 Err(e) => {
-                    warn!(error = %e, "accepting a control connection");
+                    warn!(error = %e, "accepting a {what} connection");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
         }
     }
-    let _ = tokio::fs::remove_file(&path).await;
 }
 
 async fn answer(stream: UnixStream, requests: &mpsc::Sender<Request>) -> io::Result<()> {

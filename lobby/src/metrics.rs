@@ -9,7 +9,6 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
 
 use crate::ctl::{Request, StatsReport};
 
@@ -253,25 +252,16 @@ pub async fn serve(
     requests: mpsc::Sender<Request>,
     cancel: CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let requests = requests.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &requests).await {
-                            debug!(error = %e, "metrics connection");
-                        }
-                    });
-                }
-                Err(e) => {
-                    warn!(error = %e, "accepting a metrics connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
-    }
+    crate::ctl::accept_until(
+        &cancel,
+        "metrics",
+        || async { listener.accept().await.map(|(stream, _)| stream) },
+        |stream| {
+            let requests = requests.clone();
+            async move { answer(stream, &requests).await }
+        },
+    )
+    .await;
 }
 
 async fn answer(mut stream: TcpStream, requests: &mpsc::Sender<Request>) -> std::io::Result<()> {
