@@ -30,7 +30,7 @@ use crate::{
     ebpf::{self, Counters, CountersError},
     health::{self, HealthReport, ProbeStats},
     metrics::{self, Histogram, MetricsError, Snapshot, UpstreamExtras},
-    model::{Desired, UpstreamId, UpstreamState},
+    model::{self, Backend, Desired, UpstreamId, UpstreamState},
     nft::{self, NftError},
     systemd,
     watch::{self as config_watch, DEBOUNCE},
@@ -121,6 +121,7 @@ pub async fn run(
         upstreams: BTreeMap::new(),
         resolvers: BTreeMap::new(),
         applied: None,
+        lingering: BTreeMap::new(),
         counters,
         traffic_seen: BTreeMap::new(),
         resets_seen: BTreeMap::new(),
@@ -199,6 +200,9 @@ pub async fn run(
             }
             () = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
                 retry_at = None;
+                changed = true;
+            }
+            () = sleep_until(daemon.linger_deadline().unwrap_or_else(Instant::now)), if daemon.linger_deadline().is_some() => {
                 changed = true;
             }
             _ = route_recheck.tick() => daemon.sync_counters().await,
@@ -300,6 +304,8 @@ struct Daemon {
     /// What the kernel holds; `None` until the first successful apply, or
     /// after a failed one (the next apply then replaces the table whole).
     applied: Option<Desired>,
+    /// Backends out of rotation still masqueraded, until when.
+    lingering: BTreeMap<Backend, Instant>,
     counters: Option<Counters>,
     /// Counters as of the last traffic line, per upstream and key.
     traffic_seen: BTreeMap<UpstreamId, (SocketAddrV4, UpstreamCounters)>,
@@ -619,7 +625,19 @@ impl Daemon {
             .iter()
             .map(|(id, r)| (id.clone(), r.state))
             .collect();
-        let desired = Desired::from_config(&self.config, &states);
+        let mut desired = Desired::from_config(&self.config, &states);
+        let masqueraded = self
+            .applied
+            .as_ref()
+            .map(Desired::backends)
+            .unwrap_or_default();
+        model::linger(
+            &masqueraded,
+            &desired.balanced(),
+            &mut self.lingering,
+            Instant::now(),
+        );
+        desired.lingering = self.lingering.keys().copied().collect();
         if let Some(script) = nft::plan(self.applied.as_ref(), &desired) {
             let started = Instant::now();
             if let Err(e) = nft::apply(&script).await {
@@ -643,6 +661,11 @@ impl Daemon {
         }
         self.sync_counters().await;
         Ok(())
+    }
+
+    /// When the next lingering backend is due to leave the masquerade set.
+    fn linger_deadline(&self) -> Option<Instant> {
+        self.lingering.values().min().copied()
     }
 
     /// Every configured upstream with a known address, with the key its

@@ -2,10 +2,13 @@
 //! Derived purely from the configuration and what health checks and DNS
 //! currently say about each upstream.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
 };
+
+use tokio::time::Instant;
 
 use crate::config::{Config, Ipv4Net, Protocol};
 
@@ -45,6 +48,47 @@ pub struct UpstreamState {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub targets: BTreeMap<String, DesiredTarget>,
+    /// Upstreams no target sends new connections to any more, still
+    /// masqueraded for a moment: a packet DNAT'd under the previous ruleset
+    /// may reach the masquerade rule after the new one is committed.
+    pub lingering: BTreeSet<Backend>,
+}
+
+/// An upstream as the masquerade rule matches it.
+pub type Backend = (SocketAddrV4, Protocol);
+
+/// How long a backend stays masqueraded after it leaves every target.
+pub const BACKEND_LINGER: Duration = Duration::from_secs(2);
+
+impl Desired {
+    /// Every upstream some target sends new connections to.
+    pub fn balanced(&self) -> BTreeSet<Backend> {
+        self.targets
+            .values()
+            .flat_map(|t| t.upstreams.iter().map(|u| (*u, t.protocol)))
+            .collect()
+    }
+
+    /// The upstreams whose connections are masqueraded.
+    pub fn backends(&self) -> BTreeSet<Backend> {
+        self.balanced().union(&self.lingering).copied().collect()
+    }
+}
+
+/// The lingering backends after a change from `before` to `after` at
+/// `now`: those `before` masqueraded that `after` no longer balances stay
+/// until their deadline in `lingering` (set at first sight), unless they are
+/// balanced again.
+pub fn linger(
+    before: &BTreeSet<Backend>,
+    after: &BTreeSet<Backend>,
+    lingering: &mut BTreeMap<Backend, Instant>,
+    now: Instant,
+) {
+    for backend in before.difference(after) {
+        lingering.entry(*backend).or_insert(now + BACKEND_LINGER);
+    }
+    lingering.retain(|backend, until| !after.contains(backend) && *until > now);
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,6 +128,49 @@ impl Desired {
                 (target.name.clone(), desired)
             })
             .collect();
-        Self { targets }
+        Self {
+            targets,
+            lingering: BTreeSet::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(host: u8) -> Backend {
+        (
+            SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, host), 9000),
+            Protocol::Tcp,
+        )
+    }
+
+    #[test]
+    fn removed_backends_linger_until_their_deadline() {
+        let now = Instant::now();
+        let mut lingering = BTreeMap::new();
+        let both = BTreeSet::from([backend(1), backend(2)]);
+        let one = BTreeSet::from([backend(1)]);
+        linger(&both, &one, &mut lingering, now);
+        assert_eq!(
+            lingering,
+            BTreeMap::from([(backend(2), now + BACKEND_LINGER)])
+        );
+        // A later change keeps the first deadline.
+        linger(&one, &one, &mut lingering, now + Duration::from_secs(1));
+        assert_eq!(lingering.get(&backend(2)), Some(&(now + BACKEND_LINGER)));
+        linger(&one, &one, &mut lingering, now + BACKEND_LINGER);
+        assert!(lingering.is_empty());
+    }
+
+    #[test]
+    fn a_backend_balanced_again_stops_lingering() {
+        let now = Instant::now();
+        let mut lingering = BTreeMap::new();
+        let both = BTreeSet::from([backend(1), backend(2)]);
+        linger(&both, &BTreeSet::from([backend(1)]), &mut lingering, now);
+        linger(&both, &both, &mut lingering, now);
+        assert!(lingering.is_empty());
     }
 }

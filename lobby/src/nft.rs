@@ -8,14 +8,11 @@
 //! upstreams (or a TCP reset when none is available). Only connections to
 //! Lobby's own upstreams are masqueraded. A change touches only the chains
 //! and elements it must, in one transaction.
-use std::{collections::BTreeSet, fmt::Write as _, net::SocketAddrV4, process::Stdio};
+use std::{fmt::Write as _, process::Stdio};
 
 use tokio::{io::AsyncWriteExt as _, process::Command};
 
-use crate::{
-    config::Protocol,
-    model::{Desired, DesiredTarget},
-};
+use crate::model::{Backend, Desired, DesiredTarget};
 
 /// The one table Lobby owns; it never touches any other.
 pub const TABLE: &str = "lobby";
@@ -35,7 +32,7 @@ pub fn render(desired: &Desired) -> String {
     writeln!(out, "\t}}").unwrap();
     writeln!(out, "\tset backends {{").unwrap();
     writeln!(out, "\t\ttype ipv4_addr . inet_proto . inet_service").unwrap();
-    let backends: Vec<String> = backends(desired).iter().map(backend_element).collect();
+    let backends: Vec<String> = desired.backends().iter().map(backend_element).collect();
     write_elements(&mut out, &backends);
     writeln!(out, "\t}}").unwrap();
     writeln!(out, "\tchain prerouting {{").unwrap();
@@ -99,8 +96,8 @@ pub fn plan(applied: Option<&Desired>, desired: &Desired) -> Option<String> {
             Some(_) => {}
         }
     }
-    let old_backends = backends(applied);
-    let new_backends = backends(desired);
+    let old_backends = applied.backends();
+    let new_backends = desired.backends();
     let gone: Vec<String> = old_backends
         .difference(&new_backends)
         .map(backend_element)
@@ -178,17 +175,7 @@ fn dispatch_element(name: &str, target: &DesiredTarget) -> String {
     format!("{} : jump {}", dispatch_key(target), chain_name(name))
 }
 
-/// Every (address, protocol, port) that some target sends connections to:
-/// the connections toward them are the ones Lobby translated.
-fn backends(desired: &Desired) -> BTreeSet<(SocketAddrV4, Protocol)> {
-    desired
-        .targets
-        .values()
-        .flat_map(|t| t.upstreams.iter().map(|u| (*u, t.protocol)))
-        .collect()
-}
-
-fn backend_element((addr, protocol): &(SocketAddrV4, Protocol)) -> String {
+fn backend_element((addr, protocol): &Backend) -> String {
     format!("{} . {} . {}", addr.ip(), protocol.as_str(), addr.port())
 }
 
@@ -286,10 +273,13 @@ pub async fn table_exists() -> Result<bool, NftError> {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, net::Ipv4Addr};
+    use std::{
+        collections::BTreeMap,
+        net::{Ipv4Addr, SocketAddrV4},
+    };
 
     use super::*;
-    use crate::config::Ipv4Net;
+    use crate::config::{Ipv4Net, Protocol};
 
     fn target(port: u16, upstreams: &[(u8, u16)]) -> DesiredTarget {
         DesiredTarget {
@@ -309,7 +299,22 @@ mod tests {
                 .iter()
                 .map(|(n, t)| (n.to_string(), t.clone()))
                 .collect::<BTreeMap<_, _>>(),
+            lingering: Default::default(),
         }
+    }
+
+    #[test]
+    fn lingering_backends_stay_masqueraded_until_dropped() {
+        let one = desired(&[("web", target(8081, &[(11, 9000)]))]);
+        let mut lingering = one.clone();
+        lingering.targets.get_mut("web").unwrap().upstreams.clear();
+        lingering.lingering.insert((SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 11), 9000), Protocol::Tcp));
+        let script = plan(Some(&one), &lingering).expect("a change");
+        assert!(!script.contains("backends"), "{script}");
+        let mut gone = lingering.clone();
+        gone.lingering.clear();
+        let script = plan(Some(&lingering), &gone).expect("a change");
+        assert_eq!(script, "delete element ip lobby backends { 198.18.1.11 . tcp . 9000 }\n");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Configurations and servers the tests share.
 use std::{fmt::Display, net::SocketAddr};
 
-use crate::{NameServer, Topology};
+use crate::{NameServer, Topology, server::ask_name};
 
 /// The port upstream servers listen on.
 pub const UPSTREAM_PORT: u16 = 9000;
@@ -104,4 +104,28 @@ pub fn start_server(topology: &Topology, i: usize) -> NameServer {
 /// A target's address as the client sees it.
 pub fn target_addr(port: u16) -> SocketAddr {
     SocketAddr::from((Topology::LB_ADDR, port))
+}
+
+/// Whether upstream `i` is among the DNAT targets of the applied ruleset.
+pub fn in_rotation(topology: &Topology, i: usize) -> bool {
+    topology
+        .lb
+        .lobby_ruleset()
+        .contains(&format!("{} . {UPSTREAM_PORT}", Topology::upstream_addr(i)))
+}
+
+/// The names of the servers `count` connections to the target on `port`
+/// reached, in order; any failed connection fails the test.
+pub fn names(topology: &Topology, port: u16, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| {
+            ask_name(&topology.client, target_addr(port))
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"))
+        })
+        .collect()
+}
+
+/// How many of `names` are `name`.
+pub fn count(names: &[String], name: &str) -> usize {
+    names.iter().filter(|n| *n == name).count()
 }

@@ -218,6 +218,27 @@ impl Lobby {
         );
     }
 
+    /// After a clean stop: no table, program or pinned map of Lobby's is
+    /// left in `ns` or the pin directory.
+    pub fn assert_nothing_left(&self, ns: &NetNs) {
+        assert!(self.child.is_none(), "lobby is still running");
+        let tables = ns.exec("nft", &["list", "tables"]);
+        assert!(
+            !String::from_utf8_lossy(&tables.stdout).contains("lobby"),
+            "table left behind"
+        );
+        assert!(
+            !self.pin_dir.exists(),
+            "pins left behind in {}",
+            self.pin_dir.display()
+        );
+        let attached = ns.exec("bpftool", &["net", "show"]);
+        assert!(
+            !String::from_utf8_lossy(&attached.stdout).contains("lobby_"),
+            "programs left attached"
+        );
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("lobby is running").id()
     }

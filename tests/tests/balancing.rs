@@ -2,22 +2,12 @@
 //! binary and ruleset.
 use lobby_tests::{
     Lobby, Topology,
-    fixtures::{ConfigBuilder, health_check, start_servers, target_addr},
+    fixtures::{ConfigBuilder, health_check, names, start_servers, target_addr},
     privileged,
     server::ask_name,
 };
 
 const PORT: u16 = 8081;
-
-/// The names in the order connections reached them, `count` connections.
-fn names(topology: &Topology, count: usize) -> Vec<String> {
-    (0..count)
-        .map(|i| {
-            ask_name(&topology.client, target_addr(PORT))
-                .unwrap_or_else(|e| panic!("connection {i}: {e}"))
-        })
-        .collect()
-}
 
 fn assert_round_robin(names: &[String], upstreams: usize) {
     for name in names {
@@ -54,7 +44,7 @@ fn thirty_connections_over_three_upstreams_go_ten_each_in_turn() {
             .topology_upstreams(3, "")
             .build(),
     );
-    let names = names(&topology, 30);
+    let names = names(&topology, PORT, 30);
     assert_round_robin(&names, 3);
 }
 
@@ -101,12 +91,12 @@ fn sigterm_removes_the_table_and_a_restart_after_kill_takes_over() {
             .topology_upstreams(3, "")
             .build(),
     );
-    assert_round_robin(&names(&topology, 6), 3);
+    assert_round_robin(&names(&topology, PORT, 6), 3);
 
     // kill -9: the ruleset stays and keeps balancing without a daemon.
     let status = lobby.stop_with(libc::SIGKILL);
     assert!(!status.success());
-    assert_round_robin(&names(&topology, 6), 3);
+    assert_round_robin(&names(&topology, PORT, 6), 3);
 
     // A new start takes the stale table over and balances.
     lobby.restart();
@@ -117,7 +107,7 @@ fn sigterm_removes_the_table_and_a_restart_after_kill_takes_over() {
         "{}",
         lobby.log()
     );
-    assert_round_robin(&names(&topology, 9), 3);
+    assert_round_robin(&names(&topology, PORT, 9), 3);
     let tables = topology.lb.exec("nft", &["list", "tables"]);
     assert_eq!(
         String::from_utf8_lossy(&tables.stdout)
@@ -129,19 +119,5 @@ fn sigterm_removes_the_table_and_a_restart_after_kill_takes_over() {
     // SIGTERM: clean shutdown, no table, program or pin left behind.
     let status = lobby.stop_with(libc::SIGTERM);
     assert!(status.success(), "{status}");
-    let tables = topology.lb.exec("nft", &["list", "tables"]);
-    assert!(
-        !String::from_utf8_lossy(&tables.stdout).contains("lobby"),
-        "table left behind"
-    );
-    assert!(
-        !lobby.pin_dir.exists(),
-        "pins left behind in {}",
-        lobby.pin_dir.display()
-    );
-    let attached = topology.lb.exec("bpftool", &["net", "show"]);
-    assert!(
-        !String::from_utf8_lossy(&attached.stdout).contains("lobby_"),
-        "programs left attached"
-    );
+    lobby.assert_nothing_left(&topology.lb);
 }

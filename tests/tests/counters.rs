@@ -212,14 +212,5 @@ fn counts_survive_a_reload_and_a_crash_and_a_clean_stop_leaves_nothing() {
 
     let status = lobby.stop_with(libc::SIGTERM);
     assert!(status.success(), "{status}");
-    assert!(
-        !lobby.pin_dir.exists(),
-        "pins left behind in {}",
-        lobby.pin_dir.display()
-    );
-    let attached = topology.lb.exec("bpftool", &["net", "show"]);
-    assert!(
-        !String::from_utf8_lossy(&attached.stdout).contains("lobby_"),
-        "programs left attached"
-    );
+    lobby.assert_nothing_left(&topology.lb);
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use lobby_tests::{
     Launch, Lobby, Topology,
     dns::{Dnsmasq, FailingDns, Failure, RESOLVER_A, RESOLVER_B, RESOLVER_C, resolver_namespace},
-    fixtures::{ConfigBuilder, UPSTREAM_PORT, start_servers, target_addr},
+    fixtures::{ConfigBuilder, UPSTREAM_PORT, in_rotation, start_servers, target_addr},
     privileged,
     server::ask_name,
     wait_for,
@@ -13,13 +13,6 @@ use lobby_tests::{
 
 const PORT: u16 = 8081;
 const NAME: &str = "web.lobby.test";
-
-fn in_rotation(topology: &Topology, i: usize) -> bool {
-    topology
-        .lb
-        .lobby_ruleset()
-        .contains(&format!("{} . {UPSTREAM_PORT}", Topology::upstream_addr(i)))
-}
 
 fn dns(servers: &[std::net::Ipv4Addr], ttl: Option<u32>) -> String {
     let servers: Vec<String> = servers.iter().map(|s| s.to_string()).collect();

@@ -10,37 +10,15 @@ use std::{
 use lobby_tests::{
     Lobby, NameServer, Topology,
     fixtures::{
-        ConfigBuilder, UPSTREAM_PORT, health_check, start_server, start_servers, target_addr,
+        ConfigBuilder, UPSTREAM_PORT, count, health_check, in_rotation, names, start_server,
+        start_servers, target_addr,
     },
-    privileged,
-    server::ask_name,
-    wait_for,
+    privileged, wait_for,
 };
 
 const PORT: u16 = 8081;
 const INTERVAL: u32 = 1;
 const TIMEOUT: u64 = 1;
-
-/// Whether upstream `i` is among the DNAT targets of the applied ruleset.
-fn in_rotation(topology: &Topology, i: usize) -> bool {
-    topology
-        .lb
-        .lobby_ruleset()
-        .contains(&format!("{} . {UPSTREAM_PORT}", Topology::upstream_addr(i)))
-}
-
-fn names(topology: &Topology, count: usize) -> Vec<String> {
-    (0..count)
-        .map(|i| {
-            ask_name(&topology.client, target_addr(PORT))
-                .unwrap_or_else(|e| panic!("connection {i}: {e}"))
-        })
-        .collect()
-}
-
-fn count(names: &[String], name: &str) -> usize {
-    names.iter().filter(|n| *n == name).count()
-}
 
 /// The milliseconds between the log line that says `upstream` changed and
 /// the next `ruleset applied` line, from their timestamps.
@@ -106,7 +84,7 @@ fn a_dead_upstream_leaves_rotation_in_bounded_time_and_returns_after_successes()
         "detection {detection:?}; probe result to ruleset applied: {:?} ms",
         apply_delay_ms(&log, "upstream web/web1 is DOWN")
     );
-    let after = names(&topology, 20);
+    let after = names(&topology, PORT, 20);
     assert_eq!(
         (
             count(&after, "web0"),
@@ -128,7 +106,7 @@ fn a_dead_upstream_leaves_rotation_in_bounded_time_and_returns_after_successes()
         "{}",
         lobby.log()
     );
-    let back = names(&topology, 30);
+    let back = names(&topology, PORT, 30);
     assert_eq!(
         (
             count(&back, "web0"),
@@ -172,7 +150,7 @@ fn start_unavailable_means_no_traffic_until_enough_successes() {
         log.contains("upstream web/web0 is UP (connected, 2/2 successes)"),
         "{log}"
     );
-    let after = names(&topology, 4);
+    let after = names(&topology, PORT, 4);
     assert_eq!(
         (count(&after, "web0"), count(&after, "web1")),
         (2, 2),
@@ -245,7 +223,7 @@ fn a_connection_to_an_upstream_marked_down_keeps_streaming() {
             .unwrap_or_else(|e| panic!("read {round} from the drained upstream: {e}"));
         assert_eq!(echo, chunk);
     }
-    assert!(names(&topology, 4).iter().all(|n| n == "web0"));
+    assert!(names(&topology, PORT, 4).iter().all(|n| n == "web0"));
 }
 
 #[test]
