@@ -213,13 +213,13 @@ mod tests {
     /// Long enough that a probe failing before it did not wait for it.
     const LONG_TIMEOUT: Duration = Duration::from_secs(10);
 
-    fn tcp_check(port: u16, timeout: Duration) -> HealthCheck {
+    fn tcp_check(port: u16) -> HealthCheck {
         HealthCheck {
             protocol: Protocol::Tcp,
             port,
             start_available: true,
             interval: Duration::from_millis(10),
-            timeout,
+            timeout: LONG_TIMEOUT,
             success_count: 1,
             failure_count: 1,
         }
@@ -395,7 +395,7 @@ mod tests {
         let check = HealthCheck {
             success_count: 3,
             failure_count: 2,
-            ..tcp_check(port, LONG_TIMEOUT)
+            ..tcp_check(port)
         };
         let mut running = Running::start(check, Some(LOOPBACK));
 
@@ -420,7 +420,7 @@ mod tests {
     #[tokio::test]
     async fn checker_probes_the_latest_address() {
         let (_listener, port) = listen().await;
-        let mut running = Running::start(tcp_check(port, LONG_TIMEOUT), None);
+        let mut running = Running::start(tcp_check(port), None);
         running
             .expect_report("upstream web/web1 is DOWN (no address, 1/1 failure)")
             .await;
@@ -434,7 +434,7 @@ mod tests {
     #[tokio::test]
     async fn cancel_stops_a_checker_in_the_middle_of_a_probe() {
         let (_listener, _queued, port) = black_hole().await;
-        let running = Running::start(tcp_check(port, LONG_TIMEOUT), Some(LOOPBACK));
+        let running = Running::start(tcp_check(port), Some(LOOPBACK));
         // Past the first probe's start, far before its timeout.
         time::sleep(FIRST_PROBE_MAX_DELAY + Duration::from_millis(200)).await;
         let stats = Arc::clone(&running.stats);
@@ -445,7 +445,7 @@ mod tests {
 
     #[tokio::test]
     async fn checker_stops_when_nobody_receives_reports() {
-        let mut running = Running::start(tcp_check(closed_port().await, LONG_TIMEOUT), None);
+        let mut running = Running::start(tcp_check(closed_port().await), None);
         running.reports.close();
         running.tracker.close();
         within("checker stop", running.tracker.wait()).await;
@@ -456,7 +456,7 @@ mod tests {
     async fn probes_start_within_the_first_delay_then_follow_the_interval() {
         let check = HealthCheck {
             interval: Duration::from_secs(1),
-            ..tcp_check(closed_port().await, LONG_TIMEOUT)
+            ..tcp_check(closed_port().await)
         };
         let mut running = Running::start(check, None);
         let failures = || running.stats.failures.load(Ordering::Relaxed);
