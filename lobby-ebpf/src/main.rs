@@ -81,8 +81,11 @@ fn count_toward_upstream(ctx: &TcContext, seg: &Segment) {
     let Some(counters) = COUNTERS.get_ptr_mut(key) else {
         return;
     };
-    // The local socket of an outgoing packet sees the upstream as its peer.
-    if is_local_socket(ctx, seg.daddr, seg.saddr, seg.dport, seg.sport) {
+    // A packet this host sends itself (the daemon's probes, including the
+    // reset that closes one after its socket is gone) carries its socket;
+    // forwarded client traffic carries none.
+    // SAFETY: the context points at the packet's __sk_buff.
+    if !unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.is_null() {
         return;
     }
     // SAFETY: a per-CPU value of a key the daemon inserted; only this CPU
@@ -117,9 +120,10 @@ fn count_from_upstream(ctx: &TcContext, seg: &Segment) {
     }
 }
 
-/// Whether a connected socket of this host owns the flow: the daemon's own
-/// health probes, which are not client traffic. Forwarded client flows have
-/// no local socket. Only asked for packets of a counted upstream.
+/// Whether a connected socket of this host owns an arriving packet's flow:
+/// answers to the daemon's own health probes, which are not client traffic.
+/// Forwarded client flows have no local socket. Only asked for packets of a
+/// counted upstream.
 fn is_local_socket(
     ctx: &TcContext,
     remote: u32,

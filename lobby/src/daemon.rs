@@ -88,6 +88,10 @@ pub async fn run(
     let config_text = config::read(&options.config_path)?;
     let config = config::parse(&config_text, &options.config_path)?;
     enable_forwarding().map_err(DaemonError::Forwarding)?;
+    match health::raise_fd_limit() {
+        Ok(limit) => info!(limit, "open file limit"),
+        Err(e) => warn!(error = %e, "probes of many upstreams may run out of file descriptors"),
+    }
     let counters = if options.counters {
         Some(Counters::load(&options.pin_dir)?)
     } else {

@@ -308,13 +308,19 @@ mod tests {
         let one = desired(&[("web", target(8081, &[(11, 9000)]))]);
         let mut lingering = one.clone();
         lingering.targets.get_mut("web").unwrap().upstreams.clear();
-        lingering.lingering.insert((SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 11), 9000), Protocol::Tcp));
+        lingering.lingering.insert((
+            SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 11), 9000),
+            Protocol::Tcp,
+        ));
         let script = plan(Some(&one), &lingering).expect("a change");
         assert!(!script.contains("backends"), "{script}");
         let mut gone = lingering.clone();
         gone.lingering.clear();
         let script = plan(Some(&lingering), &gone).expect("a change");
-        assert_eq!(script, "delete element ip lobby backends { 198.18.1.11 . tcp . 9000 }\n");
+        assert_eq!(
+            script,
+            "delete element ip lobby backends { 198.18.1.11 . tcp . 9000 }\n"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::io::{Read as _, Write as _};
 
 use lobby_tests::{
     Lobby, NetNs, Topology,
-    fixtures::{ConfigBuilder, UPSTREAM_PORT, start_servers, target_addr},
+    fixtures::{ConfigBuilder, UPSTREAM_PORT, health_check, start_servers, target_addr},
     privileged,
     server::ask_name,
 };
@@ -57,13 +57,18 @@ fn counts_equal_the_kernels_own_and_split_by_round_robin() {
     let topology = Topology::new(3);
     let _servers = start_servers(&topology);
     add_reference_counters(&topology.lb, 3);
+    // Probes on the service port every second: the daemon's own
+    // traffic, which must not be counted as the upstreams'.
+    let check = health_check(UPSTREAM_PORT, true, 1, 1, 1);
     let lobby = Lobby::start(
         &topology.lb,
         &ConfigBuilder::new()
             .target("web", PORT)
-            .topology_upstreams(3, "")
+            .topology_upstreams(3, &check)
             .build(),
     );
+    // Let some probes run before and during the traffic.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     const N: usize = 30;
     for _ in 0..N {
         // Some payload each way, so that bytes differ from headers alone.
