@@ -129,6 +129,7 @@ pub async fn run(
         applied: None,
         lingering: BTreeMap::new(),
         inherited: nft::Rotation::new(),
+        retired_dns: BTreeMap::new(),
         counters,
         traffic_seen: BTreeMap::new(),
         resets_seen: BTreeMap::new(),
@@ -330,6 +331,9 @@ struct Daemon {
     /// At a takeover, until the first apply: what the previous run's table
     /// balanced to; those upstreams start available.
     inherited: nft::Rotation,
+    /// Queries of resolvers a reload retired, so that the totals never
+    /// go back.
+    retired_dns: BTreeMap<String, u64>,
     counters: Option<Counters>,
     /// Counters as of the last traffic line, per upstream and key.
     traffic_seen: BTreeMap<UpstreamId, (SocketAddrV4, UpstreamCounters)>,
@@ -458,10 +462,12 @@ impl Daemon {
             .values()
             .filter_map(UpstreamSpec::resolver_key)
             .collect();
+        let retired = &mut self.retired_dns;
         self.resolvers.retain(|key, resolver| {
             let keep = keys.contains(key);
             if !keep {
                 resolver.cancel.cancel();
+                add_counts(retired, &resolver.stats);
             }
             keep
         });
@@ -846,11 +852,9 @@ impl Daemon {
                 ((id.target.clone(), id.upstream.clone()), extras)
             })
             .collect();
-        let mut dns_resolutions = BTreeMap::new();
+        let mut dns_resolutions = self.retired_dns.clone();
         for resolver in self.resolvers.values() {
-            for (result, count) in resolver.stats.counts() {
-                *dns_resolutions.entry(result.to_owned()).or_insert(0) += count;
-            }
+            add_counts(&mut dns_resolutions, &resolver.stats);
         }
         Snapshot {
             stats: self.stats(),
@@ -953,6 +957,12 @@ impl Daemon {
             counters.remove();
         }
         info!("lobby stopped");
+    }
+}
+
+fn add_counts(totals: &mut BTreeMap<String, u64>, stats: &DnsStats) {
+    for (result, count) in stats.counts() {
+        *totals.entry(result.to_owned()).or_insert(0) += count;
     }
 }
 
