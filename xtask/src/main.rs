@@ -1,4 +1,5 @@
 //! Project tasks: `cargo xtask <task>`.
+mod bless;
 mod build_ebpf;
 mod cmd;
 mod demo;
@@ -23,6 +24,9 @@ enum Task {
     BuildEbpf,
     /// Setup, format check, clippy -D warnings, unit and integration tests.
     Test,
+    /// Rewrite the golden files and the config error corpus from what the
+    /// code produces now.
+    Bless,
     /// Start Lobby in a namespace topology and show connections going to the
     /// upstreams in turn; cleans up after itself.
     Demo,
@@ -34,5 +38,6 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf::run(),
         Task::Test => test::run(),
         Task::Demo => demo::run(),
+        Task::Bless => bless::run(),
     }
 }
