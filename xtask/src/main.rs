@@ -3,6 +3,7 @@ mod bless;
 mod build_ebpf;
 mod cmd;
 mod demo;
+mod install;
 mod setup;
 mod test;
 
@@ -24,6 +25,18 @@ enum Task {
     BuildEbpf,
     /// Setup, format check, clippy -D warnings, unit and integration tests.
     Test,
+    /// Install the binary, the systemd unit and (if absent) an example
+    /// /etc/lobby/lobby.yaml.
+    Install {
+        /// Stage below this directory instead of / (for packaging).
+        #[arg(long)]
+        destdir: Option<std::path::PathBuf>,
+        #[arg(long, default_value = "/usr")]
+        prefix: std::path::PathBuf,
+        /// Install this binary instead of building a release one.
+        #[arg(long)]
+        binary: Option<std::path::PathBuf>,
+    },
     /// Rewrite the golden files and the config error corpus from what the
     /// code produces now.
     Bless,
@@ -39,5 +52,10 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test::run(),
         Task::Demo => demo::run(),
         Task::Bless => bless::run(),
+        Task::Install {
+            destdir,
+            prefix,
+            binary,
+        } => install::run(destdir, prefix, binary),
     }
 }

@@ -18,6 +18,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     ("iperf3", "iperf3"),
     ("bpftool", "bpftool"),
+    ("promtool", "prometheus"),
+    ("systemd-analyze", "systemd"),
 ];
 
 /// Where bpf-linker finds the nightly's own LLVM (Debian's is too old).
