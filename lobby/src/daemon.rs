@@ -194,6 +194,9 @@ pub async fn run(
     let mut traffic_log = tokio::time::interval_at(Instant::now() + traffic_period, traffic_period);
     traffic_log.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut reload_at: Option<Instant> = None;
+    // A reload read and adopted, to be reported once applied.
+    let mut reloaded: Option<ReloadSummary> = None;
+    let mut signalled_reload = false;
     let mut retry_at: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
@@ -212,13 +215,19 @@ pub async fn run(
             _ = hangup.recv() => {
                 info!("SIGHUP received, reloading {}", options.config_path.display());
                 systemd::reloading();
-                changed |= daemon.reload(&options.config_path, true);
-                systemd::ready();
+                signalled_reload = true;
+                if let Some(summary) = daemon.reload(&options.config_path, true) {
+                    reloaded = Some(summary);
+                    changed = true;
+                }
             }
             Some(()) = changed_rx.recv() => reload_at = Some(Instant::now() + DEBOUNCE),
             () = sleep_until(reload_at.unwrap_or_else(Instant::now)), if reload_at.is_some() => {
                 reload_at = None;
-                changed |= daemon.reload(&options.config_path, false);
+                if let Some(summary) = daemon.reload(&options.config_path, false) {
+                    reloaded = Some(summary);
+                    changed = true;
+                }
             }
             () = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
                 retry_at = None;
@@ -231,9 +240,22 @@ pub async fn run(
             _ = reset_check.tick() => daemon.warn_about_resets(),
             _ = traffic_log.tick(), if options.traffic_log_interval.is_some() => daemon.log_traffic(),
         }
-        if changed && let Err(e) = daemon.reconcile().await {
-            error!(error = %e, "applying the ruleset failed; the previous one stays, retrying in {APPLY_RETRY:?}");
-            retry_at = Some(Instant::now() + APPLY_RETRY);
+        if changed {
+            match daemon.reconcile().await {
+                // Said once the kernel has it, not when the file was read.
+                Ok(()) => {
+                    if let Some(summary) = reloaded.take() {
+                        info!("reload applied: {summary}");
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "applying the ruleset failed; the previous one stays, retrying in {APPLY_RETRY:?}");
+                    retry_at = Some(Instant::now() + APPLY_RETRY);
+                }
+            }
+        }
+        if std::mem::take(&mut signalled_reload) {
+            systemd::ready();
         }
     }
     systemd::stopping();
@@ -403,6 +425,8 @@ impl Daemon {
     /// others start afresh; resolvers follow the names still in use.
     fn adopt(&mut self, config: Config) -> ReloadSummary {
         let mut summary = ReloadSummary::default();
+        // At start everything is new: only a reload's changes are news.
+        let starting = self.upstreams.is_empty() && self.config.targets.is_empty();
         let old_targets: BTreeMap<&str, &config::Target> = self
             .config
             .targets
@@ -414,7 +438,9 @@ impl Daemon {
             match old_targets.get(target.name.as_str()) {
                 None => {
                     summary.targets[ADDED] += 1;
-                    info!(target = %target.name, "reload: target {} added", target.name);
+                    if !starting {
+                        info!(target = %target.name, "reload: target {} added", target.name);
+                    }
                 }
                 Some(old)
                     if old.port != target.port
@@ -492,7 +518,6 @@ impl Daemon {
                 );
             }
         }
-        let starting = self.upstreams.is_empty() && self.config.targets.is_empty();
         for (id, spec) in next {
             match self.upstreams.get(&id) {
                 Some(runtime) if runtime.spec == spec => continue,
@@ -600,33 +625,32 @@ impl Daemon {
     /// Reads the file again and adopts it if valid and (unless `forced`)
     /// different; an invalid file changes nothing. Returns whether the
     /// desired state may have changed.
-    fn reload(&mut self, path: &std::path::Path, forced: bool) -> bool {
+    fn reload(&mut self, path: &std::path::Path, forced: bool) -> Option<ReloadSummary> {
         let text = match config::read(path) {
             Ok(text) => text,
             Err(errors) => {
                 error!("reload failed, the running configuration stays:\n{errors}");
                 self.reloads.failed += 1;
                 self.reloads.last_successful = false;
-                return false;
+                return None;
             }
         };
         if !forced && text == self.config_text {
-            return false;
+            return None;
         }
         match config::parse(&text, path) {
             Ok(config) => {
                 self.config_text = text;
                 let summary = self.adopt(config);
-                info!("reload applied: {summary}");
                 self.reloads.succeeded += 1;
                 self.reloads.last_successful = true;
-                true
+                Some(summary)
             }
             Err(errors) => {
                 error!("reload failed, the running configuration stays:\n{errors}");
                 self.reloads.failed += 1;
                 self.reloads.last_successful = false;
-                false
+                None
             }
         }
     }

@@ -378,34 +378,31 @@ fn mount_bpffs(path: &Path) -> Result<(), CountersError> {
 pub async fn interfaces_toward(
     addresses: &BTreeSet<Ipv4Addr>,
 ) -> Result<BTreeSet<String>, CountersError> {
-    use tokio::io::AsyncWriteExt as _;
     if addresses.is_empty() {
         return Ok(BTreeSet::new());
     }
-    let mut child = tokio::process::Command::new("ip")
-        .args(["-o", "-force", "-batch", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(CountersError::Route)?;
     let mut script = String::new();
     for address in addresses {
         script.push_str(&format!("route get {address}\n"));
     }
-    let mut stdin = child.stdin.take().expect("stdin is piped");
-    stdin
-        .write_all(script.as_bytes())
-        .await
-        .map_err(CountersError::Route)?;
-    drop(stdin);
-    let output = child
-        .wait_with_output()
-        .await
-        .map_err(CountersError::Route)?;
-    if !output.stderr.is_empty() {
-        warn!(error = %String::from_utf8_lossy(&output.stderr).trim(), "some upstreams have no route");
+    let output = crate::process::run_with_input(
+        tokio::process::Command::new("ip").args(["-o", "-force", "-batch", "-"]),
+        script,
+    )
+    .await
+    .map_err(CountersError::Route)?;
+    // ip says `RTNETLINK answers: ...` then `Command failed -:N` per failed lookup.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let unroutable = stderr
+        .lines()
+        .filter(|l| l.starts_with("Command failed"))
+        .count();
+    if unroutable > 0 {
+        let reason = stderr.lines().next().unwrap_or_default();
+        warn!(
+            unroutable,
+            "{unroutable} upstream addresses have no route ({reason}); their traffic is not counted"
+        );
     }
     Ok(parse_route_devices(&String::from_utf8_lossy(
         &output.stdout,

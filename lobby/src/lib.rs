@@ -16,5 +16,6 @@ pub mod health;
 pub mod metrics;
 pub mod model;
 pub mod nft;
+pub mod process;
 pub mod systemd;
 pub mod watch;

@@ -15,7 +15,7 @@ use std::{
     process::Stdio,
 };
 
-use tokio::{io::AsyncWriteExt as _, process::Command};
+use tokio::process::Command;
 
 use crate::model::{Backend, Desired, DesiredTarget};
 
@@ -242,19 +242,10 @@ pub enum NftError {
 /// Runs one transaction with `nft -f -`: the kernel applies all of it or
 /// none of it.
 pub async fn apply(script: &str) -> Result<(), NftError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(NftError::Spawn)?;
-    let mut stdin = child.stdin.take().expect("stdin is piped");
-    // A write error means nft exited early; its status and stderr say why.
-    let _ = stdin.write_all(script.as_bytes()).await;
-    drop(stdin);
-    let output = child.wait_with_output().await.map_err(NftError::Spawn)?;
+    let output =
+        crate::process::run_with_input(Command::new("nft").args(["-f", "-"]), script.to_owned())
+            .await
+            .map_err(NftError::Spawn)?;
     if output.status.success() {
         Ok(())
     } else {

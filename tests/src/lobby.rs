@@ -20,6 +20,8 @@ pub struct Lobby {
     bpffs: PathBuf,
     ns_name: String,
     launch: Launch,
+    /// More arguments for the daemon.
+    args: Vec<String>,
 }
 
 /// How the daemon enters the load balancer's namespace.
@@ -57,6 +59,11 @@ impl Lobby {
     }
 
     pub fn start_with(ns: &NetNs, config: &str, launch: Launch) -> Self {
+        Self::start_with_args(ns, config, launch, &[])
+    }
+
+    /// Starts lobby with more arguments, e.g. `--no-counters`.
+    pub fn start_with_args(ns: &NetNs, config: &str, launch: Launch, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let bpffs = dir.path().join("bpffs");
         std::fs::create_dir(&bpffs).expect("bpffs mount point");
@@ -76,6 +83,7 @@ impl Lobby {
             dir,
             ns_name: ns.name.clone(),
             launch,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         lobby.write_config(config);
         lobby.spawn();
@@ -123,6 +131,7 @@ impl Lobby {
             .arg("--socket")
             .arg(&self.socket_path)
             .args(["-l", "debug"])
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);

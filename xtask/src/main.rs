@@ -1,4 +1,5 @@
 //! Project tasks: `cargo xtask <task>`.
+mod bench;
 mod bless;
 mod build_ebpf;
 mod cmd;
@@ -37,6 +38,13 @@ enum Task {
         #[arg(long)]
         binary: Option<std::path::PathBuf>,
     },
+    /// Measure Lobby against plain forwarding, HAProxy and a hand-written
+    /// nft DNAT ruleset, and the control plane; writes target/bench/.
+    Bench {
+        /// Fewer and shorter rounds, for development.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Rewrite the golden files and the config error corpus from what the
     /// code produces now.
     Bless,
@@ -52,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test::run(),
         Task::Demo => demo::run(),
         Task::Bless => bless::run(),
+        Task::Bench { quick } => bench::run(quick),
         Task::Install {
             destdir,
             prefix,
