@@ -267,3 +267,40 @@ fn a_name_that_never_resolves_gets_no_traffic_and_harms_nothing() {
         "the daemon still answers"
     );
 }
+
+#[test]
+fn a_healthy_first_server_is_the_only_one_asked() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let _servers = start_servers(&topology);
+    let resolvers = resolver_namespace(&topology.lb);
+    let first = Dnsmasq::start(
+        &resolvers,
+        RESOLVER_A,
+        1,
+        &[(NAME, Topology::upstream_addr(0))],
+    );
+    let second = Dnsmasq::start(
+        &resolvers,
+        RESOLVER_B,
+        1,
+        &[(NAME, Topology::upstream_addr(0))],
+    );
+    let config = ConfigBuilder::new().target("web", PORT).upstream_with(
+        "web",
+        NAME,
+        UPSTREAM_PORT,
+        &dns(&[RESOLVER_A, RESOLVER_B], Some(1)),
+    );
+    let _lobby = Lobby::start(&topology.lb, &config.build());
+    wait_for("three resolutions", Duration::from_secs(10), || {
+        (first.queries(NAME) >= 3).then_some(())
+    });
+    assert_eq!(
+        second.queries(NAME),
+        0,
+        "the second server was asked while the first answered"
+    );
+}
