@@ -49,7 +49,7 @@ const HOST_PROGRAMS: &[&str] = &["/usr/sbin/nft", "/usr/sbin/ip"];
 const HOST_FILES: &[&str] = &["/etc/protocols", "/etc/services"];
 
 /// The guest's list of modules to insmod, one name a line, in order.
-pub const MODULE_LIST: &str = "etc/vm-test/modules";
+const MODULE_LIST: &str = "etc/vm-test/modules";
 
 /// Writes the initramfs for `kernel` to `out`.
 pub fn build(out: &Path, kernel: &Kernel, lobby: &Path, init_script: &str) -> anyhow::Result<()> {
