@@ -44,6 +44,8 @@ const ROUTE_RECHECK: Duration = Duration::from_secs(5);
 const RESET_CHECK: Duration = Duration::from_secs(2);
 /// How soon a failed apply is tried again.
 const APPLY_RETRY: Duration = Duration::from_secs(1);
+/// How long a takeover waits for host names to resolve before applying.
+const TAKEOVER_DNS_WAIT: Duration = Duration::from_secs(3);
 /// How long shutdown waits for the daemon's tasks.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -126,6 +128,8 @@ pub async fn run(
         resolvers: BTreeMap::new(),
         applied: None,
         lingering: BTreeMap::new(),
+        inherited: nft::Rotation::new(),
+        retired_dns: BTreeMap::new(),
         counters,
         traffic_seen: BTreeMap::new(),
         resets_seen: BTreeMap::new(),
@@ -135,14 +139,28 @@ pub async fn run(
         tracker: tracker.clone(),
         cancel: cancel.clone(),
     };
-    daemon.adopt(config);
-    if nft::table_exists().await.unwrap_or(false) {
+    // A table left by a crashed run still balances: what it sends traffic
+    // to is the best knowledge of which upstreams are up.
+    let takeover = match nft::existing_rotation().await {
+        Ok(rotation) => rotation,
+        Err(e) => {
+            warn!(error = %e, "reading the ruleset of a previous run; upstreams start as configured");
+            None
+        }
+    };
+    if let Some(rotation) = takeover {
         info!(
             table = nft::TABLE,
             "taking over the ruleset of a previous run"
         );
+        daemon.inherited = rotation;
+    }
+    daemon.adopt(config);
+    if !daemon.inherited.is_empty() {
+        daemon.await_first_resolutions(&mut inbox.addresses).await;
     }
     daemon.reconcile().await.map_err(DaemonError::FirstApply)?;
+    daemon.inherited.clear();
     tracker.spawn(ctl::serve(
         listener,
         options.socket_path.clone(),
@@ -310,6 +328,12 @@ struct Daemon {
     applied: Option<Desired>,
     /// Backends out of rotation still masqueraded, until when.
     lingering: BTreeMap<Backend, Instant>,
+    /// At a takeover, until the first apply: what the previous run's table
+    /// balanced to; those upstreams start available.
+    inherited: nft::Rotation,
+    /// Queries of resolvers a reload retired, so that the totals never
+    /// go back.
+    retired_dns: BTreeMap<String, u64>,
     counters: Option<Counters>,
     /// Counters as of the last traffic line, per upstream and key.
     traffic_seen: BTreeMap<UpstreamId, (SocketAddrV4, UpstreamCounters)>,
@@ -438,10 +462,12 @@ impl Daemon {
             .values()
             .filter_map(UpstreamSpec::resolver_key)
             .collect();
+        let retired = &mut self.retired_dns;
         self.resolvers.retain(|key, resolver| {
             let keep = keys.contains(key);
             if !keep {
                 resolver.cancel.cancel();
+                add_counts(retired, &resolver.stats);
             }
             keep
         });
@@ -497,30 +523,67 @@ impl Daemon {
                 .and_then(|key| self.resolvers.get(&key))
                 .and_then(|r| r.address),
         };
-        let available = spec.health_check.as_ref().is_none_or(|h| h.start_available);
+        let available = spec.health_check.as_ref().is_none_or(|h| h.start_available)
+            || address.is_some_and(|a| self.was_balanced(id, SocketAddrV4::new(a, spec.port)));
         let (address_tx, address_rx) = watch::channel(address);
-        let probe_stats = Arc::new(ProbeStats::default());
-        let checker = spec.health_check.clone().map(|check| {
+        let mut runtime = UpstreamRuntime {
+            spec,
+            state: UpstreamState { address, available },
+            address_tx,
+            checker: None,
+            probe_stats: Arc::new(ProbeStats::default()),
+            state_changes: 0,
+        };
+        self.start_checker(id, &mut runtime, address_rx);
+        runtime
+    }
+
+    /// (Re)starts the health checker of an upstream from its current state.
+    fn start_checker(
+        &self,
+        id: &UpstreamId,
+        runtime: &mut UpstreamRuntime,
+        address: watch::Receiver<Option<Ipv4Addr>>,
+    ) {
+        if let Some(previous) = runtime.checker.take() {
+            previous.cancel();
+        }
+        runtime.checker = runtime.spec.health_check.clone().map(|check| {
             let cancel = self.cancel.child_token();
             health::spawn_checker(
                 id.clone(),
                 check,
-                available,
-                address_rx,
+                runtime.state.available,
+                address,
                 self.channels.reports.clone(),
-                probe_stats.clone(),
+                runtime.probe_stats.clone(),
                 cancel.clone(),
                 &self.tracker,
             );
             cancel
         });
-        UpstreamRuntime {
-            spec,
-            state: UpstreamState { address, available },
-            address_tx,
-            checker,
-            probe_stats,
-            state_changes: 0,
+    }
+
+    /// Whether the table taken over sent connections of `id`'s target to
+    /// `upstream`.
+    fn was_balanced(&self, id: &UpstreamId, upstream: SocketAddrV4) -> bool {
+        self.inherited
+            .get(&nft::chain_name(&id.target))
+            .is_some_and(|s| s.contains(&upstream))
+    }
+
+    /// At a takeover, lets host names resolve before the first apply (the
+    /// old ruleset balances meanwhile), so that their upstreams are not
+    /// dropped from rotation for the moment DNS takes.
+    async fn await_first_resolutions(&mut self, addresses: &mut mpsc::Receiver<AddressUpdate>) {
+        let deadline = Instant::now() + TAKEOVER_DNS_WAIT;
+        while self.resolvers.values().any(|r| r.address.is_none()) {
+            match tokio::time::timeout_at(deadline, addresses.recv()).await {
+                Ok(Some(update)) => {
+                    self.on_address(update);
+                }
+                _ => break,
+            }
         }
     }
 
@@ -618,7 +681,30 @@ impl Daemon {
             runtime.address_tx.send_replace(Some(update.address));
             changed = true;
         }
+        self.inherit_resolved();
         changed
+    }
+
+    /// At a takeover, an upstream whose name resolved to an address the old
+    /// table balanced to is available, and its checker starts from there.
+    fn inherit_resolved(&mut self) {
+        if self.inherited.is_empty() {
+            return;
+        }
+        let mut runtimes = std::mem::take(&mut self.upstreams);
+        for (id, runtime) in &mut runtimes {
+            let Some(address) = runtime.state.address else {
+                continue;
+            };
+            if !runtime.state.available
+                && self.was_balanced(id, SocketAddrV4::new(address, runtime.spec.port))
+            {
+                runtime.state.available = true;
+                let address_rx = runtime.address_tx.subscribe();
+                self.start_checker(id, runtime, address_rx);
+            }
+        }
+        self.upstreams = runtimes;
     }
 
     /// Applies the desired ruleset if it differs from the applied one, then
@@ -766,11 +852,9 @@ impl Daemon {
                 ((id.target.clone(), id.upstream.clone()), extras)
             })
             .collect();
-        let mut dns_resolutions = BTreeMap::new();
+        let mut dns_resolutions = self.retired_dns.clone();
         for resolver in self.resolvers.values() {
-            for (result, count) in resolver.stats.counts() {
-                *dns_resolutions.entry(result.to_owned()).or_insert(0) += count;
-            }
+            add_counts(&mut dns_resolutions, &resolver.stats);
         }
         Snapshot {
             stats: self.stats(),
@@ -873,6 +957,12 @@ impl Daemon {
             counters.remove();
         }
         info!("lobby stopped");
+    }
+}
+
+fn add_counts(totals: &mut BTreeMap<String, u64>, stats: &DnsStats) {
+    for (result, count) in stats.counts() {
+        *totals.entry(result.to_owned()).or_insert(0) += count;
     }
 }
 

@@ -293,3 +293,81 @@ async fn answer(mut stream: TcpStream, requests: &mpsc::Sender<Request>) -> std:
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ctl::{TargetStats, UpstreamStats};
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = Histogram::default();
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_millis(30));
+        assert_eq!(h.buckets[0], 1); // <= 5 ms
+        assert_eq!(h.buckets[3], 2); // <= 50 ms
+        assert_eq!(h.count, 2);
+        let text = render(&Snapshot {
+            apply_duration: h,
+            ..Default::default()
+        });
+        assert!(
+            text.contains("lobby_nft_apply_duration_seconds_bucket{le=\"0.01\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lobby_nft_apply_duration_seconds_bucket{le=\"+Inf\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lobby_nft_apply_duration_seconds_count 2\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn upstream_samples_carry_escaped_labels() {
+        let upstream = UpstreamStats {
+            name: "web\"1".into(),
+            host: "web.test".into(),
+            address: None,
+            port: 9000,
+            available: false,
+            connections: 7,
+            resets: 1,
+            packets_out: 10,
+            bytes_out: 500,
+            packets_in: 8,
+            bytes_in: 700,
+        };
+        let snapshot = Snapshot {
+            stats: StatsReport {
+                targets: vec![TargetStats {
+                    name: "web".into(),
+                    protocol: "tcp".into(),
+                    port: 8081,
+                    upstream_group: "pool".into(),
+                    distribution: "round-robin".into(),
+                    upstreams: vec![upstream],
+                }],
+            },
+            ..Default::default()
+        };
+        let text = render(&snapshot);
+        let labels = "target=\"web\",upstream=\"web\\\"1\",address=\"\"";
+        assert!(
+            text.contains(&format!("lobby_upstream_up{{{labels}}} 0\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "lobby_upstream_bytes_total{{{labels},direction=\"in\"}} 700\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE lobby_upstream_connections_total counter\n"),
+            "{text}"
+        );
+    }
+}

@@ -8,7 +8,12 @@
 //! upstreams (or a TCP reset when none is available). Only connections to
 //! Lobby's own upstreams are masqueraded. A change touches only the chains
 //! and elements it must, in one transaction.
-use std::{fmt::Write as _, process::Stdio};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::SocketAddrV4,
+    process::Stdio,
+};
 
 use tokio::{io::AsyncWriteExt as _, process::Command};
 
@@ -230,6 +235,8 @@ pub enum NftError {
         status: std::process::ExitStatus,
         stderr: String,
     },
+    #[error("reading nft's listing of the table")]
+    Listing(#[source] serde_json::Error),
 }
 
 /// Runs one transaction with `nft -f -`: the kernel applies all of it or
@@ -258,25 +265,60 @@ pub async fn apply(script: &str) -> Result<(), NftError> {
     }
 }
 
-/// Whether a table of Lobby exists: one left by a previous run that did not
-/// shut down cleanly.
-pub async fn table_exists() -> Result<bool, NftError> {
+/// The upstreams each target chain sends connections to, by chain name.
+pub type Rotation = BTreeMap<String, BTreeSet<SocketAddrV4>>;
+
+/// The rotation of the table a previous run left (it crashed or was
+/// killed), or `None` when there is no such table.
+pub async fn existing_rotation() -> Result<Option<Rotation>, NftError> {
     let output = Command::new("nft")
-        .args(["list", "table", "ip", TABLE])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
+        .args(["-j", "list", "table", "ip", TABLE])
+        .stdin(Stdio::null())
+        .output()
         .await
         .map_err(NftError::Spawn)?;
-    Ok(output.success())
+    if !output.status.success() {
+        return Ok(None);
+    }
+    parse_rotation(&output.stdout)
+        .map(Some)
+        .map_err(NftError::Listing)
+}
+
+/// Reads, from `nft -j list table` output, the `addr . port` data of the
+/// DNAT map in each chain's rules.
+pub fn parse_rotation(listing: &[u8]) -> Result<Rotation, serde_json::Error> {
+    let listing: serde_json::Value = serde_json::from_slice(listing)?;
+    let mut rotation = Rotation::new();
+    let items = listing["nftables"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for rule in items.iter().filter_map(|item| item.get("rule")) {
+        let (Some(chain), Some(exprs)) = (rule["chain"].as_str(), rule["expr"].as_array()) else {
+            continue;
+        };
+        let upstreams = rotation.entry(chain.to_owned()).or_default();
+        let slots = exprs
+            .iter()
+            .filter_map(|e| e["dnat"]["addr"]["map"]["data"]["set"].as_array());
+        for slot in slots.flatten() {
+            let concat = &slot[1]["concat"];
+            if let (Some(addr), Some(port)) = (
+                concat[0].as_str().and_then(|a| a.parse().ok()),
+                concat[1].as_u64(),
+            ) && let Ok(port) = u16::try_from(port)
+            {
+                upstreams.insert(SocketAddrV4::new(addr, port));
+            }
+        }
+    }
+    Ok(rotation)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        collections::BTreeMap,
-        net::{Ipv4Addr, SocketAddrV4},
-    };
+    use std::net::Ipv4Addr;
 
     use super::*;
     use crate::config::{Ipv4Net, Protocol};
@@ -427,6 +469,25 @@ table ip lobby {
              add element ip lobby targets { tcp . 8083 : jump target-new }\n\
              add element ip lobby targets { tcp . 8090 : jump target-web }\n"
         );
+    }
+
+    #[test]
+    fn the_rotation_of_a_listed_table_is_read_per_chain() {
+        let listing = br#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+          {"chain": {"family": "ip", "table": "lobby", "name": "target-web"}},
+          {"rule": {"family": "ip", "table": "lobby", "chain": "target-web", "handle": 4, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+            {"dnat": {"family": "ip", "addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 2, "offset": 0}},
+              "data": {"set": [[0, {"concat": ["198.18.1.11", 9000]}], [1, {"concat": ["198.18.1.12", 9000]}]]}}}}}]}},
+          {"rule": {"family": "ip", "table": "lobby", "chain": "target-api", "handle": 5, "expr": [{"reject": {"type": "tcp reset"}}]}}]}"#;
+        let rotation = parse_rotation(listing).unwrap();
+        let web: Vec<String> = rotation["target-web"]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(web, ["198.18.1.11:9000", "198.18.1.12:9000"]);
+        assert!(rotation["target-api"].is_empty());
+        assert!(parse_rotation(b"not json").is_err());
     }
 
     #[test]

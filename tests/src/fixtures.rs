@@ -10,6 +10,7 @@ pub const UPSTREAM_PORT: u16 = 9000;
 #[derive(Clone, Debug, Default)]
 pub struct ConfigBuilder {
     targets: Vec<(String, u16, Vec<String>)>,
+    metrics: Option<String>,
 }
 
 impl ConfigBuilder {
@@ -56,6 +57,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// A Prometheus endpoint on `listen`.
+    pub fn metrics(mut self, listen: &str) -> Self {
+        self.metrics = Some(listen.to_owned());
+        self
+    }
+
     pub fn build(&self) -> String {
         let mut yaml = String::from("lb:\n  - engine: nftables\n    targets:\n");
         for (name, port, upstreams) in &self.targets {
@@ -68,6 +75,9 @@ impl ConfigBuilder {
             for upstream in upstreams {
                 yaml.push_str(upstream);
             }
+        }
+        if let Some(listen) = &self.metrics {
+            yaml.push_str(&format!("metrics:\n  listen: \"{listen}\"\n"));
         }
         yaml
     }

@@ -9,6 +9,7 @@
 //! namespace has a route out.
 pub mod dns;
 pub mod fixtures;
+pub mod load;
 pub mod lobby;
 pub mod netns;
 pub mod server;

@@ -121,3 +121,76 @@ fn sigterm_removes_the_table_and_a_restart_after_kill_takes_over() {
     assert!(status.success(), "{status}");
     lobby.assert_nothing_left(&topology.lb);
 }
+
+#[test]
+fn a_restart_after_kill_takes_over_without_refusing_a_connection() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(3);
+    let _servers = start_servers(&topology);
+    // Upstreams start unavailable and need 3 successes: a restart that
+    // ignored the running ruleset would refuse connections for seconds.
+    let check = health_check(lobby_tests::fixtures::UPSTREAM_PORT, false, 1, 3, 1);
+    let config = ConfigBuilder::new()
+        .target("web", PORT)
+        .topology_upstreams(3, &check)
+        .build();
+    let mut lobby = Lobby::start(&topology.lb, &config);
+    lobby_tests::wait_for(
+        "all upstreams up",
+        std::time::Duration::from_secs(20),
+        || {
+            (0..3)
+                .all(|i| lobby_tests::fixtures::in_rotation(&topology, i))
+                .then_some(())
+        },
+    );
+    let connections = |lobby: &Lobby| -> u64 {
+        let stats = lobby.stats();
+        stats["targets"][0]["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["connections"].as_u64().unwrap())
+            .sum()
+    };
+    let clients = lobby_tests::load::ShortClients::start(&topology.client, PORT);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before_kill = connections(&lobby);
+    lobby.stop_with(libc::SIGKILL);
+    lobby.restart();
+    assert!(
+        lobby
+            .log()
+            .contains("taking over the ruleset of a previous run"),
+        "{}",
+        lobby.log()
+    );
+    // Load goes on across the restart and for a while after it.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (ok, failed, errors) = clients.finish();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} connections failed across the restart: {errors:?}",
+        ok + failed
+    );
+    assert!(
+        (0..3).all(|i| lobby_tests::fixtures::in_rotation(&topology, i)),
+        "{}",
+        topology.lb.lobby_ruleset()
+    );
+    // The pinned map carried the counts over, and counting goes on.
+    let after = connections(&lobby);
+    assert!(
+        after > before_kill,
+        "{after} connections counted after the restart, {before_kill} before the kill"
+    );
+    names(&topology, PORT, 3);
+    lobby_tests::wait_for(
+        "counting to go on",
+        std::time::Duration::from_secs(10),
+        || (connections(&lobby) >= after + 3).then_some(()),
+    );
+}

@@ -1,7 +1,9 @@
 //! Project tasks: `cargo xtask <task>`.
+mod bless;
 mod build_ebpf;
 mod cmd;
 mod demo;
+mod install;
 mod setup;
 mod test;
 mod vm_test;
@@ -25,6 +27,21 @@ enum Task {
     /// Setup, format check, clippy -D warnings, unit and integration tests,
     /// then vm-test on the 6.1 kernel.
     Test,
+    /// Install the binary, the systemd unit and (if absent) an example
+    /// /etc/lobby/lobby.yaml.
+    Install {
+        /// Stage below this directory instead of / (for packaging).
+        #[arg(long)]
+        destdir: Option<std::path::PathBuf>,
+        #[arg(long, default_value = "/usr")]
+        prefix: std::path::PathBuf,
+        /// Install this binary instead of building a release one.
+        #[arg(long)]
+        binary: Option<std::path::PathBuf>,
+    },
+    /// Rewrite the golden files and the config error corpus from what the
+    /// code produces now.
+    Bless,
     /// Start Lobby in a namespace topology and show connections going to the
     /// upstreams in turn; cleans up after itself.
     Demo,
@@ -49,6 +66,12 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf::run(),
         Task::Test => test::run(),
         Task::Demo => demo::run(),
+        Task::Bless => bless::run(),
+        Task::Install {
+            destdir,
+            prefix,
+            binary,
+        } => install::run(destdir, prefix, binary),
         Task::VmTest {
             kernel,
             wrong_expectation,

@@ -19,6 +19,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     ("iperf3", "iperf3"),
     ("bpftool", "bpftool"),
+    ("promtool", "prometheus"),
+    ("systemd-analyze", "systemd"),
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("busybox", "busybox-static"),
 ];
