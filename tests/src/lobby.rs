@@ -40,16 +40,21 @@ pub fn binary() -> PathBuf {
     if let Some(path) = std::env::var_os("LOBBY_BIN") {
         return path.into();
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("debug/lobby");
+    let path = target_dir().join("debug/lobby");
     assert!(
         path.is_file(),
         "{} is missing: run `cargo build -p lobby` (cargo xtask test does)",
         path.display()
     );
     path
+}
+
+/// The workspace's cargo target directory: `CARGO_TARGET_DIR`, else
+/// target/ in the workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
 impl Lobby {

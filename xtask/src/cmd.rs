@@ -17,6 +17,12 @@ pub fn checked(command: &mut Command) -> anyhow::Result<()> {
 
 /// Runs `command` and returns its standard output.
 pub fn stdout(command: &mut Command) -> anyhow::Result<String> {
+    Ok(String::from_utf8_lossy(&stdout_bytes(command)?).into_owned())
+}
+
+/// Runs `command` and returns its standard output as it is, for binary
+/// output such as a decompressed file.
+pub fn stdout_bytes(command: &mut Command) -> anyhow::Result<Vec<u8>> {
     let out = command
         .output()
         .with_context(|| format!("starting {command:?}"))?;
@@ -27,7 +33,7 @@ pub fn stdout(command: &mut Command) -> anyhow::Result<String> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(out.stdout)
 }
 
 /// `cargo` as the one running this xtask.
@@ -41,6 +47,33 @@ pub fn workspace_root() -> std::path::PathBuf {
         .parent()
         .expect("xtask lives in the workspace")
         .to_owned()
+}
+
+/// Builds the lobby binary in the debug profile, the one the integration
+/// tests run, and returns its path.
+pub fn build_lobby() -> anyhow::Result<std::path::PathBuf> {
+    checked(
+        cargo()
+            .current_dir(workspace_root())
+            .args(["build", "-p", "lobby"]),
+    )?;
+    Ok(lobby_tests::lobby::binary())
+}
+
+/// The first file in `dir` whose name `matches`.
+pub fn find_file(
+    dir: &std::path::Path,
+    matches: impl Fn(&str) -> bool,
+) -> anyhow::Result<Option<std::path::PathBuf>> {
+    Ok(std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(&matches)
+        }))
 }
 
 /// `cargo` of the nightly toolchain, for the eBPF crate; the outer cargo's

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use anyhow::bail;
 use lobby_tests::{Lobby, NameServer, Topology, server::ask_name};
 
-use crate::cmd::{cargo, checked, workspace_root};
+use crate::cmd::build_lobby;
 
 const PORT: u16 = 8081;
 const UPSTREAM_PORT: u16 = 9000;
@@ -16,11 +16,7 @@ pub fn run() -> anyhow::Result<()> {
         bail!("the demo builds network namespaces and loads eBPF: run it as root");
     }
     crate::setup::run()?;
-    checked(
-        cargo()
-            .current_dir(workspace_root())
-            .args(["build", "-p", "lobby"]),
-    )?;
+    build_lobby()?;
 
     println!(
         "\n== Topology: client 198.18.0.2 -> lobby 198.18.0.1:{PORT} -> 3 upstreams, each in its own network namespace"

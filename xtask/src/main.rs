@@ -7,6 +7,7 @@ mod demo;
 mod install;
 mod setup;
 mod test;
+mod vm_test;
 
 use clap::{Parser, Subcommand};
 
@@ -24,7 +25,8 @@ enum Task {
     Setup,
     /// Build the eBPF counters (lobby-ebpf) with the nightly toolchain.
     BuildEbpf,
-    /// Setup, format check, clippy -D warnings, unit and integration tests.
+    /// Setup, format check, clippy -D warnings, unit and integration tests,
+    /// then vm-test on the 6.1 kernel.
     Test,
     /// Install the binary, the systemd unit and (if absent) an example
     /// /etc/lobby/lobby.yaml.
@@ -51,6 +53,19 @@ enum Task {
     /// Start Lobby in a namespace topology and show connections going to the
     /// upstreams in turn; cleans up after itself.
     Demo,
+    /// Run the balancing scenario (round robin, health-check removal, exact
+    /// counters) on Debian's cloud kernels under QEMU: by default the
+    /// newest 6.1 and the newest the apt archive offers.
+    VmTest {
+        /// A kernel line (6.1, 6.12) or full package version (6.1.0-56):
+        /// its newest package is tested alone.
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Self-test of the harness: the guest expects one connection more
+        /// than it makes, so the run must fail.
+        #[arg(long)]
+        wrong_expectation: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,5 +81,9 @@ fn main() -> anyhow::Result<()> {
             prefix,
             binary,
         } => install::run(destdir, prefix, binary),
+        Task::VmTest {
+            kernel,
+            wrong_expectation,
+        } => vm_test::run(kernel.as_deref(), wrong_expectation),
     }
 }

@@ -4,10 +4,11 @@ use std::{path::Path, process::Command, time::Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd::{cargo, checked, stdout};
+use crate::cmd::{cargo, checked, find_file, stdout};
 
 /// Debian packages: nftables for the data plane; iproute2 for namespaces
-/// and routes; util-linux for mount; the rest for the tests and the bench.
+/// and routes; util-linux for mount; QEMU and a static busybox for the
+/// guests of `vm-test`; the rest for the tests and the bench.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("ip", "iproute2"),
@@ -20,6 +21,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("promtool", "prometheus"),
     ("systemd-analyze", "systemd"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
 ];
 
 /// Where bpf-linker finds the nightly's own LLVM (Debian's is too old).
@@ -94,15 +97,7 @@ fn bpf_linker() -> anyhow::Result<()> {
     let sysroot = stdout(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
     let lib_dir = Path::new(sysroot.trim()).join("lib");
     // The real shared object, not the linker script named libLLVM-*-rust-*.so.
-    let real = std::fs::read_dir(&lib_dir)
-        .with_context(|| format!("reading {}", lib_dir.display()))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libLLVM.so."))
-        })
+    let real = find_file(&lib_dir, |name| name.starts_with("libLLVM.so."))?
         .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
     let prefix_lib = Path::new(LLVM_PREFIX).join("lib");
     std::fs::create_dir_all(&prefix_lib)

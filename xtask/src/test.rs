@@ -26,7 +26,10 @@ pub fn run() -> anyhow::Result<()> {
         cargo()
             .current_dir(&root)
             .args(["test", "--workspace", "--exclude", "lobby-ebpf"]),
-    )
+    )?;
+    // The oldest supported kernel line, booted under QEMU: what this
+    // machine's own kernel cannot show.
+    crate::vm_test::run(Some(crate::vm_test::OLDEST_SUPPORTED), false)
 }
 
 /// The eBPF crate is linted on its own target with the nightly: a host

@@ -1,0 +1,248 @@
+#!/bin/busybox sh
+# PID 1 of the vm-test guest. Builds the topology of tests/src/netns.rs with
+# network namespaces (lobby runs in the guest's own namespace), runs the
+# real lobby binary and checks, with real TCP connections:
+#   - round robin across 3 upstreams,
+#   - exact connection counters (lobby stats --json) after each step,
+#   - an upstream whose server is killed is removed by the health check
+#     (check_interval 1 s) and gets no new connection,
+#   - with no upstream left, the target answers with a reset (the
+#     ruleset's reject, which old kernels may refuse at prerouting),
+#   - SIGTERM removes the ruleset.
+# Ends with one line the host parses, `VM-TEST-RESULT: PASS` or
+# `VM-TEST-RESULT: FAIL <failed checks>`, and powers off.
+
+/bin/busybox --install -s /bin
+export PATH=/usr/sbin:/usr/bin:/bin
+# This shell runs its own applets before searching PATH, and busybox's ip
+# has no netns: iproute2's ip is called by its path. Lobby, which searches
+# PATH, finds it too.
+ip() {
+    /usr/sbin/ip "$@"
+}
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+mount -t bpf bpf /sys/fs/bpf
+
+LB_ADDR=198.18.0.1
+PORT=8081
+UPSTREAM_PORT=9000
+SOCKET=/run/lobby.sock
+LOG=/tmp/lobby.log
+failures=0
+
+fail() {
+    echo "FAIL: $*"
+    failures=$((failures + 1))
+}
+
+finish() {
+    if [ "$failures" -eq 0 ]; then
+        echo "VM-TEST-RESULT: PASS"
+    else
+        echo "VM-TEST-RESULT: FAIL $failures"
+    fi
+    poweroff -f
+}
+
+# A failure after which nothing else can be checked.
+abort() {
+    fail "$*"
+    echo "--- lobby log ---"
+    cat "$LOG" 2>/dev/null
+    echo "--- kernel log (last lines) ---"
+    dmesg | tail -n 20
+    finish
+}
+
+echo "== kernel $(uname -r)"
+
+# Written by the host (initramfs.rs, MODULE_LIST), dependencies first.
+while read -r module; do
+    insmod "/lib/modules/$module.ko" || abort "insmod $module"
+done </etc/vm-test/modules
+echo "== modules loaded: $(tr '\n' ' ' </etc/vm-test/modules)"
+
+# client 198.18.0.2 --- 198.18.0.1 (guest) 198.18.i.1 --- 198.18.i.11 upI
+(
+    set -e
+    ip link set lo up
+    ip netns add client
+    ip link add client0 type veth peer name eth0 netns client
+    ip addr add "$LB_ADDR/24" dev client0
+    ip link set client0 up
+    ip -n client link set lo up
+    ip -n client addr add 198.18.0.2/24 dev eth0
+    ip -n client link set eth0 up
+    ip -n client route add default via "$LB_ADDR"
+    for i in 1 2 3; do
+        ip netns add "up$i"
+        ip link add "up$i" type veth peer name eth0 netns "up$i"
+        ip addr add "198.18.$i.1/24" dev "up$i"
+        ip link set "up$i" up
+        ip -n "up$i" link set lo up
+        ip -n "up$i" addr add "198.18.$i.11/24" dev eth0
+        ip -n "up$i" link set eth0 up
+    done
+) || abort "building the topology"
+
+# Each upstream answers every connection with its name (webI).
+for i in 1 2 3; do
+    # Its stderr is closed: health probes that hang up at once make echo
+    # complain of resets.
+    ip netns exec "up$i" nc -ll -p "$UPSTREAM_PORT" -e echo "web$i" 2>/dev/null &
+done
+for i in 1 2 3; do
+    tries=0
+    until [ "$(nc -w 1 "198.18.$i.11" "$UPSTREAM_PORT" </dev/null 2>/dev/null)" = "web$i" ]; do
+        tries=$((tries + 1))
+        [ "$tries" -lt 50 ] || abort "server web$i does not answer"
+        sleep 0.2
+    done
+done
+
+mkdir -p /etc/lobby
+{
+    echo "lb:"
+    echo "  - engine: nftables"
+    echo "    targets:"
+    echo "      - name: vip"
+    echo "        protocol: tcp"
+    echo "        port: $PORT"
+    echo "        upstream_group:"
+    echo "          name: pool"
+    echo "          distribution: round-robin"
+    echo "          upstreams:"
+    for i in 1 2 3; do
+        echo "            - name: web$i"
+        echo "              host: 198.18.$i.11"
+        echo "              port: $UPSTREAM_PORT"
+        echo "              health_check:"
+        echo "                protocol: tcp"
+        echo "                port: $UPSTREAM_PORT"
+        echo "                start_available: true"
+        echo "                probe: { check_interval: 1, timeout: 1, success_count: 1 }"
+    done
+} >/etc/lobby/lobby.yaml
+
+lobby -c /etc/lobby/lobby.yaml --pin-dir /sys/fs/bpf/lobby --socket "$SOCKET" >"$LOG" 2>&1 &
+lobby_pid=$!
+tries=0
+until grep -q "lobby is balancing" "$LOG"; do
+    kill -0 "$lobby_pid" 2>/dev/null || abort "lobby exited before balancing"
+    tries=$((tries + 1))
+    [ "$tries" -lt 300 ] || abort "lobby is not balancing after 60 s"
+    sleep 0.2
+done
+echo "== lobby is balancing; its ruleset:"
+nft list table ip lobby
+# clsact and cls_bpf before 6.6, TCX links (no qdisc) since.
+echo "qdiscs of up1: $(tc qdisc show dev up1 | tr '\n' ' ')"
+
+# One connection from the client to the target: the name of the upstream
+# that answered, or "none".
+connect() {
+    answer=$(ip netns exec client nc -w 5 "$LB_ADDR" "$PORT" </dev/null 2>/dev/null)
+    echo "${answer:-none}"
+}
+
+# check_rotation COUNT NAME...: COUNT connections go to the NAMEs in turn:
+# the first ones to each NAME once, then the same cycle again.
+check_rotation() {
+    count=$1
+    shift
+    period=$#
+    answers=""
+    for n in $(seq "$count"); do
+        answers="$answers $(connect)"
+    done
+    echo "connections: $answers"
+    made=$((made + count))
+    first=$(echo $answers | tr ' ' '\n' | head -n "$period" | sort | tr '\n' ' ')
+    expected=$(echo "$@" | tr ' ' '\n' | sort | tr '\n' ' ')
+    [ "$first" = "$expected" ] || fail "the first $period connections went to $first, expected $expected"
+    set -- $answers
+    n=1
+    for answer in "$@"; do
+        if [ "$n" -gt "$period" ]; then
+            eval "earlier=\${$((n - period))}"
+            [ "$answer" = "$earlier" ] ||
+                fail "connection $n went to $answer, expected $earlier (the cycle of $period)"
+        fi
+        n=$((n + 1))
+    done
+}
+
+# stats FIELD: `webI VALUE` per upstream, from lobby stats --json.
+stats() {
+    lobby stats --json --socket "$SOCKET" | awk -v field="\"$1\":" '
+        $1 == "\"name\":" && $2 ~ /^"web[0-9]+",?$/ { gsub(/[",]/, "", $2); name = $2 }
+        $1 == field { gsub(/,/, "", $2); print name, $2 }'
+}
+
+# check_connections web1=N web2=N web3=N: the counters, and their sum
+# equal to every connection the client made.
+check_connections() {
+    counted=$(stats connections)
+    echo "counted connections: $(echo $counted)"
+    for expectation in "$@"; do
+        name=${expectation%=*}
+        want=${expectation#*=}
+        got=$(echo "$counted" | awk -v name="$name" '$1 == name { print $2 }')
+        [ "$got" = "$want" ] || fail "$name counted ${got:-nothing} connections, expected $want"
+    done
+    sum=$(echo "$counted" | awk '{ sum += $2 } END { print sum + 0 }')
+    want=$made
+    # The harness's self-test (vm-test --wrong-expectation) must fail here.
+    grep -q vmtest.wrong_expectation /proc/cmdline && want=$((made + 1))
+    [ "$sum" = "$want" ] || fail "connections sum to $sum, expected $want (the client made $made)"
+}
+
+# kill_server I: kills every process in upI's namespace (the server and
+# any answer in flight), then waits for the health check to take webI out.
+kill_server() {
+    kill $(ip netns pids "up$1")
+    started=$(date +%s)
+    tries=0
+    until [ "$(stats available | awk -v name="web$1" '$1 == name { print $2 }')" = "false" ]; do
+        tries=$((tries + 1))
+        [ "$tries" -lt 100 ] || abort "web$1 is still available 20 s after its server was killed"
+        sleep 0.2
+    done
+    echo "web$1 unavailable after $(($(date +%s) - started)) s; lobby logged:"
+    grep "is DOWN" "$LOG" | grep "web$1" | tail -n 1
+    nft list chain ip lobby target-vip | grep "l4proto"
+}
+
+made=0
+echo "== 1. round robin over web1 web2 web3"
+check_rotation 9 web1 web2 web3
+check_connections web1=3 web2=3 web3=3
+
+echo "== 2. the server of web2 is killed"
+kill_server 2
+check_rotation 6 web1 web3
+check_connections web1=6 web2=3 web3=6
+
+echo "== 3. the servers of web1 and web3 are killed"
+kill_server 1
+kill_server 3
+nft list table ip lobby | grep "reject" || fail "no reject rule for a target without upstreams"
+refusal=$(ip netns exec client nc -w 5 "$LB_ADDR" "$PORT" </dev/null 2>&1)
+echo "a connection now: $refusal"
+case "$refusal" in
+*"Connection refused"*) ;;
+*) fail "a connection without upstreams was not reset" ;;
+esac
+grep " ERROR " "$LOG" && fail "lobby logged errors"
+check_connections web1=6 web2=3 web3=6
+
+echo "== stats"
+lobby stats --socket "$SOCKET"
+kill "$lobby_pid"
+wait "$lobby_pid" || fail "lobby exited with status $? on SIGTERM"
+nft list table ip lobby >/dev/null 2>&1 && fail "the ruleset outlived lobby's shutdown"
+finish
