@@ -31,7 +31,7 @@ use crate::{
     health::{self, HealthReport, ProbeStats},
     metrics::{self, Histogram, MetricsError, Snapshot, UpstreamExtras},
     model::{self, Backend, Desired, UpstreamId, UpstreamState},
-    nft::{self, NftError},
+    nft::{self, Applied, NftError},
     systemd,
     watch::{self as config_watch, DEBOUNCE},
 };
@@ -129,6 +129,7 @@ pub async fn run(
         applied: None,
         lingering: BTreeMap::new(),
         inherited: nft::Rotation::new(),
+        table_may_exist: true,
         retired_dns: BTreeMap::new(),
         counters,
         traffic_seen: BTreeMap::new(),
@@ -142,7 +143,10 @@ pub async fn run(
     // A table left by a crashed run still balances: what it sends traffic
     // to is the best knowledge of which upstreams are up.
     let takeover = match nft::existing_rotation().await {
-        Ok(rotation) => rotation,
+        Ok(rotation) => {
+            daemon.table_may_exist = rotation.is_some();
+            rotation
+        }
         Err(e) => {
             warn!(error = %e, "reading the ruleset of a previous run; upstreams start as configured");
             None
@@ -353,6 +357,9 @@ struct Daemon {
     /// At a takeover, until the first apply: what the previous run's table
     /// balanced to; those upstreams start available.
     inherited: nft::Rotation,
+    /// Whether a table of Lobby's may be in the kernel when `applied` is
+    /// `None`; creating one is cheaper than replacing one.
+    table_may_exist: bool,
     /// Queries of resolvers a reload retired, so that the totals never
     /// go back.
     retired_dns: BTreeMap<String, u64>,
@@ -752,8 +759,16 @@ impl Daemon {
             Instant::now(),
         );
         desired.lingering = self.lingering.keys().copied().collect();
-        if let Some(script) = nft::plan(self.applied.as_ref(), &desired) {
+        let applied = match &self.applied {
+            Some(applied) => Applied::Known(applied),
+            None if self.table_may_exist => Applied::Unknown,
+            None => Applied::Nothing,
+        };
+        if let Some(script) = nft::plan(applied, &desired) {
             let started = Instant::now();
+            // Even a rejected transaction leaves the table's content
+            // unknown from here: the next apply replaces it whole.
+            self.table_may_exist = true;
             if let Err(e) = nft::apply(&script).await {
                 self.applied = None;
                 return Err(e);

@@ -73,17 +73,28 @@ pub fn render(desired: &Desired) -> String {
     out
 }
 
+/// What the kernel holds before a transaction.
+#[derive(Clone, Copy, Debug)]
+pub enum Applied<'a> {
+    /// No table of Lobby's: it is created.
+    Nothing,
+    /// A table whose content is not known: a previous run's, or one a
+    /// failed apply may have left. It is replaced whole.
+    Unknown,
+    /// The table as Lobby last applied it: only differences are sent.
+    Known(&'a Desired),
+}
+
 /// The transaction that turns `applied` into `desired`, or `None` when they
-/// are equal. Without an applied state (start, takeover of a stale table)
-/// the table is replaced whole; `add` before `delete` makes the delete
-/// succeed whether or not a table exists, all in one transaction so that
-/// established connections never see a missing rule.
-pub fn plan(applied: Option<&Desired>, desired: &Desired) -> Option<String> {
-    let Some(applied) = applied else {
-        return Some(format!(
-            "add table ip {TABLE}\ndelete table ip {TABLE}\n{}",
-            render(desired)
-        ));
+/// are equal. An unknown table is replaced in one transaction (`add` before
+/// `delete` makes the delete succeed whether or not it exists), so that
+/// established connections never see a missing rule; creating a table
+/// skips the delete, which costs nft the wait for the kernel to free it.
+pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
+    let applied = match applied {
+        Applied::Nothing => return Some(render(desired)),
+        Applied::Unknown => return Some(format!("{}{}", teardown(), render(desired))),
+        Applied::Known(applied) => applied,
     };
     if applied == desired {
         return None;
@@ -345,11 +356,11 @@ mod tests {
             SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 11), 9000),
             Protocol::Tcp,
         ));
-        let script = plan(Some(&one), &lingering).expect("a change");
+        let script = plan(Applied::Known(&one), &lingering).expect("a change");
         assert!(!script.contains("backends"), "{script}");
         let mut gone = lingering.clone();
         gone.lingering.clear();
-        let script = plan(Some(&lingering), &gone).expect("a change");
+        let script = plan(Applied::Known(&lingering), &gone).expect("a change");
         assert_eq!(
             script,
             "delete element ip lobby backends { 198.18.1.11 . tcp . 9000 }\n"
@@ -404,19 +415,20 @@ table ip lobby {
     }
 
     #[test]
-    fn first_plan_replaces_the_table_in_one_transaction() {
+    fn an_unknown_table_is_replaced_and_a_missing_one_created() {
         let state = desired(&[("web", target(8081, &[(11, 9000)]))]);
-        let script = plan(None, &state).expect("a first plan");
+        let script = plan(Applied::Unknown, &state).expect("a first plan");
         assert!(
             script.starts_with("add table ip lobby\ndelete table ip lobby\ntable ip lobby {"),
             "{script}"
         );
+        assert_eq!(plan(Applied::Nothing, &state), Some(render(&state)));
     }
 
     #[test]
     fn equal_states_need_no_transaction() {
         let state = desired(&[("web", target(8081, &[(11, 9000)]))]);
-        assert_eq!(plan(Some(&state), &state.clone()), None);
+        assert_eq!(plan(Applied::Known(&state), &state.clone()), None);
     }
 
     #[test]
@@ -429,7 +441,7 @@ table ip lobby {
             ("web", target(8081, &[(12, 9000)])),
             ("api", target(8082, &[(21, 80)])),
         ]);
-        let script = plan(Some(&before), &after).expect("a change");
+        let script = plan(Applied::Known(&before), &after).expect("a change");
         assert_eq!(
             script,
             "delete element ip lobby backends { 198.18.1.11 . tcp . 9000 }\n\
@@ -448,7 +460,7 @@ table ip lobby {
             ("web", target(8090, &[(11, 9000)])),
             ("new", target(8083, &[])),
         ]);
-        let script = plan(Some(&before), &after).expect("a change");
+        let script = plan(Applied::Known(&before), &after).expect("a change");
         assert_eq!(
             script,
             "delete element ip lobby targets { tcp . 8083 }\n\
