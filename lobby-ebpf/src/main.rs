@@ -71,14 +71,19 @@ pub fn lobby_ingress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-fn count_toward_upstream(ctx: &TcContext, seg: &Segment) {
-    let key = UpstreamKey {
-        addr: seg.daddr,
-        port: seg.dport,
+/// The counters of the TCP upstream at `addr`:`port` (network order), if
+/// the daemon counts it.
+fn counters_of(addr: u32, port: u16) -> Option<*mut UpstreamCounters> {
+    COUNTERS.get_ptr_mut(UpstreamKey {
+        addr,
+        port,
         protocol: IPPROTO_TCP,
         _pad: 0,
-    };
-    let Some(counters) = COUNTERS.get_ptr_mut(key) else {
+    })
+}
+
+fn count_toward_upstream(ctx: &TcContext, seg: &Segment) {
+    let Some(counters) = counters_of(seg.daddr, seg.dport) else {
         return;
     };
     // A packet this host sends itself (the daemon's probes, including the
@@ -99,16 +104,15 @@ fn count_toward_upstream(ctx: &TcContext, seg: &Segment) {
 }
 
 fn count_from_upstream(ctx: &TcContext, seg: &Segment) {
-    let key = UpstreamKey {
-        addr: seg.saddr,
-        port: seg.sport,
-        protocol: IPPROTO_TCP,
-        _pad: 0,
-    };
-    let Some(counters) = COUNTERS.get_ptr_mut(key) else {
+    let Some(counters) = counters_of(seg.saddr, seg.sport) else {
         return;
     };
-    if is_local_socket(ctx, seg.saddr, seg.daddr, seg.sport, seg.dport) {
+    // A probe hears back a SYN-ACK, or a reset when refused; it then closes
+    // at once, so no later packet of its flow finds a socket. Only those
+    // segments pay for the lookup: data and ACKs of client flows do not.
+    if seg.flags & (TCP_FLAG_SYN | TCP_FLAG_RST) != 0
+        && is_local_socket(ctx, seg.saddr, seg.daddr, seg.sport, seg.dport)
+    {
         return;
     }
     // SAFETY: as in count_toward_upstream.

@@ -107,8 +107,20 @@ pub fn bulk(ns: &str, targets: Vec<SocketAddr>, streams: usize, duration: Durati
     sent.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Round trips of a 64-byte message over one connection: (p50, p99) in
-/// microseconds.
+/// Pins the calling thread to `cpu`: round trips between threads that
+/// share a CPU and threads that do not differ tenfold, and an unpinned
+/// run flips between the two.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Round trips of a 64-byte message over one connection, the client on
+/// CPU 0 and the echo server on CPU 1: (p50, p99) in microseconds.
 pub fn latency(ns: &str, target: SocketAddr, round_trips: usize) -> (f64, f64) {
     let mut samples = on_threads(ns, 1, Duration::from_secs(60), move |_, deadline| {
         let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))

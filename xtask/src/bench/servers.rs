@@ -46,6 +46,8 @@ fn swallow(mut stream: TcpStream) {
 }
 
 fn echo_back(mut stream: TcpStream) {
+    // Opposite the latency client (CPU 0): see load::pin_to_cpu.
+    super::load::pin_to_cpu(1);
     let _ = stream.set_nodelay(true);
     let mut buf = [0u8; 4096];
     while let Ok(n) = stream.read(&mut buf) {
