@@ -107,10 +107,17 @@ impl Dnsmasq {
     }
 }
 
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
+impl Dnsmasq {
+    /// Stops answering: the server is gone, as a dead resolver is.
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -20,20 +20,44 @@ fn dns(servers: &[std::net::Ipv4Addr], ttl: Option<u32>) -> String {
     format!("dns: {{ servers: [{}]{ttl} }}", servers.join(", "))
 }
 
+/// Upstreams with servers, a resolver namespace, and dnsmasq on RESOLVER_A
+/// answering NAME with upstream `answer`'s address and TTL `ttl`. Hold all
+/// of it for the test's length.
+struct Lab {
+    topology: Topology,
+    _servers: Vec<lobby_tests::NameServer>,
+    resolvers: lobby_tests::NetNs,
+    dnsmasq: Dnsmasq,
+}
+
+impl Lab {
+    fn new(upstreams: usize, ttl: u32, answer: usize) -> Self {
+        let topology = Topology::new(upstreams);
+        let _servers = start_servers(&topology);
+        let resolvers = resolver_namespace(&topology.lb);
+        let dnsmasq = Dnsmasq::start(
+            &resolvers,
+            RESOLVER_A,
+            ttl,
+            &[(NAME, Topology::upstream_addr(answer))],
+        );
+        Self {
+            topology,
+            _servers,
+            resolvers,
+            dnsmasq,
+        }
+    }
+}
+
 #[test]
 fn a_changed_answer_moves_traffic_within_the_ttl() {
     if !privileged() {
         return;
     }
-    let topology = Topology::new(2);
-    let _servers = start_servers(&topology);
-    let resolvers = resolver_namespace(&topology.lb);
-    let dnsmasq = Dnsmasq::start(
-        &resolvers,
-        RESOLVER_A,
-        1,
-        &[(NAME, Topology::upstream_addr(0))],
-    );
+    let lab = Lab::new(2, 1, 0);
+    let topology = &lab.topology;
+    let dnsmasq = &lab.dnsmasq;
     // No `ttl`: the answer's TTL (1 s) is the period.
     let config = ConfigBuilder::new().target("web", PORT).upstream_with(
         "web",
@@ -43,7 +67,7 @@ fn a_changed_answer_moves_traffic_within_the_ttl() {
     );
     let lobby = Lobby::start(&topology.lb, &config.build());
     wait_for("the first resolution", Duration::from_secs(10), || {
-        in_rotation(&topology, 0).then_some(())
+        in_rotation(topology, 0).then_some(())
     });
     assert_eq!(
         ask_name(&topology.client, target_addr(PORT)).unwrap(),
@@ -60,11 +84,7 @@ fn a_changed_answer_moves_traffic_within_the_ttl() {
         moved <= Duration::from_secs(2),
         "traffic moved {moved:?} after the answer changed (ttl 1 s)"
     );
-    assert!(
-        !in_rotation(&topology, 0),
-        "{}",
-        topology.lb.lobby_ruleset()
-    );
+    assert!(!in_rotation(topology, 0), "{}", topology.lb.lobby_ruleset());
     assert!(
         lobby.log().contains(&format!(
             "upstream web/web moved from {} to {}",
@@ -87,17 +107,10 @@ fn a_dead_or_failing_first_server_hands_over_to_the_second() {
     if !privileged() {
         return;
     }
-    let topology = Topology::new(1);
-    let _servers = start_servers(&topology);
-    let resolvers = resolver_namespace(&topology.lb);
-    let _dnsmasq = Dnsmasq::start(
-        &resolvers,
-        RESOLVER_A,
-        60,
-        &[(NAME, Topology::upstream_addr(0))],
-    );
-    let _silent = FailingDns::start(&resolvers, RESOLVER_B, Failure::Silent);
-    let _servfail = FailingDns::start(&resolvers, RESOLVER_C, Failure::ServFail);
+    let lab = Lab::new(1, 60, 0);
+    let topology = &lab.topology;
+    let _silent = FailingDns::start(&lab.resolvers, RESOLVER_B, Failure::Silent);
+    let _servfail = FailingDns::start(&lab.resolvers, RESOLVER_C, Failure::ServFail);
     let config = ConfigBuilder::new()
         .target("dead-first", PORT)
         .upstream_with(
@@ -137,36 +150,32 @@ fn when_every_server_dies_the_last_address_is_kept() {
     if !privileged() {
         return;
     }
-    let topology = Topology::new(1);
-    let _servers = start_servers(&topology);
-    let resolvers = resolver_namespace(&topology.lb);
-    let dnsmasq = Dnsmasq::start(
-        &resolvers,
-        RESOLVER_A,
-        1,
-        &[(NAME, Topology::upstream_addr(0))],
-    );
+    let mut lab = Lab::new(1, 1, 0);
     let config = ConfigBuilder::new().target("web", PORT).upstream_with(
         "web",
         NAME,
         UPSTREAM_PORT,
         &dns(&[RESOLVER_A], Some(1)),
     );
-    let lobby = Lobby::start(&topology.lb, &config.build());
+    let lobby = Lobby::start(&lab.topology.lb, &config.build());
     wait_for("the first resolution", Duration::from_secs(10), || {
-        in_rotation(&topology, 0).then_some(())
+        in_rotation(&lab.topology, 0).then_some(())
     });
-    drop(dnsmasq);
+    lab.dnsmasq.stop();
     wait_for("a failed re-resolution", Duration::from_secs(15), || {
         lobby
             .log()
             .contains(&format!("keeping {}", Topology::upstream_addr(0)))
             .then_some(())
     });
-    assert!(in_rotation(&topology, 0), "{}", topology.lb.lobby_ruleset());
+    assert!(
+        in_rotation(&lab.topology, 0),
+        "{}",
+        lab.topology.lb.lobby_ruleset()
+    );
     for _ in 0..3 {
         assert_eq!(
-            ask_name(&topology.client, target_addr(PORT)).unwrap(),
+            ask_name(&lab.topology.client, target_addr(PORT)).unwrap(),
             "web0"
         );
     }
@@ -177,15 +186,8 @@ fn without_servers_the_namespaces_resolv_conf_is_used() {
     if !privileged() {
         return;
     }
-    let topology = Topology::new(1);
-    let _servers = start_servers(&topology);
-    let resolvers = resolver_namespace(&topology.lb);
-    let _dnsmasq = Dnsmasq::start(
-        &resolvers,
-        RESOLVER_A,
-        60,
-        &[(NAME, Topology::upstream_addr(0))],
-    );
+    let lab = Lab::new(1, 60, 0);
+    let topology = &lab.topology;
     topology
         .lb
         .set_resolv_conf(&format!("nameserver {RESOLVER_A}\n"));
@@ -196,7 +198,7 @@ fn without_servers_the_namespaces_resolv_conf_is_used() {
     wait_for(
         "resolution through resolv.conf",
         Duration::from_secs(10),
-        || in_rotation(&topology, 0).then_some(()),
+        || in_rotation(topology, 0).then_some(()),
     );
     assert_eq!(
         ask_name(&topology.client, target_addr(PORT)).unwrap(),
@@ -209,15 +211,9 @@ fn a_name_that_never_resolves_gets_no_traffic_and_harms_nothing() {
     if !privileged() {
         return;
     }
-    let topology = Topology::new(2);
-    let _servers = start_servers(&topology);
-    let resolvers = resolver_namespace(&topology.lb);
-    let dnsmasq = Dnsmasq::start(
-        &resolvers,
-        RESOLVER_A,
-        1,
-        &[(NAME, Topology::upstream_addr(1))],
-    );
+    let lab = Lab::new(2, 1, 1);
+    let topology = &lab.topology;
+    let dnsmasq = &lab.dnsmasq;
     let config = ConfigBuilder::new()
         .target("web", PORT)
         .upstream("web0", Topology::upstream_addr(0), UPSTREAM_PORT)
@@ -273,17 +269,11 @@ fn a_healthy_first_server_is_the_only_one_asked() {
     if !privileged() {
         return;
     }
-    let topology = Topology::new(1);
-    let _servers = start_servers(&topology);
-    let resolvers = resolver_namespace(&topology.lb);
-    let first = Dnsmasq::start(
-        &resolvers,
-        RESOLVER_A,
-        1,
-        &[(NAME, Topology::upstream_addr(0))],
-    );
+    let lab = Lab::new(1, 1, 0);
+    let topology = &lab.topology;
+    let first = &lab.dnsmasq;
     let second = Dnsmasq::start(
-        &resolvers,
+        &lab.resolvers,
         RESOLVER_B,
         1,
         &[(NAME, Topology::upstream_addr(0))],
