@@ -2,11 +2,18 @@
 //!
 //! - [`config`]: YAML text to validated types (pure).
 //! - [`model`]: the desired state: which upstreams each target balances over.
-//! - [`nft`]: renders the desired state to nftables and applies it; the only
-//!   module that runs `nft`.
+//! - [`nft`]: renders the desired state to nftables (pure `render`/`plan`)
+//!   and applies it in one transaction; the only module that runs `nft`.
 //! - [`ebpf`]: loads and attaches the counters, reads their maps; the only
 //!   module that imports aya.
-//! - [`daemon`]: the reconcile loop that wires them together.
+//! - [`health`]: TCP probes and the state machine of availability.
+//! - [`dns`]: resolves upstream host names, in order, once per period.
+//! - [`watch`]: notices changes of the configuration file.
+//! - [`ctl`]: the control socket and `lobby stats`.
+//! - [`metrics`]: the Prometheus endpoint.
+//! - [`systemd`]: readiness notifications.
+//! - [`process`]: running nft and ip with a script on stdin.
+//! - [`daemon`]: the reconcile loop that owns the state and wires them.
 pub mod config;
 pub mod ctl;
 pub mod daemon;

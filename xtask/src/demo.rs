@@ -43,6 +43,17 @@ pub fn run() -> anyhow::Result<()> {
             Err(e) => bail!("connection {i} failed: {e}"),
         }
     }
+    // Counting is asynchronous to the client: let the last FIN/ACKs land.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let stats = std::process::Command::new(lobby_tests::lobby::binary())
+        .arg("stats")
+        .arg("--socket")
+        .arg(&lobby.socket_path)
+        .output()?;
+    println!(
+        "\n== lobby stats: what the eBPF counters saw per upstream (rates over 1 s)\n{}",
+        String::from_utf8_lossy(&stats.stdout)
+    );
     let ruleset = topology.lb.exec("nft", &["list", "table", "ip", "lobby"]);
     println!(
         "\n== The ruleset Lobby applied (nft list table ip lobby)\n{}",
