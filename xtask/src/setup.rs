@@ -7,8 +7,9 @@ use anyhow::{Context as _, bail};
 use crate::cmd::{cargo, checked, find_file, stdout};
 
 /// Debian packages: nftables for the data plane; iproute2 for namespaces
-/// and routes; util-linux for mount; QEMU and a static busybox for the
-/// guests of `vm-test`; the rest for the tests and the bench.
+/// and routes; util-linux for mount; QEMU, a static busybox and xz (the
+/// kernel modules are compressed) for the guests of `vm-test`; the rest for
+/// the tests and the bench.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("ip", "iproute2"),
@@ -23,6 +24,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("systemd-analyze", "systemd"),
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("busybox", "busybox-static"),
+    ("xz", "xz-utils"),
 ];
 
 /// Where bpf-linker finds the nightly's own LLVM (Debian's is too old).
