@@ -162,9 +162,15 @@ fn is_local_socket(
     !listening
 }
 
+/// An IPv4 header without options and the TCP fields counting reads.
+const IP_AND_TCP_HEAD: usize = 20 + 14;
+
 fn read_segment(ctx: &TcContext) -> Option<Segment> {
-    let mut ip = [0u8; 20];
-    load_network_bytes(ctx, 0, &mut ip)?;
+    // One load covers both headers in the usual case (no IP options): one
+    // helper call per packet instead of two.
+    let mut head = [0u8; IP_AND_TCP_HEAD];
+    load_network_bytes(ctx, 0, &mut head)?;
+    let ip = &head[..20];
     if ip[0] >> 4 != 4 || ip[9] != IPPROTO_TCP {
         return None;
     }
@@ -174,7 +180,11 @@ fn read_segment(ctx: &TcContext) -> Option<Segment> {
     }
     let ihl = u32::from(ip[0] & 0x0f) * 4;
     let mut tcp = [0u8; 14];
-    load_network_bytes(ctx, ihl, &mut tcp)?;
+    if ihl == 20 {
+        tcp.copy_from_slice(&head[20..]);
+    } else {
+        load_network_bytes(ctx, ihl, &mut tcp)?;
+    }
     let tot_len = u16::from_be_bytes([ip[2], ip[3]]);
     Some(Segment {
         saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
