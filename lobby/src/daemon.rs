@@ -548,14 +548,12 @@ impl Daemon {
     }
 
     fn start_upstream(&self, id: &UpstreamId, spec: UpstreamSpec) -> UpstreamRuntime {
-        let address = match &spec.host {
-            Host::Ip(ip) => Some(*ip),
-            Host::Fqdn(_) => spec
-                .resolver_key()
-                .and_then(|key| self.resolvers.get(&key))
-                .and_then(|r| r.address),
-        };
-        let available = spec.health_check.as_ref().is_none_or(|h| h.start_available)
+        let start = UpstreamState::at_start(&spec.host, spec.health_check.as_ref());
+        let address = start.address.or_else(|| {
+            let key = spec.resolver_key()?;
+            self.resolvers.get(&key)?.address
+        });
+        let available = start.available
             || address.is_some_and(|a| self.was_balanced(id, SocketAddrV4::new(a, spec.port)));
         let (address_tx, address_rx) = watch::channel(address);
         let mut runtime = UpstreamRuntime {

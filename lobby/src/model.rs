@@ -10,7 +10,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use crate::config::{Config, Ipv4Net, Protocol};
+use crate::config::{Config, HealthCheck, Host, Ipv4Net, Protocol};
 
 /// Names one upstream of one target, as operators read it in logs:
 /// `web/web1`.
@@ -41,6 +41,20 @@ pub struct UpstreamState {
     /// `None` while an FQDN has never resolved.
     pub address: Option<Ipv4Addr>,
     pub available: bool,
+}
+
+impl UpstreamState {
+    /// How an upstream starts: at its static address (a host name waits for
+    /// DNS), available unless its health check says to start unavailable.
+    pub fn at_start(host: &Host, health_check: Option<&HealthCheck>) -> Self {
+        Self {
+            address: match host {
+                Host::Ip(ip) => Some(*ip),
+                Host::Fqdn(_) => None,
+            },
+            available: health_check.is_none_or(|h| h.start_available),
+        }
+    }
 }
 
 /// The ruleset's content, independent of how nftables spells it. Sorted

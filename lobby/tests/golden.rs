@@ -21,7 +21,7 @@ use std::{
 };
 
 use lobby::{
-    config::{self, Config, Host},
+    config::{self, Config},
     model::{Desired, UpstreamId, UpstreamState},
     nft,
 };
@@ -37,23 +37,13 @@ fn cases() -> Vec<PathBuf> {
     cases
 }
 
-/// Every upstream available at its static address; FQDNs unresolved.
+/// Every upstream as the daemon starts it.
 fn initial_states(config: &Config) -> BTreeMap<UpstreamId, UpstreamState> {
     let mut states = BTreeMap::new();
     for target in &config.targets {
         for upstream in &target.group.upstreams {
-            let address = match &upstream.host {
-                Host::Ip(ip) => Some(*ip),
-                Host::Fqdn(_) => None,
-            };
-            let available = upstream
-                .health_check
-                .as_ref()
-                .is_none_or(|h| h.start_available);
-            states.insert(
-                UpstreamId::new(&target.name, &upstream.name),
-                UpstreamState { address, available },
-            );
+            let state = UpstreamState::at_start(&upstream.host, upstream.health_check.as_ref());
+            states.insert(UpstreamId::new(&target.name, &upstream.name), state);
         }
     }
     states
