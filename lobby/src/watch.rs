@@ -7,7 +7,10 @@ use std::{
     time::Duration,
 };
 
-use notify::{RecursiveMode, Watcher as _};
+use notify::{
+    EventKind, RecursiveMode, Watcher as _,
+    event::{AccessKind, AccessMode, ModifyKind},
+};
 use tokio::sync::mpsc;
 use tracing::warn;
 
@@ -28,16 +31,17 @@ pub struct ConfigWatch {
     _watcher: notify::RecommendedWatcher,
 }
 
-/// Sends a unit on `changed` (at most one pending) whenever something in
-/// the directory of `path` or of the file it links to changes. The caller
-/// debounces and compares contents: a notice is a hint, not a verdict.
+/// Sends a unit on `changed` (at most one pending) whenever a change in
+/// the directory of `path` or of the file it links to is complete. The
+/// caller debounces and compares contents: a notice is a hint, not a
+/// verdict.
 pub fn watch(path: &Path, changed: mpsc::Sender<()>) -> Result<ConfigWatch, WatchError> {
     let mut watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-            Ok(event) if event.kind.is_access() => {}
-            Ok(_) => {
+            Ok(event) if is_complete_change(&event.kind) => {
                 let _ = changed.try_send(());
             }
+            Ok(_) => {}
             Err(e) => warn!(error = %e, "config watch"),
         })
         .map_err(|source| WatchError {
@@ -50,6 +54,20 @@ pub fn watch(path: &Path, changed: mpsc::Sender<()>) -> Result<ConfigWatch, Watc
             .map_err(|source| WatchError { path: dir, source })?;
     }
     Ok(ConfigWatch { _watcher: watcher })
+}
+
+/// Whether `kind` ends a change: a file closed after writing, or a name
+/// created, renamed or removed. Writes still under way (truncate, then
+/// data) are not: a file read between them may be a valid but truncated
+/// configuration.
+fn is_complete_change(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Create(_)
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Remove(_)
+    )
 }
 
 /// The directory holding `path` and, when `path` is a symlink, the one
@@ -79,6 +97,26 @@ mod tests {
 
     fn drain(rx: &mut mpsc::Receiver<()>) {
         while rx.try_recv().is_ok() {}
+    }
+
+    #[test]
+    fn writes_under_way_are_not_changes() {
+        use notify::event::{DataChange, MetadataKind, RenameMode};
+        assert!(!is_complete_change(&EventKind::Modify(ModifyKind::Data(
+            DataChange::Any
+        ))));
+        assert!(!is_complete_change(&EventKind::Modify(
+            ModifyKind::Metadata(MetadataKind::Any)
+        )));
+        assert!(!is_complete_change(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(is_complete_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(is_complete_change(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
     }
 
     #[tokio::test]
