@@ -22,11 +22,24 @@ pub fn run() -> anyhow::Result<()> {
     clippy_ebpf(&root)?;
     // The integration tests run the binary: build it first.
     checked(cargo().current_dir(&root).args(["build", "-p", "lobby"]))?;
-    checked(
-        cargo()
-            .current_dir(&root)
-            .args(["test", "--workspace", "--exclude", "lobby-ebpf"]),
-    )?;
+    checked(cargo().current_dir(&root).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "lobby-ebpf",
+        "--exclude",
+        "lobby-tests",
+    ]))?;
+    // The namespace tests measure detection times and drive thousands of
+    // connections through reloads: run one at a time, so that they do not
+    // compete for the machine's two cores.
+    checked(cargo().current_dir(&root).args([
+        "test",
+        "-p",
+        "lobby-tests",
+        "--",
+        "--test-threads=1",
+    ]))?;
     // The oldest supported kernel line, booted under QEMU: what this
     // machine's own kernel cannot show.
     crate::vm_test::run(Some(crate::vm_test::OLDEST_SUPPORTED), false)
