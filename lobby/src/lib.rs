@@ -13,7 +13,14 @@
 //! - [`metrics`]: the Prometheus endpoint.
 //! - [`systemd`]: readiness notifications.
 //! - [`process`]: running nft and ip with a script on stdin.
-//! - [`daemon`]: the reconcile loop that owns the state and wires them.
+//! - [`reconcile`]: the reconcile core: every decision of the daemon, pure
+//!   (events in, actions out).
+//! - [`plane`]: the data plane the loop drives (nft, eBPF), behind a trait
+//!   that tests replace with a fake.
+//! - [`ownership`]: the lock that keeps a live daemon's table its own.
+//! - [`traffic`]: traffic lines and reset warnings from the counters.
+//! - [`daemon`]: the loop that turns channels into the core's events and
+//!   its actions into calls on the data plane.
 pub mod config;
 pub mod ctl;
 pub mod daemon;
@@ -23,6 +30,10 @@ pub mod health;
 pub mod metrics;
 pub mod model;
 pub mod nft;
+pub mod ownership;
+pub mod plane;
 pub mod process;
+pub mod reconcile;
 pub mod systemd;
+pub mod traffic;
 pub mod watch;

@@ -21,11 +21,13 @@ use crate::model::{Backend, Desired, DesiredTarget};
 
 /// The one table Lobby owns; it never touches any other.
 pub const TABLE: &str = "lobby";
+/// The family of [`TABLE`].
+pub const FAMILY: &str = "ip";
 
 /// Renders the whole table.
 pub fn render(desired: &Desired) -> String {
     let mut out = String::new();
-    writeln!(out, "table ip {TABLE} {{").unwrap();
+    writeln!(out, "table {FAMILY} {TABLE} {{").unwrap();
     writeln!(out, "\tmap targets {{").unwrap();
     writeln!(out, "\t\ttype inet_proto . inet_service : verdict").unwrap();
     let dispatch: Vec<String> = desired
@@ -108,7 +110,7 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
         match desired.targets.get(name) {
             None => {
                 delete_dispatch(&mut out, old);
-                writeln!(out, "delete chain ip {TABLE} {}", chain_name(name)).unwrap();
+                writeln!(out, "delete chain {FAMILY} {TABLE} {}", chain_name(name)).unwrap();
             }
             Some(new) if dispatch_key(old) != dispatch_key(new) => delete_dispatch(&mut out, old),
             Some(_) => {}
@@ -123,7 +125,7 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
     if !gone.is_empty() {
         writeln!(
             out,
-            "delete element ip {TABLE} backends {{ {} }}",
+            "delete element {FAMILY} {TABLE} backends {{ {} }}",
             gone.join(", ")
         )
         .unwrap();
@@ -135,7 +137,7 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
     if !added.is_empty() {
         writeln!(
             out,
-            "add element ip {TABLE} backends {{ {} }}",
+            "add element {FAMILY} {TABLE} backends {{ {} }}",
             added.join(", ")
         )
         .unwrap();
@@ -144,21 +146,21 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
         let chain = chain_name(name);
         let old = applied.targets.get(name);
         match old {
-            None => writeln!(out, "add chain ip {TABLE} {chain}").unwrap(),
+            None => writeln!(out, "add chain {FAMILY} {TABLE} {chain}").unwrap(),
             Some(old) if target_rules(old) != target_rules(new) => {
-                writeln!(out, "flush chain ip {TABLE} {chain}").unwrap()
+                writeln!(out, "flush chain {FAMILY} {TABLE} {chain}").unwrap()
             }
             Some(_) => {}
         }
         if old.is_none_or(|old| target_rules(old) != target_rules(new)) {
             for rule in target_rules(new) {
-                writeln!(out, "add rule ip {TABLE} {chain} {rule}").unwrap();
+                writeln!(out, "add rule {FAMILY} {TABLE} {chain} {rule}").unwrap();
             }
         }
         if old.is_none_or(|old| dispatch_key(old) != dispatch_key(new)) {
             writeln!(
                 out,
-                "add element ip {TABLE} targets {{ {} }}",
+                "add element {FAMILY} {TABLE} targets {{ {} }}",
                 dispatch_element(name, new)
             )
             .unwrap();
@@ -169,7 +171,7 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
 
 /// The transaction that removes Lobby's table, whether or not it exists.
 pub fn teardown() -> String {
-    format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
+    format!("add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n")
 }
 
 fn write_elements(out: &mut String, elements: &[String]) {
@@ -181,7 +183,7 @@ fn write_elements(out: &mut String, elements: &[String]) {
 fn delete_dispatch(out: &mut String, target: &DesiredTarget) {
     writeln!(
         out,
-        "delete element ip {TABLE} targets {{ {} }}",
+        "delete element {FAMILY} {TABLE} targets {{ {} }}",
         dispatch_key(target)
     )
     .unwrap();
@@ -254,6 +256,13 @@ pub enum NftError {
     },
     #[error("reading nft's listing of the table")]
     Listing(#[source] serde_json::Error),
+    #[error("nft may not read the ruleset (needs CAP_NET_ADMIN): {0}")]
+    Permission(String),
+    #[error("nft failed to list table {FAMILY} {TABLE} ({status}): {stderr}")]
+    List {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
 }
 
 /// Runs one transaction with `nft -f -`: the kernel applies all of it or
@@ -279,18 +288,53 @@ pub type Rotation = BTreeMap<String, BTreeSet<SocketAddrV4>>;
 /// The rotation of the table a previous run left (it crashed or was
 /// killed), or `None` when there is no such table.
 pub async fn existing_rotation() -> Result<Option<Rotation>, NftError> {
+    let Some(listing) = list(&["-j"]).await? else {
+        return Ok(None);
+    };
+    parse_rotation(&listing)
+        .map(Some)
+        .map_err(NftError::Listing)
+}
+
+/// Lobby's table as nft prints it, `None` when there is none.
+pub async fn list_table() -> Result<Option<String>, NftError> {
+    Ok(list(&[])
+        .await?
+        .map(|text| String::from_utf8_lossy(&text).into_owned()))
+}
+
+/// Runs `nft FLAGS list table`; a missing table is `None`, every other
+/// failure an error that says which.
+async fn list(flags: &[&str]) -> Result<Option<Vec<u8>>, NftError> {
     let output = Command::new("nft")
-        .args(["-j", "list", "table", "ip", TABLE])
+        .args(flags)
+        .args(["list", "table", FAMILY, TABLE])
         .stdin(Stdio::null())
         .output()
         .await
         .map_err(NftError::Spawn)?;
-    if !output.status.success() {
-        return Ok(None);
+    if output.status.success() {
+        return Ok(Some(output.stdout));
     }
-    parse_rotation(&output.stdout)
-        .map(Some)
-        .map_err(NftError::Listing)
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    // nft's words for it: the kernel's ENOENT and EPERM as strerror.
+    if stderr.contains("No such file or directory") {
+        Ok(None)
+    } else if stderr.contains("Operation not permitted") {
+        Err(NftError::Permission(stderr))
+    } else {
+        Err(NftError::List {
+            status: output.status,
+            stderr,
+        })
+    }
+}
+
+/// Whether a line of `nft monitor` is about Lobby's table:
+/// `VERB OBJECT FAMILY TABLE ...`.
+pub fn names_own_table(line: &str) -> bool {
+    let mut words = line.split_whitespace().skip(2);
+    words.next() == Some(FAMILY) && words.next() == Some(TABLE)
 }
 
 /// Reads, from `nft -j list table` output, the `addr . port` data of the

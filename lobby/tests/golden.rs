@@ -1,30 +1,37 @@
 //! Golden files for the reconcile core, as nftlb keeps them: one folder per
-//! case under tests/golden/, holding `lobby.yaml` and numbered steps. Step
-//! `NN-what.txt` changes upstream states, one per line:
+//! case under tests/golden/, holding `lobby.yaml` and numbered steps. The
+//! steps drive the real core (`lobby::reconcile::Core`) with events; a step
+//! `NN-what.txt` holds one per line:
 //!
 //! ```text
 //! web/web1 down
 //! web/web2 up
-//! web/web2 address 198.18.1.13
-//! config other.yaml        # reload with another file of the folder
+//! web/web2 address 198.18.1.13   # its name resolves to this address
+//! config other.yaml              # reload with another file of the folder
+//! takeover web 198.18.1.11:9000  # (00-start only) a dead run's table balanced there
+//! wait 2                         # seconds pass
+//! fail                           # this step's transaction is refused
 //! ```
 //!
-//! and `NN-what.nft` is the transaction `nft::plan` must produce from the
-//! previous step's state (`00-start.nft`: the first, full one). A missing or
-//! differing file fails; `LOBBY_BLESS=1 cargo test -p lobby --test golden`
+//! and `NN-what.nft` is the transaction the core asks for after the step
+//! (`00-start.nft`: the first, full one; `# no change` when none). A missing
+//! or differing file fails; `LOBBY_BLESS=1 cargo test -p lobby --test golden`
 //! (or `cargo xtask bless`) rewrites them from what the code says now:
 //! review the diff.
 use std::{
-    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
 };
 
 use lobby::{
-    config::{self, Config},
-    model::{Desired, UpstreamId, UpstreamState},
-    nft,
+    config::{self, Host},
+    dns::{AddressUpdate, ResolverKey},
+    health::HealthReport,
+    model::UpstreamId,
+    nft::{self, Rotation},
+    reconcile::{Action, Core, Event},
 };
+use tokio::time::Instant;
 
 fn cases() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
@@ -37,61 +44,118 @@ fn cases() -> Vec<PathBuf> {
     cases
 }
 
-/// Every upstream as the daemon starts it.
-fn initial_states(config: &Config) -> BTreeMap<UpstreamId, UpstreamState> {
-    let mut states = BTreeMap::new();
-    for target in &config.targets {
-        for upstream in &target.group.upstreams {
-            let state = UpstreamState::at_start(&upstream.host, upstream.health_check.as_ref());
-            states.insert(UpstreamId::new(&target.name, &upstream.name), state);
-        }
-    }
-    states
-}
-
-fn apply_step(
-    case: &Path,
-    step: &str,
-    config: &mut Config,
-    states: &mut BTreeMap<UpstreamId, UpstreamState>,
-) {
-    for line in step
-        .lines()
+/// The lines of a step, without comments and blanks.
+fn lines(step: &str) -> impl Iterator<Item = Vec<&str>> {
+    step.lines()
         .map(|l| l.split('#').next().unwrap().trim())
         .filter(|l| !l.is_empty())
-    {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if let ["config", file] = words.as_slice() {
-            *config = config::load(&case.join(file))
-                .unwrap_or_else(|e| panic!("{}: {e}", case.join(file).display()));
-            let fresh = initial_states(config);
-            // Upstreams that stay keep their state, as a reload keeps them.
-            let kept: BTreeMap<_, _> = fresh
-                .into_iter()
-                .map(|(id, s)| (id.clone(), *states.get(&id).unwrap_or(&s)))
-                .collect();
-            *states = kept;
-            continue;
-        }
-        let (id, change) = match words.as_slice() {
-            [id, change @ ..] => (*id, change),
-            [] => unreachable!(),
-        };
-        let (target, upstream) = id
-            .split_once('/')
-            .unwrap_or_else(|| panic!("`{line}`: expected target/upstream"));
-        let state = states
-            .get_mut(&UpstreamId::new(target, upstream))
-            .unwrap_or_else(|| panic!("`{line}`: no upstream {id} in {}", case.display()));
-        match change {
-            ["up"] => state.available = true,
-            ["down"] => state.available = false,
-            ["address", addr] => {
-                state.address = Some(addr.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")))
-            }
-            _ => panic!("`{line}`: expected `up`, `down`, `address ADDR` or `config FILE`"),
+        .map(|l| l.split_whitespace().collect())
+}
+
+/// The rotation that `takeover` lines of the first step describe.
+fn inherited(step: &str) -> Option<Rotation> {
+    let mut rotation = Rotation::new();
+    for words in lines(step) {
+        if let ["takeover", target, upstreams @ ..] = words.as_slice() {
+            let upstreams = upstreams
+                .iter()
+                .map(|u| u.parse::<std::net::SocketAddrV4>().unwrap());
+            rotation
+                .entry(nft::chain_name(target))
+                .or_default()
+                .extend(upstreams);
         }
     }
+    (!rotation.is_empty()).then_some(rotation)
+}
+
+/// A case run step by step: the core, its clock and the running file.
+struct Run<'a> {
+    case: &'a Path,
+    core: Core,
+    now: Instant,
+    config: config::Config,
+}
+
+impl Run<'_> {
+    /// Feeds one step's events; returns whether its transaction fails.
+    fn step(&mut self, step: &str) -> bool {
+        let mut fails = false;
+        for words in lines(step) {
+            let line = words.join(" ");
+            let event = match words.as_slice() {
+                ["config", file] => {
+                    let path = self.case.join(file);
+                    self.config =
+                        config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    Event::ConfigLoaded(self.config.clone())
+                }
+                ["takeover", ..] => continue,
+                ["fail"] => {
+                    fails = true;
+                    continue;
+                }
+                ["wait", seconds] => {
+                    self.now += std::time::Duration::from_secs_f64(seconds.parse().unwrap());
+                    Event::Tick
+                }
+                [id, change @ ..] => self.upstream_event(id, change, &line),
+                [] => unreachable!(),
+            };
+            let actions = self.core.on(event, self.now);
+            assert!(
+                transaction(&actions).is_none(),
+                "`{line}`: planned before settling"
+            );
+        }
+        fails
+    }
+
+    fn upstream_event(&self, id: &str, change: &[&str], line: &str) -> Event {
+        let (target, name) = id
+            .split_once('/')
+            .unwrap_or_else(|| panic!("`{line}`: expected target/upstream"));
+        let upstream = self
+            .config
+            .targets
+            .iter()
+            .filter(|t| t.name == target)
+            .flat_map(|t| &t.group.upstreams)
+            .find(|u| u.name == name)
+            .unwrap_or_else(|| panic!("`{line}`: no upstream {id} in {}", self.case.display()));
+        let health = |available| {
+            Event::Health(HealthReport {
+                id: UpstreamId::new(target, name),
+                available,
+                reason: "golden".to_owned(),
+                run: 1,
+                threshold: 1,
+            })
+        };
+        match change {
+            ["up"] => health(true),
+            ["down"] => health(false),
+            ["address", addr] => {
+                let Host::Fqdn(host) = &upstream.host else {
+                    panic!("`{line}`: {id} has no name to resolve");
+                };
+                Event::Address(AddressUpdate {
+                    key: ResolverKey::new(host, upstream.dns.as_ref()),
+                    address: addr.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")),
+                })
+            }
+            _ => panic!(
+                "`{line}`: expected `up`, `down`, `address ADDR`, `config FILE`, `wait SECS` or `fail`"
+            ),
+        }
+    }
+}
+
+fn transaction(actions: &[Action]) -> Option<&str> {
+    actions.iter().find_map(|a| match a {
+        Action::Apply(script) => Some(script.as_str()),
+        _ => None,
+    })
 }
 
 #[test]
@@ -101,36 +165,35 @@ fn plans_match_the_golden_files() {
     assert!(!cases.is_empty(), "no golden cases");
     let mut failures = Vec::new();
     for case in &cases {
-        let mut config = config::load(&case.join("lobby.yaml"))
+        let config = config::load(&case.join("lobby.yaml"))
             .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
-        let mut states = initial_states(&config);
+        let start = case.join("00-start.txt");
+        let first = fs::read_to_string(&start).unwrap_or_default();
+        let mut run = Run {
+            case,
+            core: Core::new(inherited(&first)),
+            now: Instant::now(),
+            config: config.clone(),
+        };
+        run.core.on(Event::ConfigLoaded(config), run.now);
         let mut steps: Vec<PathBuf> = fs::read_dir(case)
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+            .filter(|p| p.extension().is_some_and(|e| e == "txt") && *p != start)
             .collect();
         steps.sort();
-        let mut applied: Option<Desired> = None;
-        // A fresh start: no table yet.
-        let start = case.join("00-start.txt");
-        for step in std::iter::once(start.clone()).chain(steps.into_iter().filter(|s| *s != start))
-        {
-            if step.exists() {
-                apply_step(
-                    case,
-                    &fs::read_to_string(&step).unwrap(),
-                    &mut config,
-                    &mut states,
-                );
+        for step in std::iter::once(start.clone()).chain(steps) {
+            let fails = run.step(&fs::read_to_string(&step).unwrap_or_default());
+            let actions = run.core.settle(run.now);
+            let actual = transaction(&actions).unwrap_or("# no change\n").to_owned();
+            if transaction(&actions).is_some() {
+                let outcome = if fails {
+                    Err("refused by the golden step".to_owned())
+                } else {
+                    Ok(std::time::Duration::from_millis(1))
+                };
+                run.core.on(Event::Applied(outcome), run.now);
             }
-            let desired = Desired::from_config(&config, &states);
-            let actual = nft::plan(
-                applied
-                    .as_ref()
-                    .map_or(nft::Applied::Nothing, nft::Applied::Known),
-                &desired,
-            )
-            .unwrap_or_else(|| "# no change\n".to_owned());
             let expected_path = step.with_extension("nft");
             if bless {
                 fs::write(&expected_path, &actual).unwrap();
@@ -144,7 +207,6 @@ fn plans_match_the_golden_files() {
                     Err(e) => failures.push(format!("{}: {e}", expected_path.display())),
                 }
             }
-            applied = Some(desired);
         }
     }
     assert!(

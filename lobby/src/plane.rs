@@ -1,0 +1,193 @@
+//! The data plane as the daemon's loop sees it: a transaction to apply, a
+//! table to list, counters to keep and read. [`DataPlane`] is what the loop
+//! is written against; [`KernelPlane`] is the real one (nft, eBPF, the
+//! interfaces toward the upstreams) and tests bring a recording fake.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    net::Ipv4Addr,
+    sync::Mutex,
+};
+
+use lobby_common::UpstreamCounters;
+use tokio::{io::AsyncBufReadExt as _, process::Command, sync::mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::{
+    ebpf::{self, Counters},
+    model::Backend,
+    nft::{self, NftError, Rotation},
+};
+
+/// What the loop needs from the kernel. Methods take `&self`: the loop
+/// runs applies and map reads on tasks of their own, so that the task that
+/// owns the state never waits for the kernel.
+pub trait DataPlane: Send + Sync + 'static {
+    /// The rotation of a table a dead run left, `None` without one.
+    fn existing_rotation(&self) -> impl Future<Output = Result<Option<Rotation>, NftError>> + Send;
+    /// Runs one transaction: all of it or none of it.
+    fn apply(&self, script: String) -> impl Future<Output = Result<(), NftError>> + Send;
+    /// Lobby's table as text, `None` when it does not exist.
+    fn list_table(&self) -> impl Future<Output = Result<Option<String>, NftError>> + Send;
+    /// Counts exactly `backends` from now on, on the interfaces that route
+    /// to them; called again periodically so that counting follows routes
+    /// and interfaces that change.
+    fn track(&self, backends: &BTreeSet<Backend>) -> impl Future<Output = ()> + Send;
+    /// The counters of the tracked backends. May block: the loop calls it
+    /// off its own task.
+    fn read_counters(&self) -> BTreeMap<Backend, UpstreamCounters>;
+    /// Sends `()` on `changed` whenever something may have changed Lobby's
+    /// table, until `cancel`.
+    fn watch_table(
+        &self,
+        changed: mpsc::Sender<()>,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static;
+    /// Removes the ruleset and the counters: a clean shutdown.
+    fn remove(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// The kernel: nft for the ruleset, the eBPF counters (when loaded).
+pub struct KernelPlane {
+    /// `None` when counting is off, and after [`DataPlane::remove`].
+    counters: Mutex<Option<Tracked>>,
+}
+
+struct Tracked {
+    counters: Counters,
+    backends: BTreeSet<Backend>,
+}
+
+impl KernelPlane {
+    /// `counters`: the loaded eBPF counters, `None` when counting is off.
+    pub fn new(counters: Option<Counters>) -> Self {
+        Self {
+            counters: Mutex::new(counters.map(|counters| Tracked {
+                counters,
+                backends: BTreeSet::new(),
+            })),
+        }
+    }
+
+    fn tracked(&self) -> std::sync::MutexGuard<'_, Option<Tracked>> {
+        self.counters.lock().expect("no panic holds the lock")
+    }
+}
+
+impl DataPlane for KernelPlane {
+    async fn existing_rotation(&self) -> Result<Option<Rotation>, NftError> {
+        nft::existing_rotation().await
+    }
+
+    async fn apply(&self, script: String) -> Result<(), NftError> {
+        nft::apply(&script).await
+    }
+
+    async fn list_table(&self) -> Result<Option<String>, NftError> {
+        nft::list_table().await
+    }
+
+    async fn track(&self, backends: &BTreeSet<Backend>) {
+        if self.tracked().is_none() {
+            return;
+        }
+        let addresses: BTreeSet<Ipv4Addr> = backends.iter().map(|(s, _)| *s.ip()).collect();
+        let interfaces = ebpf::interfaces_toward(&addresses).await;
+        let keys = backends
+            .iter()
+            .map(|(socket, protocol)| ebpf::key_of(*socket, protocol.number()))
+            .collect();
+        let mut tracked = self.tracked();
+        let Some(tracked) = tracked.as_mut() else {
+            return;
+        };
+        if let Err(e) = tracked.counters.track(&keys) {
+            error!(error = %e, "updating the counter map");
+        }
+        tracked.backends.clone_from(backends);
+        match interfaces {
+            Ok(interfaces) => {
+                if let Err(e) = tracked.counters.attach_to(&interfaces) {
+                    error!(error = %e, "attaching the counters");
+                }
+            }
+            Err(e) => error!(error = %e, "finding the interfaces toward the upstreams"),
+        }
+    }
+
+    fn read_counters(&self) -> BTreeMap<Backend, UpstreamCounters> {
+        let tracked = self.tracked();
+        let Some(tracked) = tracked.as_ref() else {
+            return BTreeMap::new();
+        };
+        let all = match tracked.counters.read() {
+            Ok(all) => all,
+            Err(e) => {
+                error!(error = %e, "reading the counters");
+                return BTreeMap::new();
+            }
+        };
+        tracked
+            .backends
+            .iter()
+            .map(|backend @ (socket, protocol)| {
+                let key = ebpf::key_of(*socket, protocol.number());
+                (*backend, all.get(&key).copied().unwrap_or_default())
+            })
+            .collect()
+    }
+
+    fn watch_table(
+        &self,
+        changed: mpsc::Sender<()>,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        watch_with_nft_monitor(changed, cancel)
+    }
+
+    async fn remove(&self) {
+        match nft::apply(&nft::teardown()).await {
+            Ok(()) => info!(table = nft::TABLE, "ruleset removed"),
+            Err(e) => error!(error = %e, "removing the ruleset"),
+        }
+        if let Some(tracked) = self.tracked().take() {
+            tracked.counters.remove();
+        }
+    }
+}
+
+async fn watch_with_nft_monitor(changed: mpsc::Sender<()>, cancel: CancellationToken) {
+    if let Some(()) = cancel.run_until_cancelled(monitor(&changed)).await {
+        warn!(
+            "nft monitor ended: outside changes of the table are found by the periodic check only"
+        );
+    }
+}
+
+/// Follows `nft monitor`, the kernel's notifications of ruleset changes,
+/// and signals each one that names Lobby's table. Returns when nft ends.
+async fn monitor(changed: &mpsc::Sender<()>) {
+    let child = Command::new("nft")
+        .args(["monitor", "ruleset"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => {
+            warn!(error = %e, "starting nft monitor");
+            return;
+        }
+    };
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if nft::names_own_table(&line) {
+            // A full channel already carries the news.
+            let _ = changed.try_send(());
+        }
+    }
+}

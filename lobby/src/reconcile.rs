@@ -1,0 +1,873 @@
+//! The reconcile core: every decision the daemon makes, and nothing else.
+//!
+//! No I/O, no clock, no tasks: [`Core::on`] takes one [`Event`] (a config
+//! loaded, a health report, a DNS answer, an apply's outcome, a listing of
+//! the table, a timer) with the time it happened, and returns the
+//! [`Action`]s that follow (checkers and resolvers to start or stop,
+//! notices to log); [`Core::settle`], called once a batch of events is in,
+//! plans the one transaction that brings the kernel to the new state, so
+//! that probes that finish together land in one transaction. The daemon's
+//! loop turns channels into events and carries the actions out; tests drive
+//! the core with event sequences and read its actions.
+//!
+//! The core owns what the kernel holds (`applied`), the backends that stay
+//! masqueraded after leaving rotation, whether a table of Lobby's may exist,
+//! the rotation of a table taken over from a dead run, and the fingerprint
+//! that tells an outside change of the table from Lobby's own.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::{
+    config::{self, Config, DnsConfig, HealthCheck, Host, Protocol},
+    dns::{AddressUpdate, ResolverKey},
+    health::HealthReport,
+    metrics::Histogram,
+    model::{self, Backend, Desired, UpstreamId, UpstreamState},
+    nft::{self, Applied, Rotation},
+};
+
+/// How soon a failed apply is tried again.
+pub const APPLY_RETRY: Duration = Duration::from_secs(1);
+/// How long a takeover waits for host names to resolve before its first
+/// apply; the old ruleset balances meanwhile.
+pub const TAKEOVER_DNS_WAIT: Duration = Duration::from_secs(3);
+
+/// Something that happened, as the core sees it.
+#[derive(Debug)]
+pub enum Event {
+    /// A valid configuration was read: at start, or a reload.
+    ConfigLoaded(Config),
+    /// A reload found the file invalid; the text says why.
+    ConfigRejected(String),
+    Health(HealthReport),
+    Address(AddressUpdate),
+    /// The outcome of the last [`Action::Apply`].
+    Applied(Result<Duration, String>),
+    /// Something may have changed Lobby's table (a notification from the
+    /// kernel, or the periodic safety net).
+    TableMayHaveChanged,
+    /// The listing asked for by [`Action::ListTable`] with that generation:
+    /// the table's text, `None` when it does not exist.
+    TableListed {
+        generation: u64,
+        listing: Result<Option<String>, String>,
+    },
+    /// A deadline of [`Core::next_deadline`] passed.
+    Tick,
+}
+
+/// What the loop must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Run this nftables transaction and report [`Event::Applied`]. The
+    /// core never asks for a second one before the first is reported.
+    Apply(String),
+    /// List Lobby's table and report [`Event::TableListed`].
+    ListTable {
+        generation: u64,
+    },
+    /// (Re)start the health checker of an upstream: any previous one of the
+    /// same upstream is stopped first.
+    StartChecker {
+        id: UpstreamId,
+        check: HealthCheck,
+        available: bool,
+        address: Option<Ipv4Addr>,
+    },
+    StopChecker(UpstreamId),
+    /// A checker probes this address from now on.
+    SetProbeAddress {
+        id: UpstreamId,
+        address: Ipv4Addr,
+    },
+    StartResolver(ResolverKey),
+    StopResolver(ResolverKey),
+    /// Count exactly these upstreams from now on.
+    TrackCounters(BTreeSet<Backend>),
+    /// Tell the operator (and later, event receivers).
+    Notify(Notice),
+    /// The first ruleset is in the kernel: the daemon is balancing.
+    Ready,
+    /// The first ruleset could not be applied: the daemon cannot start.
+    Abort(String),
+}
+
+/// What an operator is told, one line each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// A health report changed an upstream's availability.
+    UpstreamChanged {
+        report: HealthReport,
+        available: usize,
+        total: usize,
+    },
+    TargetEmpty {
+        target: String,
+    },
+    TargetServing {
+        target: String,
+    },
+    ReloadApplied(ReloadSummary),
+    ReloadFailed(String),
+    ApplyFailed(String),
+    /// Lobby's table was changed from outside; it is being restored.
+    Drift(String),
+}
+
+impl Notice {
+    /// Whether the line is a warning rather than information.
+    pub fn is_warning(&self) -> bool {
+        match self {
+            Notice::UpstreamChanged { report, .. } => !report.available,
+            Notice::TargetEmpty { .. }
+            | Notice::ReloadFailed(_)
+            | Notice::ApplyFailed(_)
+            | Notice::Drift(_) => true,
+            Notice::TargetServing { .. } | Notice::ReloadApplied(_) => false,
+        }
+    }
+}
+
+impl fmt::Display for Notice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Notice::UpstreamChanged {
+                report,
+                available,
+                total,
+            } => write!(f, "{report}; {available} of {total} available"),
+            Notice::TargetEmpty { target } => {
+                write!(f, "target {target} has no upstream available")
+            }
+            Notice::TargetServing { target } => {
+                write!(f, "target {target} has an upstream available again")
+            }
+            Notice::ReloadApplied(summary) => write!(f, "reload applied: {summary}"),
+            Notice::ReloadFailed(errors) => {
+                write!(
+                    f,
+                    "reload failed, the running configuration stays:\n{errors}"
+                )
+            }
+            Notice::ApplyFailed(error) => write!(
+                f,
+                "applying the ruleset failed; the previous one stays, retrying in {APPLY_RETRY:?}: {error}"
+            ),
+            Notice::Drift(what) => write!(
+                f,
+                "table {} {} was changed outside Lobby ({what}); restoring it",
+                nft::FAMILY,
+                nft::TABLE
+            ),
+        }
+    }
+}
+
+/// What a reload changed, for its summary line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    targets: Changes,
+    upstreams: Changes,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Changes {
+    added: usize,
+    removed: usize,
+    changed: usize,
+}
+
+impl fmt::Display for ReloadSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        for (what, counts) in [("target", self.targets), ("upstream", self.upstreams)] {
+            for (sign, n) in [
+                ("+", counts.added),
+                ("-", counts.removed),
+                ("~", counts.changed),
+            ] {
+                if n > 0 {
+                    parts.push(format!("{sign}{n} {what}{}", if n == 1 { "" } else { "s" }));
+                }
+            }
+        }
+        if parts.is_empty() {
+            f.write_str("no change")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
+/// What decides whether an upstream survives a reload as it is: any change
+/// makes it a new upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct UpstreamSpec {
+    protocol: Protocol,
+    host: Host,
+    port: u16,
+    health_check: Option<HealthCheck>,
+    dns: Option<DnsConfig>,
+}
+
+impl UpstreamSpec {
+    fn resolver_key(&self) -> Option<ResolverKey> {
+        match &self.host {
+            Host::Fqdn(name) => Some(ResolverKey::new(name, self.dns.as_ref())),
+            Host::Ip(_) => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Upstream {
+    spec: UpstreamSpec,
+    state: UpstreamState,
+    state_changes: u64,
+}
+
+/// Reload outcomes, for metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReloadCounts {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub last_successful: bool,
+}
+
+impl Default for ReloadCounts {
+    fn default() -> Self {
+        Self {
+            succeeded: 0,
+            failed: 0,
+            // The running configuration was valid.
+            last_successful: true,
+        }
+    }
+}
+
+/// The transaction in the kernel's hands, if any.
+#[derive(Debug)]
+enum Flight {
+    Idle,
+    /// An apply was asked for; this becomes `applied` on success.
+    Applying(Desired),
+}
+
+/// What the core knows of the table's text, to tell outside changes.
+#[derive(Debug, Default)]
+struct Fingerprint {
+    /// Bumped by every apply: a listing of an older generation may show a
+    /// half-known table and is ignored.
+    generation: u64,
+    /// The table as listed right after Lobby's last apply.
+    text: Option<String>,
+    /// A listing is under way; `again`: another was asked for meanwhile.
+    listing: bool,
+    again: bool,
+}
+
+/// The daemon's whole decision state.
+#[derive(Debug)]
+pub struct Core {
+    config: Option<Config>,
+    upstreams: BTreeMap<UpstreamId, Upstream>,
+    /// Each resolver in use, with its last answer.
+    resolvers: BTreeMap<ResolverKey, Option<Ipv4Addr>>,
+    /// What the kernel holds; `None` before the first apply and after a
+    /// failed one or an outside change (the next apply replaces the table
+    /// whole).
+    applied: Option<Desired>,
+    /// Whether a table of Lobby's may be in the kernel while `applied` is
+    /// `None`: creating one is cheaper than replacing one.
+    table_may_exist: bool,
+    /// Backends out of rotation still masqueraded, until when.
+    lingering: BTreeMap<Backend, Instant>,
+    /// At a takeover, until the first apply: what the dead run's table
+    /// balanced to. Those upstreams start available.
+    inherited: Rotation,
+    /// Until when the first apply of a takeover waits for names.
+    resolving_until: Option<Instant>,
+    flight: Flight,
+    /// Something changed since the last plan.
+    dirty: bool,
+    retry_at: Option<Instant>,
+    ready: bool,
+    /// A reload adopted, to be reported once the kernel has it.
+    reloaded: Option<ReloadSummary>,
+    counted: BTreeSet<Backend>,
+    fingerprint: Fingerprint,
+    reloads: ReloadCounts,
+    apply_duration: Histogram,
+}
+
+impl Core {
+    /// A core for a fresh start (`inherited` is `None`: no table of Lobby's
+    /// exists) or a takeover of the table a dead run left, which balanced
+    /// to `inherited`.
+    pub fn new(inherited: Option<Rotation>) -> Self {
+        Self {
+            config: None,
+            upstreams: BTreeMap::new(),
+            resolvers: BTreeMap::new(),
+            applied: None,
+            table_may_exist: inherited.is_some(),
+            lingering: BTreeMap::new(),
+            inherited: inherited.unwrap_or_default(),
+            resolving_until: None,
+            flight: Flight::Idle,
+            dirty: false,
+            retry_at: None,
+            ready: false,
+            reloaded: None,
+            counted: BTreeSet::new(),
+            fingerprint: Fingerprint::default(),
+            reloads: ReloadCounts::default(),
+            apply_duration: Histogram::default(),
+        }
+    }
+
+    /// Handles one event that happened at `now`; [`Core::settle`] plans
+    /// what it changed.
+    pub fn on(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        match event {
+            Event::ConfigLoaded(config) => {
+                self.adopt(config, now, &mut actions);
+                self.dirty = true;
+            }
+            Event::ConfigRejected(errors) => {
+                self.reloads.failed += 1;
+                self.reloads.last_successful = false;
+                actions.push(Action::Notify(Notice::ReloadFailed(errors)));
+            }
+            Event::Health(report) => {
+                self.dirty |= self.on_health(report, &mut actions);
+            }
+            Event::Address(update) => {
+                self.dirty |= self.on_address(update, &mut actions);
+            }
+            Event::Applied(outcome) => self.on_applied(outcome, now, &mut actions),
+            Event::TableMayHaveChanged => self.list_table(&mut actions),
+            Event::TableListed {
+                generation,
+                listing,
+            } => self.on_listing(generation, listing, &mut actions),
+            Event::Tick => {
+                if self.retry_at.is_some_and(|at| at <= now) {
+                    self.retry_at = None;
+                }
+                if self.resolving_until.is_some_and(|at| at <= now) {
+                    self.resolving_until = None;
+                }
+                // A lingering backend may be due.
+                self.dirty = true;
+            }
+        }
+        actions
+    }
+
+    /// When the core wants an [`Event::Tick`]: a retry, a lingering backend
+    /// leaving the masquerade set, or the end of a takeover's wait for DNS.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        [
+            self.retry_at,
+            self.resolving_until,
+            self.lingering.values().min().copied(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The running configuration (`None` before the first).
+    pub fn config(&self) -> Option<&Config> {
+        self.config.as_ref()
+    }
+
+    /// What the core knows of an upstream, and how often its availability
+    /// changed.
+    pub fn upstream(&self, id: &UpstreamId) -> Option<(UpstreamState, u64)> {
+        self.upstreams.get(id).map(|u| (u.state, u.state_changes))
+    }
+
+    pub fn reloads(&self) -> ReloadCounts {
+        self.reloads
+    }
+
+    pub fn apply_duration(&self) -> &Histogram {
+        &self.apply_duration
+    }
+
+    /// Every upstream with its counted backend (those with an address).
+    pub fn counted_upstreams(&self) -> impl Iterator<Item = (&UpstreamId, Backend)> {
+        self.upstreams.iter().filter_map(|(id, u)| {
+            let address = u.state.address?;
+            Some((
+                id,
+                (SocketAddrV4::new(address, u.spec.port), u.spec.protocol),
+            ))
+        })
+    }
+
+    /// Makes `config` the running configuration: upstreams whose spec is
+    /// unchanged keep their state, the others start afresh; resolvers
+    /// follow the names still in use.
+    fn adopt(&mut self, config: Config, now: Instant, actions: &mut Vec<Action>) {
+        let starting = self.config.is_none();
+        let mut summary = ReloadSummary::default();
+        let old_targets: BTreeMap<&str, &config::Target> = self
+            .config
+            .iter()
+            .flat_map(|c| &c.targets)
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        for target in &config.targets {
+            match old_targets.get(target.name.as_str()) {
+                None if starting => {}
+                None => {
+                    summary.targets.added += 1;
+                    info!(target = %target.name, "reload: target {} added", target.name);
+                }
+                Some(old)
+                    if old.port != target.port
+                        || old.ip != target.ip
+                        || old.protocol != target.protocol =>
+                {
+                    summary.targets.changed += 1;
+                    info!(target = %target.name, "reload: target {} changed", target.name);
+                }
+                Some(_) => {}
+            }
+        }
+        let new_names: BTreeSet<&str> = config.targets.iter().map(|t| t.name.as_str()).collect();
+        for name in old_targets.keys().filter(|n| !new_names.contains(*n)) {
+            summary.targets.removed += 1;
+            info!(target = %name, "reload: target {name} removed");
+        }
+
+        let mut next: BTreeMap<UpstreamId, UpstreamSpec> = BTreeMap::new();
+        for target in &config.targets {
+            for upstream in &target.group.upstreams {
+                let spec = UpstreamSpec {
+                    protocol: target.protocol,
+                    host: upstream.host.clone(),
+                    port: upstream.port,
+                    health_check: upstream.health_check.clone(),
+                    dns: upstream.dns.clone(),
+                };
+                next.insert(UpstreamId::new(&target.name, &upstream.name), spec);
+            }
+        }
+        let gone: Vec<UpstreamId> = self
+            .upstreams
+            .keys()
+            .filter(|id| !next.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.retire(&id, actions);
+            summary.upstreams.removed += 1;
+            info!(upstream = %id, "reload: upstream {id} removed; its connections drain");
+        }
+        // Resolvers first, so that new upstreams of a known name start with
+        // its address.
+        let keys: BTreeSet<ResolverKey> = next
+            .values()
+            .filter_map(UpstreamSpec::resolver_key)
+            .collect();
+        self.resolvers.retain(|key, _| {
+            let keep = keys.contains(key);
+            if !keep {
+                actions.push(Action::StopResolver(key.clone()));
+            }
+            keep
+        });
+        for key in keys {
+            if let std::collections::btree_map::Entry::Vacant(entry) = self.resolvers.entry(key) {
+                actions.push(Action::StartResolver(entry.key().clone()));
+                entry.insert(None);
+            }
+        }
+        for (id, spec) in next {
+            match self.upstreams.get(&id) {
+                Some(upstream) if upstream.spec == spec => continue,
+                Some(_) => {
+                    self.retire(&id, actions);
+                    summary.upstreams.changed += 1;
+                    info!(upstream = %id, "reload: upstream {id} changed");
+                }
+                None if starting => {}
+                None => {
+                    summary.upstreams.added += 1;
+                    info!(upstream = %id, "reload: upstream {id} added");
+                }
+            }
+            self.start_upstream(id, spec, actions);
+        }
+        self.config = Some(config);
+        if starting {
+            // A takeover lets names resolve before the first apply, so that
+            // their upstreams do not leave rotation for the time DNS takes.
+            if !self.inherited.is_empty() && !self.resolvers.is_empty() {
+                self.resolving_until = Some(now + TAKEOVER_DNS_WAIT);
+            }
+        } else {
+            self.reloads.succeeded += 1;
+            self.reloads.last_successful = true;
+            self.reloaded = Some(summary);
+        }
+    }
+
+    fn start_upstream(&mut self, id: UpstreamId, spec: UpstreamSpec, actions: &mut Vec<Action>) {
+        let start = UpstreamState::at_start(&spec.host, spec.health_check.as_ref());
+        let address = start.address.or_else(|| {
+            let key = spec.resolver_key()?;
+            *self.resolvers.get(&key)?
+        });
+        let available = start.available
+            || address.is_some_and(|a| self.was_balanced(&id, SocketAddrV4::new(a, spec.port)));
+        let state = UpstreamState { address, available };
+        if let Some(check) = &spec.health_check {
+            actions.push(Action::StartChecker {
+                id: id.clone(),
+                check: check.clone(),
+                available,
+                address,
+            });
+        }
+        self.upstreams.insert(
+            id,
+            Upstream {
+                spec,
+                state,
+                state_changes: 0,
+            },
+        );
+    }
+
+    fn retire(&mut self, id: &UpstreamId, actions: &mut Vec<Action>) {
+        if let Some(upstream) = self.upstreams.remove(id)
+            && upstream.spec.health_check.is_some()
+        {
+            actions.push(Action::StopChecker(id.clone()));
+        }
+    }
+
+    /// Whether the table taken over sent connections of `id`'s target to
+    /// `upstream`.
+    fn was_balanced(&self, id: &UpstreamId, upstream: SocketAddrV4) -> bool {
+        self.inherited
+            .get(&nft::chain_name(&id.target))
+            .is_some_and(|s| s.contains(&upstream))
+    }
+
+    fn on_health(&mut self, report: HealthReport, actions: &mut Vec<Action>) -> bool {
+        let Some(upstream) = self.upstreams.get_mut(&report.id) else {
+            return false; // a checker of an upstream a reload removed
+        };
+        if upstream.state.available == report.available {
+            return false;
+        }
+        upstream.state.available = report.available;
+        upstream.state_changes += 1;
+        let (available, total) = self.availability(&report.id.target);
+        actions.push(Action::Notify(Notice::UpstreamChanged {
+            report,
+            available,
+            total,
+        }));
+        true
+    }
+
+    /// How many of a target's upstreams are available, of how many.
+    fn availability(&self, target: &str) -> (usize, usize) {
+        self.upstreams
+            .iter()
+            .filter(|(id, _)| id.target == target)
+            .fold((0, 0), |(up, all), (_, u)| {
+                let serving = u.state.available && u.state.address.is_some();
+                (up + usize::from(serving), all + 1)
+            })
+    }
+
+    fn on_address(&mut self, update: AddressUpdate, actions: &mut Vec<Action>) -> bool {
+        let Some(known) = self.resolvers.get_mut(&update.key) else {
+            return false; // a resolver a reload retired
+        };
+        *known = Some(update.address);
+        let mut changed = false;
+        let moved: Vec<UpstreamId> = self
+            .upstreams
+            .iter()
+            .filter(|(_, u)| {
+                u.spec.resolver_key().as_ref() == Some(&update.key)
+                    && u.state.address != Some(update.address)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in moved {
+            let inherited = !self.inherited.is_empty();
+            let Some(upstream) = self.upstreams.get(&id) else {
+                continue;
+            };
+            let socket = SocketAddrV4::new(update.address, upstream.spec.port);
+            // At a takeover, an upstream whose name resolves to an address
+            // the old table balanced to is available, and its checker
+            // starts from there.
+            let inherit = inherited && !upstream.state.available && self.was_balanced(&id, socket);
+            let upstream = self.upstreams.get_mut(&id).expect("listed above");
+            match upstream.state.address {
+                Some(old) => {
+                    info!(upstream = %id, "upstream {id} moved from {old} to {}", update.address)
+                }
+                None => info!(upstream = %id, "upstream {id} resolved to {}", update.address),
+            }
+            upstream.state.address = Some(update.address);
+            if inherit {
+                upstream.state.available = true;
+            }
+            if let Some(check) = &upstream.spec.health_check {
+                actions.push(if inherit {
+                    Action::StartChecker {
+                        id: id.clone(),
+                        check: check.clone(),
+                        available: true,
+                        address: Some(update.address),
+                    }
+                } else {
+                    Action::SetProbeAddress {
+                        id: id.clone(),
+                        address: update.address,
+                    }
+                });
+            }
+            changed = true;
+        }
+        changed
+    }
+
+    /// Plans the transaction that brings the kernel to the desired state
+    /// after the events so far, unless one is in flight (then after its
+    /// outcome), a retry is not due yet, or a takeover still waits for
+    /// names.
+    pub fn settle(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.reconcile(now, &mut actions);
+        actions
+    }
+
+    fn reconcile(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        if self.config.is_none()
+            || !self.dirty
+            || matches!(self.flight, Flight::Applying(_))
+            || self.retry_at.is_some()
+            || (self.resolving_until.is_some() && self.resolvers.values().any(Option::is_none))
+        {
+            return;
+        }
+        self.dirty = false;
+        self.resolving_until = None;
+        // Tracked before the apply that may send traffic there.
+        self.track_counters(actions);
+        let states: BTreeMap<UpstreamId, UpstreamState> = self
+            .upstreams
+            .iter()
+            .map(|(id, u)| (id.clone(), u.state))
+            .collect();
+        let config = self.config.as_ref().expect("checked above");
+        let mut desired = Desired::from_config(config, &states);
+        let masqueraded = self
+            .applied
+            .as_ref()
+            .map(Desired::backends)
+            .unwrap_or_default();
+        model::linger(&masqueraded, &desired.balanced(), &mut self.lingering, now);
+        desired.lingering = self.lingering.keys().copied().collect();
+        let applied = match &self.applied {
+            Some(applied) => Applied::Known(applied),
+            None if self.table_may_exist => Applied::Unknown,
+            None => Applied::Nothing,
+        };
+        match nft::plan(applied, &desired) {
+            Some(script) => {
+                // Even a rejected transaction leaves the table's content
+                // unknown: the next apply replaces it whole.
+                self.table_may_exist = true;
+                self.fingerprint.generation += 1;
+                self.fingerprint.text = None;
+                self.flight = Flight::Applying(desired);
+                actions.push(Action::Apply(script));
+            }
+            None => {
+                if let Some(summary) = self.reloaded.take() {
+                    actions.push(Action::Notify(Notice::ReloadApplied(summary)));
+                }
+            }
+        }
+    }
+
+    fn on_applied(
+        &mut self,
+        outcome: Result<Duration, String>,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
+        let Flight::Applying(desired) = std::mem::replace(&mut self.flight, Flight::Idle) else {
+            debug!("an apply outcome nobody waited for");
+            return;
+        };
+        match outcome {
+            Ok(elapsed) => {
+                self.apply_duration.observe(elapsed);
+                info!(elapsed_ms = elapsed.as_millis() as u64, "ruleset applied");
+                for (name, target) in &desired.targets {
+                    let before = self
+                        .applied
+                        .as_ref()
+                        .and_then(|a| a.targets.get(name))
+                        .map(|t| t.upstreams.is_empty());
+                    let now_empty = target.upstreams.is_empty();
+                    // Said at start too: an empty target refuses clients.
+                    if now_empty && before != Some(true) {
+                        actions.push(Action::Notify(Notice::TargetEmpty {
+                            target: name.clone(),
+                        }));
+                    } else if !now_empty && before == Some(true) {
+                        actions.push(Action::Notify(Notice::TargetServing {
+                            target: name.clone(),
+                        }));
+                    }
+                }
+                self.applied = Some(desired);
+                if let Some(summary) = self.reloaded.take() {
+                    actions.push(Action::Notify(Notice::ReloadApplied(summary)));
+                }
+                if !self.ready {
+                    self.ready = true;
+                    self.inherited.clear();
+                    actions.push(Action::Ready);
+                }
+                // The table as Lobby left it: what later listings must show.
+                self.list_table(actions);
+            }
+            Err(error) => {
+                self.applied = None;
+                if !self.ready {
+                    actions.push(Action::Abort(error));
+                    return;
+                }
+                actions.push(Action::Notify(Notice::ApplyFailed(error)));
+                self.retry_at = Some(now + APPLY_RETRY);
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Asks for a listing of the table, unless one is under way (then once
+    /// more after it) or an apply is: its outcome asks for one anyway.
+    fn list_table(&mut self, actions: &mut Vec<Action>) {
+        if !self.ready || matches!(self.flight, Flight::Applying(_)) {
+            return;
+        }
+        if self.fingerprint.listing {
+            self.fingerprint.again = true;
+            return;
+        }
+        self.fingerprint.listing = true;
+        actions.push(Action::ListTable {
+            generation: self.fingerprint.generation,
+        });
+    }
+
+    fn on_listing(
+        &mut self,
+        generation: u64,
+        listing: Result<Option<String>, String>,
+        actions: &mut Vec<Action>,
+    ) {
+        self.fingerprint.listing = false;
+        let again = std::mem::take(&mut self.fingerprint.again);
+        let current = generation == self.fingerprint.generation
+            && matches!(self.flight, Flight::Idle)
+            && self.applied.is_some();
+        match listing {
+            Err(error) if current => {
+                // Not knowing is not a change: the safety net asks again.
+                info!(error = %error, "listing Lobby's table to check it");
+            }
+            Ok(listing) if current => match (&self.fingerprint.text, listing) {
+                (None, Some(text)) => self.fingerprint.text = Some(text),
+                (_, None) => self.repair("the table was deleted".to_owned(), false, actions),
+                (Some(known), Some(text)) if *known != text => {
+                    let what = describe_change(known, &text);
+                    self.repair(what, true, actions);
+                }
+                (Some(_), Some(_)) => {}
+            },
+            _ => {}
+        }
+        if again {
+            self.list_table(actions);
+        }
+    }
+
+    /// Forgets what the kernel holds, so that the next plan applies the
+    /// whole table again.
+    fn repair(&mut self, what: String, exists: bool, actions: &mut Vec<Action>) {
+        actions.push(Action::Notify(Notice::Drift(what)));
+        self.applied = None;
+        self.table_may_exist = exists;
+        self.fingerprint.text = None;
+        self.dirty = true;
+    }
+
+    /// Counts every configured upstream with a known address, available or
+    /// not: draining connections still flow.
+    fn track_counters(&mut self, actions: &mut Vec<Action>) {
+        let counted: BTreeSet<Backend> = self.counted_upstreams().map(|(_, b)| b).collect();
+        if counted != self.counted {
+            self.counted = counted.clone();
+            actions.push(Action::TrackCounters(counted));
+        }
+    }
+}
+
+/// A short account of how `now` differs from `before`, by lines: what an
+/// operator needs to find who changed it.
+fn describe_change(before: &str, now: &str) -> String {
+    let lines = |text: &str| -> BTreeSet<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let (before, now) = (lines(before), lines(now));
+    let quote = |set: Vec<&String>| {
+        let shown: Vec<String> = set.iter().take(3).map(|l| format!("`{l}`")).collect();
+        let more = set.len().saturating_sub(3);
+        if more > 0 {
+            format!("{} and {more} more", shown.join(", "))
+        } else {
+            shown.join(", ")
+        }
+    };
+    let added: Vec<&String> = now.difference(&before).collect();
+    let removed: Vec<&String> = before.difference(&now).collect();
+    match (added.is_empty(), removed.is_empty()) {
+        (false, false) => format!("added {}; removed {}", quote(added), quote(removed)),
+        (false, true) => format!("added {}", quote(added)),
+        (true, false) => format!("removed {}", quote(removed)),
+        (true, true) => "lines reordered".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

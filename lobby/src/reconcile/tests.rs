@@ -1,0 +1,490 @@
+//! The core driven by event sequences: every behaviour the namespace tests
+//! show end to end, decided here without a kernel.
+use std::path::Path;
+
+use super::*;
+
+const TWO_CHECKED: &str = "
+lb:
+  - engine: nftables
+    targets:
+      - name: web
+        protocol: tcp
+        port: 8081
+        upstream_group:
+          name: pool
+          distribution: round-robin
+          upstreams:
+            - name: web1
+              host: 198.18.1.11
+              port: 9000
+              health_check:
+                protocol: tcp
+                port: 9000
+                start_available: false
+                probe: { check_interval: 1, timeout: 1, success_count: 1 }
+            - name: web2
+              host: 198.18.1.12
+              port: 9000
+              health_check:
+                protocol: tcp
+                port: 9000
+                start_available: true
+                probe: { check_interval: 1, timeout: 1, success_count: 1 }
+";
+
+const NAMED: &str = "
+lb:
+  - engine: nftables
+    targets:
+      - name: web
+        protocol: tcp
+        port: 8081
+        upstream_group:
+          name: pool
+          distribution: round-robin
+          upstreams:
+            - name: web1
+              host: web1.example.test
+              port: 9000
+              health_check:
+                protocol: tcp
+                port: 9000
+                start_available: false
+                probe: { check_interval: 1, timeout: 1, success_count: 1 }
+";
+
+fn config(yaml: &str) -> Config {
+    config::parse(yaml, Path::new("test.yaml")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn id(name: &str) -> UpstreamId {
+    UpstreamId::new("web", name)
+}
+
+fn report(name: &str, available: bool) -> Event {
+    Event::Health(HealthReport {
+        id: id(name),
+        available,
+        reason: if available {
+            "connected"
+        } else {
+            "connect refused"
+        }
+        .to_owned(),
+        run: 1,
+        threshold: 1,
+    })
+}
+
+fn socket(host: u8) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, host), 9000)
+}
+
+/// A core and a clock it is told about.
+struct Harness {
+    core: Core,
+    now: Instant,
+}
+
+impl Harness {
+    fn new(inherited: Option<Rotation>) -> Self {
+        Self {
+            core: Core::new(inherited),
+            now: Instant::now(),
+        }
+    }
+
+    /// One event, then the plan, as the loop does.
+    fn step(&mut self, event: Event) -> Vec<Action> {
+        let mut actions = self.core.on(event, self.now);
+        actions.extend(self.core.settle(self.now));
+        actions
+    }
+
+    fn advance(&mut self, by: Duration) -> Vec<Action> {
+        self.now += by;
+        self.step(Event::Tick)
+    }
+
+    /// Starts on `yaml` and reports the first apply a success.
+    fn started(yaml: &str) -> Self {
+        let mut harness = Self::new(None);
+        let actions = harness.step(Event::ConfigLoaded(config(yaml)));
+        assert!(script(&actions).is_some(), "{actions:?}");
+        let actions = harness.applied();
+        assert!(actions.contains(&Action::Ready), "{actions:?}");
+        harness
+    }
+
+    fn applied(&mut self) -> Vec<Action> {
+        self.step(Event::Applied(Ok(Duration::from_millis(3))))
+    }
+}
+
+/// The one transaction among `actions`.
+fn script(actions: &[Action]) -> Option<&str> {
+    let mut scripts = actions.iter().filter_map(|a| match a {
+        Action::Apply(script) => Some(script.as_str()),
+        _ => None,
+    });
+    let first = scripts.next();
+    assert!(scripts.next().is_none(), "two transactions: {actions:?}");
+    first
+}
+
+fn notices(actions: &[Action]) -> Vec<String> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Notify(n) => Some(n.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn rotation(target: &str, upstreams: &[SocketAddrV4]) -> Rotation {
+    Rotation::from([(nft::chain_name(target), upstreams.iter().copied().collect())])
+}
+
+#[test]
+fn a_fresh_start_creates_the_table_and_starts_checkers() {
+    let mut harness = Harness::new(None);
+    let actions = harness.step(Event::ConfigLoaded(config(TWO_CHECKED)));
+    let script = script(&actions).expect("a first transaction");
+    assert!(script.starts_with("table ip lobby {"), "{script}");
+    assert!(!script.contains("delete table"), "{script}");
+    // Only web2 starts available.
+    assert!(
+        script.contains("numgen inc mod 1 map { 0 : 198.18.1.12 . 9000 }"),
+        "{script}"
+    );
+    let checkers: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::StartChecker { id, available, .. } => Some((id.upstream.as_str(), *available)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(checkers, [("web1", false), ("web2", true)]);
+    assert!(actions.contains(&Action::TrackCounters(BTreeSet::from([
+        (socket(11), Protocol::Tcp),
+        (socket(12), Protocol::Tcp),
+    ]))));
+    let actions = harness.applied();
+    assert_eq!(
+        actions,
+        [Action::Ready, Action::ListTable { generation: 1 }]
+    );
+}
+
+#[test]
+fn the_first_apply_failing_aborts_the_start() {
+    let mut harness = Harness::new(None);
+    harness.step(Event::ConfigLoaded(config(TWO_CHECKED)));
+    let actions = harness.step(Event::Applied(Err("nft: no such file".into())));
+    assert_eq!(actions, [Action::Abort("nft: no such file".into())]);
+}
+
+#[test]
+fn a_takeover_replaces_the_table_and_keeps_balanced_upstreams_available() {
+    // The dead run balanced to web1 (which starts unavailable by config).
+    let mut harness = Harness::new(Some(rotation("web", &[socket(11)])));
+    let actions = harness.step(Event::ConfigLoaded(config(TWO_CHECKED)));
+    let script = script(&actions).expect("a first transaction");
+    assert!(
+        script.starts_with("add table ip lobby\ndelete table ip lobby\n"),
+        "{script}"
+    );
+    assert!(
+        script.contains("numgen inc mod 2 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000 }"),
+        "{script}"
+    );
+    assert!(
+        actions.contains(&Action::StartChecker {
+            id: id("web1"),
+            check: config(TWO_CHECKED).targets[0].group.upstreams[0]
+                .health_check
+                .clone()
+                .unwrap(),
+            available: true,
+            address: Some(*socket(11).ip()),
+        })
+    );
+}
+
+#[test]
+fn a_takeover_waits_for_names_then_inherits_what_they_resolve_to() {
+    let mut harness = Harness::new(Some(rotation("web", &[socket(11)])));
+    let actions = harness.step(Event::ConfigLoaded(config(NAMED)));
+    assert!(script(&actions).is_none(), "waits for DNS: {actions:?}");
+    let key = ResolverKey::new("web1.example.test", None);
+    assert!(actions.contains(&Action::StartResolver(key.clone())));
+    assert_eq!(
+        harness.core.next_deadline(),
+        Some(harness.now + TAKEOVER_DNS_WAIT)
+    );
+    let actions = harness.step(Event::Address(AddressUpdate {
+        key,
+        address: *socket(11).ip(),
+    }));
+    assert!(
+        actions.iter().any(|a| matches!(
+            a,
+            Action::StartChecker {
+                available: true,
+                ..
+            }
+        )),
+        "{actions:?}"
+    );
+    let script = script(&actions).expect("applies once resolved");
+    assert!(script.contains("0 : 198.18.1.11 . 9000"), "{script}");
+}
+
+#[test]
+fn a_takeover_applies_after_the_wait_when_a_name_never_resolves() {
+    let mut harness = Harness::new(Some(rotation("web", &[socket(11)])));
+    harness.step(Event::ConfigLoaded(config(NAMED)));
+    let actions = harness.advance(TAKEOVER_DNS_WAIT);
+    let script = script(&actions).expect("applies after the wait");
+    assert!(script.contains("reject with tcp reset"), "{script}");
+}
+
+#[test]
+fn health_flaps_in_one_batch_make_one_transaction() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    let mut actions = harness.core.on(report("web1", true), harness.now);
+    actions.extend(harness.core.on(report("web2", false), harness.now));
+    actions.extend(harness.core.settle(harness.now));
+    let script = script(&actions).expect("one transaction");
+    assert!(
+        script.contains("flush chain ip lobby target-web"),
+        "{script}"
+    );
+    assert!(script.contains("0 : 198.18.1.11 . 9000 }"), "{script}");
+    assert_eq!(
+        notices(&actions),
+        [
+            "upstream web/web1 is UP (connected, 1/1 success); 2 of 2 available",
+            "upstream web/web2 is DOWN (connect refused, 1/1 failure); 1 of 2 available",
+        ]
+    );
+}
+
+#[test]
+fn changes_during_an_apply_wait_for_its_outcome() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    let actions = harness.step(report("web1", true));
+    assert!(script(&actions).is_some());
+    let actions = harness.step(report("web2", false));
+    assert!(script(&actions).is_none(), "one transaction at a time");
+    let actions = harness.applied();
+    let script = script(&actions).expect("the change made meanwhile");
+    assert!(
+        script.contains("numgen inc mod 1 map { 0 : 198.18.1.11 . 9000 }"),
+        "{script}"
+    );
+}
+
+#[test]
+fn a_report_that_changes_nothing_applies_nothing() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    assert_eq!(harness.step(report("web2", true)), []);
+}
+
+#[test]
+fn a_failed_apply_is_retried_whole_after_a_second() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    harness.step(report("web1", true));
+    let actions = harness.step(Event::Applied(Err("kernel said no".into())));
+    assert_eq!(
+        notices(&actions),
+        ["applying the ruleset failed; the previous one stays, retrying in 1s: kernel said no"]
+    );
+    assert!(script(&actions).is_none());
+    assert!(script(&harness.advance(Duration::from_millis(500))).is_none());
+    let actions = harness.advance(Duration::from_millis(500));
+    let script = script(&actions).expect("the retry");
+    assert!(
+        script.starts_with("add table ip lobby\ndelete table ip lobby\n"),
+        "the table's content is unknown after a failure: {script}"
+    );
+}
+
+#[test]
+fn a_reload_keeps_unchanged_upstreams_and_restarts_changed_ones() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    harness.step(report("web1", true));
+    harness.applied();
+    // web1 unchanged; web2's port changes; web3 is new.
+    let next = TWO_CHECKED.replace(
+        "198.18.1.12\n              port: 9000",
+        "198.18.1.12\n              port: 9001",
+    ) + "            - name: web3\n              host: 198.18.1.13\n              port: 9000\n";
+    let actions = harness.step(Event::ConfigLoaded(config(&next)));
+    assert!(
+        actions.contains(&Action::StopChecker(id("web2"))),
+        "{actions:?}"
+    );
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::StartChecker { id, .. } if id.upstream == "web1")),
+        "web1 keeps its checker: {actions:?}"
+    );
+    let script = script(&actions).expect("a change");
+    // web1 stays available, web2 restarts available (its start state), web3 has no check.
+    assert!(
+        script.contains("numgen inc mod 3 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9001, 2 : 198.18.1.13 . 9000 }"),
+        "{script}"
+    );
+    let actions = harness.applied();
+    assert_eq!(
+        notices(&actions),
+        ["reload applied: +1 upstream, ~1 upstream"]
+    );
+    assert_eq!(harness.core.reloads().succeeded, 1);
+}
+
+#[test]
+fn a_reload_without_changes_says_so_without_a_transaction() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    let actions = harness.step(Event::ConfigLoaded(config(TWO_CHECKED)));
+    assert!(script(&actions).is_none());
+    assert_eq!(notices(&actions), ["reload applied: no change"]);
+}
+
+#[test]
+fn an_invalid_reload_changes_nothing() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    let actions = harness.step(Event::ConfigRejected("test.yaml:3:5: bad".into()));
+    assert!(script(&actions).is_none());
+    assert_eq!(
+        notices(&actions),
+        ["reload failed, the running configuration stays:\ntest.yaml:3:5: bad"]
+    );
+    assert!(!harness.core.reloads().last_successful);
+}
+
+#[test]
+fn a_removed_upstream_stays_masqueraded_until_its_linger_ends() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    let without_web2 = &TWO_CHECKED[..TWO_CHECKED.find("            - name: web2").unwrap()];
+    let actions = harness.step(Event::ConfigLoaded(config(without_web2)));
+    let script_text = script(&actions).expect("a change").to_owned();
+    assert!(
+        !script_text.contains("delete element ip lobby backends"),
+        "{script_text}"
+    );
+    assert!(actions.contains(&Action::StopChecker(id("web2"))));
+    harness.applied();
+    assert_eq!(
+        harness.core.next_deadline(),
+        Some(harness.now + model::BACKEND_LINGER)
+    );
+    assert!(script(&harness.advance(Duration::from_secs(1))).is_none());
+    let actions = harness.advance(Duration::from_secs(1));
+    assert_eq!(
+        script(&actions),
+        Some("delete element ip lobby backends { 198.18.1.12 . tcp . 9000 }\n")
+    );
+}
+
+#[test]
+fn a_name_that_moves_moves_its_upstream_and_its_probes() {
+    let mut harness = Harness::new(None);
+    let actions = harness.step(Event::ConfigLoaded(config(NAMED)));
+    assert!(script(&actions).unwrap().contains("reject with tcp reset"));
+    harness.applied();
+    let key = ResolverKey::new("web1.example.test", None);
+    let actions = harness.step(Event::Address(AddressUpdate {
+        key: key.clone(),
+        address: *socket(11).ip(),
+    }));
+    assert!(actions.contains(&Action::SetProbeAddress {
+        id: id("web1"),
+        address: *socket(11).ip()
+    }));
+    // Resolved but not yet healthy: counted, not balanced.
+    assert!(actions.contains(&Action::TrackCounters(BTreeSet::from([(
+        socket(11),
+        Protocol::Tcp
+    )]))));
+    harness.step(report("web1", true));
+    harness.applied();
+    let actions = harness.step(Event::Address(AddressUpdate {
+        key,
+        address: *socket(21).ip(),
+    }));
+    let script = script(&actions).expect("a move");
+    assert!(script.contains("0 : 198.18.1.21 . 9000"), "{script}");
+}
+
+#[test]
+fn an_outside_change_of_the_table_is_repaired_whole() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    let listed = |generation, text: Option<&str>| Event::TableListed {
+        generation,
+        listing: Ok(text.map(str::to_owned)),
+    };
+    let table = "table ip lobby {\n\tchain prerouting {\n\t}\n}\n";
+    assert_eq!(harness.step(listed(1, Some(table))), []);
+    // A listing that matches is quiet.
+    assert_eq!(
+        harness.step(Event::TableMayHaveChanged),
+        [Action::ListTable { generation: 1 }]
+    );
+    assert_eq!(harness.step(listed(1, Some(table))), []);
+    // A rule inserted by hand.
+    harness.step(Event::TableMayHaveChanged);
+    let tampered = table.replace("prerouting {\n", "prerouting {\n\t\tdrop\n");
+    let actions = harness.step(listed(1, Some(&tampered)));
+    assert_eq!(
+        notices(&actions),
+        ["table ip lobby was changed outside Lobby (added `drop`); restoring it"]
+    );
+    let repair = script(&actions).expect("a repair");
+    assert!(
+        repair.starts_with("add table ip lobby\ndelete table ip lobby\n"),
+        "{repair}"
+    );
+    // Deleted outright: created again, nothing to delete.
+    harness.applied();
+    harness.step(listed(2, Some(table)));
+    harness.step(Event::TableMayHaveChanged);
+    let actions = harness.step(listed(2, None));
+    assert_eq!(
+        notices(&actions),
+        ["table ip lobby was changed outside Lobby (the table was deleted); restoring it"]
+    );
+    assert!(script(&actions).unwrap().starts_with("table ip lobby {"));
+}
+
+#[test]
+fn a_listing_taken_during_an_apply_proves_nothing() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    let listed = |generation| Event::TableListed {
+        generation,
+        listing: Ok(Some("table ip lobby {\n}\n".to_owned())),
+    };
+    harness.step(listed(1));
+    harness.step(Event::TableMayHaveChanged);
+    // An apply starts before the listing comes back: the listing is stale.
+    assert!(script(&harness.step(report("web1", true))).is_some());
+    assert_eq!(harness.step(listed(1)), []);
+    // Nor are listings asked for while the apply is in flight.
+    assert_eq!(harness.step(Event::TableMayHaveChanged), []);
+}
+
+#[test]
+fn describes_changes_by_lines() {
+    assert_eq!(
+        describe_change("a\nb\n", "a\nc\n"),
+        "added `c`; removed `b`"
+    );
+    assert_eq!(
+        describe_change("", "1\n2\n3\n4\n5\n"),
+        "added `1`, `2`, `3` and 2 more"
+    );
+}
