@@ -17,7 +17,9 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
+
+use crate::listen::{Limits, Watched, accept_until};
 
 /// The default control socket.
 pub const DEFAULT_SOCKET: &str = "/run/lobby/lobby.sock";
@@ -97,6 +99,8 @@ pub enum CtlError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("lobby daemon at {path} did not answer within {}s", after.as_secs())]
+    Timeout { path: PathBuf, after: Duration },
     #[error("the daemon answered: {0}")]
     Daemon(String),
 }
@@ -131,6 +135,17 @@ pub async fn bind(path: &Path) -> Result<UnixListener, CtlError> {
     Ok(listener)
 }
 
+/// The control socket's share of the daemon's descriptors and how long a
+/// client may take: a request is one short line, sent at once.
+pub const LIMITS: Limits = Limits {
+    max_connections: 64,
+    request_timeout: Duration::from_secs(5),
+    idle_timeout: Duration::from_secs(5),
+};
+
+/// How long `lobby stats` waits for the daemon's answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Accepts connections until `cancel`, forwarding their requests to the
 /// loop, then removes the socket file.
 pub async fn serve(
@@ -139,57 +154,46 @@ pub async fn serve(
     requests: mpsc::Sender<Request>,
     cancel: CancellationToken,
 ) {
-    accept_until(
-        &cancel,
-        "control",
-        || async { listener.accept().await.map(|(stream, _)| stream) },
-        |stream| {
-            let requests = requests.clone();
-            async move { answer(stream, &requests).await }
-        },
-    )
-    .await;
+    serve_within(listener, requests, &cancel, LIMITS).await;
     let _ = tokio::fs::remove_file(&path).await;
 }
 
-/// Accepts with `accept` until `cancel`, each connection handled on a task
-/// of its own by `handle`; errors of one connection are its own.
-pub(crate) async fn accept_until<S, Accepted, Handled>(
+async fn serve_within(
+    listener: UnixListener,
+    requests: mpsc::Sender<Request>,
     cancel: &CancellationToken,
-    what: &'static str,
-    accept: impl Fn() -> Accepted,
-    handle: impl Fn(S) -> Handled,
-) where
-    Accepted: Future<Output = io::Result<S>>,
-    Handled: Future<Output = io::Result<()>> + Send + 'static,
-{
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            accepted = accept() => match accepted {
-                Ok(stream) => {
-                    let handled = handle(stream);
-                    tokio::spawn(async move {
-                        if let Err(e) = handled.await {
-                            debug!(error = %e, "{what} connection");
-                        }
-                    });
-                }
-                Err(e) => {
-                    warn!(error = %e, "accepting a {what} connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
-    }
+    limits: Limits,
+) {
+    accept_until(
+        cancel,
+        "control",
+        limits,
+        || async { listener.accept().await.map(|(stream, _)| stream) },
+        |stream| {
+            let requests = requests.clone();
+            async move { answer(stream, &requests, limits.request_timeout).await }
+        },
+    )
+    .await;
 }
 
-async fn answer(stream: UnixStream, requests: &mpsc::Sender<Request>) -> io::Result<()> {
-    let (read, mut write) = stream.into_split();
+async fn answer(
+    stream: Watched<UnixStream>,
+    requests: &mpsc::Sender<Request>,
+    request_timeout: Duration,
+) -> io::Result<()> {
+    let (read, mut write) = tokio::io::split(stream);
     let mut line = String::new();
     // One bounded line: a client cannot make the daemon buffer without end.
     let mut reader = BufReader::new(read.take(4096));
-    reader.read_line(&mut line).await?;
+    tokio::time::timeout(request_timeout, reader.read_line(&mut line))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no request within {request_timeout:?}"),
+            )
+        })??;
     let response = match serde_json::from_str::<WireRequest>(&line) {
         Ok(WireRequest::Stats) => {
             let (reply, answer) = oneshot::channel();
@@ -208,8 +212,18 @@ async fn answer(stream: UnixStream, requests: &mpsc::Sender<Request>) -> io::Res
     write.write_all(&out).await
 }
 
-/// Asks the daemon listening on `path` for its stats.
+/// Asks the daemon listening on `path` for its stats, giving up after
+/// [`CLIENT_TIMEOUT`].
 pub async fn fetch_stats(path: &Path) -> Result<StatsReport, CtlError> {
+    tokio::time::timeout(CLIENT_TIMEOUT, exchange(path))
+        .await
+        .map_err(|_| CtlError::Timeout {
+            path: path.to_owned(),
+            after: CLIENT_TIMEOUT,
+        })?
+}
+
+async fn exchange(path: &Path) -> Result<StatsReport, CtlError> {
     let exchange = |source| CtlError::Exchange {
         path: path.to_owned(),
         source,

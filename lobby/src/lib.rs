@@ -11,6 +11,8 @@
 //! - [`watch`]: notices changes of the configuration file.
 //! - [`ctl`]: the control socket and `lobby stats`.
 //! - [`metrics`]: the Prometheus endpoint.
+//! - [`listen`]: accepting with a connection cap and an idle timeout, for
+//!   every listener.
 //! - [`systemd`]: readiness notifications.
 //! - [`process`]: running nft and ip with a script on stdin.
 //! - [`daemon`]: the reconcile loop that owns the state and wires them.
@@ -20,6 +22,7 @@ pub mod daemon;
 pub mod dns;
 pub mod ebpf;
 pub mod health;
+pub mod listen;
 pub mod metrics;
 pub mod model;
 pub mod nft;
