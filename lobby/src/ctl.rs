@@ -470,6 +470,77 @@ mod tests {
         assert_eq!(human_bytes(5.0 * 1024.0 * 1024.0 * 1024.0), "5.0 GiB");
     }
 
+    /// A control socket in `dir` within `limits` whose loop answers every
+    /// request with `report`, until the returned token is cancelled.
+    async fn daemon(
+        dir: &Path,
+        limits: Limits,
+        report: StatsReport,
+    ) -> (PathBuf, CancellationToken) {
+        let path = dir.join("lobby.sock");
+        let listener = bind(&path).await.unwrap();
+        let (requests, mut incoming) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        let serving = cancel.clone();
+        tokio::spawn(async move { serve_within(listener, requests, &serving, limits).await });
+        tokio::spawn(async move {
+            while let Some(Request::Stats(reply)) = incoming.recv().await {
+                let _ = reply.send(report.clone());
+            }
+        });
+        (path, cancel)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_clients_are_dropped_and_free_their_slots() {
+        // Shorter than the client's own timeout, so it can still be served.
+        let limits = Limits {
+            max_connections: 2,
+            request_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(2),
+        };
+        assert!(limits.request_timeout < CLIENT_TIMEOUT);
+        let dir = tempfile::tempdir().unwrap();
+        let expected = report(vec![upstream("web1", 1, 2)]);
+        let (path, cancel) = daemon(dir.path(), limits, expected.clone()).await;
+        let start = tokio::time::Instant::now();
+        let mut silent = Vec::new();
+        for _ in 0..limits.max_connections {
+            silent.push(UnixStream::connect(&path).await.unwrap());
+        }
+        assert_eq!(fetch_stats(&path).await.unwrap(), expected);
+        assert!(
+            start.elapsed() >= limits.request_timeout,
+            "answered after {:?}, before a silent client was dropped: the cap did not hold",
+            start.elapsed()
+        );
+        for mut client in silent {
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty(), "{rest:?}");
+        }
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stats_give_up_on_a_daemon_that_does_not_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lobby.sock");
+        // Bound, never accepted: connecting and sending succeed, no answer.
+        let _listener = UnixListener::bind(&path).unwrap();
+        let start = tokio::time::Instant::now();
+        let error = fetch_stats(&path).await.unwrap_err();
+        assert!(matches!(error, CtlError::Timeout { .. }), "{error:?}");
+        assert_eq!(start.elapsed(), CLIENT_TIMEOUT);
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "lobby daemon at {} did not answer within 5s",
+                path.display()
+            )
+        );
+    }
+
     #[tokio::test]
     async fn a_request_reaches_the_loop_and_its_answer_the_client() {
         let dir = tempfile::tempdir().unwrap();

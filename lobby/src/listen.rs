@@ -185,3 +185,54 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpListener, TcpStream},
+        time::{Instant, sleep},
+    };
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_quiet_connection_is_closed() {
+        let limits = Limits {
+            max_connections: 1,
+            request_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let serving = cancel.clone();
+        // Echoes until the client closes.
+        tokio::spawn(async move {
+            accept_until(
+                &serving,
+                "test",
+                limits,
+                || async { listener.accept().await.map(|(stream, _)| stream) },
+                |stream| async move {
+                    let (mut read, mut write) = tokio::io::split(stream);
+                    tokio::io::copy(&mut read, &mut write).await.map(drop)
+                },
+            )
+            .await;
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let start = Instant::now();
+        // Twice the idle timeout in all, but never quiet for as long.
+        while start.elapsed() < limits.idle_timeout * 2 {
+            sleep(limits.idle_timeout * 2 / 3).await;
+            client.write_all(b"x").await.unwrap();
+            let mut echo = [0u8; 1];
+            client.read_exact(&mut echo).await.unwrap();
+        }
+        let quiet_since = Instant::now();
+        assert_eq!(client.read(&mut [0u8; 1]).await.unwrap(), 0);
+        assert!(quiet_since.elapsed() >= limits.idle_timeout);
+        cancel.cancel();
+    }
+}
