@@ -17,7 +17,9 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
+
+use crate::listen::{Limits, Watched, accept_until};
 
 /// The default control socket.
 pub const DEFAULT_SOCKET: &str = "/run/lobby/lobby.sock";
@@ -97,6 +99,8 @@ pub enum CtlError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("lobby daemon at {path} did not answer within {}s", after.as_secs())]
+    Timeout { path: PathBuf, after: Duration },
     #[error("the daemon answered: {0}")]
     Daemon(String),
 }
@@ -131,6 +135,17 @@ pub async fn bind(path: &Path) -> Result<UnixListener, CtlError> {
     Ok(listener)
 }
 
+/// The control socket's share of the daemon's descriptors and how long a
+/// client may take: a request is one short line, sent at once.
+pub const LIMITS: Limits = Limits {
+    max_connections: 64,
+    request_timeout: Duration::from_secs(5),
+    idle_timeout: Duration::from_secs(5),
+};
+
+/// How long `lobby stats` waits for the daemon's answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Accepts connections until `cancel`, forwarding their requests to the
 /// loop, then removes the socket file.
 pub async fn serve(
@@ -139,57 +154,46 @@ pub async fn serve(
     requests: mpsc::Sender<Request>,
     cancel: CancellationToken,
 ) {
-    accept_until(
-        &cancel,
-        "control",
-        || async { listener.accept().await.map(|(stream, _)| stream) },
-        |stream| {
-            let requests = requests.clone();
-            async move { answer(stream, &requests).await }
-        },
-    )
-    .await;
+    serve_within(listener, requests, &cancel, LIMITS).await;
     let _ = tokio::fs::remove_file(&path).await;
 }
 
-/// Accepts with `accept` until `cancel`, each connection handled on a task
-/// of its own by `handle`; errors of one connection are its own.
-pub(crate) async fn accept_until<S, Accepted, Handled>(
+async fn serve_within(
+    listener: UnixListener,
+    requests: mpsc::Sender<Request>,
     cancel: &CancellationToken,
-    what: &'static str,
-    accept: impl Fn() -> Accepted,
-    handle: impl Fn(S) -> Handled,
-) where
-    Accepted: Future<Output = io::Result<S>>,
-    Handled: Future<Output = io::Result<()>> + Send + 'static,
-{
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            accepted = accept() => match accepted {
-                Ok(stream) => {
-                    let handled = handle(stream);
-                    tokio::spawn(async move {
-                        if let Err(e) = handled.await {
-                            debug!(error = %e, "{what} connection");
-                        }
-                    });
-                }
-                Err(e) => {
-                    warn!(error = %e, "accepting a {what} connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
-    }
+    limits: Limits,
+) {
+    accept_until(
+        cancel,
+        "control",
+        limits,
+        || async { listener.accept().await.map(|(stream, _)| stream) },
+        |stream| {
+            let requests = requests.clone();
+            async move { answer(stream, &requests, limits.request_timeout).await }
+        },
+    )
+    .await;
 }
 
-async fn answer(stream: UnixStream, requests: &mpsc::Sender<Request>) -> io::Result<()> {
-    let (read, mut write) = stream.into_split();
+async fn answer(
+    stream: Watched<UnixStream>,
+    requests: &mpsc::Sender<Request>,
+    request_timeout: Duration,
+) -> io::Result<()> {
+    let (read, mut write) = tokio::io::split(stream);
     let mut line = String::new();
     // One bounded line: a client cannot make the daemon buffer without end.
     let mut reader = BufReader::new(read.take(4096));
-    reader.read_line(&mut line).await?;
+    tokio::time::timeout(request_timeout, reader.read_line(&mut line))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no request within {request_timeout:?}"),
+            )
+        })??;
     let response = match serde_json::from_str::<WireRequest>(&line) {
         Ok(WireRequest::Stats) => {
             let (reply, answer) = oneshot::channel();
@@ -208,8 +212,18 @@ async fn answer(stream: UnixStream, requests: &mpsc::Sender<Request>) -> io::Res
     write.write_all(&out).await
 }
 
-/// Asks the daemon listening on `path` for its stats.
+/// Asks the daemon listening on `path` for its stats, giving up after
+/// [`CLIENT_TIMEOUT`].
 pub async fn fetch_stats(path: &Path) -> Result<StatsReport, CtlError> {
+    tokio::time::timeout(CLIENT_TIMEOUT, exchange(path))
+        .await
+        .map_err(|_| CtlError::Timeout {
+            path: path.to_owned(),
+            after: CLIENT_TIMEOUT,
+        })?
+}
+
+async fn exchange(path: &Path) -> Result<StatsReport, CtlError> {
     let exchange = |source| CtlError::Exchange {
         path: path.to_owned(),
         source,
@@ -454,6 +468,77 @@ mod tests {
         assert_eq!(human_bytes(512.0), "512 B");
         assert_eq!(human_bytes(1536.0), "1.5 KiB");
         assert_eq!(human_bytes(5.0 * 1024.0 * 1024.0 * 1024.0), "5.0 GiB");
+    }
+
+    /// A control socket in `dir` within `limits` whose loop answers every
+    /// request with `report`, until the returned token is cancelled.
+    async fn daemon(
+        dir: &Path,
+        limits: Limits,
+        report: StatsReport,
+    ) -> (PathBuf, CancellationToken) {
+        let path = dir.join("lobby.sock");
+        let listener = bind(&path).await.unwrap();
+        let (requests, mut incoming) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        let serving = cancel.clone();
+        tokio::spawn(async move { serve_within(listener, requests, &serving, limits).await });
+        tokio::spawn(async move {
+            while let Some(Request::Stats(reply)) = incoming.recv().await {
+                let _ = reply.send(report.clone());
+            }
+        });
+        (path, cancel)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_clients_are_dropped_and_free_their_slots() {
+        // Shorter than the client's own timeout, so it can still be served.
+        let limits = Limits {
+            max_connections: 2,
+            request_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(2),
+        };
+        assert!(limits.request_timeout < CLIENT_TIMEOUT);
+        let dir = tempfile::tempdir().unwrap();
+        let expected = report(vec![upstream("web1", 1, 2)]);
+        let (path, cancel) = daemon(dir.path(), limits, expected.clone()).await;
+        let start = tokio::time::Instant::now();
+        let mut silent = Vec::new();
+        for _ in 0..limits.max_connections {
+            silent.push(UnixStream::connect(&path).await.unwrap());
+        }
+        assert_eq!(fetch_stats(&path).await.unwrap(), expected);
+        assert!(
+            start.elapsed() >= limits.request_timeout,
+            "answered after {:?}, before a silent client was dropped: the cap did not hold",
+            start.elapsed()
+        );
+        for mut client in silent {
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty(), "{rest:?}");
+        }
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stats_give_up_on_a_daemon_that_does_not_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lobby.sock");
+        // Bound, never accepted: connecting and sending succeed, no answer.
+        let _listener = UnixListener::bind(&path).unwrap();
+        let start = tokio::time::Instant::now();
+        let error = fetch_stats(&path).await.unwrap_err();
+        assert!(matches!(error, CtlError::Timeout { .. }), "{error:?}");
+        assert_eq!(start.elapsed(), CLIENT_TIMEOUT);
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "lobby daemon at {} did not answer within 5s",
+                path.display()
+            )
+        );
     }
 
     #[tokio::test]

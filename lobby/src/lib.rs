@@ -11,6 +11,8 @@
 //! - [`watch`]: notices changes of the configuration file.
 //! - [`ctl`]: the control socket and `lobby stats`.
 //! - [`metrics`]: the Prometheus endpoint.
+//! - [`listen`]: accepting with a connection cap and an idle timeout, for
+//!   every listener.
 //! - [`systemd`]: readiness notifications.
 //! - [`process`]: running nft and ip with a script on stdin.
 //! - [`reconcile`]: the reconcile core: every decision of the daemon, pure
@@ -27,6 +29,7 @@ pub mod daemon;
 pub mod dns;
 pub mod ebpf;
 pub mod health;
+pub mod listen;
 pub mod metrics;
 pub mod model;
 pub mod nft;

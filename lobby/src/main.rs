@@ -1,4 +1,9 @@
-use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -131,10 +136,8 @@ fn stats(socket: &std::path::Path, json: bool, watch: Option<u64>) -> anyhow::Re
     runtime.block_on(async {
         if json && watch.is_none() {
             let report = ctl::fetch_stats(socket).await?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&report).expect("plain data serializes")
-            );
+            let text = serde_json::to_string_pretty(&report).expect("plain data serializes");
+            print_out(&format!("{text}\n"))?;
             return Ok(());
         }
         let period = watch.map_or(RATE_SAMPLE, |secs| Duration::from_secs(secs.max(1)));
@@ -142,26 +145,38 @@ fn stats(socket: &std::path::Path, json: bool, watch: Option<u64>) -> anyhow::Re
         loop {
             tokio::time::sleep(period).await;
             let now = ctl::fetch_stats(socket).await?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&now).expect("plain data serializes")
-                );
+            let text = if json {
+                let line = serde_json::to_string(&now).expect("plain data serializes");
+                format!("{line}\n")
             } else {
-                if watch.is_some() && std::io::stdout().is_terminal() {
-                    print!("\x1b[2J\x1b[H");
-                }
-                print!(
-                    "{}",
-                    ctl::render_table(&now, Some((&earlier, period.as_secs_f64())))
-                );
-            }
-            if watch.is_none() {
+                let clear = if watch.is_some() && std::io::stdout().is_terminal() {
+                    "\x1b[2J\x1b[H"
+                } else {
+                    ""
+                };
+                let table = ctl::render_table(&now, Some((&earlier, period.as_secs_f64())));
+                format!("{clear}{table}")
+            };
+            if !print_out(&text)? || watch.is_none() {
                 return Ok(());
             }
             earlier = now;
         }
     })
+}
+
+/// Writes `text` to stdout; `false` when the reader went away (`lobby stats
+/// --json | head -1`), which ends the output quietly, not with a panic.
+fn print_out(text: &str) -> anyhow::Result<bool> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("writing to stdout"),
+    }
 }
 
 fn run_daemon(args: RunArgs) -> anyhow::Result<()> {

@@ -1,16 +1,34 @@
 //! The Prometheus endpoint: renders what the daemon knows in the text
-//! exposition format and serves it over plain HTTP on `metrics.listen`.
-//! The counters are the same the control socket reports.
-use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr, time::Duration};
+//! exposition format (version 0.0.4) with `prometheus-client` and serves it
+//! over HTTP/1.1 (hyper) on `metrics.listen`. The counters are the same the
+//! control socket reports.
+use std::{collections::BTreeMap, convert::Infallible, fmt, io, net::SocketAddr, time::Duration};
 
+use http_body_util::Full;
+use hyper::{
+    Method, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{MetricType, TypedMetric, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::{mpsc, oneshot},
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::ctl::{Request, StatsReport};
+use crate::{
+    ctl::{Request, StatsReport, UpstreamStats},
+    listen::{Limits, accept_until},
+};
 
 /// Upper bounds (seconds) of the apply-duration histogram: an apply takes
 /// milliseconds at small scale and a few hundred at 10,000 upstreams.
@@ -60,176 +78,206 @@ pub struct Snapshot {
     pub apply_duration: Histogram,
 }
 
-/// The text exposition format (version 0.0.4).
-pub fn render(snapshot: &Snapshot) -> String {
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
-        writeln!(out, "# HELP {name} {help}").unwrap();
-        writeln!(out, "# TYPE {name} {kind}").unwrap();
-        for (labels, value) in samples {
-            writeln!(out, "{name}{labels} {value}").unwrap();
-        }
-    };
-    // (target, labels, stats) of every upstream.
-    let upstreams: Vec<(&str, String, &crate::ctl::UpstreamStats)> = snapshot
-        .stats
-        .targets
-        .iter()
-        .flat_map(|t| {
-            t.upstreams.iter().map(move |u| {
-                let labels = format!(
-                    "target=\"{}\",upstream=\"{}\",address=\"{}\"",
-                    escape(&t.name),
-                    escape(&u.name),
-                    u.address
-                        .as_deref()
-                        .map_or(String::new(), |a| format!("{a}:{}", u.port))
-                );
-                (t.name.as_str(), labels, u)
-            })
-        })
-        .collect();
-    let per_upstream = |value: &dyn Fn(&crate::ctl::UpstreamStats) -> String| {
-        upstreams
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        // prometheus-client takes the count of each bucket alone and sums
+        // them up itself; ours are already cumulative.
+        let mut below = 0;
+        let buckets: Vec<(f64, u64)> = APPLY_BUCKETS
             .iter()
-            .map(|(_, labels, u)| (format!("{{{labels}}}"), value(u)))
-            .collect()
-    };
-    family(
-        "lobby_upstream_up",
-        "gauge",
-        "Whether new connections go to the upstream (1) or not (0).",
-        per_upstream(&|u| u8::from(u.available).to_string()),
-    );
-    family(
-        "lobby_upstream_connections_total",
-        "counter",
-        "Connections sent to the upstream (SYNs toward it).",
-        per_upstream(&|u| u.connections.to_string()),
-    );
-    family(
-        "lobby_upstream_resets_total",
-        "counter",
-        "TCP resets from the upstream.",
-        per_upstream(&|u| u.resets.to_string()),
-    );
-    let directional = |value: &dyn Fn(&crate::ctl::UpstreamStats) -> (u64, u64)| {
-        upstreams
-            .iter()
-            .flat_map(|(_, labels, u)| {
-                let (inbound, outbound) = value(u);
-                [
-                    (
-                        format!("{{{labels},direction=\"in\"}}"),
-                        inbound.to_string(),
-                    ),
-                    (
-                        format!("{{{labels},direction=\"out\"}}"),
-                        outbound.to_string(),
-                    ),
-                ]
+            .zip(self.buckets)
+            .map(|(bound, cumulative)| {
+                let alone = cumulative - below;
+                below = cumulative;
+                (*bound, alone)
             })
-            .collect()
-    };
-    family(
-        "lobby_upstream_packets_total",
-        "counter",
-        "Packets from (in) and to (out) the upstream.",
-        directional(&|u| (u.packets_in, u.packets_out)),
-    );
-    family(
-        "lobby_upstream_bytes_total",
-        "counter",
-        "IP bytes from (in) and to (out) the upstream.",
-        directional(&|u| (u.bytes_in, u.bytes_out)),
-    );
-    let mut checks = Vec::new();
-    let mut changes = Vec::new();
-    for (target, labels, upstream) in &upstreams {
-        let extras = snapshot
-            .extras
-            .get(&((*target).to_owned(), upstream.name.clone()))
-            .cloned()
-            .unwrap_or_default();
-        checks.push((
-            format!("{{{labels},result=\"success\"}}"),
-            extras.health_successes.to_string(),
-        ));
-        checks.push((
-            format!("{{{labels},result=\"failure\"}}"),
-            extras.health_failures.to_string(),
-        ));
-        changes.push((format!("{{{labels}}}"), extras.state_changes.to_string()));
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &buckets, None)
     }
-    family(
-        "lobby_upstream_health_checks_total",
-        "counter",
-        "Health-check probes by result.",
-        checks,
-    );
-    family(
-        "lobby_upstream_state_changes_total",
-        "counter",
-        "Changes between available and unavailable.",
-        changes,
-    );
-    family(
-        "lobby_dns_resolutions_total",
-        "counter",
-        "Upstream name resolutions by result.",
-        snapshot
-            .dns_resolutions
-            .iter()
-            .map(|(result, n)| (format!("{{result=\"{}\"}}", escape(result)), n.to_string()))
-            .collect(),
-    );
-    family(
-        "lobby_config_reloads_total",
-        "counter",
-        "Configuration reloads by result.",
-        vec![
-            (
-                "{result=\"success\"}".into(),
-                snapshot.reloads_succeeded.to_string(),
-            ),
-            (
-                "{result=\"failure\"}".into(),
-                snapshot.reloads_failed.to_string(),
-            ),
-        ],
-    );
-    family(
-        "lobby_config_last_reload_successful",
-        "gauge",
-        "Whether the last reload succeeded (1) or was rejected (0).",
-        vec![(
-            String::new(),
-            u8::from(snapshot.last_reload_successful).to_string(),
-        )],
-    );
-    let h = &snapshot.apply_duration;
-    let mut samples: Vec<(String, String)> = APPLY_BUCKETS
-        .iter()
-        .zip(h.buckets)
-        .map(|(bound, n)| (format!("_bucket{{le=\"{bound}\"}}"), n.to_string()))
-        .collect();
-    samples.push(("_bucket{le=\"+Inf\"}".into(), h.count.to_string()));
-    samples.push(("_sum".into(), h.sum.to_string()));
-    samples.push(("_count".into(), h.count.to_string()));
-    family(
-        "lobby_nft_apply_duration_seconds",
-        "histogram",
-        "Time to apply one nftables transaction.",
-        samples,
-    );
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// The text exposition format (version 0.0.4).
+pub fn render(snapshot: Snapshot) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Exposition(snapshot)));
+    let mut out = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+        .expect("writing to a String cannot fail");
     out
 }
 
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// The snapshot of one scrape, encoded family by family. A collector rather
+/// than registered counters: the daemon's loop owns the figures and hands
+/// over a copy per scrape, so every sample is a constant of that copy.
+#[derive(Debug)]
+struct Exposition(Snapshot);
+
+/// `target`, `upstream` and `address` (`ADDRESS:PORT`, empty while
+/// unresolved).
+type UpstreamLabels<'a> = [(&'static str, &'a str); 3];
+
+impl Collector for Exposition {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let snapshot = &self.0;
+        let addresses: Vec<String> = upstreams(&snapshot.stats)
+            .map(|(_, u)| {
+                u.address
+                    .as_deref()
+                    .map_or(String::new(), |a| format!("{a}:{}", u.port))
+            })
+            .collect();
+        let upstreams: Vec<(UpstreamLabels, &UpstreamStats, UpstreamExtras)> =
+            upstreams(&snapshot.stats)
+                .zip(&addresses)
+                .map(|((target, u), address)| {
+                    let extras = snapshot
+                        .extras
+                        .get(&(target.to_owned(), u.name.clone()))
+                        .cloned()
+                        .unwrap_or_default();
+                    let labels = [
+                        ("target", target),
+                        ("upstream", u.name.as_str()),
+                        ("address", address.as_str()),
+                    ];
+                    (labels, u, extras)
+                })
+                .collect();
+        let per_upstream = |value: fn(&UpstreamStats) -> u64| {
+            upstreams
+                .iter()
+                .map(move |(labels, u, _)| (*labels, ConstCounter::new(value(u))))
+        };
+        let directional = |value: fn(&UpstreamStats) -> (u64, u64)| {
+            upstreams.iter().flat_map(move |(labels, u, _)| {
+                let (inbound, outbound) = value(u);
+                [
+                    ((*labels, [("direction", "in")]), ConstCounter::new(inbound)),
+                    (
+                        (*labels, [("direction", "out")]),
+                        ConstCounter::new(outbound),
+                    ),
+                ]
+            })
+        };
+        // Counters are named without `_total`: prometheus-client appends it.
+        family(
+            &mut encoder,
+            "lobby_upstream_up",
+            "Whether new connections go to the upstream (1) or not (0).",
+            upstreams
+                .iter()
+                .map(|(labels, u, _)| (*labels, ConstGauge::new(i64::from(u.available)))),
+        )?;
+        family(
+            &mut encoder,
+            "lobby_upstream_connections",
+            "Connections sent to the upstream (SYNs toward it).",
+            per_upstream(|u| u.connections),
+        )?;
+        family(
+            &mut encoder,
+            "lobby_upstream_resets",
+            "TCP resets from the upstream.",
+            per_upstream(|u| u.resets),
+        )?;
+        family(
+            &mut encoder,
+            "lobby_upstream_packets",
+            "Packets from (in) and to (out) the upstream.",
+            directional(|u| (u.packets_in, u.packets_out)),
+        )?;
+        family(
+            &mut encoder,
+            "lobby_upstream_bytes",
+            "IP bytes from (in) and to (out) the upstream.",
+            directional(|u| (u.bytes_in, u.bytes_out)),
+        )?;
+        family(
+            &mut encoder,
+            "lobby_upstream_health_checks",
+            "Health-check probes by result.",
+            upstreams.iter().flat_map(|(labels, _, extras)| {
+                [
+                    (
+                        (*labels, [("result", "success")]),
+                        ConstCounter::new(extras.health_successes),
+                    ),
+                    (
+                        (*labels, [("result", "failure")]),
+                        ConstCounter::new(extras.health_failures),
+                    ),
+                ]
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "lobby_upstream_state_changes",
+            "Changes between available and unavailable.",
+            upstreams
+                .iter()
+                .map(|(labels, _, extras)| (*labels, ConstCounter::new(extras.state_changes))),
+        )?;
+        family(
+            &mut encoder,
+            "lobby_dns_resolutions",
+            "Upstream name resolutions by result.",
+            snapshot
+                .dns_resolutions
+                .iter()
+                .map(|(result, n)| ([("result", result.as_str())], ConstCounter::new(*n))),
+        )?;
+        family(
+            &mut encoder,
+            "lobby_config_reloads",
+            "Configuration reloads by result.",
+            [
+                ("success", snapshot.reloads_succeeded),
+                ("failure", snapshot.reloads_failed),
+            ]
+            .map(|(result, n)| ([("result", result)], ConstCounter::new(n))),
+        )?;
+        ConstGauge::new(i64::from(snapshot.last_reload_successful)).encode(
+            encoder.encode_descriptor(
+                "lobby_config_last_reload_successful",
+                "Whether the last reload succeeded (1) or was rejected (0).",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
+        snapshot.apply_duration.encode(encoder.encode_descriptor(
+            "lobby_nft_apply_duration_seconds",
+            "Time to apply one nftables transaction.",
+            None,
+            MetricType::Histogram,
+        )?)
+    }
+}
+
+/// Every upstream with its target's name, in the report's order.
+fn upstreams(stats: &StatsReport) -> impl Iterator<Item = (&str, &UpstreamStats)> {
+    stats
+        .targets
+        .iter()
+        .flat_map(|t| t.upstreams.iter().map(move |u| (t.name.as_str(), u)))
+}
+
+/// One family: its HELP and TYPE lines, then a sample per label set.
+fn family<L: EncodeLabelSet, M: EncodeMetric + TypedMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, M)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, M::TYPE)?;
+    for (labels, metric) in samples {
+        metric.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -237,7 +285,7 @@ fn escape(value: &str) -> String {
 pub struct MetricsError {
     addr: SocketAddr,
     #[source]
-    source: std::io::Error,
+    source: io::Error,
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
@@ -246,58 +294,355 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
         .map_err(|source| MetricsError { addr, source })
 }
 
+/// The endpoint's share of the daemon's descriptors and how long a client
+/// may take. A scraper sends its request at once and scrapes every few
+/// seconds at most; a keep-alive connection waiting for the next request
+/// is held to `request_timeout` too (hyper starts the header timer when it
+/// waits for a request head, not at its first byte).
+pub const LIMITS: Limits = Limits {
+    max_connections: 256,
+    request_timeout: Duration::from_secs(5),
+    idle_timeout: Duration::from_secs(30),
+};
+
 /// Serves `GET /metrics` until `cancel`.
 pub async fn serve(
     listener: TcpListener,
     requests: mpsc::Sender<Request>,
     cancel: CancellationToken,
 ) {
-    crate::ctl::accept_until(
-        &cancel,
+    serve_within(listener, requests, &cancel, LIMITS).await;
+}
+
+async fn serve_within(
+    listener: TcpListener,
+    requests: mpsc::Sender<Request>,
+    cancel: &CancellationToken,
+    limits: Limits,
+) {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.request_timeout);
+    accept_until(
+        cancel,
         "metrics",
+        limits,
         || async { listener.accept().await.map(|(stream, _)| stream) },
         |stream| {
             let requests = requests.clone();
-            async move { answer(stream, &requests).await }
+            let connection = http.serve_connection(
+                TokioIo::new(stream),
+                service_fn(move |request| answer(request, requests.clone())),
+            );
+            async move { connection.await.map_err(io::Error::other) }
         },
     )
     .await;
 }
 
-async fn answer(mut stream: TcpStream, requests: &mpsc::Sender<Request>) -> std::io::Result<()> {
-    // Only the request line matters; a scrape's request fits in one read.
-    let mut buf = [0u8; 2048];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-        .await
-        .map_err(std::io::Error::other)??;
-    let request = String::from_utf8_lossy(&buf[..n]);
-    let path = request.split_whitespace().nth(1).unwrap_or("");
-    let (status, body) = if !request.starts_with("GET ") {
-        ("405 Method Not Allowed", "only GET\n".to_owned())
-    } else if path != "/metrics" && path != "/" {
-        ("404 Not Found", "see /metrics\n".to_owned())
+async fn answer(
+    request: hyper::Request<Incoming>,
+    requests: mpsc::Sender<Request>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let plain = "text/plain; charset=utf-8";
+    let (status, content_type, body) = if request.method() != Method::GET {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            plain,
+            "only GET\n".to_owned(),
+        )
+    } else if !matches!(request.uri().path(), "/metrics" | "/") {
+        (StatusCode::NOT_FOUND, plain, "see /metrics\n".to_owned())
     } else {
-        let (reply, snapshot) = oneshot::channel();
-        match requests.send(Request::Metrics(reply)).await {
-            Ok(()) => match snapshot.await {
-                Ok(snapshot) => ("200 OK", render(&snapshot)),
-                Err(_) => ("503 Service Unavailable", "shutting down\n".to_owned()),
-            },
-            Err(_) => ("503 Service Unavailable", "shutting down\n".to_owned()),
+        match snapshot(&requests).await {
+            Some(snapshot) => (
+                StatusCode::OK,
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                render(snapshot),
+            ),
+            None => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                plain,
+                "shutting down\n".to_owned(),
+            ),
         }
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    Ok(Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("a status and a valid header make a response"))
+}
+
+/// The loop's snapshot, or `None` when it is gone (shutting down).
+async fn snapshot(requests: &mpsc::Sender<Request>) -> Option<Snapshot> {
+    let (reply, snapshot) = oneshot::channel();
+    requests.send(Request::Metrics(reply)).await.ok()?;
+    snapshot.await.ok()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::process::{Command, Stdio};
+
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpStream,
+        time::Instant,
+    };
+
     use super::*;
-    use crate::ctl::{TargetStats, UpstreamStats};
+    use crate::ctl::TargetStats;
+
+    /// One upstream with every figure set, DNS results and reloads.
+    fn busy_snapshot() -> Snapshot {
+        let mut apply_duration = Histogram::default();
+        apply_duration.observe(Duration::from_millis(7));
+        Snapshot {
+            stats: StatsReport {
+                targets: vec![TargetStats {
+                    name: "web".into(),
+                    protocol: "tcp".into(),
+                    port: 8081,
+                    upstream_group: "pool".into(),
+                    distribution: "round-robin".into(),
+                    upstreams: vec![UpstreamStats {
+                        name: "web1".into(),
+                        host: "web1.test".into(),
+                        address: Some("198.18.1.11".into()),
+                        port: 9000,
+                        available: true,
+                        connections: 12,
+                        resets: 1,
+                        packets_out: 100,
+                        bytes_out: 5000,
+                        packets_in: 90,
+                        bytes_in: 80000,
+                    }],
+                }],
+            },
+            extras: BTreeMap::from([(
+                ("web".into(), "web1".into()),
+                UpstreamExtras {
+                    health_successes: 40,
+                    health_failures: 2,
+                    state_changes: 1,
+                },
+            )]),
+            dns_resolutions: BTreeMap::from([("success".into(), 5), ("nxdomain".into(), 1)]),
+            reloads_succeeded: 3,
+            reloads_failed: 1,
+            last_reload_successful: true,
+            apply_duration,
+        }
+    }
+
+    #[test]
+    fn exposition_has_every_spec_family_with_its_type() {
+        let text = render(busy_snapshot());
+        let upstream = "target=\"web\",upstream=\"web1\",address=\"198.18.1.11:9000\"";
+        for (name, kind, sample) in [
+            ("lobby_upstream_up", "gauge", format!("{{{upstream}}} 1")),
+            (
+                "lobby_upstream_connections_total",
+                "counter",
+                format!("{{{upstream}}} 12"),
+            ),
+            (
+                "lobby_upstream_resets_total",
+                "counter",
+                format!("{{{upstream}}} 1"),
+            ),
+            (
+                "lobby_upstream_packets_total",
+                "counter",
+                format!("{{{upstream},direction=\"out\"}} 100"),
+            ),
+            (
+                "lobby_upstream_bytes_total",
+                "counter",
+                format!("{{{upstream},direction=\"in\"}} 80000"),
+            ),
+            (
+                "lobby_upstream_health_checks_total",
+                "counter",
+                format!("{{{upstream},result=\"failure\"}} 2"),
+            ),
+            (
+                "lobby_upstream_state_changes_total",
+                "counter",
+                format!("{{{upstream}}} 1"),
+            ),
+            (
+                "lobby_dns_resolutions_total",
+                "counter",
+                "{result=\"nxdomain\"} 1".to_owned(),
+            ),
+            (
+                "lobby_config_reloads_total",
+                "counter",
+                "{result=\"success\"} 3".to_owned(),
+            ),
+            (
+                "lobby_config_last_reload_successful",
+                "gauge",
+                " 1".to_owned(),
+            ),
+            (
+                "lobby_nft_apply_duration_seconds",
+                "histogram",
+                "_bucket{le=\"0.01\"} 1".to_owned(),
+            ),
+        ] {
+            assert!(
+                text.contains(&format!("\n# TYPE {name} {kind}\n")),
+                "no TYPE line for {name}:\n{text}"
+            );
+            assert!(
+                text.contains(&format!("\n{name}{sample}\n")),
+                "no {name}{sample}:\n{text}"
+            );
+        }
+    }
+
+    /// An endpoint on 127.0.0.1 within `limits`, answered with
+    /// [`busy_snapshot`], until the returned token is cancelled.
+    async fn endpoint(limits: Limits) -> (SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (requests, mut incoming) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        let serving = cancel.clone();
+        tokio::spawn(async move { serve_within(listener, requests, &serving, limits).await });
+        tokio::spawn(async move {
+            while let Some(Request::Metrics(reply)) = incoming.recv().await {
+                let _ = reply.send(busy_snapshot());
+            }
+        });
+        (addr, cancel)
+    }
+
+    const TEST_LIMITS: Limits = Limits {
+        max_connections: 4,
+        ..LIMITS
+    };
+
+    /// What the server sends before it closes the connection.
+    async fn until_closed(stream: &mut TcpStream) -> String {
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        String::from_utf8(rest).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_scrape_past_the_cap_is_served_once_idle_clients_time_out() {
+        let (addr, cancel) = endpoint(TEST_LIMITS).await;
+        let start = Instant::now();
+        let mut idle = Vec::new();
+        for _ in 0..TEST_LIMITS.max_connections {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut scraper = TcpStream::connect(addr).await.unwrap();
+        scraper
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: lobby\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let response = until_closed(&mut scraper).await;
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(
+            response.contains("\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+            "{response}"
+        );
+        assert!(
+            response.contains("\nlobby_upstream_connections_total{"),
+            "{response}"
+        );
+        assert!(
+            start.elapsed() >= TEST_LIMITS.request_timeout,
+            "served after {:?}, before an idle client timed out: the cap did not hold",
+            start.elapsed()
+        );
+        for mut stream in idle {
+            // Closed without an answer: they never asked anything.
+            assert_eq!(until_closed(&mut stream).await, "");
+        }
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_alive_connection_is_closed_when_no_request_follows() {
+        let (addr, cancel) = endpoint(TEST_LIMITS).await;
+        let mut scraper = TcpStream::connect(addr).await.unwrap();
+        scraper
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: lobby\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        let last_line = b"lobby_nft_apply_duration_seconds_count 1\n";
+        while !response.ends_with(last_line) {
+            let mut chunk = [0u8; 4096];
+            let n = scraper.read(&mut chunk).await.unwrap();
+            assert_ne!(n, 0, "closed mid-response");
+            response.extend_from_slice(&chunk[..n]);
+        }
+        let answered = Instant::now();
+        assert_eq!(until_closed(&mut scraper).await, "");
+        assert!(answered.elapsed() >= TEST_LIMITS.request_timeout);
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn only_get_of_the_metrics_path_is_answered() {
+        let (addr, cancel) = endpoint(TEST_LIMITS).await;
+        for (request, status) in [
+            ("POST /metrics", "405 Method Not Allowed"),
+            ("GET /other", "404 Not Found"),
+            ("GET /", "200 OK"),
+        ] {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            client
+                .write_all(
+                    format!("{request} HTTP/1.1\r\nHost: lobby\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
+            let response = until_closed(&mut client).await;
+            assert!(
+                response.starts_with(&format!("HTTP/1.1 {status}\r\n")),
+                "{request}: {response}"
+            );
+        }
+        cancel.cancel();
+    }
+
+    #[test]
+    fn exposition_passes_promtool() {
+        let promtool = std::path::Path::new("/usr/bin/promtool");
+        if !promtool.exists() {
+            let message = "promtool missing (Debian's prometheus package)";
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+            assert!(!ci, "{message} (CI=true: not skipping)");
+            eprintln!("skipped: {message}");
+            return;
+        }
+        let text = render(busy_snapshot());
+        let mut child = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run promtool");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+        let verdict = child.wait_with_output().unwrap();
+        assert!(
+            verdict.status.success() && verdict.stdout.is_empty() && verdict.stderr.is_empty(),
+            "promtool check metrics: {}{}\n{text}",
+            String::from_utf8_lossy(&verdict.stdout),
+            String::from_utf8_lossy(&verdict.stderr)
+        );
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative() {
@@ -307,7 +652,7 @@ mod tests {
         assert_eq!(h.buckets[0], 1); // <= 5 ms
         assert_eq!(h.buckets[3], 2); // <= 50 ms
         assert_eq!(h.count, 2);
-        let text = render(&Snapshot {
+        let text = render(Snapshot {
             apply_duration: h,
             ..Default::default()
         });
@@ -353,7 +698,7 @@ mod tests {
             },
             ..Default::default()
         };
-        let text = render(&snapshot);
+        let text = render(snapshot);
         let labels = "target=\"web\",upstream=\"web\\\"1\",address=\"\"";
         assert!(
             text.contains(&format!("lobby_upstream_up{{{labels}}} 0\n")),

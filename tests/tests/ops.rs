@@ -71,7 +71,8 @@ fn scrape(topology: &Topology, addr: std::net::SocketAddr) -> String {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: lobby\r\n\r\n")
+        // Read to the end below: ask the server to close after answering.
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: lobby\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
