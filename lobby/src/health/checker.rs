@@ -235,11 +235,18 @@ async fn probe_once(
 
 #[cfg(test)]
 mod tests {
-    use tokio::{net::TcpListener, sync::mpsc::error::TryRecvError};
+    use std::net::Ipv6Addr;
+
+    use http::uri::PathAndQuery;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+        sync::mpsc::error::TryRecvError,
+    };
 
     use super::*;
     use crate::{
-        config::HealthProtocol,
+        config::{HealthProtocol, HttpProbe, StatusRange},
         health::test_support::{
             LONG_TIMEOUT, LOOPBACK, black_hole, closed_port, listen, wait_until, within,
         },
@@ -362,6 +369,82 @@ mod tests {
             .expect_report("upstream web/web1 is UP (connected, 1/1 success)")
             .await;
         running.stop().await;
+    }
+
+    /// An upstream that moves to IPv6 is probed over IPv6, and its
+    /// successful probes leave their round trip.
+    #[tokio::test]
+    async fn checker_follows_the_address_family_and_records_round_trips() {
+        let listener = TcpListener::bind((Ipv6Addr::LOCALHOST, 0))
+            .await
+            .expect("IPv6 loopback (::1) is needed");
+        let port = listener.local_addr().expect("address").port();
+        let mut running = Running::start(tcp_check(port), Some(LOOPBACK));
+        running
+            .expect_report("upstream web/web1 is DOWN (connect refused, 1/1 failure)")
+            .await;
+        assert_eq!(
+            running.stats.last_rtt(),
+            None,
+            "a failure has no round trip"
+        );
+        running
+            .address
+            .send_replace(Some(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+        running
+            .expect_report("upstream web/web1 is UP (connected, 1/1 success)")
+            .await;
+        let last = running.stats.last_rtt().expect("a round trip");
+        let smoothed = running.stats.smoothed_rtt().expect("an average");
+        assert!(last < Duration::from_secs(1), "{last:?}");
+        assert!(smoothed < Duration::from_secs(1), "{smoothed:?}");
+        running.stop().await;
+    }
+
+    /// The report of an http check says what the server answered.
+    #[tokio::test]
+    async fn an_http_check_reports_the_status() {
+        let (listener, port) = listen().await;
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.expect("accept");
+                let mut request = [0; 1024];
+                let _ = stream.read(&mut request).await.expect("a request");
+                let answer = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+                stream.write_all(answer).await.expect("answer");
+            }
+        });
+        let check = HealthCheck {
+            protocol: HealthProtocol::Http(HttpProbe {
+                path: PathAndQuery::from_static("/"),
+                host: "localhost".to_owned(),
+                expect_status: StatusRange {
+                    first: 200,
+                    last: 399,
+                },
+                expect: None,
+            }),
+            ..tcp_check(port)
+        };
+        let mut running = Running::start(check, Some(LOOPBACK));
+        running
+            .expect_report("upstream web/web1 is DOWN (HTTP 503, 1/1 failure)")
+            .await;
+        running.stop().await;
+    }
+
+    #[test]
+    fn the_smoothed_round_trip_moves_an_eighth_toward_each_new_one() {
+        let stats = ProbeStats::default();
+        assert_eq!((stats.last_rtt(), stats.smoothed_rtt()), (None, None));
+        stats.record_rtt(Duration::from_micros(800));
+        assert_eq!(stats.smoothed_rtt(), Some(Duration::from_micros(800)));
+        stats.record_rtt(Duration::from_micros(1600));
+        assert_eq!(stats.last_rtt(), Some(Duration::from_micros(1600)));
+        assert_eq!(stats.smoothed_rtt(), Some(Duration::from_micros(900)));
+        // Below a microsecond still counts as a round trip.
+        stats.record_rtt(Duration::from_nanos(10));
+        assert_eq!(stats.last_rtt(), Some(Duration::from_micros(1)));
     }
 
     #[tokio::test]

@@ -155,8 +155,9 @@ async fn probe_http(
         };
         // rustls takes a name for SNI and verification, and an address for
         // verification against the certificate's IP addresses (no SNI).
+        // Validated hosts are both; rustls's own rules could still differ.
         let name = ServerName::try_from(http.host.clone())
-            .map_err(|_| FailureReason::Tls(TlsFailure::WrongName))?;
+            .map_err(|_| FailureReason::Tls(TlsFailure::Handshake))?;
         let stream = TlsConnector::from(tls::client_config(verify))
             .connect(name, tcp)
             .await
