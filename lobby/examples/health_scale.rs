@@ -14,7 +14,7 @@ use std::{
 };
 
 use lobby::{
-    config::{HealthCheck, Protocol},
+    config::{HealthCheck, HealthProtocol},
     health::{ProbeStats, raise_fd_limit, spawn_checker},
     model::UpstreamId,
 };
@@ -50,7 +50,7 @@ async fn main() -> Result<()> {
     let stats: Vec<Arc<ProbeStats>> = (0..checkers).map(|_| Arc::default()).collect();
     for (index, upstream_stats) in stats.iter().enumerate() {
         let check = HealthCheck {
-            protocol: Protocol::Tcp,
+            protocol: HealthProtocol::Tcp,
             port: ports[index % ports.len()],
             start_available: true,
             interval: Duration::from_secs(1),

@@ -4,12 +4,14 @@ use std::{
     fs,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
+use http::uri::PathAndQuery;
 use lobby::config::{
-    self, Config, Distribution, DnsConfig, HealthCheck, Host, Ipv4Net, MetricsConfig, Protocol,
-    Summary, Target, Upstream, UpstreamGroup,
+    self, Config, Distribution, DnsConfig, HealthCheck, HealthProtocol, Host, HttpProbe, Ipv4Net,
+    MetricsConfig, Protocol, StatusRange, Summary, Target, UdpProbe, Upstream, UpstreamGroup,
 };
 
 fn load(name: &str) -> Config {
@@ -63,7 +65,7 @@ fn upstream(name: &str, host: Host, port: u16) -> Upstream {
 /// changed by the caller.
 fn check(port: u16, interval: u64, timeout: u64, success_count: u32) -> HealthCheck {
     HealthCheck {
-        protocol: Protocol::Tcp,
+        protocol: HealthProtocol::Tcp,
         port,
         start_available: false,
         interval: Duration::from_secs(interval),
@@ -204,6 +206,74 @@ fn an_empty_lb_list_is_a_lobby_with_nothing_to_balance() {
         config.summary().to_string(),
         "0 targets, 0 upstreams (0 health-checked, 0 FQDN)"
     );
+}
+
+/// The probe of each upstream of `config`, by upstream name.
+fn probes(config: &Config) -> Vec<(&str, &HealthProtocol)> {
+    config
+        .targets
+        .iter()
+        .flat_map(|target| &target.group.upstreams)
+        .map(|upstream| {
+            let check = upstream.health_check.as_ref().expect("a health check");
+            (upstream.name.as_str(), &check.protocol)
+        })
+        .collect()
+}
+
+#[test]
+fn each_probe_protocol_loads_with_its_keys_and_defaults() {
+    let config = load("health_protocols.yaml");
+    let http = |path: &'static str, host: &str, (first, last), expect: Option<&str>| HttpProbe {
+        path: PathAndQuery::from_static(path),
+        host: host.to_owned(),
+        expect_status: StatusRange { first, last },
+        expect: expect.map(Arc::from),
+    };
+    let udp = |send: &str, expect: Option<&str>| {
+        HealthProtocol::Udp(UdpProbe {
+            send: send.to_owned(),
+            expect: expect.map(Arc::from),
+        })
+    };
+    let expected = [
+        (
+            "http-all",
+            HealthProtocol::Http(http(
+                "/health?deep=1",
+                "www.example.test",
+                (200, 200),
+                Some("ok"),
+            )),
+        ),
+        (
+            // The Host defaults to the upstream's host.
+            "http-defaults",
+            HealthProtocol::Http(http("/", "web2.example.test", (200, 399), None)),
+        ),
+        (
+            "https-all",
+            HealthProtocol::Https {
+                http: http("/", "2001:db8::13", (200, 299), Some(r#""status": "up""#)),
+                tls_verify: false,
+            },
+        ),
+        (
+            "https-defaults",
+            HealthProtocol::Https {
+                http: http("/", "198.18.1.14", (200, 204), None),
+                tls_verify: true,
+            },
+        ),
+        ("sctp", HealthProtocol::Sctp),
+        ("udp-all", udp("ping\n", Some("pong"))),
+        ("udp-defaults", udp("", None)),
+    ];
+    let expected: Vec<(&str, &HealthProtocol)> = expected
+        .iter()
+        .map(|(name, probe)| (*name, probe))
+        .collect();
+    assert_eq!(probes(&config), expected);
 }
 
 /// A fresh folder for one test, under cargo's temporary directory.

@@ -7,7 +7,7 @@ use std::{
 };
 
 use lobby::{
-    config::{HealthCheck, Protocol},
+    config::{HealthCheck, HealthProtocol},
     health::{ProbeStats, spawn_checker},
     model::UpstreamId,
 };
@@ -32,7 +32,7 @@ fn open_fds() -> usize {
 /// then stops them and returns their counts.
 async fn probe(port: u16) -> ProbeStats {
     let check = HealthCheck {
-        protocol: Protocol::Tcp,
+        protocol: HealthProtocol::Tcp,
         port,
         start_available: true,
         interval: Duration::from_millis(1),

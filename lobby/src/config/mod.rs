@@ -7,8 +7,11 @@ use std::{
     fmt,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
+
+use http::uri::PathAndQuery;
 
 mod error;
 mod validate;
@@ -227,7 +230,7 @@ impl std::fmt::Display for Host {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
-    pub protocol: Protocol,
+    pub protocol: HealthProtocol,
     pub port: u16,
     pub start_available: bool,
     pub interval: Duration,
@@ -236,6 +239,67 @@ pub struct HealthCheck {
     pub success_count: u32,
     /// Consecutive failures that make an available upstream unavailable.
     pub failure_count: u32,
+}
+
+/// How an upstream is probed, with what only that protocol takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealthProtocol {
+    /// A connect that completes within the timeout.
+    Tcp,
+    /// A datagram out, any reply back.
+    Udp(UdpProbe),
+    Http(HttpProbe),
+    Https {
+        http: HttpProbe,
+        tls_verify: bool,
+    },
+    /// An association set up within the timeout.
+    Sctp,
+}
+
+impl HealthProtocol {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HealthProtocol::Tcp => "tcp",
+            HealthProtocol::Udp(_) => "udp",
+            HealthProtocol::Http(_) => "http",
+            HealthProtocol::Https { .. } => "https",
+            HealthProtocol::Sctp => "sctp",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UdpProbe {
+    /// The datagram's payload; may be empty.
+    pub send: String,
+    /// A reply must contain this; `None` takes any reply.
+    pub expect: Option<Arc<str>>,
+}
+
+/// A `GET` whose answer must have a status in `expect_status` and, when
+/// `expect` is set, a body that contains it. Redirects are not followed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpProbe {
+    pub path: PathAndQuery,
+    /// The Host header and, over TLS, the name the certificate must be valid
+    /// for: a host name or an IP address (an IPv6 one without brackets).
+    pub host: String,
+    pub expect_status: StatusRange,
+    pub expect: Option<Arc<str>>,
+}
+
+/// HTTP status codes `first..=last`, within 100..=599.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl StatusRange {
+    pub fn contains(self, status: u16) -> bool {
+        (self.first..=self.last).contains(&status)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

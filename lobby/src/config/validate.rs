@@ -21,24 +21,71 @@
 //!   the previous has ended.
 //! - Numbers and booleans are unquoted YAML 1.2 (`"80"` and `yes` are
 //!   rejected with a message saying what was found).
+//! - Health checks: `port` is required whatever the probe protocol (no
+//!   implied 80 or 443 for http(s)), as it always was. A key of another
+//!   probe protocol is an error (`tls_verify` on a `tcp` check), not
+//!   ignored. The Host of an http(s) probe defaults to the upstream's host
+//!   without a port. `expect_status` is a code or a range `FIRST-LAST`,
+//!   quoted or not, since a range is text. `send` is at most one IPv4 UDP
+//!   payload (65507 bytes); `expect` is 1 to 4096 bytes, both UTF-8 text
+//!   (double-quoted YAML escapes such as `"\n"` give control characters).
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
+use http::uri::PathAndQuery;
+
 use super::{
-    Config, ConfigError, Distribution, DnsConfig, HealthCheck, Host, MetricsConfig, Protocol,
-    Target, Upstream, UpstreamGroup,
+    Config, ConfigError, Distribution, DnsConfig, HealthCheck, HealthProtocol, Host, HttpProbe,
+    MetricsConfig, Protocol, StatusRange, Target, UdpProbe, Upstream, UpstreamGroup,
     values::{
-        Boolean, HostName, Integer, Ipv4Range, Keyword, Listen, Name, PORT, Resolver, Want,
-        describe,
+        Boolean, HostName, HttpHost, Integer, Ipv4Range, Keyword, Listen, Name, PORT, Resolver,
+        Statuses, Text, UrlPath, Want, describe,
     },
     yaml::{Mark, Node, Value},
 };
 
 const PROTOCOL: Keyword<Protocol> = Keyword {
     choices: &[("tcp", Protocol::Tcp)],
+};
+const HEALTH_PROTOCOL: Keyword<ProbeKind> = Keyword {
+    choices: &[
+        ("tcp", ProbeKind::Tcp),
+        ("udp", ProbeKind::Udp),
+        ("http", ProbeKind::Http),
+        ("https", ProbeKind::Https),
+        ("sctp", ProbeKind::Sctp),
+    ],
+};
+/// The keys of a health check that only some protocols take.
+const PROTOCOL_KEYS: [(&str, &[ProbeKind]); 6] = [
+    ("send", &[ProbeKind::Udp]),
+    (
+        "expect",
+        &[ProbeKind::Udp, ProbeKind::Http, ProbeKind::Https],
+    ),
+    ("path", &[ProbeKind::Http, ProbeKind::Https]),
+    ("host", &[ProbeKind::Http, ProbeKind::Https]),
+    ("expect_status", &[ProbeKind::Http, ProbeKind::Https]),
+    ("tls_verify", &[ProbeKind::Https]),
+];
+/// The largest UDP payload over IPv4 (65535 less the IP and UDP headers).
+const SEND: Text = Text {
+    min_len: 0,
+    max_len: 65507,
+};
+/// Found in a datagram or a body; empty would match anything.
+const EXPECT: Text = Text {
+    min_len: 1,
+    max_len: 4096,
+};
+/// Success and redirects: what a health endpoint that is up answers.
+const DEFAULT_STATUSES: StatusRange = StatusRange {
+    first: 200,
+    last: 399,
 };
 const DISTRIBUTION: Keyword<Distribution> = Keyword {
     choices: &[("round-robin", Distribution::RoundRobin)],
@@ -242,6 +289,20 @@ impl Checker {
         self.read(node, fields.path(key), want)
     }
 
+    /// `Some(None)` when absent (the caller has a default), `None` when
+    /// invalid (reported); null is invalid.
+    fn defaulted<W: Want>(
+        &mut self,
+        fields: &Fields,
+        key: &str,
+        want: &W,
+    ) -> Option<Option<W::Value>> {
+        match fields.get(key) {
+            None => Some(None),
+            Some(node) => self.read(node, fields.path(key), want).map(Some),
+        }
+    }
+
     /// The items of a list with their paths; empty when absent and
     /// optional, or when not a list (reported).
     fn list<'n>(
@@ -434,7 +495,7 @@ impl Checker {
         }
         let host = self.required(&fields, "host", &HostName);
         let port = self.required(&fields, "port", &PORT).map(port_number);
-        let health_check = self.health_check(&fields);
+        let health_check = self.health_check(&fields, host.as_ref());
         let dns = self.dns(&fields, host.as_ref());
         Some(Upstream {
             name: name?,
@@ -446,20 +507,24 @@ impl Checker {
     }
 
     /// `Some(None)` when there is none: absent, null or an empty mapping.
-    fn health_check(&mut self, upstream: &Fields) -> Option<Option<HealthCheck>> {
+    /// `host` is the upstream's, the default Host of an http(s) probe.
+    fn health_check(
+        &mut self,
+        upstream: &Fields,
+        host: Option<&Host>,
+    ) -> Option<Option<HealthCheck>> {
         let node = upstream.get("health_check");
         if node.is_some_and(|n| matches!(n.value(), Value::Mapping(e) if e.is_empty())) {
             return Some(None);
         }
-        let Some(fields) = self.optional_mapping(
-            upstream,
-            "health_check",
-            &["protocol", "port", "start_available", "probe"],
-        ) else {
+        let mut schema = vec!["protocol", "port", "start_available", "probe"];
+        schema.extend(PROTOCOL_KEYS.iter().map(|(key, _)| *key));
+        let Some(fields) = self.optional_mapping(upstream, "health_check", &schema) else {
             // Absent and null are no health check; anything else was reported.
             return node.is_none_or(|n| n.is_null()).then_some(None);
         };
-        let protocol = self.required(&fields, "protocol", &PROTOCOL);
+        let kind = self.required(&fields, "protocol", &HEALTH_PROTOCOL);
+        let protocol = self.health_protocol(&fields, kind, host);
         let port = self.required(&fields, "port", &PORT).map(port_number);
         let start_available = self
             .optional(&fields, "start_available", &Boolean)
@@ -477,10 +542,7 @@ impl Checker {
         let interval = self.required(&probe, "check_interval", &CHECK_INTERVAL);
         let timeout = self.required(&probe, "timeout", &TIMEOUT);
         let success_count = self.required(&probe, "success_count", &COUNT);
-        let failure_count = match probe.get("failure_count") {
-            None => Some(DEFAULT_FAILURE_COUNT),
-            Some(_) => self.required(&probe, "failure_count", &COUNT).map(count),
-        };
+        let failure_count = self.defaulted(&probe, "failure_count", &COUNT);
         Some(Some(HealthCheck {
             protocol: protocol?,
             port: port?,
@@ -488,10 +550,75 @@ impl Checker {
             interval: Duration::from_secs(interval?),
             timeout: Duration::from_secs(timeout?),
             success_count: count(success_count?),
-            failure_count: failure_count?,
+            failure_count: failure_count?.map_or(DEFAULT_FAILURE_COUNT, count),
         }))
     }
 
+    /// The probe of `kind` with its own keys. The keys of other protocols are
+    /// reported; with no valid `kind`, every key's value is still checked so
+    /// that all errors come at once.
+    fn health_protocol(
+        &mut self,
+        fields: &Fields,
+        kind: Option<ProbeKind>,
+        host: Option<&Host>,
+    ) -> Option<HealthProtocol> {
+        for (key, kinds) in PROTOCOL_KEYS {
+            if let (Some(kind), Some(node)) = (kind, fields.get(key))
+                && !kinds.contains(&kind)
+            {
+                let message = format!(
+                    "not for `{}` checks; only for {}",
+                    kind.name(),
+                    enumerate(kinds.iter().map(|kind| format!("`{}`", kind.name())))
+                );
+                self.report(node.mark, fields.path(key), message);
+            }
+        }
+        let send = self.protocol_key(fields, kind, "send", &SEND);
+        let expect = self.protocol_key(fields, kind, "expect", &EXPECT);
+        let path = self.protocol_key(fields, kind, "path", &UrlPath);
+        let http_host = self.protocol_key(fields, kind, "host", &HttpHost);
+        let expect_status = self.protocol_key(fields, kind, "expect_status", &Statuses);
+        let tls_verify = self.protocol_key(fields, kind, "tls_verify", &Boolean);
+        let expect = expect?.map(Arc::from);
+        let http = || {
+            Some(HttpProbe {
+                path: path?.unwrap_or_else(|| PathAndQuery::from_static("/")),
+                host: http_host?.or_else(|| host.map(Host::to_string))?,
+                expect_status: expect_status?.unwrap_or(DEFAULT_STATUSES),
+                expect: expect.clone(),
+            })
+        };
+        Some(match kind? {
+            ProbeKind::Tcp => HealthProtocol::Tcp,
+            ProbeKind::Udp => HealthProtocol::Udp(UdpProbe {
+                send: send?.unwrap_or_default(),
+                expect: expect.clone(),
+            }),
+            ProbeKind::Http => HealthProtocol::Http(http()?),
+            ProbeKind::Https => HealthProtocol::Https {
+                http: http()?,
+                tls_verify: tls_verify?.unwrap_or(true),
+            },
+            ProbeKind::Sctp => HealthProtocol::Sctp,
+        })
+    }
+
+    /// A key only some probe protocols take: `Some(None)` when absent or
+    /// not taken by `kind` (reported by the caller), `None` when invalid.
+    fn protocol_key<W: Want>(
+        &mut self,
+        fields: &Fields,
+        kind: Option<ProbeKind>,
+        key: &str,
+        want: &W,
+    ) -> Option<Option<W::Value>> {
+        if kind.is_some_and(|kind| !kind.takes(key)) {
+            return Some(None);
+        }
+        self.defaulted(fields, key, want)
+    }
     /// `Some(None)` when absent, null or empty.
     fn dns(&mut self, upstream: &Fields, host: Option<&Host>) -> Option<Option<DnsConfig>> {
         let node = upstream.get("dns").filter(|n| !n.is_null());
@@ -510,18 +637,40 @@ impl Checker {
             .into_iter()
             .map(|(path, node)| self.read(node, path, &Resolver))
             .collect();
-        let ttl = match fields.get("ttl") {
-            None => Some(None),
-            Some(_) => self
-                .required(&fields, "ttl", &TTL)
-                .map(|ttl| Some(Duration::from_secs(ttl))),
-        };
+        let ttl = self.defaulted(&fields, "ttl", &TTL);
         let dns = DnsConfig {
             servers: servers.into_iter().collect::<Option<_>>()?,
-            ttl: ttl?,
+            ttl: ttl?.map(Duration::from_secs),
         };
         // One way to say "the host's resolvers, the answer's TTL".
         Some(Some(dns).filter(|dns| !dns.servers.is_empty() || dns.ttl.is_some()))
+    }
+}
+
+/// `health_check.protocol` before its keys are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProbeKind {
+    Tcp,
+    Udp,
+    Http,
+    Https,
+    Sctp,
+}
+
+impl ProbeKind {
+    fn name(self) -> &'static str {
+        HEALTH_PROTOCOL
+            .choices
+            .iter()
+            .find(|(_, kind)| *kind == self)
+            .map_or("", |(name, _)| name)
+    }
+
+    /// Whether a check of this protocol takes `key` of [`PROTOCOL_KEYS`].
+    fn takes(self, key: &str) -> bool {
+        PROTOCOL_KEYS
+            .iter()
+            .any(|(k, kinds)| *k == key && kinds.contains(&self))
     }
 }
 
@@ -530,6 +679,16 @@ enum Which<'s> {
     Targets,
     Groups,
     Local(&'s mut Seen),
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn enumerate(items: impl Iterator<Item = String>) -> String {
+    let items: Vec<String> = items.collect();
+    match items.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => String::new(),
+    }
 }
 
 /// Values read through [`PORT`] fit.

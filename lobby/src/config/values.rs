@@ -5,7 +5,9 @@ use std::{
     str::FromStr,
 };
 
-use super::{Host, Ipv4Net, yaml::Node, yaml::Value};
+use http::uri::PathAndQuery;
+
+use super::{Host, Ipv4Net, StatusRange, yaml::Node, yaml::Value};
 
 /// The port a resolver address without one is asked on.
 const DNS_PORT: u16 = 53;
@@ -218,6 +220,103 @@ fn parse_fqdn(host: &str) -> Result<String, String> {
         return Err("the last label is all digits".to_owned());
     }
     Ok(name)
+}
+
+/// Text of a bounded length in bytes, quoted or not: `123` is the text
+/// "123".
+pub(crate) struct Text {
+    pub min_len: usize,
+    pub max_len: usize,
+}
+
+impl Want for Text {
+    type Value = String;
+    fn expected(&self) -> String {
+        match self.min_len {
+            0 => format!("text of at most {} bytes", self.max_len),
+            _ => format!("text of {} to {} bytes", self.min_len, self.max_len),
+        }
+    }
+    fn read(&self, node: &Node) -> Result<String, String> {
+        let text = text(node)?;
+        if (self.min_len..=self.max_len).contains(&text.len()) {
+            Ok(text.to_owned())
+        } else {
+            Err(format!("{} ({} bytes)", describe(node), text.len()))
+        }
+    }
+}
+
+/// The path (and query) of an HTTP request, sent as written.
+pub(crate) struct UrlPath;
+
+impl Want for UrlPath {
+    type Value = PathAndQuery;
+    fn expected(&self) -> String {
+        "a path starting with `/` such as /health".to_owned()
+    }
+    fn read(&self, node: &Node) -> Result<PathAndQuery, String> {
+        let text = text(node)?;
+        if !text.starts_with('/') {
+            return Err(format!("{} (no leading `/`)", describe(node)));
+        }
+        // Whatever the parser would drop or change (a fragment) is not what
+        // the operator wrote, so it is refused too.
+        PathAndQuery::from_str(text)
+            .ok()
+            .filter(|path| path.as_str() == text)
+            .ok_or_else(|| format!("{} (not a valid URL path)", describe(node)))
+    }
+}
+
+/// A host name or an IP address as an HTTP Host and TLS server name; an IP
+/// address in its canonical form.
+pub(crate) struct HttpHost;
+
+impl Want for HttpHost {
+    type Value = String;
+    fn expected(&self) -> String {
+        "a host name or an IP address".to_owned()
+    }
+    fn read(&self, node: &Node) -> Result<String, String> {
+        let text = text(node)?;
+        match IpAddr::from_str(text) {
+            Ok(ip) => Ok(ip.to_string()),
+            Err(_) => parse_fqdn(text).map_err(|why| format!("{} ({why})", describe(node))),
+        }
+    }
+}
+
+/// An HTTP status code, or a range of them written `FIRST-LAST`.
+pub(crate) struct Statuses;
+
+/// Codes an HTTP server can send.
+const STATUS_CODES: std::ops::RangeInclusive<u16> = 100..=599;
+
+impl Want for Statuses {
+    type Value = StatusRange;
+    fn expected(&self) -> String {
+        format!(
+            "an HTTP status in {}..={} or a range such as 200-399",
+            STATUS_CODES.start(),
+            STATUS_CODES.end()
+        )
+    }
+    fn read(&self, node: &Node) -> Result<StatusRange, String> {
+        let text = text(node)?;
+        let code = |text: &str| {
+            Some(text)
+                .filter(|t| t.len() == 3 && t.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|t| t.parse::<u16>().ok())
+                .filter(|code| STATUS_CODES.contains(code))
+        };
+        let (first, last) = text.split_once('-').unwrap_or((text, text));
+        match (code(first), code(last)) {
+            (Some(first), Some(last)) if first <= last => Ok(StatusRange { first, last }),
+            (Some(_), Some(_)) => Err(format!("{} (the range is reversed)", describe(node))),
+            _ => Err(describe(node)),
+        }
+    }
 }
 
 /// A target's `ip`: one IPv4 address (a /32) or a CIDR range.

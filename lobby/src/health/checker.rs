@@ -4,8 +4,7 @@
 use std::{
     fmt,
     hash::{BuildHasher, RandomState},
-    io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -14,18 +13,17 @@ use std::{
 };
 
 use tokio::{
-    net::{TcpSocket, TcpStream},
     sync::{mpsc, watch},
     time::{self, Instant},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, trace};
 
-use super::state::{FailureReason, HealthState, ProbeOutcome, Transition};
-use crate::{
-    config::{HealthCheck, Protocol},
-    model::UpstreamId,
+use super::{
+    probe,
+    state::{FailureReason, HealthState, ProbeOutcome, Transition},
 };
+use crate::{config::HealthCheck, model::UpstreamId};
 
 /// The first probe of each upstream waits a random share of this, so that
 /// upstreams configured together are not probed in lockstep.
@@ -74,15 +72,27 @@ impl fmt::Display for HealthReport {
     }
 }
 
-/// Probe outcomes of one upstream, counted as they happen, for metrics.
+/// Probe outcomes of one upstream, counted as they happen, for metrics, and
+/// the round trips of its successful probes, for least-latency balancing.
 #[derive(Debug, Default)]
 pub struct ProbeStats {
     pub successes: AtomicU64,
     pub failures: AtomicU64,
+    /// The last successful probe's round trip in microseconds; 0 before the
+    /// first.
+    last_rtt_micros: AtomicU64,
+    /// A moving average of the round trips in microseconds, each new one
+    /// weighing [`RTT_WEIGHT`]; 0 before the first.
+    smoothed_rtt_micros: AtomicU64,
 }
 
+/// The weight of a new round trip in the moving average: 1/8, as TCP's
+/// smoothed RTT (RFC 6298), which evens out one slow probe without hiding a
+/// lasting change for long.
+const RTT_WEIGHT: u64 = 8;
+
 impl ProbeStats {
-    fn record(&self, outcome: ProbeOutcome) {
+    fn record(&self, outcome: &ProbeOutcome) {
         let counter = if outcome.is_success() {
             &self.successes
         } else {
@@ -90,13 +100,48 @@ impl ProbeStats {
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Counts in a round trip. Only the upstream's checker writes, so the
+    /// load and store of the average need no compare-and-swap.
+    fn record_rtt(&self, rtt: Duration) {
+        // At least 1 µs, so that 0 keeps meaning "none yet".
+        let micros = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1);
+        self.last_rtt_micros.store(micros, Ordering::Relaxed);
+        let smoothed = match self.smoothed_rtt_micros.load(Ordering::Relaxed) {
+            0 => micros,
+            previous => {
+                (previous.saturating_mul(RTT_WEIGHT - 1)).saturating_add(micros) / RTT_WEIGHT
+            }
+        };
+        self.smoothed_rtt_micros
+            .store(smoothed.max(1), Ordering::Relaxed);
+    }
+
+    /// The last successful probe's round trip.
+    pub fn last_rtt(&self) -> Option<Duration> {
+        micros(&self.last_rtt_micros)
+    }
+
+    /// The moving average of the successful probes' round trips.
+    pub fn smoothed_rtt(&self) -> Option<Duration> {
+        micros(&self.smoothed_rtt_micros)
+    }
+}
+
+fn micros(value: &AtomicU64) -> Option<Duration> {
+    match value.load(Ordering::Relaxed) {
+        0 => None,
+        micros => Some(Duration::from_micros(micros)),
+    }
 }
 
 /// Starts health-checking one upstream on `tracker`: probes per `check`
 /// against the latest address in `address` (`None`, not resolved yet, is a
-/// failed probe), counts every outcome in `stats`, and sends a
-/// [`HealthReport`] on `reports` only when the availability changes, from
-/// `initial_available` on.
+/// failed probe), in that address's family, counts every outcome and round
+/// trip in `stats`, and sends a [`HealthReport`] on `reports` only when the
+/// availability changes, from `initial_available` on. The address is any
+/// type that converts to an [`IpAddr`], so that an IPv4-only channel and a
+/// dual-stack one both fit.
 ///
 /// The task ends when `cancel` is cancelled, even mid-probe, or when
 /// `reports` has no receiver left.
@@ -104,16 +149,18 @@ impl ProbeStats {
     clippy::too_many_arguments,
     reason = "each argument is a separate piece of the daemon's wiring"
 )]
-pub fn spawn_checker(
+pub fn spawn_checker<A>(
     id: UpstreamId,
     check: HealthCheck,
     initial_available: bool,
-    address: watch::Receiver<Option<Ipv4Addr>>,
+    address: watch::Receiver<Option<A>>,
     reports: mpsc::Sender<HealthReport>,
     stats: Arc<ProbeStats>,
     cancel: CancellationToken,
     tracker: &TaskTracker,
-) {
+) where
+    A: Into<IpAddr> + Copy + Send + Sync + 'static,
+{
     tracker.spawn(async move {
         let state = HealthState::new(initial_available, check.success_count, check.failure_count);
         let probing = probe_until_closed(&id, &check, state, &address, &reports, &stats);
@@ -129,11 +176,11 @@ pub fn spawn_checker(
 /// never overlap: the next one starts `check.interval` after the previous
 /// one started or, when that one took longer (a timeout above the
 /// interval), as soon as it ended; missed probes are not caught up.
-async fn probe_until_closed(
+async fn probe_until_closed<A: Into<IpAddr> + Copy>(
     id: &UpstreamId,
     check: &HealthCheck,
     mut state: HealthState,
-    address: &watch::Receiver<Option<Ipv4Addr>>,
+    address: &watch::Receiver<Option<A>>,
     reports: &mpsc::Sender<HealthReport>,
     stats: &ProbeStats,
 ) {
@@ -141,10 +188,10 @@ async fn probe_until_closed(
     loop {
         time::sleep_until(next_probe).await;
         // Copied out so that the watch lock is not held during the probe.
-        let latest_address = *address.borrow();
-        let outcome = probe(check, latest_address).await;
+        let latest_address = address.borrow().map(Into::into);
+        let outcome = probe_once(check, latest_address, stats).await;
         next_probe = (next_probe + check.interval).max(Instant::now());
-        stats.record(outcome);
+        stats.record(&outcome);
         trace!(upstream = %id, %outcome, "health probe");
         let Some(transition) = state.observe(outcome) else {
             continue;
@@ -167,55 +214,47 @@ fn first_probe_delay() -> Duration {
     FIRST_PROBE_MAX_DELAY.mul_f64(draw as f64 / u64::MAX as f64)
 }
 
-async fn probe(check: &HealthCheck, address: Option<Ipv4Addr>) -> ProbeOutcome {
+/// One probe of `address`, its round trip recorded when it succeeded.
+async fn probe_once(
+    check: &HealthCheck,
+    address: Option<IpAddr>,
+    stats: &ProbeStats,
+) -> ProbeOutcome {
     let Some(address) = address else {
         return ProbeOutcome::Failure(FailureReason::NoAddress);
     };
-    let target = SocketAddrV4::new(address, check.port);
-    match check.protocol {
-        Protocol::Tcp => probe_tcp(target, check.timeout).await,
-    }
-}
-
-/// Succeeds when the handshake completes within `timeout`. A refusal fails
-/// as soon as the reset arrives; a connect still pending at the timeout is
-/// dropped, which closes its socket.
-async fn probe_tcp(target: SocketAddrV4, timeout: Duration) -> ProbeOutcome {
-    match time::timeout(timeout, connect_resetting_on_close(target)).await {
-        Ok(Ok(connection)) => {
-            drop(connection);
+    let target = SocketAddr::new(address, check.port);
+    match probe::probe(&check.protocol, target, check.timeout).await {
+        Ok(rtt) => {
+            stats.record_rtt(rtt);
             ProbeOutcome::Success
         }
-        Ok(Err(error)) => ProbeOutcome::Failure(FailureReason::from(&error)),
-        Err(_elapsed) => ProbeOutcome::Failure(FailureReason::Timeout { after: timeout }),
+        Err(reason) => ProbeOutcome::Failure(reason),
     }
-}
-
-/// Connects with `SO_LINGER` 0, so that dropping the connection resets it.
-/// The prober closes first, and an orderly close would leave it a TIME_WAIT
-/// socket for a minute per probe: 600,000 at 10,000 probes a second, beyond
-/// the kernel's usual `tcp_max_tw_buckets`.
-async fn connect_resetting_on_close(target: SocketAddrV4) -> io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.set_zero_linger()?;
-    socket.connect(SocketAddr::V4(target)).await
 }
 
 #[cfg(test)]
 mod tests {
-    use std::future::Future;
+    use std::net::Ipv6Addr;
 
-    use tokio::{net::TcpListener, sync::mpsc::error::TryRecvError};
+    use http::uri::PathAndQuery;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+        sync::mpsc::error::TryRecvError,
+    };
 
     use super::*;
-
-    const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
-    /// Long enough that a probe failing before it did not wait for it.
-    const LONG_TIMEOUT: Duration = Duration::from_secs(10);
+    use crate::{
+        config::{HealthProtocol, HttpProbe, StatusRange},
+        health::test_support::{
+            LONG_TIMEOUT, LOOPBACK, black_hole, closed_port, listen, wait_until, within,
+        },
+    };
 
     fn tcp_check(port: u16) -> HealthCheck {
         HealthCheck {
-            protocol: Protocol::Tcp,
+            protocol: HealthProtocol::Tcp,
             port,
             start_available: true,
             interval: Duration::from_millis(10),
@@ -225,76 +264,16 @@ mod tests {
         }
     }
 
-    async fn listen() -> (TcpListener, u16) {
-        let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
-        let port = listener.local_addr().expect("listener address").port();
-        (listener, port)
-    }
-
-    /// A loopback port nothing listens on: connects are refused.
-    async fn closed_port() -> u16 {
-        listen().await.1
-    }
-
-    /// A listener whose accept queue is full, and the connections that fill
-    /// it. Linux drops SYNs to such a listener, so connects to it hang
-    /// without any traffic leaving loopback.
-    async fn black_hole() -> (TcpListener, Vec<TcpStream>, u16) {
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket.bind(SocketAddr::from((LOOPBACK, 0))).expect("bind");
-        let listener = socket.listen(0).expect("listen");
-        let address = listener.local_addr().expect("listener address");
-        let mut queued = Vec::new();
-        while let Ok(connected) =
-            time::timeout(Duration::from_millis(200), TcpStream::connect(address)).await
-        {
-            queued.push(connected.expect("connect while the queue has room"));
-            assert!(queued.len() < 16, "the accept queue never filled up");
-        }
-        (listener, queued, address.port())
-    }
-
-    /// This host's sockets waiting for the answer to their SYN (state 02 in
-    /// /proc/net/tcp) from `port` on loopback.
-    fn connecting_to(port: u16) -> usize {
-        let sockets = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
-        // The kernel prints the address as the native-endian u32 of its
-        // network-order bytes.
-        let remote = format!("{:08X}:{port:04X}", u32::from_ne_bytes(LOOPBACK.octets()));
-        sockets
-            .lines()
-            .filter(|line| {
-                let mut fields = line.split_whitespace().skip(2);
-                fields.next() == Some(remote.as_str()) && fields.next() == Some("02")
-            })
-            .count()
-    }
-
-    async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-        time::timeout(Duration::from_secs(5), future)
-            .await
-            .unwrap_or_else(|_| panic!("no {what} within 5 s"))
-    }
-
-    async fn wait_until(what: &str, condition: impl Fn() -> bool) {
-        within(what, async {
-            while !condition() {
-                time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-    }
-
     struct Running {
         reports: mpsc::Receiver<HealthReport>,
         stats: Arc<ProbeStats>,
-        address: watch::Sender<Option<Ipv4Addr>>,
+        address: watch::Sender<Option<IpAddr>>,
         cancel: CancellationToken,
         tracker: TaskTracker,
     }
 
     impl Running {
-        fn start(check: HealthCheck, address: Option<Ipv4Addr>) -> Self {
+        fn start(check: HealthCheck, address: Option<IpAddr>) -> Self {
             let (address_tx, address_rx) = watch::channel(address);
             let (reports_tx, reports) = mpsc::channel(4);
             let stats = Arc::new(ProbeStats::default());
@@ -351,45 +330,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn probe_succeeds_against_a_listener() {
-        let (_listener, port) = listen().await;
-        let outcome = probe_tcp(SocketAddrV4::new(LOOPBACK, port), LONG_TIMEOUT).await;
-        assert_eq!(outcome, ProbeOutcome::Success);
-    }
-
-    #[tokio::test]
-    async fn refused_connect_fails_without_waiting_for_the_timeout() {
-        let target = SocketAddrV4::new(LOOPBACK, closed_port().await);
-        let started = Instant::now();
-        let outcome = probe_tcp(target, LONG_TIMEOUT).await;
-        let latency = started.elapsed();
-        assert_eq!(outcome, ProbeOutcome::Failure(FailureReason::Refused));
-        assert!(
-            latency < Duration::from_secs(1),
-            "refused after {latency:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn hanging_connect_fails_at_the_timeout_and_closes_its_socket() {
-        let (_listener, _queued, port) = black_hole().await;
-        let timeout = Duration::from_millis(300);
-        let started = Instant::now();
-        let probing = tokio::spawn(probe_tcp(SocketAddrV4::new(LOOPBACK, port), timeout));
-        time::sleep(timeout / 3).await;
-        assert_eq!(connecting_to(port), 1, "the probe's SYN goes unanswered");
-        let outcome = probing.await.expect("probe task");
-        let waited = started.elapsed();
-        assert_eq!(connecting_to(port), 0, "the abandoned connect is closed");
-        assert_eq!(
-            outcome,
-            ProbeOutcome::Failure(FailureReason::Timeout { after: timeout })
-        );
-        assert!(waited >= timeout && waited < LONG_TIMEOUT, "{waited:?}");
-        assert_eq!(outcome.to_string(), "timeout after 300 ms");
-    }
-
-    #[tokio::test]
     async fn each_transition_is_reported_once_with_its_run() {
         let (listener, port) = listen().await;
         let check = HealthCheck {
@@ -429,6 +369,82 @@ mod tests {
             .expect_report("upstream web/web1 is UP (connected, 1/1 success)")
             .await;
         running.stop().await;
+    }
+
+    /// An upstream that moves to IPv6 is probed over IPv6, and its
+    /// successful probes leave their round trip.
+    #[tokio::test]
+    async fn checker_follows_the_address_family_and_records_round_trips() {
+        let listener = TcpListener::bind((Ipv6Addr::LOCALHOST, 0))
+            .await
+            .expect("IPv6 loopback (::1) is needed");
+        let port = listener.local_addr().expect("address").port();
+        let mut running = Running::start(tcp_check(port), Some(LOOPBACK));
+        running
+            .expect_report("upstream web/web1 is DOWN (connect refused, 1/1 failure)")
+            .await;
+        assert_eq!(
+            running.stats.last_rtt(),
+            None,
+            "a failure has no round trip"
+        );
+        running
+            .address
+            .send_replace(Some(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+        running
+            .expect_report("upstream web/web1 is UP (connected, 1/1 success)")
+            .await;
+        let last = running.stats.last_rtt().expect("a round trip");
+        let smoothed = running.stats.smoothed_rtt().expect("an average");
+        assert!(last < Duration::from_secs(1), "{last:?}");
+        assert!(smoothed < Duration::from_secs(1), "{smoothed:?}");
+        running.stop().await;
+    }
+
+    /// The report of an http check says what the server answered.
+    #[tokio::test]
+    async fn an_http_check_reports_the_status() {
+        let (listener, port) = listen().await;
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.expect("accept");
+                let mut request = [0; 1024];
+                let _ = stream.read(&mut request).await.expect("a request");
+                let answer = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+                stream.write_all(answer).await.expect("answer");
+            }
+        });
+        let check = HealthCheck {
+            protocol: HealthProtocol::Http(HttpProbe {
+                path: PathAndQuery::from_static("/"),
+                host: "localhost".to_owned(),
+                expect_status: StatusRange {
+                    first: 200,
+                    last: 399,
+                },
+                expect: None,
+            }),
+            ..tcp_check(port)
+        };
+        let mut running = Running::start(check, Some(LOOPBACK));
+        running
+            .expect_report("upstream web/web1 is DOWN (HTTP 503, 1/1 failure)")
+            .await;
+        running.stop().await;
+    }
+
+    #[test]
+    fn the_smoothed_round_trip_moves_an_eighth_toward_each_new_one() {
+        let stats = ProbeStats::default();
+        assert_eq!((stats.last_rtt(), stats.smoothed_rtt()), (None, None));
+        stats.record_rtt(Duration::from_micros(800));
+        assert_eq!(stats.smoothed_rtt(), Some(Duration::from_micros(800)));
+        stats.record_rtt(Duration::from_micros(1600));
+        assert_eq!(stats.last_rtt(), Some(Duration::from_micros(1600)));
+        assert_eq!(stats.smoothed_rtt(), Some(Duration::from_micros(900)));
+        // Below a microsecond still counts as a round trip.
+        stats.record_rtt(Duration::from_nanos(10));
+        assert_eq!(stats.last_rtt(), Some(Duration::from_micros(1)));
     }
 
     #[tokio::test]

@@ -4,13 +4,19 @@
 //!   availability changes (`success_count`/`failure_count` runs).
 //! - [`spawn_checker`]: one task per checked upstream that probes it and
 //!   sends a [`HealthReport`] on each change.
+//! - `probe`: one probe per protocol (tcp, udp, http, https, sctp), with its
+//!   round trip; `tls`: the https probes' client configurations.
 mod checker;
+mod probe;
 mod state;
+#[cfg(test)]
+mod test_support;
+mod tls;
 
 use std::io;
 
 pub use checker::{HealthReport, ProbeStats, spawn_checker};
-pub use state::{FailureReason, HealthState, ProbeOutcome, Transition};
+pub use state::{FailureReason, HealthState, HttpFailure, ProbeOutcome, TlsFailure, Transition};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {

@@ -1,17 +1,17 @@
 //! The health state of one upstream as a pure state machine: probe outcomes
 //! in, availability changes out. No I/O, no clock.
-use std::{fmt, io, time::Duration};
+use std::{fmt, io, sync::Arc, time::Duration};
 
 /// What one probe found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProbeOutcome {
     Success,
     Failure(FailureReason),
 }
 
 impl ProbeOutcome {
-    pub fn is_success(self) -> bool {
-        self == ProbeOutcome::Success
+    pub fn is_success(&self) -> bool {
+        *self == ProbeOutcome::Success
     }
 }
 
@@ -24,14 +24,16 @@ impl fmt::Display for ProbeOutcome {
     }
 }
 
-/// Why a probe failed. `Copy` and free of heap data, so that a probe
-/// allocates nothing beyond its socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why a probe failed. Cheap to clone and allocated by no probe: the texts
+/// it quotes are shared with the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FailureReason {
     /// The upstream answered the SYN with a reset: nothing listens there.
     Refused,
     /// No answer within the configured timeout.
-    Timeout { after: Duration },
+    Timeout {
+        after: Duration,
+    },
     /// No route to the network or host.
     Unreachable,
     /// Any other error of the connect, including local ones such as running
@@ -42,6 +44,55 @@ pub enum FailureReason {
     },
     /// The upstream's host name has not resolved yet: nothing to probe.
     NoAddress,
+    /// A UDP probe was answered by an ICMP port unreachable: nothing
+    /// listens on the port.
+    PortUnreachable,
+    /// A UDP probe had no datagram back within the timeout.
+    NoReply {
+        after: Duration,
+    },
+    /// Datagrams came back, but none contained `expect`.
+    ReplyLacks {
+        expect: Arc<str>,
+    },
+    /// An HTTP answer with a status outside `expect_status`.
+    Status(u16),
+    /// An HTTP answer whose body does not contain `expect`.
+    BodyLacks {
+        expect: Arc<str>,
+    },
+    /// Not an HTTP/1.1 answer, or cut short.
+    Http(HttpFailure),
+    Tls(TlsFailure),
+    /// This host cannot make sockets of the probe's protocol (SCTP on a
+    /// kernel without it).
+    Unsupported {
+        protocol: &'static str,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpFailure {
+    /// Not parseable as an HTTP/1.x response.
+    Malformed,
+    /// The connection closed before the whole response arrived.
+    Incomplete,
+    /// Any other failure of the exchange.
+    Other,
+}
+
+/// Why a TLS handshake failed, as far as an operator can act on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// Not signed, directly or through a chain, by a trusted root.
+    NotTrusted,
+    /// Valid, but not for the probe's host.
+    WrongName,
+    Expired,
+    NotYetValid,
+    Revoked,
+    /// The server sent an alert, or the handshake failed otherwise.
+    Handshake,
 }
 
 impl From<&io::Error> for FailureReason {
@@ -63,12 +114,7 @@ impl fmt::Display for FailureReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FailureReason::Refused => f.write_str("connect refused"),
-            FailureReason::Timeout { after } if after.subsec_nanos() == 0 => {
-                write!(f, "timeout after {} s", after.as_secs())
-            }
-            FailureReason::Timeout { after } => {
-                write!(f, "timeout after {} ms", after.as_millis())
-            }
+            FailureReason::Timeout { after } => write!(f, "timeout after {}", Seconds(*after)),
             FailureReason::Unreachable => f.write_str("unreachable"),
             // The OS text ("Connection reset by peer (os error 104)") says
             // more to an operator than the portable kind.
@@ -77,13 +123,62 @@ impl fmt::Display for FailureReason {
             } => io::Error::from_raw_os_error(*errno).fmt(f),
             FailureReason::Io { kind, errno: None } => kind.fmt(f),
             FailureReason::NoAddress => f.write_str("no address"),
+            FailureReason::PortUnreachable => f.write_str("ICMP port unreachable"),
+            FailureReason::NoReply { after } => write!(f, "no reply in {}", Seconds(*after)),
+            FailureReason::ReplyLacks { expect } => write!(f, "reply lacks {expect:?}"),
+            FailureReason::Status(status) => write!(f, "HTTP {status}"),
+            FailureReason::BodyLacks { expect } => write!(f, "body lacks {expect:?}"),
+            FailureReason::Http(failure) => write!(f, "HTTP: {failure}"),
+            FailureReason::Tls(failure) => write!(f, "TLS: {failure}"),
+            FailureReason::Unsupported { protocol } => {
+                write!(
+                    f,
+                    "no {protocol} sockets on this host (kernel module not loaded?)"
+                )
+            }
+        }
+    }
+}
+
+impl fmt::Display for HttpFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HttpFailure::Malformed => "malformed response",
+            HttpFailure::Incomplete => "connection closed mid-response",
+            HttpFailure::Other => "exchange failed",
+        })
+    }
+}
+
+impl fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsFailure::NotTrusted => "certificate not trusted",
+            TlsFailure::WrongName => "certificate not valid for the host",
+            TlsFailure::Expired => "certificate expired",
+            TlsFailure::NotYetValid => "certificate not valid yet",
+            TlsFailure::Revoked => "certificate revoked",
+            TlsFailure::Handshake => "handshake failed",
+        })
+    }
+}
+
+/// `1 s` for whole seconds, `250 ms` otherwise.
+struct Seconds(Duration);
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.subsec_nanos() == 0 {
+            write!(f, "{} s", self.0.as_secs())
+        } else {
+            write!(f, "{} ms", self.0.as_millis())
         }
     }
 }
 
 /// A change of availability, with what led to it: the last probe's outcome
 /// and the run of like outcomes that reached the threshold.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
     pub available: bool,
     pub last_probe: ProbeOutcome,
@@ -162,9 +257,9 @@ mod tests {
     fn replay(state: &mut HealthState, outcomes: &[ProbeOutcome]) -> Vec<Option<(bool, u32, u32)>> {
         outcomes
             .iter()
-            .map(|&outcome| {
+            .map(|outcome| {
                 state
-                    .observe(outcome)
+                    .observe(outcome.clone())
                     .map(|t| (t.available, t.run, t.threshold))
             })
             .collect()
@@ -273,7 +368,9 @@ mod tests {
         });
         let mut state = HealthState::new(true, 1, 2);
         assert_eq!(state.observe(REFUSED), None);
-        let transition = state.observe(timeout).expect("second failure flips");
+        let transition = state
+            .observe(timeout.clone())
+            .expect("second failure flips");
         assert_eq!(transition.last_probe, timeout);
     }
 
@@ -295,6 +392,38 @@ mod tests {
             ),
             (FailureReason::Unreachable, "unreachable"),
             (FailureReason::NoAddress, "no address"),
+            (FailureReason::PortUnreachable, "ICMP port unreachable"),
+            (
+                FailureReason::NoReply {
+                    after: Duration::from_secs(1),
+                },
+                "no reply in 1 s",
+            ),
+            (
+                FailureReason::ReplyLacks {
+                    expect: Arc::from("pong"),
+                },
+                r#"reply lacks "pong""#,
+            ),
+            (FailureReason::Status(503), "HTTP 503"),
+            (
+                FailureReason::BodyLacks {
+                    expect: Arc::from("ok"),
+                },
+                r#"body lacks "ok""#,
+            ),
+            (
+                FailureReason::Http(HttpFailure::Malformed),
+                "HTTP: malformed response",
+            ),
+            (
+                FailureReason::Tls(TlsFailure::NotTrusted),
+                "TLS: certificate not trusted",
+            ),
+            (
+                FailureReason::Unsupported { protocol: "SCTP" },
+                "no SCTP sockets on this host (kernel module not loaded?)",
+            ),
             (
                 FailureReason::Io {
                     kind: io::ErrorKind::ConnectionReset,
