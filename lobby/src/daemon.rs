@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -805,7 +805,7 @@ impl Daemon {
             Some((
                 id,
                 socket,
-                ebpf::key_of(socket, runtime.spec.protocol.number()),
+                ebpf::key_of(socket.into(), runtime.spec.protocol.number()),
             ))
         })
     }
@@ -818,8 +818,10 @@ impl Daemon {
             return;
         }
         let keys: BTreeSet<_> = self.counted().map(|(_, _, key)| key).collect();
-        let addresses: BTreeSet<Ipv4Addr> =
-            self.counted().map(|(_, socket, _)| *socket.ip()).collect();
+        let addresses: BTreeSet<IpAddr> = self
+            .counted()
+            .map(|(_, socket, _)| IpAddr::V4(*socket.ip()))
+            .collect();
         let interfaces = ebpf::interfaces_toward(&addresses).await;
         let Some(counters) = self.counters.as_mut() else {
             return;

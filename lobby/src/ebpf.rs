@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
@@ -18,6 +18,8 @@ use aya::{
 };
 use lobby_common::{COUNTERS_MAP, UpstreamCounters, UpstreamKey};
 use tracing::{debug, info, warn};
+
+pub use crate::netlink::{Interface, interfaces_toward};
 
 /// The object built from lobby-ebpf by build.rs; empty when the build was
 /// told to skip it (AYA_BUILD_SKIP).
@@ -74,15 +76,15 @@ pub enum CountersError {
     },
     #[error("counting the CPUs: {0}")]
     Cpus(String),
-    #[error("looking up the routes to the upstreams")]
-    Route(#[source] io::Error),
 }
 
 /// What is attached where, and the map of per-upstream counters.
 pub struct Counters {
     ebpf: Ebpf,
     pin_path: PathBuf,
-    links: BTreeMap<String, [SchedClassifierLinkId; 2]>,
+    /// By index as well as name: an interface deleted and created again
+    /// under its old name is a new one, and its programs went with the old.
+    links: BTreeMap<Interface, [SchedClassifierLinkId; 2]>,
     cpus: usize,
     /// Before 6.6 programs are attached as tc filters, which outlive a
     /// crashed daemon; those of a previous run are removed before attaching.
@@ -126,38 +128,52 @@ impl Counters {
     }
 
     /// Attaches both classifiers to every interface of `interfaces` that
-    /// lacks them and detaches them from every other one.
-    pub fn attach_to(&mut self, interfaces: &BTreeSet<String>) -> Result<(), CountersError> {
-        let stale: Vec<String> = self
+    /// lacks them and detaches them from every other one, including an
+    /// interface of the same name but another index: the kernel removed the
+    /// programs with the interface it deleted.
+    pub fn attach_to(&mut self, interfaces: &BTreeSet<Interface>) -> Result<(), CountersError> {
+        let stale: Vec<Interface> = self
             .links
             .keys()
             .filter(|i| !interfaces.contains(*i))
             .cloned()
             .collect();
-        for interface in stale {
-            let [egress, ingress] = self.links.remove(&interface).expect("listed above");
+        for old in stale {
+            let [egress, ingress] = self.links.remove(&old).expect("listed above");
+            let interface = old.name.as_str();
             // The interface may be gone already, taking the programs with it.
             if let Err(e) = self.classifier(EGRESS).detach(egress) {
-                debug!(interface, error = %e, "detaching egress counter");
+                debug!(interface, index = old.index, error = %e, "detaching egress counter");
             }
             if let Err(e) = self.classifier(INGRESS).detach(ingress) {
-                debug!(interface, error = %e, "detaching ingress counter");
+                debug!(interface, index = old.index, error = %e, "detaching ingress counter");
             }
-            info!(interface, "counters detached");
+            match interfaces.iter().find(|i| i.name == old.name) {
+                Some(new) => info!(
+                    interface,
+                    old_index = old.index,
+                    new_index = new.index,
+                    "interface {interface} was recreated (index {} -> {}); counters move to the new one",
+                    old.index,
+                    new.index
+                ),
+                None => info!(interface, index = old.index, "counters detached"),
+            }
         }
         for interface in interfaces {
             if self.links.contains_key(interface) {
                 continue;
             }
+            let name = interface.name.as_str();
             if self.netlink_filters {
-                prepare_clsact(interface)?;
+                prepare_clsact(name)?;
             }
             let attach = |counters: &mut Self, program, direction| {
                 counters
                     .classifier(program)
-                    .attach(interface, direction)
+                    .attach(name, direction)
                     .map_err(|source| CountersError::Attach {
-                        interface: interface.clone(),
+                        interface: name.to_owned(),
                         source,
                     })
             };
@@ -170,7 +186,11 @@ impl Counters {
                 }
             };
             self.links.insert(interface.clone(), [egress, ingress]);
-            info!(interface, "counters attached");
+            info!(
+                interface = name,
+                index = interface.index,
+                "counters attached"
+            );
         }
         Ok(())
     }
@@ -279,8 +299,8 @@ impl Counters {
 }
 
 /// The key under which the programs count an upstream.
-pub fn key_of(address: SocketAddrV4, protocol: u8) -> UpstreamKey {
-    UpstreamKey::new(u32::from(*address.ip()), address.port(), protocol)
+pub fn key_of(address: SocketAddr, protocol: u8) -> UpstreamKey {
+    UpstreamKey::new(address, protocol)
 }
 
 fn prepare_clsact(interface: &str) -> Result<(), CountersError> {
@@ -372,74 +392,59 @@ fn mount_bpffs(path: &Path) -> Result<(), CountersError> {
     }
 }
 
-/// The interfaces the kernel routes each address through, by one `ip -batch`
-/// run of `route get` per address. Addresses without a route are left out
-/// (and logged): their traffic cannot flow anyway.
-pub async fn interfaces_toward(
-    addresses: &BTreeSet<Ipv4Addr>,
-) -> Result<BTreeSet<String>, CountersError> {
-    if addresses.is_empty() {
-        return Ok(BTreeSet::new());
-    }
-    let mut script = String::new();
-    for address in addresses {
-        script.push_str(&format!("route get {address}\n"));
-    }
-    let output = crate::process::run_with_input(
-        tokio::process::Command::new("ip").args(["-o", "-force", "-batch", "-"]),
-        script,
-    )
-    .await
-    .map_err(CountersError::Route)?;
-    // ip says `RTNETLINK answers: ...` then `Command failed -:N` per failed lookup.
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let unroutable = stderr
-        .lines()
-        .filter(|l| l.starts_with("Command failed"))
-        .count();
-    if unroutable > 0 {
-        let reason = stderr.lines().next().unwrap_or_default();
-        warn!(
-            unroutable,
-            "{unroutable} upstream addresses have no route ({reason}); their traffic is not counted"
-        );
-    }
-    Ok(parse_route_devices(&String::from_utf8_lossy(
-        &output.stdout,
-    )))
-}
-
-/// The `dev NAME` of each line of `ip -o route get` output, except
-/// loopback: traffic to this host's own addresses is not forwarded.
-fn parse_route_devices(output: &str) -> BTreeSet<String> {
-    output
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            words.find(|w| *w == "dev")?;
-            words.next().map(str::to_owned)
-        })
-        .filter(|dev| dev != "lo")
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lobby_common::{FAMILY_IPV4, FAMILY_IPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
-    #[test]
-    fn route_devices_are_read_from_each_line() {
-        let output = "198.18.1.11 dev veth-up1 src 198.18.1.1 uid 0 \\    cache \n\
-                      198.18.2.11 via 198.18.0.1 dev eth0 src 198.18.0.2 uid 0 \\    cache \n\
-                      127.0.0.1 dev lo src 127.0.0.1 uid 0 \\    cache <local> \n";
-        let devices: Vec<String> = parse_route_devices(output).into_iter().collect();
-        assert_eq!(devices, ["eth0", "veth-up1"]);
+    /// The key's bytes as the program builds them from a packet.
+    fn key_bytes(key: &UpstreamKey) -> Vec<u8> {
+        // SAFETY: UpstreamKey is Pod: 20 initialised bytes, no padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (key as *const UpstreamKey).cast::<u8>(),
+                std::mem::size_of::<UpstreamKey>(),
+            )
+        }
+        .to_vec()
     }
 
     #[test]
-    fn keys_hold_network_byte_order() {
-        let key = key_of(SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 11), 9000), 6);
-        assert_eq!(key.addr.to_ne_bytes(), [198, 18, 1, 11]);
-        assert_eq!(key.port.to_ne_bytes(), 9000u16.to_be_bytes());
+    fn an_ipv4_key_is_zero_padded_in_network_byte_order() {
+        let key = key_of("198.18.1.11:9000".parse().unwrap(), IPPROTO_TCP);
+        let mut expected = vec![198, 18, 1, 11];
+        expected.extend([0; 12]);
+        expected.extend(9000u16.to_be_bytes());
+        expected.extend([IPPROTO_TCP, FAMILY_IPV4]);
+        assert_eq!(key_bytes(&key), expected);
+    }
+
+    #[test]
+    fn an_ipv6_key_holds_all_sixteen_bytes() {
+        let key = key_of("[2001:db8::1:b]:53".parse().unwrap(), IPPROTO_UDP);
+        let mut expected = vec![
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0x0b,
+        ];
+        expected.extend(53u16.to_be_bytes());
+        expected.extend([IPPROTO_UDP, FAMILY_IPV6]);
+        assert_eq!(key_bytes(&key), expected);
+    }
+
+    #[test]
+    fn keys_differ_by_family_protocol_and_port() {
+        // c612:10b:: starts with the four bytes of 198.18.1.11, and
+        // ::ffff:198.18.1.11 is the v4-mapped form: neither is the IPv4 key.
+        let keys: BTreeSet<UpstreamKey> = [
+            ("198.18.1.11:9000", IPPROTO_TCP),
+            ("198.18.1.11:9000", IPPROTO_UDP),
+            ("198.18.1.11:9000", IPPROTO_SCTP),
+            ("198.18.1.11:9001", IPPROTO_TCP),
+            ("[::ffff:198.18.1.11]:9000", IPPROTO_TCP),
+            ("[c612:10b::]:9000", IPPROTO_TCP),
+        ]
+        .into_iter()
+        .map(|(a, p)| key_of(a.parse().unwrap(), p))
+        .collect();
+        assert_eq!(keys.len(), 6);
     }
 }

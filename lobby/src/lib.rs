@@ -6,13 +6,14 @@
 //!   and applies it in one transaction; the only module that runs `nft`.
 //! - [`ebpf`]: loads and attaches the counters, reads their maps; the only
 //!   module that imports aya.
+//! - [`netlink`]: route lookups: the interfaces toward the upstreams.
 //! - [`health`]: TCP probes and the state machine of availability.
 //! - [`dns`]: resolves upstream host names, in order, once per period.
 //! - [`watch`]: notices changes of the configuration file.
 //! - [`ctl`]: the control socket and `lobby stats`.
 //! - [`metrics`]: the Prometheus endpoint.
 //! - [`systemd`]: readiness notifications.
-//! - [`process`]: running nft and ip with a script on stdin.
+//! - [`process`]: running nft with a script on stdin.
 //! - [`daemon`]: the reconcile loop that owns the state and wires them.
 pub mod config;
 pub mod ctl;
@@ -22,6 +23,7 @@ pub mod ebpf;
 pub mod health;
 pub mod metrics;
 pub mod model;
+pub mod netlink;
 pub mod nft;
 pub mod process;
 pub mod systemd;
