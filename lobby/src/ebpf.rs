@@ -447,4 +447,279 @@ mod tests {
         .collect();
         assert_eq!(keys.len(), 6);
     }
+
+    /// IPv6 end to end through the library alone (the daemon does not
+    /// balance IPv6 yet): client -> router (counters) -> server, no NAT.
+    /// Needs root; skipped without it, fails without it under CI=true.
+    mod ipv6_namespaces {
+        use std::{
+            io::{Read as _, Write as _},
+            net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+            os::fd::AsRawFd as _,
+            process::Command,
+            time::Duration,
+        };
+
+        use super::*;
+
+        const CLIENT: &str = "2001:db8:c::2";
+        const SERVER: &str = "2001:db8:5::11";
+        const TCP_PORT: u16 = 9000;
+        const UDP_PORT: u16 = 9001;
+        const DATAGRAM: usize = 100;
+
+        /// A namespace deleted on drop.
+        struct Ns(String);
+
+        impl Ns {
+            fn new(role: &str) -> Self {
+                let name = format!("lobbyu-{}-{role}", std::process::id());
+                run("ip", &["netns", "add", &name]);
+                let ns = Self(name);
+                ns.ip(&["link", "set", "lo", "up"]);
+                ns
+            }
+
+            fn ip(&self, args: &[&str]) -> String {
+                run("ip", &[&["-n", self.0.as_str()], args].concat())
+            }
+
+            fn exec(&self, args: &[&str]) -> String {
+                run("ip", &[&["netns", "exec", self.0.as_str()], args].concat())
+            }
+
+            /// Runs `f` on a thread inside the namespace.
+            fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+                let path = format!("/run/netns/{}", self.0);
+                std::thread::spawn(move || {
+                    let file = std::fs::File::open(&path).expect("opening the namespace");
+                    // SAFETY: setns on this thread only, with a valid fd.
+                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+                    f()
+                })
+                .join()
+                .expect("the thread inside the namespace panicked")
+            }
+        }
+
+        impl Drop for Ns {
+            fn drop(&mut self) {
+                let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+            }
+        }
+
+        fn run(program: &str, args: &[&str]) -> String {
+            let out = Command::new(program)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("{program} {args:?}: {e}"));
+            assert!(
+                out.status.success(),
+                "{program} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+
+        fn privileged() -> bool {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } == 0 {
+                return true;
+            }
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("this test needs root (CI=true: not skipping)");
+            }
+            eprintln!("skipped: this test needs root (namespaces, eBPF)");
+            false
+        }
+
+        /// A veth pair `a_if` in `a` to `b_if` in `b`, both up, each with
+        /// its /64 (no duplicate address detection: usable at once).
+        fn link(a: &Ns, a_if: &str, a_addr: &str, b: &Ns, b_if: &str, b_addr: &str) {
+            a.ip(&[
+                "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.0,
+            ]);
+            a.ip(&["addr", "add", &format!("{a_addr}/64"), "dev", a_if, "nodad"]);
+            b.ip(&["addr", "add", &format!("{b_addr}/64"), "dev", b_if, "nodad"]);
+            a.ip(&["link", "set", a_if, "up"]);
+            b.ip(&["link", "set", b_if, "up"]);
+        }
+
+        /// (packets, bytes) of the router's reference counter `comment`.
+        fn reference(router: &Ns, comment: &str) -> (u64, u64) {
+            let listing = router.exec(&["nft", "list", "table", "ip6", "reference"]);
+            let line = listing
+                .lines()
+                .find(|l| l.contains(&format!("comment \"{comment}\"")))
+                .unwrap_or_else(|| panic!("no counter {comment} in {listing}"));
+            let after = |word: &str| -> u64 {
+                let rest = &line[line.find(word).unwrap() + word.len()..];
+                rest.split_whitespace().next().unwrap().parse().unwrap()
+            };
+            (after("packets "), after("bytes "))
+        }
+
+        /// Sends `count` datagrams from one socket and waits for each echo.
+        fn udp_flow(client: &Ns, count: usize) {
+            client.within(move || {
+                let socket = UdpSocket::bind("[::]:0").unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                socket.connect((SERVER, UDP_PORT)).unwrap();
+                let mut buf = [0u8; DATAGRAM];
+                for _ in 0..count {
+                    socket.send(&[1; DATAGRAM]).unwrap();
+                    socket.recv(&mut buf).unwrap();
+                }
+            });
+        }
+
+        /// One TCP connection that sends `len` bytes and reads them back.
+        fn tcp_exchange(client: &Ns, len: usize) {
+            client.within(move || {
+                let addr = SocketAddr::new(SERVER.parse().unwrap(), TCP_PORT);
+                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+                stream.write_all(&vec![7; len]).unwrap();
+                let mut echo = vec![0; len];
+                stream.read_exact(&mut echo).unwrap();
+            });
+        }
+
+        #[test]
+        fn ipv6_tcp_and_udp_are_counted_exactly_and_local_traffic_is_not() {
+            if !privileged() {
+                return;
+            }
+            let (client, router, server) =
+                (Ns::new("client"), Ns::new("router"), Ns::new("server"));
+            link(&client, "eth0", CLIENT, &router, "c0", "2001:db8:c::1");
+            link(&router, "s0", "2001:db8:5::1", &server, "eth0", SERVER);
+            client.ip(&["-6", "route", "add", "default", "via", "2001:db8:c::1"]);
+            server.ip(&["-6", "route", "add", "default", "via", "2001:db8:5::1"]);
+            router.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+            let rules = format!(
+                "table ip6 reference {{\n chain forward {{\n  type filter hook forward priority 0;\n  \
+                 ip6 daddr {SERVER} tcp dport {TCP_PORT} counter comment \"out\"\n  \
+                 ip6 saddr {SERVER} tcp sport {TCP_PORT} counter comment \"in\"\n }}\n}}\n"
+            );
+            let rules_file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(rules_file.path(), rules).unwrap();
+            router.exec(&["nft", "-f", rules_file.path().to_str().unwrap()]);
+
+            // Echo servers.
+            server.within(|| {
+                let listener = TcpListener::bind((SERVER, TCP_PORT)).unwrap();
+                let udp = UdpSocket::bind((SERVER, UDP_PORT)).unwrap();
+                std::thread::spawn(move || {
+                    for stream in listener.incoming() {
+                        let mut stream = stream.unwrap();
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n @ 1..) = stream.read(&mut buf) {
+                            stream.write_all(&buf[..n]).unwrap();
+                        }
+                    }
+                });
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 2048];
+                    while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                        udp.send_to(&buf[..n], from).unwrap();
+                    }
+                });
+            });
+
+            let bpffs = tempfile::tempdir().unwrap();
+            mount_bpffs(bpffs.path()).unwrap();
+            let pin_dir = bpffs.path().join("lobby");
+            let server_ip: Ipv6Addr = SERVER.parse().unwrap();
+            let tcp_key = key_of(SocketAddr::new(server_ip.into(), TCP_PORT), 6);
+            let udp_key = key_of(SocketAddr::new(server_ip.into(), UDP_PORT), 17);
+            let counters = router.within(move || {
+                let mut counters = Counters::load(&pin_dir).expect("loading the counters");
+                counters.track(&BTreeSet::from([tcp_key, udp_key])).unwrap();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let interfaces = runtime
+                    .block_on(interfaces_toward(&BTreeSet::from([IpAddr::from(
+                        server_ip,
+                    )])))
+                    .unwrap();
+                let names: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
+                assert_eq!(names, ["s0"]);
+                counters.attach_to(&interfaces).unwrap();
+                counters
+            });
+
+            // The router's own traffic, like the daemon's probes (a TCP
+            // connect closed with a reset, a connected UDP socket): not
+            // counted.
+            router.within(|| {
+                let addr = SocketAddr::new(SERVER.parse().unwrap(), TCP_PORT);
+                let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: a valid socket and option value of the right size.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        stream.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&raw const linger).cast(),
+                        std::mem::size_of_val(&linger) as libc::socklen_t,
+                    )
+                };
+                assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+            });
+            udp_flow(&router, 2);
+            // Client traffic: one TCP connection, two UDP flows.
+            tcp_exchange(&client, 3000);
+            udp_flow(&client, 3);
+            udp_flow(&client, 1);
+
+            let wait = std::time::Instant::now();
+            let (tcp, udp) = loop {
+                let all = counters.read().unwrap();
+                let (tcp, udp) = (all[&tcp_key], all[&udp_key]);
+                let matches = (tcp.packets_out, tcp.bytes_out) == reference(&router, "out")
+                    && (tcp.packets_in, tcp.bytes_in) == reference(&router, "in");
+                if matches || wait.elapsed() > Duration::from_secs(10) {
+                    break (tcp, udp);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            assert_eq!(
+                (tcp.packets_out, tcp.bytes_out),
+                reference(&router, "out"),
+                "{tcp:?}"
+            );
+            assert_eq!(
+                (tcp.packets_in, tcp.bytes_in),
+                reference(&router, "in"),
+                "{tcp:?}"
+            );
+            assert!(tcp.bytes_out > 3000, "{tcp:?}");
+            assert_eq!((tcp.connections, tcp.resets), (1, 0), "{tcp:?}");
+            // Each datagram: 40 bytes of IPv6 header, 8 of UDP, the payload.
+            let bytes = 4 * (40 + 8 + DATAGRAM as u64);
+            let expected = UpstreamCounters {
+                connections: 2,
+                resets: 0,
+                packets_out: 4,
+                bytes_out: bytes,
+                packets_in: 4,
+                bytes_in: bytes,
+            };
+            assert_eq!(udp, expected);
+
+            counters.remove();
+            // SAFETY: a valid C path; detaches the bpffs mounted above.
+            let path = std::ffi::CString::new(bpffs.path().as_os_str().as_encoded_bytes()).unwrap();
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }
