@@ -503,6 +503,26 @@ mod tests {
             }
         }
 
+        /// A bpffs on a temporary directory, unmounted on drop.
+        struct BpfFs(tempfile::TempDir);
+
+        impl BpfFs {
+            fn new() -> Self {
+                let dir = tempfile::tempdir().unwrap();
+                mount_bpffs(dir.path()).unwrap();
+                Self(dir)
+            }
+        }
+
+        impl Drop for BpfFs {
+            fn drop(&mut self) {
+                let path = std::ffi::CString::new(self.0.path().as_os_str().as_encoded_bytes())
+                    .expect("no NUL in a temporary path");
+                // SAFETY: a valid C path; detaches the bpffs mounted there.
+                unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+
         impl Drop for Ns {
             fn drop(&mut self) {
                 let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
@@ -629,9 +649,8 @@ mod tests {
                 });
             });
 
-            let bpffs = tempfile::tempdir().unwrap();
-            mount_bpffs(bpffs.path()).unwrap();
-            let pin_dir = bpffs.path().join("lobby");
+            let bpffs = BpfFs::new();
+            let pin_dir = bpffs.0.path().join("lobby");
             let server_ip: Ipv6Addr = SERVER.parse().unwrap();
             let tcp_key = key_of(SocketAddr::new(server_ip.into(), TCP_PORT), 6);
             let udp_key = key_of(SocketAddr::new(server_ip.into(), UDP_PORT), 17);
@@ -717,9 +736,6 @@ mod tests {
             assert_eq!(udp, expected);
 
             counters.remove();
-            // SAFETY: a valid C path; detaches the bpffs mounted above.
-            let path = std::ffi::CString::new(bpffs.path().as_os_str().as_encoded_bytes()).unwrap();
-            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
         }
     }
 }
