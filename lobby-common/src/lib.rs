@@ -3,49 +3,77 @@
 //! is `#[repr(C)]` with explicit padding and a size assertion.
 #![no_std]
 
+use core::net::SocketAddr;
+
 /// Name of the per-CPU hash map that holds one [`UpstreamCounters`] per
 /// configured upstream. The layout version is part of the pin name: a pinned
 /// map of an older layout with the same sizes would otherwise be reused
-/// silently after an upgrade.
-pub const COUNTERS_MAP: &str = "LOBBY_COUNTERS_V1";
+/// silently after an upgrade. V2: the key holds IPv6 addresses and the
+/// family.
+pub const COUNTERS_MAP: &str = "LOBBY_COUNTERS_V2";
 
 /// Upper bound on upstreams whose traffic is counted at once.
 pub const MAX_UPSTREAMS: u32 = 65_536;
 
-/// IP protocol number of TCP, the only protocol Lobby balances today.
+/// IP protocol numbers of what Lobby balances.
 pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
 
-/// Identifies an upstream as the kernel sees it after DNAT: its IPv4 address
-/// and port, both in network byte order as they appear in the packet, and
-/// the IP protocol.
+/// [`UpstreamKey::family`] values: the IP version number, as in the first
+/// nibble of the packet.
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// Identifies an upstream as the kernel sees it after DNAT: its address,
+/// port and IP protocol, and the address family.
+///
+/// `addr` holds the address bytes as they appear in the packet: all 16 of
+/// an IPv6 address; an IPv4 address in the first 4 bytes, the other 12 zero
+/// (zero-padded, not v4-mapped: `family` already tells them apart, and the
+/// program copies 4 bytes). `port` is in network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UpstreamKey {
-    pub addr: u32,
+    pub addr: [u8; 16],
     pub port: u16,
     pub protocol: u8,
-    pub _pad: u8,
+    pub family: u8,
 }
 
 impl UpstreamKey {
-    /// `addr` and `port` in host byte order, as the daemon holds them.
-    pub fn new(addr: u32, port: u16, protocol: u8) -> Self {
+    /// The key of the upstream at `address` (port in host byte order, as
+    /// the daemon holds it) for IP protocol `protocol`.
+    pub fn new(address: SocketAddr, protocol: u8) -> Self {
+        let mut addr = [0; 16];
+        let family = match address {
+            SocketAddr::V4(a) => {
+                addr[..4].copy_from_slice(&a.ip().octets());
+                FAMILY_IPV4
+            }
+            SocketAddr::V6(a) => {
+                addr = a.ip().octets();
+                FAMILY_IPV6
+            }
+        };
         Self {
-            addr: addr.to_be(),
-            port: port.to_be(),
+            addr,
+            port: address.port().to_be(),
             protocol,
-            _pad: 0,
+            family,
         }
     }
 }
 
 /// What one CPU counted for one upstream. "Out" is traffic toward the
-/// upstream, "in" is traffic from it; bytes are IP bytes (header and
-/// payload), as conntrack and nft counters count them.
+/// upstream, "in" is traffic from it; bytes are IP bytes (header, extension
+/// headers and payload), as conntrack and nft counters count them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UpstreamCounters {
-    /// SYNs (without ACK) sent to the upstream: new connections.
+    /// New flows toward the upstream: TCP SYNs without ACK, SCTP packets
+    /// whose first chunk is an INIT, and UDP packets of a flow the program
+    /// has not seen recently (lobby-ebpf says exactly which).
     pub connections: u64,
     /// TCP segments with RST from the upstream.
     pub resets: u64,
@@ -67,7 +95,8 @@ impl UpstreamCounters {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<UpstreamKey>() == 8);
+const _: () = assert!(core::mem::size_of::<UpstreamKey>() == 20);
+const _: () = assert!(core::mem::align_of::<UpstreamKey>() == 2);
 const _: () = assert!(core::mem::size_of::<UpstreamCounters>() == 48);
 
 #[cfg(feature = "user")]

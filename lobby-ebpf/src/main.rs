@@ -3,27 +3,63 @@
 //! upstream), ingress sees the upstream's answers before reverse NAT (source
 //! = upstream). Both only update keys the daemon inserted, and always let the
 //! packet go on: counting must never drop traffic.
+//!
+//! What is counted, per upstream (address, port, protocol, family):
+//! - IPv4 and IPv6 packets of TCP, UDP and SCTP, each way, and their IP
+//!   bytes (IPv4 total length; IPv6 40 + payload length, which includes the
+//!   extension headers). IPv6 hop-by-hop, routing, destination-options,
+//!   fragment and AH headers are skipped to find the transport header (at
+//!   most [`MAX_EXT_HEADERS`] of them; a packet with more, or with ESP, is
+//!   not counted).
+//! - Non-first fragments carry no ports, so they cannot be attributed and
+//!   are not counted, neither packets nor bytes. Forwarded traffic is
+//!   rarely fragmented: conntrack reassembles before NAT and the kernel only
+//!   refragments to the original fragment size.
+//! - `connections`: TCP segments with SYN and without ACK toward the
+//!   upstream; SCTP packets toward it whose first chunk is an INIT; UDP
+//!   datagrams toward it whose flow (source address and port after
+//!   masquerade, upstream) the program has not seen for
+//!   [`UDP_FLOW_IDLE_NS`] (conntrack's UDP stream timeout) or has forgotten
+//!   (an LRU table of [`UDP_FLOWS_MAX`] flows, not pinned: flows in progress
+//!   when the daemon starts count once more). Retransmitted SYNs and INITs
+//!   count again, as they do in conntrack's statistics.
+//! - `resets`: TCP segments with RST from the upstream. UDP and SCTP have
+//!   none.
+//!
+//! The daemon's own probes are not the upstream's traffic. Toward the
+//! upstream, a packet this host sends carries its socket while forwarded
+//! traffic carries none, whatever the protocol. From the upstream, a TCP
+//! SYN-ACK or RST and every UDP datagram is looked up among this host's
+//! connected sockets; SCTP has no socket lookup helper, so the answers to
+//! SCTP probes (INIT ACK, ABORT) are counted as the upstream's.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_CURRENT_NETNS, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock_tuple,
+        BPF_F_CURRENT_NETNS, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock,
+        bpf_sock_tuple,
     },
-    helpers::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_skb_load_bytes_relative},
+    helpers::{
+        bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_skb_load_bytes_relative,
+    },
     macros::{classifier, map},
-    maps::PerCpuHashMap,
+    maps::{LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
-use lobby_common::{COUNTERS_MAP, IPPROTO_TCP, MAX_UPSTREAMS, UpstreamCounters, UpstreamKey};
+use lobby_common::{
+    COUNTERS_MAP, FAMILY_IPV4, FAMILY_IPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, MAX_UPSTREAMS,
+    UpstreamCounters, UpstreamKey,
+};
 
-#[map(name = "LOBBY_COUNTERS_V1")]
+#[map(name = "LOBBY_COUNTERS_V2")]
 static COUNTERS: PerCpuHashMap<UpstreamKey, UpstreamCounters> =
     PerCpuHashMap::with_max_entries(MAX_UPSTREAMS, 0);
 
 // The map's name above must be the one the daemon pins and opens.
-const _: () = assert!(const_str_eq(COUNTERS_MAP, "LOBBY_COUNTERS_V1"));
+const _: () = assert!(const_str_eq(COUNTERS_MAP, "LOBBY_COUNTERS_V2"));
 
 const fn const_str_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
@@ -40,50 +76,113 @@ const fn const_str_eq(a: &str, b: &str) -> bool {
     true
 }
 
+/// UDP flows toward counted upstreams, with when each last sent a datagram
+/// (`bpf_ktime_get_ns`).
+#[map]
+static UDP_FLOWS: LruHashMap<UdpFlow, u64> = LruHashMap::with_max_entries(UDP_FLOWS_MAX, 0);
+
+const UDP_FLOWS_MAX: u32 = 65_536;
+/// A UDP flow idle this long is a new one: conntrack's
+/// `nf_conntrack_udp_timeout_stream` default (120 s).
+const UDP_FLOW_IDLE_NS: u64 = 120_000_000_000;
+
+/// One UDP flow as the egress program sees it: the source after masquerade
+/// and the upstream.
+#[repr(C)]
+struct UdpFlow {
+    source: [u8; 16],
+    source_port: u16,
+    _pad: [u8; 2],
+    upstream: UpstreamKey,
+}
+
+const _: () = assert!(core::mem::size_of::<UdpFlow>() == 40);
+
 const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 const TCP_LISTEN: u32 = 10;
+/// What a connected UDP socket's state reads.
+const TCP_ESTABLISHED: u32 = 1;
+const SCTP_CHUNK_INIT: u8 = 1;
 
-/// The fields of an IPv4 + TCP packet that counting needs.
-struct Segment {
-    saddr: u32,
-    daddr: u32,
+/// IPv6 extension headers skipped at most before the transport header.
+const MAX_EXT_HEADERS: usize = 4;
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DEST_OPTS: u8 = 60;
+
+const IPV4_HEADER: usize = 20;
+const IPV6_HEADER: usize = 40;
+/// The transport bytes counting reads: TCP up to its flags (14), SCTP's
+/// common header and the first chunk's type (13), UDP's ports (4).
+const TRANSPORT_HEAD: usize = 14;
+
+/// What counting needs of the transport header.
+#[derive(Clone, Copy)]
+enum Transport {
+    Tcp { flags: u8 },
+    Udp,
+    Sctp { first_chunk: u8 },
+}
+
+/// The fields of an IP packet that counting needs. Addresses are laid out
+/// as in [`UpstreamKey::addr`], ports in network byte order.
+struct Packet {
+    family: u8,
+    protocol: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
     sport: u16,
     dport: u16,
     ip_len: u32,
-    flags: u8,
+    transport: Transport,
+}
+
+impl Packet {
+    #[inline(always)]
+    fn upstream_at_destination(&self) -> UpstreamKey {
+        UpstreamKey {
+            addr: self.daddr,
+            port: self.dport,
+            protocol: self.protocol,
+            family: self.family,
+        }
+    }
+
+    #[inline(always)]
+    fn upstream_at_source(&self) -> UpstreamKey {
+        UpstreamKey {
+            addr: self.saddr,
+            port: self.sport,
+            protocol: self.protocol,
+            family: self.family,
+        }
+    }
 }
 
 #[classifier]
 pub fn lobby_egress(ctx: TcContext) -> i32 {
-    if let Some(seg) = read_segment(&ctx) {
-        count_toward_upstream(&ctx, &seg);
+    if let Some(packet) = read_packet(&ctx) {
+        count_toward_upstream(&ctx, &packet);
     }
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn lobby_ingress(ctx: TcContext) -> i32 {
-    if let Some(seg) = read_segment(&ctx) {
-        count_from_upstream(&ctx, &seg);
+    if let Some(packet) = read_packet(&ctx) {
+        count_from_upstream(&ctx, &packet);
     }
     TC_ACT_UNSPEC
 }
 
-/// The counters of the TCP upstream at `addr`:`port` (network order), if
-/// the daemon counts it.
-fn counters_of(addr: u32, port: u16) -> Option<*mut UpstreamCounters> {
-    COUNTERS.get_ptr_mut(UpstreamKey {
-        addr,
-        port,
-        protocol: IPPROTO_TCP,
-        _pad: 0,
-    })
-}
-
-fn count_toward_upstream(ctx: &TcContext, seg: &Segment) {
-    let Some(counters) = counters_of(seg.daddr, seg.dport) else {
+#[inline(always)]
+fn count_toward_upstream(ctx: &TcContext, packet: &Packet) {
+    let upstream = packet.upstream_at_destination();
+    let Some(counters) = COUNTERS.get_ptr_mut(upstream) else {
         return;
     };
     // A packet this host sends itself (the daemon's probes, including the
@@ -97,111 +196,286 @@ fn count_toward_upstream(ctx: &TcContext, seg: &Segment) {
     // writes it while the program runs.
     let counters = unsafe { &mut *counters };
     counters.packets_out += 1;
-    counters.bytes_out += u64::from(seg.ip_len);
-    if seg.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
+    counters.bytes_out += u64::from(packet.ip_len);
+    let new_flow = match packet.transport {
+        Transport::Tcp { flags } => flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN,
+        Transport::Sctp { first_chunk } => first_chunk == SCTP_CHUNK_INIT,
+        Transport::Udp => is_new_udp_flow(packet, upstream),
+    };
+    if new_flow {
         counters.connections += 1;
     }
 }
 
-fn count_from_upstream(ctx: &TcContext, seg: &Segment) {
-    let Some(counters) = counters_of(seg.saddr, seg.sport) else {
+/// Whether this datagram starts a flow (see the module's documentation),
+/// noting that the flow was seen now.
+#[inline(always)]
+fn is_new_udp_flow(packet: &Packet, upstream: UpstreamKey) -> bool {
+    let flow = UdpFlow {
+        source: packet.saddr,
+        source_port: packet.sport,
+        _pad: [0; 2],
+        upstream,
+    };
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(seen) = UDP_FLOWS.get_ptr_mut(&flow) {
+        // SAFETY: a value of the LRU map; another CPU may write the same
+        // timestamp concurrently, which only blurs it by a packet.
+        let seen = unsafe { &mut *seen };
+        let idle = now.saturating_sub(*seen);
+        *seen = now;
+        return idle > UDP_FLOW_IDLE_NS;
+    }
+    // A full table evicts its least recently used flow; a failed insert
+    // only means this flow counts again on its next datagram.
+    let _ = UDP_FLOWS.insert(&flow, now, 0);
+    true
+}
+
+#[inline(always)]
+fn count_from_upstream(ctx: &TcContext, packet: &Packet) {
+    let Some(counters) = COUNTERS.get_ptr_mut(packet.upstream_at_source()) else {
         return;
     };
-    // A probe hears back a SYN-ACK, or a reset when refused; it then closes
-    // at once, so no later packet of its flow finds a socket. Only those
-    // segments pay for the lookup: data and ACKs of client flows do not.
-    if seg.flags & (TCP_FLAG_SYN | TCP_FLAG_RST) != 0
-        && is_local_socket(ctx, seg.saddr, seg.daddr, seg.sport, seg.dport)
-    {
+    if is_probe_answer(ctx, packet) {
         return;
     }
     // SAFETY: as in count_toward_upstream.
     let counters = unsafe { &mut *counters };
     counters.packets_in += 1;
-    counters.bytes_in += u64::from(seg.ip_len);
-    if seg.flags & TCP_FLAG_RST != 0 {
+    counters.bytes_in += u64::from(packet.ip_len);
+    if let Transport::Tcp { flags } = packet.transport
+        && flags & TCP_FLAG_RST != 0
+    {
         counters.resets += 1;
     }
 }
 
 /// Whether a connected socket of this host owns an arriving packet's flow:
 /// answers to the daemon's own health probes, which are not client traffic.
-/// Forwarded client flows have no local socket. Only asked for packets of a
-/// counted upstream.
-fn is_local_socket(
-    ctx: &TcContext,
-    remote: u32,
-    local: u32,
-    remote_port: u16,
-    local_port: u16,
-) -> bool {
+/// Forwarded client flows have no local socket. A TCP probe hears back a
+/// SYN-ACK, or a reset when refused, and then closes at once, so no later
+/// segment of its flow finds a socket: only those segments pay for the
+/// lookup, not data and ACKs of client flows. UDP has no such marks, so
+/// every datagram from a counted upstream is looked up.
+#[inline(always)]
+fn is_probe_answer(ctx: &TcContext, packet: &Packet) -> bool {
     // SAFETY: a zeroed tuple is a valid value of this plain C union.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    tuple.__bindgen_anon_1.ipv4.saddr = remote;
-    tuple.__bindgen_anon_1.ipv4.daddr = local;
-    tuple.__bindgen_anon_1.ipv4.sport = remote_port;
-    tuple.__bindgen_anon_1.ipv4.dport = local_port;
-    // SAFETY: the helper reads `size_of(ipv4)` bytes of the tuple, and every
-    // socket it returns is released below.
-    let sock = unsafe {
-        bpf_sk_lookup_tcp(
-            ctx.as_ptr(),
-            &mut tuple,
-            core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv4) as u32,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
+    let size = if packet.family == FAMILY_IPV4 {
+        // SAFETY: writing plain integers into the union's IPv4 view.
+        let v4 = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
+        v4.saddr = u32::from_ne_bytes([
+            packet.saddr[0],
+            packet.saddr[1],
+            packet.saddr[2],
+            packet.saddr[3],
+        ]);
+        v4.daddr = u32::from_ne_bytes([
+            packet.daddr[0],
+            packet.daddr[1],
+            packet.daddr[2],
+            packet.daddr[3],
+        ]);
+        v4.sport = packet.sport;
+        v4.dport = packet.dport;
+        core::mem::size_of_val(v4)
+    } else {
+        // SAFETY: writing plain integers into the union's IPv6 view.
+        let v6 = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
+        v6.saddr = words(&packet.saddr);
+        v6.daddr = words(&packet.daddr);
+        v6.sport = packet.sport;
+        v6.dport = packet.dport;
+        core::mem::size_of_val(v6)
+    } as u32;
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY (both lookups): the helper reads `size` bytes of the tuple,
+    // and every socket it returns is released below.
+    let (sock, owner_state): (*mut bpf_sock, u32) = match packet.transport {
+        Transport::Tcp { flags } if flags & (TCP_FLAG_SYN | TCP_FLAG_RST) != 0 => (
+            unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0) },
+            TCP_LISTEN,
+        ),
+        Transport::Udp => (
+            unsafe { bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0) },
+            TCP_ESTABLISHED,
+        ),
+        Transport::Tcp { .. } | Transport::Sctp { .. } => return false,
     };
     if sock.is_null() {
         return false;
     }
     // SAFETY: non-null socket from the lookup; released right after.
-    let listening = unsafe { (*sock).state } == TCP_LISTEN;
+    let state = unsafe { (*sock).state };
     unsafe { bpf_sk_release(sock.cast()) };
-    // A listener matched only by port is not the owner of this flow.
-    !listening
+    // A TCP listener, or an unconnected UDP socket, matched only by port:
+    // it does not own this flow. A probe's TCP socket is never listening,
+    // a UDP probe's socket is connected.
+    match packet.transport {
+        Transport::Tcp { .. } => state != owner_state,
+        _ => state == owner_state,
+    }
 }
 
-/// An IPv4 header without options and the TCP fields counting reads.
-const IP_AND_TCP_HEAD: usize = 20 + 14;
+/// An IPv6 address as the four network-order words of a socket tuple.
+#[inline(always)]
+fn words(addr: &[u8; 16]) -> [u32; 4] {
+    let word = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    [word(0), word(4), word(8), word(12)]
+}
 
-fn read_segment(ctx: &TcContext) -> Option<Segment> {
-    // One load covers both headers in the usual case (no IP options): one
-    // helper call per packet instead of two.
-    let mut head = [0u8; IP_AND_TCP_HEAD];
-    load_network_bytes(ctx, 0, &mut head)?;
-    let ip = &head[..20];
-    if ip[0] >> 4 != 4 || ip[9] != IPPROTO_TCP {
+#[inline(always)]
+fn read_packet(ctx: &TcContext) -> Option<Packet> {
+    // One load covers an IPv6 header, or an IPv4 header without options and
+    // the transport bytes counting reads: the usual IPv4 packet costs one
+    // helper call. An IPv4 datagram shorter than that is read in two.
+    let mut head = [0u8; IPV6_HEADER];
+    let short = load_network_bytes(ctx, 0, &mut head).is_none();
+    if short {
+        load_network_bytes(ctx, 0, &mut head[..IPV4_HEADER])?;
+    }
+    match head[0] >> 4 {
+        4 => read_ipv4(ctx, &head, short),
+        6 if !short => read_ipv6(ctx, &head),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn read_ipv4(ctx: &TcContext, head: &[u8; IPV6_HEADER], short: bool) -> Option<Packet> {
+    // Only the first fragment carries the transport header.
+    if u16::from_be_bytes([head[6], head[7]]) & 0x1fff != 0 {
         return None;
     }
-    // Only the first fragment carries the TCP header.
-    if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
-        return None;
-    }
-    let ihl = u32::from(ip[0] & 0x0f) * 4;
-    let mut tcp = [0u8; 14];
-    if ihl == 20 {
-        tcp.copy_from_slice(&head[20..]);
+    let protocol = head[9];
+    let header_len = usize::from(head[0] & 0x0f) * 4;
+    let mut transport = [0u8; TRANSPORT_HEAD];
+    if header_len == IPV4_HEADER && !short {
+        transport.copy_from_slice(&head[IPV4_HEADER..IPV4_HEADER + TRANSPORT_HEAD]);
     } else {
-        load_network_bytes(ctx, ihl, &mut tcp)?;
+        load_transport(ctx, protocol, header_len as u32, &mut transport)?;
     }
-    let tot_len = u16::from_be_bytes([ip[2], ip[3]]);
-    Some(Segment {
-        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
-        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
-        sport: u16::from_ne_bytes([tcp[0], tcp[1]]),
-        dport: u16::from_ne_bytes([tcp[2], tcp[3]]),
-        // BIG TCP super-packets carry 0; fall back to the skb's length less
-        // the Ethernet header.
-        ip_len: if tot_len != 0 {
-            u32::from(tot_len)
-        } else {
-            ctx.len().saturating_sub(14)
-        },
-        flags: tcp[13],
+    let (sport, dport, transport) = parse_transport(protocol, &transport)?;
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    saddr[..4].copy_from_slice(&head[12..16]);
+    daddr[..4].copy_from_slice(&head[16..20]);
+    Some(Packet {
+        family: FAMILY_IPV4,
+        protocol,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        ip_len: ip_len(ctx, u32::from(u16::from_be_bytes([head[2], head[3]]))),
+        transport,
     })
 }
 
+#[inline(always)]
+fn read_ipv6(ctx: &TcContext, head: &[u8; IPV6_HEADER]) -> Option<Packet> {
+    let mut protocol = head[6];
+    let mut offset = IPV6_HEADER as u32;
+    for _ in 0..MAX_EXT_HEADERS {
+        let len = match protocol {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AH | IPV6_FRAGMENT => {
+                // Next header, length, and for a fragment header the offset.
+                let mut ext = [0u8; 4];
+                load_network_bytes(ctx, offset, &mut ext)?;
+                let len = match protocol {
+                    IPV6_FRAGMENT if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 => {
+                        return None;
+                    }
+                    IPV6_FRAGMENT => 8,
+                    IPV6_AH => (u32::from(ext[1]) + 2) * 4,
+                    _ => (u32::from(ext[1]) + 1) * 8,
+                };
+                protocol = ext[0];
+                len
+            }
+            _ => break,
+        };
+        offset += len;
+    }
+    let mut transport = [0u8; TRANSPORT_HEAD];
+    load_transport(ctx, protocol, offset, &mut transport)?;
+    let (sport, dport, transport) = parse_transport(protocol, &transport)?;
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    saddr.copy_from_slice(&head[8..24]);
+    daddr.copy_from_slice(&head[24..40]);
+    let payload_len = u32::from(u16::from_be_bytes([head[4], head[5]]));
+    Some(Packet {
+        family: FAMILY_IPV6,
+        protocol,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        // A jumbogram (BIG TCP) says 0: no total to add the header to.
+        ip_len: ip_len(
+            ctx,
+            if payload_len == 0 {
+                0
+            } else {
+                IPV6_HEADER as u32 + payload_len
+            },
+        ),
+        transport,
+    })
+}
+
+/// `declared`, the length the IP header gives; BIG TCP super-packets carry
+/// 0, and then the skb's length less the Ethernet header stands in.
+#[inline(always)]
+fn ip_len(ctx: &TcContext, declared: u32) -> u32 {
+    if declared != 0 {
+        declared
+    } else {
+        ctx.len().saturating_sub(14)
+    }
+}
+
+/// Loads as many transport bytes at `offset` as counting reads for
+/// `protocol`: a datagram may be shorter than [`TRANSPORT_HEAD`].
+#[inline(always)]
+fn load_transport(
+    ctx: &TcContext,
+    protocol: u8,
+    offset: u32,
+    buf: &mut [u8; TRANSPORT_HEAD],
+) -> Option<()> {
+    match protocol {
+        IPPROTO_TCP => load_network_bytes(ctx, offset, &mut buf[..14]),
+        IPPROTO_SCTP => load_network_bytes(ctx, offset, &mut buf[..13]),
+        IPPROTO_UDP => load_network_bytes(ctx, offset, &mut buf[..4]),
+        _ => None,
+    }
+}
+
+/// The ports (network byte order) and what counting reads of a transport
+/// header.
+#[inline(always)]
+fn parse_transport(protocol: u8, head: &[u8; TRANSPORT_HEAD]) -> Option<(u16, u16, Transport)> {
+    let transport = match protocol {
+        IPPROTO_TCP => Transport::Tcp { flags: head[13] },
+        IPPROTO_UDP => Transport::Udp,
+        // The first chunk's type follows the 12-byte common header.
+        IPPROTO_SCTP => Transport::Sctp {
+            first_chunk: head[12],
+        },
+        _ => return None,
+    };
+    Some((
+        u16::from_ne_bytes([head[0], head[1]]),
+        u16::from_ne_bytes([head[2], head[3]]),
+        transport,
+    ))
+}
+
+#[inline(always)]
 fn load_network_bytes(ctx: &TcContext, offset: u32, buf: &mut [u8]) -> Option<()> {
     // SAFETY: the helper writes at most `buf.len()` bytes into `buf`.
     let ret = unsafe {

@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
@@ -18,6 +18,8 @@ use aya::{
 };
 use lobby_common::{COUNTERS_MAP, UpstreamCounters, UpstreamKey};
 use tracing::{debug, info, warn};
+
+pub use crate::netlink::{Interface, interfaces_toward};
 
 /// The object built from lobby-ebpf by build.rs; empty when the build was
 /// told to skip it (AYA_BUILD_SKIP).
@@ -74,15 +76,15 @@ pub enum CountersError {
     },
     #[error("counting the CPUs: {0}")]
     Cpus(String),
-    #[error("looking up the routes to the upstreams")]
-    Route(#[source] io::Error),
 }
 
 /// What is attached where, and the map of per-upstream counters.
 pub struct Counters {
     ebpf: Ebpf,
     pin_path: PathBuf,
-    links: BTreeMap<String, [SchedClassifierLinkId; 2]>,
+    /// By index as well as name: an interface deleted and created again
+    /// under its old name is a new one, and its programs went with the old.
+    links: BTreeMap<Interface, [SchedClassifierLinkId; 2]>,
     cpus: usize,
     /// Before 6.6 programs are attached as tc filters, which outlive a
     /// crashed daemon; those of a previous run are removed before attaching.
@@ -126,38 +128,52 @@ impl Counters {
     }
 
     /// Attaches both classifiers to every interface of `interfaces` that
-    /// lacks them and detaches them from every other one.
-    pub fn attach_to(&mut self, interfaces: &BTreeSet<String>) -> Result<(), CountersError> {
-        let stale: Vec<String> = self
+    /// lacks them and detaches them from every other one, including an
+    /// interface of the same name but another index: the kernel removed the
+    /// programs with the interface it deleted.
+    pub fn attach_to(&mut self, interfaces: &BTreeSet<Interface>) -> Result<(), CountersError> {
+        let stale: Vec<Interface> = self
             .links
             .keys()
             .filter(|i| !interfaces.contains(*i))
             .cloned()
             .collect();
-        for interface in stale {
-            let [egress, ingress] = self.links.remove(&interface).expect("listed above");
+        for old in stale {
+            let [egress, ingress] = self.links.remove(&old).expect("listed above");
+            let interface = old.name.as_str();
             // The interface may be gone already, taking the programs with it.
             if let Err(e) = self.classifier(EGRESS).detach(egress) {
-                debug!(interface, error = %e, "detaching egress counter");
+                debug!(interface, index = old.index, error = %e, "detaching egress counter");
             }
             if let Err(e) = self.classifier(INGRESS).detach(ingress) {
-                debug!(interface, error = %e, "detaching ingress counter");
+                debug!(interface, index = old.index, error = %e, "detaching ingress counter");
             }
-            info!(interface, "counters detached");
+            match interfaces.iter().find(|i| i.name == old.name) {
+                Some(new) => info!(
+                    interface,
+                    old_index = old.index,
+                    new_index = new.index,
+                    "interface {interface} was recreated (index {} -> {}); counters move to the new one",
+                    old.index,
+                    new.index
+                ),
+                None => info!(interface, index = old.index, "counters detached"),
+            }
         }
         for interface in interfaces {
             if self.links.contains_key(interface) {
                 continue;
             }
+            let name = interface.name.as_str();
             if self.netlink_filters {
-                prepare_clsact(interface)?;
+                prepare_clsact(name)?;
             }
             let attach = |counters: &mut Self, program, direction| {
                 counters
                     .classifier(program)
-                    .attach(interface, direction)
+                    .attach(name, direction)
                     .map_err(|source| CountersError::Attach {
-                        interface: interface.clone(),
+                        interface: name.to_owned(),
                         source,
                     })
             };
@@ -170,7 +186,11 @@ impl Counters {
                 }
             };
             self.links.insert(interface.clone(), [egress, ingress]);
-            info!(interface, "counters attached");
+            info!(
+                interface = name,
+                index = interface.index,
+                "counters attached"
+            );
         }
         Ok(())
     }
@@ -279,8 +299,8 @@ impl Counters {
 }
 
 /// The key under which the programs count an upstream.
-pub fn key_of(address: SocketAddrV4, protocol: u8) -> UpstreamKey {
-    UpstreamKey::new(u32::from(*address.ip()), address.port(), protocol)
+pub fn key_of(address: SocketAddr, protocol: u8) -> UpstreamKey {
+    UpstreamKey::new(address, protocol)
 }
 
 fn prepare_clsact(interface: &str) -> Result<(), CountersError> {
@@ -372,74 +392,350 @@ fn mount_bpffs(path: &Path) -> Result<(), CountersError> {
     }
 }
 
-/// The interfaces the kernel routes each address through, by one `ip -batch`
-/// run of `route get` per address. Addresses without a route are left out
-/// (and logged): their traffic cannot flow anyway.
-pub async fn interfaces_toward(
-    addresses: &BTreeSet<Ipv4Addr>,
-) -> Result<BTreeSet<String>, CountersError> {
-    if addresses.is_empty() {
-        return Ok(BTreeSet::new());
-    }
-    let mut script = String::new();
-    for address in addresses {
-        script.push_str(&format!("route get {address}\n"));
-    }
-    let output = crate::process::run_with_input(
-        tokio::process::Command::new("ip").args(["-o", "-force", "-batch", "-"]),
-        script,
-    )
-    .await
-    .map_err(CountersError::Route)?;
-    // ip says `RTNETLINK answers: ...` then `Command failed -:N` per failed lookup.
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let unroutable = stderr
-        .lines()
-        .filter(|l| l.starts_with("Command failed"))
-        .count();
-    if unroutable > 0 {
-        let reason = stderr.lines().next().unwrap_or_default();
-        warn!(
-            unroutable,
-            "{unroutable} upstream addresses have no route ({reason}); their traffic is not counted"
-        );
-    }
-    Ok(parse_route_devices(&String::from_utf8_lossy(
-        &output.stdout,
-    )))
-}
-
-/// The `dev NAME` of each line of `ip -o route get` output, except
-/// loopback: traffic to this host's own addresses is not forwarded.
-fn parse_route_devices(output: &str) -> BTreeSet<String> {
-    output
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            words.find(|w| *w == "dev")?;
-            words.next().map(str::to_owned)
-        })
-        .filter(|dev| dev != "lo")
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lobby_common::{FAMILY_IPV4, FAMILY_IPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
-    #[test]
-    fn route_devices_are_read_from_each_line() {
-        let output = "198.18.1.11 dev veth-up1 src 198.18.1.1 uid 0 \\    cache \n\
-                      198.18.2.11 via 198.18.0.1 dev eth0 src 198.18.0.2 uid 0 \\    cache \n\
-                      127.0.0.1 dev lo src 127.0.0.1 uid 0 \\    cache <local> \n";
-        let devices: Vec<String> = parse_route_devices(output).into_iter().collect();
-        assert_eq!(devices, ["eth0", "veth-up1"]);
+    /// The key's bytes as the program builds them from a packet.
+    fn key_bytes(key: &UpstreamKey) -> Vec<u8> {
+        // SAFETY: UpstreamKey is Pod: 20 initialised bytes, no padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (key as *const UpstreamKey).cast::<u8>(),
+                std::mem::size_of::<UpstreamKey>(),
+            )
+        }
+        .to_vec()
     }
 
     #[test]
-    fn keys_hold_network_byte_order() {
-        let key = key_of(SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 11), 9000), 6);
-        assert_eq!(key.addr.to_ne_bytes(), [198, 18, 1, 11]);
-        assert_eq!(key.port.to_ne_bytes(), 9000u16.to_be_bytes());
+    fn an_ipv4_key_is_zero_padded_in_network_byte_order() {
+        let key = key_of("198.18.1.11:9000".parse().unwrap(), IPPROTO_TCP);
+        let mut expected = vec![198, 18, 1, 11];
+        expected.extend([0; 12]);
+        expected.extend(9000u16.to_be_bytes());
+        expected.extend([IPPROTO_TCP, FAMILY_IPV4]);
+        assert_eq!(key_bytes(&key), expected);
+    }
+
+    #[test]
+    fn an_ipv6_key_holds_all_sixteen_bytes() {
+        let key = key_of("[2001:db8::1:b]:53".parse().unwrap(), IPPROTO_UDP);
+        let mut expected = vec![
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0x0b,
+        ];
+        expected.extend(53u16.to_be_bytes());
+        expected.extend([IPPROTO_UDP, FAMILY_IPV6]);
+        assert_eq!(key_bytes(&key), expected);
+    }
+
+    #[test]
+    fn keys_differ_by_family_protocol_and_port() {
+        // c612:10b:: starts with the four bytes of 198.18.1.11, and
+        // ::ffff:198.18.1.11 is the v4-mapped form: neither is the IPv4 key.
+        let keys: BTreeSet<UpstreamKey> = [
+            ("198.18.1.11:9000", IPPROTO_TCP),
+            ("198.18.1.11:9000", IPPROTO_UDP),
+            ("198.18.1.11:9000", IPPROTO_SCTP),
+            ("198.18.1.11:9001", IPPROTO_TCP),
+            ("[::ffff:198.18.1.11]:9000", IPPROTO_TCP),
+            ("[c612:10b::]:9000", IPPROTO_TCP),
+        ]
+        .into_iter()
+        .map(|(a, p)| key_of(a.parse().unwrap(), p))
+        .collect();
+        assert_eq!(keys.len(), 6);
+    }
+
+    /// IPv6 end to end through the library alone (the daemon does not
+    /// balance IPv6 yet): client -> router (counters) -> server, no NAT.
+    /// Needs root; skipped without it, fails without it under CI=true.
+    mod ipv6_namespaces {
+        use std::{
+            io::{Read as _, Write as _},
+            net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+            os::fd::AsRawFd as _,
+            process::Command,
+            time::Duration,
+        };
+
+        use super::*;
+
+        const CLIENT: &str = "2001:db8:c::2";
+        const SERVER: &str = "2001:db8:5::11";
+        const TCP_PORT: u16 = 9000;
+        const UDP_PORT: u16 = 9001;
+        const DATAGRAM: usize = 100;
+
+        /// A namespace deleted on drop.
+        struct Ns(String);
+
+        impl Ns {
+            fn new(role: &str) -> Self {
+                let name = format!("lobbyu-{}-{role}", std::process::id());
+                run("ip", &["netns", "add", &name]);
+                let ns = Self(name);
+                ns.ip(&["link", "set", "lo", "up"]);
+                ns
+            }
+
+            fn ip(&self, args: &[&str]) -> String {
+                run("ip", &[&["-n", self.0.as_str()], args].concat())
+            }
+
+            fn exec(&self, args: &[&str]) -> String {
+                run("ip", &[&["netns", "exec", self.0.as_str()], args].concat())
+            }
+
+            /// Runs `f` on a thread inside the namespace.
+            fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+                let path = format!("/run/netns/{}", self.0);
+                std::thread::spawn(move || {
+                    let file = std::fs::File::open(&path).expect("opening the namespace");
+                    // SAFETY: setns on this thread only, with a valid fd.
+                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+                    f()
+                })
+                .join()
+                .expect("the thread inside the namespace panicked")
+            }
+        }
+
+        /// A bpffs on a temporary directory, unmounted on drop.
+        struct BpfFs(tempfile::TempDir);
+
+        impl BpfFs {
+            fn new() -> Self {
+                let dir = tempfile::tempdir().unwrap();
+                mount_bpffs(dir.path()).unwrap();
+                Self(dir)
+            }
+        }
+
+        impl Drop for BpfFs {
+            fn drop(&mut self) {
+                let path = std::ffi::CString::new(self.0.path().as_os_str().as_encoded_bytes())
+                    .expect("no NUL in a temporary path");
+                // SAFETY: a valid C path; detaches the bpffs mounted there.
+                unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+
+        impl Drop for Ns {
+            fn drop(&mut self) {
+                let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+            }
+        }
+
+        fn run(program: &str, args: &[&str]) -> String {
+            let out = Command::new(program)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("{program} {args:?}: {e}"));
+            assert!(
+                out.status.success(),
+                "{program} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+
+        fn privileged() -> bool {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } == 0 {
+                return true;
+            }
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("this test needs root (CI=true: not skipping)");
+            }
+            eprintln!("skipped: this test needs root (namespaces, eBPF)");
+            false
+        }
+
+        /// A veth pair `a_if` in `a` to `b_if` in `b`, both up, each with
+        /// its /64 (no duplicate address detection: usable at once).
+        fn link(a: &Ns, a_if: &str, a_addr: &str, b: &Ns, b_if: &str, b_addr: &str) {
+            a.ip(&[
+                "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.0,
+            ]);
+            a.ip(&["addr", "add", &format!("{a_addr}/64"), "dev", a_if, "nodad"]);
+            b.ip(&["addr", "add", &format!("{b_addr}/64"), "dev", b_if, "nodad"]);
+            a.ip(&["link", "set", a_if, "up"]);
+            b.ip(&["link", "set", b_if, "up"]);
+        }
+
+        /// (packets, bytes) of the router's reference counter `comment`.
+        fn reference(router: &Ns, comment: &str) -> (u64, u64) {
+            let listing = router.exec(&["nft", "list", "table", "ip6", "reference"]);
+            let line = listing
+                .lines()
+                .find(|l| l.contains(&format!("comment \"{comment}\"")))
+                .unwrap_or_else(|| panic!("no counter {comment} in {listing}"));
+            let after = |word: &str| -> u64 {
+                let rest = &line[line.find(word).unwrap() + word.len()..];
+                rest.split_whitespace().next().unwrap().parse().unwrap()
+            };
+            (after("packets "), after("bytes "))
+        }
+
+        /// Sends `count` datagrams from one socket and waits for each echo.
+        fn udp_flow(client: &Ns, count: usize) {
+            client.within(move || {
+                let socket = UdpSocket::bind("[::]:0").unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                socket.connect((SERVER, UDP_PORT)).unwrap();
+                let mut buf = [0u8; DATAGRAM];
+                for _ in 0..count {
+                    socket.send(&[1; DATAGRAM]).unwrap();
+                    socket.recv(&mut buf).unwrap();
+                }
+            });
+        }
+
+        /// One TCP connection that sends `len` bytes and reads them back.
+        fn tcp_exchange(client: &Ns, len: usize) {
+            client.within(move || {
+                let addr = SocketAddr::new(SERVER.parse().unwrap(), TCP_PORT);
+                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+                stream.write_all(&vec![7; len]).unwrap();
+                let mut echo = vec![0; len];
+                stream.read_exact(&mut echo).unwrap();
+            });
+        }
+
+        #[test]
+        fn ipv6_tcp_and_udp_are_counted_exactly_and_local_traffic_is_not() {
+            if !privileged() {
+                return;
+            }
+            let (client, router, server) =
+                (Ns::new("client"), Ns::new("router"), Ns::new("server"));
+            link(&client, "eth0", CLIENT, &router, "c0", "2001:db8:c::1");
+            link(&router, "s0", "2001:db8:5::1", &server, "eth0", SERVER);
+            client.ip(&["-6", "route", "add", "default", "via", "2001:db8:c::1"]);
+            server.ip(&["-6", "route", "add", "default", "via", "2001:db8:5::1"]);
+            router.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+            let rules = format!(
+                "table ip6 reference {{\n chain forward {{\n  type filter hook forward priority 0;\n  \
+                 ip6 daddr {SERVER} tcp dport {TCP_PORT} counter comment \"out\"\n  \
+                 ip6 saddr {SERVER} tcp sport {TCP_PORT} counter comment \"in\"\n }}\n}}\n"
+            );
+            let rules_file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(rules_file.path(), rules).unwrap();
+            router.exec(&["nft", "-f", rules_file.path().to_str().unwrap()]);
+
+            // Echo servers.
+            server.within(|| {
+                let listener = TcpListener::bind((SERVER, TCP_PORT)).unwrap();
+                let udp = UdpSocket::bind((SERVER, UDP_PORT)).unwrap();
+                std::thread::spawn(move || {
+                    for stream in listener.incoming() {
+                        let mut stream = stream.unwrap();
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n @ 1..) = stream.read(&mut buf) {
+                            stream.write_all(&buf[..n]).unwrap();
+                        }
+                    }
+                });
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 2048];
+                    while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                        udp.send_to(&buf[..n], from).unwrap();
+                    }
+                });
+            });
+
+            let bpffs = BpfFs::new();
+            let pin_dir = bpffs.0.path().join("lobby");
+            let server_ip: Ipv6Addr = SERVER.parse().unwrap();
+            let tcp_key = key_of(SocketAddr::new(server_ip.into(), TCP_PORT), 6);
+            let udp_key = key_of(SocketAddr::new(server_ip.into(), UDP_PORT), 17);
+            let counters = router.within(move || {
+                let mut counters = Counters::load(&pin_dir).expect("loading the counters");
+                counters.track(&BTreeSet::from([tcp_key, udp_key])).unwrap();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let interfaces = runtime
+                    .block_on(interfaces_toward(&BTreeSet::from([IpAddr::from(
+                        server_ip,
+                    )])))
+                    .unwrap();
+                let names: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
+                assert_eq!(names, ["s0"]);
+                counters.attach_to(&interfaces).unwrap();
+                counters
+            });
+
+            // The router's own traffic, like the daemon's probes (a TCP
+            // connect closed with a reset, a connected UDP socket): not
+            // counted.
+            router.within(|| {
+                let addr = SocketAddr::new(SERVER.parse().unwrap(), TCP_PORT);
+                let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: a valid socket and option value of the right size.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        stream.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&raw const linger).cast(),
+                        std::mem::size_of_val(&linger) as libc::socklen_t,
+                    )
+                };
+                assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+            });
+            udp_flow(&router, 2);
+            // Client traffic: one TCP connection, two UDP flows.
+            tcp_exchange(&client, 3000);
+            udp_flow(&client, 3);
+            udp_flow(&client, 1);
+
+            let wait = std::time::Instant::now();
+            let (tcp, udp) = loop {
+                let all = counters.read().unwrap();
+                let (tcp, udp) = (all[&tcp_key], all[&udp_key]);
+                let matches = (tcp.packets_out, tcp.bytes_out) == reference(&router, "out")
+                    && (tcp.packets_in, tcp.bytes_in) == reference(&router, "in");
+                if matches || wait.elapsed() > Duration::from_secs(10) {
+                    break (tcp, udp);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            assert_eq!(
+                (tcp.packets_out, tcp.bytes_out),
+                reference(&router, "out"),
+                "{tcp:?}"
+            );
+            assert_eq!(
+                (tcp.packets_in, tcp.bytes_in),
+                reference(&router, "in"),
+                "{tcp:?}"
+            );
+            assert!(tcp.bytes_out > 3000, "{tcp:?}");
+            assert_eq!((tcp.connections, tcp.resets), (1, 0), "{tcp:?}");
+            // Each datagram: 40 bytes of IPv6 header, 8 of UDP, the payload.
+            let bytes = 4 * (40 + 8 + DATAGRAM as u64);
+            let expected = UpstreamCounters {
+                connections: 2,
+                resets: 0,
+                packets_out: 4,
+                bytes_out: bytes,
+                packets_in: 4,
+                bytes_in: bytes,
+            };
+            assert_eq!(udp, expected);
+
+            counters.remove();
+        }
     }
 }

@@ -6,6 +6,7 @@
 //!   and applies it in one transaction; the only module that runs `nft`.
 //! - [`ebpf`]: loads and attaches the counters, reads their maps; the only
 //!   module that imports aya.
+//! - [`netlink`]: route lookups: the interfaces toward the upstreams.
 //! - [`health`]: TCP probes and the state machine of availability.
 //! - [`dns`]: resolves upstream host names, in order, once per period.
 //! - [`watch`]: notices changes of the configuration file.
@@ -14,7 +15,7 @@
 //! - [`listen`]: accepting with a connection cap and an idle timeout, for
 //!   every listener.
 //! - [`systemd`]: readiness notifications.
-//! - [`process`]: running nft and ip with a script on stdin.
+//! - [`process`]: running nft with a script on stdin.
 //! - [`reconcile`]: the reconcile core: every decision of the daemon, pure
 //!   (events in, actions out).
 //! - [`plane`]: the data plane the loop drives (nft, eBPF), behind a trait
@@ -32,6 +33,7 @@ pub mod health;
 pub mod listen;
 pub mod metrics;
 pub mod model;
+pub mod netlink;
 pub mod nft;
 pub mod ownership;
 pub mod plane;

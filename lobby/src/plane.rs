@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Mutex,
 };
 
@@ -92,11 +92,12 @@ impl DataPlane for KernelPlane {
         if self.tracked().is_none() {
             return;
         }
-        let addresses: BTreeSet<Ipv4Addr> = backends.iter().map(|(s, _)| *s.ip()).collect();
+        let addresses: BTreeSet<IpAddr> =
+            backends.iter().map(|(s, _)| IpAddr::V4(*s.ip())).collect();
         let interfaces = ebpf::interfaces_toward(&addresses).await;
         let keys = backends
             .iter()
-            .map(|(socket, protocol)| ebpf::key_of(*socket, protocol.number()))
+            .map(|(socket, protocol)| ebpf::key_of((*socket).into(), protocol.number()))
             .collect();
         let mut tracked = self.tracked();
         let Some(tracked) = tracked.as_mut() else {
@@ -132,7 +133,7 @@ impl DataPlane for KernelPlane {
             .backends
             .iter()
             .map(|backend @ (socket, protocol)| {
-                let key = ebpf::key_of(*socket, protocol.number());
+                let key = ebpf::key_of((*socket).into(), protocol.number());
                 (*backend, all.get(&key).copied().unwrap_or_default())
             })
             .collect()

@@ -219,3 +219,107 @@ fn counts_survive_a_reload_and_a_crash_and_a_clean_stop_leaves_nothing() {
     assert!(status.success(), "{status}");
     lobby.assert_nothing_left(&topology.lb);
 }
+
+/// The index of `interface` in `ns`.
+fn ifindex(ns: &NetNs, interface: &str) -> u32 {
+    let line =
+        String::from_utf8_lossy(&ns.ip(&["-o", "link", "show", interface]).stdout).into_owned();
+    line.split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no index in {line:?}"))
+}
+
+#[test]
+fn counting_follows_an_interface_deleted_and_created_again_under_its_name() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let _server = lobby_tests::fixtures::start_server(&topology, 0);
+    let lobby = Lobby::start(
+        &topology.lb,
+        &ConfigBuilder::new()
+            .target("web", PORT)
+            .topology_upstreams(1, "")
+            .build(),
+    );
+    let connections = || {
+        lobby.upstream_stats("web", "web0")["connections"]
+            .as_u64()
+            .unwrap()
+    };
+    for _ in 0..2 {
+        ask_name(&topology.client, target_addr(PORT)).unwrap();
+    }
+    lobby_tests::wait_for(
+        "2 connections counted",
+        std::time::Duration::from_secs(10),
+        || (connections() == 2).then_some(()),
+    );
+
+    // What a bridge deleted and re-added by a network manager looks like:
+    // the same name and addresses, a new index. The kernel removed the
+    // programs with the old interface.
+    let old_index = ifindex(&topology.lb, "up0");
+    topology.lb.ip(&["link", "del", "up0"]);
+    let upstream = &topology.upstreams[0];
+    topology.lb.ip(&[
+        "link",
+        "add",
+        "up0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &upstream.name,
+    ]);
+    topology.lb.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", Topology::lb_addr_toward(0)),
+        "dev",
+        "up0",
+    ]);
+    upstream.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", Topology::upstream_addr(0)),
+        "dev",
+        "eth0",
+    ]);
+    topology.lb.ip(&["link", "set", "up0", "up"]);
+    upstream.ip(&["link", "set", "eth0", "up"]);
+    assert_ne!(ifindex(&topology.lb, "up0"), old_index);
+
+    // Connections keep flowing; within the daemon's 5 s re-check they are
+    // counted again.
+    let started = std::time::Instant::now();
+    lobby_tests::wait_for(
+        "counting to resume on the new interface",
+        std::time::Duration::from_secs(10),
+        || {
+            ask_name(&topology.client, target_addr(PORT)).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            (connections() > 2).then_some(())
+        },
+    );
+    eprintln!("counting resumed after {:?}", started.elapsed());
+    assert!(
+        lobby.log().contains("interface up0 was recreated"),
+        "{}",
+        lobby.log()
+    );
+    // And counts exactly again.
+    let before = connections();
+    for _ in 0..3 {
+        ask_name(&topology.client, target_addr(PORT)).unwrap();
+    }
+    lobby_tests::wait_for(
+        "3 more connections counted",
+        std::time::Duration::from_secs(10),
+        || (connections() == before + 3).then_some(()),
+    );
+}
