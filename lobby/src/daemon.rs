@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     future::Future,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -155,7 +155,7 @@ pub async fn serve<P: DataPlane>(
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let (mut wiring, mut inbox) = Wiring::new(plane, config_text, tracker.clone(), cancel.clone());
-    let mut core = Core::new(inherited);
+    let mut core = Core::new(inherited, ipv6_forwarding());
     let now = Instant::now();
     let mut actions = core.on(Event::ConfigLoaded(config), now);
     actions.extend(core.settle(now));
@@ -286,7 +286,7 @@ fn read_and_parse(path: &Path, forced: bool) -> Loaded {
 /// What a checker task needs from the loop while it runs.
 struct Checker {
     cancel: CancellationToken,
-    address: watch::Sender<Option<Ipv4Addr>>,
+    address: watch::Sender<Option<IpAddr>>,
     stats: Arc<ProbeStats>,
 }
 
@@ -626,48 +626,45 @@ async fn keep_counting<P: DataPlane>(
 /// upstream is counted under, in the report's order.
 fn stats_without_counters(core: &Core) -> (StatsReport, Vec<Option<Backend>>) {
     let mut backends = Vec::new();
-    let targets = core
-        .config()
-        .map(|c| c.targets.as_slice())
-        .unwrap_or_default()
-        .iter()
-        .map(|target| TargetStats {
-            name: target.name.clone(),
-            protocol: target.protocol.as_str().to_owned(),
-            port: target.port,
-            upstream_group: target.group.name.clone(),
-            distribution: target.group.distribution.as_str().to_owned(),
-            upstreams: target
-                .group
-                .upstreams
-                .iter()
-                .map(|upstream| {
-                    let id = UpstreamId::new(&target.name, &upstream.name);
-                    let state = core.upstream(&id).map(|(state, _)| state);
-                    let address = state.and_then(|s| s.address);
-                    backends.push(address.map(|a| {
-                        (
-                            std::net::SocketAddrV4::new(a, upstream.port),
-                            target.protocol,
-                        )
-                    }));
-                    UpstreamStats {
-                        name: upstream.name.clone(),
-                        host: upstream.host.to_string(),
-                        address: address.map(|a| a.to_string()),
-                        port: upstream.port,
-                        available: state.is_some_and(|s| s.available && s.address.is_some()),
-                        connections: 0,
-                        resets: 0,
-                        packets_out: 0,
-                        bytes_out: 0,
-                        packets_in: 0,
-                        bytes_in: 0,
-                    }
-                })
-                .collect(),
-        })
-        .collect();
+    let targets =
+        core.config()
+            .map(|c| c.targets.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|target| TargetStats {
+                name: target.name.clone(),
+                protocol: target.protocol.as_str().to_owned(),
+                port: target.port,
+                upstream_group: target.group.name.clone(),
+                distribution: target.group.distribution.as_str().to_owned(),
+                upstreams: target
+                    .group
+                    .upstreams
+                    .iter()
+                    .map(|upstream| {
+                        let id = UpstreamId::new(&target.name, &upstream.name);
+                        let state = core.upstream(&id).map(|(state, _)| state);
+                        let address = state.and_then(|s| s.address);
+                        backends.push(address.map(|a| {
+                            (std::net::SocketAddr::new(a, upstream.port), target.protocol)
+                        }));
+                        UpstreamStats {
+                            name: upstream.name.clone(),
+                            host: upstream.host.to_string(),
+                            address: address.map(|a| a.to_string()),
+                            port: upstream.port,
+                            available: state.is_some_and(|s| s.available && s.address.is_some()),
+                            connections: 0,
+                            resets: 0,
+                            packets_out: 0,
+                            bytes_out: 0,
+                            packets_in: 0,
+                            bytes_in: 0,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
     (StatsReport { targets }, backends)
 }
 
@@ -699,6 +696,12 @@ fn add_counts(totals: &mut BTreeMap<String, u64>, stats: &DnsStats) {
 }
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+const IPV6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+/// Whether the host forwards IPv6; a host without IPv6 does not.
+fn ipv6_forwarding() -> bool {
+    std::fs::read_to_string(IPV6_FORWARD).is_ok_and(|v| v.trim() == "1")
+}
 
 /// DNAT to other hosts forwards packets: without forwarding they are
 /// dropped silently.

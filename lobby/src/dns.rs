@@ -7,7 +7,7 @@
 //! and a dead first server costs one short timeout. Caching is off: the
 //! re-resolution period (`dns.ttl` or the answer's TTL) is Lobby's.
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     str::FromStr as _,
     sync::{
         Arc,
@@ -72,7 +72,7 @@ impl ResolverKey {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AddressUpdate {
     pub key: ResolverKey,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
 }
 
 /// Queries by result, for `lobby_dns_resolutions_total{result}`.
@@ -143,7 +143,7 @@ pub enum ServerFailure {
     Refused,
     #[error("NXDOMAIN")]
     NxDomain,
-    #[error("no A record")]
+    #[error("no A or AAAA record")]
     NoAddress,
     #[error("malformed answer: {0}")]
     Malformed(String),
@@ -186,13 +186,13 @@ fn list(failures: &[(SocketAddr, ServerFailure)]) -> String {
 /// smallest TTL among them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Vec<IpAddr>,
     pub ttl: Duration,
 }
 
 /// The address to use: the current one while the answer still holds it
 /// (rotated answers do not move traffic), else the answer's first.
-pub fn choose(current: Option<Ipv4Addr>, addresses: &[Ipv4Addr]) -> Option<Ipv4Addr> {
+pub fn choose(current: Option<IpAddr>, addresses: &[IpAddr]) -> Option<IpAddr> {
     match current {
         Some(current) if addresses.contains(&current) => Some(current),
         _ => addresses.first().copied(),
@@ -277,8 +277,21 @@ pub fn parse_resolv_conf(text: &[u8]) -> Result<Vec<SocketAddr>, ResolveError> {
 }
 
 /// Asks one server for the A records of `name` (taken as absolute: no
-/// search domains), over UDP with TCP for truncated answers.
+/// search domains), over UDP with TCP for truncated answers; a name with no
+/// A record is asked for its AAAA records, so that an IPv6-only upstream
+/// works. (A name with both serves IPv4 clients only, for now.)
 async fn query(name: &str, server: SocketAddr) -> Result<Answer, ServerFailure> {
+    match query_type(name, server, RecordType::A).await {
+        Err(ServerFailure::NoAddress) => query_type(name, server, RecordType::AAAA).await,
+        answer => answer,
+    }
+}
+
+async fn query_type(
+    name: &str,
+    server: SocketAddr,
+    record_type: RecordType,
+) -> Result<Answer, ServerFailure> {
     let fqdn = Name::from_str(&format!("{}.", name.trim_end_matches('.')))
         .map_err(|e| ServerFailure::Other(format!("invalid name: {e}")))?;
     let connection = |protocol| {
@@ -308,19 +321,22 @@ async fn query(name: &str, server: SocketAddr) -> Result<Answer, ServerFailure> 
     .build()
     .map_err(|e| ServerFailure::Other(e.to_string()))?;
     // hickory's own timeout covers one exchange; this bounds the whole.
-    let lookup = tokio::time::timeout(SERVER_TIMEOUT * 2, resolver.lookup(fqdn, RecordType::A))
+    let lookup = tokio::time::timeout(SERVER_TIMEOUT * 2, resolver.lookup(fqdn, record_type))
         .await
         .map_err(|_| ServerFailure::Timeout(SERVER_TIMEOUT))?
         .map_err(classify)?;
     let mut addresses = Vec::new();
     let mut ttl = u32::MAX;
     for record in lookup.answers() {
-        if let RData::A(a) = &record.data {
-            if !addresses.contains(&a.0) {
-                addresses.push(a.0);
-            }
-            ttl = ttl.min(record.ttl);
+        let address = match &record.data {
+            RData::A(a) => IpAddr::V4(a.0),
+            RData::AAAA(a) => IpAddr::V6(a.0),
+            _ => continue,
+        };
+        if !addresses.contains(&address) {
+            addresses.push(address);
         }
+        ttl = ttl.min(record.ttl);
     }
     if addresses.is_empty() {
         return Err(ServerFailure::NoAddress);
@@ -361,7 +377,7 @@ pub fn spawn_resolver(
     tracker: &TaskTracker,
 ) {
     tracker.spawn(async move {
-        let mut current: Option<Ipv4Addr> = None;
+        let mut current: Option<IpAddr> = None;
         let mut failures: u32 = 0;
         loop {
             let next = match resolve(&key.name, &key.servers, &stats).await {
@@ -397,11 +413,13 @@ pub fn spawn_resolver(
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
-    const A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
-    const B: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 12);
-    const C: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 13);
+    const A: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 11));
+    const B: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 12));
+    const C: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 13));
 
     #[test]
     fn the_current_address_stays_while_answered() {

@@ -4,13 +4,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use tokio::time::Instant;
 
-use crate::config::{Config, HealthCheck, Host, Ipv4Net, Protocol};
+use crate::config::{Config, Family, HealthCheck, Host, IpNet, Protocol};
 
 /// Names one upstream of one target, as operators read it in logs:
 /// `web/web1`.
@@ -39,7 +39,7 @@ impl fmt::Display for UpstreamId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UpstreamState {
     /// `None` while an FQDN has never resolved.
-    pub address: Option<Ipv4Addr>,
+    pub address: Option<IpAddr>,
     pub available: bool,
 }
 
@@ -69,7 +69,7 @@ pub struct Desired {
 }
 
 /// An upstream as the masquerade rule matches it.
-pub type Backend = (SocketAddrV4, Protocol);
+pub type Backend = (SocketAddr, Protocol);
 
 /// How long a backend stays masqueraded after it leaves every target.
 pub const BACKEND_LINGER: Duration = Duration::from_secs(2);
@@ -79,7 +79,12 @@ impl Desired {
     pub fn balanced(&self) -> BTreeSet<Backend> {
         self.targets
             .values()
-            .flat_map(|t| t.upstreams.iter().map(|u| (*u, t.protocol)))
+            .flat_map(|t| {
+                t.families
+                    .iter()
+                    .flat_map(|f| &f.upstreams)
+                    .map(|u| (*u, t.protocol))
+            })
             .collect()
     }
 
@@ -109,35 +114,70 @@ pub fn linger(
 pub struct DesiredTarget {
     pub protocol: Protocol,
     pub port: u16,
-    pub ip: Option<Ipv4Net>,
-    /// Available upstreams with a known address, in configuration order:
-    /// round robin walks them in this order.
-    pub upstreams: Vec<SocketAddrV4>,
+    pub ip: Option<IpNet>,
+    /// The families the target serves, IPv4 first: netfilter cannot
+    /// translate between families, so each has its own rotation.
+    pub families: Vec<FamilyRotation>,
+}
+
+impl DesiredTarget {
+    /// Whether no client of any family can be balanced.
+    pub fn is_empty(&self) -> bool {
+        self.families.iter().all(|f| f.upstreams.is_empty())
+    }
+}
+
+/// The rotation of one family of a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FamilyRotation {
+    pub family: Family,
+    /// Available upstreams of the family with a known address, in
+    /// configuration order: round robin walks them in this order.
+    pub upstreams: Vec<SocketAddr>,
 }
 
 impl Desired {
     /// Every upstream of `config` whose state says it is available and has
-    /// an address; upstreams missing from `states` are left out.
-    pub fn from_config(config: &Config, states: &BTreeMap<UpstreamId, UpstreamState>) -> Self {
+    /// an address; upstreams missing from `states` are left out. A target
+    /// serves the family of its `ip`, or both without one; IPv6 only when
+    /// `ipv6` (forwarding) allows it.
+    pub fn from_config(
+        config: &Config,
+        states: &BTreeMap<UpstreamId, UpstreamState>,
+        ipv6: bool,
+    ) -> Self {
         let targets = config
             .targets
             .iter()
             .map(|target| {
-                let upstreams = target
+                let upstreams: Vec<SocketAddr> = target
                     .group
                     .upstreams
                     .iter()
                     .filter_map(|upstream| {
                         let state = states.get(&UpstreamId::new(&target.name, &upstream.name))?;
                         let address = state.address.filter(|_| state.available)?;
-                        Some(SocketAddrV4::new(address, upstream.port))
+                        Some(SocketAddr::new(address, upstream.port))
+                    })
+                    .collect();
+                let families = Family::BOTH
+                    .into_iter()
+                    .filter(|f| target.ip.is_none_or(|ip| ip.family() == *f))
+                    .filter(|f| ipv6 || *f == Family::Ipv4)
+                    .map(|family| FamilyRotation {
+                        family,
+                        upstreams: upstreams
+                            .iter()
+                            .filter(|u| Family::of(u.ip()) == family)
+                            .copied()
+                            .collect(),
                     })
                     .collect();
                 let desired = DesiredTarget {
                     protocol: target.protocol,
                     port: target.port,
                     ip: target.ip,
-                    upstreams,
+                    families,
                 };
                 (target.name.clone(), desired)
             })
@@ -154,10 +194,7 @@ mod tests {
     use super::*;
 
     fn backend(host: u8) -> Backend {
-        (
-            SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, host), 9000),
-            Protocol::Tcp,
-        )
+        (SocketAddr::from(([198, 18, 1, host], 9000)), Protocol::Tcp)
     }
 
     #[test]

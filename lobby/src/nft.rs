@@ -1,28 +1,52 @@
 //! The data plane's ruleset: renders the desired state to nftables (pure)
 //! and applies it (the only code in Lobby that runs `nft`).
 //!
-//! Shape (see shared/NFTABLES.md): one owned table; a base chain at the
-//! `dstnat` priority dispatches `l4proto . dport` of traffic addressed to
-//! this host through a verdict map to one chain per target; each target
-//! chain holds one rule, the round-robin DNAT over the target's available
-//! upstreams (or a TCP reset when none is available). Only connections to
-//! Lobby's own upstreams are masqueraded. A change touches only the chains
-//! and elements it must, in one transaction.
+//! Shape (see shared/NFTABLES.md): one owned `inet` table (both families);
+//! a base chain at the `dstnat` priority dispatches `l4proto . dport` of
+//! traffic addressed to this host through a verdict map to one chain per
+//! target; each target chain holds, per family it serves, the round-robin
+//! DNAT over the available upstreams of that family (netfilter cannot
+//! translate between families) or, with none, a refusal: a TCP reset, an
+//! ICMP(v6) port unreachable for UDP and SCTP. Only connections to Lobby's
+//! own upstreams are masqueraded, one set per family. A change touches only
+//! the chains and elements it must, in one transaction.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::SocketAddrV4,
+    net::SocketAddr,
     process::Stdio,
 };
 
 use tokio::process::Command;
 
-use crate::model::{Backend, Desired, DesiredTarget};
+use crate::{
+    config::{Family, Protocol},
+    model::{Backend, Desired, DesiredTarget},
+};
 
 /// The one table Lobby owns; it never touches any other.
 pub const TABLE: &str = "lobby";
 /// The family of [`TABLE`].
-pub const FAMILY: &str = "ip";
+pub const FAMILY: &str = "inet";
+/// The family of the table of Lobby versions before IPv6, which balanced
+/// IPv4 only: a takeover replaces it with the `inet` one.
+const LEGACY_FAMILY: &str = "ip";
+
+/// The masquerade set of a family's backends, and its element type.
+fn backends_set(family: Family) -> (&'static str, &'static str) {
+    match family {
+        Family::Ipv4 => ("backends4", "ipv4_addr"),
+        Family::Ipv6 => ("backends6", "ipv6_addr"),
+    }
+}
+
+/// nft's word for a family in `daddr` matches and `dnat ... to`.
+fn address_keyword(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => "ip",
+        Family::Ipv6 => "ip6",
+    }
+}
 
 /// Renders the whole table.
 pub fn render(desired: &Desired) -> String {
@@ -37,11 +61,14 @@ pub fn render(desired: &Desired) -> String {
         .collect();
     write_elements(&mut out, &dispatch);
     writeln!(out, "\t}}").unwrap();
-    writeln!(out, "\tset backends {{").unwrap();
-    writeln!(out, "\t\ttype ipv4_addr . inet_proto . inet_service").unwrap();
-    let backends: Vec<String> = desired.backends().iter().map(backend_element).collect();
-    write_elements(&mut out, &backends);
-    writeln!(out, "\t}}").unwrap();
+    let backends = desired.backends();
+    for family in Family::BOTH {
+        let (set, element_type) = backends_set(family);
+        writeln!(out, "\tset {set} {{").unwrap();
+        writeln!(out, "\t\ttype {element_type} . inet_proto . inet_service").unwrap();
+        write_elements(&mut out, &backend_elements(&backends, family));
+        writeln!(out, "\t}}").unwrap();
+    }
     writeln!(out, "\tchain prerouting {{").unwrap();
     writeln!(
         out,
@@ -60,11 +87,15 @@ pub fn render(desired: &Desired) -> String {
         "\t\ttype nat hook postrouting priority srcnat; policy accept;"
     )
     .unwrap();
-    writeln!(
-        out,
-        "\t\tct status dnat ip daddr . meta l4proto . th dport @backends masquerade"
-    )
-    .unwrap();
+    for family in Family::BOTH {
+        writeln!(
+            out,
+            "\t\tct status dnat {} daddr . meta l4proto . th dport @{} masquerade",
+            address_keyword(family),
+            backends_set(family).0
+        )
+        .unwrap();
+    }
     writeln!(out, "\t}}").unwrap();
     for (name, target) in &desired.targets {
         writeln!(out, "\tchain {} {{", chain_name(name)).unwrap();
@@ -97,7 +128,14 @@ pub enum Applied<'a> {
 pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
     let applied = match applied {
         Applied::Nothing => return Some(render(desired)),
-        Applied::Unknown => return Some(format!("{}{}", teardown(), render(desired))),
+        Applied::Unknown => {
+            return Some(format!(
+                "{}{}{}",
+                remove_table(LEGACY_FAMILY),
+                teardown(),
+                render(desired)
+            ));
+        }
         Applied::Known(applied) => applied,
     };
     if applied == desired {
@@ -118,29 +156,21 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
     }
     let old_backends = applied.backends();
     let new_backends = desired.backends();
-    let gone: Vec<String> = old_backends
-        .difference(&new_backends)
-        .map(backend_element)
-        .collect();
-    if !gone.is_empty() {
-        writeln!(
-            out,
-            "delete element {FAMILY} {TABLE} backends {{ {} }}",
-            gone.join(", ")
-        )
-        .unwrap();
-    }
-    let added: Vec<String> = new_backends
-        .difference(&old_backends)
-        .map(backend_element)
-        .collect();
-    if !added.is_empty() {
-        writeln!(
-            out,
-            "add element {FAMILY} {TABLE} backends {{ {} }}",
-            added.join(", ")
-        )
-        .unwrap();
+    let gone: BTreeSet<Backend> = old_backends.difference(&new_backends).copied().collect();
+    let added: BTreeSet<Backend> = new_backends.difference(&old_backends).copied().collect();
+    for (verb, backends) in [("delete", &gone), ("add", &added)] {
+        for family in Family::BOTH {
+            let elements = backend_elements(backends, family);
+            if !elements.is_empty() {
+                writeln!(
+                    out,
+                    "{verb} element {FAMILY} {TABLE} {} {{ {} }}",
+                    backends_set(family).0,
+                    elements.join(", ")
+                )
+                .unwrap();
+            }
+        }
     }
     for (name, new) in &desired.targets {
         let chain = chain_name(name);
@@ -171,7 +201,13 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
 
 /// The transaction that removes Lobby's table, whether or not it exists.
 pub fn teardown() -> String {
-    format!("add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n")
+    remove_table(FAMILY)
+}
+
+/// Removes Lobby's table of `family` whether or not it exists: `add` makes
+/// the `delete` succeed either way.
+fn remove_table(family: &str) -> String {
+    format!("add table {family} {TABLE}\ndelete table {family} {TABLE}\n")
 }
 
 fn write_elements(out: &mut String, elements: &[String]) {
@@ -197,37 +233,61 @@ fn dispatch_element(name: &str, target: &DesiredTarget) -> String {
     format!("{} : jump {}", dispatch_key(target), chain_name(name))
 }
 
-fn backend_element((addr, protocol): &Backend) -> String {
-    format!("{} . {} . {}", addr.ip(), protocol.as_str(), addr.port())
+/// The masquerade set's elements of the backends of `family`.
+fn backend_elements(backends: &BTreeSet<Backend>, family: Family) -> Vec<String> {
+    backends
+        .iter()
+        .filter(|(addr, _)| Family::of(addr.ip()) == family)
+        .map(|(addr, protocol)| format!("{} . {} . {}", addr.ip(), protocol.as_str(), addr.port()))
+        .collect()
 }
 
-/// The rules of a target's chain. With upstreams: the round-robin DNAT,
-/// then a drop of what it did not translate. A connection evaluated while a
-/// transaction that rewrites this chain commits can, rarely, miss the DNAT
-/// (measured: 2 in 197,441 connections over 1,740 rewrites, kernel 6.18);
-/// dropped, its SYN is sent again a second later and balanced, where
-/// falling through would reach the host's own stack and be refused.
+/// The rules of a target's chain, per family it serves. With upstreams:
+/// the round-robin DNAT, then a drop of what it did not translate. A
+/// connection evaluated while a transaction that rewrites this chain
+/// commits can, rarely, miss the DNAT (measured: 2 in 197,441 connections
+/// over 1,740 rewrites, kernel 6.18); dropped, its SYN is sent again a
+/// second later and balanced, where falling through would reach the host's
+/// own stack and be refused. Without upstreams: refused at once.
 fn target_rules(target: &DesiredTarget) -> Vec<String> {
-    let mut matched = String::new();
-    if let Some(ip) = target.ip {
-        write!(matched, "ip daddr {ip} ").unwrap();
+    let mut rules = Vec::new();
+    for rotation in &target.families {
+        let family = address_keyword(rotation.family);
+        let mut matched = String::new();
+        match target.ip {
+            Some(ip) => write!(matched, "{family} daddr {ip} ").unwrap(),
+            // nft's names of the families are the ones stats use.
+            None => write!(matched, "meta nfproto {} ", rotation.family.as_str()).unwrap(),
+        }
+        write!(matched, "meta l4proto {}", target.protocol.as_str()).unwrap();
+        if rotation.upstreams.is_empty() {
+            rules.push(format!("{matched} {}", refusal(target.protocol)));
+            continue;
+        }
+        let slots: Vec<String> = rotation
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(slot, addr)| format!("{slot} : {} . {}", addr.ip(), addr.port()))
+            .collect();
+        rules.push(format!(
+            "{matched} dnat {family} to numgen inc mod {} map {{ {} }}",
+            rotation.upstreams.len(),
+            slots.join(", ")
+        ));
+        rules.push(format!("{matched} drop"));
     }
-    write!(matched, "meta l4proto {}", target.protocol.as_str()).unwrap();
-    if target.upstreams.is_empty() {
-        return vec![format!("{matched} reject with tcp reset")];
+    rules
+}
+
+/// How a target with no upstream of a client's family answers it: TCP
+/// with a reset; UDP and SCTP with an ICMP (ICMPv6) port unreachable,
+/// which `reject` sends in an `inet` table.
+fn refusal(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Tcp => "reject with tcp reset",
+        Protocol::Udp | Protocol::Sctp => "reject",
     }
-    let slots: Vec<String> = target
-        .upstreams
-        .iter()
-        .enumerate()
-        .map(|(slot, addr)| format!("{slot} : {} . {}", addr.ip(), addr.port()))
-        .collect();
-    let dnat = format!(
-        "{matched} dnat ip to numgen inc mod {} map {{ {} }}",
-        target.upstreams.len(),
-        slots.join(", ")
-    );
-    vec![dnat, format!("{matched} drop")]
 }
 
 /// A chain name for a target that nft accepts whatever the target is
@@ -283,13 +343,17 @@ pub async fn apply(script: &str) -> Result<(), NftError> {
 }
 
 /// The upstreams each target chain sends connections to, by chain name.
-pub type Rotation = BTreeMap<String, BTreeSet<SocketAddrV4>>;
+pub type Rotation = BTreeMap<String, BTreeSet<SocketAddr>>;
 
 /// The rotation of the table a previous run left (it crashed or was
 /// killed), or `None` when there is no such table.
 pub async fn existing_rotation() -> Result<Option<Rotation>, NftError> {
-    let Some(listing) = list(&["-j"]).await? else {
-        return Ok(None);
+    let listing = match list(FAMILY, &["-j"]).await? {
+        Some(listing) => listing,
+        None => match list(LEGACY_FAMILY, &["-j"]).await? {
+            Some(listing) => listing,
+            None => return Ok(None),
+        },
     };
     parse_rotation(&listing)
         .map(Some)
@@ -298,17 +362,17 @@ pub async fn existing_rotation() -> Result<Option<Rotation>, NftError> {
 
 /// Lobby's table as nft prints it, `None` when there is none.
 pub async fn list_table() -> Result<Option<String>, NftError> {
-    Ok(list(&[])
+    Ok(list(FAMILY, &[])
         .await?
         .map(|text| String::from_utf8_lossy(&text).into_owned()))
 }
 
-/// Runs `nft FLAGS list table`; a missing table is `None`, every other
-/// failure an error that says which.
-async fn list(flags: &[&str]) -> Result<Option<Vec<u8>>, NftError> {
+/// Runs `nft FLAGS list table FAMILY lobby`; a missing table is `None`,
+/// every other failure an error that says which.
+async fn list(family: &str, flags: &[&str]) -> Result<Option<Vec<u8>>, NftError> {
     let output = Command::new("nft")
         .args(flags)
-        .args(["list", "table", FAMILY, TABLE])
+        .args(["list", "table", family, TABLE])
         .stdin(Stdio::null())
         .output()
         .await
@@ -361,7 +425,7 @@ pub fn parse_rotation(listing: &[u8]) -> Result<Rotation, serde_json::Error> {
                 concat[1].as_u64(),
             ) && let Ok(port) = u16::try_from(port)
             {
-                upstreams.insert(SocketAddrV4::new(addr, port));
+                upstreams.insert(SocketAddr::new(addr, port));
             }
         }
     }
@@ -370,20 +434,25 @@ pub fn parse_rotation(listing: &[u8]) -> Result<Rotation, serde_json::Error> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use super::*;
-    use crate::config::{Ipv4Net, Protocol};
+    use crate::{
+        config::{IpNet, Protocol},
+        model::FamilyRotation,
+    };
 
+    /// An IPv4 target, as on a host that does not forward IPv6.
     fn target(port: u16, upstreams: &[(u8, u16)]) -> DesiredTarget {
         DesiredTarget {
             protocol: Protocol::Tcp,
             port,
             ip: None,
-            upstreams: upstreams
-                .iter()
-                .map(|&(host, port)| SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, host), port))
-                .collect(),
+            families: vec![FamilyRotation {
+                family: Family::Ipv4,
+                upstreams: upstreams
+                    .iter()
+                    .map(|&(host, port)| SocketAddr::from(([198, 18, 1, host], port)))
+                    .collect(),
+            }],
         }
     }
 
@@ -401,27 +470,28 @@ mod tests {
     fn lingering_backends_stay_masqueraded_until_dropped() {
         let one = desired(&[("web", target(8081, &[(11, 9000)]))]);
         let mut lingering = one.clone();
-        lingering.targets.get_mut("web").unwrap().upstreams.clear();
-        lingering.lingering.insert((
-            SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 11), 9000),
-            Protocol::Tcp,
-        ));
+        lingering.targets.get_mut("web").unwrap().families[0]
+            .upstreams
+            .clear();
+        lingering
+            .lingering
+            .insert((SocketAddr::from(([198, 18, 1, 11], 9000)), Protocol::Tcp));
         let script = plan(Applied::Known(&one), &lingering).expect("a change");
-        assert!(!script.contains("backends"), "{script}");
+        assert!(!script.contains("backends4"), "{script}");
         let mut gone = lingering.clone();
         gone.lingering.clear();
         let script = plan(Applied::Known(&lingering), &gone).expect("a change");
         assert_eq!(
             script,
-            "delete element ip lobby backends { 198.18.1.11 . tcp . 9000 }\n"
+            "delete element inet lobby backends4 { 198.18.1.11 . tcp . 9000 }\n"
         );
     }
 
     #[test]
     fn renders_dispatch_dnat_reset_and_masquerade() {
         let mut api = target(8082, &[]);
-        api.ip = Some(Ipv4Net {
-            addr: Ipv4Addr::new(198, 18, 0, 0),
+        api.ip = Some(IpNet {
+            addr: [198, 18, 0, 0].into(),
             prefix_len: 24,
         });
         let state = desired(&[
@@ -429,14 +499,17 @@ mod tests {
             ("api", api),
         ]);
         let expected = "\
-table ip lobby {
+table inet lobby {
 \tmap targets {
 \t\ttype inet_proto . inet_service : verdict
 \t\telements = { tcp . 8082 : jump target-api, tcp . 8081 : jump target-web }
 \t}
-\tset backends {
+\tset backends4 {
 \t\ttype ipv4_addr . inet_proto . inet_service
 \t\telements = { 198.18.1.11 . tcp . 9000, 198.18.1.12 . tcp . 9000 }
+\t}
+\tset backends6 {
+\t\ttype ipv6_addr . inet_proto . inet_service
 \t}
 \tchain prerouting {
 \t\ttype nat hook prerouting priority dstnat; policy accept;
@@ -444,18 +517,55 @@ table ip lobby {
 \t}
 \tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;
-\t\tct status dnat ip daddr . meta l4proto . th dport @backends masquerade
+\t\tct status dnat ip daddr . meta l4proto . th dport @backends4 masquerade
+\t\tct status dnat ip6 daddr . meta l4proto . th dport @backends6 masquerade
 \t}
 \tchain target-api {
 \t\tip daddr 198.18.0.0/24 meta l4proto tcp reject with tcp reset
 \t}
 \tchain target-web {
-\t\tmeta l4proto tcp dnat ip to numgen inc mod 2 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000 }
-\t\tmeta l4proto tcp drop
+\t\tmeta nfproto ipv4 meta l4proto tcp dnat ip to numgen inc mod 2 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000 }
+\t\tmeta nfproto ipv4 meta l4proto tcp drop
 \t}
 }
 ";
         assert_eq!(render(&state), expected);
+    }
+
+    #[test]
+    fn each_family_has_its_rotation_and_udp_is_refused_with_icmp() {
+        let dns = DesiredTarget {
+            protocol: Protocol::Udp,
+            port: 53,
+            ip: None,
+            families: vec![
+                FamilyRotation {
+                    family: Family::Ipv4,
+                    upstreams: vec![],
+                },
+                FamilyRotation {
+                    family: Family::Ipv6,
+                    upstreams: vec![
+                        "[2001:db8::11]:53".parse().unwrap(),
+                        "[2001:db8::12]:53".parse().unwrap(),
+                    ],
+                },
+            ],
+        };
+        let rules = target_rules(&dns);
+        assert_eq!(
+            rules,
+            [
+                "meta nfproto ipv4 meta l4proto udp reject",
+                "meta nfproto ipv6 meta l4proto udp dnat ip6 to numgen inc mod 2 map { 0 : 2001:db8::11 . 53, 1 : 2001:db8::12 . 53 }",
+                "meta nfproto ipv6 meta l4proto udp drop",
+            ]
+        );
+        let text = render(&desired(&[("dns", dns)]));
+        assert!(
+            text.contains("elements = { 2001:db8::11 . udp . 53, 2001:db8::12 . udp . 53 }"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -470,7 +580,7 @@ table ip lobby {
         let state = desired(&[("web", target(8081, &[(11, 9000)]))]);
         let script = plan(Applied::Unknown, &state).expect("a first plan");
         assert!(
-            script.starts_with("add table ip lobby\ndelete table ip lobby\ntable ip lobby {"),
+            script.starts_with("add table ip lobby\ndelete table ip lobby\nadd table inet lobby\ndelete table inet lobby\ntable inet lobby {"),
             "{script}"
         );
         assert_eq!(plan(Applied::Nothing, &state), Some(render(&state)));
@@ -495,10 +605,10 @@ table ip lobby {
         let script = plan(Applied::Known(&before), &after).expect("a change");
         assert_eq!(
             script,
-            "delete element ip lobby backends { 198.18.1.11 . tcp . 9000 }\n\
-             flush chain ip lobby target-web\n\
-             add rule ip lobby target-web meta l4proto tcp dnat ip to numgen inc mod 1 map { 0 : 198.18.1.12 . 9000 }\n\
-             add rule ip lobby target-web meta l4proto tcp drop\n"
+            "delete element inet lobby backends4 { 198.18.1.11 . tcp . 9000 }\n\
+             flush chain inet lobby target-web\n\
+             add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp dnat ip to numgen inc mod 1 map { 0 : 198.18.1.12 . 9000 }\n\
+             add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp drop\n"
         );
     }
 
@@ -515,14 +625,14 @@ table ip lobby {
         let script = plan(Applied::Known(&before), &after).expect("a change");
         assert_eq!(
             script,
-            "delete element ip lobby targets { tcp . 8083 }\n\
-             delete chain ip lobby target-old\n\
-             delete element ip lobby targets { tcp . 8081 }\n\
-             delete element ip lobby backends { 198.18.1.31 . tcp . 80 }\n\
-             add chain ip lobby target-new\n\
-             add rule ip lobby target-new meta l4proto tcp reject with tcp reset\n\
-             add element ip lobby targets { tcp . 8083 : jump target-new }\n\
-             add element ip lobby targets { tcp . 8090 : jump target-web }\n"
+            "delete element inet lobby targets { tcp . 8083 }\n\
+             delete chain inet lobby target-old\n\
+             delete element inet lobby targets { tcp . 8081 }\n\
+             delete element inet lobby backends4 { 198.18.1.31 . tcp . 80 }\n\
+             add chain inet lobby target-new\n\
+             add rule inet lobby target-new meta nfproto ipv4 meta l4proto tcp reject with tcp reset\n\
+             add element inet lobby targets { tcp . 8083 : jump target-new }\n\
+             add element inet lobby targets { tcp . 8090 : jump target-web }\n"
         );
     }
 

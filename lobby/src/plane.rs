@@ -92,12 +92,11 @@ impl DataPlane for KernelPlane {
         if self.tracked().is_none() {
             return;
         }
-        let addresses: BTreeSet<IpAddr> =
-            backends.iter().map(|(s, _)| IpAddr::V4(*s.ip())).collect();
+        let addresses: BTreeSet<IpAddr> = backends.iter().map(|(s, _)| s.ip()).collect();
         let interfaces = ebpf::interfaces_toward(&addresses).await;
         let keys = backends
             .iter()
-            .map(|(socket, protocol)| ebpf::key_of((*socket).into(), protocol.number()))
+            .map(|(socket, protocol)| ebpf::key_of(*socket, protocol.number()))
             .collect();
         let mut tracked = self.tracked();
         let Some(tracked) = tracked.as_mut() else {
@@ -133,7 +132,7 @@ impl DataPlane for KernelPlane {
             .backends
             .iter()
             .map(|backend @ (socket, protocol)| {
-                let key = ebpf::key_of((*socket).into(), protocol.number());
+                let key = ebpf::key_of(*socket, protocol.number());
                 (*backend, all.get(&key).copied().unwrap_or_default())
             })
             .collect()

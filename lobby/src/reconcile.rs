@@ -17,7 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -29,7 +29,7 @@ use crate::{
     dns::{AddressUpdate, ResolverKey},
     health::HealthReport,
     metrics::Histogram,
-    model::{self, Backend, Desired, UpstreamId, UpstreamState},
+    model::{self, Backend, Desired, DesiredTarget, UpstreamId, UpstreamState},
     nft::{self, Applied, Rotation},
 };
 
@@ -79,13 +79,13 @@ pub enum Action {
         id: UpstreamId,
         check: HealthCheck,
         available: bool,
-        address: Option<Ipv4Addr>,
+        address: Option<IpAddr>,
     },
     StopChecker(UpstreamId),
     /// A checker probes this address from now on.
     SetProbeAddress {
         id: UpstreamId,
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     StartResolver(ResolverKey),
     StopResolver(ResolverKey),
@@ -119,6 +119,8 @@ pub enum Notice {
     ApplyFailed(String),
     /// Lobby's table was changed from outside; it is being restored.
     Drift(String),
+    /// These targets have IPv6 to balance, which the host does not forward.
+    Ipv6ForwardingOff(Vec<String>),
 }
 
 impl Notice {
@@ -129,7 +131,8 @@ impl Notice {
             Notice::TargetEmpty { .. }
             | Notice::ReloadFailed(_)
             | Notice::ApplyFailed(_)
-            | Notice::Drift(_) => true,
+            | Notice::Drift(_)
+            | Notice::Ipv6ForwardingOff(_) => true,
             Notice::TargetServing { .. } | Notice::ReloadApplied(_) => false,
         }
     }
@@ -159,6 +162,14 @@ impl fmt::Display for Notice {
             Notice::ApplyFailed(error) => write!(
                 f,
                 "applying the ruleset failed; the previous one stays, retrying in {APPLY_RETRY:?}: {error}"
+            ),
+            Notice::Ipv6ForwardingOff(targets) => write!(
+                f,
+                "IPv6 forwarding is off: the IPv6 traffic of target{} {} is not balanced; \
+                 set net.ipv6.conf.all.forwarding=1 (and accept_ra=2 on interfaces that take \
+                 their address from router advertisements)",
+                if targets.len() == 1 { "" } else { "s" },
+                targets.join(", ")
             ),
             Notice::Drift(what) => write!(
                 f,
@@ -279,7 +290,7 @@ pub struct Core {
     config: Option<Config>,
     upstreams: BTreeMap<UpstreamId, Upstream>,
     /// Each resolver in use, with its last answer.
-    resolvers: BTreeMap<ResolverKey, Option<Ipv4Addr>>,
+    resolvers: BTreeMap<ResolverKey, Option<IpAddr>>,
     /// What the kernel holds; `None` before the first apply and after a
     /// failed one or an outside change (the next apply replaces the table
     /// whole).
@@ -305,13 +316,16 @@ pub struct Core {
     fingerprint: Fingerprint,
     reloads: ReloadCounts,
     apply_duration: Histogram,
+    /// Whether the host forwards IPv6 (`net.ipv6.conf.all.forwarding`):
+    /// Lobby never turns it on itself, and balances no IPv6 without it.
+    ipv6_forwarding: bool,
 }
 
 impl Core {
     /// A core for a fresh start (`inherited` is `None`: no table of Lobby's
     /// exists) or a takeover of the table a dead run left, which balanced
-    /// to `inherited`.
-    pub fn new(inherited: Option<Rotation>) -> Self {
+    /// to `inherited`, on a host that forwards IPv6 or not.
+    pub fn new(inherited: Option<Rotation>, ipv6_forwarding: bool) -> Self {
         Self {
             config: None,
             upstreams: BTreeMap::new(),
@@ -330,6 +344,7 @@ impl Core {
             fingerprint: Fingerprint::default(),
             reloads: ReloadCounts::default(),
             apply_duration: Histogram::default(),
+            ipv6_forwarding,
         }
     }
 
@@ -409,10 +424,7 @@ impl Core {
     pub fn counted_upstreams(&self) -> impl Iterator<Item = (&UpstreamId, Backend)> {
         self.upstreams.iter().filter_map(|(id, u)| {
             let address = u.state.address?;
-            Some((
-                id,
-                (SocketAddrV4::new(address, u.spec.port), u.spec.protocol),
-            ))
+            Some((id, (SocketAddr::new(address, u.spec.port), u.spec.protocol)))
         })
     }
 
@@ -511,6 +523,17 @@ impl Core {
             }
             self.start_upstream(id, spec, actions);
         }
+        if !self.ipv6_forwarding {
+            let ipv6: Vec<String> = config
+                .targets
+                .iter()
+                .filter(|t| serves_ipv6(t))
+                .map(|t| t.name.clone())
+                .collect();
+            if !ipv6.is_empty() {
+                actions.push(Action::Notify(Notice::Ipv6ForwardingOff(ipv6)));
+            }
+        }
         self.config = Some(config);
         if starting {
             // A takeover lets names resolve before the first apply, so that
@@ -532,7 +555,7 @@ impl Core {
             *self.resolvers.get(&key)?
         });
         let available = start.available
-            || address.is_some_and(|a| self.was_balanced(&id, SocketAddrV4::new(a, spec.port)));
+            || address.is_some_and(|a| self.was_balanced(&id, SocketAddr::new(a, spec.port)));
         let state = UpstreamState { address, available };
         if let Some(check) = &spec.health_check {
             actions.push(Action::StartChecker {
@@ -562,7 +585,7 @@ impl Core {
 
     /// Whether the table taken over sent connections of `id`'s target to
     /// `upstream`.
-    fn was_balanced(&self, id: &UpstreamId, upstream: SocketAddrV4) -> bool {
+    fn was_balanced(&self, id: &UpstreamId, upstream: SocketAddr) -> bool {
         self.inherited
             .get(&nft::chain_name(&id.target))
             .is_some_and(|s| s.contains(&upstream))
@@ -617,7 +640,7 @@ impl Core {
             let Some(upstream) = self.upstreams.get(&id) else {
                 continue;
             };
-            let socket = SocketAddrV4::new(update.address, upstream.spec.port);
+            let socket = SocketAddr::new(update.address, upstream.spec.port);
             // At a takeover, an upstream whose name resolves to an address
             // the old table balanced to is available, and its checker
             // starts from there.
@@ -682,7 +705,7 @@ impl Core {
             .map(|(id, u)| (id.clone(), u.state))
             .collect();
         let config = self.config.as_ref().expect("checked above");
-        let mut desired = Desired::from_config(config, &states);
+        let mut desired = Desired::from_config(config, &states, self.ipv6_forwarding);
         let masqueraded = self
             .applied
             .as_ref()
@@ -732,8 +755,8 @@ impl Core {
                         .applied
                         .as_ref()
                         .and_then(|a| a.targets.get(name))
-                        .map(|t| t.upstreams.is_empty());
-                    let now_empty = target.upstreams.is_empty();
+                        .map(DesiredTarget::is_empty);
+                    let now_empty = target.is_empty();
                     // Said at start too: an empty target refuses clients.
                     if now_empty && before != Some(true) {
                         actions.push(Action::Notify(Notice::TargetEmpty {
@@ -836,6 +859,20 @@ impl Core {
             self.counted = counted.clone();
             actions.push(Action::TrackCounters(counted));
         }
+    }
+}
+
+/// Whether a target has IPv6 to balance: an IPv6 `ip`, or IPv6 upstreams
+/// without an IPv4 `ip`.
+fn serves_ipv6(target: &config::Target) -> bool {
+    let ipv6_upstream = target
+        .group
+        .upstreams
+        .iter()
+        .any(|u| matches!(u.host, Host::Ip(std::net::IpAddr::V6(_))));
+    match target.ip {
+        Some(ip) => ip.family() == config::Family::Ipv6,
+        None => ipv6_upstream,
     }
 }
 

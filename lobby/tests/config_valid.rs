@@ -10,7 +10,7 @@ use std::{
 
 use http::uri::PathAndQuery;
 use lobby::config::{
-    self, Config, Distribution, DnsConfig, HealthCheck, HealthProtocol, Host, HttpProbe, Ipv4Net,
+    self, Config, Distribution, DnsConfig, HealthCheck, HealthProtocol, Host, HttpProbe, IpNet,
     MetricsConfig, Protocol, StatusRange, Summary, Target, UdpProbe, Upstream, UpstreamGroup,
 };
 
@@ -34,7 +34,7 @@ fn addr(text: &str) -> SocketAddr {
 fn target(
     name: &str,
     port: u16,
-    ip: Option<Ipv4Net>,
+    ip: Option<IpNet>,
     group: &str,
     upstreams: Vec<Upstream>,
 ) -> Target {
@@ -151,8 +151,8 @@ fn every_field_and_extension_loads() {
             target(
                 "web",
                 443,
-                Some(Ipv4Net {
-                    addr: Ipv4Addr::new(198, 18, 0, 10),
+                Some(IpNet {
+                    addr: Ipv4Addr::new(198, 18, 0, 10).into(),
                     prefix_len: 32,
                 }),
                 "web-pool",
@@ -183,8 +183,8 @@ fn every_field_and_extension_loads() {
             target(
                 "dns-tcp",
                 53,
-                Some(Ipv4Net {
-                    addr: Ipv4Addr::new(198, 18, 0, 0),
+                Some(IpNet {
+                    addr: Ipv4Addr::new(198, 18, 0, 0).into(),
                     prefix_len: 24,
                 }),
                 "resolvers",

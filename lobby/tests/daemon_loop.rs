@@ -60,7 +60,7 @@ impl DataPlane for FakePlane {
 
     async fn apply(&self, script: String) -> Result<(), NftError> {
         self.applied.lock().unwrap().push(script);
-        *self.listing.lock().unwrap() = Some("table ip lobby {\n}\n".to_owned());
+        *self.listing.lock().unwrap() = Some("table inet lobby {\n}\n".to_owned());
         Ok(())
     }
 
@@ -147,7 +147,7 @@ async fn the_loop_applies_answers_reloads_repairs_and_cleans_up() {
     // The first transaction creates the table with both upstreams.
     let first = plane.applied();
     assert_eq!(first.len(), 1);
-    assert!(first[0].starts_with("table ip lobby {"), "{}", first[0]);
+    assert!(first[0].starts_with("table inet lobby {"), "{}", first[0]);
     assert!(first[0].contains("numgen inc mod 2"), "{}", first[0]);
 
     // Stats come from the core's state and the plane's counters.
@@ -183,7 +183,7 @@ async fn the_loop_applies_answers_reloads_repairs_and_cleans_up() {
     })
     .await;
     let before = plane.applied().len();
-    *plane.listing.lock().unwrap() = Some("table ip lobby {\n\tdrop\n}\n".to_owned());
+    *plane.listing.lock().unwrap() = Some("table inet lobby {\n\tdrop\n}\n".to_owned());
     let notify = plane.table_changed.lock().unwrap().clone().unwrap();
     notify.send(()).await.unwrap();
     eventually("the repair", || {
@@ -191,7 +191,7 @@ async fn the_loop_applies_answers_reloads_repairs_and_cleans_up() {
             .applied()
             .iter()
             .skip(before)
-            .any(|s| s.starts_with("add table ip lobby\ndelete table ip lobby\n"))
+            .any(|s| s.contains("add table inet lobby\ndelete table inet lobby\n"))
     })
     .await;
 

@@ -59,7 +59,7 @@ fn inherited(step: &str) -> Option<Rotation> {
         if let ["takeover", target, upstreams @ ..] = words.as_slice() {
             let upstreams = upstreams
                 .iter()
-                .map(|u| u.parse::<std::net::SocketAddrV4>().unwrap());
+                .map(|u| u.parse::<std::net::SocketAddr>().unwrap());
             rotation
                 .entry(nft::chain_name(target))
                 .or_default()
@@ -171,7 +171,8 @@ fn plans_match_the_golden_files() {
         let first = fs::read_to_string(&start).unwrap_or_default();
         let mut run = Run {
             case,
-            core: Core::new(inherited(&first)),
+            // IPv6 forwarding on: every family a target serves is rendered.
+            core: Core::new(inherited(&first), true),
             now: Instant::now(),
             config: config.clone(),
         };

@@ -2,6 +2,7 @@
 //! a real dnsmasq whose answers a test rewrites, and servers that fail on
 //! purpose (silent, SERVFAIL).
 use std::{
+    fmt::Display,
     net::{Ipv4Addr, UdpSocket},
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -43,7 +44,13 @@ pub struct Dnsmasq {
 }
 
 impl Dnsmasq {
-    pub fn start(ns: &NetNs, listen: Ipv4Addr, ttl: u32, records: &[(&str, Ipv4Addr)]) -> Self {
+    /// Records are `(name, address)`; an IPv6 address answers AAAA queries.
+    pub fn start<A: Display>(
+        ns: &NetNs,
+        listen: Ipv4Addr,
+        ttl: u32,
+        records: &[(&str, A)],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let dnsmasq = Self::write_records_in(&dir.path().join("hosts"), records);
         let child = Command::new("ip")
@@ -61,6 +68,9 @@ impl Dnsmasq {
                 "--bind-interfaces",
                 "--user=root",
                 "--port=53",
+                // Authoritative for the tests' domain: a name without an A
+                // record gets an empty answer (NODATA), not REFUSED.
+                "--local=/lobby.test/",
             ])
             .arg(format!("--listen-address={listen}"))
             .arg(format!("--addn-hosts={}", dnsmasq.display()))
@@ -81,7 +91,7 @@ impl Dnsmasq {
         server
     }
 
-    fn write_records_in(path: &std::path::Path, records: &[(&str, Ipv4Addr)]) -> PathBuf {
+    fn write_records_in<A: Display>(path: &std::path::Path, records: &[(&str, A)]) -> PathBuf {
         let text: String = records
             .iter()
             .map(|(name, addr)| format!("{addr} {name}\n"))
@@ -91,7 +101,7 @@ impl Dnsmasq {
     }
 
     /// Replaces the answers.
-    pub fn set_records(&self, records: &[(&str, Ipv4Addr)]) {
+    pub fn set_records<A: Display>(&self, records: &[(&str, A)]) {
         Self::write_records_in(&self.dir.path().join("hosts"), records);
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };

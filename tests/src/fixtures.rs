@@ -9,8 +9,18 @@ pub const UPSTREAM_PORT: u16 = 9000;
 /// Builds a lobby.yaml: targets, each followed by its upstreams.
 #[derive(Clone, Debug, Default)]
 pub struct ConfigBuilder {
-    targets: Vec<(String, u16, Vec<String>)>,
+    targets: Vec<TargetYaml>,
     metrics: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+struct TargetYaml {
+    name: String,
+    protocol: &'static str,
+    port: u16,
+    /// Extra keys of the target (`ip: ...`), as YAML lines.
+    extra: String,
+    upstreams: Vec<String>,
 }
 
 impl ConfigBuilder {
@@ -19,24 +29,44 @@ impl ConfigBuilder {
     }
 
     pub fn target(mut self, name: &str, port: u16) -> Self {
-        self.targets.push((name.to_owned(), port, Vec::new()));
+        self.targets.push(TargetYaml {
+            name: name.to_owned(),
+            protocol: "tcp",
+            port,
+            extra: String::new(),
+            upstreams: Vec::new(),
+        });
         self
+    }
+
+    /// The last target's protocol (`tcp` unless set).
+    pub fn protocol(mut self, protocol: &'static str) -> Self {
+        self.last().protocol = protocol;
+        self
+    }
+
+    /// Only traffic to `ip` (an address or range) is balanced.
+    pub fn ip(mut self, ip: impl Display) -> Self {
+        self.last()
+            .extra
+            .push_str(&format!("        ip: \"{ip}\"\n"));
+        self
+    }
+
+    fn last(&mut self) -> &mut TargetYaml {
+        self.targets.last_mut().expect("a target to configure")
     }
 
     /// An upstream of the last target, with extra keys (e.g.
     /// [`health_check`]) as YAML lines indented under it.
     pub fn upstream_with(mut self, name: &str, host: impl Display, port: u16, extra: &str) -> Self {
-        let target = self
-            .targets
-            .last_mut()
-            .expect("an upstream belongs to a target");
         let mut yaml = format!(
-            "            - name: {name}\n              host: {host}\n              port: {port}\n"
+            "            - name: {name}\n              host: \"{host}\"\n              port: {port}\n"
         );
         for line in extra.lines() {
             yaml.push_str(&format!("              {line}\n"));
         }
-        target.2.push(yaml);
+        self.last().upstreams.push(yaml);
         self
     }
 
@@ -65,9 +95,16 @@ impl ConfigBuilder {
 
     pub fn build(&self) -> String {
         let mut yaml = String::from("lb:\n  - engine: nftables\n    targets:\n");
-        for (name, port, upstreams) in &self.targets {
+        for target in &self.targets {
+            let TargetYaml {
+                name,
+                protocol,
+                port,
+                extra,
+                upstreams,
+            } = target;
             yaml.push_str(&format!(
-                "      - name: {name}\n        protocol: tcp\n        port: {port}\n        upstream_group:\n          name: {name}-pool\n          distribution: round-robin\n          upstreams:\n"
+                "      - name: {name}\n        protocol: {protocol}\n        port: {port}\n{extra}        upstream_group:\n          name: {name}-pool\n          distribution: round-robin\n          upstreams:\n"
             ));
             if upstreams.is_empty() {
                 yaml.push_str("            []\n");

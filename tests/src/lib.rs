@@ -16,7 +16,7 @@ pub mod server;
 
 pub use lobby::{Launch, Lobby};
 pub use netns::{NetNs, Topology};
-pub use server::NameServer;
+pub use server::{NameServer, UdpFlow, UdpNameServer};
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! Network namespaces with unique names, deleted on drop.
 use std::{
     fs::File,
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
@@ -110,12 +110,12 @@ impl Drop for NetNs {
 }
 
 impl NetNs {
-    /// `nft list table ip lobby` with each set's elements sorted, so that
+    /// `nft list table inet lobby` with each set's elements sorted, so that
     /// two listings of the same content compare equal whatever order the
     /// kernel's hash sets keep.
     pub fn lobby_ruleset(&self) -> String {
         let listing =
-            String::from_utf8_lossy(&self.exec("nft", &["list", "table", "ip", "lobby"]).stdout)
+            String::from_utf8_lossy(&self.exec("nft", &["list", "table", "inet", "lobby"]).stdout)
                 .into_owned();
         normalize_ruleset(&listing)
     }
@@ -200,6 +200,48 @@ impl Topology {
             lb,
             upstreams,
         }
+    }
+
+    pub const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+    pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+
+    /// The topology of [`Topology::new`] with IPv6 beside IPv4 on every
+    /// link (2001:2::/48, the IPv6 benchmarking range) and IPv6 forwarding
+    /// on in the load balancer's namespace.
+    pub fn dual_stack(upstreams: usize) -> Self {
+        let topology = Self::new(upstreams);
+        let add = |ns: &NetNs, addr: Ipv6Addr, dev: &str| {
+            // nodad: usable at once, not after duplicate detection.
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+        };
+        add(&topology.client, Self::CLIENT_ADDR6, "eth0");
+        add(&topology.lb, Self::LB_ADDR6, "client0");
+        for (i, ns) in topology.upstreams.iter().enumerate() {
+            add(ns, Self::upstream_addr6(i), "eth0");
+            add(&topology.lb, Self::lb_addr6_toward(i), &format!("up{i}"));
+        }
+        topology
+            .lb
+            .exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        topology
+    }
+
+    /// The IPv6 address of upstream `i`.
+    pub fn upstream_addr6(i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 2, 0, i as u16 + 1, 0, 0, 0, 0x11)
+    }
+
+    /// The load balancer's IPv6 address on the link to upstream `i`.
+    pub fn lb_addr6_toward(i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 2, 0, i as u16 + 1, 0, 0, 0, 1)
     }
 
     /// The address of upstream `i`.

@@ -107,3 +107,85 @@ pub fn ask_name(client: &NetNs, addr: SocketAddr) -> std::io::Result<String> {
     }
     Ok(line.trim_end().to_owned())
 }
+
+/// A UDP server that answers every datagram with its name, counting them.
+pub struct UdpNameServer {
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpNameServer {
+    pub fn start(ns: &NetNs, addr: SocketAddr, name: &str) -> Self {
+        let socket = ns.within(move || {
+            std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"))
+        });
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("a read timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, received, name) = (stop.clone(), received.clone(), name.to_owned());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                        received.fetch_add(1, Ordering::Relaxed);
+                        let _ = socket.send_to(name.as_bytes(), from);
+                    }
+                }
+            })
+        };
+        Self {
+            stop,
+            received,
+            thread: Some(thread),
+        }
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for UdpNameServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A UDP flow from `client` (one socket: one source port) to `addr`.
+pub struct UdpFlow(std::net::UdpSocket);
+
+impl UdpFlow {
+    pub fn open(client: &NetNs, addr: SocketAddr) -> Self {
+        let socket = client.within(move || {
+            let local: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0".parse().unwrap()
+            } else {
+                "[::]:0".parse().unwrap()
+            };
+            let socket = std::net::UdpSocket::bind(local).expect("a client udp socket");
+            socket.connect(addr).expect("connecting a udp socket");
+            socket
+        });
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("a read timeout");
+        Self(socket)
+    }
+
+    /// Sends one datagram and returns the name in the answer, or the error
+    /// (an ICMP port unreachable is `ConnectionRefused`).
+    pub fn ask_name(&self) -> std::io::Result<String> {
+        self.0.send(b"name?")?;
+        let mut buf = [0u8; 256];
+        let n = self.0.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+}

@@ -111,7 +111,7 @@ fn sigterm_removes_the_table_and_a_restart_after_kill_takes_over() {
     let tables = topology.lb.exec("nft", &["list", "tables"]);
     assert_eq!(
         String::from_utf8_lossy(&tables.stdout)
-            .matches("table ip lobby")
+            .matches("table inet lobby")
             .count(),
         1
     );

@@ -54,9 +54,9 @@ pub fn run() -> anyhow::Result<()> {
         "\n== lobby stats: what the eBPF counters saw per upstream (rates over 1 s)\n{}",
         String::from_utf8_lossy(&stats.stdout)
     );
-    let ruleset = topology.lb.exec("nft", &["list", "table", "ip", "lobby"]);
+    let ruleset = topology.lb.exec("nft", &["list", "table", "inet", "lobby"]);
     println!(
-        "\n== The ruleset Lobby applied (nft list table ip lobby)\n{}",
+        "\n== The ruleset Lobby applied (nft list table inet lobby)\n{}",
         String::from_utf8_lossy(&ruleset.stdout)
     );
 

@@ -5,7 +5,7 @@
 //! values that passed validation.
 use std::{
     fmt,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -141,20 +141,24 @@ pub struct Target {
     pub protocol: Protocol,
     pub port: u16,
     /// Only traffic to this local address or range is balanced; `None` is
-    /// every local address.
-    pub ip: Option<Ipv4Net>,
+    /// every local address of both families.
+    pub ip: Option<IpNet>,
     pub group: UpstreamGroup,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
     Tcp,
+    Udp,
+    Sctp,
 }
 
 impl Protocol {
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
         }
     }
 
@@ -162,19 +166,53 @@ impl Protocol {
     pub fn number(self) -> u8 {
         match self {
             Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
         }
     }
 }
 
-/// An IPv4 address with a prefix length; a plain address is a /32.
+/// An IP address family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ipv4Net {
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub const BOTH: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
+
+    /// As `lobby stats --json` and the metrics say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// An address with a prefix length (a plain address is a /32 or /128).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpNet {
     /// The network address (host bits are zero).
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub prefix_len: u8,
 }
 
-impl std::fmt::Display for Ipv4Net {
+impl IpNet {
+    pub fn family(&self) -> Family {
+        Family::of(self.addr)
+    }
+}
+
+impl std::fmt::Display for IpNet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
     }
@@ -214,7 +252,7 @@ pub struct Upstream {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Host {
-    Ip(Ipv4Addr),
+    Ip(IpAddr),
     /// A valid FQDN, lower-cased, without a trailing dot.
     Fqdn(String),
 }

@@ -39,17 +39,22 @@ use std::{
 use http::uri::PathAndQuery;
 
 use super::{
-    Config, ConfigError, Distribution, DnsConfig, HealthCheck, HealthProtocol, Host, HttpProbe,
-    MetricsConfig, Protocol, StatusRange, Target, UdpProbe, Upstream, UpstreamGroup,
+    Config, ConfigError, Distribution, DnsConfig, Family, HealthCheck, HealthProtocol, Host,
+    HttpProbe, IpNet, MetricsConfig, Protocol, StatusRange, Target, UdpProbe, Upstream,
+    UpstreamGroup,
     values::{
-        Boolean, HostName, HttpHost, Integer, Ipv4Range, Keyword, Listen, Name, PORT, Resolver,
+        Boolean, HostName, HttpHost, Integer, IpRange, Keyword, Listen, Name, PORT, Resolver,
         Statuses, Text, UrlPath, Want, describe,
     },
     yaml::{Mark, Node, Value},
 };
 
 const PROTOCOL: Keyword<Protocol> = Keyword {
-    choices: &[("tcp", Protocol::Tcp)],
+    choices: &[
+        ("tcp", Protocol::Tcp),
+        ("udp", Protocol::Udp),
+        ("sctp", Protocol::Sctp),
+    ],
 };
 const HEALTH_PROTOCOL: Keyword<ProbeKind> = Keyword {
     choices: &[
@@ -399,7 +404,7 @@ impl Checker {
         {
             self.unique_listener(protocol, port, port_node, &fields, name.as_deref());
         }
-        let ip = self.optional(&fields, "ip", &Ipv4Range);
+        let ip = self.optional(&fields, "ip", &IpRange);
         let group = self
             .required_mapping(
                 &fields,
@@ -407,6 +412,9 @@ impl Checker {
                 &["name", "distribution", "upstreams"],
             )
             .and_then(|group| self.group(&group, protocol));
+        if let (Some(ip), Some(group), Some(ip_node)) = (ip, &group, fields.get("ip")) {
+            self.family_served(ip, group, ip_node, &fields);
+        }
         Some(Target {
             name: name?,
             protocol: protocol?,
@@ -414,6 +422,25 @@ impl Checker {
             ip,
             group: group?,
         })
+    }
+
+    /// A target whose `ip` is of one family needs an upstream that can be
+    /// of that family (netfilter cannot translate between families): an
+    /// address of it, or a name, which may resolve to one.
+    fn family_served(&mut self, ip: IpNet, group: &UpstreamGroup, ip_node: &Node, fields: &Fields) {
+        let can_serve = group.upstreams.iter().any(|u| match &u.host {
+            Host::Ip(addr) => Family::of(*addr) == ip.family(),
+            Host::Fqdn(_) => true,
+        });
+        if !can_serve && !group.upstreams.is_empty() {
+            let message = format!(
+                "{ip} is an {} range but no upstream of this target has an {} address; \
+                 netfilter cannot translate between families",
+                ip.family().as_str(),
+                ip.family().as_str()
+            );
+            self.report(ip_node.mark, fields.path("ip"), message);
+        }
     }
 
     fn unique_listener(

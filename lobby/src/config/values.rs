@@ -1,13 +1,13 @@
 //! Reading one YAML value as one kind of configuration value. Each kind says
 //! what it expects, so every message reads `expected X, found Y`.
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     str::FromStr,
 };
 
 use http::uri::PathAndQuery;
 
-use super::{Host, Ipv4Net, StatusRange, yaml::Node, yaml::Value};
+use super::{Host, IpNet, StatusRange, yaml::Node, yaml::Value};
 
 /// The port a resolver address without one is asked on.
 const DNS_PORT: u16 = 53;
@@ -157,13 +157,13 @@ impl Want for Name {
     }
 }
 
-/// An upstream host: an IPv4 address or a host name.
+/// An upstream host: an IPv4 or IPv6 address or a host name.
 pub(crate) struct HostName;
 
 impl Want for HostName {
     type Value = Host;
     fn expected(&self) -> String {
-        "an IPv4 address or a host name".to_owned()
+        "an IPv4 or IPv6 address or a host name".to_owned()
     }
     fn read(&self, node: &Node) -> Result<Host, String> {
         parse_host(text(node)?).map_err(|why| format!("{} ({why})", describe(node)))
@@ -175,13 +175,15 @@ fn parse_host(host: &str) -> Result<Host, String> {
         return Err("empty".to_owned());
     }
     if host.contains(':') {
-        return Err("IPv6 upstreams are not supported".to_owned());
+        return Ipv6Addr::from_str(host)
+            .map(|a| Host::Ip(IpAddr::V6(a)))
+            .map_err(|_| "not a valid IPv6 address".to_owned());
     }
     // All digits and dots is meant as an address, never a name: a
     // top-level label is never all digits.
     if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         return Ipv4Addr::from_str(host)
-            .map(Host::Ip)
+            .map(|a| Host::Ip(IpAddr::V4(a)))
             .map_err(|_| "not a valid IPv4 address".to_owned());
     }
     parse_fqdn(host).map(Host::Fqdn)
@@ -319,16 +321,16 @@ impl Want for Statuses {
     }
 }
 
-/// A target's `ip`: one IPv4 address (a /32) or a CIDR range.
-pub(crate) struct Ipv4Range;
+/// A target's `ip`: one address (a /32 or /128) or a CIDR range.
+pub(crate) struct IpRange;
 
-impl Want for Ipv4Range {
-    type Value = Ipv4Net;
+impl Want for IpRange {
+    type Value = IpNet;
     fn expected(&self) -> String {
-        "an IPv4 address or CIDR range such as 198.18.0.0/24".to_owned()
+        "an IPv4 or IPv6 address or CIDR range such as 198.18.0.0/24 or 2001:db8::/64".to_owned()
     }
-    fn read(&self, node: &Node) -> Result<Ipv4Net, String> {
-        parse_ipv4_net(text(node)?).map_err(|why| match why {
+    fn read(&self, node: &Node) -> Result<IpNet, String> {
+        parse_ip_net(text(node)?).map_err(|why| match why {
             Some(why) => format!("{} ({why})", describe(node)),
             None => describe(node),
         })
@@ -336,30 +338,41 @@ impl Want for Ipv4Range {
 }
 
 /// `Err(Some(why))` when the reason is worth saying.
-fn parse_ipv4_net(text: &str) -> Result<Ipv4Net, Option<String>> {
-    const MAX_PREFIX: u8 = 32;
-    let (addr, prefix_len) = match text.split_once('/') {
-        None => (text, MAX_PREFIX),
-        Some((addr, len)) => {
-            let len = Some(len)
-                .filter(|len| len.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|len| len.parse::<u8>().ok())
-                .filter(|len| *len <= MAX_PREFIX)
-                .ok_or_else(|| Some(format!("prefix length must be 0..={MAX_PREFIX}")))?;
-            (addr, len)
+fn parse_ip_net(text: &str) -> Result<IpNet, Option<String>> {
+    let (addr, len) = match text.split_once('/') {
+        None => (text, None),
+        Some((addr, len)) => (addr, Some(len)),
+    };
+    let addr = IpAddr::from_str(addr).map_err(|_| None)?;
+    let max_prefix: u8 = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix_len = match len {
+        None => max_prefix,
+        Some(len) => Some(len)
+            .filter(|len| len.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|len| len.parse::<u8>().ok())
+            .filter(|len| *len <= max_prefix)
+            .ok_or_else(|| Some(format!("prefix length must be 0..={max_prefix}")))?,
+    };
+    let network = match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX
+                .checked_shl(u32::from(max_prefix - prefix_len))
+                .unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX
+                .checked_shl(u32::from(max_prefix - prefix_len))
+                .unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
         }
     };
-    let addr = Ipv4Addr::from_str(addr).map_err(|_| None)?;
-    let mask = u32::MAX
-        .checked_shl(u32::from(MAX_PREFIX - prefix_len))
-        .unwrap_or(0);
-    let network = Ipv4Addr::from(u32::from(addr) & mask);
     if network != addr {
         return Err(Some(format!(
             "host bits are set; did you mean {network}/{prefix_len}?"
         )));
     }
-    Ok(Ipv4Net { addr, prefix_len })
+    Ok(IpNet { addr, prefix_len })
 }
 
 /// A DNS resolver: an IPv4 or IPv6 address, optionally with a port.
@@ -410,7 +423,11 @@ mod tests {
     fn hosts() {
         assert_eq!(
             parse_host("198.18.1.11"),
-            Ok(Host::Ip(Ipv4Addr::new(198, 18, 1, 11)))
+            Ok(Host::Ip(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 11))))
+        );
+        assert_eq!(
+            parse_host("2001:db8::11"),
+            Ok(Host::Ip(IpAddr::from_str("2001:db8::11").unwrap()))
         );
         assert_eq!(
             parse_host("Web2.Example.TEST."),
@@ -418,7 +435,8 @@ mod tests {
         );
         assert_eq!(parse_host("backend"), Ok(Host::Fqdn("backend".into())));
         assert!(parse_host("198.18.1.300").is_err());
-        assert!(parse_host("::1").is_err());
+        assert!(parse_host("2001:db8::g").is_err());
+        assert!(parse_host("[2001:db8::1]").is_err());
         assert!(parse_host("a..b").is_err());
         assert!(parse_host("-a.b").is_err());
         assert!(parse_host("a_b.c").is_err());
@@ -427,19 +445,23 @@ mod tests {
     }
 
     #[test]
-    fn ipv4_nets() {
+    fn ip_nets() {
         let net = |a, p| {
-            Ok(Ipv4Net {
-                addr: Ipv4Addr::from_str(a).unwrap(),
+            Ok(IpNet {
+                addr: IpAddr::from_str(a).unwrap(),
                 prefix_len: p,
             })
         };
-        assert_eq!(parse_ipv4_net("10.0.0.1"), net("10.0.0.1", 32));
-        assert_eq!(parse_ipv4_net("10.0.0.0/8"), net("10.0.0.0", 8));
-        assert_eq!(parse_ipv4_net("0.0.0.0/0"), net("0.0.0.0", 0));
-        assert!(parse_ipv4_net("10.0.0.1/8").is_err());
-        assert!(parse_ipv4_net("10.0.0.0/33").is_err());
-        assert!(parse_ipv4_net("10.0.0.0/").is_err());
-        assert!(parse_ipv4_net("10.0.0/8").is_err());
+        assert_eq!(parse_ip_net("10.0.0.1"), net("10.0.0.1", 32));
+        assert_eq!(parse_ip_net("10.0.0.0/8"), net("10.0.0.0", 8));
+        assert_eq!(parse_ip_net("0.0.0.0/0"), net("0.0.0.0", 0));
+        assert_eq!(parse_ip_net("2001:db8::1"), net("2001:db8::1", 128));
+        assert_eq!(parse_ip_net("2001:db8::/32"), net("2001:db8::", 32));
+        assert!(parse_ip_net("10.0.0.1/8").is_err());
+        assert!(parse_ip_net("10.0.0.0/33").is_err());
+        assert!(parse_ip_net("2001:db8::1/64").is_err());
+        assert!(parse_ip_net("2001:db8::/129").is_err());
+        assert!(parse_ip_net("10.0.0.0/").is_err());
+        assert!(parse_ip_net("10.0.0/8").is_err());
     }
 }

@@ -77,8 +77,8 @@ fn report(name: &str, available: bool) -> Event {
     })
 }
 
-fn socket(host: u8) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, host), 9000)
+fn socket(host: u8) -> SocketAddr {
+    SocketAddr::from(([198, 18, 1, host], 9000))
 }
 
 /// A core and a clock it is told about.
@@ -90,7 +90,7 @@ struct Harness {
 impl Harness {
     fn new(inherited: Option<Rotation>) -> Self {
         Self {
-            core: Core::new(inherited),
+            core: Core::new(inherited, true),
             now: Instant::now(),
         }
     }
@@ -143,7 +143,7 @@ fn notices(actions: &[Action]) -> Vec<String> {
         .collect()
 }
 
-fn rotation(target: &str, upstreams: &[SocketAddrV4]) -> Rotation {
+fn rotation(target: &str, upstreams: &[SocketAddr]) -> Rotation {
     Rotation::from([(nft::chain_name(target), upstreams.iter().copied().collect())])
 }
 
@@ -152,7 +152,7 @@ fn a_fresh_start_creates_the_table_and_starts_checkers() {
     let mut harness = Harness::new(None);
     let actions = harness.step(Event::ConfigLoaded(config(TWO_CHECKED)));
     let script = script(&actions).expect("a first transaction");
-    assert!(script.starts_with("table ip lobby {"), "{script}");
+    assert!(script.starts_with("table inet lobby {"), "{script}");
     assert!(!script.contains("delete table"), "{script}");
     // Only web2 starts available.
     assert!(
@@ -193,7 +193,7 @@ fn a_takeover_replaces_the_table_and_keeps_balanced_upstreams_available() {
     let actions = harness.step(Event::ConfigLoaded(config(TWO_CHECKED)));
     let script = script(&actions).expect("a first transaction");
     assert!(
-        script.starts_with("add table ip lobby\ndelete table ip lobby\n"),
+        script.starts_with("add table ip lobby\ndelete table ip lobby\nadd table inet lobby\ndelete table inet lobby\n"),
         "{script}"
     );
     assert!(
@@ -208,7 +208,7 @@ fn a_takeover_replaces_the_table_and_keeps_balanced_upstreams_available() {
                 .clone()
                 .unwrap(),
             available: true,
-            address: Some(*socket(11).ip()),
+            address: Some(socket(11).ip()),
         })
     );
 }
@@ -226,7 +226,7 @@ fn a_takeover_waits_for_names_then_inherits_what_they_resolve_to() {
     );
     let actions = harness.step(Event::Address(AddressUpdate {
         key,
-        address: *socket(11).ip(),
+        address: socket(11).ip(),
     }));
     assert!(
         actions.iter().any(|a| matches!(
@@ -259,7 +259,7 @@ fn health_flaps_in_one_batch_make_one_transaction() {
     actions.extend(harness.core.settle(harness.now));
     let script = script(&actions).expect("one transaction");
     assert!(
-        script.contains("flush chain ip lobby target-web"),
+        script.contains("flush chain inet lobby target-web"),
         "{script}"
     );
     assert!(script.contains("0 : 198.18.1.11 . 9000 }"), "{script}");
@@ -307,7 +307,7 @@ fn a_failed_apply_is_retried_whole_after_a_second() {
     let actions = harness.advance(Duration::from_millis(500));
     let script = script(&actions).expect("the retry");
     assert!(
-        script.starts_with("add table ip lobby\ndelete table ip lobby\n"),
+        script.starts_with("add table ip lobby\ndelete table ip lobby\nadd table inet lobby\ndelete table inet lobby\n"),
         "the table's content is unknown after a failure: {script}"
     );
 }
@@ -374,7 +374,7 @@ fn a_removed_upstream_stays_masqueraded_until_its_linger_ends() {
     let actions = harness.step(Event::ConfigLoaded(config(without_web2)));
     let script_text = script(&actions).expect("a change").to_owned();
     assert!(
-        !script_text.contains("delete element ip lobby backends"),
+        !script_text.contains("delete element inet lobby backends"),
         "{script_text}"
     );
     assert!(actions.contains(&Action::StopChecker(id("web2"))));
@@ -387,7 +387,7 @@ fn a_removed_upstream_stays_masqueraded_until_its_linger_ends() {
     let actions = harness.advance(Duration::from_secs(1));
     assert_eq!(
         script(&actions),
-        Some("delete element ip lobby backends { 198.18.1.12 . tcp . 9000 }\n")
+        Some("delete element inet lobby backends4 { 198.18.1.12 . tcp . 9000 }\n")
     );
 }
 
@@ -400,11 +400,11 @@ fn a_name_that_moves_moves_its_upstream_and_its_probes() {
     let key = ResolverKey::new("web1.example.test", None);
     let actions = harness.step(Event::Address(AddressUpdate {
         key: key.clone(),
-        address: *socket(11).ip(),
+        address: socket(11).ip(),
     }));
     assert!(actions.contains(&Action::SetProbeAddress {
         id: id("web1"),
-        address: *socket(11).ip()
+        address: socket(11).ip()
     }));
     // Resolved but not yet healthy: counted, not balanced.
     assert!(actions.contains(&Action::TrackCounters(BTreeSet::from([(
@@ -415,7 +415,7 @@ fn a_name_that_moves_moves_its_upstream_and_its_probes() {
     harness.applied();
     let actions = harness.step(Event::Address(AddressUpdate {
         key,
-        address: *socket(21).ip(),
+        address: socket(21).ip(),
     }));
     let script = script(&actions).expect("a move");
     assert!(script.contains("0 : 198.18.1.21 . 9000"), "{script}");
@@ -428,7 +428,7 @@ fn an_outside_change_of_the_table_is_repaired_whole() {
         generation,
         listing: Ok(text.map(str::to_owned)),
     };
-    let table = "table ip lobby {\n\tchain prerouting {\n\t}\n}\n";
+    let table = "table inet lobby {\n\tchain prerouting {\n\t}\n}\n";
     assert_eq!(harness.step(listed(1, Some(table))), []);
     // A listing that matches is quiet.
     assert_eq!(
@@ -442,11 +442,11 @@ fn an_outside_change_of_the_table_is_repaired_whole() {
     let actions = harness.step(listed(1, Some(&tampered)));
     assert_eq!(
         notices(&actions),
-        ["table ip lobby was changed outside Lobby (added `drop`); restoring it"]
+        ["table inet lobby was changed outside Lobby (added `drop`); restoring it"]
     );
     let repair = script(&actions).expect("a repair");
     assert!(
-        repair.starts_with("add table ip lobby\ndelete table ip lobby\n"),
+        repair.contains("add table inet lobby\ndelete table inet lobby\n"),
         "{repair}"
     );
     // Deleted outright: created again, nothing to delete.
@@ -456,9 +456,9 @@ fn an_outside_change_of_the_table_is_repaired_whole() {
     let actions = harness.step(listed(2, None));
     assert_eq!(
         notices(&actions),
-        ["table ip lobby was changed outside Lobby (the table was deleted); restoring it"]
+        ["table inet lobby was changed outside Lobby (the table was deleted); restoring it"]
     );
-    assert!(script(&actions).unwrap().starts_with("table ip lobby {"));
+    assert!(script(&actions).unwrap().starts_with("table inet lobby {"));
 }
 
 #[test]
@@ -466,7 +466,7 @@ fn a_listing_taken_during_an_apply_proves_nothing() {
     let mut harness = Harness::started(TWO_CHECKED);
     let listed = |generation| Event::TableListed {
         generation,
-        listing: Ok(Some("table ip lobby {\n}\n".to_owned())),
+        listing: Ok(Some("table inet lobby {\n}\n".to_owned())),
     };
     harness.step(listed(1));
     harness.step(Event::TableMayHaveChanged);

@@ -138,7 +138,7 @@ until grep -q "lobby is balancing" "$LOG"; do
     sleep 0.2
 done
 echo "== lobby is balancing; its ruleset:"
-nft list table ip lobby
+nft list table inet lobby
 # clsact and cls_bpf before 6.6, TCX links (no qdisc) since.
 echo "qdiscs of up1: $(tc qdisc show dev up1 | tr '\n' ' ')"
 
@@ -214,7 +214,7 @@ kill_server() {
     done
     echo "web$1 unavailable after $(($(date +%s) - started)) s; lobby logged:"
     grep "is DOWN" "$LOG" | grep "web$1" | tail -n 1
-    nft list chain ip lobby target-vip | grep "l4proto"
+    nft list chain inet lobby target-vip | grep "l4proto"
 }
 
 made=0
@@ -230,7 +230,7 @@ check_connections web1=6 web2=3 web3=6
 echo "== 3. the servers of web1 and web3 are killed"
 kill_server 1
 kill_server 3
-nft list table ip lobby | grep "reject" || fail "no reject rule for a target without upstreams"
+nft list table inet lobby | grep "reject" || fail "no reject rule for a target without upstreams"
 refusal=$(ip netns exec client nc -w 5 "$LB_ADDR" "$PORT" </dev/null 2>&1)
 echo "a connection now: $refusal"
 case "$refusal" in
@@ -244,5 +244,5 @@ echo "== stats"
 lobby stats --socket "$SOCKET"
 kill "$lobby_pid"
 wait "$lobby_pid" || fail "lobby exited with status $? on SIGTERM"
-nft list table ip lobby >/dev/null 2>&1 && fail "the ruleset outlived lobby's shutdown"
+nft list table inet lobby >/dev/null 2>&1 && fail "the ruleset outlived lobby's shutdown"
 finish
