@@ -1,5 +1,7 @@
 //! Lobby: a layer-4 load balancer whose data plane is the kernel's.
 //!
+//! - [`cli`]: the command line's clap definitions (the binary parses them;
+//!   the man page and shell completions are generated from them).
 //! - [`config`]: YAML text to validated types (pure).
 //! - [`model`]: the desired state: which upstreams each target balances over.
 //! - [`nft`]: renders the desired state to nftables (pure `render`/`plan`)
@@ -14,6 +16,7 @@
 //! - [`systemd`]: readiness notifications.
 //! - [`process`]: running nft and ip with a script on stdin.
 //! - [`daemon`]: the reconcile loop that owns the state and wires them.
+pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
