@@ -22,7 +22,24 @@ use crate::{
 
 /// Packaged from dist/debian.
 const MAINTAINER_SCRIPTS: [&str; 3] = ["postinst", "prerm", "postrm"];
-const CONFFILE: &str = "/etc/lobby/lobby.yaml";
+/// Made by `generate_docs`, and where they go; a name ending in .gz is
+/// compressed.
+const GENERATED: [(&str, &str); 6] = [
+    ("lobby.1", "usr/share/man/man1/lobby.1.gz"),
+    ("lobby-check.1", "usr/share/man/man1/lobby-check.1.gz"),
+    ("lobby-stats.1", "usr/share/man/man1/lobby-stats.1.gz"),
+    ("lobby.bash", "usr/share/bash-completion/completions/lobby"),
+    ("_lobby", "usr/share/zsh/vendor-completions/_lobby"),
+    (
+        "lobby.fish",
+        "usr/share/fish/vendor_completions.d/lobby.fish",
+    ),
+];
+/// From dist/debian, likewise.
+const WRITTEN: [(&str, &str); 2] = [
+    ("copyright", "usr/share/doc/lobby/copyright"),
+    ("changelog", "usr/share/doc/lobby/changelog.Debian.gz"),
+];
 /// Programs the daemon runs, beyond the libraries dpkg-shlibdeps finds.
 const RUNS: &str = "nftables, iproute2";
 const DESCRIPTION: &str = "\
@@ -85,7 +102,8 @@ impl Release {
 pub fn build(binary: &Path, out_dir: &Path) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     let dist = root.join("dist");
-    let release = Release::read(&dist.join("debian/changelog"))?;
+    let debian = dist.join("debian");
+    let release = Release::read(&debian.join("changelog"))?;
     let arch = stdout(Command::new("dpkg").arg("--print-architecture"))?;
     let name = format!("lobby_{}_{}", release.version, arch.trim());
     let stage = out_dir.join(&name);
@@ -108,37 +126,9 @@ pub fn build(binary: &Path, out_dir: &Path) -> anyhow::Result<PathBuf> {
     )?;
     let docs = out_dir.join("docs");
     generate_docs(&docs)?;
-    for (from, to) in [
-        (docs.join("lobby.1"), "usr/share/man/man1/lobby.1.gz"),
-        (
-            docs.join("lobby-check.1"),
-            "usr/share/man/man1/lobby-check.1.gz",
-        ),
-        (
-            docs.join("lobby-stats.1"),
-            "usr/share/man/man1/lobby-stats.1.gz",
-        ),
-        (
-            docs.join("lobby.bash"),
-            "usr/share/bash-completion/completions/lobby",
-        ),
-        (
-            docs.join("_lobby"),
-            "usr/share/zsh/vendor-completions/_lobby",
-        ),
-        (
-            docs.join("lobby.fish"),
-            "usr/share/fish/vendor_completions.d/lobby.fish",
-        ),
-        (
-            dist.join("debian/copyright"),
-            "usr/share/doc/lobby/copyright",
-        ),
-        (
-            dist.join("debian/changelog"),
-            "usr/share/doc/lobby/changelog.Debian.gz",
-        ),
-    ] {
+    let generated = GENERATED.iter().map(|(file, to)| (docs.join(file), to));
+    let written = WRITTEN.iter().map(|(file, to)| (debian.join(file), to));
+    for (from, to) in generated.chain(written) {
         let contents = if to.ends_with(".gz") {
             stdout_bytes(Command::new("gzip").args(["-9", "-n", "-c"]).arg(&from))?
         } else {
@@ -149,11 +139,17 @@ pub fn build(binary: &Path, out_dir: &Path) -> anyhow::Result<PathBuf> {
 
     let control = stage.join("DEBIAN");
     for script in MAINTAINER_SCRIPTS {
-        let from = dist.join("debian").join(script);
+        let from = debian.join(script);
         let text = fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
         write(&control.join(script), text, 0o755)?;
     }
-    write(&control.join("conffiles"), format!("{CONFFILE}\n"), 0o644)?;
+    // The configuration is the one conffile.
+    let conffile = Path::new("/").join(layout.config.strip_prefix(&stage)?);
+    write(
+        &control.join("conffiles"),
+        format!("{}\n", conffile.display()),
+        0o644,
+    )?;
     let files = files_below(&stage, &control)?
         .into_iter()
         .map(|f| f.strip_prefix(&stage).map(Path::to_owned))
