@@ -1,5 +1,7 @@
 //! Lobby: a layer-4 load balancer whose data plane is the kernel's.
 //!
+//! - [`cli`]: the command line's clap definitions (the binary parses them;
+//!   the man page and shell completions are generated from them).
 //! - [`config`]: YAML text to validated types (pure).
 //! - [`model`]: the desired state: which upstreams each target balances over.
 //! - [`nft`]: renders the desired state to nftables (pure `render`/`plan`)
@@ -24,6 +26,7 @@
 //! - [`traffic`]: traffic lines and reset warnings from the counters.
 //! - [`daemon`]: the loop that turns channels into the core's events and
 //!   its actions into calls on the data plane.
+pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod daemon;

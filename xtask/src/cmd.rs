@@ -60,6 +60,18 @@ pub fn build_lobby() -> anyhow::Result<std::path::PathBuf> {
     Ok(lobby_tests::lobby::binary())
 }
 
+/// Builds the lobby binary in the release profile, the one operators
+/// install, and returns its path.
+pub fn build_lobby_release() -> anyhow::Result<std::path::PathBuf> {
+    let root = workspace_root();
+    checked(
+        cargo()
+            .current_dir(&root)
+            .args(["build", "--release", "-p", "lobby"]),
+    )?;
+    Ok(root.join("target/release/lobby"))
+}
+
 /// The first file in `dir` whose name `matches`.
 pub fn find_file(
     dir: &std::path::Path,
@@ -74,6 +86,36 @@ pub fn find_file(
                 .and_then(|name| name.to_str())
                 .is_some_and(&matches)
         }))
+}
+
+/// Every file and symbolic link below `dir`, sorted, except what is below
+/// `skip`.
+pub fn files_below(
+    dir: &std::path::Path,
+    skip: &std::path::Path,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    fn walk(
+        dir: &std::path::Path,
+        skip: &std::path::Path,
+        found: &mut Vec<std::path::PathBuf>,
+    ) -> anyhow::Result<()> {
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path == skip {
+                continue;
+            }
+            if path.is_dir() && !path.is_symlink() {
+                walk(&path, skip, found)?;
+            } else {
+                found.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut found = Vec::new();
+    walk(dir, skip, &mut found)?;
+    found.sort();
+    Ok(found)
 }
 
 /// `cargo` of the nightly toolchain, for the eBPF crate; the outer cargo's

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::cmd::{cargo, checked, workspace_root};
+use crate::cmd::{build_lobby_release, checked, workspace_root};
 
 /// Where things go below DESTDIR.
 pub struct Layout {
@@ -34,17 +34,7 @@ pub fn run(
     binary: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let root = workspace_root();
-    let binary = match binary {
-        Some(binary) => binary,
-        None => {
-            checked(
-                cargo()
-                    .current_dir(&root)
-                    .args(["build", "--release", "-p", "lobby"]),
-            )?;
-            root.join("target/release/lobby")
-        }
-    };
+    let binary = binary.map_or_else(build_lobby_release, Ok)?;
     let layout = Layout::new(destdir.as_deref().unwrap_or(Path::new("/")), &prefix);
     install_tree(&layout, &binary, &prefix, &root.join("dist"))?;
     if destdir.is_none() && Path::new("/run/systemd/system").is_dir() {
@@ -86,7 +76,7 @@ fn copy(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
     write(to, &bytes, mode)
 }
 
-fn write(to: &Path, contents: impl AsRef<[u8]>, mode: u32) -> anyhow::Result<()> {
+pub fn write(to: &Path, contents: impl AsRef<[u8]>, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = to.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -3,6 +3,8 @@ mod bench;
 mod bless;
 mod build_ebpf;
 mod cmd;
+mod deb;
+mod deb_test;
 mod demo;
 mod install;
 mod setup;
@@ -26,7 +28,8 @@ enum Task {
     /// Build the eBPF counters (lobby-ebpf) with the nightly toolchain.
     BuildEbpf,
     /// Setup, format check, clippy -D warnings, unit and integration tests,
-    /// then vm-test on the 6.1 kernel.
+    /// then vm-test on the 6.1 kernel and the Debian package (lintian, install,
+    /// purge).
     Test,
     /// Install the binary, the systemd unit and (if absent) an example
     /// /etc/lobby/lobby.yaml.
@@ -37,6 +40,13 @@ enum Task {
         #[arg(long, default_value = "/usr")]
         prefix: std::path::PathBuf,
         /// Install this binary instead of building a release one.
+        #[arg(long)]
+        binary: Option<std::path::PathBuf>,
+    },
+    /// Build target/debian/lobby_VERSION_ARCH.deb: the binary, the unit, the
+    /// example configuration as a conffile, man pages and completions.
+    Deb {
+        /// Package this binary instead of building a release one.
         #[arg(long)]
         binary: Option<std::path::PathBuf>,
     },
@@ -75,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test::run(),
         Task::Demo => demo::run(),
         Task::Bless => bless::run(),
+        Task::Deb { binary } => deb::run(binary),
         Task::Bench { quick } => bench::run(quick),
         Task::Install {
             destdir,

@@ -42,7 +42,10 @@ pub fn run() -> anyhow::Result<()> {
     ]))?;
     // The oldest supported kernel line, booted under QEMU: what this
     // machine's own kernel cannot show.
-    crate::vm_test::run(Some(crate::vm_test::OLDEST_SUPPORTED), false)
+    crate::vm_test::run(Some(crate::vm_test::OLDEST_SUPPORTED), false)?;
+    // The Debian package of the binary built above: lintian, then a real
+    // install, removal and purge into an empty root.
+    crate::deb_test::run(&lobby_tests::lobby::binary())
 }
 
 /// The eBPF crate is linted on its own target with the nightly: a host

@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use serde_json::json;
 use variants::{Service, Setup, Variant};
 
-use crate::cmd::{cargo, checked, workspace_root};
+use crate::cmd::{build_lobby_release, workspace_root};
 
 /// How long and how often: a full run and a quick one for development.
 struct Plan {
@@ -66,14 +66,9 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         bail!("the bench builds network namespaces and loads eBPF: run it as root");
     }
     crate::setup::run()?;
-    let root = workspace_root();
-    checked(
-        cargo()
-            .current_dir(&root)
-            .args(["build", "--release", "-p", "lobby"]),
-    )?;
+    let binary = build_lobby_release()?;
     // SAFETY: still single-threaded; the harness reads it to find the binary.
-    unsafe { std::env::set_var("LOBBY_BIN", root.join("target/release/lobby")) };
+    unsafe { std::env::set_var("LOBBY_BIN", binary) };
     let plan = if quick { QUICK } else { FULL };
     let started = std::time::Instant::now();
 
@@ -177,7 +172,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     };
     let text = report.table();
     println!("{text}");
-    let dir = root.join("target/bench");
+    let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir).context("creating target/bench")?;
     let json_path = dir.join("results.json");
     std::fs::write(
