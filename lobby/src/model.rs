@@ -10,7 +10,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use crate::config::{Config, Family, HealthCheck, Host, IpNet, Protocol};
+use crate::config::{Config, Distribution, Family, HealthCheck, Host, IpNet, Protocol, Upstream};
 
 /// Names one upstream of one target, as operators read it in logs:
 /// `web/web1`.
@@ -82,7 +82,7 @@ impl Desired {
             .flat_map(|t| {
                 t.families
                     .iter()
-                    .flat_map(|f| &f.upstreams)
+                    .flat_map(|f| &f.slots)
                     .map(|u| (*u, t.protocol))
             })
             .collect()
@@ -115,6 +115,7 @@ pub struct DesiredTarget {
     pub protocol: Protocol,
     pub port: u16,
     pub ip: Option<IpNet>,
+    pub distribution: Distribution,
     /// The families the target serves, IPv4 first: netfilter cannot
     /// translate between families, so each has its own rotation.
     pub families: Vec<FamilyRotation>,
@@ -123,17 +124,123 @@ pub struct DesiredTarget {
 impl DesiredTarget {
     /// Whether no client of any family can be balanced.
     pub fn is_empty(&self) -> bool {
-        self.families.iter().all(|f| f.upstreams.is_empty())
+        self.families.iter().all(|f| f.slots.is_empty())
     }
 }
 
-/// The rotation of one family of a target.
+/// The rotation of one family of a target: the slots the distribution's
+/// key (a counter, a random number, a hash of the client's address) picks
+/// from, each holding an upstream. An upstream holds as many slots as its
+/// weight asks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FamilyRotation {
     pub family: Family,
-    /// Available upstreams of the family with a known address, in
-    /// configuration order: round robin walks them in this order.
-    pub upstreams: Vec<SocketAddr>,
+    /// Empty when no upstream of the family can take new connections.
+    pub slots: Vec<SocketAddr>,
+}
+
+/// Slots of an `ip-src-hash` rotation: enough that weights and the loss of
+/// an upstream spread clients finely.
+pub const HASH_SLOTS: usize = 1024;
+
+/// An upstream that may receive new connections, as distributions see it.
+#[derive(Clone, Copy)]
+struct Candidate<'a> {
+    config: &'a Upstream,
+    address: SocketAddr,
+}
+
+/// The slots of a family's rotation. Upstreams that can take new
+/// connections are the available ones with a weight; backups only while
+/// no other can.
+fn slots(distribution: Distribution, candidates: &[Candidate<'_>]) -> Vec<SocketAddr> {
+    let active: Vec<&Candidate<'_>> = candidates.iter().filter(|c| c.config.weight > 0).collect();
+    let primaries: Vec<&Candidate<'_>> = active
+        .iter()
+        .copied()
+        .filter(|c| !c.config.backup)
+        .collect();
+    let chosen = if primaries.is_empty() {
+        active
+    } else {
+        primaries
+    };
+    if chosen.is_empty() {
+        return Vec::new();
+    }
+    let divisor = chosen.iter().map(|c| c.config.weight).fold(0, gcd);
+    let weights: Vec<u32> = chosen.iter().map(|c| c.config.weight / divisor).collect();
+    match distribution {
+        Distribution::RoundRobin => smooth_order(&weights)
+            .into_iter()
+            .map(|i| chosen[i].address)
+            .collect(),
+        Distribution::Random => chosen
+            .iter()
+            .zip(&weights)
+            .flat_map(|(c, w)| std::iter::repeat_n(c.address, *w as usize))
+            .collect(),
+        Distribution::IpSrcHash => (0..HASH_SLOTS)
+            .map(|slot| {
+                let owner = chosen
+                    .iter()
+                    .max_by(|a, b| {
+                        let score = |c: &Candidate<'_>| rendezvous_score(slot, c);
+                        score(a).total_cmp(&score(b))
+                    })
+                    .expect("chosen is not empty");
+                owner.address
+            })
+            .collect(),
+    }
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// One full cycle of smooth weighted round robin (nginx's): each upstream
+/// appears `weight` times, spread out rather than in runs, in
+/// configuration order among equals.
+fn smooth_order(weights: &[u32]) -> Vec<usize> {
+    let total: i64 = weights.iter().map(|w| i64::from(*w)).sum();
+    let mut current = vec![0i64; weights.len()];
+    (0..total)
+        .map(|_| {
+            for (c, w) in current.iter_mut().zip(weights) {
+                *c += i64::from(*w);
+            }
+            let (best, _) = current
+                .iter()
+                .enumerate()
+                .rev()
+                .max_by_key(|(_, c)| **c)
+                .expect("weights are not empty");
+            current[best] -= total;
+            best
+        })
+        .collect()
+}
+
+/// Weighted rendezvous (highest random weight) score of `candidate` for a
+/// hash slot: a slot's owner changes only when its owner leaves or a new
+/// upstream outbids it, so losing an upstream moves only its clients. The
+/// hash is the upstream's name and address, not its place in the list.
+fn rendezvous_score(slot: usize, candidate: &Candidate<'_>) -> f64 {
+    // FNV-1a: stable across runs and versions, unlike std's hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let key = format!("{}/{}/{slot}", candidate.config.name, candidate.address);
+    for byte in key.bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    // FNV's high bits barely change between neighbouring keys: mix them
+    // (splitmix64's finalizer) before taking a uniform draw in (0, 1),
+    // then -w / ln(u), the weighted form.
+    hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^= hash >> 31;
+    let unit = ((hash >> 11) as f64 + 1.0) / ((1u64 << 53) as f64 + 1.0);
+    -f64::from(candidate.config.weight) / unit.ln()
 }
 
 impl Desired {
@@ -150,33 +257,41 @@ impl Desired {
             .targets
             .iter()
             .map(|target| {
-                let upstreams: Vec<SocketAddr> = target
+                let candidates: Vec<Candidate<'_>> = target
                     .group
                     .upstreams
                     .iter()
                     .filter_map(|upstream| {
                         let state = states.get(&UpstreamId::new(&target.name, &upstream.name))?;
                         let address = state.address.filter(|_| state.available)?;
-                        Some(SocketAddr::new(address, upstream.port))
+                        Some(Candidate {
+                            config: upstream,
+                            address: SocketAddr::new(address, upstream.port),
+                        })
                     })
                     .collect();
+                let distribution = target.group.distribution;
                 let families = Family::BOTH
                     .into_iter()
                     .filter(|f| target.ip.is_none_or(|ip| ip.family() == *f))
                     .filter(|f| ipv6 || *f == Family::Ipv4)
-                    .map(|family| FamilyRotation {
-                        family,
-                        upstreams: upstreams
+                    .map(|family| {
+                        let of_family: Vec<Candidate<'_>> = candidates
                             .iter()
-                            .filter(|u| Family::of(u.ip()) == family)
+                            .filter(|c| Family::of(c.address.ip()) == family)
                             .copied()
-                            .collect(),
+                            .collect();
+                        FamilyRotation {
+                            family,
+                            slots: slots(distribution, &of_family),
+                        }
                     })
                     .collect();
                 let desired = DesiredTarget {
                     protocol: target.protocol,
                     port: target.port,
                     ip: target.ip,
+                    distribution,
                     families,
                 };
                 (target.name.clone(), desired)
@@ -195,6 +310,120 @@ mod tests {
 
     fn backend(host: u8) -> Backend {
         (SocketAddr::from(([198, 18, 1, host], 9000)), Protocol::Tcp)
+    }
+
+    fn upstream(name: &str, weight: u32, backup: bool) -> Upstream {
+        Upstream {
+            name: name.to_owned(),
+            host: Host::Fqdn(format!("{name}.test")),
+            port: 80,
+            health_check: None,
+            dns: None,
+            weight,
+            backup,
+        }
+    }
+
+    fn candidates(upstreams: &[Upstream]) -> Vec<Candidate<'_>> {
+        upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, config)| Candidate {
+                config,
+                address: SocketAddr::from(([198, 18, 1, i as u8 + 1], 80)),
+            })
+            .collect()
+    }
+
+    fn shares(slots: &[SocketAddr]) -> BTreeMap<u8, usize> {
+        let mut shares = BTreeMap::new();
+        for slot in slots {
+            let IpAddr::V4(ip) = slot.ip() else {
+                unreachable!()
+            };
+            *shares.entry(ip.octets()[3]).or_default() += 1;
+        }
+        shares
+    }
+
+    #[test]
+    fn round_robin_spreads_weights_over_one_exact_cycle() {
+        let group = [upstream("a", 3, false), upstream("b", 1, false)];
+        let cycle = slots(Distribution::RoundRobin, &candidates(&group));
+        let order: Vec<u8> = cycle
+            .iter()
+            .map(|s| match s.ip() {
+                IpAddr::V4(ip) => ip.octets()[3],
+                IpAddr::V6(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(order, [1, 1, 2, 1], "b's turn comes within the cycle");
+        // Weights reduce by their common divisor: 300:100 is 3:1.
+        let group = [upstream("a", 300, false), upstream("b", 100, false)];
+        assert_eq!(
+            slots(Distribution::RoundRobin, &candidates(&group)).len(),
+            4
+        );
+        let equal = [
+            upstream("a", 1, false),
+            upstream("b", 1, false),
+            upstream("c", 1, false),
+        ];
+        assert_eq!(
+            shares(&slots(Distribution::RoundRobin, &candidates(&equal))),
+            BTreeMap::from([(1, 1), (2, 1), (3, 1)])
+        );
+    }
+
+    #[test]
+    fn weight_zero_drains_and_backups_wait_for_the_primaries() {
+        let group = [
+            upstream("a", 0, false),
+            upstream("b", 2, false),
+            upstream("c", 1, true),
+        ];
+        assert_eq!(
+            shares(&slots(Distribution::Random, &candidates(&group))),
+            BTreeMap::from([(2, 1)])
+        );
+        // Without b (down), the backup takes over; a is drained.
+        let without_b: Vec<Candidate<'_>> = candidates(&group)
+            .into_iter()
+            .filter(|c| c.config.name != "b")
+            .collect();
+        assert_eq!(
+            shares(&slots(Distribution::RoundRobin, &without_b)),
+            BTreeMap::from([(3, 1)])
+        );
+        let drained = [upstream("a", 0, false)];
+        assert!(slots(Distribution::RoundRobin, &candidates(&drained)).is_empty());
+    }
+
+    #[test]
+    fn losing_an_upstream_moves_only_its_hash_slots() {
+        let group: Vec<Upstream> = (0..4)
+            .map(|i| upstream(&format!("u{i}"), 1, false))
+            .collect();
+        let all = candidates(&group);
+        let before = slots(Distribution::IpSrcHash, &all);
+        assert_eq!(before.len(), HASH_SLOTS);
+        for share in shares(&before).values() {
+            // About a quarter each (256 expected).
+            assert!((200..=312).contains(share), "{:?}", shares(&before));
+        }
+        let lost = all[2].address;
+        let without: Vec<Candidate<'_>> =
+            all.iter().copied().filter(|c| c.address != lost).collect();
+        let after = slots(Distribution::IpSrcHash, &without);
+        for (old, new) in before.iter().zip(&after) {
+            if *old != lost {
+                assert_eq!(old, new, "a slot of a remaining upstream moved");
+            }
+        }
+        // Weights spread slots in proportion.
+        let weighted = [upstream("a", 3, false), upstream("b", 1, false)];
+        let share = shares(&slots(Distribution::IpSrcHash, &candidates(&weighted)));
+        assert!((700..=840).contains(&share[&1]), "{share:?}");
     }
 
     #[test]

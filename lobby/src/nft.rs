@@ -20,8 +20,8 @@ use std::{
 use tokio::process::Command;
 
 use crate::{
-    config::{Family, Protocol},
-    model::{Backend, Desired, DesiredTarget},
+    config::{Distribution, Family, Protocol},
+    model::{Backend, Desired, DesiredTarget, FamilyRotation},
 };
 
 /// The one table Lobby owns; it never touches any other.
@@ -260,24 +260,54 @@ fn target_rules(target: &DesiredTarget) -> Vec<String> {
             None => write!(matched, "meta nfproto {} ", rotation.family.as_str()).unwrap(),
         }
         write!(matched, "meta l4proto {}", target.protocol.as_str()).unwrap();
-        if rotation.upstreams.is_empty() {
+        if rotation.slots.is_empty() {
             rules.push(format!("{matched} {}", refusal(target.protocol)));
             continue;
         }
-        let slots: Vec<String> = rotation
-            .upstreams
-            .iter()
-            .enumerate()
-            .map(|(slot, addr)| format!("{slot} : {} . {}", addr.ip(), addr.port()))
-            .collect();
         rules.push(format!(
-            "{matched} dnat {family} to numgen inc mod {} map {{ {} }}",
-            rotation.upstreams.len(),
-            slots.join(", ")
+            "{matched} dnat {family} to {} map {{ {} }}",
+            slot_key(target.distribution, rotation),
+            slot_elements(&rotation.slots).join(", ")
         ));
         rules.push(format!("{matched} drop"));
     }
     rules
+}
+
+/// The expression that picks a slot for a new connection.
+fn slot_key(distribution: Distribution, rotation: &FamilyRotation) -> String {
+    let slots = rotation.slots.len();
+    match distribution {
+        Distribution::RoundRobin => format!("numgen inc mod {slots}"),
+        Distribution::Random => format!("numgen random mod {slots}"),
+        // A fixed seed: the same client keeps its slot across restarts.
+        Distribution::IpSrcHash => format!(
+            "jhash {} saddr mod {slots} seed {HASH_SEED:#x}",
+            address_keyword(rotation.family)
+        ),
+    }
+}
+
+/// `jhash`'s seed: "LOBB".
+const HASH_SEED: u32 = 0x4c4f_4242;
+
+/// The map from slots to upstreams, runs of one upstream as ranges.
+fn slot_elements(slots: &[SocketAddr]) -> Vec<String> {
+    let mut elements = Vec::new();
+    let mut start = 0;
+    for (i, upstream) in slots.iter().enumerate() {
+        if slots.get(i + 1) == Some(upstream) {
+            continue;
+        }
+        let key = if start == i {
+            i.to_string()
+        } else {
+            format!("{start}-{i}")
+        };
+        elements.push(format!("{key} : {} . {}", upstream.ip(), upstream.port()));
+        start = i + 1;
+    }
+    elements
 }
 
 /// How a target with no upstream of a client's family answers it: TCP
@@ -435,10 +465,7 @@ pub fn parse_rotation(listing: &[u8]) -> Result<Rotation, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        config::{IpNet, Protocol},
-        model::FamilyRotation,
-    };
+    use crate::config::IpNet;
 
     /// An IPv4 target, as on a host that does not forward IPv6.
     fn target(port: u16, upstreams: &[(u8, u16)]) -> DesiredTarget {
@@ -446,9 +473,10 @@ mod tests {
             protocol: Protocol::Tcp,
             port,
             ip: None,
+            distribution: Distribution::RoundRobin,
             families: vec![FamilyRotation {
                 family: Family::Ipv4,
-                upstreams: upstreams
+                slots: upstreams
                     .iter()
                     .map(|&(host, port)| SocketAddr::from(([198, 18, 1, host], port)))
                     .collect(),
@@ -471,7 +499,7 @@ mod tests {
         let one = desired(&[("web", target(8081, &[(11, 9000)]))]);
         let mut lingering = one.clone();
         lingering.targets.get_mut("web").unwrap().families[0]
-            .upstreams
+            .slots
             .clear();
         lingering
             .lingering
@@ -538,14 +566,15 @@ table inet lobby {
             protocol: Protocol::Udp,
             port: 53,
             ip: None,
+            distribution: Distribution::RoundRobin,
             families: vec![
                 FamilyRotation {
                     family: Family::Ipv4,
-                    upstreams: vec![],
+                    slots: vec![],
                 },
                 FamilyRotation {
                     family: Family::Ipv6,
-                    upstreams: vec![
+                    slots: vec![
                         "[2001:db8::11]:53".parse().unwrap(),
                         "[2001:db8::12]:53".parse().unwrap(),
                     ],
@@ -565,6 +594,28 @@ table inet lobby {
         assert!(
             text.contains("elements = { 2001:db8::11 . udp . 53, 2001:db8::12 . udp . 53 }"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn weights_become_slots_and_runs_become_ranges() {
+        let a: SocketAddr = "198.18.1.11:80".parse().unwrap();
+        let b: SocketAddr = "198.18.1.12:80".parse().unwrap();
+        assert_eq!(
+            slot_elements(&[a, a, a, b]),
+            ["0-2 : 198.18.1.11 . 80", "3 : 198.18.1.12 . 80"]
+        );
+        let rotation = FamilyRotation {
+            family: Family::Ipv6,
+            slots: vec![a, b],
+        };
+        assert_eq!(
+            slot_key(Distribution::IpSrcHash, &rotation),
+            "jhash ip6 saddr mod 2 seed 0x4c4f4242"
+        );
+        assert_eq!(
+            slot_key(Distribution::Random, &rotation),
+            "numgen random mod 2"
         );
     }
 

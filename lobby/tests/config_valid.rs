@@ -58,6 +58,8 @@ fn upstream(name: &str, host: Host, port: u16) -> Upstream {
         port,
         health_check: None,
         dns: None,
+        weight: 1,
+        backup: false,
     }
 }
 

@@ -111,6 +111,14 @@ impl Lobby {
         std::fs::write(&self.config_path, config).expect("writing the config");
     }
 
+    /// Writes `config`, sends SIGHUP and waits until the kernel has it.
+    pub fn reload_with(&self, config: &str) {
+        let before = self.log_count("reload applied");
+        self.write_config(config);
+        self.reload();
+        self.wait_for_log_count("reload applied", before);
+    }
+
     fn spawn(&mut self) {
         let log = File::options()
             .create(true)

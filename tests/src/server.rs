@@ -95,7 +95,29 @@ fn serve(mut stream: TcpStream, greeting: &[u8]) {
 /// Connects from `client` to `addr` and returns the greeting (the server's
 /// name), or the error: a refused or reset connection is an `Err`.
 pub fn ask_name(client: &NetNs, addr: SocketAddr) -> std::io::Result<String> {
-    let stream = client.connect(addr, Duration::from_secs(5))?;
+    read_name(client.connect(addr, Duration::from_secs(5))?)
+}
+
+/// [`ask_name`] from the client's address `source`.
+pub fn ask_name_from(
+    client: &NetNs,
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+) -> std::io::Result<String> {
+    let stream = client.within(move || -> std::io::Result<TcpStream> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+        socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+        Ok(socket.into())
+    })?;
+    read_name(stream)
+}
+
+fn read_name(stream: TcpStream) -> std::io::Result<String> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;

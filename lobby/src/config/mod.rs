@@ -225,15 +225,23 @@ pub struct UpstreamGroup {
     pub upstreams: Vec<Upstream>,
 }
 
+/// How new connections are spread over a group's upstreams.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Distribution {
+    /// The next upstream in turn, in proportion to weights.
     RoundRobin,
+    /// An upstream drawn at random, in proportion to weights.
+    Random,
+    /// The client's address picks the upstream.
+    IpSrcHash,
 }
 
 impl Distribution {
     pub fn as_str(self) -> &'static str {
         match self {
             Distribution::RoundRobin => "round-robin",
+            Distribution::Random => "random",
+            Distribution::IpSrcHash => "ip-src-hash",
         }
     }
 }
@@ -248,6 +256,12 @@ pub struct Upstream {
     /// Only for an FQDN host; `None` means the host's resolvers with the
     /// answer's TTL.
     pub dns: Option<DnsConfig>,
+    /// Share of new connections, 0..=1000 (default 1); 0 drains: no new
+    /// connections, established ones continue.
+    pub weight: u32,
+    /// Receives new connections only while no other upstream of the group
+    /// is available.
+    pub backup: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

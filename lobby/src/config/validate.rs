@@ -93,7 +93,16 @@ const DEFAULT_STATUSES: StatusRange = StatusRange {
     last: 399,
 };
 const DISTRIBUTION: Keyword<Distribution> = Keyword {
-    choices: &[("round-robin", Distribution::RoundRobin)],
+    choices: &[
+        ("round-robin", Distribution::RoundRobin),
+        ("random", Distribution::Random),
+        ("ip-src-hash", Distribution::IpSrcHash),
+    ],
+};
+const WEIGHT: Integer = Integer {
+    what: "a weight",
+    min: 0,
+    max: 1000,
 };
 /// The original's only engine; nothing to choose, so it may be left out.
 const ENGINE: Keyword<()> = Keyword {
@@ -499,12 +508,25 @@ impl Checker {
         let fields = self.mapping(
             node,
             path,
-            &["name", "protocol", "host", "port", "health_check", "dns"],
+            &[
+                "name",
+                "protocol",
+                "host",
+                "port",
+                "health_check",
+                "dns",
+                "weight",
+                "backup",
+            ],
         )?;
         let name = self.required(&fields, "name", &Name);
         if let Some(name) = &name {
             self.unique_name(Which::Local(names), &fields, name, "upstream");
         }
+        let weight = self
+            .optional(&fields, "weight", &WEIGHT)
+            .map_or(1, |w| u32::try_from(w).expect("at most 1000"));
+        let backup = self.optional(&fields, "backup", &Boolean).unwrap_or(false);
         // Accepted as in the original, where it repeats the target's.
         if let (Some(own), Some(target)) = (
             self.optional(&fields, "protocol", &PROTOCOL),
@@ -530,6 +552,8 @@ impl Checker {
             port: port?,
             health_check: health_check?,
             dns: dns?,
+            weight,
+            backup,
         })
     }
 
