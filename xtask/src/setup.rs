@@ -8,8 +8,9 @@ use crate::cmd::{cargo, checked, find_file, stdout};
 
 /// Debian packages: nftables for the data plane; iproute2 for namespaces
 /// and routes; util-linux for mount; QEMU, a static busybox and xz (the
-/// kernel modules are compressed) for the guests of `vm-test`; the rest for
-/// the tests and the bench.
+/// kernel modules are compressed) for the guests of `vm-test`; headless
+/// Chromium for the status page's test; the rest for the tests and the
+/// bench.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("ip", "iproute2"),
@@ -25,6 +26,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("busybox", "busybox-static"),
     ("xz", "xz-utils"),
+    ("chromium", "chromium"),
 ];
 
 /// Where bpf-linker finds the nightly's own LLVM (Debian's is too old).
