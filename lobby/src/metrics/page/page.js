@@ -24,9 +24,6 @@ class Ring {
     this.next = (this.next + 1) % SAMPLES;
     this.length = Math.min(this.length + 1, SAMPLES);
   }
-  last() {
-    return this.length ? this.values[(this.next + SAMPLES - 1) % SAMPLES] : NaN;
-  }
   max() {
     let max = 0;
     for (let i = 0; i < this.length; i++) max = Math.max(max, this.values[i]);
