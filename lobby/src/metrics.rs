@@ -1,16 +1,16 @@
-//! The Prometheus endpoint: renders what the daemon knows in the text
-//! exposition format (version 0.0.4) with `prometheus-client` and serves it
-//! over HTTP/1.1 (hyper) on `metrics.listen`. The counters are the same the
-//! control socket reports.
+//! The HTTP endpoint on `metrics.listen` (hyper, HTTP/1.1): `/metrics`
+//! renders what the daemon knows in the Prometheus text exposition format
+//! (version 0.0.4) with `prometheus-client`; `/api/stats` answers the
+//! `lobby stats --json` contract; `/` is the read-only status page
+//! ([`page`]) that draws it. The counters are the same the control socket
+//! reports.
+mod page;
+
 use std::{collections::BTreeMap, convert::Infallible, fmt, io, net::SocketAddr, time::Duration};
 
 use http_body_util::Full;
 use hyper::{
-    Method, Response, StatusCode,
-    body::{Bytes, Incoming},
-    header,
-    server::conn::http1,
-    service::service_fn,
+    Method, Response, StatusCode, body::Bytes, header, server::conn::http1, service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
@@ -305,7 +305,7 @@ pub const LIMITS: Limits = Limits {
     idle_timeout: Duration::from_secs(30),
 };
 
-/// Serves `GET /metrics` until `cancel`.
+/// Serves the metrics, the stats and the status page until `cancel`.
 pub async fn serve(
     listener: TcpListener,
     requests: mpsc::Sender<Request>,
@@ -340,45 +340,86 @@ async fn serve_within(
     .await;
 }
 
-async fn answer(
-    request: hyper::Request<Incoming>,
+/// What a request asks for.
+#[derive(Debug)]
+enum Route {
+    Asset(&'static page::Asset),
+    Stats,
+    Metrics,
+}
+
+/// The route of a request, or the status and message that refuse it.
+fn route(method: &Method, path: &str) -> Result<Route, (StatusCode, &'static str)> {
+    if method != Method::GET {
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "only GET\n"));
+    }
+    match path {
+        "/metrics" => Ok(Route::Metrics),
+        "/api/stats" => Ok(Route::Stats),
+        path => page::asset(path)
+            .map(Route::Asset)
+            .ok_or((StatusCode::NOT_FOUND, "see / or /metrics\n")),
+    }
+}
+
+async fn answer<B>(
+    request: hyper::Request<B>,
     requests: mpsc::Sender<Request>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let plain = "text/plain; charset=utf-8";
-    let (status, content_type, body) = if request.method() != Method::GET {
-        (
-            StatusCode::METHOD_NOT_ALLOWED,
-            plain,
-            "only GET\n".to_owned(),
-        )
-    } else if !matches!(request.uri().path(), "/metrics" | "/") {
-        (StatusCode::NOT_FOUND, plain, "see /metrics\n".to_owned())
-    } else {
-        match snapshot(&requests).await {
+    let shutting_down = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        plain,
+        Bytes::from_static(b"shutting down\n"),
+    );
+    let (status, content_type, body) = match route(request.method(), request.uri().path()) {
+        Err((status, message)) => (status, plain, Bytes::from_static(message.as_bytes())),
+        Ok(Route::Asset(asset)) => (
+            StatusCode::OK,
+            asset.content_type,
+            Bytes::from_static(asset.body),
+        ),
+        Ok(Route::Stats) => match ask(&requests, Request::Stats).await {
+            Some(report) => (
+                StatusCode::OK,
+                "application/json",
+                Bytes::from(serde_json::to_vec(&report).expect("plain data serializes")),
+            ),
+            None => shutting_down,
+        },
+        Ok(Route::Metrics) => match ask(&requests, Request::Metrics).await {
             Some(snapshot) => (
                 StatusCode::OK,
                 prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-                render(snapshot),
+                Bytes::from(render(snapshot)),
             ),
-            None => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                plain,
-                "shutting down\n".to_owned(),
-            ),
-        }
+            None => shutting_down,
+        },
     };
     Ok(Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
-        .body(Full::new(Bytes::from(body)))
-        .expect("a status and a valid header make a response"))
+        // Every answer is either live figures or a page that a newer binary
+        // may change: never from a cache.
+        .header(header::CACHE_CONTROL, "no-store")
+        .header(
+            header::CONTENT_SECURITY_POLICY,
+            page::CONTENT_SECURITY_POLICY,
+        )
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .body(Full::new(body))
+        .expect("a status and valid headers make a response"))
 }
 
-/// The loop's snapshot, or `None` when it is gone (shutting down).
-async fn snapshot(requests: &mpsc::Sender<Request>) -> Option<Snapshot> {
-    let (reply, snapshot) = oneshot::channel();
-    requests.send(Request::Metrics(reply)).await.ok()?;
-    snapshot.await.ok()
+/// The loop's answer to the request `make` builds, or `None` when the loop
+/// is gone (shutting down).
+async fn ask<T>(
+    requests: &mpsc::Sender<Request>,
+    make: impl FnOnce(oneshot::Sender<T>) -> Request,
+) -> Option<T> {
+    let (reply, answer) = oneshot::channel();
+    requests.send(make(reply)).await.ok()?;
+    answer.await.ok()
 }
 
 #[cfg(test)]
@@ -515,8 +556,8 @@ mod tests {
         let serving = cancel.clone();
         tokio::spawn(async move { serve_within(listener, requests, &serving, limits).await });
         tokio::spawn(async move {
-            while let Some(Request::Metrics(reply)) = incoming.recv().await {
-                let _ = reply.send(busy_snapshot());
+            while let Some(request) = incoming.recv().await {
+                answer_with(request, busy_snapshot());
             }
         });
         (addr, cancel)
@@ -591,29 +632,134 @@ mod tests {
         cancel.cancel();
     }
 
-    #[tokio::test]
-    async fn only_get_of_the_metrics_path_is_answered() {
-        let (addr, cancel) = endpoint(TEST_LIMITS).await;
-        for (request, status) in [
-            ("POST /metrics", "405 Method Not Allowed"),
-            ("GET /other", "404 Not Found"),
-            ("GET /", "200 OK"),
-        ] {
-            let mut client = TcpStream::connect(addr).await.unwrap();
-            client
-                .write_all(
-                    format!("{request} HTTP/1.1\r\nHost: lobby\r\nConnection: close\r\n\r\n")
-                        .as_bytes(),
-                )
-                .await
-                .unwrap();
-            let response = until_closed(&mut client).await;
-            assert!(
-                response.starts_with(&format!("HTTP/1.1 {status}\r\n")),
-                "{request}: {response}"
-            );
+    /// Answers one request of the endpoint as the daemon's loop would.
+    fn answer_with(request: Request, snapshot: Snapshot) {
+        match request {
+            Request::Stats(reply) => drop(reply.send(snapshot.stats)),
+            Request::Metrics(reply) => drop(reply.send(snapshot)),
         }
-        cancel.cancel();
+    }
+
+    /// `method path` answered in-process, with a loop that answers with
+    /// [`busy_snapshot`]: status, content type, body.
+    async fn get(method: Method, path: &str) -> (StatusCode, String, Bytes) {
+        let (requests, mut incoming) = mpsc::channel(1);
+        let daemon = tokio::spawn(async move {
+            if let Some(request) = incoming.recv().await {
+                answer_with(request, busy_snapshot());
+            }
+        });
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(())
+            .unwrap();
+        let response = answer(request, requests).await.unwrap();
+        daemon.await.unwrap();
+        let headers = response.headers();
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+        assert_eq!(
+            headers[header::CONTENT_SECURITY_POLICY],
+            page::CONTENT_SECURITY_POLICY
+        );
+        let content_type = headers[header::CONTENT_TYPE].to_str().unwrap().to_owned();
+        let status = response.status();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        (status, content_type, body)
+    }
+
+    #[tokio::test]
+    async fn each_path_gets_its_answer_and_others_none() {
+        let html = "text/html; charset=utf-8";
+        for (method, path, status, content_type, beginning) in [
+            (Method::GET, "/", StatusCode::OK, html, "<!doctype html>"),
+            (
+                Method::GET,
+                "/page.js",
+                StatusCode::OK,
+                "text/javascript; charset=utf-8",
+                "//",
+            ),
+            (
+                Method::GET,
+                "/page.css",
+                StatusCode::OK,
+                "text/css; charset=utf-8",
+                ":root",
+            ),
+            (
+                Method::GET,
+                "/api/stats",
+                StatusCode::OK,
+                "application/json",
+                "{\"targets\":[{\"name\":\"web\"",
+            ),
+            (
+                Method::GET,
+                "/metrics?x=1",
+                StatusCode::OK,
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                "# HELP lobby_upstream_up ",
+            ),
+            (
+                Method::GET,
+                "/index.html",
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "see / or /metrics",
+            ),
+            (
+                Method::GET,
+                "/api/stats/",
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "see / or /metrics",
+            ),
+            (
+                Method::POST,
+                "/api/stats",
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain; charset=utf-8",
+                "only GET",
+            ),
+            (
+                Method::HEAD,
+                "/",
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain; charset=utf-8",
+                "only GET",
+            ),
+        ] {
+            let (got, got_type, body) = get(method.clone(), path).await;
+            let text = String::from_utf8_lossy(&body);
+            assert_eq!(
+                (got, got_type.as_str()),
+                (status, content_type),
+                "{method} {path}: {text}"
+            );
+            assert!(text.starts_with(beginning), "{method} {path}: {text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_api_answers_what_the_control_socket_does() {
+        let (_, _, body) = get(Method::GET, "/api/stats").await;
+        let report: StatsReport = serde_json::from_slice(&body).unwrap();
+        assert_eq!(report, busy_snapshot().stats);
+    }
+
+    #[tokio::test]
+    async fn figures_asked_of_a_stopped_loop_are_unavailable() {
+        for path in ["/api/stats", "/metrics"] {
+            let (requests, incoming) = mpsc::channel(1);
+            drop(incoming);
+            let request = hyper::Request::get(path).body(()).unwrap();
+            let response = answer(request, requests).await.unwrap();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        }
     }
 
     #[test]

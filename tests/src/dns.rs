@@ -6,15 +6,10 @@ use std::{
     net::{Ipv4Addr, UdpSocket},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
     time::Duration,
 };
 
-use crate::NetNs;
+use crate::{NetNs, Repeat};
 
 /// Addresses in the resolvers' namespace, on the link 198.18.200.0/24.
 pub const RESOLVER_A: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 53);
@@ -133,8 +128,7 @@ impl Drop for Dnsmasq {
 
 /// A resolver that fails on purpose, until dropped.
 pub struct FailingDns {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _answering: Repeat,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -152,36 +146,21 @@ impl FailingDns {
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 512];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, peer)) = socket.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    if let (Failure::ServFail, true) = (failure, n >= 12) {
-                        let mut answer = buf[..n].to_vec();
-                        answer[2] |= 0x80; // QR: a response
-                        answer[3] = (answer[3] & 0xf0) | 2; // RCODE 2: SERVFAIL
-                        let _ = socket.send_to(&answer, peer);
-                    }
-                }
-            })
-        };
+        let mut buf = [0u8; 512];
+        let answering = Repeat::spawn(move || {
+            // The read timeout brings the loop back to see the stop flag.
+            let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+                return;
+            };
+            if let (Failure::ServFail, true) = (failure, n >= 12) {
+                let mut answer = buf[..n].to_vec();
+                answer[2] |= 0x80; // QR: a response
+                answer[3] = (answer[3] & 0xf0) | 2; // RCODE 2: SERVFAIL
+                let _ = socket.send_to(&answer, peer);
+            }
+        });
         Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for FailingDns {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            _answering: answering,
         }
     }
 }

@@ -10,7 +10,8 @@ use crate::cmd::{cargo, checked, find_file, stdout};
 /// and routes; util-linux for mount; QEMU, a static busybox and xz (the
 /// kernel modules are compressed) for the guests of `vm-test`; the rest for
 /// the tests and the bench; lintian, dpkg-dev (dpkg-shlibdeps,
-/// dpkg-parsechangelog) and binutils (strip) for the Debian package.
+/// dpkg-parsechangelog) and binutils (strip) for the Debian package;
+/// headless Chromium for the status page's test.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("ip", "iproute2"),
@@ -29,6 +30,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("lintian", "lintian"),
     ("dpkg-shlibdeps", "dpkg-dev"),
     ("strip", "binutils"),
+    ("chromium", "chromium"),
 ];
 
 /// Where bpf-linker finds the nightly's own LLVM (Debian's is too old).
