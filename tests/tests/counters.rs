@@ -310,6 +310,65 @@ fn counts_survive_a_reload_and_a_crash_and_a_clean_stop_leaves_nothing() {
     lobby.assert_nothing_left(&topology.lb);
 }
 
+#[test]
+fn counting_goes_on_while_the_daemon_is_dead() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let _server = lobby_tests::fixtures::start_server(&topology, 0);
+    let mut lobby = Lobby::start(
+        &topology.lb,
+        &ConfigBuilder::new()
+            .target("web", PORT)
+            .topology_upstreams(1, "")
+            .build(),
+    );
+    let connections = |lobby: &Lobby| {
+        lobby.upstream_stats("web", "web0")["connections"]
+            .as_u64()
+            .unwrap()
+    };
+    let connect_10 = || {
+        for _ in 0..10 {
+            assert_eq!(
+                ask_name(&topology.client, target_addr(PORT)).unwrap(),
+                "web0"
+            );
+        }
+    };
+    connect_10();
+    lobby_tests::wait_for(
+        "10 connections counted",
+        std::time::Duration::from_secs(10),
+        || (connections(&lobby) == 10).then_some(()),
+    );
+    assert_eq!(topology.lb.tc_programs("up0"), [1, 1]);
+
+    lobby.stop_with(libc::SIGKILL);
+    // The programs stay attached and keep counting into the pinned map.
+    assert_eq!(topology.lb.tc_programs("up0"), [1, 1]);
+    connect_10();
+    lobby.restart();
+    lobby_tests::wait_for(
+        "the 10 connections made while lobby was dead",
+        std::time::Duration::from_secs(10),
+        || (connections(&lobby) == 20).then_some(()),
+    );
+    // The restarted daemon took the links over: one program each way.
+    assert_eq!(topology.lb.tc_programs("up0"), [1, 1]);
+    connect_10();
+    lobby_tests::wait_for(
+        "30 connections counted",
+        std::time::Duration::from_secs(10),
+        || (connections(&lobby) == 30).then_some(()),
+    );
+
+    let status = lobby.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    lobby.assert_nothing_left(&topology.lb);
+}
+
 /// The index of `interface` in `ns`.
 fn ifindex(ns: &NetNs, interface: &str) -> u32 {
     let line =
