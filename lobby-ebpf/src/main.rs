@@ -27,7 +27,9 @@
 //!   [`SYNS_MAX`] SYNs arrive between a SYN and its retransmission (over
 //!   500 connections a second for the 127 s of Linux's default SYN
 //!   retries), the retransmission counts again. Retransmitted SCTP INITs
-//!   count again, as they do in conntrack's statistics.
+//!   count again, as they do in conntrack's statistics. Neither table is
+//!   pinned: after a restart, a UDP flow in progress counts once more, and
+//!   so does a SYN retransmitted across it.
 //! - `resets`: TCP segments with RST from the upstream. UDP and SCTP have
 //!   none.
 //!
