@@ -20,9 +20,16 @@
 //!   datagrams toward it whose flow (source address and port after
 //!   masquerade, upstream) the program has not seen for
 //!   [`UDP_FLOW_IDLE_NS`] (conntrack's UDP stream timeout) or has forgotten
-//!   (an LRU table of [`UDP_FLOWS_MAX`] flows, not pinned: flows in progress
-//!   when the daemon starts count once more). Retransmitted SYNs and INITs
-//!   count again, as they do in conntrack's statistics.
+//!   (an LRU table of [`UDP_FLOWS_MAX`] flows). A TCP connection counts once:
+//!   a SYN whose flow and sequence number are already in [`SYNS`] (an LRU
+//!   table of [`SYNS_MAX`] SYNs, shared by the CPUs) is a retransmission,
+//!   and counts as a packet but not as a connection. When more than
+//!   [`SYNS_MAX`] SYNs arrive between a SYN and its retransmission (over
+//!   500 connections a second for the 127 s of Linux's default SYN
+//!   retries), the retransmission counts again. Retransmitted SCTP INITs
+//!   count again, as they do in conntrack's statistics. Neither table is
+//!   pinned: after a restart, a UDP flow in progress counts once more, and
+//!   so does a SYN retransmitted across it.
 //! - `resets`: TCP segments with RST from the upstream. UDP and SCTP have
 //!   none.
 //!
@@ -38,8 +45,8 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_CURRENT_NETNS, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock,
-        bpf_sock_tuple,
+        BPF_F_CURRENT_NETNS, BPF_NOEXIST, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET,
+        bpf_sock, bpf_sock_tuple,
     },
     helpers::{
         bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
@@ -79,24 +86,45 @@ const fn const_str_eq(a: &str, b: &str) -> bool {
 /// UDP flows toward counted upstreams, with when each last sent a datagram
 /// (`bpf_ktime_get_ns`).
 #[map]
-static UDP_FLOWS: LruHashMap<UdpFlow, u64> = LruHashMap::with_max_entries(UDP_FLOWS_MAX, 0);
+static UDP_FLOWS: LruHashMap<Flow, u64> = LruHashMap::with_max_entries(UDP_FLOWS_MAX, 0);
 
 const UDP_FLOWS_MAX: u32 = 65_536;
 /// A UDP flow idle this long is a new one: conntrack's
 /// `nf_conntrack_udp_timeout_stream` default (120 s).
 const UDP_FLOW_IDLE_NS: u64 = 120_000_000_000;
 
-/// One UDP flow as the egress program sees it: the source after masquerade
+/// The SYNs toward counted upstreams, to tell a retransmission from a new
+/// connection. Shared by the CPUs: a retransmission may be sent from
+/// another one. The value is unused.
+#[map]
+static SYNS: LruHashMap<Syn, u8> = LruHashMap::with_max_entries(SYNS_MAX, 0);
+
+/// About 7 MiB of kernel memory (LRU maps preallocate their elements).
+const SYNS_MAX: u32 = 65_536;
+
+/// One flow as the egress program sees it: the source after masquerade
 /// and the upstream.
 #[repr(C)]
-struct UdpFlow {
+struct Flow {
     source: [u8; 16],
     source_port: u16,
     _pad: [u8; 2],
     upstream: UpstreamKey,
 }
 
-const _: () = assert!(core::mem::size_of::<UdpFlow>() == 40);
+/// A SYN: its flow and its sequence number, which a retransmission repeats
+/// and a new connection on the same ports does not (RFC 6528).
+#[repr(C)]
+struct Syn {
+    flow: Flow,
+    seq: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Flow>() == 40);
+const _: () = assert!(core::mem::size_of::<Syn>() == 44);
+
+/// What an insert with `BPF_NOEXIST` returns when the key is there.
+const EEXIST: i32 = 17;
 
 const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_SYN: u8 = 0x02;
@@ -116,7 +144,8 @@ const IPV6_DEST_OPTS: u8 = 60;
 
 const IPV4_HEADER: usize = 20;
 const IPV6_HEADER: usize = 40;
-/// The transport bytes counting reads: TCP up to its flags (14), SCTP's
+/// The transport bytes counting reads: TCP up to its flags (14, the
+/// sequence number among them), SCTP's
 /// common header and the first chunk's type (13), UDP's ports (4).
 const TRANSPORT_HEAD: usize = 14;
 
@@ -138,7 +167,24 @@ struct Packet {
     sport: u16,
     dport: u16,
     ip_len: u32,
+    /// TCP's sequence number as in the packet, 0 for other protocols. Not
+    /// a field of [`Transport::Tcp`]: LLVM then leaves it undefined on the
+    /// other paths, and the verifier rejects the read of an undefined
+    /// register.
+    seq: u32,
     transport: Transport,
+}
+
+impl Flow {
+    #[inline(always)]
+    fn toward(packet: &Packet, upstream: UpstreamKey) -> Self {
+        Self {
+            source: packet.saddr,
+            source_port: packet.sport,
+            _pad: [0; 2],
+            upstream,
+        }
+    }
 }
 
 impl Packet {
@@ -198,7 +244,9 @@ fn count_toward_upstream(ctx: &TcContext, packet: &Packet) {
     counters.packets_out += 1;
     counters.bytes_out += u64::from(packet.ip_len);
     let new_flow = match packet.transport {
-        Transport::Tcp { flags } => flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN,
+        Transport::Tcp { flags } => {
+            flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN && is_first_syn(packet, upstream)
+        }
         Transport::Sctp { first_chunk } => first_chunk == SCTP_CHUNK_INIT,
         Transport::Udp => is_new_udp_flow(packet, upstream),
     };
@@ -207,16 +255,25 @@ fn count_toward_upstream(ctx: &TcContext, packet: &Packet) {
     }
 }
 
+/// Whether this SYN is the first of its connection rather than a
+/// retransmission, noting it. One insert that fails when the SYN is there
+/// already: no window between a lookup and an insert for another CPU.
+#[inline(always)]
+fn is_first_syn(packet: &Packet, upstream: UpstreamKey) -> bool {
+    let syn = Syn {
+        flow: Flow::toward(packet, upstream),
+        seq: packet.seq,
+    };
+    // Any other failure than "already there" (none is expected of an LRU
+    // map) counts the SYN: it undercounts nothing.
+    SYNS.insert(&syn, 0, BPF_NOEXIST.into()) != Err(-EEXIST)
+}
+
 /// Whether this datagram starts a flow (see the module's documentation),
 /// noting that the flow was seen now.
 #[inline(always)]
 fn is_new_udp_flow(packet: &Packet, upstream: UpstreamKey) -> bool {
-    let flow = UdpFlow {
-        source: packet.saddr,
-        source_port: packet.sport,
-        _pad: [0; 2],
-        upstream,
-    };
+    let flow = Flow::toward(packet, upstream);
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(seen) = UDP_FLOWS.get_ptr_mut(&flow) {
@@ -357,7 +414,7 @@ fn read_ipv4(ctx: &TcContext, head: &[u8; IPV6_HEADER], short: bool) -> Option<P
     } else {
         load_transport(ctx, protocol, header_len as u32, &mut transport)?;
     }
-    let (sport, dport, transport) = parse_transport(protocol, &transport)?;
+    let (sport, dport, seq, transport) = parse_transport(protocol, &transport)?;
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
     saddr[..4].copy_from_slice(&head[12..16]);
@@ -370,6 +427,7 @@ fn read_ipv4(ctx: &TcContext, head: &[u8; IPV6_HEADER], short: bool) -> Option<P
         sport,
         dport,
         ip_len: ip_len(ctx, u32::from(u16::from_be_bytes([head[2], head[3]]))),
+        seq,
         transport,
     })
 }
@@ -401,7 +459,7 @@ fn read_ipv6(ctx: &TcContext, head: &[u8; IPV6_HEADER]) -> Option<Packet> {
     }
     let mut transport = [0u8; TRANSPORT_HEAD];
     load_transport(ctx, protocol, offset, &mut transport)?;
-    let (sport, dport, transport) = parse_transport(protocol, &transport)?;
+    let (sport, dport, seq, transport) = parse_transport(protocol, &transport)?;
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
     saddr.copy_from_slice(&head[8..24]);
@@ -423,6 +481,7 @@ fn read_ipv6(ctx: &TcContext, head: &[u8; IPV6_HEADER]) -> Option<Packet> {
                 IPV6_HEADER as u32 + payload_len
             },
         ),
+        seq,
         transport,
     })
 }
@@ -455,10 +514,13 @@ fn load_transport(
     }
 }
 
-/// The ports (network byte order) and what counting reads of a transport
-/// header.
+/// The ports (network byte order), the TCP sequence number and what
+/// counting reads of a transport header.
 #[inline(always)]
-fn parse_transport(protocol: u8, head: &[u8; TRANSPORT_HEAD]) -> Option<(u16, u16, Transport)> {
+fn parse_transport(
+    protocol: u8,
+    head: &[u8; TRANSPORT_HEAD],
+) -> Option<(u16, u16, u32, Transport)> {
     let transport = match protocol {
         IPPROTO_TCP => Transport::Tcp { flags: head[13] },
         IPPROTO_UDP => Transport::Udp,
@@ -468,9 +530,14 @@ fn parse_transport(protocol: u8, head: &[u8; TRANSPORT_HEAD]) -> Option<(u16, u1
         },
         _ => return None,
     };
+    let seq = match transport {
+        Transport::Tcp { .. } => u32::from_ne_bytes([head[4], head[5], head[6], head[7]]),
+        Transport::Udp | Transport::Sctp { .. } => 0,
+    };
     Some((
         u16::from_ne_bytes([head[0], head[1]]),
         u16::from_ne_bytes([head[2], head[3]]),
+        seq,
         transport,
     ))
 }

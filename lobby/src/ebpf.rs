@@ -3,6 +3,14 @@
 //! the classifiers to the interfaces that route to the upstreams, keeps the
 //! map's keys equal to the configured upstreams and reads it. The only
 //! module that talks to aya.
+//!
+//! Counting goes on while the daemon is dead (kill -9, a crash): since 6.6
+//! the classifiers are TCX links, pinned in the pin directory next to the
+//! map (`tcx_<ifindex>_<program>`), and the next start swaps its own
+//! program into them (one atomic `bpf_link_update`: never two programs,
+//! never none). Before 6.6 they are tc filters, which outlive the process
+//! by themselves; the next start deletes them and attaches its own, a gap
+//! of a few microseconds. A clean shutdown removes the pins and detaches.
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
@@ -13,7 +21,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuHashMap, PerCpuValues},
-    programs::{SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId},
+    programs::{
+        Link as _, LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
+    },
     util::{KernelVersion, nr_cpus},
 };
 use lobby_common::{COUNTERS_MAP, UpstreamCounters, UpstreamKey};
@@ -28,6 +40,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lo
 const EGRESS: &str = "lobby_egress";
 const INGRESS: &str = "lobby_ingress";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// How the pins of TCX links start: `tcx_<ifindex>_<program>`.
+const TCX_PIN_PREFIX: &str = "tcx_";
 /// Where systemd mounts bpffs; Lobby mounts it there when nobody did.
 const BPF_FS_ROOT: &str = "/sys/fs/bpf";
 
@@ -62,6 +76,13 @@ pub enum CountersError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("pinning the counter on interface {interface} at {path}")]
+    PinLink {
+        interface: String,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
     #[error("adding the clsact qdisc to interface {interface}")]
     Clsact {
         interface: String,
@@ -81,14 +102,41 @@ pub enum CountersError {
 /// What is attached where, and the map of per-upstream counters.
 pub struct Counters {
     ebpf: Ebpf,
-    pin_path: PathBuf,
+    pin_dir: PathBuf,
     /// By index as well as name: an interface deleted and created again
     /// under its old name is a new one, and its programs went with the old.
-    links: BTreeMap<Interface, [SchedClassifierLinkId; 2]>,
+    /// Egress, then ingress.
+    links: BTreeMap<Interface, [Attachment; 2]>,
     cpus: usize,
     /// Before 6.6 programs are attached as tc filters, which outlive a
     /// crashed daemon; those of a previous run are removed before attaching.
     netlink_filters: bool,
+}
+
+/// One classifier on one interface. Dropping it (a daemon that fails) is
+/// not detaching it: see [`Attachment::detach`].
+enum Attachment {
+    /// A TCX link (6.6+): the pin at `pin` keeps it attached when the
+    /// process dies.
+    Tcx { link: FdLink, pin: PathBuf },
+    /// A tc filter (before 6.6): outlives the process by itself.
+    Filter(SchedClassifierLink),
+}
+
+impl Attachment {
+    /// Detaches the classifier from its interface, if the interface is
+    /// still there.
+    fn detach(self) -> Result<(), String> {
+        match self {
+            Self::Tcx { link, pin } => {
+                let unpinned = remove_pin(&pin);
+                // The last reference: the kernel detaches the link.
+                drop(link);
+                unpinned.map_err(|e| format!("removing {}: {e}", pin.display()))
+            }
+            Self::Filter(link) => link.detach().map_err(|e| e.to_string()),
+        }
+    }
 }
 
 impl Counters {
@@ -100,9 +148,8 @@ impl Counters {
             return Err(CountersError::NoObject);
         }
         prepare_pin_dir(pin_dir)?;
-        let pin_path = pin_dir.join(COUNTERS_MAP);
         let mut ebpf = EbpfLoader::new()
-            .map_pin_path(COUNTERS_MAP, pin_path.as_path())
+            .map_pin_path(COUNTERS_MAP, pin_dir.join(COUNTERS_MAP))
             .load(OBJECT)
             .map_err(CountersError::Load)?;
         for program in [EGRESS, INGRESS] {
@@ -120,7 +167,7 @@ impl Counters {
             KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0));
         Ok(Self {
             ebpf,
-            pin_path,
+            pin_dir: pin_dir.to_owned(),
             links: BTreeMap::new(),
             cpus,
             netlink_filters,
@@ -139,14 +186,16 @@ impl Counters {
             .cloned()
             .collect();
         for old in stale {
-            let [egress, ingress] = self.links.remove(&old).expect("listed above");
             let interface = old.name.as_str();
-            // The interface may be gone already, taking the programs with it.
-            if let Err(e) = self.classifier(EGRESS).detach(egress) {
-                debug!(interface, index = old.index, error = %e, "detaching egress counter");
-            }
-            if let Err(e) = self.classifier(INGRESS).detach(ingress) {
-                debug!(interface, index = old.index, error = %e, "detaching ingress counter");
+            for (program, attachment) in [EGRESS, INGRESS]
+                .into_iter()
+                .zip(self.links.remove(&old).expect("listed above"))
+            {
+                // The interface may be gone already, taking the program
+                // with it.
+                if let Err(e) = attachment.detach() {
+                    debug!(interface, index = old.index, program, error = %e, "detaching a counter");
+                }
             }
             match interfaces.iter().find(|i| i.name == old.name) {
                 Some(new) => info!(
@@ -168,20 +217,11 @@ impl Counters {
             if self.netlink_filters {
                 prepare_clsact(name)?;
             }
-            let attach = |counters: &mut Self, program, direction| {
-                counters
-                    .classifier(program)
-                    .attach(name, direction)
-                    .map_err(|source| CountersError::Attach {
-                        interface: name.to_owned(),
-                        source,
-                    })
-            };
-            let egress = attach(self, EGRESS, TcAttachType::Egress)?;
-            let ingress = match attach(self, INGRESS, TcAttachType::Ingress) {
-                Ok(link) => link,
+            let egress = self.attach(interface, EGRESS, TcAttachType::Egress)?;
+            let ingress = match self.attach(interface, INGRESS, TcAttachType::Ingress) {
+                Ok(attachment) => attachment,
                 Err(e) => {
-                    let _ = self.classifier(EGRESS).detach(egress);
+                    let _ = egress.detach();
                     return Err(e);
                 }
             };
@@ -192,7 +232,102 @@ impl Counters {
                 "counters attached"
             );
         }
+        if !self.netlink_filters {
+            self.remove_stale_pins();
+        }
         Ok(())
+    }
+
+    /// Attaches `program` to `interface`: as a tc filter before 6.6; since,
+    /// into the TCX link a previous run pinned there if there is one (it
+    /// counted while no daemon ran), else as a new link, pinned.
+    fn attach(
+        &mut self,
+        interface: &Interface,
+        program: &'static str,
+        direction: TcAttachType,
+    ) -> Result<Attachment, CountersError> {
+        let name = interface.name.as_str();
+        let attach_error = |source| CountersError::Attach {
+            interface: name.to_owned(),
+            source,
+        };
+        if self.netlink_filters {
+            let classifier = self.classifier(program);
+            let options = TcAttachOptions::Netlink(NlOptions::default());
+            let id = classifier
+                .attach_with_options(name, direction, options)
+                .map_err(attach_error)?;
+            return Ok(Attachment::Filter(take_link(classifier, id)));
+        }
+        let pin = self
+            .pin_dir
+            .join(format!("{TCX_PIN_PREFIX}{}_{program}", interface.index));
+        let classifier = self.classifier(program);
+        if let Some(id) = adopt(classifier, &pin, name) {
+            let link = take_link(classifier, id)
+                .try_into()
+                .expect("a TCX attachment is an fd link");
+            return Ok(Attachment::Tcx { link, pin });
+        }
+        let options = TcAttachOptions::TcxOrder(LinkOrder::default());
+        let id = classifier
+            .attach_with_options(name, direction, options)
+            .map_err(attach_error)?;
+        let link: FdLink = take_link(classifier, id)
+            .try_into()
+            .expect("a TCX attachment is an fd link");
+        // A failed pin drops the link, which detaches it: counting then
+        // never outlives the daemon unnoticed.
+        let link = link.pin(&pin).map_err(|source| CountersError::PinLink {
+            interface: name.to_owned(),
+            path: pin.clone(),
+            source,
+        })?;
+        Ok(Attachment::Tcx {
+            link: link.into(),
+            pin,
+        })
+    }
+
+    /// Removes the TCX link pins that no attachment of this run holds:
+    /// those a previous run left on interfaces that no longer route to an
+    /// upstream, or that are gone. The kernel detaches each link with its
+    /// last reference.
+    fn remove_stale_pins(&self) {
+        let held: BTreeSet<&Path> = self
+            .links
+            .values()
+            .flatten()
+            .filter_map(|attachment| match attachment {
+                Attachment::Tcx { pin, .. } => Some(pin.as_path()),
+                Attachment::Filter(_) => None,
+            })
+            .collect();
+        let entries = match std::fs::read_dir(&self.pin_dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                warn!(path = %self.pin_dir.display(), error = %e, "listing the pin directory");
+                return;
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let ours = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|name| name.starts_with(TCX_PIN_PREFIX));
+            if !ours || held.contains(path.as_path()) {
+                continue;
+            }
+            match remove_pin(&path) {
+                Ok(()) => info!(
+                    path = %path.display(),
+                    "removed a counter left by a previous run"
+                ),
+                Err(e) => warn!(path = %path.display(), error = %e, "removing a stale counter pin"),
+            }
+        }
     }
 
     /// Makes the map's keys exactly `keys`: new upstreams start at zero,
@@ -258,22 +393,24 @@ impl Counters {
             .collect()
     }
 
-    /// Detaches the programs and removes the pinned map: a clean shutdown
-    /// leaves nothing behind.
-    pub fn remove(self) {
-        let pin_path = self.pin_path.clone();
-        drop(self);
-        match std::fs::remove_file(&pin_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                warn!(path = %pin_path.display(), error = %e, "removing the pinned counter map")
+    /// Detaches the programs and removes the pins: a clean shutdown leaves
+    /// nothing behind.
+    pub fn remove(mut self) {
+        for (interface, attachments) in std::mem::take(&mut self.links) {
+            for (program, attachment) in [EGRESS, INGRESS].into_iter().zip(attachments) {
+                if let Err(e) = attachment.detach() {
+                    warn!(interface = interface.name, program, error = %e, "detaching a counter");
+                }
             }
         }
-        if let Some(dir) = pin_path.parent() {
-            // Only succeeds when empty: never removes what others pinned.
-            let _ = std::fs::remove_dir(dir);
+        let pin_dir = self.pin_dir.clone();
+        drop(self);
+        let map_pin = pin_dir.join(COUNTERS_MAP);
+        if let Err(e) = remove_pin(&map_pin) {
+            warn!(path = %map_pin.display(), error = %e, "removing the pinned counter map");
         }
+        // Only succeeds when empty: never removes what others pinned.
+        let _ = std::fs::remove_dir(&pin_dir);
     }
 
     fn classifier(&mut self, program: &'static str) -> &mut SchedClassifier {
@@ -295,6 +432,57 @@ impl Counters {
                 op: "opening",
                 source,
             })
+    }
+}
+
+/// The link that a previous run pinned at `pin`, now running
+/// `classifier`'s program. `None` when there is no pin, or when the link
+/// cannot take the program (its interface was deleted: the link is
+/// defunct); then the pin is removed.
+fn adopt(
+    classifier: &mut SchedClassifier,
+    pin: &Path,
+    interface: &str,
+) -> Option<SchedClassifierLinkId> {
+    let pinned = match PinnedLink::from_pin(pin) {
+        Ok(pinned) => pinned,
+        Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+            return None;
+        }
+        Err(e) => {
+            warn!(interface, path = %pin.display(), error = %e, "opening a pinned counter");
+            let _ = remove_pin(pin);
+            return None;
+        }
+    };
+    let adopted = SchedClassifierLink::try_from(FdLink::from(pinned))
+        .map_err(|e| e.to_string())
+        .and_then(|link| classifier.attach_to_link(link).map_err(|e| e.to_string()));
+    match adopted {
+        Ok(id) => {
+            info!(interface, path = %pin.display(), "took over the counter a previous run left");
+            Some(id)
+        }
+        Err(e) => {
+            info!(interface, path = %pin.display(), error = %e, "replacing a counter a previous run left");
+            let _ = remove_pin(pin);
+            None
+        }
+    }
+}
+
+/// The link of `id`, owned by the caller from now on.
+fn take_link(classifier: &mut SchedClassifier, id: SchedClassifierLinkId) -> SchedClassifierLink {
+    classifier
+        .take_link(id)
+        .expect("the link was attached just now")
+}
+
+/// Removes a pin; one already gone is fine.
+fn remove_pin(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
     }
 }
 

@@ -259,6 +259,14 @@ impl Lobby {
             !String::from_utf8_lossy(&attached.stdout).contains("lobby_"),
             "programs left attached"
         );
+        // bpftool 7.1 does not list TCX links: ask the kernel.
+        for interface in ns.interfaces() {
+            assert_eq!(
+                ns.tc_programs(&interface),
+                [0, 0],
+                "programs left attached to {interface}"
+            );
+        }
     }
 
     pub fn pid(&self) -> u32 {

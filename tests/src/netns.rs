@@ -266,3 +266,67 @@ fn link(a: &NetNs, a_if: &str, a_addr: &Ipv4Addr, b: &NetNs, b_if: &str, b_addr:
     a.ip(&["link", "set", a_if, "up"]);
     b.ip(&["link", "set", b_if, "up"]);
 }
+
+impl NetNs {
+    /// How many tc programs are attached to `interface`, egress and
+    /// ingress: TCX links (asked of the kernel with BPF_PROG_QUERY, which
+    /// bpftool 7.1 cannot show) and, before 6.6, cls_bpf filters.
+    pub fn tc_programs(&self, interface: &str) -> [usize; 2] {
+        let name = std::ffi::CString::new(interface).expect("no NUL in a name");
+        let tcx = self.within(move || {
+            // SAFETY: a valid C string.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(index, 0, "no interface {name:?}");
+            // BPF_TCX_EGRESS, BPF_TCX_INGRESS.
+            [47u32, 46].map(|attach_type| tcx_count(index, attach_type))
+        });
+        let filters = |direction: &str| {
+            let listing = self.exec("tc", &["filter", "show", "dev", interface, direction]);
+            String::from_utf8_lossy(&listing.stdout)
+                .lines()
+                .filter(|l| l.contains(" bpf "))
+                .count()
+        };
+        [
+            tcx[0].unwrap_or(0) + filters("egress"),
+            tcx[1].unwrap_or(0) + filters("ingress"),
+        ]
+    }
+
+    /// The interfaces of this namespace.
+    pub fn interfaces(&self) -> Vec<String> {
+        let listing = self.ip(&["-o", "link", "show"]);
+        String::from_utf8_lossy(&listing.stdout)
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|name| name.trim().split('@').next().unwrap_or_default().to_owned())
+            .collect()
+    }
+}
+
+/// The programs of TCX attach point `attach_type` on interface `index` of
+/// the calling thread's namespace; `None` before 6.6 (no TCX).
+fn tcx_count(index: u32, attach_type: u32) -> Option<usize> {
+    // union bpf_attr's `query`: target_ifindex, attach_type, query_flags,
+    // attach_flags, prog_ids (NULL: count only), count, then pointers
+    // and the revision, all left zero.
+    let mut attr = [0u32; 16];
+    attr[0] = index;
+    attr[1] = attach_type;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    // SAFETY: bpf() reads and writes the 64 bytes of `attr`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "BPF_PROG_QUERY: {e}");
+        return None;
+    }
+    Some(attr[6] as usize)
+}

@@ -27,9 +27,14 @@ fn add_reference_counters(lb: &NetNs, upstreams: usize) {
         ));
     }
     rules.push_str(" }\n}\n");
-    let path = std::env::temp_dir().join(format!("{}-reference.nft", lb.name));
+    load_ruleset(lb, &rules);
+}
+
+/// Loads the nft `rules` into `ns`.
+fn load_ruleset(ns: &NetNs, rules: &str) {
+    let path = std::env::temp_dir().join(format!("{}-test.nft", ns.name));
     std::fs::write(&path, rules).unwrap();
-    lb.exec("nft", &["-f", path.to_str().unwrap()]);
+    ns.exec("nft", &["-f", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(path);
 }
 
@@ -109,6 +114,91 @@ fn counts_equal_the_kernels_own_and_split_by_round_robin() {
         total += stats["connections"].as_u64().unwrap();
     }
     assert_eq!(total, N as u64);
+}
+
+#[test]
+fn a_retransmitted_syn_is_one_connection_and_two_packets() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let _server = lobby_tests::fixtures::start_server(&topology, 0);
+    add_reference_counters(&topology.lb, 1);
+    topology.lb.exec(
+        "nft",
+        &[
+            "add",
+            "rule",
+            "ip",
+            "lobbytest",
+            "forward",
+            "tcp",
+            "flags",
+            "&",
+            "(syn",
+            "|",
+            "ack)",
+            "==",
+            "syn",
+            "counter",
+            "comment",
+            "\"syns\"",
+        ],
+    );
+    // The upstream drops the first SYN of each flow (source address and
+    // port, after masquerade) and accepts the next: the client's
+    // retransmission, 1 s later.
+    load_ruleset(
+        &topology.upstreams[0],
+        &format!(
+            "table ip lobbytest {{\n set seen {{\n  type ipv4_addr . inet_service\n  \
+             flags dynamic, timeout\n  timeout 1m\n }}\n chain input {{\n  \
+             type filter hook input priority 0; policy accept;\n  \
+             tcp dport {UPSTREAM_PORT} tcp flags & (syn | ack) == syn ip saddr . tcp sport @seen accept\n  \
+             tcp dport {UPSTREAM_PORT} tcp flags & (syn | ack) == syn add @seen {{ ip saddr . tcp sport }} counter drop\n \
+             }}\n}}\n"
+        ),
+    );
+    // No health check: the daemon's probes would be SYNs dropped too.
+    let lobby = Lobby::start(
+        &topology.lb,
+        &ConfigBuilder::new()
+            .target("web", PORT)
+            .topology_upstreams(1, "")
+            .build(),
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(
+        ask_name(&topology.client, target_addr(PORT)).unwrap(),
+        "web0"
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(900),
+        "answered in {elapsed:?}: the first SYN was not dropped"
+    );
+    let dropped = String::from_utf8_lossy(
+        &topology.upstreams[0]
+            .exec("nft", &["list", "chain", "ip", "lobbytest", "input"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(dropped.contains("counter packets 1 "), "{dropped}");
+
+    let stats = lobby_tests::wait_for(
+        "the counters to match the reference",
+        std::time::Duration::from_secs(10),
+        || {
+            let stats = lobby.upstream_stats("web", "web0");
+            let ours = (stats["packets_out"].as_u64()?, stats["bytes_out"].as_u64()?);
+            (ours == reference(&topology.lb, "out0")).then_some(stats)
+        },
+    );
+    // Two SYNs went out, both counted as packets (packets_out equals the
+    // reference), one connection.
+    assert_eq!(reference(&topology.lb, "syns").0, 2);
+    assert_eq!(stats["connections"], 1, "{stats}");
+    eprintln!("after a retransmitted SYN: {stats}");
 }
 
 #[test]
@@ -213,6 +303,65 @@ fn counts_survive_a_reload_and_a_crash_and_a_clean_stop_leaves_nothing() {
                 .sum();
             (sum == 7).then_some(())
         },
+    );
+
+    let status = lobby.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    lobby.assert_nothing_left(&topology.lb);
+}
+
+#[test]
+fn counting_goes_on_while_the_daemon_is_dead() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let _server = lobby_tests::fixtures::start_server(&topology, 0);
+    let mut lobby = Lobby::start(
+        &topology.lb,
+        &ConfigBuilder::new()
+            .target("web", PORT)
+            .topology_upstreams(1, "")
+            .build(),
+    );
+    let connections = |lobby: &Lobby| {
+        lobby.upstream_stats("web", "web0")["connections"]
+            .as_u64()
+            .unwrap()
+    };
+    let connect_10 = || {
+        for _ in 0..10 {
+            assert_eq!(
+                ask_name(&topology.client, target_addr(PORT)).unwrap(),
+                "web0"
+            );
+        }
+    };
+    connect_10();
+    lobby_tests::wait_for(
+        "10 connections counted",
+        std::time::Duration::from_secs(10),
+        || (connections(&lobby) == 10).then_some(()),
+    );
+    assert_eq!(topology.lb.tc_programs("up0"), [1, 1]);
+
+    lobby.stop_with(libc::SIGKILL);
+    // The programs stay attached and keep counting into the pinned map.
+    assert_eq!(topology.lb.tc_programs("up0"), [1, 1]);
+    connect_10();
+    lobby.restart();
+    lobby_tests::wait_for(
+        "the 10 connections made while lobby was dead",
+        std::time::Duration::from_secs(10),
+        || (connections(&lobby) == 20).then_some(()),
+    );
+    // The restarted daemon took the links over: one program each way.
+    assert_eq!(topology.lb.tc_programs("up0"), [1, 1]);
+    connect_10();
+    lobby_tests::wait_for(
+        "30 connections counted",
+        std::time::Duration::from_secs(10),
+        || (connections(&lobby) == 30).then_some(()),
     );
 
     let status = lobby.stop_with(libc::SIGTERM);
