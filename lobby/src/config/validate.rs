@@ -29,8 +29,15 @@
 //!   quoted or not, since a range is text. `send` is at most one IPv4 UDP
 //!   payload (65507 bytes); `expect` is 1 to 4096 bytes, both UTF-8 text
 //!   (double-quoted YAML escapes such as `"\n"` give control characters).
+//! - Addresses: an upstream IP that can never be balanced to (loopback,
+//!   0.0.0.0/8, the broadcast address, multicast) is an error, since its
+//!   share of the connections would vanish. `metrics.listen` on the tcp
+//!   port of a target whose `ip` covers its address is an error, since the
+//!   target's DNAT would take every scrape from another host; a loopback
+//!   address is never taken (the DNAT sees only other hosts' packets).
 use std::{
     collections::HashMap,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -40,7 +47,7 @@ use http::uri::PathAndQuery;
 
 use super::{
     Config, ConfigError, Distribution, DnsConfig, HealthCheck, HealthProtocol, Host, HttpProbe,
-    MetricsConfig, Protocol, StatusRange, Target, UdpProbe, Upstream, UpstreamGroup,
+    Ipv4Net, MetricsConfig, Protocol, StatusRange, Target, UdpProbe, Upstream, UpstreamGroup,
     values::{
         Boolean, HostName, HttpHost, Integer, Ipv4Range, Keyword, Listen, Name, PORT, Resolver,
         Statuses, Text, UrlPath, Want, describe,
@@ -355,20 +362,53 @@ impl Checker {
 
     fn root(&mut self, root: &Node) -> Option<Config> {
         let fields = self.mapping(root, String::new(), &["lb", "metrics"])?;
-        let metrics = self
-            .optional_mapping(&fields, "metrics", &["listen"])
-            .map(|metrics| {
-                self.required(&metrics, "listen", &Listen)
-                    .map(|listen| MetricsConfig { listen })
-            });
+        let metrics_fields = self.optional_mapping(&fields, "metrics", &["listen"]);
+        let metrics = metrics_fields.as_ref().map(|metrics| {
+            self.required(metrics, "listen", &Listen)
+                .map(|listen| MetricsConfig { listen })
+        });
         let mut targets = Vec::new();
         for (path, node) in self.list(&fields, "lb", "a list of load balancers", true) {
             targets.extend(self.load_balancer(node, path));
+        }
+        if let (Some(fields), Some(Some(metrics))) = (&metrics_fields, &metrics) {
+            self.metrics_reachable(fields, metrics.listen, targets.iter().flatten());
         }
         Some(Config {
             targets: targets.into_iter().collect::<Option<_>>()?,
             metrics: metrics.map_or(Some(None), |m| m.map(Some))?,
         })
+    }
+
+    /// Reports a metrics endpoint on an address and port that a target
+    /// balances: its DNAT would take every scrape from another host.
+    fn metrics_reachable<'t>(
+        &mut self,
+        fields: &Fields,
+        listen: SocketAddr,
+        targets: impl Iterator<Item = &'t Target>,
+    ) {
+        let Some(node) = fields.get("listen") else {
+            return;
+        };
+        for target in targets {
+            if target.protocol == Protocol::Tcp
+                && target.port == listen.port()
+                && balances(target.ip, listen.ip())
+            {
+                let line = self
+                    .listeners
+                    .get(&(target.protocol, target.port))
+                    .map_or(0, |(_, line)| *line);
+                let message = format!(
+                    "tcp port {} of {} is balanced by target `{}` (line {line}): no scrape from another host would reach the endpoint; choose another port",
+                    listen.port(),
+                    listen.ip(),
+                    target.name
+                );
+                self.report(node.mark, fields.path("listen"), message);
+            }
+        }
     }
 
     /// The targets of one `lb` entry (`None` for those that are invalid).
@@ -691,6 +731,21 @@ fn enumerate(items: impl Iterator<Item = String>) -> String {
     }
 }
 
+/// Whether a target on `ip` (`None`: every local address) takes the
+/// connections to `listen`. Lobby's DNAT hooks prerouting, which sees only
+/// packets from other hosts: a loopback address is never taken.
+fn balances(ip: Option<Ipv4Net>, listen: IpAddr) -> bool {
+    if listen.is_loopback() {
+        return false;
+    }
+    match (ip, listen) {
+        (None, _) => true,
+        (Some(_), listen) if listen.is_unspecified() => true,
+        (Some(net), IpAddr::V4(listen)) => net.contains(listen),
+        (Some(net), IpAddr::V6(listen)) => listen.to_ipv4_mapped().is_some_and(|l| net.contains(l)),
+    }
+}
+
 /// Values read through [`PORT`] fit.
 fn port_number(port: u64) -> u16 {
     u16::try_from(port).unwrap_or(u16::MAX)
@@ -736,6 +791,27 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_take_the_addresses_other_hosts_reach() {
+        let net = |text: &str| {
+            let (addr, len) = text.split_once('/').unwrap();
+            Some(Ipv4Net {
+                addr: addr.parse().unwrap(),
+                prefix_len: len.parse().unwrap(),
+            })
+        };
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert!(balances(None, ip("198.18.0.1")));
+        assert!(balances(None, ip("0.0.0.0")));
+        assert!(balances(net("198.18.0.0/24"), ip("::")));
+        assert!(balances(net("198.18.0.0/24"), ip("198.18.0.1")));
+        assert!(balances(net("198.18.0.0/24"), ip("::ffff:198.18.0.1")));
+        assert!(!balances(net("198.18.0.0/24"), ip("198.18.1.1")));
+        assert!(!balances(net("198.18.0.0/24"), ip("2001:db8::1")));
+        assert!(!balances(None, ip("127.0.0.1")));
+        assert!(!balances(None, ip("::1")));
+    }
 
     #[test]
     fn edit_distances() {

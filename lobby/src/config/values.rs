@@ -7,7 +7,7 @@ use std::{
 
 use http::uri::PathAndQuery;
 
-use super::{Host, Ipv4Net, StatusRange, yaml::Node, yaml::Value};
+use super::{Host, Ipv4Net, StatusRange, unusable_upstream, yaml::Node, yaml::Value};
 
 /// The port a resolver address without one is asked on.
 const DNS_PORT: u16 = 53;
@@ -180,9 +180,11 @@ fn parse_host(host: &str) -> Result<Host, String> {
     // All digits and dots is meant as an address, never a name: a
     // top-level label is never all digits.
     if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        return Ipv4Addr::from_str(host)
-            .map(Host::Ip)
-            .map_err(|_| "not a valid IPv4 address".to_owned());
+        let ip = Ipv4Addr::from_str(host).map_err(|_| "not a valid IPv4 address".to_owned())?;
+        return match unusable_upstream(ip.into()) {
+            Some(why) => Err(why.to_owned()),
+            None => Ok(Host::Ip(ip)),
+        };
     }
     parse_fqdn(host).map(Host::Fqdn)
 }
@@ -350,10 +352,7 @@ fn parse_ipv4_net(text: &str) -> Result<Ipv4Net, Option<String>> {
         }
     };
     let addr = Ipv4Addr::from_str(addr).map_err(|_| None)?;
-    let mask = u32::MAX
-        .checked_shl(u32::from(MAX_PREFIX - prefix_len))
-        .unwrap_or(0);
-    let network = Ipv4Addr::from(u32::from(addr) & mask);
+    let network = Ipv4Addr::from(u32::from(addr) & Ipv4Net::mask(prefix_len));
     if network != addr {
         return Err(Some(format!(
             "host bits are set; did you mean {network}/{prefix_len}?"
@@ -418,6 +417,19 @@ mod tests {
         );
         assert_eq!(parse_host("backend"), Ok(Host::Fqdn("backend".into())));
         assert!(parse_host("198.18.1.300").is_err());
+        for unusable in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "0.0.0.0",
+            "0.1.2.3",
+            "255.255.255.255",
+        ] {
+            assert!(parse_host(unusable).is_err(), "{unusable}");
+        }
+        assert!(parse_host("224.0.0.1").is_err());
+        assert!(parse_host("239.255.255.250").is_err());
+        // Directed broadcasts of a subnet are ordinary addresses to Lobby.
+        assert!(parse_host("198.18.1.255").is_ok());
         assert!(parse_host("::1").is_err());
         assert!(parse_host("a..b").is_err());
         assert!(parse_host("-a.b").is_err());
@@ -441,5 +453,13 @@ mod tests {
         assert!(parse_ipv4_net("10.0.0.0/33").is_err());
         assert!(parse_ipv4_net("10.0.0.0/").is_err());
         assert!(parse_ipv4_net("10.0.0/8").is_err());
+        let net = parse_ipv4_net("198.18.0.0/24").unwrap();
+        assert!(net.contains(Ipv4Addr::new(198, 18, 0, 255)));
+        assert!(!net.contains(Ipv4Addr::new(198, 18, 1, 0)));
+        assert!(
+            parse_ipv4_net("0.0.0.0/0")
+                .unwrap()
+                .contains(Ipv4Addr::BROADCAST)
+        );
     }
 }
