@@ -193,8 +193,8 @@ struct Checker {
     errors: Vec<ConfigError>,
     target_names: Seen,
     group_names: Seen,
-    /// Protocol and port to the target that listens there and its line.
-    listeners: HashMap<(Protocol, u16), (String, usize)>,
+    /// Protocol and port to the target that listens there.
+    listeners: HashMap<(Protocol, u16), Listener>,
 }
 
 impl Checker {
@@ -372,7 +372,7 @@ impl Checker {
             targets.extend(self.load_balancer(node, path));
         }
         if let (Some(fields), Some(Some(metrics))) = (&metrics_fields, &metrics) {
-            self.metrics_reachable(fields, metrics.listen, targets.iter().flatten());
+            self.metrics_reachable(fields, metrics.listen);
         }
         Some(Config {
             targets: targets.into_iter().collect::<Option<_>>()?,
@@ -382,32 +382,23 @@ impl Checker {
 
     /// Reports a metrics endpoint on an address and port that a target
     /// balances: its DNAT would take every scrape from another host.
-    fn metrics_reachable<'t>(
-        &mut self,
-        fields: &Fields,
-        listen: SocketAddr,
-        targets: impl Iterator<Item = &'t Target>,
-    ) {
+    fn metrics_reachable(&mut self, fields: &Fields, listen: SocketAddr) {
         let Some(node) = fields.get("listen") else {
             return;
         };
-        for target in targets {
-            if target.protocol == Protocol::Tcp
-                && target.port == listen.port()
-                && balances(target.ip, listen.ip())
-            {
-                let line = self
-                    .listeners
-                    .get(&(target.protocol, target.port))
-                    .map_or(0, |(_, line)| *line);
-                let message = format!(
-                    "tcp port {} of {} is balanced by target `{}` (line {line}): no scrape from another host would reach the endpoint; choose another port",
-                    listen.port(),
-                    listen.ip(),
-                    target.name
-                );
-                self.report(node.mark, fields.path("listen"), message);
-            }
+        let taken_by = self
+            .listeners
+            .get(&(Protocol::Tcp, listen.port()))
+            .filter(|target| target.ip.is_some_and(|ip| balances(ip, listen.ip())));
+        if let Some(target) = taken_by {
+            let message = format!(
+                "tcp port {} of {} is balanced by target `{}` (line {}): no scrape from another host would reach the endpoint; choose another port",
+                listen.port(),
+                listen.ip(),
+                target.target,
+                target.line
+            );
+            self.report(node.mark, fields.path("listen"), message);
         }
     }
 
@@ -435,11 +426,17 @@ impl Checker {
         }
         let protocol = self.required(&fields, "protocol", &PROTOCOL);
         let port = self.required(&fields, "port", &PORT).map(port_number);
+        let ip = self.optional(&fields, "ip", &Ipv4Range);
+        let ip_valid = ip.is_some() || fields.get("ip").is_none_or(|n| n.is_null());
         if let (Some(protocol), Some(port), Some(port_node)) = (protocol, port, fields.get("port"))
         {
-            self.unique_listener(protocol, port, port_node, &fields, name.as_deref());
+            let listener = Listener {
+                target: name.clone().unwrap_or_default(),
+                line: port_node.mark.line,
+                ip: ip_valid.then_some(ip),
+            };
+            self.unique_listener(protocol, port, port_node, &fields, listener);
         }
-        let ip = self.optional(&fields, "ip", &Ipv4Range);
         let group = self
             .required_mapping(
                 &fields,
@@ -462,17 +459,18 @@ impl Checker {
         port: u16,
         port_node: &Node,
         fields: &Fields,
-        name: Option<&str>,
+        listener: Listener,
     ) {
-        let this = (name.unwrap_or_default().to_owned(), port_node.mark.line);
-        if let Some((other, line)) = self.listeners.get(&(protocol, port)) {
+        if let Some(other) = self.listeners.get(&(protocol, port)) {
             let message = format!(
-                "{} port {port} is already the port of target `{other}` (line {line})",
-                protocol.as_str()
+                "{} port {port} is already the port of target `{}` (line {})",
+                protocol.as_str(),
+                other.target,
+                other.line
             );
             self.report(port_node.mark, fields.path("port"), message);
         } else {
-            self.listeners.insert((protocol, port), this);
+            self.listeners.insert((protocol, port), listener);
         }
     }
 
@@ -712,6 +710,15 @@ impl ProbeKind {
             .iter()
             .any(|(k, kinds)| *k == key && kinds.contains(&self))
     }
+}
+
+/// Where a target takes connections, as far as its keys are valid.
+struct Listener {
+    target: String,
+    /// Of its `port`.
+    line: usize,
+    /// Its `ip`; `None` when that is invalid (and reported).
+    ip: Option<Option<Ipv4Net>>,
 }
 
 /// Which names a name must differ from.
