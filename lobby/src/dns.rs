@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-use crate::config::DnsConfig;
+use crate::config::{DnsConfig, unusable_upstream};
 
 /// How long one server may take before the next is asked.
 pub const SERVER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -197,6 +197,21 @@ pub fn choose(current: Option<IpAddr>, addresses: &[IpAddr]) -> Option<IpAddr> {
         Some(current) if addresses.contains(&current) => Some(current),
         _ => addresses.first().copied(),
     }
+}
+
+/// The addresses of an answer that can be balanced to, in order, and
+/// those that cannot with why (a name that resolves to 127.0.0.1 would
+/// black-hole its upstream's share of the connections).
+pub fn usable(addresses: &[IpAddr]) -> (Vec<IpAddr>, Vec<(IpAddr, &'static str)>) {
+    let mut usable = Vec::with_capacity(addresses.len());
+    let mut skipped = Vec::new();
+    for address in addresses {
+        match unusable_upstream(*address) {
+            Some(why) => skipped.push((*address, why)),
+            None => usable.push(*address),
+        }
+    }
+    (usable, skipped)
 }
 
 /// When to resolve again after a success: the configured TTL, else the
@@ -379,11 +394,20 @@ pub fn spawn_resolver(
     tracker.spawn(async move {
         let mut current: Option<IpAddr> = None;
         let mut failures: u32 = 0;
+        // Said once, until the answer changes.
+        let mut warned_skipped = Vec::new();
         loop {
             let next = match resolve(&key.name, &key.servers, &stats).await {
                 Ok(answer) => {
                     failures = 0;
-                    let chosen = choose(current, &answer.addresses);
+                    let (addresses, skipped) = usable(&answer.addresses);
+                    if skipped != warned_skipped {
+                        for (address, why) in &skipped {
+                            warn!(name = %key.name, %address, "{} resolves to {address}, {why}: skipped", key.name);
+                        }
+                        warned_skipped = skipped;
+                    }
+                    let chosen = choose(current, &addresses);
                     if let Some(address) = chosen.filter(|a| Some(*a) != current) {
                         info!(name = %key.name, %address, "{} resolves to {address}", key.name);
                         current = Some(address);
@@ -420,6 +444,25 @@ mod tests {
     const A: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 11));
     const B: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 12));
     const C: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 13));
+
+    #[test]
+    fn addresses_no_connection_can_reach_are_skipped_with_why() {
+        let loopback = IpAddr::from(Ipv4Addr::LOCALHOST);
+        let multicast = IpAddr::from([0xff02, 0, 0, 0, 0, 0, 0, 1]);
+        let unspecified = IpAddr::from(Ipv4Addr::UNSPECIFIED);
+        let (addresses, skipped) = usable(&[loopback, A, unspecified, B, multicast]);
+        assert_eq!(addresses, [A, B]);
+        let skipped: Vec<IpAddr> = skipped.into_iter().map(|(address, _)| address).collect();
+        assert_eq!(skipped, [loopback, unspecified, multicast]);
+        // An answer of nothing usable chooses nothing: the current address
+        // stays, as when the name stops resolving.
+        let (addresses, _) = usable(&[loopback, Ipv4Addr::BROADCAST.into()]);
+        assert_eq!(choose(Some(C), &addresses), None);
+        assert_eq!(
+            usable(&[loopback]).1[0].1,
+            "a loopback address, which the kernel never forwards to"
+        );
+    }
 
     #[test]
     fn the_current_address_stays_while_answered() {

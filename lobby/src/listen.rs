@@ -4,9 +4,13 @@
 //! probes and nft need (issue 22: 24,000 idle connections to the metrics
 //! port brought the daemon to its descriptor limit).
 use std::{
+    collections::VecDeque,
     io,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -22,9 +26,10 @@ use tracing::{debug, warn};
 /// How many connections a listener holds and for how long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Connections open at once. Past it the listener stops accepting:
-    /// further clients wait in the kernel's backlog, holding none of the
-    /// daemon's descriptors, until a connection ends.
+    /// Connections open at once. Past it, each new client closes the
+    /// oldest connection that has not sent a byte, or waits (with the
+    /// clients behind it in the kernel's backlog, holding none of the
+    /// daemon's descriptors) until a connection ends.
     pub max_connections: usize,
     /// The longest a client may take to send its whole request.
     pub request_timeout: Duration,
@@ -51,15 +56,36 @@ pub async fn accept_until<S, Accepted, Handled>(
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut warned_full: Option<Instant> = None;
+    // Connections in order of arrival, until they end or say something.
+    let mut silent: VecDeque<Silent> = VecDeque::new();
     loop {
+        let stream = tokio::select! {
+            () = cancel.cancelled() => return,
+            accepted = accept() => match accepted {
+                Ok(stream) => stream,
+                Err(e) => {
+                    warn!(listener = what, error = %e, "accepting a {what} connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
         let slot = match Arc::clone(&slots).try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
+                // At the cap with a client waiting: the oldest connection
+                // that never sent a byte makes room, so that held-open idle
+                // clients cannot keep a real request waiting for their
+                // timeouts. Others wait in the kernel's backlog.
+                silent.retain(|c| !c.evict.is_cancelled() && !c.spoke.load(Ordering::Relaxed));
+                if let Some(oldest) = silent.pop_front() {
+                    oldest.evict.cancel();
+                }
                 if warned_full.is_none_or(|at| at.elapsed() >= FULL_WARNING_PERIOD) {
                     warn!(
                         listener = what,
                         max_connections = limits.max_connections,
-                        "{what} connections at their cap; new ones wait until one ends"
+                        "{what} connections at their cap; the oldest silent one is closed for each new one"
                     );
                     warned_full = Some(Instant::now());
                 }
@@ -71,29 +97,32 @@ pub async fn accept_until<S, Accepted, Handled>(
                 }
             }
         };
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            accepted = accept() => match accepted {
-                Ok(stream) => {
-                    let activity = Arc::new(Notify::new());
-                    let handled = handle(Watched {
-                        inner: stream,
-                        activity: Arc::clone(&activity),
-                    });
-                    tokio::spawn(async move {
-                        let outcome = until_idle(handled, &activity, limits.idle_timeout).await;
-                        if let Err(e) = outcome {
-                            debug!(listener = what, error = %e, "{what} connection ended");
-                        }
-                        drop(slot);
-                    });
-                }
-                Err(e) => {
-                    warn!(listener = what, error = %e, "accepting a {what} connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
+        let activity = Arc::new(Notify::new());
+        let connection = Silent {
+            evict: CancellationToken::new(),
+            spoke: Arc::new(AtomicBool::new(false)),
+        };
+        let handled = handle(Watched {
+            inner: stream,
+            activity: Arc::clone(&activity),
+            spoke: Arc::clone(&connection.spoke),
+        });
+        let evict = connection.evict.clone();
+        silent.push_back(connection);
+        tokio::spawn(async move {
+            let watched = until_idle(handled, &activity, limits.idle_timeout);
+            match evict.run_until_cancelled(watched).await {
+                Some(Err(e)) => debug!(listener = what, error = %e, "{what} connection ended"),
+                Some(Ok(())) => {}
+                None => debug!(
+                    listener = what,
+                    "silent {what} connection closed to make room"
+                ),
+            }
+            // Marks it gone for the list of silent ones.
+            evict.cancel();
+            drop(slot);
+        });
     }
 }
 
@@ -118,11 +147,19 @@ async fn until_idle(
     }
 }
 
+/// A connection as the accept loop tracks it: closed by `evict`, and
+/// `spoke` once its client sent a byte.
+struct Silent {
+    evict: CancellationToken,
+    spoke: Arc<AtomicBool>,
+}
+
 /// A connection that tells its watchdog whenever bytes move either way.
 #[derive(Debug)]
 pub struct Watched<S> {
     inner: S,
     activity: Arc<Notify>,
+    spoke: Arc<AtomicBool>,
 }
 
 impl<S> Watched<S> {
@@ -143,7 +180,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.moved(buf.filled().len() - before);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.spoke.store(true, Ordering::Relaxed);
+        }
+        self.moved(read);
         polled
     }
 }

@@ -47,6 +47,70 @@ fn a_billion_laughs() {
     assert!(elapsed < PROMPT, "took {elapsed:?}");
 }
 
+/// The one error of reading `path`, which must come at once.
+fn unreadable(path: &Path) -> String {
+    let start = Instant::now();
+    let errors = config::load(path).expect_err("must be refused");
+    let elapsed = start.elapsed();
+    assert!(elapsed < PROMPT, "{} took {elapsed:?}", path.display());
+    assert_eq!(errors.errors().len(), 1, "{errors}");
+    errors.to_string()
+}
+
+/// Opening a FIFO for reading would wait for a writer forever: it is
+/// refused without waiting.
+#[test]
+fn a_fifo_is_refused_without_waiting_for_a_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lobby.yaml");
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    assert_eq!(
+        unreadable(&path),
+        format!(
+            "{}: not a regular file but a FIFO (named pipe); the configuration must be a regular file",
+            path.display()
+        )
+    );
+}
+
+/// /dev/zero never ends: it is refused before a byte is read, also behind
+/// a symlink.
+#[test]
+fn a_device_behind_a_symlink_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lobby.yaml");
+    std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+    assert!(unreadable(&path).ends_with(
+        "not a regular file but a character device; the configuration must be a regular file"
+    ),);
+    assert!(unreadable(dir.path()).contains("not a regular file but a directory"));
+}
+
+/// A file beyond the cap is refused by its size, without reading it.
+#[test]
+fn a_file_beyond_the_size_cap_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lobby.yaml");
+    // Sparse: 100 MiB that costs no disk.
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(100 << 20)
+        .unwrap();
+    assert!(unreadable(&path).ends_with(&format!(
+        "too large (104857600 bytes); the configuration may be at most {} bytes",
+        config::MAX_FILE_SIZE
+    )));
+    // At the cap exactly, the file is read (and found to be no YAML
+    // mapping, since it holds only NUL bytes).
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(config::MAX_FILE_SIZE)
+        .unwrap();
+    assert!(!unreadable(&path).contains("too large"));
+}
+
 /// Documents built from YAML's punctuation and Lobby's keys, so that
 /// generated input reaches validation as well as the parser.
 fn yamlish() -> impl Strategy<Value = String> {

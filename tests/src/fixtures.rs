@@ -176,3 +176,24 @@ pub fn names(topology: &Topology, port: u16, count: usize) -> Vec<String> {
 pub fn count(names: &[String], name: &str) -> usize {
     names.iter().filter(|n| *n == name).count()
 }
+
+/// Each of `upstreams` got an equal share of `names`, in turn: the
+/// sequence repeats with the period of the upstream count.
+pub fn assert_round_robin(names: &[String], upstreams: usize) {
+    for name in names {
+        let n = count(names, name);
+        assert_eq!(
+            n,
+            names.len() / upstreams,
+            "{name} got {n} of {} connections: {names:?}",
+            names.len()
+        );
+    }
+    for (i, name) in names.iter().enumerate().skip(upstreams) {
+        assert_eq!(
+            name,
+            &names[i - upstreams],
+            "not in turn at connection {i}: {names:?}"
+        );
+    }
+}

@@ -2,33 +2,14 @@
 //! binary and ruleset.
 use lobby_tests::{
     Lobby, Topology,
-    fixtures::{ConfigBuilder, health_check, names, start_servers, target_addr},
+    fixtures::{
+        ConfigBuilder, assert_round_robin, health_check, names, start_servers, target_addr,
+    },
     privileged,
     server::ask_name,
 };
 
 const PORT: u16 = 8081;
-
-fn assert_round_robin(names: &[String], upstreams: usize) {
-    for name in names {
-        let n = names.iter().filter(|n| *n == name).count();
-        assert_eq!(
-            n,
-            names.len() / upstreams,
-            "{name} got {n} of {} connections: {names:?}",
-            names.len()
-        );
-    }
-    // Each upstream in turn: the sequence repeats with the period of the
-    // upstream count.
-    for (i, name) in names.iter().enumerate().skip(upstreams) {
-        assert_eq!(
-            name,
-            &names[i - upstreams],
-            "not in turn at connection {i}: {names:?}"
-        );
-    }
-}
 
 #[test]
 fn thirty_connections_over_three_upstreams_go_ten_each_in_turn() {

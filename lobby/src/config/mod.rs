@@ -54,10 +54,17 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     parse(&read(path)?, path)
 }
 
-/// The text of the file at `path`, which must be UTF-8.
+/// The largest configuration file Lobby reads: far above any real one (a
+/// file of 5,000 targets is about 2 MiB), far below what would hurt the
+/// daemon's memory.
+pub const MAX_FILE_SIZE: u64 = 16 << 20;
+
+/// The text of the file at `path`, which must be a regular file of at most
+/// [`MAX_FILE_SIZE`] bytes of UTF-8. Never blocks on what is not a regular
+/// file: a FIFO is opened without waiting for a writer, then refused.
 pub fn read(path: &Path) -> Result<String, ConfigErrors> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| ConfigErrors::of_document(path, 0, 0, format!("cannot read: {e}")))?;
+    let bytes = read_regular_file(path)
+        .map_err(|message| ConfigErrors::of_document(path, 0, 0, message))?;
     String::from_utf8(bytes).map_err(|e| {
         let bytes = e.as_bytes();
         let before = String::from_utf8_lossy(&bytes[..e.utf8_error().valid_up_to()]);
@@ -65,6 +72,75 @@ pub fn read(path: &Path) -> Result<String, ConfigErrors> {
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
         ConfigErrors::of_document(path, line, column, "not UTF-8 text".to_owned())
     })
+}
+
+/// The bytes of the regular file at `path`, or what is wrong with it.
+fn read_regular_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    // O_NONBLOCK: opening a FIFO for reading would wait for a writer.
+    // O_NOCTTY: a terminal never becomes the daemon's controlling one.
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let metadata = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    if !metadata.is_file() {
+        return Err(format!(
+            "not a regular file but {}; the configuration must be a regular file",
+            file_kind(metadata.file_type())
+        ));
+    }
+    let too_large = |size: String| {
+        format!("too large ({size} bytes); the configuration may be at most {MAX_FILE_SIZE} bytes")
+    };
+    if metadata.len() > MAX_FILE_SIZE {
+        return Err(too_large(metadata.len().to_string()));
+    }
+    // Bounded again while reading: the file may grow after the fstat.
+    let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or_default());
+    file.take(MAX_FILE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    match u64::try_from(bytes.len()) {
+        Ok(size) if size <= MAX_FILE_SIZE => Ok(bytes),
+        _ => Err(too_large(format!("more than {MAX_FILE_SIZE}"))),
+    }
+}
+
+/// What a file that is not a regular one is, for an error message.
+fn file_kind(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
+}
+
+/// Why no connection can ever be balanced to `ip`, or `None` when one can:
+/// the kernel never forwards to these addresses, so a DNAT to them
+/// black-holes its share of the connections. For a configured host this is
+/// an error; an address a name resolves to is skipped.
+pub fn unusable_upstream(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        _ if ip.is_unspecified() => Some("the unspecified address, which names no host"),
+        IpAddr::V4(ip) if ip.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(ip) if ip.octets()[0] == 0 => {
+            Some("an address of 0.0.0.0/8, which names no host")
+        }
+        _ if ip.is_loopback() => Some("a loopback address, which the kernel never forwards to"),
+        _ if ip.is_multicast() => Some("a multicast address, which no connection goes to"),
+        _ => None,
+    }
 }
 
 /// The first of [`DEFAULT_PATHS`] that is a file.
@@ -209,6 +285,26 @@ pub struct IpNet {
 impl IpNet {
     pub fn family(&self) -> Family {
         Family::of(self.addr)
+    }
+
+    /// Whether `ip` is in this range; an address of the other family never
+    /// is.
+    pub fn contains(self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                u32::from(ip) & mask == u32::from(net)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                u128::from(ip) & mask == u128::from(net)
+            }
+            _ => false,
+        }
     }
 }
 

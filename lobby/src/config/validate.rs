@@ -29,8 +29,15 @@
 //!   quoted or not, since a range is text. `send` is at most one IPv4 UDP
 //!   payload (65507 bytes); `expect` is 1 to 4096 bytes, both UTF-8 text
 //!   (double-quoted YAML escapes such as `"\n"` give control characters).
+//! - Addresses: an upstream IP that can never be balanced to (loopback,
+//!   0.0.0.0/8, the broadcast address, multicast) is an error, since its
+//!   share of the connections would vanish. `metrics.listen` on the tcp
+//!   port of a target whose `ip` covers its address is an error, since the
+//!   target's DNAT would take every scrape from another host; a loopback
+//!   address is never taken (the DNAT sees only other hosts' packets).
 use std::{
     collections::HashMap,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -200,8 +207,8 @@ struct Checker {
     errors: Vec<ConfigError>,
     target_names: Seen,
     group_names: Seen,
-    /// Protocol and port to the target that listens there and its line.
-    listeners: HashMap<(Protocol, u16), (String, usize)>,
+    /// Protocol and port to the target that listens there.
+    listeners: HashMap<(Protocol, u16), Listener>,
 }
 
 impl Checker {
@@ -369,20 +376,44 @@ impl Checker {
 
     fn root(&mut self, root: &Node) -> Option<Config> {
         let fields = self.mapping(root, String::new(), &["lb", "metrics"])?;
-        let metrics = self
-            .optional_mapping(&fields, "metrics", &["listen"])
-            .map(|metrics| {
-                self.required(&metrics, "listen", &Listen)
-                    .map(|listen| MetricsConfig { listen })
-            });
+        let metrics_fields = self.optional_mapping(&fields, "metrics", &["listen"]);
+        let metrics = metrics_fields.as_ref().map(|metrics| {
+            self.required(metrics, "listen", &Listen)
+                .map(|listen| MetricsConfig { listen })
+        });
         let mut targets = Vec::new();
         for (path, node) in self.list(&fields, "lb", "a list of load balancers", true) {
             targets.extend(self.load_balancer(node, path));
+        }
+        if let (Some(fields), Some(Some(metrics))) = (&metrics_fields, &metrics) {
+            self.metrics_reachable(fields, metrics.listen);
         }
         Some(Config {
             targets: targets.into_iter().collect::<Option<_>>()?,
             metrics: metrics.map_or(Some(None), |m| m.map(Some))?,
         })
+    }
+
+    /// Reports a metrics endpoint on an address and port that a target
+    /// balances: its DNAT would take every scrape from another host.
+    fn metrics_reachable(&mut self, fields: &Fields, listen: SocketAddr) {
+        let Some(node) = fields.get("listen") else {
+            return;
+        };
+        let taken_by = self
+            .listeners
+            .get(&(Protocol::Tcp, listen.port()))
+            .filter(|target| target.ip.is_some_and(|ip| balances(ip, listen.ip())));
+        if let Some(target) = taken_by {
+            let message = format!(
+                "tcp port {} of {} is balanced by target `{}` (line {}): no scrape from another host would reach the endpoint; choose another port",
+                listen.port(),
+                listen.ip(),
+                target.target,
+                target.line
+            );
+            self.report(node.mark, fields.path("listen"), message);
+        }
     }
 
     /// The targets of one `lb` entry (`None` for those that are invalid).
@@ -409,11 +440,17 @@ impl Checker {
         }
         let protocol = self.required(&fields, "protocol", &PROTOCOL);
         let port = self.required(&fields, "port", &PORT).map(port_number);
+        let ip = self.optional(&fields, "ip", &IpRange);
+        let ip_valid = ip.is_some() || fields.get("ip").is_none_or(|n| n.is_null());
         if let (Some(protocol), Some(port), Some(port_node)) = (protocol, port, fields.get("port"))
         {
-            self.unique_listener(protocol, port, port_node, &fields, name.as_deref());
+            let listener = Listener {
+                target: name.clone().unwrap_or_default(),
+                line: port_node.mark.line,
+                ip: ip_valid.then_some(ip),
+            };
+            self.unique_listener(protocol, port, port_node, &fields, listener);
         }
-        let ip = self.optional(&fields, "ip", &IpRange);
         let group = self
             .required_mapping(
                 &fields,
@@ -458,17 +495,18 @@ impl Checker {
         port: u16,
         port_node: &Node,
         fields: &Fields,
-        name: Option<&str>,
+        listener: Listener,
     ) {
-        let this = (name.unwrap_or_default().to_owned(), port_node.mark.line);
-        if let Some((other, line)) = self.listeners.get(&(protocol, port)) {
+        if let Some(other) = self.listeners.get(&(protocol, port)) {
             let message = format!(
-                "{} port {port} is already the port of target `{other}` (line {line})",
-                protocol.as_str()
+                "{} port {port} is already the port of target `{}` (line {})",
+                protocol.as_str(),
+                other.target,
+                other.line
             );
             self.report(port_node.mark, fields.path("port"), message);
         } else {
-            self.listeners.insert((protocol, port), this);
+            self.listeners.insert((protocol, port), listener);
         }
     }
 
@@ -725,6 +763,15 @@ impl ProbeKind {
     }
 }
 
+/// Where a target takes connections, as far as its keys are valid.
+struct Listener {
+    target: String,
+    /// Of its `port`.
+    line: usize,
+    /// Its `ip`; `None` when that is invalid (and reported).
+    ip: Option<Option<IpNet>>,
+}
+
 /// Which names a name must differ from.
 enum Which<'s> {
     Targets,
@@ -739,6 +786,23 @@ fn enumerate(items: impl Iterator<Item = String>) -> String {
         Some((last, [])) => last.clone(),
         Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
         None => String::new(),
+    }
+}
+
+/// Whether a target on `ip` (`None`: every local address) takes the
+/// connections to `listen`. Lobby's DNAT hooks prerouting, which sees only
+/// packets from other hosts: a loopback address is never taken.
+fn balances(ip: Option<IpNet>, listen: IpAddr) -> bool {
+    if listen.is_loopback() {
+        return false;
+    }
+    match (ip, listen) {
+        (None, _) => true,
+        (Some(_), listen) if listen.is_unspecified() => true,
+        (Some(net), IpAddr::V6(listen)) if let Some(v4) = listen.to_ipv4_mapped() => {
+            net.contains(v4.into())
+        }
+        (Some(net), listen) => net.contains(listen),
     }
 }
 
@@ -787,6 +851,27 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_take_the_addresses_other_hosts_reach() {
+        let net = |text: &str| {
+            let (addr, len) = text.split_once('/').unwrap();
+            Some(IpNet {
+                addr: addr.parse().unwrap(),
+                prefix_len: len.parse().unwrap(),
+            })
+        };
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert!(balances(None, ip("198.18.0.1")));
+        assert!(balances(None, ip("0.0.0.0")));
+        assert!(balances(net("198.18.0.0/24"), ip("::")));
+        assert!(balances(net("198.18.0.0/24"), ip("198.18.0.1")));
+        assert!(balances(net("198.18.0.0/24"), ip("::ffff:198.18.0.1")));
+        assert!(!balances(net("198.18.0.0/24"), ip("198.18.1.1")));
+        assert!(!balances(net("198.18.0.0/24"), ip("2001:db8::1")));
+        assert!(!balances(None, ip("127.0.0.1")));
+        assert!(!balances(None, ip("::1")));
+    }
 
     #[test]
     fn edit_distances() {

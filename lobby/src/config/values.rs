@@ -7,7 +7,7 @@ use std::{
 
 use http::uri::PathAndQuery;
 
-use super::{Host, IpNet, StatusRange, yaml::Node, yaml::Value};
+use super::{Host, IpNet, StatusRange, unusable_upstream, yaml::Node, yaml::Value};
 
 /// The port a resolver address without one is asked on.
 const DNS_PORT: u16 = 53;
@@ -175,18 +175,24 @@ fn parse_host(host: &str) -> Result<Host, String> {
         return Err("empty".to_owned());
     }
     if host.contains(':') {
-        return Ipv6Addr::from_str(host)
-            .map(|a| Host::Ip(IpAddr::V6(a)))
-            .map_err(|_| "not a valid IPv6 address".to_owned());
+        let ip = Ipv6Addr::from_str(host).map_err(|_| "not a valid IPv6 address".to_owned())?;
+        return usable_host(ip.into());
     }
     // All digits and dots is meant as an address, never a name: a
     // top-level label is never all digits.
     if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        return Ipv4Addr::from_str(host)
-            .map(|a| Host::Ip(IpAddr::V4(a)))
-            .map_err(|_| "not a valid IPv4 address".to_owned());
+        let ip = Ipv4Addr::from_str(host).map_err(|_| "not a valid IPv4 address".to_owned())?;
+        return usable_host(ip.into());
     }
     parse_fqdn(host).map(Host::Fqdn)
+}
+
+/// `ip` as an upstream, unless no connection can ever reach it there.
+fn usable_host(ip: IpAddr) -> Result<Host, String> {
+    match unusable_upstream(ip) {
+        Some(why) => Err(why.to_owned()),
+        None => Ok(Host::Ip(ip)),
+    }
 }
 
 /// A host name per RFC 1123, lower-cased, without the trailing dot.
@@ -437,6 +443,22 @@ mod tests {
         assert!(parse_host("198.18.1.300").is_err());
         assert!(parse_host("2001:db8::g").is_err());
         assert!(parse_host("[2001:db8::1]").is_err());
+        for unusable in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "0.0.0.0",
+            "0.1.2.3",
+            "255.255.255.255",
+            "224.0.0.1",
+            "239.255.255.250",
+            "::1",
+            "::",
+            "ff02::1",
+        ] {
+            assert!(parse_host(unusable).is_err(), "{unusable}");
+        }
+        // Directed broadcasts of a subnet are ordinary addresses to Lobby.
+        assert!(parse_host("198.18.1.255").is_ok());
         assert!(parse_host("a..b").is_err());
         assert!(parse_host("-a.b").is_err());
         assert!(parse_host("a_b.c").is_err());
@@ -463,5 +485,17 @@ mod tests {
         assert!(parse_ip_net("2001:db8::/129").is_err());
         assert!(parse_ip_net("10.0.0.0/").is_err());
         assert!(parse_ip_net("10.0.0/8").is_err());
+        let net = parse_ip_net("198.18.0.0/24").unwrap();
+        assert!(net.contains([198, 18, 0, 255].into()));
+        assert!(!net.contains([198, 18, 1, 0].into()));
+        assert!(
+            parse_ip_net("0.0.0.0/0")
+                .unwrap()
+                .contains(Ipv4Addr::BROADCAST.into())
+        );
+        let net6 = parse_ip_net("2001:db8::/32").unwrap();
+        assert!(net6.contains("2001:db8:1::1".parse().unwrap()));
+        assert!(!net6.contains("2001:db9::1".parse().unwrap()));
+        assert!(!net6.contains([198, 18, 0, 1].into()));
     }
 }

@@ -17,7 +17,7 @@ use tokio::{
     time::{self, Instant},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, trace};
+use tracing::{debug, trace, warn};
 
 use super::{
     probe,
@@ -92,11 +92,12 @@ pub struct ProbeStats {
 const RTT_WEIGHT: u64 = 8;
 
 impl ProbeStats {
+    /// Counts a success or a failure; a skipped probe is neither.
     fn record(&self, outcome: &ProbeOutcome) {
-        let counter = if outcome.is_success() {
-            &self.successes
-        } else {
-            &self.failures
+        let counter = match outcome {
+            ProbeOutcome::Success => &self.successes,
+            ProbeOutcome::Failure(_) => &self.failures,
+            ProbeOutcome::Skipped(_) => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -185,6 +186,7 @@ async fn probe_until_closed<A: Into<IpAddr> + Copy>(
     stats: &ProbeStats,
 ) {
     let mut next_probe = Instant::now() + first_probe_delay();
+    let mut skips = SkipWarnings::default();
     loop {
         time::sleep_until(next_probe).await;
         // Copied out so that the watch lock is not held during the probe.
@@ -193,6 +195,15 @@ async fn probe_until_closed<A: Into<IpAddr> + Copy>(
         next_probe = (next_probe + check.interval).max(Instant::now());
         stats.record(&outcome);
         trace!(upstream = %id, %outcome, "health probe");
+        if let ProbeOutcome::Skipped(shortage) = &outcome
+            && let Some(skipped) = skips.skipped(Instant::now())
+        {
+            let state = if state.available() { "UP" } else { "DOWN" };
+            warn!(
+                upstream = %id,
+                "{shortage}; probes of {id} skipped ({skipped} since the last warning), it stays {state}"
+            );
+        }
         let Some(transition) = state.observe(outcome) else {
             continue;
         };
@@ -203,6 +214,34 @@ async fn probe_until_closed<A: Into<IpAddr> + Copy>(
         {
             return;
         }
+    }
+}
+
+/// How often a checker warns at most that it skips probes: a shortage may
+/// last, and every probe would repeat the line.
+const SKIP_WARNING_PERIOD: Duration = Duration::from_secs(60);
+
+/// When a checker last warned of skipped probes, and how many it skipped
+/// since.
+#[derive(Debug, Default)]
+struct SkipWarnings {
+    last: Option<Instant>,
+    unreported: u64,
+}
+
+impl SkipWarnings {
+    /// Counts a probe skipped at `now`; the count to report when a warning
+    /// is due: the first skip at once, then at most one a period.
+    fn skipped(&mut self, now: Instant) -> Option<u64> {
+        self.unreported += 1;
+        if self
+            .last
+            .is_some_and(|last| now < last + SKIP_WARNING_PERIOD)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unreported))
     }
 }
 
@@ -229,7 +268,7 @@ async fn probe_once(
             stats.record_rtt(rtt);
             ProbeOutcome::Success
         }
-        Err(reason) => ProbeOutcome::Failure(reason),
+        Err(reason) => ProbeOutcome::of_failure(reason),
     }
 }
 
@@ -485,6 +524,19 @@ mod tests {
 
         assert!(!running.next_report().await.available);
         running.stop().await;
+    }
+
+    #[test]
+    fn skipped_probes_are_reported_at_once_then_once_a_period() {
+        let mut skips = SkipWarnings::default();
+        let start = Instant::now();
+        assert_eq!(skips.skipped(start), Some(1));
+        assert!((1..=9).all(|s| skips.skipped(start + Duration::from_secs(s)).is_none()));
+        assert_eq!(skips.skipped(start + SKIP_WARNING_PERIOD), Some(10));
+        assert_eq!(
+            skips.skipped(start + SKIP_WARNING_PERIOD + Duration::from_secs(1)),
+            None
+        );
     }
 
     #[test]

@@ -16,7 +16,9 @@ mod tls;
 use std::io;
 
 pub use checker::{HealthReport, ProbeStats, spawn_checker};
-pub use state::{FailureReason, HealthState, HttpFailure, ProbeOutcome, TlsFailure, Transition};
+pub use state::{
+    FailureReason, HealthState, HttpFailure, ProbeOutcome, Shortage, TlsFailure, Transition,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {

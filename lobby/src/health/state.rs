@@ -7,11 +7,26 @@ use std::{fmt, io, sync::Arc, time::Duration};
 pub enum ProbeOutcome {
     Success,
     Failure(FailureReason),
+    /// The probe could not be made for want of a resource of the Lobby
+    /// host itself: it says nothing of the upstream, whose state stays.
+    Skipped(Shortage),
 }
 
 impl ProbeOutcome {
     pub fn is_success(&self) -> bool {
         *self == ProbeOutcome::Success
+    }
+
+    /// The outcome of a probe that failed for `reason`: skipped when the
+    /// reason is a shortage of Lobby's own, a failure otherwise.
+    pub fn of_failure(reason: FailureReason) -> Self {
+        match reason {
+            FailureReason::Io {
+                errno: Some(errno), ..
+            } => Shortage::of_errno(errno)
+                .map_or(ProbeOutcome::Failure(reason), ProbeOutcome::Skipped),
+            reason => ProbeOutcome::Failure(reason),
+        }
     }
 }
 
@@ -20,7 +35,44 @@ impl fmt::Display for ProbeOutcome {
         match self {
             ProbeOutcome::Success => f.write_str("connected"),
             ProbeOutcome::Failure(reason) => reason.fmt(f),
+            ProbeOutcome::Skipped(shortage) => write!(f, "skipped: {shortage}"),
         }
+    }
+}
+
+/// A resource of the Lobby host that ran out while a probe was being made
+/// (its socket opened, its datagram queued): Lobby's problem, not the
+/// upstream's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shortage {
+    /// EMFILE (the daemon's limit) or ENFILE (the system's).
+    FileDescriptors { errno: i32 },
+    /// ENOBUFS or ENOMEM: kernel memory for sockets.
+    Memory { errno: i32 },
+}
+
+impl Shortage {
+    pub fn of_errno(errno: i32) -> Option<Self> {
+        match errno {
+            libc::EMFILE | libc::ENFILE => Some(Shortage::FileDescriptors { errno }),
+            libc::ENOBUFS | libc::ENOMEM => Some(Shortage::Memory { errno }),
+            _ => None,
+        }
+    }
+}
+
+/// `lobby is out of file descriptors (Too many open files (os error 24))`.
+impl fmt::Display for Shortage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (what, errno) = match self {
+            Shortage::FileDescriptors { errno } => ("file descriptors", errno),
+            Shortage::Memory { errno } => ("memory for sockets", errno),
+        };
+        write!(
+            f,
+            "lobby is out of {what} ({})",
+            io::Error::from_raw_os_error(*errno)
+        )
     }
 }
 
@@ -36,8 +88,9 @@ pub enum FailureReason {
     },
     /// No route to the network or host.
     Unreachable,
-    /// Any other error of the connect, including local ones such as running
-    /// out of file descriptors.
+    /// Any other error of the connect. Local shortages (out of file
+    /// descriptors) are too, until [`ProbeOutcome::of_failure`] tells them
+    /// apart.
     Io {
         kind: io::ErrorKind,
         errno: Option<i32>,
@@ -218,8 +271,12 @@ impl HealthState {
     }
 
     /// Counts `outcome` into the current run; returns the transition when
-    /// the run reaches the threshold that flips the availability.
+    /// the run reaches the threshold that flips the availability. A skipped
+    /// probe counts for nothing: the run goes on as if it had not been due.
     pub fn observe(&mut self, outcome: ProbeOutcome) -> Option<Transition> {
+        if let ProbeOutcome::Skipped(_) = outcome {
+            return None;
+        }
         let success = outcome.is_success();
         self.run = if success == self.run_of_successes {
             self.run.saturating_add(1)
@@ -372,6 +429,60 @@ mod tests {
             .observe(timeout.clone())
             .expect("second failure flips");
         assert_eq!(transition.last_probe, timeout);
+    }
+
+    #[test]
+    fn skipped_probes_change_neither_the_state_nor_the_run() {
+        let skipped = ProbeOutcome::Skipped(Shortage::FileDescriptors {
+            errno: libc::EMFILE,
+        });
+        let mut state = HealthState::new(true, 2, 2);
+        // However many, skipped probes never take an upstream down...
+        assert_eq!(replay(&mut state, &vec![skipped.clone(); 100]), [None; 100]);
+        assert!(state.available());
+        // ...nor break or extend a run of failures.
+        let outcomes = [REFUSED, skipped.clone(), skipped.clone(), REFUSED];
+        assert_eq!(
+            replay(&mut state, &outcomes),
+            [None, None, None, Some((false, 2, 2))]
+        );
+        // Nor bring it up, nor count as the success that resets failures.
+        let outcomes = [SUCCESS, skipped.clone(), SUCCESS];
+        assert_eq!(
+            replay(&mut state, &outcomes),
+            [None, None, Some((true, 2, 2))]
+        );
+    }
+
+    #[test]
+    fn local_shortages_are_skipped_probes_and_other_errors_failures() {
+        let outcome = |errno| {
+            ProbeOutcome::of_failure(FailureReason::from(&io::Error::from_raw_os_error(errno)))
+        };
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(
+                matches!(outcome(errno), ProbeOutcome::Skipped(_)),
+                "errno {errno}"
+            );
+        }
+        for errno in [libc::ECONNREFUSED, libc::ECONNRESET, libc::EHOSTUNREACH] {
+            assert!(
+                matches!(outcome(errno), ProbeOutcome::Failure(_)),
+                "errno {errno}"
+            );
+        }
+        assert_eq!(
+            ProbeOutcome::of_failure(FailureReason::NoAddress),
+            ProbeOutcome::Failure(FailureReason::NoAddress)
+        );
+        assert_eq!(
+            outcome(libc::EMFILE).to_string(),
+            "skipped: lobby is out of file descriptors (Too many open files (os error 24))"
+        );
+        assert_eq!(
+            outcome(libc::ENOBUFS).to_string(),
+            "skipped: lobby is out of memory for sockets (No buffer space available (os error 105))"
+        );
     }
 
     #[test]
