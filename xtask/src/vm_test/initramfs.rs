@@ -19,15 +19,21 @@ use crate::cmd::{stdout, stdout_bytes};
 /// Modules the scenario needs, by what uses them; their dependencies come
 /// from modules.dep. Modules built into a kernel are skipped.
 const MODULES: &[&str] = &[
-    // Lobby's ruleset: nat chains, fib, numgen, dnat, masquerade, ct status,
-    // and the reset of a target without upstreams.
+    // Lobby's inet ruleset: nat chains, fib, numgen, jhash, dnat,
+    // masquerade, ct status, and the refusals (TCP reset, ICMP and ICMPv6
+    // unreachable) of a target without upstreams, in both families.
     "nft_chain_nat",
+    "nft_fib_inet",
     "nft_fib_ipv4",
+    "nft_fib_ipv6",
     "nft_numgen",
+    "nft_hash",
     "nft_nat",
     "nft_masq",
     "nft_ct",
+    "nft_reject_inet",
     "nft_reject_ipv4",
+    "nft_reject_ipv6",
     // The topology's links.
     "veth",
     // The counters' attachment before TCX (6.6): a clsact qdisc and cls_bpf.
