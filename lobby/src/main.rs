@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 use lobby::{config, ctl, daemon};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -14,8 +14,16 @@ use tracing_subscriber::EnvFilter;
 /// Lobby: layer-4 load balancing by the kernel (nftables DNAT), with exact
 /// per-upstream counters (eBPF).
 #[derive(Parser, Debug)]
-#[command(version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    disable_version_flag = true
+)]
 struct Cli {
+    /// Print the version (`-v` as in the original Lobby, `-V` as clap's).
+    #[arg(short = 'v', long, short_alias = 'V', action = ArgAction::Version)]
+    version: (),
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
@@ -28,8 +36,15 @@ struct RunArgs {
     /// ./lobby.conf, /etc/lobby/lobby.conf).
     #[arg(short = 'c', long = "config")]
     config: Option<PathBuf>,
-    /// Log level.
-    #[arg(short = 'l', long = "log-level", value_enum, default_value_t = LogLevel::Info)]
+    /// Log level; the original Lobby's names (critical, warning,
+    /// verboseDebug) are taken too, in any case.
+    #[arg(
+        short = 'l',
+        long = "log-level",
+        value_enum,
+        ignore_case = true,
+        default_value_t = LogLevel::Info
+    )]
     log_level: LogLevel,
     /// Control socket that `lobby stats` talks to.
     #[arg(long, default_value = ctl::DEFAULT_SOCKET)]
@@ -68,14 +83,53 @@ enum Command {
         #[arg(long, value_name = "SECS")]
         watch: Option<u64>,
     },
+    /// Runtime control: drain, enable or disable an upstream until the next
+    /// restart; show the state; reload the configuration.
+    Ctl {
+        /// The daemon's control socket.
+        #[arg(long, global = true, default_value = ctl::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Subcommand, Debug, PartialEq, Eq)]
+enum CtlAction {
+    /// No new connections to the upstream; established ones continue.
+    Drain {
+        #[arg(value_name = "TARGET/UPSTREAM")]
+        upstream: ctl::UpstreamRef,
+    },
+    /// Back to the configured state.
+    Enable {
+        #[arg(value_name = "TARGET/UPSTREAM")]
+        upstream: ctl::UpstreamRef,
+    },
+    /// Out of rotation at once.
+    Disable {
+        #[arg(value_name = "TARGET/UPSTREAM")]
+        upstream: ctl::UpstreamRef,
+    },
+    /// Every upstream's health, admin state and weight.
+    State {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reload the configuration file, as SIGHUP does, and print the outcome.
+    Reload,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum LogLevel {
+    #[value(alias = "critical")]
     Error,
+    #[value(alias = "warning")]
     Warn,
     Info,
     Debug,
+    #[value(alias = "verboseDebug")]
     Trace,
 }
 
@@ -88,6 +142,7 @@ fn main() -> ExitCode {
             json,
             watch,
         }) => stats(&socket, json, watch),
+        Some(Command::Ctl { socket, action }) => control(&socket, action),
         None => run_daemon(cli.run),
     };
     match result {
@@ -128,12 +183,44 @@ fn check(path: Option<PathBuf>) -> ExitCode {
 /// How long a plain `lobby stats` samples to show rates.
 const RATE_SAMPLE: Duration = Duration::from_secs(1);
 
-fn stats(socket: &std::path::Path, json: bool, watch: Option<u64>) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// The runtime of a client command: one thread is plenty.
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async {
+        .context("starting the async runtime")
+}
+
+/// `lobby ctl`: prints the daemon's answer; its refusal is the error.
+fn control(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<()> {
+    client_runtime()?.block_on(async {
+        let text = match action {
+            CtlAction::Drain { upstream } => {
+                ctl::admin(socket, ctl::AdminCommand::Drain, &upstream).await?
+            }
+            CtlAction::Enable { upstream } => {
+                ctl::admin(socket, ctl::AdminCommand::Enable, &upstream).await?
+            }
+            CtlAction::Disable { upstream } => {
+                ctl::admin(socket, ctl::AdminCommand::Disable, &upstream).await?
+            }
+            CtlAction::State { json: true } => {
+                let report = ctl::fetch_state(socket).await?;
+                serde_json::to_string_pretty(&report).expect("plain data serializes")
+            }
+            CtlAction::State { json: false } => {
+                let table = ctl::render_state(&ctl::fetch_state(socket).await?);
+                table.trim_end().to_owned()
+            }
+            CtlAction::Reload => ctl::reload(socket).await?,
+        };
+        print_out(&format!("{text}\n"))?;
+        Ok(())
+    })
+}
+
+fn stats(socket: &std::path::Path, json: bool, watch: Option<u64>) -> anyhow::Result<()> {
+    client_runtime()?.block_on(async {
         if json && watch.is_none() {
             let report = ctl::fetch_stats(socket).await?;
             let text = serde_json::to_string_pretty(&report).expect("plain data serializes");
@@ -266,5 +353,107 @@ fn check_privileges() -> anyhow::Result<()> {
             "lobby needs {}: run it as root or grant these capabilities",
             missing.join(" and ")
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, error::ErrorKind};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("lobby").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_parser_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn v_prints_the_version_as_in_the_original() {
+        for flag in ["-v", "-V", "--version"] {
+            let error = parse(&[flag]).unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::DisplayVersion, "{flag}");
+            assert_eq!(
+                error.to_string(),
+                format!("lobby {}\n", env!("CARGO_PKG_VERSION"))
+            );
+        }
+    }
+
+    #[test]
+    fn log_levels_take_the_originals_names_in_any_case() {
+        let level = |name: &str| parse(&["-l", name]).unwrap().run.log_level;
+        assert_eq!(level("critical"), LogLevel::Error);
+        assert_eq!(level("warning"), LogLevel::Warn);
+        assert_eq!(level("WARNING"), LogLevel::Warn);
+        assert_eq!(level("Info"), LogLevel::Info);
+        assert_eq!(level("debug"), LogLevel::Debug);
+        assert_eq!(level("verboseDebug"), LogLevel::Trace);
+        assert_eq!(level("verbosedebug"), LogLevel::Trace);
+        assert_eq!(level("trace"), LogLevel::Trace);
+        assert_eq!(level("warn"), LogLevel::Warn);
+        assert!(parse(&["-l", "loud"]).is_err());
+        let cli = parse(&["-l", "warning", "-c", "/etc/lobby/lobby.conf"]).unwrap();
+        assert_eq!(cli.run.config, Some(PathBuf::from("/etc/lobby/lobby.conf")));
+        assert_eq!(cli.run.log_level, LogLevel::Warn);
+    }
+
+    fn ctl_command(args: &[&str]) -> (PathBuf, CtlAction) {
+        match parse(args).unwrap().command {
+            Some(Command::Ctl { socket, action }) => (socket, action),
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ctl_takes_a_command_and_the_socket_before_or_after_it() {
+        let web1 = || ctl::UpstreamRef {
+            target: "web".into(),
+            upstream: "web1".into(),
+        };
+        let default = ctl::DEFAULT_SOCKET;
+        let cases: [(&[&str], &str, CtlAction); 6] = [
+            (
+                &["drain", "web/web1"],
+                default,
+                CtlAction::Drain { upstream: web1() },
+            ),
+            (
+                &["--socket", "/tmp/l.sock", "enable", "web/web1"],
+                "/tmp/l.sock",
+                CtlAction::Enable { upstream: web1() },
+            ),
+            (
+                &["disable", "web/web1", "--socket", "/tmp/l.sock"],
+                "/tmp/l.sock",
+                CtlAction::Disable { upstream: web1() },
+            ),
+            (
+                &["state", "--json"],
+                default,
+                CtlAction::State { json: true },
+            ),
+            (&["state"], default, CtlAction::State { json: false }),
+            (&["reload"], default, CtlAction::Reload),
+        ];
+        for (args, socket, action) in cases {
+            let args: Vec<&str> = std::iter::once("ctl").chain(args.iter().copied()).collect();
+            assert_eq!(
+                ctl_command(&args),
+                (PathBuf::from(socket), action),
+                "{args:?}"
+            );
+        }
+        let error = parse(&["ctl", "drain", "web"]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("expected TARGET/UPSTREAM such as web/web1"),
+            "{error}"
+        );
+        assert!(parse(&["ctl"]).is_err());
     }
 }
