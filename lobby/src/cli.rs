@@ -2,15 +2,23 @@
 //! generated from them (man pages, shell completions).
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 
 use crate::ctl;
 
 /// Lobby: layer-4 load balancing by the kernel (nftables DNAT), with exact
 /// per-upstream counters (eBPF).
 #[derive(Parser, Debug)]
-#[command(version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    disable_version_flag = true
+)]
 pub struct Cli {
+    /// Print the version (`-v` as in the original Lobby, `-V` as clap's).
+    #[arg(short = 'v', long, short_alias = 'V', action = ArgAction::Version)]
+    pub version: (),
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
@@ -23,8 +31,15 @@ pub struct RunArgs {
     /// ./lobby.conf, /etc/lobby/lobby.conf).
     #[arg(short = 'c', long = "config")]
     pub config: Option<PathBuf>,
-    /// Log level.
-    #[arg(short = 'l', long = "log-level", value_enum, default_value_t = LogLevel::Info)]
+    /// Log level; the original Lobby's names (critical, warning,
+    /// verboseDebug) are taken too, in any case.
+    #[arg(
+        short = 'l',
+        long = "log-level",
+        value_enum,
+        ignore_case = true,
+        default_value_t = LogLevel::Info
+    )]
     pub log_level: LogLevel,
     /// Control socket that `lobby stats` talks to.
     #[arg(long, default_value = ctl::DEFAULT_SOCKET)]
@@ -63,13 +78,154 @@ pub enum Command {
         #[arg(long, value_name = "SECS")]
         watch: Option<u64>,
     },
+    /// Runtime control: drain, enable or disable an upstream until the next
+    /// restart; show the state; reload the configuration.
+    Ctl {
+        /// The daemon's control socket.
+        #[arg(long, global = true, default_value = ctl::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Subcommand, Debug, PartialEq, Eq)]
+pub enum CtlAction {
+    /// No new connections to the upstream; established ones continue.
+    Drain {
+        #[arg(value_name = "TARGET/UPSTREAM")]
+        upstream: ctl::UpstreamRef,
+    },
+    /// Back to the configured state.
+    Enable {
+        #[arg(value_name = "TARGET/UPSTREAM")]
+        upstream: ctl::UpstreamRef,
+    },
+    /// Out of rotation at once.
+    Disable {
+        #[arg(value_name = "TARGET/UPSTREAM")]
+        upstream: ctl::UpstreamRef,
+    },
+    /// Every upstream's health, admin state and weight.
+    State {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reload the configuration file, as SIGHUP does, and print the outcome.
+    Reload,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogLevel {
+    #[value(alias = "critical")]
     Error,
+    #[value(alias = "warning")]
     Warn,
     Info,
     Debug,
+    #[value(alias = "verboseDebug")]
     Trace,
+}
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, error::ErrorKind};
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("lobby").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_parser_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn v_prints_the_version_as_in_the_original() {
+        for flag in ["-v", "-V", "--version"] {
+            let error = parse(&[flag]).unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::DisplayVersion, "{flag}");
+            assert_eq!(
+                error.to_string(),
+                format!("lobby {}\n", env!("CARGO_PKG_VERSION"))
+            );
+        }
+    }
+
+    #[test]
+    fn log_levels_take_the_originals_names_in_any_case() {
+        let level = |name: &str| parse(&["-l", name]).unwrap().run.log_level;
+        assert_eq!(level("critical"), LogLevel::Error);
+        assert_eq!(level("warning"), LogLevel::Warn);
+        assert_eq!(level("WARNING"), LogLevel::Warn);
+        assert_eq!(level("Info"), LogLevel::Info);
+        assert_eq!(level("debug"), LogLevel::Debug);
+        assert_eq!(level("verboseDebug"), LogLevel::Trace);
+        assert_eq!(level("verbosedebug"), LogLevel::Trace);
+        assert_eq!(level("trace"), LogLevel::Trace);
+        assert_eq!(level("warn"), LogLevel::Warn);
+        assert!(parse(&["-l", "loud"]).is_err());
+        let cli = parse(&["-l", "warning", "-c", "/etc/lobby/lobby.conf"]).unwrap();
+        assert_eq!(cli.run.config, Some(PathBuf::from("/etc/lobby/lobby.conf")));
+        assert_eq!(cli.run.log_level, LogLevel::Warn);
+    }
+
+    fn ctl_command(args: &[&str]) -> (PathBuf, CtlAction) {
+        match parse(args).unwrap().command {
+            Some(Command::Ctl { socket, action }) => (socket, action),
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ctl_takes_a_command_and_the_socket_before_or_after_it() {
+        let web1 = || ctl::UpstreamRef {
+            target: "web".into(),
+            upstream: "web1".into(),
+        };
+        let default = ctl::DEFAULT_SOCKET;
+        let cases: [(&[&str], &str, CtlAction); 6] = [
+            (
+                &["drain", "web/web1"],
+                default,
+                CtlAction::Drain { upstream: web1() },
+            ),
+            (
+                &["--socket", "/tmp/l.sock", "enable", "web/web1"],
+                "/tmp/l.sock",
+                CtlAction::Enable { upstream: web1() },
+            ),
+            (
+                &["disable", "web/web1", "--socket", "/tmp/l.sock"],
+                "/tmp/l.sock",
+                CtlAction::Disable { upstream: web1() },
+            ),
+            (
+                &["state", "--json"],
+                default,
+                CtlAction::State { json: true },
+            ),
+            (&["state"], default, CtlAction::State { json: false }),
+            (&["reload"], default, CtlAction::Reload),
+        ];
+        for (args, socket, action) in cases {
+            let args: Vec<&str> = std::iter::once("ctl").chain(args.iter().copied()).collect();
+            assert_eq!(
+                ctl_command(&args),
+                (PathBuf::from(socket), action),
+                "{args:?}"
+            );
+        }
+        let error = parse(&["ctl", "drain", "web"]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("expected TARGET/UPSTREAM such as web/web1"),
+            "{error}"
+        );
+        assert!(parse(&["ctl"]).is_err());
+    }
 }

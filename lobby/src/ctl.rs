@@ -1,12 +1,14 @@
 //! The control socket: a Unix socket, root only, that answers one JSON
-//! request per connection with one JSON line. `lobby stats` is its client.
-//! Serving is split from answering: the daemon's loop owns the state and
-//! answers [`Request`]s that arrive over a channel.
+//! request per connection with one JSON line. `lobby stats` and `lobby ctl`
+//! are its clients. Serving is split from answering: the daemon's loop owns
+//! the state and answers [`Request`]s and [`Control`]s that arrive over
+//! channels.
 use std::{
-    fmt::Write as _,
+    fmt::{self, Write as _},
     io,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
+    str::FromStr,
     time::Duration,
 };
 
@@ -17,7 +19,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::listen::{Limits, Watched, accept_until};
 
@@ -57,16 +59,135 @@ pub struct UpstreamStats {
     pub bytes_in: u64,
 }
 
+/// `lobby ctl state --json`: every target's upstreams with their health and
+/// the operator's say over them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateReport {
+    pub targets: Vec<TargetState>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetState {
+    pub name: String,
+    pub upstreams: Vec<UpstreamState>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamState {
+    pub name: String,
+    /// `IP:PORT` traffic goes to; `None` while the host name has never
+    /// resolved.
+    pub address: Option<String>,
+    /// What the health checks say.
+    pub available: bool,
+    pub admin_state: AdminState,
+    /// Its share of new connections: 0 when drained or disabled.
+    pub weight: u32,
+}
+
+/// What `lobby ctl` asks of one upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminCommand {
+    /// Weight 0: no new connections, established ones continue.
+    Drain,
+    /// Back to the configured state.
+    Enable,
+    /// Out of rotation at once.
+    Disable,
+}
+
+impl AdminCommand {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminCommand::Drain => "drain",
+            AdminCommand::Enable => "enable",
+            AdminCommand::Disable => "disable",
+        }
+    }
+
+    /// The state the upstream is in once the command took effect.
+    pub fn state(self) -> AdminState {
+        match self {
+            AdminCommand::Drain => AdminState::Drained,
+            AdminCommand::Enable => AdminState::Enabled,
+            AdminCommand::Disable => AdminState::Disabled,
+        }
+    }
+}
+
+/// The operator's say over an upstream, kept across a reload that leaves it
+/// unchanged and lost on restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminState {
+    Enabled,
+    Drained,
+    Disabled,
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Enabled => "enabled",
+            AdminState::Drained => "drained",
+            AdminState::Disabled => "disabled",
+        }
+    }
+}
+
+/// `TARGET/UPSTREAM`, as an operator names an upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamRef {
+    pub target: String,
+    pub upstream: String,
+}
+
+impl FromStr for UpstreamRef {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.split_once('/') {
+            Some((target, upstream))
+                if !target.is_empty() && !upstream.is_empty() && !upstream.contains('/') =>
+            {
+                Ok(UpstreamRef {
+                    target: target.to_owned(),
+                    upstream: upstream.to_owned(),
+                })
+            }
+            _ => Err(format!(
+                "expected TARGET/UPSTREAM such as web/web1, found {text:?}"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for UpstreamRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.target, self.upstream)
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
 enum WireRequest {
     Stats,
+    Admin {
+        command: AdminCommand,
+        target: String,
+        upstream: String,
+    },
+    State,
+    Reload,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum WireResponse {
     Stats(StatsReport),
+    State(StateReport),
+    /// A command took effect; what to tell the operator.
+    Done(String),
     Error(String),
 }
 
@@ -74,6 +195,22 @@ enum WireResponse {
 pub enum Request {
     Stats(oneshot::Sender<StatsReport>),
     Metrics(oneshot::Sender<crate::metrics::Snapshot>),
+}
+
+/// A runtime command for the daemon's loop (`lobby ctl`), with where to
+/// send the answer: the text to print, or why it was refused.
+pub enum Control {
+    Admin {
+        command: AdminCommand,
+        target: String,
+        upstream: String,
+        /// Who asked (SO_PEERCRED), for the log.
+        peer_uid: u32,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    State(oneshot::Sender<StateReport>),
+    /// Like SIGHUP, answered once the outcome is known.
+    Reload(oneshot::Sender<Result<String, String>>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,8 +238,33 @@ pub enum CtlError {
     },
     #[error("lobby daemon at {path} did not answer within {}s", after.as_secs())]
     Timeout { path: PathBuf, after: Duration },
-    #[error("the daemon answered: {0}")]
+    #[error("permission denied on {path}: {client} needs root or the socket's owner")]
+    PermissionDenied { path: PathBuf, client: &'static str },
+    #[error("the daemon at {path} answered something else than {expected}")]
+    Unexpected {
+        path: PathBuf,
+        expected: &'static str,
+    },
+    /// The daemon's own words: why it refused.
+    #[error("{0}")]
     Daemon(String),
+}
+
+/// The error of a client that could not reach the socket at `path`: a
+/// missing permission said plainly, since only root (or the socket's owner)
+/// may connect to the 0600 socket.
+fn connect_error(path: &Path, client: &'static str, source: io::Error) -> CtlError {
+    if source.kind() == io::ErrorKind::PermissionDenied {
+        CtlError::PermissionDenied {
+            path: path.to_owned(),
+            client,
+        }
+    } else {
+        CtlError::Exchange {
+            path: path.to_owned(),
+            source,
+        }
+    }
 }
 
 /// Binds the socket (mode 0600, in a directory it creates), replacing a
@@ -146,21 +308,50 @@ pub const LIMITS: Limits = Limits {
 /// How long `lobby stats` waits for the daemon's answer.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Where the server hands what it reads to the loop.
+#[derive(Clone)]
+struct Loop {
+    requests: mpsc::Sender<Request>,
+    /// `None`: this daemon takes no runtime commands, which are refused.
+    control: Option<mpsc::Sender<Control>>,
+}
+
 /// Accepts connections until `cancel`, forwarding their requests to the
-/// loop, then removes the socket file.
+/// loop, then removes the socket file. `lobby ctl`'s commands are refused:
+/// see [`serve_with_control`].
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     requests: mpsc::Sender<Request>,
     cancel: CancellationToken,
 ) {
-    serve_within(listener, requests, &cancel, LIMITS).await;
+    let to = Loop {
+        requests,
+        control: None,
+    };
+    serve_within(listener, to, &cancel, LIMITS).await;
+    let _ = tokio::fs::remove_file(&path).await;
+}
+
+/// [`serve`], with `lobby ctl`'s commands forwarded to `control`.
+pub async fn serve_with_control(
+    listener: UnixListener,
+    path: PathBuf,
+    requests: mpsc::Sender<Request>,
+    control: mpsc::Sender<Control>,
+    cancel: CancellationToken,
+) {
+    let to = Loop {
+        requests,
+        control: Some(control),
+    };
+    serve_within(listener, to, &cancel, LIMITS).await;
     let _ = tokio::fs::remove_file(&path).await;
 }
 
 async fn serve_within(
     listener: UnixListener,
-    requests: mpsc::Sender<Request>,
+    to: Loop,
     cancel: &CancellationToken,
     limits: Limits,
 ) {
@@ -170,18 +361,83 @@ async fn serve_within(
         limits,
         || async { listener.accept().await.map(|(stream, _)| stream) },
         |stream| {
-            let requests = requests.clone();
-            async move { answer(stream, &requests, limits.request_timeout).await }
+            let to = to.clone();
+            async move { answer(stream, &to, limits.request_timeout).await }
         },
     )
     .await;
 }
 
+const SHUTTING_DOWN: &str = "the daemon is shutting down";
+
+/// Sends what `make` builds around a reply channel to `to` and waits for
+/// the answer; `None` when the loop is gone.
+async fn ask_loop<T, R>(
+    to: &mpsc::Sender<T>,
+    make: impl FnOnce(oneshot::Sender<R>) -> T,
+) -> Option<R> {
+    let (reply, answer) = oneshot::channel();
+    to.send(make(reply)).await.ok()?;
+    answer.await.ok()
+}
+
+/// The loop's answer to one runtime command from the peer `uid`.
+async fn control(request: WireRequest, uid: io::Result<u32>, to: &Loop) -> WireResponse {
+    let Some(control) = &to.control else {
+        return WireResponse::Error("this daemon does not take runtime commands".into());
+    };
+    let done = |outcome: Option<Result<String, String>>| match outcome {
+        Some(Ok(text)) => WireResponse::Done(text),
+        Some(Err(error)) => WireResponse::Error(error),
+        None => WireResponse::Error(SHUTTING_DOWN.into()),
+    };
+    match request {
+        WireRequest::Admin {
+            command,
+            target,
+            upstream,
+        } => {
+            let peer_uid = match uid {
+                Ok(uid) => uid,
+                Err(e) => return WireResponse::Error(format!("cannot tell who is asking: {e}")),
+            };
+            info!(
+                uid = peer_uid,
+                command = command.as_str(),
+                target = %target,
+                upstream = %upstream,
+                "control: uid {peer_uid} asks to {} {target}/{upstream}",
+                command.as_str()
+            );
+            done(
+                ask_loop(control, |reply| Control::Admin {
+                    command,
+                    target,
+                    upstream,
+                    peer_uid,
+                    reply,
+                })
+                .await,
+            )
+        }
+        WireRequest::State => ask_loop(control, Control::State).await.map_or_else(
+            || WireResponse::Error(SHUTTING_DOWN.into()),
+            WireResponse::State,
+        ),
+        WireRequest::Reload => {
+            info!(uid = uid.as_ref().ok().copied(), "control: reload asked");
+            done(ask_loop(control, Control::Reload).await)
+        }
+        WireRequest::Stats => unreachable!("stats are answered by the caller"),
+    }
+}
+
 async fn answer(
     stream: Watched<UnixStream>,
-    requests: &mpsc::Sender<Request>,
+    to: &Loop,
     request_timeout: Duration,
 ) -> io::Result<()> {
+    let uid = stream.get_ref().peer_cred().map(|cred| cred.uid());
     let (read, mut write) = tokio::io::split(stream);
     let mut line = String::new();
     // One bounded line: a client cannot make the daemon buffer without end.
@@ -195,16 +451,11 @@ async fn answer(
             )
         })??;
     let response = match serde_json::from_str::<WireRequest>(&line) {
-        Ok(WireRequest::Stats) => {
-            let (reply, answer) = oneshot::channel();
-            match requests.send(Request::Stats(reply)).await {
-                Ok(()) => answer.await.map_or_else(
-                    |_| WireResponse::Error("the daemon is shutting down".into()),
-                    WireResponse::Stats,
-                ),
-                Err(_) => WireResponse::Error("the daemon is shutting down".into()),
-            }
-        }
+        Ok(WireRequest::Stats) => ask_loop(&to.requests, Request::Stats).await.map_or_else(
+            || WireResponse::Error(SHUTTING_DOWN.into()),
+            WireResponse::Stats,
+        ),
+        Ok(request) => control(request, uid, to).await,
         Err(e) => WireResponse::Error(format!("bad request: {e}")),
     };
     let mut out = serde_json::to_vec(&response).expect("plain data serializes");
@@ -215,22 +466,86 @@ async fn answer(
 /// Asks the daemon listening on `path` for its stats, giving up after
 /// [`CLIENT_TIMEOUT`].
 pub async fn fetch_stats(path: &Path) -> Result<StatsReport, CtlError> {
-    tokio::time::timeout(CLIENT_TIMEOUT, exchange(path))
+    match ask(path, "lobby stats", &WireRequest::Stats).await? {
+        WireResponse::Stats(report) => Ok(report),
+        _ => Err(unexpected(path, "stats")),
+    }
+}
+
+/// `lobby ctl state`: every upstream's health and admin state.
+pub async fn fetch_state(path: &Path) -> Result<StateReport, CtlError> {
+    match ask(path, "lobby ctl", &WireRequest::State).await? {
+        WireResponse::State(report) => Ok(report),
+        _ => Err(unexpected(path, "the state")),
+    }
+}
+
+/// `lobby ctl drain|enable|disable TARGET/UPSTREAM`: what the daemon did.
+pub async fn admin(
+    path: &Path,
+    command: AdminCommand,
+    upstream: &UpstreamRef,
+) -> Result<String, CtlError> {
+    let request = WireRequest::Admin {
+        command,
+        target: upstream.target.clone(),
+        upstream: upstream.upstream.clone(),
+    };
+    done(path, ask(path, "lobby ctl", &request).await?)
+}
+
+/// `lobby ctl reload`: the outcome of the reload.
+pub async fn reload(path: &Path) -> Result<String, CtlError> {
+    done(path, ask(path, "lobby ctl", &WireRequest::Reload).await?)
+}
+
+fn done(path: &Path, response: WireResponse) -> Result<String, CtlError> {
+    match response {
+        WireResponse::Done(text) => Ok(text),
+        _ => Err(unexpected(path, "an outcome")),
+    }
+}
+
+fn unexpected(path: &Path, expected: &'static str) -> CtlError {
+    CtlError::Unexpected {
+        path: path.to_owned(),
+        expected,
+    }
+}
+
+/// One request and its answer, within [`CLIENT_TIMEOUT`]; the daemon's
+/// refusal is an error. `client` names the command in a permission error.
+async fn ask(
+    path: &Path,
+    client: &'static str,
+    request: &WireRequest,
+) -> Result<WireResponse, CtlError> {
+    let response = tokio::time::timeout(CLIENT_TIMEOUT, exchange(path, client, request))
         .await
         .map_err(|_| CtlError::Timeout {
             path: path.to_owned(),
             after: CLIENT_TIMEOUT,
-        })?
+        })??;
+    match response {
+        WireResponse::Error(message) => Err(CtlError::Daemon(message)),
+        response => Ok(response),
+    }
 }
 
-async fn exchange(path: &Path) -> Result<StatsReport, CtlError> {
+async fn exchange(
+    path: &Path,
+    client: &'static str,
+    request: &WireRequest,
+) -> Result<WireResponse, CtlError> {
     let exchange = |source| CtlError::Exchange {
         path: path.to_owned(),
         source,
     };
-    let stream = UnixStream::connect(path).await.map_err(exchange)?;
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| connect_error(path, client, e))?;
     let (read, mut write) = stream.into_split();
-    let mut request = serde_json::to_vec(&WireRequest::Stats).expect("plain data serializes");
+    let mut request = serde_json::to_vec(request).expect("plain data serializes");
     request.push(b'\n');
     write.write_all(&request).await.map_err(exchange)?;
     let mut line = String::new();
@@ -238,13 +553,10 @@ async fn exchange(path: &Path) -> Result<StatsReport, CtlError> {
         .read_line(&mut line)
         .await
         .map_err(exchange)?;
-    match serde_json::from_str(&line).map_err(|source| CtlError::Decode {
+    serde_json::from_str(&line).map_err(|source| CtlError::Decode {
         path: path.to_owned(),
         source,
-    })? {
-        WireResponse::Stats(report) => Ok(report),
-        WireResponse::Error(message) => Err(CtlError::Daemon(message)),
-    }
+    })
 }
 
 /// Per-second rates of one upstream between two reports.
@@ -332,30 +644,69 @@ pub fn render_table(report: &StatsReport, earlier: Option<(&StatsReport, f64)>) 
                 rates.map_or("-".into(), |r| human_bytes(r.bytes_in)),
             ]);
         }
-        let widths: Vec<usize> = (0..header.len())
-            .map(|col| {
-                rows.iter()
-                    .map(|row| row[col].chars().count())
-                    .max()
-                    .unwrap_or(0)
+        // Names and addresses read left to right, numbers line up right.
+        out.push_str(&aligned(&rows, 3));
+    }
+    if report.targets.is_empty() {
+        out.push_str("no targets configured\n");
+    }
+    out
+}
+
+/// `rows` as indented columns: the first `left` aligned left, the others
+/// right.
+fn aligned(rows: &[Vec<String>], left: usize) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|col| {
+            rows.iter()
+                .map(|row| row[col].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(col, (cell, width))| {
+                if col < left {
+                    format!("{cell:<width$}")
+                } else {
+                    format!("{cell:>width$}")
+                }
             })
             .collect();
-        for row in rows {
-            let cells: Vec<String> = row
-                .iter()
-                .zip(&widths)
-                .enumerate()
-                // Names and addresses read left to right, numbers line up right.
-                .map(|(col, (cell, width))| {
-                    if col < 3 {
-                        format!("{cell:<width$}")
-                    } else {
-                        format!("{cell:>width$}")
-                    }
-                })
-                .collect();
-            writeln!(out, "  {}", cells.join("  ").trim_end()).unwrap();
+        writeln!(out, "  {}", cells.join("  ").trim_end()).unwrap();
+    }
+    out
+}
+
+/// `lobby ctl state`: one line per upstream under its target's heading.
+pub fn render_state(report: &StateReport) -> String {
+    let mut out = String::new();
+    for target in &report.targets {
+        writeln!(out, "target {}", target.name).unwrap();
+        let mut rows = vec![
+            ["UPSTREAM", "ADDRESS", "HEALTH", "ADMIN", "WEIGHT"]
+                .map(str::to_owned)
+                .to_vec(),
+        ];
+        for upstream in &target.upstreams {
+            rows.push(vec![
+                upstream.name.clone(),
+                upstream
+                    .address
+                    .clone()
+                    .unwrap_or_else(|| "(unresolved)".to_owned()),
+                if upstream.available { "up" } else { "down" }.to_owned(),
+                upstream.admin_state.as_str().to_owned(),
+                upstream.weight.to_string(),
+            ]);
         }
+        out.push_str(&aligned(&rows, 4));
     }
     if report.targets.is_empty() {
         out.push_str("no targets configured\n");
@@ -482,7 +833,11 @@ mod tests {
         let (requests, mut incoming) = mpsc::channel(4);
         let cancel = CancellationToken::new();
         let serving = cancel.clone();
-        tokio::spawn(async move { serve_within(listener, requests, &serving, limits).await });
+        let to = Loop {
+            requests,
+            control: None,
+        };
+        tokio::spawn(async move { serve_within(listener, to, &serving, limits).await });
         tokio::spawn(async move {
             while let Some(Request::Stats(reply)) = incoming.recv().await {
                 let _ = reply.send(report.clone());
@@ -568,5 +923,249 @@ mod tests {
         cancel.cancel();
         server.await.unwrap();
         assert!(!path.exists(), "socket file left behind");
+    }
+
+    fn state_report() -> StateReport {
+        let upstream = |name: &str, address: Option<&str>, available| UpstreamState {
+            name: name.into(),
+            address: address.map(str::to_owned),
+            available,
+            admin_state: AdminState::Enabled,
+            weight: 1,
+        };
+        StateReport {
+            targets: vec![TargetState {
+                name: "web".into(),
+                upstreams: vec![
+                    upstream("web1", Some("198.18.1.11:9000"), true),
+                    upstream("web-long-name", None, false),
+                ],
+            }],
+        }
+    }
+
+    /// A control socket in `dir` whose loop keeps `state_report()`, applies
+    /// admin commands to it, refuses unknown upstreams by naming the ones
+    /// there are, and answers reloads: applied, then failed.
+    async fn controlled_daemon(dir: &Path) -> (PathBuf, CancellationToken) {
+        let path = dir.join("lobby.sock");
+        let listener = bind(&path).await.unwrap();
+        let (requests, _) = mpsc::channel(1);
+        let (control, mut incoming) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve_with_control(
+            listener,
+            path.clone(),
+            requests,
+            control,
+            cancel.clone(),
+        ));
+        tokio::spawn(async move {
+            let mut state = state_report();
+            let mut reloads = 0;
+            while let Some(request) = incoming.recv().await {
+                match request {
+                    Control::Admin {
+                        command,
+                        target,
+                        upstream,
+                        peer_uid,
+                        reply,
+                    } => {
+                        let group = &mut state.targets[0];
+                        let names: Vec<String> =
+                            group.upstreams.iter().map(|u| u.name.clone()).collect();
+                        let answer = match group.upstreams.iter_mut().find(|u| u.name == upstream) {
+                            Some(found) if target == group.name => {
+                                found.admin_state = command.state();
+                                found.weight = u32::from(command == AdminCommand::Enable);
+                                Ok(format!(
+                                    "{target}/{upstream} {} (asked by uid {peer_uid})",
+                                    found.admin_state.as_str()
+                                ))
+                            }
+                            _ => Err(format!(
+                                "no upstream {target}/{upstream}; {} has {}",
+                                group.name,
+                                names.join(", ")
+                            )),
+                        };
+                        reply.send(answer).unwrap();
+                    }
+                    Control::State(reply) => reply.send(state.clone()).unwrap(),
+                    Control::Reload(reply) => {
+                        reloads += 1;
+                        let answer = if reloads == 1 {
+                            Ok("reload applied: 1 target, 2 upstreams".to_owned())
+                        } else {
+                            Err("lobby.yaml:3:5: lb: expected a list".to_owned())
+                        };
+                        reply.send(answer).unwrap();
+                    }
+                }
+            }
+        });
+        (path, cancel)
+    }
+
+    fn web(upstream: &str) -> UpstreamRef {
+        UpstreamRef {
+            target: "web".into(),
+            upstream: upstream.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn admin_commands_reach_the_loop_with_the_peers_uid() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        // The test made the directory: its owner is this process's uid.
+        let uid = std::fs::metadata(dir.path()).unwrap().uid();
+        let (path, cancel) = controlled_daemon(dir.path()).await;
+        let answer = admin(&path, AdminCommand::Drain, &web("web1"))
+            .await
+            .unwrap();
+        assert_eq!(answer, format!("web/web1 drained (asked by uid {uid})"));
+        let state = fetch_state(&path).await.unwrap();
+        let web1 = &state.targets[0].upstreams[0];
+        assert_eq!((web1.admin_state, web1.weight), (AdminState::Drained, 0));
+        admin(&path, AdminCommand::Disable, &web("web-long-name"))
+            .await
+            .unwrap();
+        admin(&path, AdminCommand::Enable, &web("web1"))
+            .await
+            .unwrap();
+        let state = fetch_state(&path).await.unwrap();
+        let admin_states: Vec<_> = state.targets[0]
+            .upstreams
+            .iter()
+            .map(|u| (u.admin_state, u.weight))
+            .collect();
+        assert_eq!(
+            admin_states,
+            [(AdminState::Enabled, 1), (AdminState::Disabled, 0)]
+        );
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_the_daemons_own_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, cancel) = controlled_daemon(dir.path()).await;
+        let error = admin(&path, AdminCommand::Drain, &web("nosuch"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, CtlError::Daemon(_)), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            "no upstream web/nosuch; web has web1, web-long-name"
+        );
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn reload_prints_the_outcome_or_the_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, cancel) = controlled_daemon(dir.path()).await;
+        assert_eq!(
+            reload(&path).await.unwrap(),
+            "reload applied: 1 target, 2 upstreams"
+        );
+        assert_eq!(
+            reload(&path).await.unwrap_err().to_string(),
+            "lobby.yaml:3:5: lb: expected a list"
+        );
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_daemon_without_runtime_control_refuses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, cancel) = daemon(dir.path(), LIMITS, report(Vec::new())).await;
+        let error = reload(&path).await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "this daemon does not take runtime commands"
+        );
+        cancel.cancel();
+    }
+
+    #[test]
+    fn the_wire_names_each_command() {
+        let request = WireRequest::Admin {
+            command: AdminCommand::Drain,
+            target: "web".into(),
+            upstream: "web1".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&request).unwrap(),
+            r#"{"request":"admin","command":"drain","target":"web","upstream":"web1"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&WireRequest::State).unwrap(),
+            r#"{"request":"state"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&WireRequest::Reload).unwrap(),
+            r#"{"request":"reload"}"#
+        );
+    }
+
+    #[test]
+    fn state_json_names_health_admin_state_and_weight() {
+        let json = serde_json::to_value(state_report()).unwrap();
+        let expected = serde_json::json!({"targets": [{"name": "web", "upstreams": [
+            {"name": "web1", "address": "198.18.1.11:9000", "available": true,
+             "admin_state": "enabled", "weight": 1},
+            {"name": "web-long-name", "address": null, "available": false,
+             "admin_state": "enabled", "weight": 1}]}]});
+        assert_eq!(json, expected);
+    }
+
+    #[test]
+    fn state_text_is_a_table_per_target() {
+        let mut state = state_report();
+        state.targets[0].upstreams[0].admin_state = AdminState::Drained;
+        state.targets[0].upstreams[0].weight = 0;
+        assert_eq!(
+            render_state(&state),
+            "target web\n\
+             \x20 UPSTREAM       ADDRESS           HEALTH  ADMIN    WEIGHT\n\
+             \x20 web1           198.18.1.11:9000  up      drained       0\n\
+             \x20 web-long-name  (unresolved)      down    enabled       1\n"
+        );
+        assert_eq!(
+            render_state(&StateReport::default()),
+            "no targets configured\n"
+        );
+    }
+
+    #[test]
+    fn a_refused_connection_says_who_may_connect() {
+        let path = Path::new("/run/lobby/lobby.sock");
+        let denied = connect_error(
+            path,
+            "lobby ctl",
+            io::Error::from(io::ErrorKind::PermissionDenied),
+        );
+        assert_eq!(
+            denied.to_string(),
+            "permission denied on /run/lobby/lobby.sock: lobby ctl needs root or the socket's owner"
+        );
+        let missing = connect_error(path, "lobby ctl", io::Error::from(io::ErrorKind::NotFound));
+        assert!(matches!(missing, CtlError::Exchange { .. }), "{missing:?}");
+    }
+
+    #[test]
+    fn upstreams_are_named_target_slash_upstream() {
+        assert_eq!("web/web1".parse(), Ok(web("web1")));
+        assert_eq!(web("web1").to_string(), "web/web1");
+        for bad in ["web", "web/", "/web1", "web/web1/x", ""] {
+            let error = bad.parse::<UpstreamRef>().unwrap_err();
+            assert!(
+                error.starts_with("expected TARGET/UPSTREAM"),
+                "{bad}: {error}"
+            );
+        }
     }
 }

@@ -16,7 +16,7 @@ use std::{
 
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::{mpsc, watch},
+    sync::{mpsc, oneshot, watch},
     time::{Instant, MissedTickBehavior, sleep_until},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -24,16 +24,17 @@ use tracing::{info, warn};
 
 use crate::{
     config::{self, Config},
-    ctl::{self, CtlError, Request, StatsReport, TargetStats, UpstreamStats},
+    ctl::{self, AdminState, Control, CtlError, Request, StatsReport, TargetStats, UpstreamStats},
     dns::{self, AddressUpdate, DnsStats, ResolverKey},
     ebpf::{Counters, CountersError},
+    events::{EventKind, Events, LobbyEvent},
     health::{self, HealthReport, ProbeStats},
     metrics::{self, MetricsError, Snapshot, UpstreamExtras},
     model::{Backend, UpstreamId},
     nft::NftError,
     ownership::{self, OwnershipError, TableLock},
     plane::{DataPlane, KernelPlane},
-    reconcile::{Action, Core, Event},
+    reconcile::{Action, Core, Event, Notice},
     systemd, traffic,
     watch::{self as config_watch, DEBOUNCE},
 };
@@ -154,7 +155,9 @@ pub async fn serve<P: DataPlane>(
 
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
-    let (mut wiring, mut inbox) = Wiring::new(plane, config_text, tracker.clone(), cancel.clone());
+    let events = Events::start(config.events.clone(), &tracker, cancel.child_token());
+    let (mut wiring, mut inbox) =
+        Wiring::new(plane, config_text, events, tracker.clone(), cancel.clone());
     let mut core = Core::new(inherited, ipv6_forwarding());
     let now = Instant::now();
     let mut actions = core.on(Event::ConfigLoaded(config), now);
@@ -183,7 +186,7 @@ pub async fn serve<P: DataPlane>(
                     systemd::ready();
                 }
                 Action::Abort(error) => break 'run Err(DaemonError::FirstApply(error)),
-                action => wiring.execute(action),
+                action => wiring.execute(action, &core),
             }
         }
         let deadline = core.next_deadline();
@@ -202,6 +205,14 @@ pub async fn serve<P: DataPlane>(
             }
             Some(event) = inbox.events.recv() => actions.extend(core.on(event, Instant::now())),
             Some(request) = inbox.requests.recv() => wiring.answer(request, &core),
+            Some(control) = inbox.control.recv() => {
+                if let Some(reload) = wiring.control(control, &mut core) {
+                    info!("reload asked over the control socket");
+                    systemd::reloading();
+                    wiring.reload_replies.push(reload);
+                    wiring.read_config(&options.config_path, true);
+                }
+            }
             _ = hangup.recv() => {
                 info!("SIGHUP received, reloading {}", options.config_path.display());
                 systemd::reloading();
@@ -302,6 +313,7 @@ struct Inbox {
     /// Outcomes of the data plane's work: applies and listings.
     events: mpsc::Receiver<Event>,
     requests: mpsc::Receiver<Request>,
+    control: mpsc::Receiver<Control>,
     loaded: mpsc::Receiver<Loaded>,
     table_changed: mpsc::Receiver<()>,
 }
@@ -322,8 +334,13 @@ struct Wiring<P> {
     addresses: mpsc::Sender<AddressUpdate>,
     events: mpsc::Sender<Event>,
     requests: mpsc::Sender<Request>,
+    control: mpsc::Sender<Control>,
     loaded: mpsc::Sender<Loaded>,
     table_changed: mpsc::Sender<()>,
+    /// `lobby ctl reload`s waiting for the outcome.
+    reload_replies: Vec<oneshot::Sender<Result<String, String>>>,
+    /// Where operators' event receivers hear of changes.
+    receivers: Events,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -332,6 +349,7 @@ impl<P: DataPlane> Wiring<P> {
     fn new(
         plane: Arc<P>,
         config_text: String,
+        receivers: Events,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> (Self, Inbox) {
@@ -339,6 +357,7 @@ impl<P: DataPlane> Wiring<P> {
         let (addresses_tx, addresses) = mpsc::channel(1024);
         let (events_tx, events) = mpsc::channel(16);
         let (requests_tx, requests) = mpsc::channel(64);
+        let (control_tx, control) = mpsc::channel(16);
         let (loaded_tx, loaded) = mpsc::channel(4);
         let (table_changed_tx, table_changed) = mpsc::channel(1);
         let wiring = Self {
@@ -352,8 +371,11 @@ impl<P: DataPlane> Wiring<P> {
             addresses: addresses_tx,
             events: events_tx,
             requests: requests_tx,
+            control: control_tx,
             loaded: loaded_tx,
             table_changed: table_changed_tx,
+            reload_replies: Vec::new(),
+            receivers,
             tracker,
             cancel,
         };
@@ -362,6 +384,7 @@ impl<P: DataPlane> Wiring<P> {
             addresses,
             events,
             requests,
+            control,
             loaded,
             table_changed,
         };
@@ -377,10 +400,11 @@ impl<P: DataPlane> Wiring<P> {
         listener: tokio::net::UnixListener,
         metrics_listener: Option<tokio::net::TcpListener>,
     ) {
-        self.tracker.spawn(ctl::serve(
+        self.tracker.spawn(ctl::serve_with_control(
             listener,
             options.socket_path.clone(),
             self.requests.clone(),
+            self.control.clone(),
             self.cancel.child_token(),
         ));
         if let Some(listener) = metrics_listener {
@@ -407,7 +431,7 @@ impl<P: DataPlane> Wiring<P> {
         ));
     }
 
-    fn execute(&mut self, action: Action) {
+    fn execute(&mut self, action: Action, core: &Core) {
         match action {
             Action::Apply(script) => {
                 let plane = self.plane.clone();
@@ -508,8 +532,52 @@ impl<P: DataPlane> Wiring<P> {
                 } else {
                     info!("{notice}");
                 }
+                let outcome = match &notice {
+                    Notice::ReloadApplied(_) => Some(Ok(notice.to_string())),
+                    Notice::ReloadFailed(_) => Some(Err(notice.to_string())),
+                    _ => None,
+                };
+                if let Some(outcome) = outcome {
+                    for reply in self.reload_replies.drain(..) {
+                        let _ = reply.send(outcome.clone());
+                    }
+                }
+                if let Some(event) = event_of(&notice, core) {
+                    self.receivers.emit(event);
+                }
             }
             Action::Ready | Action::Abort(_) => unreachable!("handled by the loop"),
+        }
+    }
+
+    /// Answers a `lobby ctl` command; a reload is handed back to the loop,
+    /// which answers it once the outcome is known.
+    fn control(
+        &mut self,
+        control: Control,
+        core: &mut Core,
+    ) -> Option<oneshot::Sender<Result<String, String>>> {
+        match control {
+            Control::Admin {
+                command,
+                target,
+                upstream,
+                peer_uid,
+                reply,
+            } => {
+                let id = UpstreamId::new(&target, &upstream);
+                let outcome = core.admin(&id, command.state()).map(|()| {
+                    info!(upstream = %id, uid = peer_uid, "upstream {id} {} by uid {peer_uid}", command.state().as_str());
+                    format!("upstream {id} {}", command.state().as_str())
+                });
+                let _ = reply.send(outcome);
+                None
+            }
+            Control::State(reply) => {
+                let _ = reply.send(state_report(core));
+                None
+            }
+            Control::Reload(reply) => Some(reply),
         }
     }
 
@@ -589,6 +657,83 @@ impl<P: DataPlane> Wiring<P> {
             })
             .collect()
     }
+}
+
+/// What an event receiver hears of a notice, if anything.
+fn event_of(notice: &Notice, core: &Core) -> Option<LobbyEvent> {
+    let (kind, target, upstream, address) = match notice {
+        Notice::UpstreamChanged { report, .. } => {
+            let address = core
+                .upstream(&report.id)
+                .and_then(|(state, _)| state.address)
+                .map(|a| a.to_string());
+            let kind = if report.available {
+                EventKind::UpstreamUp
+            } else {
+                EventKind::UpstreamDown
+            };
+            let id = &report.id;
+            (
+                kind,
+                Some(id.target.clone()),
+                Some(id.upstream.clone()),
+                address,
+            )
+        }
+        Notice::TargetEmpty { target } => {
+            (EventKind::TargetEmpty, Some(target.clone()), None, None)
+        }
+        Notice::TargetServing { target } => {
+            (EventKind::TargetNotEmpty, Some(target.clone()), None, None)
+        }
+        Notice::ReloadApplied(_) => (EventKind::ReloadApplied, None, None, None),
+        Notice::ReloadFailed(_) => (EventKind::ReloadFailed, None, None, None),
+        Notice::ApplyFailed(_) | Notice::Drift(_) | Notice::Ipv6ForwardingOff(_) => return None,
+    };
+    Some(LobbyEvent {
+        kind,
+        target,
+        upstream,
+        address,
+        detail: notice.to_string(),
+        time: std::time::SystemTime::now(),
+    })
+}
+
+/// Every upstream's health, admin state and weight, for `lobby ctl state`.
+fn state_report(core: &Core) -> ctl::StateReport {
+    let targets = core
+        .config()
+        .map(|c| c.targets.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|target| ctl::TargetState {
+            name: target.name.clone(),
+            upstreams: target
+                .group
+                .upstreams
+                .iter()
+                .map(|upstream| {
+                    let id = UpstreamId::new(&target.name, &upstream.name);
+                    let state = core.upstream(&id).map(|(state, _)| state);
+                    let admin = core.admin_state(&id).unwrap_or(AdminState::Enabled);
+                    ctl::UpstreamState {
+                        name: upstream.name.clone(),
+                        address: state
+                            .and_then(|s| s.address)
+                            .map(|a| std::net::SocketAddr::new(a, upstream.port).to_string()),
+                        available: state.is_some_and(|s| s.available),
+                        admin_state: admin,
+                        weight: match admin {
+                            AdminState::Enabled => upstream.weight,
+                            AdminState::Drained | AdminState::Disabled => 0,
+                        },
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    ctl::StateReport { targets }
 }
 
 fn upstream_ids(core: &Core) -> impl Iterator<Item = UpstreamId> + '_ {

@@ -12,7 +12,9 @@
 //! - [`health`]: TCP probes and the state machine of availability.
 //! - [`dns`]: resolves upstream host names, in order, once per period.
 //! - [`watch`]: notices changes of the configuration file.
-//! - [`ctl`]: the control socket and `lobby stats`.
+//! - [`ctl`]: the control socket, `lobby stats` and `lobby ctl`.
+//! - [`events`]: delivery of state changes to the configured command and
+//!   webhook, in order, off the loop.
 //! - [`metrics`]: the Prometheus endpoint.
 //! - [`listen`]: accepting with a connection cap and an idle timeout, for
 //!   every listener.
@@ -32,6 +34,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod dns;
 pub mod ebpf;
+pub mod events;
 pub mod health;
 pub mod listen;
 pub mod metrics;

@@ -163,6 +163,11 @@ pub struct Watched<S> {
 }
 
 impl<S> Watched<S> {
+    /// The connection itself, e.g. to ask who is on the other end.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     fn moved(&self, bytes: usize) {
         if bytes > 0 {
             // Stores a permit when the watchdog is not waiting: no activity

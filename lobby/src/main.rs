@@ -8,7 +8,7 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser as _;
 use lobby::{
-    cli::{Cli, Command, LogLevel, RunArgs},
+    cli::{Cli, Command, CtlAction, LogLevel, RunArgs},
     config, ctl, daemon,
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -23,6 +23,7 @@ fn main() -> ExitCode {
             json,
             watch,
         }) => stats(&socket, json, watch),
+        Some(Command::Ctl { socket, action }) => control(&socket, action),
         None => run_daemon(cli.run),
     };
     match result {
@@ -63,12 +64,44 @@ fn check(path: Option<PathBuf>) -> ExitCode {
 /// How long a plain `lobby stats` samples to show rates.
 const RATE_SAMPLE: Duration = Duration::from_secs(1);
 
-fn stats(socket: &std::path::Path, json: bool, watch: Option<u64>) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// The runtime of a client command: one thread is plenty.
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async {
+        .context("starting the async runtime")
+}
+
+/// `lobby ctl`: prints the daemon's answer; its refusal is the error.
+fn control(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<()> {
+    client_runtime()?.block_on(async {
+        let text = match action {
+            CtlAction::Drain { upstream } => {
+                ctl::admin(socket, ctl::AdminCommand::Drain, &upstream).await?
+            }
+            CtlAction::Enable { upstream } => {
+                ctl::admin(socket, ctl::AdminCommand::Enable, &upstream).await?
+            }
+            CtlAction::Disable { upstream } => {
+                ctl::admin(socket, ctl::AdminCommand::Disable, &upstream).await?
+            }
+            CtlAction::State { json: true } => {
+                let report = ctl::fetch_state(socket).await?;
+                serde_json::to_string_pretty(&report).expect("plain data serializes")
+            }
+            CtlAction::State { json: false } => {
+                let table = ctl::render_state(&ctl::fetch_state(socket).await?);
+                table.trim_end().to_owned()
+            }
+            CtlAction::Reload => ctl::reload(socket).await?,
+        };
+        print_out(&format!("{text}\n"))?;
+        Ok(())
+    })
+}
+
+fn stats(socket: &std::path::Path, json: bool, watch: Option<u64>) -> anyhow::Result<()> {
+    client_runtime()?.block_on(async {
         if json && watch.is_none() {
             let report = ctl::fetch_stats(socket).await?;
             let text = serde_json::to_string_pretty(&report).expect("plain data serializes");

@@ -41,6 +41,8 @@ pub struct UpstreamState {
     /// `None` while an FQDN has never resolved.
     pub address: Option<IpAddr>,
     pub available: bool,
+    /// Drained by the operator: weight 0 whatever the configuration says.
+    pub drained: bool,
 }
 
 impl UpstreamState {
@@ -53,6 +55,7 @@ impl UpstreamState {
                 Host::Fqdn(_) => None,
             },
             available: health_check.is_none_or(|h| h.start_available),
+            drained: false,
         }
     }
 }
@@ -148,13 +151,15 @@ pub const HASH_SLOTS: usize = 1024;
 struct Candidate<'a> {
     config: &'a Upstream,
     address: SocketAddr,
+    /// The configured weight, or 0 while drained.
+    weight: u32,
 }
 
 /// The slots of a family's rotation. Upstreams that can take new
 /// connections are the available ones with a weight; backups only while
 /// no other can.
 fn slots(distribution: Distribution, candidates: &[Candidate<'_>]) -> Vec<SocketAddr> {
-    let active: Vec<&Candidate<'_>> = candidates.iter().filter(|c| c.config.weight > 0).collect();
+    let active: Vec<&Candidate<'_>> = candidates.iter().filter(|c| c.weight > 0).collect();
     let primaries: Vec<&Candidate<'_>> = active
         .iter()
         .copied()
@@ -168,8 +173,8 @@ fn slots(distribution: Distribution, candidates: &[Candidate<'_>]) -> Vec<Socket
     if chosen.is_empty() {
         return Vec::new();
     }
-    let divisor = chosen.iter().map(|c| c.config.weight).fold(0, gcd);
-    let weights: Vec<u32> = chosen.iter().map(|c| c.config.weight / divisor).collect();
+    let divisor = chosen.iter().map(|c| c.weight).fold(0, gcd);
+    let weights: Vec<u32> = chosen.iter().map(|c| c.weight / divisor).collect();
     match distribution {
         Distribution::RoundRobin => smooth_order(&weights)
             .into_iter()
@@ -240,7 +245,7 @@ fn rendezvous_score(slot: usize, candidate: &Candidate<'_>) -> f64 {
     hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     hash ^= hash >> 31;
     let unit = ((hash >> 11) as f64 + 1.0) / ((1u64 << 53) as f64 + 1.0);
-    -f64::from(candidate.config.weight) / unit.ln()
+    -f64::from(candidate.weight) / unit.ln()
 }
 
 impl Desired {
@@ -267,6 +272,7 @@ impl Desired {
                         Some(Candidate {
                             config: upstream,
                             address: SocketAddr::new(address, upstream.port),
+                            weight: if state.drained { 0 } else { upstream.weight },
                         })
                     })
                     .collect();
@@ -331,6 +337,7 @@ mod tests {
             .map(|(i, config)| Candidate {
                 config,
                 address: SocketAddr::from(([198, 18, 1, i as u8 + 1], 80)),
+                weight: config.weight,
             })
             .collect()
     }

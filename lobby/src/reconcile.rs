@@ -26,6 +26,7 @@ use tracing::{debug, info};
 
 use crate::{
     config::{self, Config, DnsConfig, HealthCheck, Host, Protocol},
+    ctl::AdminState,
     dns::{AddressUpdate, ResolverKey},
     health::HealthReport,
     metrics::Histogram,
@@ -242,6 +243,8 @@ struct Upstream {
     spec: UpstreamSpec,
     state: UpstreamState,
     state_changes: u64,
+    /// The operator's say (`lobby ctl`), kept while the spec is unchanged.
+    admin: AdminState,
 }
 
 /// Reload outcomes, for metrics.
@@ -412,6 +415,42 @@ impl Core {
         self.upstreams.get(id).map(|u| (u.state, u.state_changes))
     }
 
+    /// Sets the operator's say over an upstream (`lobby ctl`); the next
+    /// [`Core::settle`] applies it. An unknown name is refused with what
+    /// exists.
+    pub fn admin(&mut self, id: &UpstreamId, state: AdminState) -> Result<(), String> {
+        let Some(upstream) = self.upstreams.get_mut(id) else {
+            let siblings: Vec<&str> = self
+                .upstreams
+                .keys()
+                .filter(|known| known.target == id.target)
+                .map(|known| known.upstream.as_str())
+                .collect();
+            return Err(if siblings.is_empty() {
+                let targets: BTreeSet<&str> =
+                    self.upstreams.keys().map(|k| k.target.as_str()).collect();
+                let targets: Vec<&str> = targets.into_iter().collect();
+                format!("no target {}; targets: {}", id.target, targets.join(", "))
+            } else {
+                format!(
+                    "no upstream {id}; {} has {}",
+                    id.target,
+                    siblings.join(", ")
+                )
+            });
+        };
+        if upstream.admin != state {
+            upstream.admin = state;
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// The operator's say over an upstream.
+    pub fn admin_state(&self, id: &UpstreamId) -> Option<AdminState> {
+        self.upstreams.get(id).map(|u| u.admin)
+    }
+
     pub fn reloads(&self) -> ReloadCounts {
         self.reloads
     }
@@ -556,7 +595,11 @@ impl Core {
         });
         let available = start.available
             || address.is_some_and(|a| self.was_balanced(&id, SocketAddr::new(a, spec.port)));
-        let state = UpstreamState { address, available };
+        let state = UpstreamState {
+            address,
+            available,
+            drained: false,
+        };
         if let Some(check) = &spec.health_check {
             actions.push(Action::StartChecker {
                 id: id.clone(),
@@ -571,6 +614,7 @@ impl Core {
                 spec,
                 state,
                 state_changes: 0,
+                admin: AdminState::Enabled,
             },
         );
     }
@@ -702,7 +746,14 @@ impl Core {
         let states: BTreeMap<UpstreamId, UpstreamState> = self
             .upstreams
             .iter()
-            .map(|(id, u)| (id.clone(), u.state))
+            .map(|(id, u)| {
+                let state = UpstreamState {
+                    available: u.state.available && u.admin != AdminState::Disabled,
+                    drained: u.admin == AdminState::Drained,
+                    ..u.state
+                };
+                (id.clone(), state)
+            })
             .collect();
         let config = self.config.as_ref().expect("checked above");
         let mut desired = Desired::from_config(config, &states, self.ipv6_forwarding);

@@ -10,8 +10,9 @@ use std::{
 
 use http::uri::PathAndQuery;
 use lobby::config::{
-    self, Config, Distribution, DnsConfig, HealthCheck, HealthProtocol, Host, HttpProbe, IpNet,
-    MetricsConfig, Protocol, StatusRange, Summary, Target, UdpProbe, Upstream, UpstreamGroup,
+    self, Config, Distribution, DnsConfig, EventsConfig, HealthCheck, HealthProtocol, Host,
+    HttpProbe, IpNet, MetricsConfig, Protocol, StatusRange, Summary, Target, UdpProbe, Upstream,
+    UpstreamGroup,
 };
 
 fn load(name: &str) -> Config {
@@ -81,6 +82,7 @@ fn check(port: u16, interval: u64, timeout: u64, success_count: u32) -> HealthCh
 fn an_original_lobby_file_loads_unchanged() {
     let expected = Config {
         metrics: None,
+        events: None,
         targets: vec![
             target(
                 "web",
@@ -149,6 +151,7 @@ fn every_field_and_extension_loads() {
         metrics: Some(MetricsConfig {
             listen: addr("[::1]:9091"),
         }),
+        events: None,
         targets: vec![
             target(
                 "web",
@@ -211,6 +214,29 @@ fn an_empty_lb_list_is_a_lobby_with_nothing_to_balance() {
 }
 
 /// The probe of each upstream of `config`, by upstream name.
+#[test]
+fn events_load_with_their_default_timeout() {
+    let events = |name| load(name).events.expect("an events section");
+    assert_eq!(
+        events("events.yaml"),
+        EventsConfig {
+            command: Some(vec![
+                "/usr/local/bin/lobby-notify".into(),
+                "--retries".into(),
+                "3".into(),
+                "".into(),
+            ]),
+            webhook: Some(
+                "https://alerts.example.test:8443/hooks/lobby?team=net"
+                    .parse()
+                    .unwrap()
+            ),
+            timeout: Duration::from_secs(5),
+        }
+    );
+    assert_eq!(load("minimal.yaml").events, None);
+}
+
 fn probes(config: &Config) -> Vec<(&str, &HealthProtocol)> {
     config
         .targets

@@ -194,6 +194,17 @@ impl Lobby {
         }
     }
 
+    /// `lobby ctl ARGS` against this daemon: its output, whatever its exit.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary())
+            .arg("ctl")
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket_path)
+            .output()
+            .expect("running lobby ctl")
+    }
+
     /// `lobby stats --json` against this daemon.
     pub fn stats(&self) -> serde_json::Value {
         let output = Command::new(binary())

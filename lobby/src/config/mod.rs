@@ -203,11 +203,24 @@ impl Config {
 pub struct Config {
     pub targets: Vec<Target>,
     pub metrics: Option<MetricsConfig>,
+    pub events: Option<EventsConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MetricsConfig {
     pub listen: SocketAddr,
+}
+
+/// Who is told about state changes (upstream up or down, target empty or
+/// not, reload applied or failed); at least one of `command` and `webhook`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventsConfig {
+    /// The program and its arguments, run without a shell; never empty.
+    pub command: Option<Vec<String>>,
+    /// An `http` or `https` URL with a host, which gets a JSON POST.
+    pub webhook: Option<http::Uri>,
+    /// How long one delivery (the command, the POST) may take.
+    pub timeout: Duration,
 }
 
 /// Where traffic arrives on the Lobby host.

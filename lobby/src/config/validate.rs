@@ -35,6 +35,10 @@
 //!   port of a target whose `ip` covers its address is an error, since the
 //!   target's DNAT would take every scrape from another host; a loopback
 //!   address is never taken (the DNAT sees only other hosts' packets).
+//! - `events`: `command` and `webhook` may both be given, one is needed.
+//!   Arguments are text, quoted or not (`--retries: 3` passes "3"); lists
+//!   and mappings are not. `timeout` defaults to 5 s (SPEC), at most 300 s:
+//!   one slow receiver holds up the events behind it.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -46,12 +50,12 @@ use std::{
 use http::uri::PathAndQuery;
 
 use super::{
-    Config, ConfigError, Distribution, DnsConfig, Family, HealthCheck, HealthProtocol, Host,
-    HttpProbe, IpNet, MetricsConfig, Protocol, StatusRange, Target, UdpProbe, Upstream,
-    UpstreamGroup,
+    Config, ConfigError, Distribution, DnsConfig, EventsConfig, Family, HealthCheck,
+    HealthProtocol, Host, HttpProbe, IpNet, MetricsConfig, Protocol, StatusRange, Target, UdpProbe,
+    Upstream, UpstreamGroup,
     values::{
-        Boolean, HostName, HttpHost, Integer, IpRange, Keyword, Listen, Name, PORT, Resolver,
-        Statuses, Text, UrlPath, Want, describe,
+        Argument, Boolean, HostName, HttpHost, Integer, IpRange, Keyword, Listen, Name, PORT,
+        Resolver, Statuses, Text, UrlPath, Want, WebhookUrl, describe,
     },
     yaml::{Mark, Node, Value},
 };
@@ -136,6 +140,13 @@ const TTL: Integer = Integer {
     min: 1,
     max: i32::MAX as u64,
 };
+const EVENT_TIMEOUT: Integer = Integer {
+    what: "seconds",
+    min: 1,
+    max: 300,
+};
+/// `events.timeout` when not given (SPEC).
+const DEFAULT_EVENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// `failure_count` when not given: the original marks an upstream down at
 /// the first failure.
 const DEFAULT_FAILURE_COUNT: u32 = 1;
@@ -375,12 +386,13 @@ impl Checker {
     }
 
     fn root(&mut self, root: &Node) -> Option<Config> {
-        let fields = self.mapping(root, String::new(), &["lb", "metrics"])?;
+        let fields = self.mapping(root, String::new(), &["lb", "metrics", "events"])?;
         let metrics_fields = self.optional_mapping(&fields, "metrics", &["listen"]);
         let metrics = metrics_fields.as_ref().map(|metrics| {
             self.required(metrics, "listen", &Listen)
                 .map(|listen| MetricsConfig { listen })
         });
+        let events = self.events(&fields);
         let mut targets = Vec::new();
         for (path, node) in self.list(&fields, "lb", "a list of load balancers", true) {
             targets.extend(self.load_balancer(node, path));
@@ -391,6 +403,7 @@ impl Checker {
         Some(Config {
             targets: targets.into_iter().collect::<Option<_>>()?,
             metrics: metrics.map_or(Some(None), |m| m.map(Some))?,
+            events: events?,
         })
     }
 
@@ -414,6 +427,51 @@ impl Checker {
             );
             self.report(node.mark, fields.path("listen"), message);
         }
+    }
+
+    /// `Some(None)` when absent or null.
+    fn events(&mut self, root: &Fields) -> Option<Option<EventsConfig>> {
+        let schema = ["command", "webhook", "timeout"];
+        let Some(fields) = self.optional_mapping(root, "events", &schema) else {
+            // Absent and null are no events; anything else was reported.
+            return root
+                .get("events")
+                .is_none_or(|n| n.is_null())
+                .then_some(None);
+        };
+        if fields.get("command").is_none() && fields.get("webhook").is_none() {
+            let message = "expected `command`, `webhook` or both".to_owned();
+            self.report(fields.mark, fields.path.clone(), message);
+        }
+        let command = self.command(&fields);
+        let webhook = self.defaulted(&fields, "webhook", &WebhookUrl);
+        let timeout = self.defaulted(&fields, "timeout", &EVENT_TIMEOUT);
+        Some(Some(EventsConfig {
+            command: command?,
+            webhook: webhook?,
+            timeout: timeout?.map_or(DEFAULT_EVENT_TIMEOUT, Duration::from_secs),
+        }))
+    }
+
+    /// `events.command`: `Some(None)` when absent, `None` when invalid.
+    fn command(&mut self, events: &Fields) -> Option<Option<Vec<String>>> {
+        let Some(node) = events.get("command") else {
+            return Some(None);
+        };
+        let expected = "a list: the program and its arguments";
+        let items = self.list(events, "command", expected, true);
+        if matches!(node.value(), Value::Sequence(items) if items.is_empty()) {
+            let message = format!("expected {expected}, found an empty list");
+            self.report(node.mark, events.path("command"), message);
+        }
+        let argv: Vec<Option<String>> = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, (path, node))| self.read(node, path, &Argument { program: i == 0 }))
+            .collect();
+        let argv: Vec<String> = argv.into_iter().collect::<Option<_>>()?;
+        // Empty: reported above, or the list was not one.
+        (!argv.is_empty()).then_some(Some(argv))
     }
 
     /// The targets of one `lb` entry (`None` for those that are invalid).

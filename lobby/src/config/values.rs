@@ -399,6 +399,63 @@ impl Want for Resolver {
     }
 }
 
+/// One item of an event command's argv, quoted or not; the program (the
+/// first) may not be empty. Without a NUL byte, which exec cannot pass.
+pub(crate) struct Argument {
+    pub program: bool,
+}
+
+impl Want for Argument {
+    type Value = String;
+    fn expected(&self) -> String {
+        if self.program {
+            "a program's path or name".to_owned()
+        } else {
+            "text".to_owned()
+        }
+    }
+    fn read(&self, node: &Node) -> Result<String, String> {
+        let text = text(node)?;
+        if text.contains('\0') {
+            Err(format!("{} (a NUL byte)", describe(node)))
+        } else if self.program && text.is_empty() {
+            Err(describe(node))
+        } else {
+            Ok(text.to_owned())
+        }
+    }
+}
+
+/// Where events are POSTed: an absolute `http` or `https` URL with a host.
+pub(crate) struct WebhookUrl;
+
+impl Want for WebhookUrl {
+    type Value = http::Uri;
+    fn expected(&self) -> String {
+        "an http:// or https:// URL such as https://alerts.example.test/lobby".to_owned()
+    }
+    fn read(&self, node: &Node) -> Result<http::Uri, String> {
+        let why = |why: &str| format!("{} ({why})", describe(node));
+        let uri = http::Uri::from_str(text(node)?).map_err(|_| why("not a URL"))?;
+        match uri.scheme_str() {
+            Some("http" | "https") => {}
+            Some(other) => return Err(why(&format!("scheme `{other}`"))),
+            None => return Err(why("not an absolute URL")),
+        }
+        let authority = uri.authority().ok_or_else(|| why("no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(why("credentials in a URL are not sent"));
+        }
+        if authority.host().is_empty() {
+            return Err(why("no host"));
+        }
+        if authority.port_u16() == Some(0) {
+            return Err(why("port 0"));
+        }
+        Ok(uri)
+    }
+}
+
 /// An address and port to listen on.
 pub(crate) struct Listen;
 

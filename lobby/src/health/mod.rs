@@ -11,7 +11,7 @@ mod probe;
 mod state;
 #[cfg(test)]
 mod test_support;
-mod tls;
+pub(crate) mod tls;
 
 use std::io;
 

@@ -1,6 +1,6 @@
-//! TLS for https probes: one client configuration per `tls_verify` choice,
-//! built once per process, and what a failed handshake means to an
-//! operator.
+//! TLS for https probes and the events webhook: one client configuration
+//! per `tls_verify` choice, built once per process, and what a failed
+//! handshake means to an operator.
 use std::{
     io,
     sync::{Arc, LazyLock},
@@ -47,7 +47,7 @@ static TRUSTING: LazyLock<Arc<ClientConfig>> = LazyLock::new(|| {
 
 /// The configuration for `tls_verify`: the system's roots when `true`, any
 /// certificate when `false`.
-pub(super) fn client_config(verify: bool) -> Arc<ClientConfig> {
+pub(crate) fn client_config(verify: bool) -> Arc<ClientConfig> {
     Arc::clone(if verify { &VERIFYING } else { &TRUSTING })
 }
 
