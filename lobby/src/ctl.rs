@@ -41,6 +41,19 @@ pub struct TargetStats {
     pub upstream_group: String,
     pub distribution: String,
     pub upstreams: Vec<UpstreamStats>,
+    /// Packets refused by the target's traffic policy, by reason.
+    #[serde(default)]
+    pub denied: DeniedStats,
+}
+
+/// Packets a target's policy refused, by reason (`lobby stats --json`
+/// `denied`). Rate and connection limits are not enforced yet: always 0.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeniedStats {
+    pub blocked: u64,
+    pub not_allowed: u64,
+    pub rate_limited: u64,
+    pub connection_limited: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -752,6 +765,7 @@ mod tests {
     fn report(upstreams: Vec<UpstreamStats>) -> StatsReport {
         StatsReport {
             targets: vec![TargetStats {
+                denied: Default::default(),
                 name: "web".into(),
                 protocol: "tcp".into(),
                 port: 8081,
@@ -769,7 +783,8 @@ mod tests {
             "upstream_group": "web-pool", "distribution": "round-robin",
             "upstreams": [{"name": "web1", "host": "198.18.1.11", "address": "198.18.1.11", "port": 9000,
                 "available": true, "connections": 12, "resets": 0, "packets_out": 10, "bytes_out": 5000,
-                "packets_in": 9, "bytes_in": 2048}]}]});
+                "packets_in": 9, "bytes_in": 2048}],
+            "denied": {"blocked": 0, "not_allowed": 0, "rate_limited": 0, "connection_limited": 0}}]});
         assert_eq!(json, expected);
     }
 

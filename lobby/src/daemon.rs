@@ -610,14 +610,19 @@ impl<P: DataPlane> Wiring<P> {
     }
 
     /// Answers a request with what the core knows now, and the counters
-    /// read on a blocking thread.
+    /// read off the loop.
     fn answer(&self, request: Request, core: &Core) {
         let (report, backends) = stats_without_counters(core);
+        let policies = core.config().is_some_and(|c| {
+            c.targets
+                .iter()
+                .any(|t| !t.policy.block.is_empty() || t.policy.allow.is_some())
+        });
         let plane = self.plane.clone();
         match request {
             Request::Stats(reply) => {
-                tokio::task::spawn_blocking(move || {
-                    let _ = reply.send(with_counters(report, &backends, &*plane));
+                tokio::spawn(async move {
+                    let _ = reply.send(read_counters(report, backends, policies, plane).await);
                 });
             }
             Request::Metrics(reply) => {
@@ -628,9 +633,9 @@ impl<P: DataPlane> Wiring<P> {
                 }
                 let reloads = core.reloads();
                 let apply_duration = core.apply_duration().clone();
-                tokio::task::spawn_blocking(move || {
+                tokio::spawn(async move {
                     let _ = reply.send(Snapshot {
-                        stats: with_counters(report, &backends, &*plane),
+                        stats: read_counters(report, backends, policies, plane).await,
                         extras,
                         dns_resolutions,
                         reloads_succeeded: reloads.succeeded,
@@ -782,6 +787,7 @@ fn stats_without_counters(core: &Core) -> (StatsReport, Vec<Option<Backend>>) {
                 port: target.port,
                 upstream_group: target.group.name.clone(),
                 distribution: target.group.distribution.as_str().to_owned(),
+                denied: ctl::DeniedStats::default(),
                 upstreams: target
                     .group
                     .upstreams
@@ -811,6 +817,36 @@ fn stats_without_counters(core: &Core) -> (StatsReport, Vec<Option<Backend>>) {
             })
             .collect();
     (StatsReport { targets }, backends)
+}
+
+/// `report` with the counters of upstreams (from the eBPF maps, on a
+/// blocking thread) and of the policies' refusals.
+async fn read_counters<P: DataPlane>(
+    report: StatsReport,
+    backends: Vec<Option<Backend>>,
+    policies: bool,
+    plane: Arc<P>,
+) -> StatsReport {
+    // Listing the table costs an nft run: only when a policy counts.
+    let denied = if policies {
+        plane.read_denied().await
+    } else {
+        BTreeMap::new()
+    };
+    let mut report = tokio::task::spawn_blocking(move || with_counters(report, &backends, &*plane))
+        .await
+        .expect("reading counters does not panic");
+    for target in &mut report.targets {
+        let count = |reason| {
+            denied
+                .get(&crate::nft::denied_counter(&target.name, reason))
+                .copied()
+                .unwrap_or(0)
+        };
+        target.denied.blocked = count(crate::nft::Denied::Blocked);
+        target.denied.not_allowed = count(crate::nft::Denied::NotAllowed);
+    }
+    report
 }
 
 /// `report` with the counters the data plane reads now.

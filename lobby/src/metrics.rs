@@ -442,6 +442,7 @@ mod tests {
         Snapshot {
             stats: StatsReport {
                 targets: vec![TargetStats {
+                    denied: Default::default(),
                     name: "web".into(),
                     protocol: "tcp".into(),
                     port: 8081,
@@ -834,6 +835,7 @@ mod tests {
         let snapshot = Snapshot {
             stats: StatsReport {
                 targets: vec![TargetStats {
+                    denied: Default::default(),
                     name: "web".into(),
                     protocol: "tcp".into(),
                     port: 8081,

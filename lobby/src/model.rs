@@ -10,7 +10,9 @@ use std::{
 
 use tokio::time::Instant;
 
-use crate::config::{Config, Distribution, Family, HealthCheck, Host, IpNet, Protocol, Upstream};
+use crate::config::{
+    Config, Distribution, Family, HealthCheck, Host, IpNet, Policy, Protocol, SourceNat, Upstream,
+};
 
 /// Names one upstream of one target, as operators read it in logs:
 /// `web/web1`.
@@ -78,10 +80,11 @@ pub type Backend = (SocketAddr, Protocol);
 pub const BACKEND_LINGER: Duration = Duration::from_secs(2);
 
 impl Desired {
-    /// Every upstream some target sends new connections to.
+    /// Every upstream some masquerading target sends new connections to.
     pub fn balanced(&self) -> BTreeSet<Backend> {
         self.targets
             .values()
+            .filter(|t| t.policy.source_nat == SourceNat::Masquerade)
             .flat_map(|t| {
                 t.families
                     .iter()
@@ -119,6 +122,7 @@ pub struct DesiredTarget {
     pub port: u16,
     pub ip: Option<IpNet>,
     pub distribution: Distribution,
+    pub policy: Policy,
     /// The families the target serves, IPv4 first: netfilter cannot
     /// translate between families, so each has its own rotation.
     pub families: Vec<FamilyRotation>,
@@ -298,6 +302,7 @@ impl Desired {
                     port: target.port,
                     ip: target.ip,
                     distribution,
+                    policy: target.policy.clone(),
                     families,
                 };
                 (target.name.clone(), desired)

@@ -13,14 +13,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     process::Stdio,
 };
 
 use tokio::process::Command;
 
 use crate::{
-    config::{Distribution, Family, Protocol},
+    config::{Distribution, Family, IpNet, Protocol, SourceNat},
     model::{Backend, Desired, DesiredTarget, FamilyRotation},
 };
 
@@ -81,25 +81,22 @@ pub fn render(desired: &Desired) -> String {
     )
     .unwrap();
     writeln!(out, "\t}}").unwrap();
+    for counter in denied_counters(desired) {
+        writeln!(out, "\tcounter {counter} {{\n\t}}").unwrap();
+    }
     writeln!(out, "\tchain postrouting {{").unwrap();
     writeln!(
         out,
         "\t\ttype nat hook postrouting priority srcnat; policy accept;"
     )
     .unwrap();
-    for family in Family::BOTH {
-        writeln!(
-            out,
-            "\t\tct status dnat {} daddr . meta l4proto . th dport @{} masquerade",
-            address_keyword(family),
-            backends_set(family).0
-        )
-        .unwrap();
+    for rule in postrouting_rules(desired) {
+        writeln!(out, "\t\t{rule}").unwrap();
     }
     writeln!(out, "\t}}").unwrap();
     for (name, target) in &desired.targets {
         writeln!(out, "\tchain {} {{", chain_name(name)).unwrap();
-        for rule in target_rules(target) {
+        for rule in target_rules(name, target) {
             writeln!(out, "\t\t{rule}").unwrap();
         }
         writeln!(out, "\t}}").unwrap();
@@ -172,18 +169,30 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
             }
         }
     }
+    let old_counters = denied_counters(applied);
+    let new_counters = denied_counters(desired);
+    for counter in new_counters.difference(&old_counters) {
+        writeln!(out, "add counter {FAMILY} {TABLE} {counter}").unwrap();
+    }
+    let postrouting = postrouting_rules(desired);
+    if postrouting_rules(applied) != postrouting {
+        writeln!(out, "flush chain {FAMILY} {TABLE} postrouting").unwrap();
+        for rule in &postrouting {
+            writeln!(out, "add rule {FAMILY} {TABLE} postrouting {rule}").unwrap();
+        }
+    }
     for (name, new) in &desired.targets {
         let chain = chain_name(name);
         let old = applied.targets.get(name);
+        let rules = target_rules(name, new);
+        let changed = old.is_none_or(|old| target_rules(name, old) != rules);
         match old {
             None => writeln!(out, "add chain {FAMILY} {TABLE} {chain}").unwrap(),
-            Some(old) if target_rules(old) != target_rules(new) => {
-                writeln!(out, "flush chain {FAMILY} {TABLE} {chain}").unwrap()
-            }
+            Some(_) if changed => writeln!(out, "flush chain {FAMILY} {TABLE} {chain}").unwrap(),
             Some(_) => {}
         }
-        if old.is_none_or(|old| target_rules(old) != target_rules(new)) {
-            for rule in target_rules(new) {
+        if changed {
+            for rule in rules {
                 writeln!(out, "add rule {FAMILY} {TABLE} {chain} {rule}").unwrap();
             }
         }
@@ -195,6 +204,10 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
             )
             .unwrap();
         }
+    }
+    // Last: no rule refers to them any more.
+    for counter in old_counters.difference(&new_counters) {
+        writeln!(out, "delete counter {FAMILY} {TABLE} {counter}").unwrap();
     }
     Some(out)
 }
@@ -249,8 +262,8 @@ fn backend_elements(backends: &BTreeSet<Backend>, family: Family) -> Vec<String>
 /// over 1,740 rewrites, kernel 6.18); dropped, its SYN is sent again a
 /// second later and balanced, where falling through would reach the host's
 /// own stack and be refused. Without upstreams: refused at once.
-fn target_rules(target: &DesiredTarget) -> Vec<String> {
-    let mut rules = Vec::new();
+fn target_rules(name: &str, target: &DesiredTarget) -> Vec<String> {
+    let mut rules = policy_rules(name, target);
     for rotation in &target.families {
         let family = address_keyword(rotation.family);
         let mut matched = String::new();
@@ -264,14 +277,182 @@ fn target_rules(target: &DesiredTarget) -> Vec<String> {
             rules.push(format!("{matched} {}", refusal(target.protocol)));
             continue;
         }
+        // Only a connection's opening packet is translated: a TCP segment
+        // without SYN that conntrack does not know (a flow moved here by a
+        // failover or ECMP) is dropped below, to be retransmitted once the
+        // state has arrived, instead of being balanced to an upstream that
+        // would reset it.
+        let opening = match target.protocol {
+            Protocol::Tcp => " tcp flags & (syn | ack) == syn",
+            Protocol::Udp | Protocol::Sctp => "",
+        };
         rules.push(format!(
-            "{matched} dnat {family} to {} map {{ {} }}",
+            "{matched}{opening} dnat {family} to {} map {{ {} }}",
             slot_key(target.distribution, rotation),
             slot_elements(&rotation.slots).join(", ")
         ));
         rules.push(format!("{matched} drop"));
     }
     rules
+}
+
+/// The rules before the balancing: traffic that is not balanced leaves the
+/// chain (another interface: back to the host's own handling) or is dropped
+/// silently and counted (a blocked or not allowed source).
+fn policy_rules(name: &str, target: &DesiredTarget) -> Vec<String> {
+    let policy = &target.policy;
+    let mut rules = Vec::new();
+    if let Some(interface) = &policy.interface {
+        rules.push(format!("iifname != \"{interface}\" return"));
+    }
+    let served = || target.families.iter().map(|f| f.family);
+    if !policy.block.is_empty() {
+        let counter = denied_counter(name, Denied::Blocked);
+        for family in served() {
+            let nets = nets_of(&policy.block, family);
+            if !nets.is_empty() {
+                rules.push(format!(
+                    "{} saddr {{ {nets} }} counter name \"{counter}\" drop",
+                    address_keyword(family)
+                ));
+            }
+        }
+    }
+    if let Some(allow) = &policy.allow {
+        let counter = denied_counter(name, Denied::NotAllowed);
+        for family in served() {
+            let nets = nets_of(allow, family);
+            rules.push(if nets.is_empty() {
+                format!(
+                    "meta nfproto {} counter name \"{counter}\" drop",
+                    family.as_str()
+                )
+            } else {
+                format!(
+                    "{} saddr != {{ {nets} }} counter name \"{counter}\" drop",
+                    address_keyword(family)
+                )
+            });
+        }
+    }
+    rules
+}
+
+/// The ranges of `family` among `nets`, as set elements.
+fn nets_of(nets: &[IpNet], family: Family) -> String {
+    let of_family: Vec<String> = nets
+        .iter()
+        .filter(|n| n.family() == family)
+        .map(ToString::to_string)
+        .collect();
+    of_family.join(", ")
+}
+
+/// Why traffic was refused, as `lobby stats` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Denied {
+    Blocked,
+    NotAllowed,
+}
+
+impl Denied {
+    pub const ALL: [Denied; 2] = [Denied::Blocked, Denied::NotAllowed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Denied::Blocked => "blocked",
+            Denied::NotAllowed => "not_allowed",
+        }
+    }
+}
+
+/// The named counter of a target's refusals for `reason`.
+pub fn denied_counter(target: &str, reason: Denied) -> String {
+    format!("{}-{}", chain_name(target), reason.as_str())
+}
+
+/// The named counters the policies of `desired` count into.
+fn denied_counters(desired: &Desired) -> BTreeSet<String> {
+    let mut counters = BTreeSet::new();
+    for (name, target) in &desired.targets {
+        if !target.policy.block.is_empty() {
+            counters.insert(denied_counter(name, Denied::Blocked));
+        }
+        if target.policy.allow.is_some() {
+            counters.insert(denied_counter(name, Denied::NotAllowed));
+        }
+    }
+    counters
+}
+
+/// The source translation of Lobby's connections: masquerade for the
+/// targets that keep the default (through the backends sets), SNAT to the
+/// configured addresses for the others; nothing for `source_nat: none`.
+fn postrouting_rules(desired: &Desired) -> Vec<String> {
+    let mut rules: Vec<String> = Family::BOTH
+        .into_iter()
+        .map(|family| {
+            format!(
+                "ct status dnat {} daddr . meta l4proto . th dport @{} masquerade",
+                address_keyword(family),
+                backends_set(family).0
+            )
+        })
+        .collect();
+    for target in desired.targets.values() {
+        for rotation in &target.families {
+            let Some(to) = snat_to(&target.policy.source_nat, rotation.family) else {
+                continue;
+            };
+            let backends: BTreeSet<Backend> = rotation
+                .slots
+                .iter()
+                .map(|s| (*s, target.protocol))
+                .collect();
+            if backends.is_empty() {
+                continue;
+            }
+            let family = address_keyword(rotation.family);
+            rules.push(format!(
+                "ct status dnat {family} daddr . meta l4proto . th dport {{ {} }} snat {family} to {to}",
+                backend_elements(&backends, rotation.family).join(", ")
+            ));
+        }
+    }
+    rules
+}
+
+/// Where `source_nat` sends connections of `family` from, if it rewrites
+/// their source to configured addresses.
+fn snat_to(source_nat: &SourceNat, family: Family) -> Option<String> {
+    match source_nat {
+        SourceNat::Masquerade | SourceNat::None => None,
+        SourceNat::Range(first, last) => {
+            (Family::of(*first) == family).then(|| format!("{first}-{last}"))
+        }
+        SourceNat::Addresses(addresses) => {
+            let of_family: Vec<&IpAddr> = addresses
+                .iter()
+                .filter(|a| Family::of(**a) == family)
+                .collect();
+            match of_family.as_slice() {
+                [] => None,
+                [one] => Some(one.to_string()),
+                pool => {
+                    let slots: Vec<String> = pool
+                        .iter()
+                        .enumerate()
+                        .map(|(i, a)| format!("{i} : {a}"))
+                        .collect();
+                    Some(format!(
+                        "numgen inc mod {} map {{ {} }}",
+                        pool.len(),
+                        slots.join(", ")
+                    ))
+                }
+            }
+        }
+    }
 }
 
 /// The expression that picks a slot for a new connection.
@@ -390,9 +571,33 @@ pub async fn existing_rotation() -> Result<Option<Rotation>, NftError> {
         .map_err(NftError::Listing)
 }
 
+/// The packets of every named counter of Lobby's table, by name; none
+/// without a table.
+pub async fn named_counters() -> Result<BTreeMap<String, u64>, NftError> {
+    let Some(listing) = list(FAMILY, &["-j"]).await? else {
+        return Ok(BTreeMap::new());
+    };
+    let listing: serde_json::Value = serde_json::from_slice(&listing).map_err(NftError::Listing)?;
+    let items = listing["nftables"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    Ok(items
+        .iter()
+        .filter_map(|item| {
+            let counter = item.get("counter")?;
+            Some((
+                counter["name"].as_str()?.to_owned(),
+                counter["packets"].as_u64()?,
+            ))
+        })
+        .collect())
+}
+
 /// Lobby's table as nft prints it, `None` when there is none.
 pub async fn list_table() -> Result<Option<String>, NftError> {
-    Ok(list(FAMILY, &[])
+    // Stateless: counter values are traffic, not a change of the table.
+    Ok(list(FAMILY, &["-s"])
         .await?
         .map(|text| String::from_utf8_lossy(&text).into_owned()))
 }
@@ -465,7 +670,7 @@ pub fn parse_rotation(listing: &[u8]) -> Result<Rotation, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::IpNet;
+    use crate::config::Policy;
 
     /// An IPv4 target, as on a host that does not forward IPv6.
     fn target(port: u16, upstreams: &[(u8, u16)]) -> DesiredTarget {
@@ -474,6 +679,7 @@ mod tests {
             port,
             ip: None,
             distribution: Distribution::RoundRobin,
+            policy: Policy::default(),
             families: vec![FamilyRotation {
                 family: Family::Ipv4,
                 slots: upstreams
@@ -552,7 +758,7 @@ table inet lobby {
 \t\tip daddr 198.18.0.0/24 meta l4proto tcp reject with tcp reset
 \t}
 \tchain target-web {
-\t\tmeta nfproto ipv4 meta l4proto tcp dnat ip to numgen inc mod 2 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000 }
+\t\tmeta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) == syn dnat ip to numgen inc mod 2 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000 }
 \t\tmeta nfproto ipv4 meta l4proto tcp drop
 \t}
 }
@@ -567,6 +773,7 @@ table inet lobby {
             port: 53,
             ip: None,
             distribution: Distribution::RoundRobin,
+            policy: Policy::default(),
             families: vec![
                 FamilyRotation {
                     family: Family::Ipv4,
@@ -581,7 +788,7 @@ table inet lobby {
                 },
             ],
         };
-        let rules = target_rules(&dns);
+        let rules = target_rules("dns", &dns);
         assert_eq!(
             rules,
             [
@@ -658,7 +865,7 @@ table inet lobby {
             script,
             "delete element inet lobby backends4 { 198.18.1.11 . tcp . 9000 }\n\
              flush chain inet lobby target-web\n\
-             add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp dnat ip to numgen inc mod 1 map { 0 : 198.18.1.12 . 9000 }\n\
+             add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) == syn dnat ip to numgen inc mod 1 map { 0 : 198.18.1.12 . 9000 }\n\
              add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp drop\n"
         );
     }

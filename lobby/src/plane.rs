@@ -37,6 +37,9 @@ pub trait DataPlane: Send + Sync + 'static {
     /// The counters of the tracked backends. May block: the loop calls it
     /// off its own task.
     fn read_counters(&self) -> BTreeMap<Backend, UpstreamCounters>;
+    /// The packets each of the table's named counters counted (the
+    /// policies' refusals), by counter name.
+    fn read_denied(&self) -> impl Future<Output = BTreeMap<String, u64>> + Send;
     /// Sends `()` on `changed` whenever something may have changed Lobby's
     /// table, until `cancel`.
     fn watch_table(
@@ -136,6 +139,13 @@ impl DataPlane for KernelPlane {
                 (*backend, all.get(&key).copied().unwrap_or_default())
             })
             .collect()
+    }
+
+    async fn read_denied(&self) -> BTreeMap<String, u64> {
+        nft::named_counters().await.unwrap_or_else(|e| {
+            error!(error = %e, "reading the policies' counters");
+            BTreeMap::new()
+        })
     }
 
     fn watch_table(

@@ -49,6 +49,7 @@ fn target(
             distribution: Distribution::RoundRobin,
             upstreams,
         },
+        policy: Default::default(),
     }
 }
 

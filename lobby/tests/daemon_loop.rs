@@ -88,6 +88,10 @@ impl DataPlane for FakePlane {
             .collect()
     }
 
+    async fn read_denied(&self) -> BTreeMap<String, u64> {
+        BTreeMap::new()
+    }
+
     fn watch_table(
         &self,
         changed: mpsc::Sender<()>,

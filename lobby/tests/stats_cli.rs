@@ -18,6 +18,7 @@ async fn a_closed_stdout_ends_stats_quietly() {
             panic!("no request")
         };
         let target = TargetStats {
+            denied: Default::default(),
             name: "web".into(),
             protocol: "tcp".into(),
             port: 8081,

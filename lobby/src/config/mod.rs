@@ -233,6 +233,35 @@ pub struct Target {
     /// every local address of both families.
     pub ip: Option<IpNet>,
     pub group: UpstreamGroup,
+    /// Who may connect and how upstreams see them: the target's own keys
+    /// over its entry's `defaults`.
+    pub policy: Policy,
+}
+
+/// A target's traffic policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Only these sources are balanced; `None`: every source.
+    pub allow: Option<Vec<IpNet>>,
+    /// These sources are never balanced.
+    pub block: Vec<IpNet>,
+    pub source_nat: SourceNat,
+    /// Only traffic arriving on this interface is balanced.
+    pub interface: Option<String>,
+}
+
+/// The source address upstreams see.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SourceNat {
+    /// The egress interface's address (the original behaviour).
+    #[default]
+    Masquerade,
+    /// The client's own: replies must route back through the Lobby host.
+    None,
+    /// This address, or spread over this pool.
+    Addresses(Vec<IpAddr>),
+    /// Spread over the addresses from the first to the last.
+    Range(IpAddr, IpAddr),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

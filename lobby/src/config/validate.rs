@@ -51,11 +51,11 @@ use http::uri::PathAndQuery;
 
 use super::{
     Config, ConfigError, Distribution, DnsConfig, EventsConfig, Family, HealthCheck,
-    HealthProtocol, Host, HttpProbe, IpNet, MetricsConfig, Protocol, StatusRange, Target, UdpProbe,
-    Upstream, UpstreamGroup,
+    HealthProtocol, Host, HttpProbe, IpNet, MetricsConfig, Policy, Protocol, SourceNat,
+    StatusRange, Target, UdpProbe, Upstream, UpstreamGroup,
     values::{
-        Argument, Boolean, HostName, HttpHost, Integer, IpRange, Keyword, Listen, Name, PORT,
-        Resolver, Statuses, Text, UrlPath, Want, WebhookUrl, describe,
+        Argument, Boolean, HostName, HttpHost, Integer, InterfaceName, IpRange, Keyword, Listen,
+        Name, PORT, Resolver, SnatAddress, Statuses, Text, UrlPath, Want, WebhookUrl, describe,
     },
     yaml::{Mark, Node, Value},
 };
@@ -109,6 +109,13 @@ const DISTRIBUTION: Keyword<Distribution> = Keyword {
         ("random", Distribution::Random),
         ("ip-src-hash", Distribution::IpSrcHash),
     ],
+};
+/// The keys of a traffic policy, in a target or an entry's `defaults`.
+const POLICY_KEYS: [&str; 4] = ["allow", "block", "source_nat", "interface"];
+/// `source_nat` as a word; an address takes a mapping.
+const SOURCE_NAT: Keyword<bool> = Keyword {
+    // Whether the source is rewritten to the egress address.
+    choices: &[("masquerade", true), ("none", false)],
 };
 const WEIGHT: Integer = Integer {
     what: "a weight",
@@ -476,22 +483,75 @@ impl Checker {
 
     /// The targets of one `lb` entry (`None` for those that are invalid).
     fn load_balancer(&mut self, node: &Node, path: String) -> Vec<Option<Target>> {
-        let Some(fields) = self.mapping(node, path, &["engine", "targets"]) else {
+        let Some(fields) = self.mapping(node, path, &["engine", "defaults", "targets"]) else {
             return Vec::new();
         };
         self.optional(&fields, "engine", &ENGINE);
+        let defaults = match self.optional_mapping(&fields, "defaults", &POLICY_KEYS) {
+            Some(defaults) => self.policy(&defaults, &Policy::default()),
+            None => Some(Policy::default()),
+        };
         self.list(&fields, "targets", "a list of targets", true)
             .into_iter()
-            .map(|(path, node)| self.target(node, path))
+            .map(|(path, node)| self.target(node, path, defaults.as_ref()))
             .collect()
     }
 
-    fn target(&mut self, node: &Node, path: String) -> Option<Target> {
-        let fields = self.mapping(
-            node,
-            path,
-            &["name", "protocol", "port", "ip", "upstream_group"],
-        )?;
+    /// The policy keys of `fields` over `defaults`; `None` when one is
+    /// invalid (reported).
+    fn policy(&mut self, fields: &Fields, defaults: &Policy) -> Option<Policy> {
+        let list = |this: &mut Self, key: &str| -> Option<Option<Vec<IpNet>>> {
+            if fields.get(key).is_none_or(|n| n.is_null()) {
+                return Some(None);
+            }
+            let items = this.list(fields, key, "a list of addresses or CIDR ranges", false);
+            let nets: Vec<Option<IpNet>> = items
+                .into_iter()
+                .map(|(path, node)| this.read(node, path, &IpRange))
+                .collect();
+            nets.into_iter().collect::<Option<Vec<_>>>().map(Some)
+        };
+        let allow = list(self, "allow");
+        let block = list(self, "block");
+        let source_nat = match fields.get("source_nat").filter(|n| !n.is_null()) {
+            None => Some(None),
+            Some(node) => match node.value() {
+                Value::Mapping(_) => self
+                    .optional_mapping(fields, "source_nat", &["address"])
+                    .and_then(|snat| self.required(&snat, "address", &SnatAddress))
+                    .map(Some),
+                _ => self
+                    .read(node, fields.path("source_nat"), &SOURCE_NAT)
+                    .map(|masquerade| {
+                        Some(if masquerade {
+                            SourceNat::Masquerade
+                        } else {
+                            SourceNat::None
+                        })
+                    }),
+            },
+        };
+        let interface = self.optional(fields, "interface", &InterfaceName);
+        let interface_valid =
+            interface.is_some() || fields.get("interface").is_none_or(|n| n.is_null());
+        Some(Policy {
+            allow: allow?.or_else(|| defaults.allow.clone()),
+            block: block?.unwrap_or_else(|| defaults.block.clone()),
+            source_nat: source_nat?.unwrap_or_else(|| defaults.source_nat.clone()),
+            interface: if interface_valid {
+                interface.or_else(|| defaults.interface.clone())
+            } else {
+                return None;
+            },
+        })
+    }
+
+    fn target(&mut self, node: &Node, path: String, defaults: Option<&Policy>) -> Option<Target> {
+        let keys: Vec<&str> = ["name", "protocol", "port", "ip", "upstream_group"]
+            .into_iter()
+            .chain(POLICY_KEYS)
+            .collect();
+        let fields = self.mapping(node, path, &keys)?;
         let name = self.required(&fields, "name", &Name);
         if let Some(name) = &name {
             self.unique_name(Which::Targets, &fields, name, "target");
@@ -519,13 +579,36 @@ impl Checker {
         if let (Some(ip), Some(group), Some(ip_node)) = (ip, &group, fields.get("ip")) {
             self.family_served(ip, group, ip_node, &fields);
         }
+        let policy = self.policy(&fields, defaults.unwrap_or(&Policy::default()));
+        if let (Some(Policy { source_nat, .. }), Some(ip)) = (&policy, ip) {
+            self.snat_family(source_nat, ip, &fields);
+        }
         Some(Target {
             name: name?,
             protocol: protocol?,
             port: port?,
             ip,
             group: group?,
+            policy: policy?,
         })
+    }
+
+    /// SNAT addresses must be of the family the target serves.
+    fn snat_family(&mut self, source_nat: &SourceNat, ip: IpNet, fields: &Fields) {
+        let addresses: Vec<IpAddr> = match source_nat {
+            SourceNat::Addresses(addresses) => addresses.clone(),
+            SourceNat::Range(first, last) => vec![*first, *last],
+            SourceNat::Masquerade | SourceNat::None => return,
+        };
+        if let Some(other) = addresses.iter().find(|a| Family::of(**a) != ip.family())
+            && let Some(node) = fields.get("source_nat")
+        {
+            let message = format!(
+                "{other} is not an {} address, and the target only serves {ip}",
+                ip.family().as_str()
+            );
+            self.report(node.mark, fields.path("source_nat"), message);
+        }
     }
 
     /// A target whose `ip` is of one family needs an upstream that can be

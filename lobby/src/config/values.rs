@@ -7,7 +7,7 @@ use std::{
 
 use http::uri::PathAndQuery;
 
-use super::{Host, IpNet, StatusRange, unusable_upstream, yaml::Node, yaml::Value};
+use super::{Host, IpNet, SourceNat, StatusRange, unusable_upstream, yaml::Node, yaml::Value};
 
 /// The port a resolver address without one is asked on.
 const DNS_PORT: u16 = 53;
@@ -453,6 +453,73 @@ impl Want for WebhookUrl {
             return Err(why("port 0"));
         }
         Ok(uri)
+    }
+}
+
+/// `source_nat.address`: one address, a list (a pool), or a range `A-B`.
+pub(crate) struct SnatAddress;
+
+impl Want for SnatAddress {
+    type Value = SourceNat;
+    fn expected(&self) -> String {
+        "an address, a list of addresses or a range such as 198.18.1.250-198.18.1.253".to_owned()
+    }
+    fn read(&self, node: &Node) -> Result<SourceNat, String> {
+        let address = |node: &Node| -> Result<IpAddr, String> {
+            let text = text(node)?;
+            IpAddr::from_str(text)
+                .ok()
+                .filter(|ip| unusable_upstream(*ip).is_none())
+                .ok_or_else(|| describe(node))
+        };
+        match node.value() {
+            Value::Sequence(items) if !items.is_empty() => items
+                .iter()
+                .map(address)
+                .collect::<Result<Vec<_>, _>>()
+                .map(SourceNat::Addresses),
+            Value::Sequence(_) => Err("an empty list".to_owned()),
+            _ => {
+                let text = text(node)?;
+                match text.split_once('-') {
+                    Some((first, last)) => {
+                        let parse = |t: &str| IpAddr::from_str(t.trim()).ok();
+                        match (parse(first), parse(last)) {
+                            (Some(first), Some(last))
+                                if first.is_ipv4() == last.is_ipv4() && first <= last =>
+                            {
+                                Ok(SourceNat::Range(first, last))
+                            }
+                            _ => Err(format!(
+                                "{} (not a range of one family, low to high)",
+                                describe(node)
+                            )),
+                        }
+                    }
+                    None => address(node).map(|a| SourceNat::Addresses(vec![a])),
+                }
+            }
+        }
+    }
+}
+
+/// An interface name as the kernel takes it.
+pub(crate) struct InterfaceName;
+
+impl Want for InterfaceName {
+    type Value = String;
+    fn expected(&self) -> String {
+        "an interface name of 1 to 15 characters (letters, digits, `-`, `_`, `.`)".to_owned()
+    }
+    fn read(&self, node: &Node) -> Result<String, String> {
+        let name = text(node)?;
+        let valid = (1..=15).contains(&name.len())
+            && name != "."
+            && name != ".."
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        valid.then(|| name.to_owned()).ok_or_else(|| describe(node))
     }
 }
 
