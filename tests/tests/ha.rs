@@ -70,11 +70,15 @@ fn without_conntrackd_the_backup_breaks_established_connections() {
 
     // Host B has no state for them: each is dropped or reset, so the test
     // above would fail without conntrackd.
+    // As long as the test above waits for the first of them (15 s from
+    // the failure), retransmissions included.
+    let deadline = Instant::now() + Duration::from_secs(15) - takeover;
     let survivors: Vec<usize> = conversations
         .iter_mut()
         .enumerate()
         .filter_map(|(i, c)| {
-            c.expect(&format!("after {i}"), Duration::from_secs(8))
+            let left = deadline.saturating_duration_since(Instant::now());
+            c.expect(&format!("after {i}"), left.max(Duration::from_millis(100)))
                 .is_ok()
                 .then_some(i)
         })
