@@ -10,6 +10,7 @@
 pub mod browser;
 pub mod dns;
 pub mod fixtures;
+pub mod ha;
 pub mod load;
 pub mod lobby;
 pub mod netns;
@@ -45,7 +46,8 @@ pub fn privileged() -> bool {
 
 /// Whether nothing is `missing`. Outside CI a test that misses something is
 /// skipped with a message; under CI=true it fails.
-fn requires(missing: Vec<&str>) -> bool {
+pub fn requires<S: AsRef<str>>(missing: impl IntoIterator<Item = S>) -> bool {
+    let missing: Vec<String> = missing.into_iter().map(|m| m.as_ref().to_owned()).collect();
     if missing.is_empty() {
         return true;
     }

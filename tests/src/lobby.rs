@@ -2,7 +2,6 @@
 //! its own config file, bpffs pin directory and log file.
 use std::{
     fs::File,
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -125,9 +124,6 @@ impl Lobby {
             .append(true)
             .open(&self.log_path)
             .expect("log file");
-        let netns =
-            File::open(format!("/run/netns/{}", self.ns_name)).expect("opening the namespace");
-        let netns_fd = netns.as_raw_fd();
         let mut command = match self.launch {
             Launch::Setns => Command::new(binary()),
             Launch::IpNetnsExec => {
@@ -148,21 +144,14 @@ impl Lobby {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
-        // SAFETY: setns is async-signal-safe; the fd stays open until after
-        // the spawn. Entering only the network namespace keeps the mount
-        // namespace, where the test's bpffs is.
-        if self.launch == Launch::Setns {
-            unsafe {
-                command.pre_exec(move || {
-                    if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        self.child = Some(command.spawn().expect("starting lobby"));
-        drop(netns);
+        let ns = NetNs::attach(&self.ns_name);
+        let child = match self.launch {
+            // Entering only the network namespace keeps the mount
+            // namespace, where the test's bpffs is.
+            Launch::Setns => ns.spawn(&mut command),
+            Launch::IpNetnsExec => command.spawn(),
+        };
+        self.child = Some(child.expect("starting lobby"));
     }
 
     pub fn log(&self) -> String {

@@ -2,8 +2,8 @@
 use std::{
     fs::File,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
-    process::{Command, Output},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    process::{Child, Command, Output},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
@@ -74,6 +74,27 @@ impl NetNs {
         })
         .join()
         .expect("the thread inside the namespace panicked")
+    }
+
+    /// Starts `command` inside this namespace: setns before exec, so only
+    /// the network namespace changes (the mount namespace, with the test's
+    /// bpffs and files, stays).
+    pub fn spawn(&self, command: &mut Command) -> std::io::Result<Child> {
+        let netns = File::open(format!("/run/netns/{}", self.name))?;
+        let netns_fd = netns.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; the fd stays open until after
+        // the spawn.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn();
+        drop(netns);
+        child
     }
 
     /// A listening socket inside this namespace.

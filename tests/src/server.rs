@@ -117,14 +117,62 @@ pub fn ask_name_from(
     read_name(stream)
 }
 
-fn read_name(stream: TcpStream) -> std::io::Result<String> {
+pub fn read_name(stream: TcpStream) -> std::io::Result<String> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    read_line(&mut BufReader::new(stream))
+}
+
+/// A long-lived connection to a [`NameServer`]: lines sent come back.
+pub struct Conversation {
+    reader: BufReader<TcpStream>,
+    /// The name of the server that answered.
+    pub upstream: String,
+}
+
+impl Conversation {
+    /// Connects from `client` to `addr` and reads the greeting.
+    pub fn open(client: &NetNs, addr: SocketAddr) -> std::io::Result<Self> {
+        let stream = client.connect(addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut reader = BufReader::new(stream);
+        let upstream = read_line(&mut reader)?;
+        Ok(Self { reader, upstream })
+    }
+
+    /// Sends `line` (the kernel retransmits it until it is acknowledged).
+    pub fn send(&mut self, line: &str) -> std::io::Result<()> {
+        self.reader
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())
+    }
+
+    /// Waits up to `timeout` for `line` to come back.
+    pub fn expect(&mut self, line: &str, timeout: Duration) -> std::io::Result<()> {
+        self.reader.get_ref().set_read_timeout(Some(timeout))?;
+        let got = read_line(&mut self.reader)?;
+        if got != line {
+            return Err(std::io::Error::other(format!(
+                "expected {line:?}, got {got:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends `line` and waits for it to come back.
+    pub fn exchange(&mut self, line: &str, timeout: Duration) -> std::io::Result<()> {
+        self.send(line)?;
+        self.expect(line, timeout)
+    }
+}
+
+/// One line without its newline; end of stream is an error.
+fn read_line(reader: &mut BufReader<TcpStream>) -> std::io::Result<String> {
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
+    reader.read_line(&mut line)?;
     if line.is_empty() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
-            "closed before the greeting",
+            "closed by the peer",
         ));
     }
     Ok(line.trim_end().to_owned())

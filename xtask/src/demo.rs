@@ -11,12 +11,7 @@ const PORT: u16 = 8081;
 const UPSTREAM_PORT: u16 = 9000;
 
 pub fn run() -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the demo builds network namespaces and loads eBPF: run it as root");
-    }
-    crate::setup::run()?;
-    build_lobby()?;
+    prepare("builds network namespaces and loads eBPF")?;
 
     println!(
         "\n== Topology: client 198.18.0.2 -> lobby 198.18.0.1:{PORT} -> 3 upstreams, each in its own network namespace"
@@ -68,6 +63,18 @@ pub fn run() -> anyhow::Result<()> {
         String::from_utf8_lossy(&tables.stdout).trim()
     );
     println!("== Namespaces are removed as the demo exits.");
+    Ok(())
+}
+
+/// What every demo needs first: root (it `does` things only root may),
+/// the setup and the lobby binary.
+pub fn prepare(does: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the demo {does}: run it as root");
+    }
+    crate::setup::run()?;
+    build_lobby()?;
     Ok(())
 }
 

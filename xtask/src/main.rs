@@ -6,6 +6,7 @@ mod cmd;
 mod deb;
 mod deb_test;
 mod demo;
+mod ha_demo;
 mod install;
 mod setup;
 mod test;
@@ -63,6 +64,10 @@ enum Task {
     /// Start Lobby in a namespace topology and show connections going to the
     /// upstreams in turn; cleans up after itself.
     Demo,
+    /// Fail the master of two Lobby hosts under keepalived and conntrackd
+    /// (dist/ha) and show established connections going on through the
+    /// backup; cleans up after itself.
+    HaDemo,
     /// Run the balancing scenario (round robin, health-check removal, exact
     /// counters) on Debian's cloud kernels under QEMU: by default the
     /// newest 6.1 and the newest the apt archive offers.
@@ -84,6 +89,7 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf::run(),
         Task::Test => test::run(),
         Task::Demo => demo::run(),
+        Task::HaDemo => ha_demo::run(),
         Task::Bless => bless::run(),
         Task::Deb { binary } => deb::run(binary),
         Task::Bench { quick } => bench::run(quick),

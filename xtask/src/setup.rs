@@ -11,7 +11,8 @@ use crate::cmd::{cargo, checked, find_file, stdout};
 /// kernel modules are compressed) for the guests of `vm-test`; the rest for
 /// the tests and the bench; lintian, dpkg-dev (dpkg-shlibdeps,
 /// dpkg-parsechangelog) and binutils (strip) for the Debian package;
-/// headless Chromium for the status page's test.
+/// headless Chromium for the status page's test; keepalived, conntrackd
+/// and BIRD for the several-hosts recipes (dist/ha, dist/ecmp).
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("ip", "iproute2"),
@@ -31,6 +32,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("dpkg-shlibdeps", "dpkg-dev"),
     ("strip", "binutils"),
     ("chromium", "chromium"),
+    ("keepalived", "keepalived"),
+    ("conntrackd", "conntrackd"),
+    ("bird", "bird2"),
 ];
 
 /// Where bpf-linker finds the nightly's own LLVM (Debian's is too old).
