@@ -1,0 +1,168 @@
+//! Traffic policy end to end: allow and block lists drop refused sources
+//! silently and count them, source_nat decides the address upstreams see,
+//! and `interface` balances only traffic arriving on that interface.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use lobby_tests::{
+    Lobby, NetNs, Topology,
+    fixtures::{ConfigBuilder, UPSTREAM_PORT, start_servers, target_addr},
+    privileged,
+    server::{ask_name, ask_name_from},
+    wait_for,
+};
+
+const PORT: u16 = 8081;
+const OTHER_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 200));
+
+/// The config of one target over the topology's upstreams with `policy`
+/// (YAML lines of the target).
+fn config(upstreams: usize, policy: &str) -> String {
+    let yaml = ConfigBuilder::new()
+        .target("web", PORT)
+        .topology_upstreams(upstreams, "")
+        .build();
+    yaml.replace(
+        "        upstream_group:\n",
+        &format!("{policy}        upstream_group:\n"),
+    )
+}
+
+fn denied(lobby: &Lobby, reason: &str) -> u64 {
+    lobby.stats()["targets"][0]["denied"][reason]
+        .as_u64()
+        .unwrap()
+}
+
+/// A second client address, whose connections are refused by a policy:
+/// nothing answers them, not even a reset.
+fn refused_silently(topology: &Topology) {
+    let error = ask_name_from(&topology.client, OTHER_CLIENT, target_addr(PORT))
+        .expect_err("a refused source gets nothing");
+    assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+}
+
+#[test]
+fn allow_and_block_drop_refused_sources_silently_and_count_them() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let _servers = start_servers(&topology);
+    topology
+        .client
+        .ip(&["addr", "add", &format!("{OTHER_CLIENT}/24"), "dev", "eth0"]);
+
+    let lobby = Lobby::start(&topology.lb, &config(1, "        allow: [198.18.0.0/25]\n"));
+    assert_eq!(
+        ask_name(&topology.client, target_addr(PORT)).unwrap(),
+        "web0"
+    );
+    refused_silently(&topology);
+    assert!(denied(&lobby, "not_allowed") > 0);
+    assert_eq!(denied(&lobby, "blocked"), 0);
+
+    lobby.reload_with(&config(1, "        block: [198.18.0.128/25]\n"));
+    assert_eq!(
+        ask_name(&topology.client, target_addr(PORT)).unwrap(),
+        "web0"
+    );
+    refused_silently(&topology);
+    assert!(denied(&lobby, "blocked") > 0);
+}
+
+/// A server in `ns` at `addr` that answers each connection with the
+/// address it sees the connection come from.
+fn peer_reporter(ns: &NetNs, addr: SocketAddr) {
+    let listener = ns.listen(addr);
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let peer = stream
+                .peer_addr()
+                .map(|p| p.ip().to_string())
+                .unwrap_or_default();
+            let _ = writeln!(stream, "{peer}");
+        }
+    });
+}
+
+fn seen_source(topology: &Topology) -> String {
+    let stream = topology
+        .client
+        .connect(target_addr(PORT), Duration::from_secs(5))
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    line.trim().to_owned()
+}
+
+#[test]
+fn source_nat_decides_the_address_upstreams_see() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let upstream = SocketAddr::from((Topology::upstream_addr(0), UPSTREAM_PORT));
+    peer_reporter(&topology.upstreams[0], upstream);
+
+    // The default: the load balancer's address on the upstream's link.
+    let lobby = Lobby::start(&topology.lb, &config(1, ""));
+    assert_eq!(
+        seen_source(&topology),
+        Topology::lb_addr_toward(0).to_string()
+    );
+
+    // none: the client's own; its replies must route back through Lobby.
+    topology.upstreams[0].ip(&[
+        "route",
+        "add",
+        "198.18.0.0/24",
+        "via",
+        &Topology::lb_addr_toward(0).to_string(),
+    ]);
+    lobby.reload_with(&config(1, "        source_nat: none\n"));
+    // Masqueraded a moment longer: a connection translated just before the
+    // reload may still reach postrouting (the backend lingers 2 s).
+    let client = Topology::CLIENT_ADDR.to_string();
+    wait_for("the client's own address", Duration::from_secs(5), || {
+        (seen_source(&topology) == client).then_some(())
+    });
+
+    // An address of the load balancer's, as keepalived would add a VIP.
+    topology
+        .lb
+        .ip(&["addr", "add", "198.18.1.250/24", "dev", "up0"]);
+    lobby.reload_with(&config(
+        1,
+        "        source_nat: { address: 198.18.1.250 }\n",
+    ));
+    assert_eq!(seen_source(&topology), "198.18.1.250");
+}
+
+#[test]
+fn only_traffic_on_the_named_interface_is_balanced() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(2);
+    let _servers = start_servers(&topology);
+    let _lobby = Lobby::start(&topology.lb, &config(1, "        interface: client0\n"));
+    assert_eq!(
+        ask_name(&topology.client, target_addr(PORT)).unwrap(),
+        "web0"
+    );
+    // From upstream 1's link the same port is the host's own: refused.
+    let other_side = SocketAddr::from((Topology::lb_addr_toward(1), PORT));
+    let error = ask_name(&topology.upstreams[1], other_side).expect_err("not balanced");
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{error}"
+    );
+}
