@@ -287,7 +287,8 @@ mod tests {
     use crate::{
         config::{HealthProtocol, HttpProbe, StatusRange},
         health::test_support::{
-            LONG_TIMEOUT, LOOPBACK, black_hole, closed_port, listen, wait_until, within,
+            LONG_TIMEOUT, LOOPBACK, black_hole, closed_port, connecting_to, listen, wait_until,
+            within,
         },
     };
 
@@ -490,12 +491,14 @@ mod tests {
     async fn cancel_stops_a_checker_in_the_middle_of_a_probe() {
         let (_listener, _queued, port) = black_hole().await;
         let running = Running::start(tcp_check(port), Some(LOOPBACK));
-        // Past the first probe's start, far before its timeout.
-        time::sleep(FIRST_PROBE_MAX_DELAY + Duration::from_millis(200)).await;
+        // The probe is under way: its connect hangs in the black hole.
+        wait_until("the probe's connect", || connecting_to(port) > 0).await;
         let stats = Arc::clone(&running.stats);
         running.stop().await;
         assert_eq!(stats.successes.load(Ordering::Relaxed), 0);
         assert_eq!(stats.failures.load(Ordering::Relaxed), 0);
+        // Cancelled, not left behind: its socket is gone.
+        wait_until("the probe's socket closed", || connecting_to(port) == 0).await;
     }
 
     #[tokio::test]

@@ -43,6 +43,25 @@ pub(super) async fn black_hole() -> (TcpListener, Vec<TcpStream>, u16) {
     (listener, queued, address.port())
 }
 
+/// How many sockets of this host are connecting to `port` (SYN_SENT in
+/// /proc/net/tcp): a probe into a black hole, seen from outside.
+pub(super) fn connecting_to(port: u16) -> usize {
+    const SYN_SENT: &str = "02";
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("reading /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(3) == Some(&SYN_SENT)
+                && fields
+                    .get(2)
+                    .and_then(|remote| remote.rsplit(':').next())
+                    .is_some_and(|p| u16::from_str_radix(p, 16) == Ok(port))
+        })
+        .count()
+}
+
 pub(super) async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
     time::timeout(Duration::from_secs(5), future)
         .await
