@@ -63,7 +63,8 @@ pub struct Options {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("invalid configuration:\n{0}")]
+    // The errors are the source: printed once, after the colon.
+    #[error("invalid configuration")]
     Config(#[from] config::ConfigErrors),
     #[error(transparent)]
     Counters(#[from] CountersError),
