@@ -70,6 +70,20 @@ pub struct UpstreamStats {
     pub bytes_out: u64,
     pub packets_in: u64,
     pub bytes_in: u64,
+    /// The operator's say (`lobby ctl`); absent from an older daemon's
+    /// answer, which knew only enabled upstreams.
+    #[serde(default)]
+    pub admin_state: AdminState,
+    /// Its share of new connections: the configured weight, 0 when drained
+    /// or disabled.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// The weight of an upstream the file gives none: what an older daemon's
+/// answer means by its absence.
+fn default_weight() -> u32 {
+    1
 }
 
 /// `lobby ctl state --json`: every target's upstreams with their health and
@@ -131,15 +145,22 @@ impl AdminCommand {
 
 /// The operator's say over an upstream, kept across a reload that leaves it
 /// unchanged and lost on restart.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdminState {
+    #[default]
     Enabled,
     Drained,
     Disabled,
 }
 
 impl AdminState {
+    pub const ALL: [AdminState; 3] = [
+        AdminState::Enabled,
+        AdminState::Drained,
+        AdminState::Disabled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             AdminState::Enabled => "enabled",
@@ -609,7 +630,9 @@ pub fn render_table(report: &StatsReport, earlier: Option<(&StatsReport, f64)>) 
     let header = [
         "UPSTREAM",
         "STATE",
+        "ADMIN",
         "ADDRESS",
+        "WEIGHT",
         "CONNS",
         "RESETS",
         "PKTS OUT",
@@ -645,7 +668,9 @@ pub fn render_table(report: &StatsReport, earlier: Option<(&StatsReport, f64)>) 
             rows.push(vec![
                 upstream.name.clone(),
                 if upstream.available { "up" } else { "down" }.to_owned(),
+                upstream.admin_state.as_str().to_owned(),
                 address,
+                upstream.weight.to_string(),
                 upstream.connections.to_string(),
                 upstream.resets.to_string(),
                 upstream.packets_out.to_string(),
@@ -657,8 +682,9 @@ pub fn render_table(report: &StatsReport, earlier: Option<(&StatsReport, f64)>) 
                 rates.map_or("-".into(), |r| human_bytes(r.bytes_in)),
             ]);
         }
-        // Names and addresses read left to right, numbers line up right.
-        out.push_str(&aligned(&rows, 3));
+        // Names, states and addresses read left to right, numbers line up
+        // right.
+        out.push_str(&aligned(&rows, 4));
     }
     if report.targets.is_empty() {
         out.push_str("no targets configured\n");
@@ -759,6 +785,8 @@ mod tests {
             bytes_out,
             packets_in: 9,
             bytes_in: 2048,
+            admin_state: AdminState::Enabled,
+            weight: 1,
         }
     }
 
@@ -783,9 +811,19 @@ mod tests {
             "upstream_group": "web-pool", "distribution": "round-robin",
             "upstreams": [{"name": "web1", "host": "198.18.1.11", "address": "198.18.1.11", "port": 9000,
                 "available": true, "connections": 12, "resets": 0, "packets_out": 10, "bytes_out": 5000,
-                "packets_in": 9, "bytes_in": 2048}],
+                "packets_in": 9, "bytes_in": 2048, "admin_state": "enabled", "weight": 1}],
             "denied": {"blocked": 0, "not_allowed": 0, "rate_limited": 0, "connection_limited": 0}}]});
         assert_eq!(json, expected);
+    }
+
+    #[test]
+    fn an_older_daemons_stats_read_as_enabled_at_weight_one() {
+        let mut json = serde_json::to_value(report(vec![upstream("web1", 12, 5000)])).unwrap();
+        let upstream = json["targets"][0]["upstreams"][0].as_object_mut().unwrap();
+        upstream.remove("admin_state");
+        upstream.remove("weight");
+        let read: StatsReport = serde_json::from_value(json).unwrap();
+        assert_eq!(read, report(vec![self::upstream("web1", 12, 5000)]));
     }
 
     #[test]
@@ -806,10 +844,10 @@ mod tests {
             upstream("web1", 10, 1000),
             upstream("web-long-name", 0, 0),
         ]);
-        let now = report(vec![
-            upstream("web1", 30, 5000),
-            upstream("web-long-name", 1, 3 << 20),
-        ]);
+        let mut drained = upstream("web-long-name", 1, 3 << 20);
+        drained.admin_state = AdminState::Drained;
+        drained.weight = 0;
+        let now = report(vec![upstream("web1", 30, 5000), drained]);
         let table = render_table(&now, Some((&before, 2.0)));
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(
@@ -817,7 +855,15 @@ mod tests {
             "target web (tcp port 8081, web-pool round-robin): 2 of 2 upstreams available"
         );
         assert!(
-            lines[1].starts_with("  UPSTREAM       STATE  ADDRESS"),
+            lines[1].starts_with("  UPSTREAM       STATE  ADMIN    ADDRESS           WEIGHT"),
+            "{table}"
+        );
+        assert!(
+            lines[2].contains("up     enabled  198.18.1.11:9000       1"),
+            "{table}"
+        );
+        assert!(
+            lines[3].contains("up     drained  198.18.1.11:9000       0"),
             "{table}"
         );
         assert!(

@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     future::Future,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{self, Config},
+    conntrack,
     ctl::{self, AdminState, Control, CtlError, Request, StatsReport, TargetStats, UpstreamStats},
     dns::{self, AddressUpdate, DnsStats, ResolverKey},
     ebpf::{Counters, CountersError},
@@ -140,8 +141,11 @@ pub async fn serve<P: DataPlane>(
         );
     }
     let listener = ctl::bind(&options.socket_path).await?;
+    // Bound by this daemon: a start that fails from here on leaves no
+    // socket file behind (a running server removes it itself at its end).
+    let _socket_file = RemoveOnDrop(options.socket_path.clone());
     let metrics_listener = match &config.metrics {
-        Some(m) => Some(metrics::bind(m.listen).await?),
+        Some(m) => Some((m.listen, metrics::bind(m.listen)?)),
         None => None,
     };
     let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
@@ -176,6 +180,8 @@ pub async fn serve<P: DataPlane>(
                     let (listener, metrics_listener) =
                         listeners.take().expect("the core is ready once");
                     wiring.start_services(&options, listener, metrics_listener);
+                    // A reload before the first apply may have moved it.
+                    wiring.follow_metrics(&core);
                     info!(
                         config = %options.config_path.display(),
                         targets = core.config().map_or(0, |c| c.targets.len()),
@@ -261,6 +267,15 @@ pub async fn serve<P: DataPlane>(
     outcome
 }
 
+/// A file removed when this is dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A configuration file read off the loop.
 struct Loaded {
     /// `None` when the file could not be read.
@@ -342,6 +357,10 @@ struct Wiring<P> {
     reload_replies: Vec<oneshot::Sender<Result<String, String>>>,
     /// Where operators' event receivers hear of changes.
     receivers: Events,
+    /// Whether the services run (the first ruleset is in).
+    started: bool,
+    /// The metrics endpoint's address and what stops it, once started.
+    metrics: Option<(SocketAddr, CancellationToken)>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -377,6 +396,8 @@ impl<P: DataPlane> Wiring<P> {
             table_changed: table_changed_tx,
             reload_replies: Vec::new(),
             receivers,
+            started: false,
+            metrics: None,
             tracker,
             cancel,
         };
@@ -396,11 +417,12 @@ impl<P: DataPlane> Wiring<P> {
     /// control socket, metrics, the traffic log, the table's watch and the
     /// periodic recheck of the counters.
     fn start_services(
-        &self,
+        &mut self,
         options: &Options,
         listener: tokio::net::UnixListener,
-        metrics_listener: Option<tokio::net::TcpListener>,
+        metrics_listener: Option<(SocketAddr, tokio::net::TcpListener)>,
     ) {
+        self.started = true;
         self.tracker.spawn(ctl::serve_with_control(
             listener,
             options.socket_path.clone(),
@@ -408,14 +430,11 @@ impl<P: DataPlane> Wiring<P> {
             self.control.clone(),
             self.cancel.child_token(),
         ));
-        if let Some(listener) = metrics_listener {
-            // The address is taken at start: changing it needs a restart.
-            self.tracker.spawn(metrics::serve(
-                listener,
-                self.requests.clone(),
-                self.cancel.child_token(),
-            ));
+        if let Some((addr, listener)) = metrics_listener {
+            self.serve_metrics(addr, listener);
         }
+        self.tracker
+            .spawn(conntrack::watch(self.cancel.child_token()));
         self.tracker.spawn(traffic::watch(
             self.requests.clone(),
             options.traffic_log_interval,
@@ -430,6 +449,51 @@ impl<P: DataPlane> Wiring<P> {
             self.counted.subscribe(),
             self.cancel.child_token(),
         ));
+    }
+
+    fn serve_metrics(&mut self, addr: SocketAddr, listener: tokio::net::TcpListener) {
+        let cancel = self.cancel.child_token();
+        self.tracker.spawn(metrics::serve(
+            listener,
+            self.requests.clone(),
+            cancel.clone(),
+        ));
+        self.metrics = Some((addr, cancel));
+    }
+
+    /// Moves the metrics endpoint to the configuration's `metrics.listen`,
+    /// or stops it when the key is gone. The new address is bound before
+    /// the old one is let go: when it cannot be bound, the endpoint stays
+    /// where it was and a warning says why.
+    fn follow_metrics(&mut self, core: &Core) {
+        let wanted = core
+            .config()
+            .and_then(|c| c.metrics.as_ref())
+            .map(|m| m.listen);
+        let serving = self.metrics.as_ref().map(|(addr, _)| *addr);
+        if wanted == serving {
+            return;
+        }
+        let listener = match wanted.map(metrics::bind).transpose() {
+            Ok(listener) => listener,
+            Err(error) => {
+                let kept = serving.map_or("none".to_owned(), |a| a.to_string());
+                let cause = std::error::Error::source(&error).map(ToString::to_string);
+                warn!(
+                    "metrics.listen changed but {error}: {}; the endpoint stays as it was ({kept})",
+                    cause.unwrap_or_default()
+                );
+                return;
+            }
+        };
+        if let Some((addr, cancel)) = self.metrics.take() {
+            cancel.cancel();
+            info!("metrics endpoint on {addr} stopped (metrics.listen changed)");
+        }
+        if let (Some(addr), Some(listener)) = (wanted, listener) {
+            self.serve_metrics(addr, listener);
+            info!("metrics endpoint listening on {addr}");
+        }
     }
 
     fn execute(&mut self, action: Action, core: &Core) {
@@ -538,6 +602,9 @@ impl<P: DataPlane> Wiring<P> {
                     Notice::ReloadFailed(_) => Some(Err(notice.to_string())),
                     _ => None,
                 };
+                if matches!(notice, Notice::ReloadApplied(_)) && self.started {
+                    self.follow_metrics(core);
+                }
                 if let Some(outcome) = outcome {
                     for reply in self.reload_replies.drain(..) {
                         let _ = reply.send(outcome.clone());
@@ -636,6 +703,7 @@ impl<P: DataPlane> Wiring<P> {
                 let apply_duration = core.apply_duration().clone();
                 tokio::spawn(async move {
                     let _ = reply.send(Snapshot {
+                        conntrack: conntrack::read(),
                         stats: read_counters(report, backends, policies, plane).await,
                         extras,
                         dns_resolutions,
@@ -722,24 +790,33 @@ fn state_report(core: &Core) -> ctl::StateReport {
                 .map(|upstream| {
                     let id = UpstreamId::new(&target.name, &upstream.name);
                     let state = core.upstream(&id).map(|(state, _)| state);
-                    let admin = core.admin_state(&id).unwrap_or(AdminState::Enabled);
+                    let (admin_state, weight) = admin_and_weight(core, &id, upstream.weight);
                     ctl::UpstreamState {
                         name: upstream.name.clone(),
                         address: state
                             .and_then(|s| s.address)
                             .map(|a| std::net::SocketAddr::new(a, upstream.port).to_string()),
                         available: state.is_some_and(|s| s.available),
-                        admin_state: admin,
-                        weight: match admin {
-                            AdminState::Enabled => upstream.weight,
-                            AdminState::Drained | AdminState::Disabled => 0,
-                        },
+                        admin_state,
+                        weight,
                     }
                 })
                 .collect(),
         })
         .collect();
     ctl::StateReport { targets }
+}
+
+/// The operator's say over the upstream `id` and the share of new
+/// connections it leaves it: its `configured` weight, or 0 when drained or
+/// disabled.
+fn admin_and_weight(core: &Core, id: &UpstreamId, configured: u32) -> (AdminState, u32) {
+    let admin = core.admin_state(id).unwrap_or(AdminState::Enabled);
+    let weight = match admin {
+        AdminState::Enabled => configured,
+        AdminState::Drained | AdminState::Disabled => 0,
+    };
+    (admin, weight)
 }
 
 fn upstream_ids(core: &Core) -> impl Iterator<Item = UpstreamId> + '_ {
@@ -797,6 +874,7 @@ fn stats_without_counters(core: &Core) -> (StatsReport, Vec<Option<Backend>>) {
                         let id = UpstreamId::new(&target.name, &upstream.name);
                         let state = core.upstream(&id).map(|(state, _)| state);
                         let address = state.and_then(|s| s.address);
+                        let (admin_state, weight) = admin_and_weight(core, &id, upstream.weight);
                         backends.push(address.map(|a| {
                             (std::net::SocketAddr::new(a, upstream.port), target.protocol)
                         }));
@@ -812,6 +890,8 @@ fn stats_without_counters(core: &Core) -> (StatsReport, Vec<Option<Backend>>) {
                             bytes_out: 0,
                             packets_in: 0,
                             bytes_in: 0,
+                            admin_state,
+                            weight,
                         }
                     })
                     .collect(),

@@ -26,10 +26,13 @@
 //!   that tests replace with a fake.
 //! - [`ownership`]: the lock that keeps a live daemon's table its own.
 //! - [`traffic`]: traffic lines and reset warnings from the counters.
+//! - [`conntrack`]: how full the connection-tracking table is, with a
+//!   warning before it fills up.
 //! - [`daemon`]: the loop that turns channels into the core's events and
 //!   its actions into calls on the data plane.
 pub mod cli;
 pub mod config;
+pub mod conntrack;
 pub mod ctl;
 pub mod daemon;
 pub mod dns;

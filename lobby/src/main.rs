@@ -149,7 +149,7 @@ fn print_out(text: &str) -> anyhow::Result<bool> {
 
 fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_level);
-    check_privileges()?;
+    check_privileges(!args.no_counters)?;
     let config_path = match args.config {
         Some(path) => path,
         None => config::find_default_path().with_context(|| {
@@ -211,7 +211,9 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
 
 /// Fails early, with what is missing, rather than on the first syscall.
-fn check_privileges() -> anyhow::Result<()> {
+/// Without counters CAP_NET_ADMIN alone is enough, as the original ran
+/// under `setcap cap_net_admin,cap_net_raw+ep`.
+fn check_privileges(counters: bool) -> anyhow::Result<()> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let effective = status
@@ -219,20 +221,77 @@ fn check_privileges() -> anyhow::Result<()> {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .context("reading the effective capabilities")?;
+    missing_privileges(effective, counters).map_or(Ok(()), |message| anyhow::bail!(message))
+}
+
+/// What a process with the `effective` capability set lacks, said so that
+/// the operator knows both remedies; `None` when it has what it needs.
+fn missing_privileges(effective: u64, counters: bool) -> Option<String> {
     let has = |cap: u32| effective & (1 << cap) != 0;
-    let mut missing = Vec::new();
-    if !has(CAP_NET_ADMIN) {
-        missing.push("CAP_NET_ADMIN (nftables, tc)");
+    let net_admin = has(CAP_NET_ADMIN);
+    let bpf = !counters || has(CAP_BPF) || has(CAP_SYS_ADMIN);
+    match (net_admin, bpf) {
+        (true, true) => None,
+        (false, true) => {
+            Some("lobby needs CAP_NET_ADMIN (nftables, tc): run it as root or grant it".to_owned())
+        }
+        (net_admin, false) => Some(format!(
+            "lobby needs {}CAP_BPF or CAP_SYS_ADMIN (eBPF counters): run it as root, \
+             grant {}, or run with --no-counters to balance without counters{}",
+            if net_admin {
+                ""
+            } else {
+                "CAP_NET_ADMIN (nftables, tc) and "
+            },
+            if net_admin { "it" } else { "them" },
+            if net_admin {
+                ""
+            } else {
+                " (CAP_NET_ADMIN alone is then enough)"
+            },
+        )),
     }
-    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_BPF or CAP_SYS_ADMIN (eBPF counters)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NET_ADMIN: u64 = 1 << CAP_NET_ADMIN;
+
+    #[test]
+    fn without_counters_cap_net_admin_is_enough() {
+        assert_eq!(missing_privileges(NET_ADMIN, false), None);
+        assert_eq!(
+            missing_privileges(NET_ADMIN | 1 << CAP_BPF, true),
+            None,
+            "CAP_BPF for the counters"
+        );
+        assert_eq!(
+            missing_privileges(NET_ADMIN | 1 << CAP_SYS_ADMIN, true),
+            None
+        );
     }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        anyhow::bail!(
-            "lobby needs {}: run it as root or grant these capabilities",
-            missing.join(" and ")
-        )
+
+    #[test]
+    fn a_missing_capability_is_named_with_the_way_around_it() {
+        let message = missing_privileges(NET_ADMIN, true).unwrap();
+        assert_eq!(
+            message,
+            "lobby needs CAP_BPF or CAP_SYS_ADMIN (eBPF counters): run it as root, \
+             grant it, or run with --no-counters to balance without counters"
+        );
+        let message = missing_privileges(0, true).unwrap();
+        assert!(
+            message.starts_with(
+                "lobby needs CAP_NET_ADMIN (nftables, tc) and CAP_BPF or CAP_SYS_ADMIN"
+            ) && message.contains("--no-counters"),
+            "{message}"
+        );
+        let message = missing_privileges(0, false).unwrap();
+        assert!(
+            message.contains("CAP_NET_ADMIN") && !message.contains("CAP_BPF"),
+            "{message}"
+        );
     }
 }

@@ -20,13 +20,13 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpSocket},
     sync::{mpsc, oneshot},
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    ctl::{Request, StatsReport, UpstreamStats},
+    ctl::{AdminState, Request, StatsReport, UpstreamStats},
     listen::{Limits, accept_until},
 };
 
@@ -76,6 +76,9 @@ pub struct Snapshot {
     pub reloads_failed: u64,
     pub last_reload_successful: bool,
     pub apply_duration: Histogram,
+    /// The connection-tracking table of the daemon's namespace; `None`
+    /// where the kernel tracks no connections.
+    pub conntrack: Option<crate::conntrack::Usage>,
 }
 
 impl EncodeMetric for Histogram {
@@ -175,6 +178,27 @@ impl Collector for Exposition {
         )?;
         family(
             &mut encoder,
+            "lobby_upstream_admin_state",
+            "The operator's say over the upstream (lobby ctl): 1 for its current state.",
+            upstreams.iter().flat_map(|(labels, u, _)| {
+                AdminState::ALL.map(|state| {
+                    (
+                        (*labels, [("state", state.as_str())]),
+                        ConstGauge::new(i64::from(u.admin_state == state)),
+                    )
+                })
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "lobby_upstream_weight",
+            "The upstream's share of new connections: its weight, 0 when drained or disabled.",
+            upstreams
+                .iter()
+                .map(|(labels, u, _)| (*labels, ConstGauge::new(i64::from(u.weight)))),
+        )?;
+        family(
+            &mut encoder,
             "lobby_upstream_connections",
             "Connections sent to the upstream (SYNs toward it).",
             per_upstream(|u| u.connections),
@@ -249,6 +273,23 @@ impl Collector for Exposition {
                 MetricType::Gauge,
             )?,
         )?;
+        if let Some(conntrack) = snapshot.conntrack {
+            for (name, help, value) in [
+                (
+                    "lobby_conntrack_entries",
+                    "Entries in the connection-tracking table of Lobby's network namespace.",
+                    conntrack.entries,
+                ),
+                (
+                    "lobby_conntrack_max",
+                    "Entries the connection-tracking table holds (net.netfilter.nf_conntrack_max).",
+                    conntrack.max,
+                ),
+            ] {
+                ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX))
+                    .encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+            }
+        }
         snapshot.apply_duration.encode(encoder.encode_descriptor(
             "lobby_nft_apply_duration_seconds",
             "Time to apply one nftables transaction.",
@@ -288,9 +329,22 @@ pub struct MetricsError {
     source: io::Error,
 }
 
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
-    TcpListener::bind(addr)
-        .await
+/// The endpoint's listener on `addr`, bound at once (within the runtime):
+/// the loop rebinds on a reload without waiting.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    };
+    socket
+        .and_then(|socket| {
+            // As TcpListener::bind does: a port whose connections linger
+            // in TIME_WAIT is free to bind again.
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(1024)
+        })
         .map_err(|source| MetricsError { addr, source })
 }
 
@@ -460,6 +514,8 @@ mod tests {
                         bytes_out: 5000,
                         packets_in: 90,
                         bytes_in: 80000,
+                        admin_state: AdminState::Drained,
+                        weight: 0,
                     }],
                 }],
             },
@@ -476,6 +532,10 @@ mod tests {
             reloads_failed: 1,
             last_reload_successful: true,
             apply_duration,
+            conntrack: Some(crate::conntrack::Usage {
+                entries: 950,
+                max: 1000,
+            }),
         }
     }
 
@@ -485,6 +545,21 @@ mod tests {
         let upstream = "target=\"web\",upstream=\"web1\",address=\"198.18.1.11:9000\"";
         for (name, kind, sample) in [
             ("lobby_upstream_up", "gauge", format!("{{{upstream}}} 1")),
+            (
+                "lobby_upstream_admin_state",
+                "gauge",
+                format!("{{{upstream},state=\"drained\"}} 1"),
+            ),
+            (
+                "lobby_upstream_admin_state",
+                "gauge",
+                format!("{{{upstream},state=\"enabled\"}} 0"),
+            ),
+            (
+                "lobby_upstream_weight",
+                "gauge",
+                format!("{{{upstream}}} 0"),
+            ),
             (
                 "lobby_upstream_connections_total",
                 "counter",
@@ -530,6 +605,8 @@ mod tests {
                 "gauge",
                 " 1".to_owned(),
             ),
+            ("lobby_conntrack_entries", "gauge", " 950".to_owned()),
+            ("lobby_conntrack_max", "gauge", " 1000".to_owned()),
             (
                 "lobby_nft_apply_duration_seconds",
                 "histogram",
@@ -831,6 +908,8 @@ mod tests {
             bytes_out: 500,
             packets_in: 8,
             bytes_in: 700,
+            admin_state: AdminState::Enabled,
+            weight: 2,
         };
         let snapshot = Snapshot {
             stats: StatsReport {

@@ -22,7 +22,7 @@ fn open_fds() -> usize {
 
 #[tokio::test]
 async fn idle_clients_hold_at_most_the_cap() {
-    let listener = metrics::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let listener = metrics::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let (requests, mut incoming) = mpsc::channel(4);
     let cancel = CancellationToken::new();

@@ -1,9 +1,10 @@
 //! The real `lobby` binary, running in the load balancer's namespace with
 //! its own config file, bpffs pin directory and log file.
 use std::{
+    ffi::OsStr,
     fs::File,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::Duration,
 };
 
@@ -11,12 +12,13 @@ use crate::{NetNs, wait_for};
 
 pub struct Lobby {
     child: Option<Child>,
+    /// Unmounted before `dir` is removed (fields drop in this order).
+    _bpffs: Bpffs,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub pin_dir: PathBuf,
     pub log_path: PathBuf,
     pub socket_path: PathBuf,
-    bpffs: PathBuf,
     ns_name: String,
     launch: Launch,
     /// More arguments for the daemon.
@@ -69,21 +71,14 @@ impl Lobby {
     /// Starts lobby with more arguments, e.g. `--no-counters`.
     pub fn start_with_args(ns: &NetNs, config: &str, launch: Launch, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let bpffs = dir.path().join("bpffs");
-        std::fs::create_dir(&bpffs).expect("bpffs mount point");
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&bpffs)
-            .status()
-            .expect("running mount");
-        assert!(status.success(), "mounting a bpffs for the test's pins");
+        let bpffs = Bpffs::mount(dir.path().join("bpffs"));
         let mut lobby = Self {
             child: None,
             config_path: dir.path().join("lobby.yaml"),
-            pin_dir: bpffs.join("lobby"),
+            pin_dir: bpffs.0.join("lobby"),
             log_path: dir.path().join("lobby.log"),
             socket_path: dir.path().join("lobby.sock"),
-            bpffs,
+            _bpffs: bpffs,
             dir,
             ns_name: ns.name.clone(),
             launch,
@@ -295,7 +290,6 @@ impl Drop for Lobby {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = Command::new("umount").arg(&self.bpffs).status();
         if std::thread::panicking() {
             eprintln!(
                 "--- lobby log ({}) ---\n{}",
@@ -304,4 +298,85 @@ impl Drop for Lobby {
             );
         }
     }
+}
+
+/// A bpffs mounted for a test's pins, unmounted on drop.
+pub struct Bpffs(pub PathBuf);
+
+impl Bpffs {
+    /// Mounts a bpffs on `path`, which it creates.
+    pub fn mount(path: PathBuf) -> Self {
+        std::fs::create_dir_all(&path).expect("bpffs mount point");
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&path)
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting a bpffs for the test's pins");
+        Self(path)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// `COMMAND...` (the lobby binary, or a wrapper such as setpriv that
+/// runs it) started in `ns`'s network namespace only, as an operator's
+/// command line would be: none of [`Lobby`]'s flags are added. Its output
+/// goes to `output`.
+pub fn spawn_in<S: AsRef<OsStr>>(ns: &NetNs, command: &[S], output: &Path) -> Child {
+    let output = File::create(output).expect("a file for the output");
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name))
+        .args(command)
+        .stdin(Stdio::null())
+        .stdout(output.try_clone().expect("output"))
+        .stderr(output)
+        .spawn()
+        .expect("running nsenter")
+}
+
+/// `lobby ARGS` run once in `ns` (its network namespace only), stopped
+/// after `deadline`: its status, everything it printed and how long it ran.
+pub fn run_once(ns: &NetNs, args: &[&OsStr], deadline: Duration) -> (ExitStatus, String, Duration) {
+    run_once_with(ns, &[], args, deadline)
+}
+
+/// [`run_once`], the binary started by `wrapper` (`env PATH=...`,
+/// `setpriv ...`).
+pub fn run_once_with(
+    ns: &NetNs,
+    wrapper: &[&OsStr],
+    args: &[&OsStr],
+    deadline: Duration,
+) -> (ExitStatus, String, Duration) {
+    let output = tempfile::NamedTempFile::new().expect("a file for the output");
+    let binary = binary();
+    let command: Vec<&OsStr> = wrapper
+        .iter()
+        .copied()
+        .chain(std::iter::once(binary.as_os_str()))
+        .chain(args.iter().copied())
+        .collect();
+    let mut child = spawn_in(ns, &command, output.path());
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for lobby") {
+            break status;
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "lobby {args:?} still running after {deadline:?}: {}",
+                std::fs::read_to_string(output.path()).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let said = std::fs::read_to_string(output.path()).expect("the output");
+    (status, said, started.elapsed())
 }

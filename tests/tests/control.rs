@@ -1,12 +1,17 @@
 //! Runtime control and events end to end: `lobby ctl` drains, disables and
 //! enables an upstream in the running ruleset, shows the state, reloads
-//! with the outcome; an event command hears an upstream go down and up.
-use std::{io::Write as _, time::Duration};
+//! with the outcome; an event command hears an upstream go down and up; a
+//! webhook that never answers holds up nothing but its own events.
+use std::{
+    io::Write as _,
+    time::{Duration, Instant},
+};
 
 use lobby_tests::{
     Lobby, Topology,
     fixtures::{
-        ConfigBuilder, count, health_check, in_rotation, names, start_server, start_servers,
+        ConfigBuilder, UPSTREAM_PORT, count, health_check, in_rotation, names, start_server,
+        start_servers,
     },
     privileged, wait_for,
 };
@@ -150,4 +155,63 @@ fn an_event_command_hears_an_upstream_go_down_and_up_in_order() {
         ],
         "{lines:?}"
     );
+}
+
+/// How long web1 takes to leave the rotation once its server stops; web2
+/// went down just before, so that with `silent_webhook` its event is the
+/// one stuck in delivery to a receiver that accepts (the kernel does, from
+/// the backlog) and never answers. That delivery is then seen to give up.
+fn removal_time(silent_webhook: bool) -> Duration {
+    let topology = Topology::new(3);
+    let mut servers: Vec<_> = start_servers(&topology).into_iter().map(Some).collect();
+    let webhook = "127.0.0.1:8099";
+    let _receiver = silent_webhook.then(|| topology.lb.listen(webhook.parse().unwrap()));
+    let events = if silent_webhook {
+        format!("events:\n  webhook: \"http://{webhook}/lobby\"\n  timeout: 3\n")
+    } else {
+        String::new()
+    };
+    let check = health_check(UPSTREAM_PORT, true, 1, 1, 2);
+    let config = format!(
+        "{}{events}",
+        ConfigBuilder::new()
+            .target("web", PORT)
+            .topology_upstreams(3, &check)
+            .build()
+    );
+    let lobby = Lobby::start(&topology.lb, &config);
+    servers[2] = None;
+    wait_for("web2 out of rotation", Duration::from_secs(10), || {
+        (!in_rotation(&topology, 2)).then_some(())
+    });
+    servers[1] = None;
+    let stopped = Instant::now();
+    wait_for("web1 out of rotation", Duration::from_secs(10), || {
+        (!in_rotation(&topology, 1)).then_some(())
+    });
+    let removal = stopped.elapsed();
+    if silent_webhook {
+        lobby.wait_for_log_count(
+            &format!("webhook http://{webhook}/lobby did not answer within 3s; event upstream_down web/web2 dropped"),
+            0,
+        );
+    }
+    removal
+}
+
+#[test]
+fn a_webhook_that_never_answers_does_not_delay_removals() {
+    if !privileged() {
+        return;
+    }
+    // The same bound as without events (tests/tests/health.rs): two
+    // failed probes a second apart, a 1 s timeout, a second of slack.
+    let bound = Duration::from_secs(2 + 1 + 1);
+    let without = removal_time(false);
+    let with = removal_time(true);
+    eprintln!(
+        "removal of a dead upstream: {without:?} without events, {with:?} with a silent webhook"
+    );
+    assert!(without <= bound, "{without:?} without events");
+    assert!(with <= bound, "{with:?} with a webhook that never answers");
 }

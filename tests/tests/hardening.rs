@@ -1,15 +1,15 @@
 //! What a hostile run against Lobby found (issue 22), each fault
 //! reproduced against the real binary and followed by a check of kernel
 //! state and of real traffic: outside changes of the table, a second
-//! daemon, idle clients by the thousand, odd files at the config path and
-//! addresses no connection can reach.
+//! daemon, idle clients by the thousand, odd files at the config path,
+//! addresses no connection can reach and starts that fail halfway.
 use std::{
     ffi::OsStr,
     fs::File,
     net::SocketAddrV4,
     os::fd::{FromRawFd as _, OwnedFd},
     path::Path,
-    process::{Command, ExitStatus, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -19,7 +19,7 @@ use lobby_tests::{
         ConfigBuilder, UPSTREAM_PORT, assert_round_robin, health_check, names, start_server,
         start_servers,
     },
-    lobby::binary,
+    lobby::{Bpffs, binary, run_once, run_once_with},
     netns::normalize_ruleset,
     privileged, wait_for,
 };
@@ -186,38 +186,6 @@ fn lobby_does_not_take_its_own_changes_for_outside_ones() {
         assert_eq!(lobby.log_count(DRIFT), 0, "{}", lobby.log());
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// `lobby ARGS` run once in `ns` (its network namespace only), stopped
-/// after `deadline`: its status, everything it printed and how long it ran.
-fn run_once(ns: &NetNs, args: &[&OsStr], deadline: Duration) -> (ExitStatus, String, Duration) {
-    let output = tempfile::NamedTempFile::new().expect("a file for the output");
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", ns.name))
-        .arg(binary())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(output.reopen().expect("output"))
-        .stderr(output.reopen().expect("output"))
-        .spawn()
-        .expect("running lobby");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for lobby") {
-            break status;
-        }
-        if started.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "lobby {args:?} still running after {deadline:?}: {}",
-                std::fs::read_to_string(output.path()).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let said = std::fs::read_to_string(output.path()).expect("the output");
-    (status, said, started.elapsed())
 }
 
 #[test]
@@ -591,4 +559,89 @@ fn addresses_no_connection_can_reach_fail_lobby_check_with_their_place() {
         "{}",
         errors[unusable.len()]
     );
+}
+
+#[test]
+fn a_failed_start_leaves_no_socket_pins_or_table() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(2);
+    let _servers = start_servers(&topology);
+    let taken = format!("{}:9092", Topology::LB_ADDR);
+    let _holder = topology.lb.listen(taken.parse().unwrap());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bpffs = Bpffs::mount(dir.path().join("bpffs"));
+    // A directory of nft that always fails: the first apply fails.
+    let failing = dir.path().join("bin");
+    std::fs::create_dir(&failing).unwrap();
+    let nft = failing.join("nft");
+    std::fs::write(
+        &nft,
+        "#!/bin/sh\necho 'nft: broken on purpose' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = |metrics: Option<&str>| {
+        let mut builder = ConfigBuilder::new()
+            .target("web", PORT)
+            .topology_upstreams(2, "");
+        if let Some(listen) = metrics {
+            builder = builder.metrics(listen);
+        }
+        builder.build()
+    };
+    let cases = [
+        (
+            "metrics port taken",
+            config(Some(&taken)),
+            None,
+            "listening for metrics on",
+        ),
+        (
+            "first apply fails",
+            config(None),
+            Some(&failing),
+            "applying the first ruleset",
+        ),
+    ];
+    for (what, text, path, error) in cases {
+        let config_path = dir.path().join("lobby.yaml");
+        std::fs::write(&config_path, text).unwrap();
+        let socket = dir.path().join("lobby.sock");
+        let pins = bpffs.0.join("lobby");
+        let args = [
+            OsStr::new("-c"),
+            config_path.as_os_str(),
+            OsStr::new("--socket"),
+            socket.as_os_str(),
+            OsStr::new("--pin-dir"),
+            pins.as_os_str(),
+        ];
+        // The failing nft comes first in the daemon's PATH only.
+        let path_var = path.map(|bin| {
+            let mut paths = vec![bin.to_owned()];
+            paths.extend(std::env::split_paths(
+                &std::env::var_os("PATH").unwrap_or_default(),
+            ));
+            let mut var = std::ffi::OsString::from("PATH=");
+            var.push(std::env::join_paths(paths).unwrap());
+            var
+        });
+        let prefix: Vec<&OsStr> = match &path_var {
+            Some(var) => vec![OsStr::new("env"), var.as_os_str()],
+            None => Vec::new(),
+        };
+        let (status, said, _) =
+            run_once_with(&topology.lb, &prefix, &args, Duration::from_secs(20));
+        assert_eq!(status.code(), Some(1), "{what}: {said}");
+        assert!(said.contains(error), "{what}: {said}");
+        assert!(!socket.exists(), "{what}: the socket file was left behind");
+        assert!(!pins.exists(), "{what}: pins were left behind");
+        let tables = topology.lb.exec("nft", &["list", "tables"]);
+        assert!(
+            !String::from_utf8_lossy(&tables.stdout).contains("lobby"),
+            "{what}: a table was left behind"
+        );
+    }
 }
