@@ -1,5 +1,5 @@
 //! The Debian package as an operator meets it: lintian, then a real
-//! install, removal and purge by dpkg into an empty root. `dpkg --root`
+//! install, upgrade, removal and purge by dpkg into an empty root. `dpkg --root`
 //! keeps its own database there; the maintainer scripts run without a
 //! chroot (`--force-script-chrootless`) with DPKG_ROOT set, which
 //! deb-systemd-helper honours, so enabling and purging the unit is real.
@@ -85,6 +85,23 @@ pub fn run(binary: &Path) -> anyhow::Result<()> {
         "conffiles: {conffiles}"
     );
 
+    // An upgrade (the same package again runs the upgrade paths of the
+    // maintainer scripts) keeps the operator's configuration and the unit.
+    let edited = format!(
+        "{}# edited by the operator\n",
+        fs::read_to_string(root.join(CONFIG))?
+    );
+    fs::write(root.join(CONFIG), &edited)?;
+    dpkg(&["--install", &deb.to_string_lossy()])?;
+    ensure!(
+        fs::read_to_string(root.join(CONFIG))? == edited,
+        "the upgrade replaced the operator's configuration"
+    );
+    ensure!(
+        fs::read_link(root.join(ENABLED))? == Path::new("/").join(UNIT),
+        "the upgrade disabled the unit"
+    );
+
     dpkg(&["--remove", "lobby"])?;
     ensure!(
         !root.join("usr/bin/lobby").exists(),
@@ -105,7 +122,10 @@ pub fn run(binary: &Path) -> anyhow::Result<()> {
         left.is_empty() && !root.join("etc/lobby").exists(),
         "purge left {left:?}"
     );
-    eprintln!("deb-test: {} installs, removes and purges", deb.display());
+    eprintln!(
+        "deb-test: {} installs, upgrades, removes and purges",
+        deb.display()
+    );
     Ok(())
 }
 
