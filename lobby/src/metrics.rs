@@ -203,6 +203,27 @@ impl Collector for Exposition {
             "Connections sent to the upstream (SYNs toward it).",
             per_upstream(|u| u.connections),
         )?;
+        // Counters are named without `_total`: prometheus-client appends it.
+        family(
+            &mut encoder,
+            "lobby_target_denied_packets",
+            "Packets the target's traffic policy refused, by reason.",
+            snapshot.stats.targets.iter().flat_map(|t| {
+                let d = &t.denied;
+                [
+                    ("blocked", d.blocked),
+                    ("not_allowed", d.not_allowed),
+                    ("rate_limited", d.rate_limited),
+                    ("connection_limited", d.connection_limited),
+                ]
+                .map(|(reason, packets)| {
+                    (
+                        [("target", t.name.as_str()), ("reason", reason)],
+                        ConstCounter::new(packets),
+                    )
+                })
+            }),
+        )?;
         family(
             &mut encoder,
             "lobby_upstream_resets",
