@@ -46,6 +46,8 @@ const COUNTERS_RECHECK: Duration = Duration::from_secs(5);
 /// How often the table is compared with what Lobby applied, besides the
 /// kernel's notifications: the safety net for a notification missed.
 const TABLE_CHECK: Duration = Duration::from_secs(10);
+/// The longest a stats request waits for a transaction on its way.
+const STATS_WAIT: Duration = Duration::from_secs(1);
 /// How long shutdown waits for the daemon's tasks.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -172,6 +174,8 @@ pub async fn serve<P: DataPlane>(
     let mut table_check = tokio::time::interval_at(Instant::now() + TABLE_CHECK, TABLE_CHECK);
     table_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut reload_at: Option<Instant> = None;
+    // Stats requests that arrived while a transaction was on its way.
+    let mut deferred: Vec<(Instant, Request)> = Vec::new();
     tokio::pin!(shutdown);
     let outcome = 'run: loop {
         for action in actions.drain(..) {
@@ -211,7 +215,15 @@ pub async fn serve<P: DataPlane>(
                 actions.extend(core.on(Event::Address(update), Instant::now()));
             }
             Some(event) = inbox.events.recv() => actions.extend(core.on(event, Instant::now())),
-            Some(request) = inbox.requests.recv() => wiring.answer(request, &core),
+            Some(request) = inbox.requests.recv() => {
+                // Stats say what the kernel does: a change still on its way
+                // to the kernel is waited for, a little.
+                if core.is_applying() {
+                    deferred.push((Instant::now(), request));
+                } else {
+                    wiring.answer(request, &core);
+                }
+            }
             Some(control) = inbox.control.recv() => {
                 if let Some(reload) = wiring.control(control, &mut core) {
                     info!("reload asked over the control socket");
@@ -250,6 +262,14 @@ pub async fn serve<P: DataPlane>(
             }
         }
         actions.extend(core.settle(Instant::now()));
+        let now = Instant::now();
+        let (due, waiting): (Vec<_>, Vec<_>) = deferred
+            .drain(..)
+            .partition(|(at, _)| !core.is_applying() || now >= *at + STATS_WAIT);
+        deferred = waiting;
+        for (_, request) in due {
+            wiring.answer(request, &core);
+        }
     };
     systemd::stopping();
     cancel.cancel();

@@ -404,6 +404,14 @@ impl Core {
         .min()
     }
 
+    /// Whether a transaction is on its way to the kernel, or a change
+    /// waits to be planned (a retry or a takeover's wait for names
+    /// excepted: they wait for time, not for the kernel).
+    pub fn is_applying(&self) -> bool {
+        matches!(self.flight, Flight::Applying(_))
+            || (self.dirty && self.retry_at.is_none() && self.resolving_until.is_none())
+    }
+
     /// The running configuration (`None` before the first).
     pub fn config(&self) -> Option<&Config> {
         self.config.as_ref()

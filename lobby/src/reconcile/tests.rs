@@ -488,3 +488,20 @@ fn describes_changes_by_lines() {
         "added `1`, `2`, `3` and 2 more"
     );
 }
+
+#[test]
+fn a_change_is_applying_until_the_kernel_has_it() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    assert!(!harness.core.is_applying());
+    // Reported but not yet planned: on its way.
+    harness.core.on(report("web1", true), harness.now);
+    assert!(harness.core.is_applying());
+    assert!(script(&harness.core.settle(harness.now)).is_some());
+    assert!(harness.core.is_applying());
+    harness.applied();
+    assert!(!harness.core.is_applying());
+    // A retry waits for time, not for the kernel.
+    harness.step(report("web2", false));
+    harness.step(Event::Applied(Err("refused".into())));
+    assert!(!harness.core.is_applying());
+}
