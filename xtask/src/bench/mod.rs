@@ -44,11 +44,11 @@ const FULL: Plan = Plan {
     bulk_secs: 2.0,
     udp_secs: 2.0,
     round_trips: 2000,
-    counter_pairs: 8,
+    counter_pairs: 6,
     apply_runs: 5,
     reload_runs: 3,
     repairs: 20,
-    idle_window: Duration::from_secs(10),
+    idle_window: Duration::from_secs(8),
 };
 
 const QUICK: Plan = Plan {
@@ -318,7 +318,9 @@ fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
         );
         let config = scale_config(targets, per, Change::None);
         let (scripts, _) = control::capture(capture, &config, &[]);
-        let runs = if targets * per > 5000 {
+        let runs = if targets >= 5000 {
+            plan.apply_runs.min(2)
+        } else if targets * per > 5000 {
             plan.apply_runs.min(3)
         } else {
             plan.apply_runs
