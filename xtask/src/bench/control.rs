@@ -1,79 +1,356 @@
-//! Control-plane figures: how long applies take at scale, how fast a dead
-//! upstream leaves the rotation, and what the daemon costs at idle.
+//! Control-plane figures, each beside its anchor measured in the same run:
+//! the very transaction Lobby sent, applied by a bare `nft -f -` in a fresh
+//! namespace that holds what the kernel held before it. Lobby's transactions
+//! are captured once (an `nft` shim on the daemon's PATH) and the timed runs
+//! go without the shim. Also: how fast a dead upstream leaves the rotation,
+//! how fast an outside deletion of the table is repaired, and what the
+//! daemon costs at idle.
 use std::{
+    fs::File,
+    io::Write as _,
     net::Ipv4Addr,
-    time::{Duration, Instant},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant, SystemTime},
 };
 
 use lobby_tests::{
-    Lobby, NameServer, Topology,
+    Lobby, NameServer, NetNs, Topology,
     fixtures::{ConfigBuilder, health_check, in_rotation, start_servers},
     wait_for,
 };
 
 use super::servers;
 
+/// How long the daemon is left alone after an apply before the next
+/// change is timed: its check of the table after an apply is over and
+/// removed upstreams have stopped lingering (2 s, then one more apply).
+const SETTLE: Duration = Duration::from_millis(2600);
+
+/// The load balancer's namespace for control-plane figures, with a route
+/// to 198.19.0.0/16 (through the one upstream namespace, which drops it)
+/// as upstreams have in production: without it every upstream is looked
+/// up and warned about at each apply. (This kernel has no dummy links.)
+fn lb_topology() -> Topology {
+    let topology = Topology::new(1);
+    topology.lb.ip(&[
+        "route",
+        "add",
+        "198.19.0.0/16",
+        "via",
+        &Topology::upstream_addr(0).to_string(),
+    ]);
+    topology
+}
+
+/// What a scale configuration changes from the base one, to time reloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    None,
+    /// Target 0 loses its last upstream.
+    OneTarget,
+    /// As `OneTarget`, and target 1's first upstream gets weight 3.
+    OneTargetAndWeight,
+    /// Every target loses its last upstream (and target 1's weight stays).
+    AllTargets,
+}
+
 /// A config of `targets` x `per_target` upstreams at distinct addresses
 /// in 198.19.0.0/16, which no namespace routes: no traffic goes to them.
-pub fn scale_config(
-    targets: usize,
-    per_target: usize,
-    drop_last_of: impl Fn(usize) -> bool,
-) -> String {
+pub fn scale_config(targets: usize, per_target: usize, change: Change) -> String {
     let mut config = ConfigBuilder::new();
     for t in 0..targets {
         config = config.target(&format!("t{t}"), 10_000 + t as u16);
-        let count = if drop_last_of(t) {
-            per_target - 1
-        } else {
-            per_target
+        let shorter = match change {
+            Change::None => false,
+            Change::OneTarget | Change::OneTargetAndWeight => t == 0,
+            Change::AllTargets => true,
         };
+        let count = if shorter { per_target - 1 } else { per_target };
         for u in 0..count {
             let index = t * per_target + u;
             let addr = Ipv4Addr::new(198, 19, (index / 250) as u8, (index % 250) as u8 + 1);
-            config = config.upstream(&format!("u{u}"), addr, 8080);
+            let weighted = matches!(change, Change::OneTargetAndWeight | Change::AllTargets);
+            let extra = if weighted && t == 1 && u == 0 {
+                "weight: 3"
+            } else {
+                ""
+            };
+            config = config.upstream_with(&format!("u{u}"), addr, 8080, extra);
         }
     }
     config.build()
 }
 
-/// The `elapsed_ms` of the `n`-th (from 0) `ruleset applied` line.
-fn applied_ms(lobby: &Lobby, n: usize) -> Option<f64> {
+/// The `elapsed_ms` of the `n`-th (from 0) `ruleset applied` line, and
+/// the line's timestamp.
+fn applied(lobby: &Lobby, n: usize) -> Option<(f64, SystemTime)> {
     let log = lobby.log();
     let line = log
         .lines()
         .filter(|l| l.contains("ruleset applied"))
         .nth(n)?;
-    line.split("elapsed_ms=")
+    let elapsed = line
+        .split("elapsed_ms=")
         .nth(1)?
         .split_whitespace()
         .next()?
         .parse()
-        .ok()
+        .ok()?;
+    Some((elapsed, timestamp(line)?))
 }
 
-/// Apply time of a first start with this configuration, in milliseconds.
+/// The RFC 3339 UTC timestamp tracing puts first on a line
+/// (`2026-11-30T08:35:13.123456Z`).
+fn timestamp(line: &str) -> Option<SystemTime> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut ymd = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, d) = (ymd.next()?.ok()?, ymd.next()?.ok()?, ymd.next()?.ok()?);
+    let mut hms = time.split(':');
+    let (h, min) = (
+        hms.next()?.parse::<i64>().ok()?,
+        hms.next()?.parse::<i64>().ok()?,
+    );
+    let secs: f64 = hms.next()?.parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let whole = days * 86_400 + h * 3600 + min * 60;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(whole as f64 + secs))
+}
+
+fn ms_between(earlier: SystemTime, later: SystemTime) -> f64 {
+    later
+        .duration_since(earlier)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// Lobby's binary behind a wrapper that, while a flag file exists, puts
+/// an `nft` shim first on the daemon's PATH; the shim keeps each
+/// transaction the daemon applies. Without the flag the wrapper only
+/// execs the binary.
+pub struct Capture {
+    dir: PathBuf,
+}
+
+impl Capture {
+    /// Writes the wrapper and the shim; returns the wrapper's path for
+    /// `LOBBY_BIN`.
+    pub fn install(binary: &Path) -> anyhow::Result<(Self, PathBuf)> {
+        let dir = std::env::temp_dir().join(format!("lobby-bench-{}", std::process::id()));
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin)?;
+        std::fs::create_dir_all(dir.join("scripts"))?;
+        let d = dir.display();
+        let wrapper = dir.join("lobby");
+        write_executable(
+            &wrapper,
+            &format!(
+                "#!/bin/sh\nif [ -e {d}/on ]; then PATH={d}/bin:$PATH; export PATH; fi\nexec {} \"$@\"\n",
+                binary.display()
+            ),
+        )?;
+        write_executable(
+            &bin.join("nft"),
+            &format!(
+                "#!/bin/sh\nif [ \"$1\" = -f ] && [ \"$2\" = - ]; then\n  f={d}/scripts/$(date +%s%N).nft\n  cat > \"$f\"\n  exec {nft} -f \"$f\"\nfi\nexec {nft} \"$@\"\n",
+                nft = real_nft()
+            ),
+        )?;
+        Ok((Self { dir }, wrapper))
+    }
+
+    /// The transactions the daemons started within `run` applied, in order.
+    pub fn scripts(&self, run: impl FnOnce()) -> Vec<String> {
+        let scripts = self.dir.join("scripts");
+        let _ = std::fs::remove_dir_all(&scripts);
+        std::fs::create_dir_all(&scripts).expect("the capture directory");
+        File::create(self.dir.join("on")).expect("the capture flag");
+        run();
+        let _ = std::fs::remove_file(self.dir.join("on"));
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&scripts)
+            .expect("the captured scripts")
+            .filter_map(|e| Some(e.ok()?.path()))
+            .collect();
+        paths.sort();
+        paths
+            .iter()
+            .map(|p| std::fs::read_to_string(p).expect("a captured script"))
+            .collect()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write_executable(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+fn real_nft() -> String {
+    ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("nft")
+        .to_owned()
+}
+
+/// Runs `nft ARGS` inside `ns`, with `stdin` piped in: wall time of the
+/// whole process and its stderr on failure. Spawned from a thread that
+/// entered the namespace, so that std spawns as the daemon's tokio does
+/// (posix_spawn; a `pre_exec` setns would force a slower fork).
+pub fn nft_in(ns: &NetNs, args: &[&str], stdin: Option<&str>) -> (Duration, Result<(), String>) {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let stdin = stdin.map(str::to_owned);
+    ns.within(move || {
+        let mut command = Command::new(real_nft());
+        command
+            .args(&args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = command.spawn().expect("running nft");
+        if let Some(text) = &stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .expect("feeding nft");
+        }
+        let output = child.wait_with_output().expect("waiting for nft");
+        let elapsed = started.elapsed();
+        let outcome = if output.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+        };
+        (elapsed, outcome)
+    })
+}
+
+/// Milliseconds a bare `nft -f -` takes for `scripts.last()` in a fresh
+/// namespace that first received the others (untimed).
+pub fn raw_ms(scripts: &[String]) -> f64 {
+    let ns = NetNs::new("raw");
+    let (last, before) = scripts.split_last().expect("a script to time");
+    for script in before {
+        if let Err(e) = nft_in(&ns, &["-f", "-"], Some(script)).1 {
+            panic!("replaying a captured transaction: {e}");
+        }
+    }
+    let (elapsed, outcome) = nft_in(&ns, &["-f", "-"], Some(last));
+    if let Err(e) = outcome {
+        panic!("the captured transaction does not apply: {e}");
+    }
+    elapsed.as_secs_f64() * 1000.0
+}
+
+/// The transactions of a first start with `config`, then of reloads to
+/// each of `reloads`: every transaction in order (lingering upstreams'
+/// removals too) and, per apply asked, the index of its own.
+pub fn capture(capture: &Capture, config: &str, reloads: &[String]) -> (Vec<String>, Vec<usize>) {
+    let mut marks = Vec::new();
+    let scripts = capture.scripts(|| {
+        let topology = lb_topology();
+        let lobby = Lobby::start(&topology.lb, config);
+        marks.push(0);
+        for next in reloads {
+            let before = lobby.log_count("ruleset applied");
+            reload(&lobby, next);
+            marks.push(before);
+        }
+        std::thread::sleep(SETTLE);
+    });
+    assert!(
+        marks.last().is_none_or(|m| *m < scripts.len()),
+        "a transaction per apply"
+    );
+    (scripts, marks)
+}
+
+/// Writes `config`, sends SIGHUP and waits for the apply it causes: ms
+/// from the signal to the apply's log line (read, parse, diff, render,
+/// counters' map entries, nft).
+fn reload(lobby: &Lobby, config: &str) -> f64 {
+    // Steady state: see SETTLE.
+    std::thread::sleep(SETTLE);
+    let before = lobby.log_count("ruleset applied");
+    lobby.write_config(config);
+    let sent = SystemTime::now();
+    lobby.reload();
+    let (_, at) = wait_for("the reload to apply", Duration::from_secs(60), || {
+        applied(lobby, before)
+    });
+    ms_between(sent, at)
+}
+
+/// Apply time (ms, as the daemon logs it: its nft run) of a first start.
 pub fn first_apply_ms(config: &str) -> f64 {
-    let topology = Topology::new(0);
+    let topology = lb_topology();
     let lobby = Lobby::start(&topology.lb, config);
-    applied_ms(&lobby, 0).expect("the first apply is logged")
+    applied(&lobby, 0).expect("the first apply is logged").0
 }
 
-/// Apply times (ms) of reloads from 1,000 x 10: one target changed, then
-/// every target changed.
-pub fn reload_ms(targets: usize, per_target: usize) -> (f64, f64) {
-    let topology = Topology::new(0);
-    let lobby = Lobby::start(&topology.lb, &scale_config(targets, per_target, |_| false));
-    let reload = |config: String, nth: usize| {
-        lobby.write_config(&config);
-        lobby.reload();
-        wait_for("the reload to apply", Duration::from_secs(60), || {
-            applied_ms(&lobby, nth)
-        })
+/// Milliseconds from SIGHUP to each reload's apply, starting from
+/// `config` and reloading to each of `reloads` in turn.
+pub fn reloads_ms(config: &str, reloads: &[String]) -> Vec<f64> {
+    let topology = lb_topology();
+    let lobby = Lobby::start(&topology.lb, config);
+    reloads.iter().map(|next| reload(&lobby, next)).collect()
+}
+
+/// Milliseconds from an outside `nft delete table inet lobby` (the
+/// deleting nft has exited) until `nft list table inet lobby` succeeds
+/// again, `repetitions` times on one daemon.
+pub fn repair_ms(config: &str, repetitions: usize) -> Vec<f64> {
+    let topology = lb_topology();
+    let lobby = Lobby::start(&topology.lb, config);
+    let listed = || {
+        nft_in(&topology.lb, &["list", "table", "inet", "lobby"], None)
+            .1
+            .is_ok()
     };
-    let one = reload(scale_config(targets, per_target, |t| t == 0), 1);
-    let all = reload(scale_config(targets, per_target, |_| true), 2);
-    (one, all)
+    (0..repetitions)
+        .map(|_| {
+            // Let the daemon settle (its check of the table after an apply).
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(listed(), "the table is there before the deletion");
+            let before = lobby.log_count("ruleset applied");
+            if let Err(e) = nft_in(&topology.lb, &["delete", "table", "inet", "lobby"], None).1 {
+                panic!("deleting the table: {e}");
+            }
+            let deleted = Instant::now();
+            // A tight poll: wait_for's 20 ms sleeps would dominate.
+            while !listed() {
+                assert!(
+                    deleted.elapsed() < Duration::from_secs(20),
+                    "the table did not come back within 20 s"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let ms = deleted.elapsed().as_secs_f64() * 1000.0;
+            // Its apply logged too, so the next deletion finds it done.
+            lobby.wait_for_log_count("ruleset applied", before);
+            ms
+        })
+        .collect()
 }
 
 /// Milliseconds from a health-checked upstream's death (its server stops)
@@ -106,7 +383,7 @@ pub fn death_to_removal_ms() -> f64 {
 pub fn idle_cost(count: usize, window: Duration) -> (u64, f64) {
     let topology = Topology::new(3);
     for (i, ns) in topology.upstreams.iter().enumerate() {
-        servers::start(ns, Topology::upstream_addr(i));
+        servers::start(ns, std::net::IpAddr::V4(Topology::upstream_addr(i)));
     }
     let check = health_check(servers::GREET_PORT, true, 1, 1, 1);
     let mut config = ConfigBuilder::new();

@@ -3,7 +3,7 @@
 use std::{
     fs::File,
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     sync::{
         Arc,
@@ -105,6 +105,32 @@ pub fn bulk(ns: &str, targets: Vec<SocketAddr>, streams: usize, duration: Durati
         }
     });
     sent.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// `flows` UDP flows (one socket, so one source port, each), flow `i`
+/// to `targets[i % len]`, each sending 64-byte datagrams as fast as it
+/// can until `duration` is over; returns the seconds it took. What
+/// arrived is counted by the receivers.
+pub fn udp_flood(ns: &str, targets: Vec<SocketAddr>, flows: usize, duration: Duration) -> f64 {
+    let started = Instant::now();
+    on_threads(ns, flows, duration, move |flow, deadline| {
+        let target = targets[flow % targets.len()];
+        let local: SocketAddr = if target.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let socket = UdpSocket::bind(local).expect("a UDP socket");
+        socket.connect(target).expect("connecting the UDP socket");
+        let datagram = [0x5au8; 64];
+        while Instant::now() < deadline {
+            for _ in 0..64 {
+                // Refusals and full queues are the measurement's, not errors.
+                let _ = socket.send(&datagram);
+            }
+        }
+    });
+    started.elapsed().as_secs_f64()
 }
 
 /// Pins the calling thread to `cpu`: round trips between threads that

@@ -1,17 +1,23 @@
 //! `cargo xtask bench`: Lobby against plain forwarding, HAProxy and a
 //! hand-written nft DNAT ruleset, side by side in one run, plus the control
-//! plane's figures. Every data-plane measurement gets fresh namespaces and
-//! the variants take turns within each round, so machine noise hits them
-//! alike; each figure is the median over the rounds.
+//! plane's figures. These VMs differ up to 2x in absolute speed from one to
+//! the next, so every figure stands beside an anchor measured in the same
+//! run (plain forwarding, the hand-written ruleset, a bare `nft -f`) and
+//! the ratio is what counts. Every data-plane measurement gets fresh
+//! namespaces and the variants take turns within each round, so machine
+//! noise hits them alike; ratios are of paired rounds, with a 95%
+//! confidence interval.
 mod control;
 mod load;
 mod servers;
+mod stats;
 mod variants;
 
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
 use anyhow::{Context as _, bail};
 use serde_json::json;
+use stats::{Ratio, median, percentile};
 use variants::{Service, Setup, Variant};
 
 use crate::cmd::{build_lobby_release, workspace_root};
@@ -19,36 +25,54 @@ use crate::cmd::{build_lobby_release, workspace_root};
 /// How long and how often: a full run and a quick one for development.
 struct Plan {
     rounds: usize,
-    rate_secs: u64,
-    bulk_secs: u64,
+    rate_secs: f64,
+    bulk_secs: f64,
+    udp_secs: f64,
     round_trips: usize,
+    /// Extra rounds of Lobby with and without counters back to back
+    /// (connection rate only), for the interval of the counters' cost.
+    counter_pairs: usize,
     apply_runs: usize,
+    reload_runs: usize,
+    repairs: usize,
     idle_window: Duration,
 }
 
 const FULL: Plan = Plan {
-    rounds: 5,
-    rate_secs: 4,
-    bulk_secs: 3,
-    round_trips: 3000,
+    rounds: 4,
+    rate_secs: 3.0,
+    bulk_secs: 2.0,
+    udp_secs: 2.0,
+    round_trips: 2000,
+    counter_pairs: 6,
     apply_runs: 5,
-    idle_window: Duration::from_secs(20),
+    reload_runs: 3,
+    repairs: 20,
+    idle_window: Duration::from_secs(8),
 };
 
 const QUICK: Plan = Plan {
-    rounds: 2,
-    rate_secs: 2,
-    bulk_secs: 1,
-    round_trips: 500,
-    apply_runs: 2,
-    idle_window: Duration::from_secs(5),
+    rounds: 1,
+    rate_secs: 1.0,
+    bulk_secs: 0.5,
+    udp_secs: 0.5,
+    round_trips: 300,
+    counter_pairs: 2,
+    apply_runs: 1,
+    reload_runs: 1,
+    repairs: 5,
+    idle_window: Duration::from_secs(3),
 };
 
 /// Concurrent connections of the connection-rate test.
 const CONCURRENCY: usize = 32;
 /// Long-lived streams of the bulk test.
 const STREAMS: usize = 4;
+/// UDP flows (distinct source ports) of the datagram test.
+const FLOWS: usize = 3;
 
+/// One value per round (NaN where a variant does not take a measure), so
+/// that index i of two variants is a pair.
 #[derive(Default)]
 struct Samples {
     rate: Vec<f64>,
@@ -56,6 +80,7 @@ struct Samples {
     failures: u64,
     conntrack_full: bool,
     bulk_bps: Vec<f64>,
+    udp_pps: Vec<f64>,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
 }
@@ -67,108 +92,25 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     }
     crate::setup::run()?;
     let binary = build_lobby_release()?;
+    let (capture, wrapper) = control::Capture::install(&binary)?;
     // SAFETY: still single-threaded; the harness reads it to find the binary.
-    unsafe { std::env::set_var("LOBBY_BIN", binary) };
+    unsafe { std::env::set_var("LOBBY_BIN", wrapper) };
     let plan = if quick { QUICK } else { FULL };
     let started = std::time::Instant::now();
+    // For development: LOBBY_BENCH_ONLY=data or =control.
+    let only = std::env::var("LOBBY_BENCH_ONLY").unwrap_or_default();
 
-    let mut samples: BTreeMap<Variant, Samples> = BTreeMap::new();
-    for round in 0..plan.rounds {
-        eprintln!("bench: data plane, round {} of {}", round + 1, plan.rounds);
-        // Rotate the order so no variant always runs first.
-        let mut order = Variant::ALL.to_vec();
-        order.rotate_left(round % Variant::ALL.len());
-        for variant in order {
-            let s = samples.entry(variant).or_default();
-            measure_rate(variant, &plan, s);
-            let setup = Setup::new(variant);
-            s.bulk_bps.push(load::bulk(
-                &setup.client().name,
-                setup.targets(Service::Sink),
-                STREAMS,
-                Duration::from_secs(plan.bulk_secs),
-            ));
-            drop(setup);
-            let setup = Setup::new(variant);
-            let (p50, p99) = load::latency(
-                &setup.client().name,
-                setup.targets(Service::Echo)[0],
-                plan.round_trips,
-            );
-            s.p50_us.push(p50);
-            s.p99_us.push(p99);
-        }
-    }
-
-    eprintln!("bench: control plane");
-    let apply = |targets: usize, per: usize| -> f64 {
-        median(
-            (0..plan.apply_runs)
-                .map(|_| control::first_apply_ms(&control::scale_config(targets, per, |_| false)))
-                .collect(),
-        )
+    let (samples, counters) = if only == "control" {
+        (BTreeMap::new(), CounterPairs::default())
+    } else {
+        data_plane(&plan)
     };
-    let apply_10 = apply(1, 10);
-    let apply_1000 = apply(100, 10);
-    let apply_10000 = apply(1000, 10);
-    let apply_1x10000 = apply(1, 10_000);
-    let reloads: Vec<(f64, f64)> = (0..plan.apply_runs)
-        .map(|_| control::reload_ms(1000, 10))
-        .collect();
-    let reload_one = median(reloads.iter().map(|r| r.0).collect());
-    let reload_all = median(reloads.iter().map(|r| r.1).collect());
-    let removal = median(
-        (0..plan.apply_runs)
-            .map(|_| control::death_to_removal_ms())
-            .collect(),
-    );
-    let (idle_rss_kib, idle_cpu) = control::idle_cost(1000, plan.idle_window);
+    let control = (only != "data").then(|| control_plane(&plan, &capture));
 
     let report = Report {
         samples,
-        control: vec![
-            (
-                "apply from scratch, 1 x 10 upstreams (ms)",
-                apply_10,
-                Some(7.0),
-            ),
-            (
-                "apply from scratch, 100 x 10 upstreams (ms)",
-                apply_1000,
-                Some(23.0),
-            ),
-            (
-                "apply from scratch, 1,000 x 10 upstreams (ms)",
-                apply_10000,
-                Some(250.0),
-            ),
-            (
-                "apply from scratch, 1 x 10,000 upstreams (ms)",
-                apply_1x10000,
-                Some(120.0),
-            ),
-            (
-                "reload at 1,000 x 10, one target changed (ms)",
-                reload_one,
-                Some(30.0),
-            ),
-            (
-                "reload at 1,000 x 10, every target changed (ms)",
-                reload_all,
-                Some(500.0),
-            ),
-            ("upstream death to removal, 1 s probes (ms)", removal, None),
-            (
-                "idle daemon RSS, 1,000 health-checked upstreams (MiB)",
-                idle_rss_kib as f64 / 1024.0,
-                None,
-            ),
-            (
-                "idle daemon CPU, 1,000 upstreams probed every 1 s (% of a core)",
-                idle_cpu,
-                None,
-            ),
-        ],
+        counters,
+        control,
     };
     let text = report.table();
     println!("{text}");
@@ -189,14 +131,112 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure_rate(variant: Variant, plan: &Plan, s: &mut Samples) {
-    let setup = Setup::new(variant);
+/// Connection rates of Lobby with and without counters, measured back to
+/// back: (with, without) per pair.
+#[derive(Default)]
+struct CounterPairs {
+    rate: Vec<(f64, f64)>,
+    bulk: Vec<(f64, f64)>,
+}
+
+fn data_plane(plan: &Plan) -> (BTreeMap<Variant, Samples>, CounterPairs) {
+    let mut samples: BTreeMap<Variant, Samples> = BTreeMap::new();
+    let all: Vec<Variant> = Variant::MAIN
+        .into_iter()
+        .chain(Variant::RATE_ONLY)
+        .collect();
+    for round in 0..plan.rounds {
+        eprintln!("bench: data plane, round {} of {}", round + 1, plan.rounds);
+        // Rotate the order so no variant always runs first.
+        let mut order = all.clone();
+        order.rotate_left(round * 3 % all.len());
+        for variant in order {
+            let s = samples.entry(variant).or_default();
+            let setup = Setup::new(variant);
+            if Variant::MAIN.contains(&variant) {
+                // Latency, bulk and datagrams leave little behind; the
+                // connection rate, which leaves TIME_WAIT and conntrack
+                // entries, comes last.
+                let (p50, p99) = load::latency(
+                    &setup.client().name,
+                    setup.targets(Service::Echo)[0],
+                    plan.round_trips,
+                );
+                s.p50_us.push(p50);
+                s.p99_us.push(p99);
+                s.bulk_bps.push(load::bulk(
+                    &setup.client().name,
+                    setup.targets(Service::Sink),
+                    STREAMS,
+                    Duration::from_secs_f64(plan.bulk_secs),
+                ));
+                s.udp_pps.push(if variant.carries_udp() {
+                    udp_rate(&setup, plan)
+                } else {
+                    f64::NAN
+                });
+            }
+            measure_rate(&setup, plan, s);
+        }
+    }
+    let mut counters = CounterPairs::default();
+    let (with, without) = (
+        &samples[&Variant::Lobby],
+        &samples[&Variant::LobbyWithoutCounters],
+    );
+    counters.rate.extend(with.rate.iter().copied().zip(without.rate.iter().copied()));
+    counters.bulk.extend(
+        with.bulk_bps
+            .iter()
+            .copied()
+            .zip(without.bulk_bps.iter().copied()),
+    );
+    for pair in 0..plan.counter_pairs {
+        eprintln!(
+            "bench: counters' cost, pair {} of {}",
+            pair + 1,
+            plan.counter_pairs
+        );
+        let mut rates = [0.0; 2];
+        let order = if pair % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let variant = [Variant::Lobby, Variant::LobbyWithoutCounters][i];
+            let setup = Setup::new(variant);
+            let mut s = Samples::default();
+            measure_rate(&setup, plan, &mut s);
+            rates[i] = s.rate[0];
+        }
+        counters.rate.push((rates[0], rates[1]));
+    }
+    (samples, counters)
+}
+
+/// Datagrams per second the upstreams received.
+fn udp_rate(setup: &Setup, plan: &Plan) -> f64 {
+    let before = setup.udp_received();
+    let seconds = load::udp_flood(
+        &setup.client().name,
+        setup.targets(Service::Udp),
+        FLOWS,
+        Duration::from_secs_f64(plan.udp_secs),
+    );
+    // What is still queued on the way arrives within a moment.
+    std::thread::sleep(Duration::from_millis(50));
+    (setup.udp_received() - before) as f64 / seconds
+}
+
+fn measure_rate(setup: &Setup, plan: &Plan, s: &mut Samples) {
+    // Neighbours resolved first: a fresh IPv6 path drops the first SYNs
+    // while it resolves, and their retransmission costs a second.
+    for target in setup.targets(Service::Greet) {
+        let _ = setup.client().connect(target, Duration::from_secs(3));
+    }
     let before = busy_ticks();
     let rate = load::connection_rate(
         &setup.client().name,
         setup.targets(Service::Greet),
         CONCURRENCY,
-        Duration::from_secs(plan.rate_secs),
+        Duration::from_secs_f64(plan.rate_secs),
     );
     let busy = busy_ticks() - before;
     if let Some((count, max)) = setup.conntrack()
@@ -204,7 +244,7 @@ fn measure_rate(variant: Variant, plan: &Plan, s: &mut Samples) {
     {
         eprintln!(
             "bench: {}: conntrack table nearly full ({count} of {max}): new connections may be dropped",
-            variant.name()
+            setup.variant.name()
         );
         s.conntrack_full = true;
     }
@@ -229,88 +269,279 @@ fn busy_ticks() -> u64 {
     fields.iter().take(8).sum::<u64>() - fields[3] - fields[4]
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+/// A control-plane figure beside its anchor: the same transaction by a
+/// bare `nft -f -`, one pair per run.
+struct ControlRow {
+    what: String,
+    lobby: Vec<f64>,
+    raw: Vec<f64>,
+}
+
+impl ControlRow {
+    fn ratio(&self) -> Ratio {
+        Ratio::paired(&self.lobby, &self.raw)
     }
+}
+
+/// Repair after an outside `nft delete table inet lobby`.
+struct Repair {
+    scale: &'static str,
+    samples: Vec<f64>,
+    /// The full table's transaction by a bare `nft -f -` (ms, per run).
+    raw_full_table: Vec<f64>,
+}
+
+/// (what, median, anchor and the anchor's name)
+type Other = (&'static str, f64, Option<(f64, &'static str)>);
+
+struct Control {
+    rows: Vec<ControlRow>,
+    repair: Repair,
+    other: Vec<Other>,
+}
+
+fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
+    use control::{Change, scale_config};
+    let started = std::time::Instant::now();
+    let mut rows = Vec::new();
+    let mut repair_raw = Vec::new();
+    for (what, targets, per) in [
+        ("1 x 10", 1, 10),
+        ("100 x 10", 100, 10),
+        ("1,000 x 10", 1000, 10),
+        ("1 x 10,000", 1, 10_000),
+        ("5,000 x 2", 5000, 2),
+    ] {
+        eprintln!(
+            "bench: control plane, from scratch, {what} ({:.0} s in)",
+            started.elapsed().as_secs_f64()
+        );
+        let config = scale_config(targets, per, Change::None);
+        let (scripts, _) = control::capture(capture, &config, &[]);
+        let runs = if targets >= 5000 {
+            plan.apply_runs.min(2)
+        } else if targets * per > 5000 {
+            plan.apply_runs.min(3)
+        } else {
+            plan.apply_runs
+        };
+        let mut row = ControlRow {
+            what: format!("apply from scratch, {what} upstreams (nft run as logged)"),
+            lobby: Vec::new(),
+            raw: Vec::new(),
+        };
+        for run in 0..runs {
+            // Alternate which goes first.
+            if run % 2 == 0 {
+                row.lobby.push(control::first_apply_ms(&config));
+                row.raw.push(control::raw_ms(&scripts));
+            } else {
+                row.raw.push(control::raw_ms(&scripts));
+                row.lobby.push(control::first_apply_ms(&config));
+            }
+        }
+        if (targets, per) == REPAIR_SCALE {
+            repair_raw = row.raw.clone();
+        }
+        rows.push(row);
+    }
+
+    eprintln!("bench: control plane, reloads at 1,000 x 10");
+    let base = scale_config(1000, 10, Change::None);
+    let steps: Vec<String> = [
+        Change::OneTarget,
+        Change::OneTargetAndWeight,
+        Change::AllTargets,
+    ]
+    .into_iter()
+    .map(|c| scale_config(1000, 10, c))
+    .collect();
+    let (scripts, marks) = control::capture(capture, &base, &steps);
+    let names = [
+        "reload at 1,000 x 10, one target changed (SIGHUP to applied)",
+        "reload at 1,000 x 10, one weight changed (SIGHUP to applied)",
+        "reload at 1,000 x 10, every target changed (SIGHUP to applied)",
+    ];
+    let mut reload_rows: Vec<ControlRow> = names
+        .iter()
+        .map(|what| ControlRow {
+            what: (*what).to_owned(),
+            lobby: Vec::new(),
+            raw: Vec::new(),
+        })
+        .collect();
+    for _ in 0..plan.reload_runs {
+        let lobby = control::reloads_ms(&base, &steps);
+        for (step, row) in reload_rows.iter_mut().enumerate() {
+            row.lobby.push(lobby[step]);
+            row.raw.push(control::raw_ms(&scripts[..=marks[step + 1]]));
+        }
+    }
+    rows.extend(reload_rows);
+
+    eprintln!("bench: control plane, repair after an outside table deletion");
+    let repair = Repair {
+        scale: "100 x 10",
+        samples: control::repair_ms(
+            &scale_config(REPAIR_SCALE.0, REPAIR_SCALE.1, Change::None),
+            plan.repairs,
+        ),
+        raw_full_table: repair_raw,
+    };
+
+    eprintln!("bench: control plane, death to removal and idle cost");
+    let removal: Vec<f64> = (0..plan.apply_runs)
+        .map(|_| control::death_to_removal_ms())
+        .collect();
+    let (idle_rss_kib, idle_cpu) = control::idle_cost(1000, plan.idle_window);
+    Control {
+        rows,
+        repair,
+        other: vec![
+            (
+                "upstream death to removal, 1 s probes (ms)",
+                median(&removal),
+                // interval x failure_count + timeout
+                Some((2000.0, "bound 1 s x 1 + 1 s")),
+            ),
+            (
+                "idle daemon RSS, 1,000 health-checked upstreams (MiB)",
+                idle_rss_kib as f64 / 1024.0,
+                None,
+            ),
+            (
+                "idle daemon CPU, 1,000 upstreams probed every 1 s (% of a core)",
+                idle_cpu,
+                None,
+            ),
+        ],
+    }
+}
+
+/// The scale of the repair figure: targets x upstreams.
+const REPAIR_SCALE: (usize, usize) = (100, 10);
+fn rate(s: &Samples) -> &Vec<f64> {
+    &s.rate
+}
+
+fn cpu(s: &Samples) -> &Vec<f64> {
+    &s.cpu_us_per_conn
+}
+
+fn bulk(s: &Samples) -> &Vec<f64> {
+    &s.bulk_bps
+}
+
+fn udp(s: &Samples) -> &Vec<f64> {
+    &s.udp_pps
 }
 
 struct Report {
     samples: BTreeMap<Variant, Samples>,
-    /// (what, median, goal)
-    control: Vec<(&'static str, f64, Option<f64>)>,
+    counters: CounterPairs,
+    control: Option<Control>,
 }
 
+/// (what, ratio, anchor's median and unit, goal)
+type RatioRow = (&'static str, Ratio, String, &'static str);
+
 impl Report {
-    fn medians(&self, variant: Variant) -> [f64; 5] {
-        let s = &self.samples[&variant];
-        [
-            median(s.rate.clone()),
-            median(s.cpu_us_per_conn.clone()),
-            median(s.bulk_bps.clone()) * 8.0 / 1e9,
-            median(s.p50_us.clone()),
-            median(s.p99_us.clone()),
+    fn series(&self, variant: Variant, pick: fn(&Samples) -> &Vec<f64>) -> &[f64] {
+        self.samples.get(&variant).map_or(&[], |s| pick(s))
+    }
+
+    fn pair(&self, a: Variant, b: Variant, pick: fn(&Samples) -> &Vec<f64>) -> Ratio {
+        Ratio::paired(self.series(a, pick), self.series(b, pick))
+    }
+
+    fn ratios(&self) -> Vec<RatioRow> {
+        use Variant::*;
+        let conn = |v: Variant| format!("{} {:.0} conn/s", v.name(), median(self.series(v, rate)));
+        let gbit = |v: Variant| {
+            format!(
+                "{} {:.2} Gbit/s",
+                v.name(),
+                median(self.series(v, bulk)) * 8.0 / 1e9
+            )
+        };
+        let kpps = |v: Variant| format!("{} {:.0} kpkt/s", v.name(), median(self.series(v, udp)) / 1e3);
+        let (with, without): (Vec<f64>, Vec<f64>) = self.counters.rate.iter().copied().unzip();
+        let (bulk_with, bulk_without): (Vec<f64>, Vec<f64>) =
+            self.counters.bulk.iter().copied().unzip();
+        vec![
+            ("Lobby bulk / forwarding", self.pair(Lobby, Forwarding, bulk), gbit(Forwarding), ">= 0.95"),
+            ("Lobby bulk / HAProxy", self.pair(Lobby, HaProxy, bulk), gbit(HaProxy), ">= 1.8"),
+            ("Lobby conn/s / raw nft DNAT", self.pair(Lobby, RawNft, rate), conn(RawNft), ">= 0.97"),
+            ("Lobby CPU per conn / raw nft DNAT", self.pair(Lobby, RawNft, cpu), format!("{:.0} us", median(self.series(RawNft, cpu))), "<= 1.05"),
+            ("Lobby conn/s / HAProxy", self.pair(Lobby, HaProxy, rate), conn(HaProxy), ">= 1.3"),
+            ("Lobby conn/s / forwarding", self.pair(Lobby, Forwarding, rate), conn(Forwarding), "-"),
+            ("UDP: Lobby pkt/s / raw nft DNAT", self.pair(Lobby, RawNft, udp), kpps(RawNft), ">= 0.97"),
+            ("UDP: Lobby pkt/s / forwarding", self.pair(Lobby, Forwarding, udp), kpps(Forwarding), "-"),
+            ("UDP: raw nft DNAT pkt/s / forwarding", self.pair(RawNft, Forwarding, udp), kpps(Forwarding), "-"),
+            ("random: Lobby conn/s / raw nft numgen random", self.pair(LobbyRandom, RawNftRandom, rate), conn(RawNftRandom), ">= 0.97"),
+            ("random: Lobby conn/s / Lobby round-robin", self.pair(LobbyRandom, Lobby, rate), conn(Lobby), "-"),
+            ("ip-src-hash: Lobby conn/s / raw nft jhash", self.pair(LobbySourceHash, RawNftSourceHash, rate), conn(RawNftSourceHash), ">= 0.97"),
+            ("ip-src-hash: Lobby conn/s / Lobby round-robin", self.pair(LobbySourceHash, Lobby, rate), conn(Lobby), "-"),
+            ("IPv6: Lobby conn/s / Lobby IPv4", self.pair(Lobby6, Lobby, rate), conn(Lobby), "-"),
+            ("IPv6: forwarding conn/s / forwarding IPv4", self.pair(Forwarding6, Forwarding, rate), conn(Forwarding), "-"),
+            ("counters: conn/s with / without (paired)", Ratio::paired(&with, &without), format!("without {:.0} conn/s", median(&without)), ">= 0.97"),
+            ("counters: bulk with / without (paired)", Ratio::paired(&bulk_with, &bulk_without), format!("without {:.2} Gbit/s", median(&bulk_without) * 8.0 / 1e9), ">= 0.97"),
         ]
     }
 
     fn table(&self) -> String {
         let mut out = String::new();
-        let base = self.medians(Variant::Forwarding);
-        let haproxy = self.medians(Variant::HaProxy);
-        writeln!(out, "| variant | conn/s | CPU us/conn | bulk Gbit/s | p50 us | p99 us | conn/s vs fwd | conn/s vs haproxy | bulk vs fwd | bulk vs haproxy |").unwrap();
+        if !self.samples.is_empty() {
+            self.data_tables(&mut out);
+        }
+        if let Some(control) = &self.control {
+            control_tables(control, &mut out);
+        }
+        out
+    }
+
+    fn data_tables(&self, out: &mut String) {
+        writeln!(out, "| variant | conn/s | CPU us/conn | bulk Gbit/s | UDP kpkt/s | p50 us | p99 us | conn/s vs fwd | bulk vs fwd | UDP vs fwd |").unwrap();
         writeln!(out, "|---|---|---|---|---|---|---|---|---|---|").unwrap();
-        for variant in Variant::ALL {
-            let m = self.medians(variant);
+        for variant in Variant::MAIN.into_iter().chain(Variant::RATE_ONLY) {
+            let Some(s) = self.samples.get(&variant) else {
+                continue;
+            };
+            let fwd = if variant == Variant::Lobby6 || variant == Variant::Forwarding6 {
+                Variant::Forwarding6
+            } else {
+                Variant::Forwarding
+            };
+            let show = |x: f64, digits: usize| {
+                if x.is_finite() {
+                    format!("{x:.digits$}")
+                } else {
+                    "-".to_owned()
+                }
+            };
             writeln!(
                 out,
-                "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 variant.name(),
-                m[0],
-                m[1],
-                m[2],
-                m[3],
-                m[4],
-                m[0] / base[0],
-                m[0] / haproxy[0],
-                m[2] / base[2],
-                m[2] / haproxy[2]
+                show(median(&s.rate), 0),
+                show(median(&s.cpu_us_per_conn), 0),
+                show(median(&s.bulk_bps) * 8.0 / 1e9, 2),
+                show(median(&s.udp_pps) / 1e3, 0),
+                show(median(&s.p50_us), 0),
+                show(median(&s.p99_us), 0),
+                show(self.pair(variant, fwd, rate).value, 2),
+                show(self.pair(variant, Variant::Forwarding, bulk).value, 2),
+                show(self.pair(variant, Variant::Forwarding, udp).value, 2),
             )
             .unwrap();
         }
-        let lobby = self.medians(Variant::Lobby);
-        let raw = self.medians(Variant::RawNft);
-        let bare = self.medians(Variant::LobbyWithoutCounters);
-        writeln!(out, "\n| ratio | value | goal |\n|---|---|---|").unwrap();
-        for (what, value, goal) in [
-            ("Lobby bulk / forwarding", lobby[2] / base[2], ">= 0.95"),
-            ("Lobby bulk / HAProxy", lobby[2] / haproxy[2], ">= 1.8"),
-            ("Lobby conn/s / raw nft DNAT", lobby[0] / raw[0], ">= 0.97"),
-            (
-                "Lobby CPU per conn / raw nft DNAT",
-                lobby[1] / raw[1],
-                "<= 1.05",
-            ),
-            ("Lobby conn/s / HAProxy", lobby[0] / haproxy[0], ">= 1.3"),
-            (
-                "counters: conn/s with / without",
-                lobby[0] / bare[0],
-                ">= 0.97",
-            ),
-            (
-                "counters: bulk with / without",
-                lobby[2] / bare[2],
-                ">= 0.97",
-            ),
-        ] {
-            writeln!(out, "| {what} | {value:.3} | {goal} |").unwrap();
-        }
-        writeln!(out, "\n| control plane | median | goal |\n|---|---|---|").unwrap();
-        for (what, value, goal) in &self.control {
-            let goal = goal.map_or("-".to_owned(), |g| format!("<= {g}"));
-            writeln!(out, "| {what} | {value:.1} | {goal} |").unwrap();
+        writeln!(
+            out,
+            "\n| ratio (paired rounds) | value [95% CI] | anchor, same run | goal |\n|---|---|---|---|"
+        )
+        .unwrap();
+        for (what, ratio, anchor, goal) in self.ratios() {
+            writeln!(out, "| {what} | {} | {anchor} | {goal} |", ratio.show()).unwrap();
         }
         for (variant, s) in &self.samples {
             if s.failures > 0 || s.conntrack_full {
@@ -328,7 +559,6 @@ impl Report {
                 .unwrap();
             }
         }
-        out
     }
 
     fn json(&self, quick: bool) -> serde_json::Value {
@@ -339,23 +569,102 @@ impl Report {
                 let value = json!({
                     "conn_per_s": s.rate, "cpu_us_per_conn": s.cpu_us_per_conn, "failed_connections": s.failures,
                     "conntrack_nearly_full": s.conntrack_full, "bulk_bytes_per_s": s.bulk_bps,
+                    "udp_packets_per_s": s.udp_pps,
                     "latency_p50_us": s.p50_us, "latency_p99_us": s.p99_us,
                 });
                 (variant.name().to_owned(), value)
             })
             .collect();
-        let control: serde_json::Map<String, serde_json::Value> = self
-            .control
-            .iter()
-            .map(|(what, value, _)| ((*what).to_owned(), json!(value)))
-            .collect();
+        let ratios: serde_json::Map<String, serde_json::Value> = if self.samples.is_empty() {
+            serde_json::Map::new()
+        } else {
+            self.ratios()
+                .into_iter()
+                .map(|(what, ratio, anchor, goal)| {
+                    let mut value = ratio.json();
+                    value["anchor"] = json!(anchor);
+                    value["goal"] = json!(goal);
+                    (what.to_owned(), value)
+                })
+                .collect()
+        };
+        let control = self.control.as_ref().map(|c| {
+            json!({
+                "anchored": c.rows.iter().map(|r| (r.what.clone(), {
+                    let mut v = r.ratio().json();
+                    v["lobby_ms"] = json!(r.lobby);
+                    v["raw_nft_ms"] = json!(r.raw);
+                    v
+                })).collect::<serde_json::Map<_, _>>(),
+                "repair": {
+                    "scale": c.repair.scale,
+                    "ms": c.repair.samples,
+                    "median_ms": median(&c.repair.samples),
+                    "p99_ms": percentile(&c.repair.samples, 0.99),
+                    "raw_nft_full_table_ms": c.repair.raw_full_table,
+                },
+                "other": c.other.iter().map(|(what, value, anchor)| ((*what).to_owned(), json!({
+                    "value": value, "anchor": anchor.map(|a| a.0), "anchor_is": anchor.map(|a| a.1),
+                }))).collect::<serde_json::Map<_, _>>(),
+            })
+        });
         json!({
             "quick": quick,
+            "date": String::from_utf8_lossy(&std::process::Command::new("date").arg("-u").arg("+%Y-%m-%dT%H:%M:%SZ").output().map(|o| o.stdout).unwrap_or_default()).trim(),
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            "concurrency": CONCURRENCY, "bulk_streams": STREAMS,
+            "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+            "concurrency": CONCURRENCY, "bulk_streams": STREAMS, "udp_flows": FLOWS,
             "variants": variants,
+            "ratios": ratios,
+            "counter_pairs": { "conn_per_s": self.counters.rate, "bulk_bytes_per_s": self.counters.bulk },
             "control_plane": control,
         })
+    }
+}
+
+fn control_tables(control: &Control, out: &mut String) {
+    writeln!(
+        out,
+        "\n| control plane | Lobby ms (median) | same transaction, bare nft -f ms (median) | Lobby / nft [95% CI] | goal |\n|---|---|---|---|---|"
+    )
+    .unwrap();
+    for row in &control.rows {
+        writeln!(
+            out,
+            "| {} | {:.1} | {:.1} | {} | <= 1.2 |",
+            row.what,
+            median(&row.lobby),
+            median(&row.raw),
+            row.ratio().show()
+        )
+        .unwrap();
+    }
+    let r = &control.repair;
+    let raw = median(&r.raw_full_table);
+    writeln!(
+        out,
+        "\n| repair after `nft delete table inet lobby`, {} | median ms | p99 ms | full table by bare nft -f, ms | median / nft |\n|---|---|---|---|---|",
+        r.scale
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "| {} repetitions, until `nft list table` succeeds | {:.0} | {:.0} | {:.1} | {:.1} |",
+        r.samples.len(),
+        median(&r.samples),
+        percentile(&r.samples, 0.99),
+        raw,
+        median(&r.samples) / raw
+    )
+    .unwrap();
+    writeln!(out, "\n| other | value | anchor | value / anchor |\n|---|---|---|---|").unwrap();
+    for (what, value, anchor) in &control.other {
+        match anchor {
+            Some((a, name)) => {
+                writeln!(out, "| {what} | {value:.1} | {a:.0} ({name}) | {:.2} |", value / a).unwrap()
+            }
+            None => writeln!(out, "| {what} | {value:.1} | - | - |").unwrap(),
+        }
     }
 }

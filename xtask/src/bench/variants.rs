@@ -1,15 +1,17 @@
-//! The five ways traffic crosses the load balancer's namespace, each built
-//! in fresh namespaces: TIME_WAIT sockets and conntrack entries of one run
-//! must not slow the next (PAWS drops reused tuples' SYNs).
+//! The ways traffic crosses the load balancer's namespace, each built in
+//! fresh namespaces: TIME_WAIT sockets and conntrack entries of one run
+//! must not slow the next (PAWS drops reused tuples' SYNs). Besides the
+//! five main variants: Lobby's other distributions with the hand-written
+//! ruleset of the same mode, and IPv6 through Lobby and plain forwarding.
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use lobby_tests::{Launch, Lobby, NetNs, Topology, fixtures::ConfigBuilder, wait_for};
 
-use super::servers::{self, ECHO_PORT, GREET_PORT, SINK_PORT};
+use super::servers::{self, ECHO_PORT, GREET_PORT, SINK_PORT, Servers, UDP_PORT};
 
 pub const UPSTREAMS: usize = 3;
 
@@ -22,15 +24,61 @@ pub enum Variant {
     HaProxy,
     /// A fixed hand-written round-robin DNAT ruleset.
     RawNft,
+    LobbyRandom,
+    RawNftRandom,
+    LobbySourceHash,
+    RawNftSourceHash,
+    /// IPv6 on a dual-stack topology: plain routing, and Lobby.
+    Forwarding6,
+    Lobby6,
+}
+
+/// How the DNAT picks an upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    RoundRobin,
+    Random,
+    SourceHash,
+}
+
+impl Mode {
+    fn distribution(self) -> &'static str {
+        match self {
+            Self::RoundRobin => "round-robin",
+            Self::Random => "random",
+            Self::SourceHash => "ip-src-hash",
+        }
+    }
+
+    /// The hand-written ruleset's slot expression.
+    fn slot_key(self) -> String {
+        match self {
+            Self::RoundRobin => format!("numgen inc mod {UPSTREAMS}"),
+            Self::Random => format!("numgen random mod {UPSTREAMS}"),
+            Self::SourceHash => format!("jhash ip saddr mod {UPSTREAMS}"),
+        }
+    }
 }
 
 impl Variant {
-    pub const ALL: [Variant; 5] = [
+    /// The variants every round measures in full (latency, bulk, UDP,
+    /// connection rate).
+    pub const MAIN: [Variant; 5] = [
         Self::Forwarding,
         Self::Lobby,
         Self::LobbyWithoutCounters,
         Self::HaProxy,
         Self::RawNft,
+    ];
+
+    /// The variants measured by connection rate only.
+    pub const RATE_ONLY: [Variant; 6] = [
+        Self::LobbyRandom,
+        Self::RawNftRandom,
+        Self::LobbySourceHash,
+        Self::RawNftSourceHash,
+        Self::Forwarding6,
+        Self::Lobby6,
     ];
 
     pub fn name(self) -> &'static str {
@@ -40,7 +88,22 @@ impl Variant {
             Self::LobbyWithoutCounters => "lobby-no-counters",
             Self::HaProxy => "haproxy",
             Self::RawNft => "raw-nft-dnat",
+            Self::LobbyRandom => "lobby-random",
+            Self::RawNftRandom => "raw-nft-random",
+            Self::LobbySourceHash => "lobby-ip-src-hash",
+            Self::RawNftSourceHash => "raw-nft-jhash",
+            Self::Forwarding6 => "forwarding-ipv6",
+            Self::Lobby6 => "lobby-ipv6",
         }
+    }
+
+    fn ipv6(self) -> bool {
+        matches!(self, Self::Forwarding6 | Self::Lobby6)
+    }
+
+    /// Whether HAProxy-like UDP is out: HAProxy balances TCP only.
+    pub fn carries_udp(self) -> bool {
+        self != Self::HaProxy
     }
 }
 
@@ -50,22 +113,32 @@ pub enum Service {
     Greet,
     Sink,
     Echo,
+    /// Small datagrams, counted by the upstreams.
+    Udp,
 }
 
 impl Service {
-    const ALL: [Service; 3] = [Self::Greet, Self::Sink, Self::Echo];
+    const ALL: [Service; 4] = [Self::Greet, Self::Sink, Self::Echo, Self::Udp];
 
     fn upstream_port(self) -> u16 {
         match self {
             Self::Greet => GREET_PORT,
             Self::Sink => SINK_PORT,
             Self::Echo => ECHO_PORT,
+            Self::Udp => UDP_PORT,
         }
     }
 
     /// The balanced port on the load balancer.
     fn frontend_port(self) -> u16 {
         self.upstream_port() - 9000 + 8081
+    }
+
+    fn protocol(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            _ => "tcp",
+        }
     }
 }
 
@@ -75,35 +148,80 @@ pub struct Setup {
     pub topology: Topology,
     pub lobby: Option<Lobby>,
     haproxy: Option<Child>,
+    servers: Vec<Servers>,
 }
 
 impl Setup {
     pub fn new(variant: Variant) -> Self {
-        let topology = Topology::new(UPSTREAMS);
-        for (i, ns) in topology.upstreams.iter().enumerate() {
-            servers::start(ns, Topology::upstream_addr(i));
-        }
+        let topology = if variant.ipv6() {
+            Topology::dual_stack(UPSTREAMS)
+        } else {
+            Topology::new(UPSTREAMS)
+        };
+        let servers = topology
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let servers = servers::start(ns, IpAddr::V4(Topology::upstream_addr(i)));
+                if variant.ipv6() {
+                    servers::start_greet(ns, IpAddr::V6(Topology::upstream_addr6(i)));
+                }
+                servers
+            })
+            .collect();
         let mut setup = Self {
             variant,
             topology,
             lobby: None,
             haproxy: None,
+            servers,
         };
         match variant {
-            Variant::Forwarding => setup.route_without_nat(),
-            Variant::Lobby => setup.lobby = Some(Lobby::start(&setup.topology.lb, &lobby_config())),
+            Variant::Forwarding | Variant::Forwarding6 => setup.route_without_nat(),
+            Variant::Lobby => {
+                setup.lobby = Some(Lobby::start(
+                    &setup.topology.lb,
+                    &lobby_config(Mode::RoundRobin, false),
+                ))
+            }
+            Variant::Lobby6 => {
+                setup.lobby = Some(Lobby::start(
+                    &setup.topology.lb,
+                    &lobby_config(Mode::RoundRobin, true),
+                ))
+            }
+            Variant::LobbyRandom => {
+                setup.lobby = Some(Lobby::start(
+                    &setup.topology.lb,
+                    &lobby_config(Mode::Random, false),
+                ))
+            }
+            Variant::LobbySourceHash => {
+                setup.lobby = Some(Lobby::start(
+                    &setup.topology.lb,
+                    &lobby_config(Mode::SourceHash, false),
+                ))
+            }
             Variant::LobbyWithoutCounters => {
                 setup.lobby = Some(Lobby::start_with_args(
                     &setup.topology.lb,
-                    &lobby_config(),
+                    &lobby_config(Mode::RoundRobin, false),
                     Launch::Setns,
                     &["--no-counters"],
                 ))
             }
             Variant::HaProxy => setup.haproxy = Some(start_haproxy(&setup.topology)),
-            Variant::RawNft => setup.raw_dnat(),
+            Variant::RawNft => setup.raw_dnat(Mode::RoundRobin),
+            Variant::RawNftRandom => setup.raw_dnat(Mode::Random),
+            Variant::RawNftSourceHash => setup.raw_dnat(Mode::SourceHash),
         }
         setup
+    }
+
+    /// Datagrams the upstreams' UDP servers received so far.
+    pub fn udp_received(&self) -> u64 {
+        self.servers.iter().map(Servers::udp_received).sum()
     }
 
     pub fn client(&self) -> &NetNs {
@@ -117,6 +235,13 @@ impl Setup {
             Variant::Forwarding => (0..UPSTREAMS)
                 .map(|i| SocketAddr::from((Topology::upstream_addr(i), service.upstream_port())))
                 .collect(),
+            Variant::Forwarding6 => (0..UPSTREAMS)
+                .map(|i| SocketAddr::from((Topology::upstream_addr6(i), service.upstream_port())))
+                .collect(),
+            Variant::Lobby6 => vec![SocketAddr::from((
+                Topology::LB_ADDR6,
+                service.frontend_port(),
+            ))],
             _ => vec![SocketAddr::from((
                 Topology::LB_ADDR,
                 service.frontend_port(),
@@ -162,10 +287,28 @@ impl Setup {
                 "via",
                 &Topology::lb_addr_toward(i).to_string(),
             ]);
+            if self.variant.ipv6() {
+                self.topology.client.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("2001:2:0:{}::/64", i + 1),
+                    "via",
+                    &Topology::LB_ADDR6.to_string(),
+                ]);
+                ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    "2001:2::/64",
+                    "via",
+                    &Topology::lb_addr6_toward(i).to_string(),
+                ]);
+            }
         }
     }
 
-    fn raw_dnat(&self) {
+    fn raw_dnat(&self, mode: Mode) {
         self.forward();
         let mut rules = String::from(
             "table ip rawlb {\n chain pre { type nat hook prerouting priority dstnat; policy accept;\n",
@@ -181,8 +324,10 @@ impl Setup {
                 })
                 .collect();
             rules.push_str(&format!(
-                "  tcp dport {} dnat ip to numgen inc mod {UPSTREAMS} map {{ {} }}\n",
+                "  {} dport {} dnat ip to {} map {{ {} }}\n",
+                service.protocol(),
                 service.frontend_port(),
+                mode.slot_key(),
                 slots.join(", ")
             ));
         }
@@ -205,23 +350,43 @@ impl Drop for Setup {
     }
 }
 
-fn lobby_config() -> String {
+/// Lobby's config for the main variants: a target per service over the
+/// three upstreams; with `ipv6` the greeting target only, over the IPv4
+/// and the IPv6 addresses of the upstreams (each client family is
+/// balanced over its own).
+fn lobby_config(mode: Mode, ipv6: bool) -> String {
     let mut config = ConfigBuilder::new();
     for (name, service) in [
         ("greet", Service::Greet),
         ("sink", Service::Sink),
         ("echo", Service::Echo),
+        ("datagram", Service::Udp),
     ] {
-        config = config.target(name, service.frontend_port());
+        if ipv6 && !matches!(service, Service::Greet) {
+            continue;
+        }
+        config = config
+            .target(name, service.frontend_port())
+            .protocol(service.protocol());
         for i in 0..UPSTREAMS {
             config = config.upstream(
                 &format!("{name}{i}"),
                 Topology::upstream_addr(i),
                 service.upstream_port(),
             );
+            if ipv6 {
+                config = config.upstream(
+                    &format!("{name}{i}v6"),
+                    Topology::upstream_addr6(i),
+                    service.upstream_port(),
+                );
+            }
         }
     }
-    config.build()
+    config.build().replace(
+        "distribution: round-robin",
+        &format!("distribution: {}", mode.distribution()),
+    )
 }
 
 fn start_haproxy(topology: &Topology) -> Child {
@@ -230,6 +395,9 @@ fn start_haproxy(topology: &Topology) -> Child {
         "global\n  maxconn 9000\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
     );
     for service in Service::ALL {
+        if matches!(service, Service::Udp) {
+            continue;
+        }
         let port = service.frontend_port();
         config.push_str(&format!("frontend f{port}\n  bind {}:{port}\n  default_backend b{port}\nbackend b{port}\n  balance roundrobin\n", Topology::LB_ADDR));
         for i in 0..UPSTREAMS {
