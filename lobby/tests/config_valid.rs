@@ -83,6 +83,7 @@ fn an_original_lobby_file_loads_unchanged() {
     let expected = Config {
         metrics: None,
         events: None,
+        acceleration: None,
         targets: vec![
             target(
                 "web",
@@ -152,6 +153,7 @@ fn every_field_and_extension_loads() {
             listen: addr("[::1]:9091"),
         }),
         events: None,
+        acceleration: None,
         targets: vec![
             target(
                 "web",

@@ -39,6 +39,11 @@
 //!   Arguments are text, quoted or not (`--retries: 3` passes "3"); lists
 //!   and mappings are not. `timeout` defaults to 5 s (SPEC), at most 300 s:
 //!   one slow receiver holds up the events behind it.
+//! - `acceleration`: `flowtable` and `hardware_offload` default to false;
+//!   `flowtable: false` (or an empty mapping) is acceleration off, and
+//!   `hardware_offload: true` without `flowtable: true` is an error, since
+//!   the NIC is handed flows by the flowtable. Whether the kernel has
+//!   flowtables is the daemon's check at start, not the validator's.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -50,7 +55,7 @@ use std::{
 use http::uri::PathAndQuery;
 
 use super::{
-    Config, ConfigError, Distribution, DnsConfig, EventsConfig, Family, HealthCheck,
+    Acceleration, Config, ConfigError, Distribution, DnsConfig, EventsConfig, Family, HealthCheck,
     HealthProtocol, Host, HttpProbe, IpNet, MetricsConfig, Protocol, StatusRange, Target, UdpProbe,
     Upstream, UpstreamGroup,
     values::{
@@ -386,13 +391,18 @@ impl Checker {
     }
 
     fn root(&mut self, root: &Node) -> Option<Config> {
-        let fields = self.mapping(root, String::new(), &["lb", "metrics", "events"])?;
+        let fields = self.mapping(
+            root,
+            String::new(),
+            &["lb", "metrics", "events", "acceleration"],
+        )?;
         let metrics_fields = self.optional_mapping(&fields, "metrics", &["listen"]);
         let metrics = metrics_fields.as_ref().map(|metrics| {
             self.required(metrics, "listen", &Listen)
                 .map(|listen| MetricsConfig { listen })
         });
         let events = self.events(&fields);
+        let acceleration = self.acceleration(&fields);
         let mut targets = Vec::new();
         for (path, node) in self.list(&fields, "lb", "a list of load balancers", true) {
             targets.extend(self.load_balancer(node, path));
@@ -404,7 +414,32 @@ impl Checker {
             targets: targets.into_iter().collect::<Option<_>>()?,
             metrics: metrics.map_or(Some(None), |m| m.map(Some))?,
             events: events?,
+            acceleration: acceleration?,
         })
+    }
+
+    /// `Some(None)` when absent, null, empty or `flowtable: false`.
+    fn acceleration(&mut self, root: &Fields) -> Option<Option<Acceleration>> {
+        let schema = ["flowtable", "hardware_offload"];
+        let Some(fields) = self.optional_mapping(root, "acceleration", &schema) else {
+            return root
+                .get("acceleration")
+                .is_none_or(|n| n.is_null())
+                .then_some(None);
+        };
+        let flowtable = self.defaulted(&fields, "flowtable", &Boolean);
+        let hardware_offload = self.defaulted(&fields, "hardware_offload", &Boolean);
+        let (flowtable, hardware_offload) =
+            (flowtable?.unwrap_or(false), hardware_offload?.unwrap_or(false));
+        if hardware_offload && !flowtable {
+            let node = fields.get("hardware_offload").expect("read above");
+            let message = "hardware offload hands the NIC the flowtable's flows: \
+                           it needs `flowtable: true`"
+                .to_owned();
+            self.report(node.mark, fields.path("hardware_offload"), message);
+            return None;
+        }
+        Some(flowtable.then_some(Acceleration { hardware_offload }))
     }
 
     /// Reports a metrics endpoint on an address and port that a target
