@@ -19,6 +19,8 @@ use std::{
 
 use tokio::process::Command;
 
+pub mod flowtable;
+
 use crate::{
     config::{Distribution, Family, Protocol},
     model::{Backend, Desired, DesiredTarget, FamilyRotation},
@@ -104,6 +106,7 @@ pub fn render(desired: &Desired) -> String {
         }
         writeln!(out, "\t}}").unwrap();
     }
+    flowtable::render(&mut out, desired.flowtable.as_ref());
     writeln!(out, "}}").unwrap();
     out
 }
@@ -196,6 +199,11 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
             .unwrap();
         }
     }
+    flowtable::plan(
+        &mut out,
+        applied.flowtable.as_ref(),
+        desired.flowtable.as_ref(),
+    );
     Some(out)
 }
 
@@ -490,7 +498,7 @@ mod tests {
                 .iter()
                 .map(|(n, t)| (n.to_string(), t.clone()))
                 .collect::<BTreeMap<_, _>>(),
-            lingering: Default::default(),
+            ..Default::default()
         }
     }
 

@@ -429,8 +429,10 @@ impl Checker {
         };
         let flowtable = self.defaulted(&fields, "flowtable", &Boolean);
         let hardware_offload = self.defaulted(&fields, "hardware_offload", &Boolean);
-        let (flowtable, hardware_offload) =
-            (flowtable?.unwrap_or(false), hardware_offload?.unwrap_or(false));
+        let (flowtable, hardware_offload) = (
+            flowtable?.unwrap_or(false),
+            hardware_offload?.unwrap_or(false),
+        );
         if hardware_offload && !flowtable {
             let node = fields.get("hardware_offload").expect("read above");
             let message = "hardware offload hands the NIC the flowtable's flows: \
