@@ -77,7 +77,7 @@ pub enum DaemonError {
     #[error(
         "acceleration: this kernel has no flowtable support (nf_flow_table: CONFIG_NF_FLOW_TABLE, \
          CONFIG_NF_FLOW_TABLE_INET, CONFIG_NFT_FLOW_OFFLOAD; or load nf_flow_table_inet and \
-         nft_flow_offload); remove `acceleration` from {path}. nft: {source}"
+         nft_flow_offload); remove `acceleration` from {path}; the kernel answered nft's check"
     )]
     NoFlowtable {
         path: String,
