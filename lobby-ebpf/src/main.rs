@@ -232,10 +232,18 @@ fn count_toward_upstream(ctx: &TcContext, packet: &Packet) {
         return;
     };
     // A packet this host sends itself (the daemon's probes, including the
-    // reset that closes one after its socket is gone) carries its socket;
-    // forwarded client traffic carries none.
+    // reset that closes one after its socket is gone) carries its socket
+    // and was received on no interface. Forwarded client traffic was
+    // received on one, and carries a socket only when the flowtable's fast
+    // path forwarded it from a client on this host (a veth peer's skb keeps
+    // the sender's socket until ip_rcv, which the fast path skips; found by
+    // vm-test's acceleration step).
     // SAFETY: the context points at the packet's __sk_buff.
-    if !unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.is_null() {
+    let (socket, received_on) = unsafe {
+        let skb = &*ctx.skb.skb;
+        (skb.__bindgen_anon_2.sk, skb.ingress_ifindex)
+    };
+    if !socket.is_null() && received_on == 0 {
         return;
     }
     // SAFETY: a per-CPU value of a key the daemon inserted; only this CPU

@@ -23,6 +23,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
+    accel::DeviceQuery,
     config::{self, Config},
     conntrack,
     ctl::{self, AdminState, Control, CtlError, Request, StatsReport, TargetStats, UpstreamStats},
@@ -77,6 +78,16 @@ pub enum DaemonError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Ownership(#[from] OwnershipError),
+    #[error(
+        "acceleration: this kernel has no flowtable support (nf_flow_table: CONFIG_NF_FLOW_TABLE, \
+         CONFIG_NF_FLOW_TABLE_INET, CONFIG_NFT_FLOW_OFFLOAD; or load nf_flow_table_inet and \
+         nft_flow_offload); remove `acceleration` from {path}; the kernel answered nft's check"
+    )]
+    NoFlowtable {
+        path: String,
+        #[source]
+        source: NftError,
+    },
     #[error("applying the first ruleset: {0}")]
     FirstApply(String),
     #[error("enabling IPv4 forwarding (net.ipv4.ip_forward)")]
@@ -94,6 +105,16 @@ pub async fn run(
     ready: impl FnOnce(),
 ) -> Result<(), DaemonError> {
     let (config, config_text) = read_config(options.config_path.clone()).await?;
+    if config.acceleration.is_some() {
+        // Refused before anything is touched; `lobby check` (no
+        // privileges) validates the syntax only.
+        crate::nft::flowtable::supported()
+            .await
+            .map_err(|source| DaemonError::NoFlowtable {
+                path: options.config_path.display().to_string(),
+                source,
+            })?;
+    }
     // Before anything is touched: a live daemon's table is never taken.
     let lock = TableLock::claim(&ownership::default_lock_dir())?;
     enable_forwarding().map_err(DaemonError::Forwarding)?;
@@ -168,6 +189,12 @@ pub async fn serve<P: DataPlane>(
     let mut core = Core::new(inherited, ipv6_forwarding());
     let now = Instant::now();
     let mut actions = core.on(Event::ConfigLoaded(config), now);
+    // The first ruleset has the flowtable already.
+    if let Some(query) = core.device_query()
+        && let Some(devices) = wiring.plane.flowtable_devices(&query).await
+    {
+        actions.extend(core.on(Event::Devices(devices), now));
+    }
     actions.extend(core.settle(now));
     let mut ready = Some(ready);
     let mut listeners = Some((listener, metrics_listener));
@@ -368,6 +395,8 @@ struct Wiring<P> {
     counted: watch::Sender<std::collections::BTreeSet<Backend>>,
     /// What the last apply that tracked counters tracked.
     tracked_by_apply: std::collections::BTreeSet<Backend>,
+    /// What the flowtable's interfaces are looked up for, with the counters'.
+    device_query: watch::Sender<Option<DeviceQuery>>,
     reports: mpsc::Sender<HealthReport>,
     addresses: mpsc::Sender<AddressUpdate>,
     events: mpsc::Sender<Event>,
@@ -410,6 +439,7 @@ impl<P: DataPlane> Wiring<P> {
             retired_dns: BTreeMap::new(),
             counted: watch::Sender::new(Default::default()),
             tracked_by_apply: Default::default(),
+            device_query: watch::Sender::new(None),
             reports: reports_tx,
             addresses: addresses_tx,
             events: events_tx,
@@ -470,6 +500,8 @@ impl<P: DataPlane> Wiring<P> {
         self.tracker.spawn(keep_counting(
             self.plane.clone(),
             self.counted.subscribe(),
+            self.device_query.subscribe(),
+            self.events.clone(),
             self.cancel.child_token(),
         ));
     }
@@ -623,6 +655,9 @@ impl<P: DataPlane> Wiring<P> {
             }
             Action::TrackCounters(backends) => {
                 self.counted.send_replace(backends);
+            }
+            Action::WatchDevices(query) => {
+                self.device_query.send_replace(query);
             }
             Action::Notify(notice) => {
                 if notice.is_warning() {
@@ -863,11 +898,15 @@ fn upstream_ids(core: &Core) -> impl Iterator<Item = UpstreamId> + '_ {
     })
 }
 
-/// Keeps the counters on the interfaces toward the upstreams: on every
-/// change of what is counted and every [`COUNTERS_RECHECK`].
+/// Keeps the counters on the interfaces toward the upstreams, and the
+/// flowtable's interfaces current (reported to the core, whose desired
+/// state they are part of): on every change of what is counted or looked
+/// up and every [`COUNTERS_RECHECK`].
 async fn keep_counting<P: DataPlane>(
     plane: Arc<P>,
     mut counted: watch::Receiver<std::collections::BTreeSet<Backend>>,
+    mut device_query: watch::Receiver<Option<DeviceQuery>>,
+    events: mpsc::Sender<Event>,
     cancel: CancellationToken,
 ) {
     let mut recheck = tokio::time::interval_at(Instant::now() + COUNTERS_RECHECK, COUNTERS_RECHECK);
@@ -876,10 +915,18 @@ async fn keep_counting<P: DataPlane>(
         tokio::select! {
             () = cancel.cancelled() => return,
             changed = counted.changed() => if changed.is_err() { return },
+            changed = device_query.changed() => if changed.is_err() { return },
             _ = recheck.tick() => {}
         }
         let backends = counted.borrow_and_update().clone();
         plane.track(&backends).await;
+        let query = device_query.borrow_and_update().clone();
+        if let Some(query) = query
+            && let Some(devices) = plane.flowtable_devices(&query).await
+        {
+            // The core ignores an unchanged list.
+            let _ = events.send(Event::Devices(devices)).await;
+        }
     }
 }
 

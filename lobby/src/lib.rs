@@ -1,5 +1,6 @@
 //! Lobby: a layer-4 load balancer whose data plane is the kernel's.
 //!
+//! - [`accel`]: packet acceleration: the flowtable's interfaces (pure).
 //! - [`cli`]: the command line's clap definitions (the binary parses them;
 //!   the man page and shell completions are generated from them).
 //! - [`config`]: YAML text to validated types (pure).
@@ -30,6 +31,7 @@
 //!   warning before it fills up.
 //! - [`daemon`]: the loop that turns channels into the core's events and
 //!   its actions into calls on the data plane.
+pub mod accel;
 pub mod cli;
 pub mod config;
 pub mod conntrack;

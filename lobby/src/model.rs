@@ -71,6 +71,9 @@ pub struct Desired {
     /// masqueraded for a moment: a packet DNAT'd under the previous ruleset
     /// may reach the masquerade rule after the new one is committed.
     pub lingering: BTreeSet<Backend>,
+    /// The flowtable fast path, when acceleration is on and its interfaces
+    /// are known.
+    pub flowtable: Option<crate::accel::Flowtable>,
 }
 
 /// An upstream as the masquerade rule matches it.
@@ -310,7 +313,7 @@ impl Desired {
             .collect();
         Self {
             targets,
-            lingering: BTreeSet::new(),
+            ..Self::default()
         }
     }
 }

@@ -1,13 +1,15 @@
 //! Route lookups over rtnetlink: which interfaces the kernel sends the
-//! traffic for given addresses through, by index and name. What the
-//! counters attach to.
+//! traffic for given addresses through, by index and name (what the
+//! counters attach to), and every interface with its addresses (what the
+//! flowtable's client side is chosen from).
 use std::{collections::BTreeSet, io, net::IpAddr};
 
 use futures_util::TryStreamExt as _;
 use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
-        link::LinkAttribute,
+        address::AddressAttribute,
+        link::{LinkAttribute, LinkFlags},
         route::{RouteAttribute, RouteType},
     },
 };
@@ -25,6 +27,8 @@ pub struct Interface {
 pub enum NetlinkError {
     #[error("opening a netlink socket")]
     Connect(#[source] io::Error),
+    #[error("listing the interfaces and their addresses")]
+    Dump(#[source] rtnetlink::Error),
 }
 
 /// Why one address has no interface to count on.
@@ -68,6 +72,50 @@ pub async fn interfaces_toward(
         }
     }
     Ok(interfaces)
+}
+
+/// Every interface of the namespace, with its addresses.
+pub async fn links() -> Result<Vec<crate::accel::Link>, NetlinkError> {
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+    tokio::spawn(connection);
+    let mut links = std::collections::BTreeMap::new();
+    let mut dump = handle.link().get().execute();
+    while let Some(link) = dump.try_next().await.map_err(NetlinkError::Dump)? {
+        let name = link.attributes.into_iter().find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name),
+            _ => None,
+        });
+        if let Some(name) = name {
+            links.insert(
+                link.header.index,
+                crate::accel::Link {
+                    name,
+                    loopback: link.header.flags.contains(LinkFlags::Loopback),
+                    addresses: Vec::new(),
+                },
+            );
+        }
+    }
+    let mut dump = handle.address().get().execute();
+    while let Some(message) = dump.try_next().await.map_err(NetlinkError::Dump)? {
+        let Some(link) = links.get_mut(&message.header.index) else {
+            continue;
+        };
+        // IFA_LOCAL is the interface's own address where it differs from
+        // IFA_ADDRESS (the peer's, on point-to-point links).
+        let local = message.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(ip) => Some(*ip),
+            _ => None,
+        });
+        let address = local.or_else(|| {
+            message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            })
+        });
+        link.addresses.extend(address);
+    }
+    Ok(links.into_values().collect())
 }
 
 /// The interface toward `address`, `None` for a local address.

@@ -19,6 +19,8 @@ use std::{
 
 use tokio::process::Command;
 
+pub mod flowtable;
+
 use crate::{
     config::{Distribution, Family, IpNet, Protocol, SourceNat},
     model::{Backend, Desired, DesiredTarget, FamilyRotation},
@@ -101,6 +103,7 @@ pub fn render(desired: &Desired) -> String {
         }
         writeln!(out, "\t}}").unwrap();
     }
+    flowtable::render(&mut out, desired.flowtable.as_ref());
     writeln!(out, "}}").unwrap();
     out
 }
@@ -205,6 +208,11 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
             .unwrap();
         }
     }
+    flowtable::plan(
+        &mut out,
+        applied.flowtable.as_ref(),
+        desired.flowtable.as_ref(),
+    );
     // Last: no rule refers to them any more.
     for counter in old_counters.difference(&new_counters) {
         writeln!(out, "delete counter {FAMILY} {TABLE} {counter}").unwrap();
@@ -696,7 +704,7 @@ mod tests {
                 .iter()
                 .map(|(n, t)| (n.to_string(), t.clone()))
                 .collect::<BTreeMap<_, _>>(),
-            lingering: Default::default(),
+            ..Default::default()
         }
     }
 

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
+    accel::{self, DeviceQuery, Devices},
     ebpf::{self, Counters},
     model::Backend,
     nft::{self, NftError, Rotation},
@@ -49,12 +50,25 @@ pub trait DataPlane: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send + 'static;
     /// Removes the ruleset and the counters: a clean shutdown.
     fn remove(&self) -> impl Future<Output = ()> + Send;
+    /// The interfaces the flowtable covers for `query`, `None` when they
+    /// cannot be looked up (said in the log). Planes without interfaces
+    /// (tests' fakes) have none.
+    fn flowtable_devices(
+        &self,
+        query: &DeviceQuery,
+    ) -> impl Future<Output = Option<Devices>> + Send {
+        let _ = query;
+        async { None }
+    }
 }
 
 /// The kernel: nft for the ruleset, the eBPF counters (when loaded).
 pub struct KernelPlane {
     /// `None` when counting is off, and after [`DataPlane::remove`].
     counters: Mutex<Option<Tracked>>,
+    /// The interfaces last checked for hardware offload, and whether all
+    /// of them can: checked again only when they change.
+    offload: Mutex<Option<(std::collections::BTreeSet<String>, bool)>>,
 }
 
 struct Tracked {
@@ -70,6 +84,7 @@ impl KernelPlane {
                 counters,
                 backends: BTreeSet::new(),
             })),
+            offload: Mutex::new(None),
         }
     }
 
@@ -156,6 +171,26 @@ impl DataPlane for KernelPlane {
         watch_with_nft_monitor(changed, cancel)
     }
 
+    async fn flowtable_devices(&self, query: &DeviceQuery) -> Option<Devices> {
+        let links = match crate::netlink::links().await {
+            Ok(links) => links,
+            Err(e) => {
+                error!(error = %e, "finding the flowtable's interfaces; they stay as they are");
+                return None;
+            }
+        };
+        let mut names = accel::client_interfaces(&links, &query.client_side);
+        match ebpf::interfaces_toward(&query.upstreams).await {
+            Ok(toward) => names.extend(toward.into_iter().map(|i| i.name)),
+            Err(e) => {
+                error!(error = %e, "finding the interfaces toward the upstreams; the flowtable's stay as they are");
+                return None;
+            }
+        }
+        let offload = query.hardware_offload && self.offload_supported(&names).await;
+        Some(Devices { names, offload })
+    }
+
     async fn remove(&self) {
         match nft::apply(&nft::teardown()).await {
             Ok(()) => info!(table = nft::TABLE, "ruleset removed"),
@@ -164,6 +199,39 @@ impl DataPlane for KernelPlane {
         if let Some(tracked) = self.tracked().take() {
             tracked.counters.remove();
         }
+    }
+}
+
+impl KernelPlane {
+    /// Whether every one of `names` can offload flows to hardware, checked
+    /// when they change; the outcome is logged once per change.
+    async fn offload_supported(&self, names: &BTreeSet<String>) -> bool {
+        if let Some((known, able)) = &*self.offload.lock().expect("no panic holds the lock")
+            && known == names
+        {
+            return *able;
+        }
+        let mut unable = Vec::new();
+        for name in names {
+            if let Err(e) = nft::flowtable::offload_supported(name).await {
+                unable.push(format!("{name} ({e})"));
+            }
+        }
+        let able = unable.is_empty();
+        if able {
+            info!(
+                "hardware offload: the flowtable's flows are offloaded to the NICs of {}",
+                names.iter().cloned().collect::<Vec<_>>().join(", ")
+            );
+        } else {
+            warn!(
+                "hardware offload asked, but the NIC of {} cannot offload flows; \
+                 the flowtable runs in software on every interface",
+                unable.join(", ")
+            );
+        }
+        *self.offload.lock().expect("no panic holds the lock") = Some((names.clone(), able));
+        able
     }
 }
 

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::{
+    accel::{self, DeviceQuery, Devices},
     config::{self, Config, DnsConfig, HealthCheck, Host, Protocol},
     ctl::AdminState,
     dns::{AddressUpdate, ResolverKey},
@@ -62,6 +63,9 @@ pub enum Event {
     },
     /// A deadline of [`Core::next_deadline`] passed.
     Tick,
+    /// The interfaces the flowtable covers, looked up for the query of the
+    /// last [`Action::WatchDevices`] (or of [`Core::device_query`]).
+    Devices(Devices),
 }
 
 /// What the loop must do.
@@ -92,6 +96,10 @@ pub enum Action {
     StopResolver(ResolverKey),
     /// Count exactly these upstreams from now on.
     TrackCounters(BTreeSet<Backend>),
+    /// Look up the flowtable's interfaces for this query with the
+    /// counters' interfaces, and report [`Event::Devices`]; `None`:
+    /// acceleration is off.
+    WatchDevices(Option<DeviceQuery>),
     /// Tell the operator (and later, event receivers).
     Notify(Notice),
     /// The first ruleset is in the kernel: the daemon is balancing.
@@ -322,6 +330,10 @@ pub struct Core {
     /// Whether the host forwards IPv6 (`net.ipv6.conf.all.forwarding`):
     /// Lobby never turns it on itself, and balances no IPv6 without it.
     ipv6_forwarding: bool,
+    /// The query of the last [`Action::WatchDevices`].
+    device_query: Option<DeviceQuery>,
+    /// The flowtable's interfaces, once looked up.
+    devices: Option<Devices>,
 }
 
 impl Core {
@@ -348,6 +360,8 @@ impl Core {
             reloads: ReloadCounts::default(),
             apply_duration: Histogram::default(),
             ipv6_forwarding,
+            device_query: None,
+            devices: None,
         }
     }
 
@@ -377,6 +391,19 @@ impl Core {
                 generation,
                 listing,
             } => self.on_listing(generation, listing, &mut actions),
+            Event::Devices(devices) => {
+                if self.devices.as_ref() != Some(&devices) {
+                    let names: Vec<&str> = devices.names.iter().map(String::as_str).collect();
+                    let names = names.join(", ");
+                    if names.is_empty() {
+                        info!("flowtable interfaces: none; no fast path until one appears");
+                    } else {
+                        info!(devices = %names, "flowtable interfaces: {names}");
+                    }
+                    self.devices = Some(devices);
+                    self.dirty = true;
+                }
+            }
             Event::Tick => {
                 if self.retry_at.is_some_and(|at| at <= now) {
                     self.retry_at = None;
@@ -473,6 +500,13 @@ impl Core {
             let address = u.state.address?;
             Some((id, (SocketAddr::new(address, u.spec.port), u.spec.protocol)))
         })
+    }
+
+    /// What to look up for the flowtable's interfaces, `None` when
+    /// acceleration is off.
+    pub fn device_query(&self) -> Option<DeviceQuery> {
+        let upstreams = self.counted_upstreams().map(|(_, (s, _))| s.ip()).collect();
+        DeviceQuery::of(self.config.as_ref()?, upstreams)
     }
 
     /// Makes `config` the running configuration: upstreams whose spec is
@@ -765,6 +799,7 @@ impl Core {
             .collect();
         let config = self.config.as_ref().expect("checked above");
         let mut desired = Desired::from_config(config, &states, self.ipv6_forwarding);
+        desired.flowtable = accel::flowtable(config.acceleration, self.devices.as_ref());
         let masqueraded = self
             .applied
             .as_ref()
@@ -917,6 +952,14 @@ impl Core {
         if counted != self.counted {
             self.counted = counted.clone();
             actions.push(Action::TrackCounters(counted));
+        }
+        let query = self.device_query();
+        if query != self.device_query {
+            if query.is_none() {
+                self.devices = None;
+            }
+            self.device_query = query.clone();
+            actions.push(Action::WatchDevices(query));
         }
     }
 }

@@ -84,6 +84,7 @@ fn an_original_lobby_file_loads_unchanged() {
     let expected = Config {
         metrics: None,
         events: None,
+        acceleration: None,
         targets: vec![
             target(
                 "web",
@@ -153,6 +154,7 @@ fn every_field_and_extension_loads() {
             listen: addr("[::1]:9091"),
         }),
         events: None,
+        acceleration: None,
         targets: vec![
             target(
                 "web",

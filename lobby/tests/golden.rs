@@ -10,6 +10,8 @@
 //! config other.yaml              # reload with another file of the folder
 //! takeover web 198.18.1.11:9000  # (00-start only) a dead run's table balanced there
 //! wait 2                         # seconds pass
+//! devices eth0 up1               # the flowtable's interfaces now
+//! devices-offload eth0 up1       # ... and every one can offload flows
 //! fail                           # this step's transaction is refused
 //! ```
 //!
@@ -94,6 +96,12 @@ impl Run<'_> {
                 ["fail"] => {
                     fails = true;
                     continue;
+                }
+                [verb @ ("devices" | "devices-offload"), names @ ..] => {
+                    Event::Devices(lobby::accel::Devices {
+                        names: names.iter().map(|n| n.to_string()).collect(),
+                        offload: *verb == "devices-offload",
+                    })
                 }
                 ["wait", seconds] => {
                     self.now += std::time::Duration::from_secs_f64(seconds.parse().unwrap());

@@ -204,6 +204,17 @@ pub struct Config {
     pub targets: Vec<Target>,
     pub metrics: Option<MetricsConfig>,
     pub events: Option<EventsConfig>,
+    /// The kernel's flowtable fast path; `None`: off.
+    pub acceleration: Option<Acceleration>,
+}
+
+/// `acceleration`: established connections Lobby balanced take the
+/// flowtable fast path (TCP and UDP; the kernel's flowtable has no SCTP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Acceleration {
+    /// Ask the NICs to carry the flows themselves (`flags offload`), where
+    /// every interface of the flowtable supports it.
+    pub hardware_offload: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -39,6 +39,11 @@
 //!   Arguments are text, quoted or not (`--retries: 3` passes "3"); lists
 //!   and mappings are not. `timeout` defaults to 5 s (SPEC), at most 300 s:
 //!   one slow receiver holds up the events behind it.
+//! - `acceleration`: `flowtable` and `hardware_offload` default to false;
+//!   `flowtable: false` (or an empty mapping) is acceleration off, and
+//!   `hardware_offload: true` without `flowtable: true` is an error, since
+//!   the NIC is handed flows by the flowtable. Whether the kernel has
+//!   flowtables is the daemon's check at start, not the validator's.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -50,7 +55,7 @@ use std::{
 use http::uri::PathAndQuery;
 
 use super::{
-    Config, ConfigError, Distribution, DnsConfig, EventsConfig, Family, HealthCheck,
+    Acceleration, Config, ConfigError, Distribution, DnsConfig, EventsConfig, Family, HealthCheck,
     HealthProtocol, Host, HttpProbe, IpNet, MetricsConfig, Policy, Protocol, SourceNat,
     StatusRange, Target, UdpProbe, Upstream, UpstreamGroup,
     values::{
@@ -401,8 +406,21 @@ impl Checker {
         });
         let events = self.events(&fields);
         let mut targets = Vec::new();
+        // Entry-level, as SPEC puts it; the table is one, so the fast path
+        // is on when an entry asks for it.
+        let mut acceleration: Option<Option<Acceleration>> = Some(None);
         for (path, node) in self.list(&fields, "lb", "a list of load balancers", true) {
-            targets.extend(self.load_balancer(node, path));
+            let (entry_targets, entry_acceleration) = self.load_balancer(node, path);
+            targets.extend(entry_targets);
+            acceleration = match (acceleration, entry_acceleration) {
+                (Some(a), Some(b)) => Some(match (a, b) {
+                    (Some(a), Some(b)) => Some(Acceleration {
+                        hardware_offload: a.hardware_offload || b.hardware_offload,
+                    }),
+                    (a, b) => a.or(b),
+                }),
+                _ => None,
+            };
         }
         if let (Some(fields), Some(Some(metrics))) = (&metrics_fields, &metrics) {
             self.metrics_reachable(fields, metrics.listen);
@@ -411,7 +429,34 @@ impl Checker {
             targets: targets.into_iter().collect::<Option<_>>()?,
             metrics: metrics.map_or(Some(None), |m| m.map(Some))?,
             events: events?,
+            acceleration: acceleration?,
         })
+    }
+
+    /// `Some(None)` when absent, null, empty or `flowtable: false`.
+    fn acceleration(&mut self, root: &Fields) -> Option<Option<Acceleration>> {
+        let schema = ["flowtable", "hardware_offload"];
+        let Some(fields) = self.optional_mapping(root, "acceleration", &schema) else {
+            return root
+                .get("acceleration")
+                .is_none_or(|n| n.is_null())
+                .then_some(None);
+        };
+        let flowtable = self.defaulted(&fields, "flowtable", &Boolean);
+        let hardware_offload = self.defaulted(&fields, "hardware_offload", &Boolean);
+        let (flowtable, hardware_offload) = (
+            flowtable?.unwrap_or(false),
+            hardware_offload?.unwrap_or(false),
+        );
+        if hardware_offload && !flowtable {
+            let node = fields.get("hardware_offload").expect("read above");
+            let message = "hardware offload hands the NIC the flowtable's flows: \
+                           it needs `flowtable: true`"
+                .to_owned();
+            self.report(node.mark, fields.path("hardware_offload"), message);
+            return None;
+        }
+        Some(flowtable.then_some(Acceleration { hardware_offload }))
     }
 
     /// Reports a metrics endpoint on an address and port that a target
@@ -481,20 +526,29 @@ impl Checker {
         (!argv.is_empty()).then_some(Some(argv))
     }
 
-    /// The targets of one `lb` entry (`None` for those that are invalid).
-    fn load_balancer(&mut self, node: &Node, path: String) -> Vec<Option<Target>> {
-        let Some(fields) = self.mapping(node, path, &["engine", "defaults", "targets"]) else {
-            return Vec::new();
+    /// The targets of one `lb` entry (`None` for those that are invalid)
+    /// and its `acceleration` (`None` when invalid).
+    fn load_balancer(
+        &mut self,
+        node: &Node,
+        path: String,
+    ) -> (Vec<Option<Target>>, Option<Option<Acceleration>>) {
+        let schema = ["engine", "defaults", "targets", "acceleration"];
+        let Some(fields) = self.mapping(node, path, &schema) else {
+            return (Vec::new(), Some(None));
         };
+        let acceleration = self.acceleration(&fields);
         self.optional(&fields, "engine", &ENGINE);
         let defaults = match self.optional_mapping(&fields, "defaults", &POLICY_KEYS) {
             Some(defaults) => self.policy(&defaults, &Policy::default()),
             None => Some(Policy::default()),
         };
-        self.list(&fields, "targets", "a list of targets", true)
+        let targets = self
+            .list(&fields, "targets", "a list of targets", true)
             .into_iter()
             .map(|(path, node)| self.target(node, path, defaults.as_ref()))
-            .collect()
+            .collect();
+        (targets, acceleration)
     }
 
     /// The policy keys of `fields` over `defaults`; `None` when one is

@@ -184,7 +184,9 @@ fn data_plane(plan: &Plan) -> (BTreeMap<Variant, Samples>, CounterPairs) {
         &samples[&Variant::Lobby],
         &samples[&Variant::LobbyWithoutCounters],
     );
-    counters.rate.extend(with.rate.iter().copied().zip(without.rate.iter().copied()));
+    counters
+        .rate
+        .extend(with.rate.iter().copied().zip(without.rate.iter().copied()));
     counters.bulk.extend(
         with.bulk_bps
             .iter()
@@ -464,28 +466,119 @@ impl Report {
                 median(self.series(v, bulk)) * 8.0 / 1e9
             )
         };
-        let kpps = |v: Variant| format!("{} {:.0} kpkt/s", v.name(), median(self.series(v, udp)) / 1e3);
+        let kpps = |v: Variant| {
+            format!(
+                "{} {:.0} kpkt/s",
+                v.name(),
+                median(self.series(v, udp)) / 1e3
+            )
+        };
         let (with, without): (Vec<f64>, Vec<f64>) = self.counters.rate.iter().copied().unzip();
         let (bulk_with, bulk_without): (Vec<f64>, Vec<f64>) =
             self.counters.bulk.iter().copied().unzip();
         vec![
-            ("Lobby bulk / forwarding", self.pair(Lobby, Forwarding, bulk), gbit(Forwarding), ">= 0.95"),
-            ("Lobby bulk / HAProxy", self.pair(Lobby, HaProxy, bulk), gbit(HaProxy), ">= 1.8"),
-            ("Lobby conn/s / raw nft DNAT", self.pair(Lobby, RawNft, rate), conn(RawNft), ">= 0.97"),
-            ("Lobby CPU per conn / raw nft DNAT", self.pair(Lobby, RawNft, cpu), format!("{:.0} us", median(self.series(RawNft, cpu))), "<= 1.05"),
-            ("Lobby conn/s / HAProxy", self.pair(Lobby, HaProxy, rate), conn(HaProxy), ">= 1.3"),
-            ("Lobby conn/s / forwarding", self.pair(Lobby, Forwarding, rate), conn(Forwarding), "-"),
-            ("UDP: Lobby pkt/s / raw nft DNAT", self.pair(Lobby, RawNft, udp), kpps(RawNft), ">= 0.97"),
-            ("UDP: Lobby pkt/s / forwarding", self.pair(Lobby, Forwarding, udp), kpps(Forwarding), "-"),
-            ("UDP: raw nft DNAT pkt/s / forwarding", self.pair(RawNft, Forwarding, udp), kpps(Forwarding), "-"),
-            ("random: Lobby conn/s / raw nft numgen random", self.pair(LobbyRandom, RawNftRandom, rate), conn(RawNftRandom), ">= 0.97"),
-            ("random: Lobby conn/s / Lobby round-robin", self.pair(LobbyRandom, Lobby, rate), conn(Lobby), "-"),
-            ("ip-src-hash: Lobby conn/s / raw nft jhash", self.pair(LobbySourceHash, RawNftSourceHash, rate), conn(RawNftSourceHash), ">= 0.97"),
-            ("ip-src-hash: Lobby conn/s / Lobby round-robin", self.pair(LobbySourceHash, Lobby, rate), conn(Lobby), "-"),
-            ("IPv6: Lobby conn/s / Lobby IPv4", self.pair(Lobby6, Lobby, rate), conn(Lobby), "-"),
-            ("IPv6: forwarding conn/s / forwarding IPv4", self.pair(Forwarding6, Forwarding, rate), conn(Forwarding), "-"),
-            ("counters: conn/s with / without (paired)", Ratio::paired(&with, &without), format!("without {:.0} conn/s", median(&without)), ">= 0.97"),
-            ("counters: bulk with / without (paired)", Ratio::paired(&bulk_with, &bulk_without), format!("without {:.2} Gbit/s", median(&bulk_without) * 8.0 / 1e9), ">= 0.97"),
+            (
+                "Lobby bulk / forwarding",
+                self.pair(Lobby, Forwarding, bulk),
+                gbit(Forwarding),
+                ">= 0.95",
+            ),
+            (
+                "Lobby bulk / HAProxy",
+                self.pair(Lobby, HaProxy, bulk),
+                gbit(HaProxy),
+                ">= 1.8",
+            ),
+            (
+                "Lobby conn/s / raw nft DNAT",
+                self.pair(Lobby, RawNft, rate),
+                conn(RawNft),
+                ">= 0.97",
+            ),
+            (
+                "Lobby CPU per conn / raw nft DNAT",
+                self.pair(Lobby, RawNft, cpu),
+                format!("{:.0} us", median(self.series(RawNft, cpu))),
+                "<= 1.05",
+            ),
+            (
+                "Lobby conn/s / HAProxy",
+                self.pair(Lobby, HaProxy, rate),
+                conn(HaProxy),
+                ">= 1.3",
+            ),
+            (
+                "Lobby conn/s / forwarding",
+                self.pair(Lobby, Forwarding, rate),
+                conn(Forwarding),
+                "-",
+            ),
+            (
+                "UDP: Lobby pkt/s / raw nft DNAT",
+                self.pair(Lobby, RawNft, udp),
+                kpps(RawNft),
+                ">= 0.97",
+            ),
+            (
+                "UDP: Lobby pkt/s / forwarding",
+                self.pair(Lobby, Forwarding, udp),
+                kpps(Forwarding),
+                "-",
+            ),
+            (
+                "UDP: raw nft DNAT pkt/s / forwarding",
+                self.pair(RawNft, Forwarding, udp),
+                kpps(Forwarding),
+                "-",
+            ),
+            (
+                "random: Lobby conn/s / raw nft numgen random",
+                self.pair(LobbyRandom, RawNftRandom, rate),
+                conn(RawNftRandom),
+                ">= 0.97",
+            ),
+            (
+                "random: Lobby conn/s / Lobby round-robin",
+                self.pair(LobbyRandom, Lobby, rate),
+                conn(Lobby),
+                "-",
+            ),
+            (
+                "ip-src-hash: Lobby conn/s / raw nft jhash",
+                self.pair(LobbySourceHash, RawNftSourceHash, rate),
+                conn(RawNftSourceHash),
+                ">= 0.97",
+            ),
+            (
+                "ip-src-hash: Lobby conn/s / Lobby round-robin",
+                self.pair(LobbySourceHash, Lobby, rate),
+                conn(Lobby),
+                "-",
+            ),
+            (
+                "IPv6: Lobby conn/s / Lobby IPv4",
+                self.pair(Lobby6, Lobby, rate),
+                conn(Lobby),
+                "-",
+            ),
+            (
+                "IPv6: forwarding conn/s / forwarding IPv4",
+                self.pair(Forwarding6, Forwarding, rate),
+                conn(Forwarding),
+                "-",
+            ),
+            (
+                "counters: conn/s with / without (paired)",
+                Ratio::paired(&with, &without),
+                format!("without {:.0} conn/s", median(&without)),
+                ">= 0.97",
+            ),
+            (
+                "counters: bulk with / without (paired)",
+                Ratio::paired(&bulk_with, &bulk_without),
+                format!("without {:.2} Gbit/s", median(&bulk_without) * 8.0 / 1e9),
+                ">= 0.97",
+            ),
         ]
     }
 
@@ -658,12 +751,19 @@ fn control_tables(control: &Control, out: &mut String) {
         median(&r.samples) / raw
     )
     .unwrap();
-    writeln!(out, "\n| other | value | anchor | value / anchor |\n|---|---|---|---|").unwrap();
+    writeln!(
+        out,
+        "\n| other | value | anchor | value / anchor |\n|---|---|---|---|"
+    )
+    .unwrap();
     for (what, value, anchor) in &control.other {
         match anchor {
-            Some((a, name)) => {
-                writeln!(out, "| {what} | {value:.1} | {a:.0} ({name}) | {:.2} |", value / a).unwrap()
-            }
+            Some((a, name)) => writeln!(
+                out,
+                "| {what} | {value:.1} | {a:.0} ({name}) | {:.2} |",
+                value / a
+            )
+            .unwrap(),
             None => writeln!(out, "| {what} | {value:.1} | - | - |").unwrap(),
         }
     }

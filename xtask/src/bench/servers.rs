@@ -38,7 +38,8 @@ pub fn start(ns: &NetNs, addr: IpAddr) -> Servers {
     let echo = ns.listen(SocketAddr::from((addr, ECHO_PORT)));
     std::thread::spawn(move || per_connection(echo, echo_back));
     let at = SocketAddr::from((addr, UDP_PORT));
-    let socket = ns.within(move || UdpSocket::bind(at).unwrap_or_else(|e| panic!("bind {at}: {e}")));
+    let socket =
+        ns.within(move || UdpSocket::bind(at).unwrap_or_else(|e| panic!("bind {at}: {e}")));
     let udp = Arc::new(AtomicU64::new(0));
     let counted = udp.clone();
     std::thread::spawn(move || {

@@ -8,7 +8,12 @@
 #     (check_interval 1 s) and gets no new connection,
 #   - with no upstream left, the target answers with a reset (the
 #     ruleset's reject, which old kernels may refuse at prerouting),
-#   - SIGTERM removes the ruleset.
+#   - SIGTERM removes the ruleset,
+#   - with `acceleration: {flowtable: true}`: the flowtable covers the
+#     expected interfaces, a bulk transfer and short connections are
+#     balanced and offloaded (conntrack's OFFLOAD), the counters equal the
+#     connections made and the packets nft counts at the interfaces where
+#     the fast path starts and ends, and SIGTERM removes the flowtable.
 # Ends with one line the host parses, `VM-TEST-RESULT: PASS` or
 # `VM-TEST-RESULT: FAIL <failed checks>`, and powers off.
 
@@ -176,17 +181,23 @@ check_rotation() {
     done
 }
 
-# stats FIELD: `webI VALUE` per upstream, from lobby stats --json.
+# stats FIELD: `webI VALUE` (and `bulkI VALUE`) per upstream, from lobby
+# stats --json.
 stats() {
     lobby stats --json --socket "$SOCKET" | awk -v field="\"$1\":" '
-        $1 == "\"name\":" && $2 ~ /^"web[0-9]+",?$/ { gsub(/[",]/, "", $2); name = $2 }
+        $1 == "\"name\":" && $2 ~ /^"(web|bulk)[0-9]+",?$/ { gsub(/[",]/, "", $2); name = $2 }
         $1 == field { gsub(/,/, "", $2); print name, $2 }'
+}
+
+# upstream_stat NAME FIELD: one upstream's counter.
+upstream_stat() {
+    stats "$2" | awk -v name="$1" '$1 == name { print $2 }'
 }
 
 # check_connections web1=N web2=N web3=N: the counters, and their sum
 # equal to every connection the client made.
 check_connections() {
-    counted=$(stats connections)
+    counted=$(stats connections | grep '^web')
     echo "counted connections: $(echo $counted)"
     for expectation in "$@"; do
         name=${expectation%=*}
@@ -245,4 +256,129 @@ lobby stats --socket "$SOCKET"
 kill "$lobby_pid"
 wait "$lobby_pid" || fail "lobby exited with status $? on SIGTERM"
 nft list table inet lobby >/dev/null 2>&1 && fail "the ruleset outlived lobby's shutdown"
+
+echo "== 4. acceleration: the flowtable fast path"
+step_started=$(date +%s)
+for i in 1 2 3; do
+    ip netns exec "up$i" nc -ll -p "$UPSTREAM_PORT" -e echo "web$i" 2>/dev/null &
+done
+# bulk1 sends zeros for as long as a client reads.
+ip netns exec up1 nc -ll -p 9001 -e cat /dev/zero 2>/dev/null &
+for i in 1 2 3; do
+    tries=0
+    until [ "$(nc -w 1 "198.18.$i.11" "$UPSTREAM_PORT" </dev/null 2>/dev/null)" = "web$i" ]; do
+        tries=$((tries + 1))
+        [ "$tries" -lt 50 ] || abort "server web$i does not answer again"
+        sleep 0.2
+    done
+done
+{
+    # The entry gains `acceleration`; its targets gain bulk.
+    sed 's/^  - engine: nftables$/  - engine: nftables\n    acceleration: { flowtable: true }/' /etc/lobby/lobby.yaml
+    echo "      - name: bulk"
+    echo "        protocol: tcp"
+    echo "        port: 8082"
+    echo "        upstream_group:"
+    echo "          name: bulk-pool"
+    echo "          distribution: round-robin"
+    echo "          upstreams:"
+    echo "            - name: bulk1"
+    echo "              host: 198.18.1.11"
+    echo "              port: 9001"
+} >/etc/lobby/accel.yaml
+# The scenario's own counts: where the fast path starts (ingress) and ends
+# (egress), before the flowtable's hook (priority -500 < filter), and on
+# the slow path (forward).
+nft -f - <<NFT || fail "the test table was refused"
+table netdev vmtest {
+    chain client_in {
+        type filter hook ingress device client0 priority -500; policy accept;
+        ip daddr $LB_ADDR tcp dport $PORT tcp flags & (syn | ack) == syn counter
+    }
+    chain up1_in {
+        type filter hook ingress device up1 priority -500; policy accept;
+        ip saddr 198.18.1.11 tcp sport 9001 counter
+    }
+    chain up1_out {
+        type filter hook egress device up1 priority -500; policy accept;
+        ip daddr 198.18.1.11 tcp dport 9001 counter
+    }
+}
+table inet vmtest {
+    chain forward {
+        type filter hook forward priority 10; policy accept;
+        ip saddr 198.18.1.11 tcp sport 9001 counter
+    }
+}
+NFT
+# nft_counter FAMILY TABLE CHAIN: `PACKETS BYTES` of the chain's counter.
+nft_counter() {
+    nft list chain "$@" | awk '/counter packets/ { for (i = 1; i < NF; i++) if ($i == "packets") print $(i + 1), $(i + 3) }'
+}
+# Emptied first: the backgrounded redirection may truncate the file only
+# after the wait below has read the previous run's "lobby is balancing".
+: >"$LOG"
+lobby -c /etc/lobby/accel.yaml --pin-dir /sys/fs/bpf/lobby --socket "$SOCKET" >>"$LOG" 2>&1 &
+lobby_pid=$!
+tries=0
+until grep -q "lobby is balancing" "$LOG"; do
+    kill -0 "$lobby_pid" 2>/dev/null || abort "lobby exited before balancing with acceleration"
+    tries=$((tries + 1))
+    [ "$tries" -lt 300 ] || abort "lobby is not balancing with acceleration after 60 s"
+    sleep 0.2
+done
+grep "flowtable interfaces" "$LOG"
+echo "lobby balancing at $(($(date +%s) - step_started)) s"
+# No target has an ip: every interface but lo is on the client side.
+expected_devices=$(ip -o link show | awk -F': ' '$2 != "lo" { sub(/@.*/, "", $2); print $2 }' | sort | tr '\n' ' ')
+flowtables=$(nft list flowtables)
+echo "$flowtables"
+listed=$(echo "$flowtables" | awk '/flowtable fastpath/ { on = 1 } on && /devices = / { sub(/.*devices = \{ */, ""); sub(/ *\}.*/, ""); gsub(/[",]/, ""); print; exit }' | tr ' ' '\n' | sort | tr '\n' ' ')
+[ "$listed" = "$expected_devices" ] || fail "the flowtable covers '$listed', expected '$expected_devices'"
+
+made=0
+(sleep 2; conntrack -L 2>/dev/null >/tmp/conntrack.txt) &
+ct_pid=$!
+# stdin stays open: a half-closed connection is no longer established,
+# and the kernel offloads established TCP connections only.
+bulk_bytes=$(sleep 6 | ip netns exec client timeout 5 nc "$LB_ADDR" 8082 2>/dev/null | wc -c)
+wait "$ct_pid"
+echo "bulk transfer: $bulk_bytes bytes in 5 s"
+[ "$bulk_bytes" -gt 0 ] || fail "the bulk transfer received nothing"
+echo "conntrack during the transfer:"
+grep "dport=8082" /tmp/conntrack.txt
+grep "dport=8082" /tmp/conntrack.txt | grep -q "OFFLOAD" || fail "the bulk connection was not offloaded"
+echo "bulk done at $(($(date +%s) - step_started)) s"
+check_rotation 30 web1 web2 web3
+echo "short connections done at $(($(date +%s) - step_started)) s"
+check_connections web1=10 web2=10 web3=10
+syns=$(nft_counter netdev vmtest client_in | awk '{ print $1 }')
+[ "$syns" = "$made" ] || fail "nft counted $syns connections at client0, the client made $made"
+bulk_connections=$(upstream_stat bulk1 connections)
+[ "$bulk_connections" = "1" ] || fail "bulk1 counted $bulk_connections connections, expected 1"
+set -- $(nft_counter netdev vmtest up1_in) $(nft_counter netdev vmtest up1_out) $(nft_counter inet vmtest forward)
+in_packets=$1 in_bytes=$2 out_packets=$3 out_bytes=$4 slow_packets=$5
+counted_in=$(upstream_stat bulk1 packets_in)
+counted_in_bytes=$(upstream_stat bulk1 bytes_in)
+counted_out=$(upstream_stat bulk1 packets_out)
+counted_out_bytes=$(upstream_stat bulk1 bytes_out)
+echo "from bulk1: lobby $counted_in packets $counted_in_bytes bytes, nft $in_packets packets $in_bytes bytes, $slow_packets packets on the slow path"
+echo "toward bulk1: lobby $counted_out packets $counted_out_bytes bytes, nft $out_packets packets $out_bytes bytes (Ethernet headers included)"
+[ "$counted_in" = "$in_packets" ] || fail "lobby counted $counted_in packets from bulk1, nft $in_packets"
+[ "$counted_in_bytes" = "$in_bytes" ] || fail "lobby counted $counted_in_bytes bytes from bulk1, nft $in_bytes"
+[ "$counted_out" = "$out_packets" ] || fail "lobby counted $counted_out packets toward bulk1, nft $out_packets"
+# An egress hook sees the Ethernet header: 14 bytes a packet.
+[ "$counted_out_bytes" = "$((out_bytes - 14 * out_packets))" ] ||
+    fail "lobby counted $counted_out_bytes bytes toward bulk1, nft $out_bytes less 14 x $out_packets"
+[ "$slow_packets" -lt "$((in_packets / 2))" ] || fail "$slow_packets of $in_packets packets from bulk1 took the slow path"
+grep " ERROR " "$LOG" && fail "lobby logged errors with acceleration"
+kill "$lobby_pid"
+wait "$lobby_pid" || fail "lobby exited with status $? on SIGTERM (acceleration)"
+nft list flowtables | grep -q fastpath && fail "the flowtable outlived lobby's shutdown"
+nft list table inet lobby >/dev/null 2>&1 && fail "the ruleset outlived lobby's shutdown (acceleration)"
+echo "== acceleration step took $(($(date +%s) - step_started)) s"
+if [ "$failures" -gt 0 ]; then
+    echo "--- lobby log (acceleration) ---"
+    cat "$LOG"
+fi
 finish

@@ -34,6 +34,11 @@ const MODULES: &[&str] = &[
     "nft_reject_inet",
     "nft_reject_ipv4",
     "nft_reject_ipv6",
+    // Acceleration: the flowtable type, `flow add`, and conntrack's
+    // netlink interface for `conntrack -L` (the OFFLOAD flag).
+    "nf_flow_table_inet",
+    "nft_flow_offload",
+    "nf_conntrack_netlink",
     // The topology's links.
     "veth",
     // The counters' attachment before TCX (6.6): a clsact qdisc and cls_bpf.
@@ -45,10 +50,10 @@ const MODULES: &[&str] = &[
 /// the guest that is not copied from the host.
 const BUSYBOX: &str = "/bin/busybox";
 
-/// Dynamically linked host programs the guest runs: nft for lobby, and
+/// Dynamically linked host programs the guest runs: nft for lobby,
 /// iproute2's ip for lobby's route lookups and for `ip netns`, which
-/// busybox's ip lacks.
-const HOST_PROGRAMS: &[&str] = &["/usr/sbin/nft", "/usr/sbin/ip"];
+/// busybox's ip lacks, and conntrack to see flows offloaded.
+const HOST_PROGRAMS: &[&str] = &["/usr/sbin/nft", "/usr/sbin/ip", "/usr/sbin/conntrack"];
 
 /// Host files that glibc reads for protocol and service names, which nft
 /// parses and prints.
