@@ -50,6 +50,24 @@ pub fn binary() -> PathBuf {
     path
 }
 
+/// A copy of [`binary`] that any user may run, in a directory of its own:
+/// the workspace may lie below a directory other users cannot enter (a
+/// clone in root's home), so a test that runs lobby as nobody runs this.
+pub fn binary_for_anyone() -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::Builder::new()
+        .prefix("lobby-bin")
+        .tempdir_in("/tmp")
+        .expect("a temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("opening the temp dir to everyone");
+    let copy = dir.path().join("lobby");
+    std::fs::copy(binary(), &copy).expect("copying the binary");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+        .expect("making the copy executable by everyone");
+    (dir, copy)
+}
+
 /// The workspace's cargo target directory: `CARGO_TARGET_DIR`, else
 /// target/ in the workspace.
 pub fn target_dir() -> PathBuf {

@@ -215,3 +215,32 @@ fn a_webhook_that_never_answers_does_not_delay_removals() {
     assert!(without <= bound, "{without:?} without events");
     assert!(with <= bound, "{with:?} with a webhook that never answers");
 }
+
+#[test]
+fn a_user_without_access_to_the_socket_is_told_so() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let _servers = start_servers(&topology);
+    let config = ConfigBuilder::new()
+        .target("web", PORT)
+        .topology_upstreams(1, "");
+    let lobby = Lobby::start(&topology.lb, &config.build());
+    // The socket is root's (mode 0600, in a directory of root's).
+    let (_bin_dir, binary) = lobby_tests::lobby::binary_for_anyone();
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(binary)
+        .args(["ctl", "state", "--socket"])
+        .arg(&lobby.socket_path)
+        .output()
+        .expect("running setpriv");
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        text(&output).contains("permission denied on")
+            && text(&output).contains("lobby ctl needs root or the socket's owner"),
+        "{}",
+        text(&output)
+    );
+}

@@ -413,7 +413,7 @@ fn cap_net_admin_alone_balances_without_counters_and_counters_name_cap_bpf() {
     let config = dir.path().join("lobby.yaml");
     std::fs::write(&config, two_upstreams()).unwrap();
     let socket = dir.path().join("lobby.sock");
-    let binary = binary();
+    let (_bin_dir, binary) = lobby_tests::lobby::binary_for_anyone();
     let wrapper: Vec<&OsStr> = AS_NOBODY.iter().map(OsStr::new).collect();
     let args = [
         OsStr::new("-c"),
