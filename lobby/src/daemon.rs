@@ -252,8 +252,8 @@ pub async fn serve<P: DataPlane>(
                 }
             }
             Some(control) = inbox.control.recv() => {
+                // The control server logged who asked.
                 if let Some(reload) = wiring.control(control, &mut core) {
-                    info!("reload asked over the control socket");
                     systemd::reloading();
                     wiring.reload_replies.push(reload);
                     wiring.read_config(&options.config_path, true);

@@ -547,10 +547,18 @@ pub enum NftError {
 /// Runs one transaction with `nft -f -`: the kernel applies all of it or
 /// none of it.
 pub async fn apply(script: &str) -> Result<(), NftError> {
-    let output =
-        crate::process::run_with_input(Command::new("nft").args(["-f", "-"]), script.to_owned())
-            .await
-            .map_err(NftError::Spawn)?;
+    run_script(&[], script).await
+}
+
+/// Runs `nft FLAGS -f -` with `script` on stdin; nft's refusal is an error
+/// with what it said.
+pub(crate) async fn run_script(flags: &[&str], script: &str) -> Result<(), NftError> {
+    let output = crate::process::run_with_input(
+        Command::new("nft").args(flags).args(["-f", "-"]),
+        script.to_owned(),
+    )
+    .await
+    .map_err(NftError::Spawn)?;
     if output.status.success() {
         Ok(())
     } else {

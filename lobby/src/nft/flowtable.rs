@@ -13,8 +13,6 @@
 //! flowtable's transmit, so they see every packet either path carries.
 use std::fmt::Write as _;
 
-use tokio::process::Command;
-
 use super::{FAMILY, NftError, TABLE, address_keyword, backends_set};
 use crate::{accel::Flowtable, config::Family};
 
@@ -137,20 +135,7 @@ pub async fn offload_supported(device: &str) -> Result<(), NftError> {
 }
 
 async fn check(script: &str) -> Result<(), NftError> {
-    let output = crate::process::run_with_input(
-        Command::new("nft").args(["--check", "-f", "-"]),
-        script.to_owned(),
-    )
-    .await
-    .map_err(NftError::Spawn)?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(NftError::Rejected {
-            status: output.status,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        })
-    }
+    super::run_script(&["--check"], script).await
 }
 
 #[cfg(test)]
