@@ -78,6 +78,41 @@ pub struct UpstreamStats {
     /// or disabled.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Established connections the kernel translated to it, as conntrack
+    /// counted them last: for `least-connections` targets, whose choice it
+    /// drives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub established_connections: Option<u64>,
+    /// The smoothed round trip of its successful health probes, what
+    /// `least-latency` picks by; absent before the first success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_latency_seconds: Option<Latency>,
+}
+
+/// A round trip, in seconds (a fraction) in JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Latency(pub Duration);
+
+impl Serialize for Latency {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(self.0.as_secs_f64())
+    }
+}
+
+impl<'de> Deserialize<'de> for Latency {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let seconds = f64::deserialize(deserializer)?;
+        Duration::try_from_secs_f64(seconds)
+            .map(Latency)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for Latency {
+    /// `0.42ms`, `51.3ms`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2}ms", self.0.as_secs_f64() * 1000.0)
+    }
 }
 
 /// The weight of an upstream the file gives none: what an older daemon's
@@ -657,7 +692,17 @@ pub fn render_table(report: &StatsReport, earlier: Option<(&StatsReport, f64)>) 
             target.upstreams.len()
         )
         .unwrap();
-        let mut rows = vec![header.map(str::to_owned).to_vec()];
+        // The measure a dynamic distribution picks by, beside the weight.
+        let measure = match target.distribution.as_str() {
+            "least-connections" => Some("ESTABLISHED"),
+            "least-latency" => Some("LATENCY"),
+            _ => None,
+        };
+        let mut heading = header.map(str::to_owned).to_vec();
+        if let Some(measure) = measure {
+            heading.insert(5, measure.to_owned());
+        }
+        let mut rows = vec![heading];
         for upstream in &target.upstreams {
             let rates =
                 earlier.and_then(|(report, secs)| rates(report, &target.name, upstream, secs));
@@ -681,6 +726,22 @@ pub fn render_table(report: &StatsReport, earlier: Option<(&StatsReport, f64)>) 
                 rates.map_or("-".into(), |r| human_bytes(r.bytes_out)),
                 rates.map_or("-".into(), |r| human_bytes(r.bytes_in)),
             ]);
+            let row = rows.last_mut().expect("just pushed");
+            match measure {
+                Some("ESTABLISHED") => row.insert(
+                    5,
+                    upstream
+                        .established_connections
+                        .map_or("-".into(), |n| n.to_string()),
+                ),
+                Some(_) => row.insert(
+                    5,
+                    upstream
+                        .probe_latency_seconds
+                        .map_or("-".into(), |l| l.to_string()),
+                ),
+                None => {}
+            }
         }
         // Names, states and addresses read left to right, numbers line up
         // right.
@@ -787,6 +848,8 @@ mod tests {
             bytes_in: 2048,
             admin_state: AdminState::Enabled,
             weight: 1,
+            established_connections: None,
+            probe_latency_seconds: None,
         }
     }
 

@@ -36,7 +36,7 @@ use crate::{
     nft::NftError,
     ownership::{self, OwnershipError, TableLock},
     plane::{DataPlane, KernelPlane},
-    reconcile::{Action, Core, Event, Notice},
+    reconcile::{Action, CHOICE_PERIOD, Core, Event, Measures, Notice},
     systemd, traffic,
     watch::{self as config_watch, DEBOUNCE},
 };
@@ -186,6 +186,7 @@ pub async fn serve<P: DataPlane>(
     let events = Events::start(config.events.clone(), &tracker, cancel.child_token());
     let (mut wiring, mut inbox) =
         Wiring::new(plane, config_text, events, tracker.clone(), cancel.clone());
+    log_warnings(&config);
     let mut core = Core::new(inherited, ipv6_forwarding());
     let now = Instant::now();
     let mut actions = core.on(Event::ConfigLoaded(config), now);
@@ -200,6 +201,9 @@ pub async fn serve<P: DataPlane>(
     let mut listeners = Some((listener, metrics_listener));
     let mut table_check = tokio::time::interval_at(Instant::now() + TABLE_CHECK, TABLE_CHECK);
     table_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // What drives the dynamic distributions is measured this often.
+    let mut measure_tick = tokio::time::interval(CHOICE_PERIOD);
+    measure_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut reload_at: Option<Instant> = None;
     // Stats requests that arrived while a transaction was on its way.
     let mut deferred: Vec<(Instant, Request)> = Vec::new();
@@ -287,6 +291,7 @@ pub async fn serve<P: DataPlane>(
             _ = table_check.tick() => {
                 actions.extend(core.on(Event::TableMayHaveChanged, Instant::now()));
             }
+            _ = measure_tick.tick() => actions.extend(wiring.measure(&mut core)),
         }
         actions.extend(core.settle(Instant::now()));
         let now = Instant::now();
@@ -312,6 +317,13 @@ pub async fn serve<P: DataPlane>(
         info!("lobby stopped");
     }
     outcome
+}
+
+/// What `lobby check` warns of in a configuration the daemon runs.
+fn log_warnings(config: &Config) {
+    for warning in &config.warnings {
+        warn!("{warning}");
+    }
 }
 
 /// A file removed when this is dropped.
@@ -404,6 +416,10 @@ struct Wiring<P> {
     control: mpsc::Sender<Control>,
     loaded: mpsc::Sender<Loaded>,
     table_changed: mpsc::Sender<()>,
+    /// A conntrack dump for least-connections is under way.
+    dumping: Arc<std::sync::atomic::AtomicBool>,
+    /// Dumps failed in a row (warned at the first).
+    dump_failures: Arc<std::sync::atomic::AtomicU64>,
     /// `lobby ctl reload`s waiting for the outcome.
     reload_replies: Vec<oneshot::Sender<Result<String, String>>>,
     /// Where operators' event receivers hear of changes.
@@ -447,6 +463,8 @@ impl<P: DataPlane> Wiring<P> {
             control: control_tx,
             loaded: loaded_tx,
             table_changed: table_changed_tx,
+            dumping: Arc::default(),
+            dump_failures: Arc::default(),
             reload_replies: Vec::new(),
             receivers,
             started: false,
@@ -739,6 +757,7 @@ impl<P: DataPlane> Wiring<P> {
         match loaded.config {
             Ok(config) => {
                 self.config_text = loaded.text.unwrap_or_default();
+                log_warnings(&config);
                 Some(Event::ConfigLoaded(config))
             }
             Err(errors) => Some(Event::ConfigRejected(errors.to_string())),
@@ -748,7 +767,7 @@ impl<P: DataPlane> Wiring<P> {
     /// Answers a request with what the core knows now, and the counters
     /// read off the loop.
     fn answer(&self, request: Request, core: &Core) {
-        let (report, backends) = stats_without_counters(core);
+        let (report, backends) = stats_without_counters(core, &self.latency());
         let policies = core.config().is_some_and(|c| {
             c.targets
                 .iter()
@@ -783,6 +802,53 @@ impl<P: DataPlane> Wiring<P> {
                 });
             }
         }
+    }
+
+    /// Each checked upstream's smoothed probe round trip, once a probe
+    /// succeeded.
+    fn latency(&self) -> BTreeMap<UpstreamId, Duration> {
+        self.checkers
+            .iter()
+            .filter_map(|(id, checker)| Some((id.clone(), checker.stats.smoothed_rtt()?)))
+            .collect()
+    }
+
+    /// Measures what drives the dynamic distributions in use: probe round
+    /// trips at once, established connections by a conntrack dump off the
+    /// loop (its outcome comes back as an event; one dump at a time).
+    fn measure(&self, core: &mut Core) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if core.uses(config::Distribution::LeastLatency) {
+            let latency = Measures::Latency(self.latency());
+            actions.extend(core.on(Event::Measured(latency), Instant::now()));
+        }
+        if core.uses(config::Distribution::LeastConnections)
+            && !self.dumping.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            let events = self.events.clone();
+            let dumping = self.dumping.clone();
+            let failures = self.dump_failures.clone();
+            self.tracker.spawn(async move {
+                let dump = tokio::task::spawn_blocking(conntrack::established).await;
+                dumping.store(false, std::sync::atomic::Ordering::Release);
+                match dump {
+                    Ok(Ok(counts)) => {
+                        failures.store(0, std::sync::atomic::Ordering::Relaxed);
+                        let event = Event::Measured(Measures::Established(counts));
+                        let _ = events.send(event).await;
+                    }
+                    Ok(Err(e)) => {
+                        // Said once until a dump succeeds again: the choice
+                        // keeps the last counts meanwhile.
+                        if failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                            warn!(error = %e, "counting established connections for least-connections; the choice keeps the last counts");
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "the conntrack dump did not finish"),
+                }
+            });
+        }
+        actions
     }
 
     fn extras(&self, core: &Core) -> BTreeMap<(String, String), UpstreamExtras> {
@@ -931,52 +997,63 @@ async fn keep_counting<P: DataPlane>(
 }
 
 /// The stats report with every counter at zero, and the backend each
-/// upstream is counted under, in the report's order.
-fn stats_without_counters(core: &Core) -> (StatsReport, Vec<Option<Backend>>) {
+/// upstream is counted under, in the report's order; `latency` is each
+/// health-checked upstream's smoothed probe round trip.
+fn stats_without_counters(
+    core: &Core,
+    latency: &BTreeMap<UpstreamId, Duration>,
+) -> (StatsReport, Vec<Option<Backend>>) {
     let mut backends = Vec::new();
-    let targets =
-        core.config()
-            .map(|c| c.targets.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .map(|target| TargetStats {
-                name: target.name.clone(),
-                protocol: target.protocol.as_str().to_owned(),
-                port: target.port,
-                upstream_group: target.group.name.clone(),
-                distribution: target.group.distribution.as_str().to_owned(),
-                denied: ctl::DeniedStats::default(),
-                upstreams: target
-                    .group
-                    .upstreams
-                    .iter()
-                    .map(|upstream| {
-                        let id = UpstreamId::new(&target.name, &upstream.name);
-                        let state = core.upstream(&id).map(|(state, _)| state);
-                        let address = state.and_then(|s| s.address);
-                        let (admin_state, weight) = admin_and_weight(core, &id, upstream.weight);
-                        backends.push(address.map(|a| {
-                            (std::net::SocketAddr::new(a, upstream.port), target.protocol)
-                        }));
-                        UpstreamStats {
-                            name: upstream.name.clone(),
-                            host: upstream.host.to_string(),
-                            address: address.map(|a| a.to_string()),
-                            port: upstream.port,
-                            available: state.is_some_and(|s| s.available && s.address.is_some()),
-                            connections: 0,
-                            resets: 0,
-                            packets_out: 0,
-                            bytes_out: 0,
-                            packets_in: 0,
-                            bytes_in: 0,
-                            admin_state,
-                            weight,
-                        }
-                    })
-                    .collect(),
-            })
-            .collect();
+    let targets = core
+        .config()
+        .map(|c| c.targets.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|target| TargetStats {
+            name: target.name.clone(),
+            protocol: target.protocol.as_str().to_owned(),
+            port: target.port,
+            upstream_group: target.group.name.clone(),
+            distribution: target.group.distribution.as_str().to_owned(),
+            denied: ctl::DeniedStats::default(),
+            upstreams: target
+                .group
+                .upstreams
+                .iter()
+                .map(|upstream| {
+                    let id = UpstreamId::new(&target.name, &upstream.name);
+                    let state = core.upstream(&id).map(|(state, _)| state);
+                    let address = state.and_then(|s| s.address);
+                    let (admin_state, weight) = admin_and_weight(core, &id, upstream.weight);
+
+                    let backend = address
+                        .map(|a| (std::net::SocketAddr::new(a, upstream.port), target.protocol));
+                    let least_connections =
+                        target.group.distribution == config::Distribution::LeastConnections;
+                    backends.push(backend);
+                    UpstreamStats {
+                        established_connections: backend
+                            .filter(|_| least_connections)
+                            .and_then(|b| core.established(&b)),
+                        probe_latency_seconds: latency.get(&id).copied().map(ctl::Latency),
+                        name: upstream.name.clone(),
+                        host: upstream.host.to_string(),
+                        address: address.map(|a| a.to_string()),
+                        port: upstream.port,
+                        available: state.is_some_and(|s| s.available && s.address.is_some()),
+                        connections: 0,
+                        resets: 0,
+                        packets_out: 0,
+                        bytes_out: 0,
+                        packets_in: 0,
+                        bytes_in: 0,
+                        admin_state,
+                        weight,
+                    }
+                })
+                .collect(),
+        })
+        .collect();
     (StatsReport { targets }, backends)
 }
 

@@ -199,6 +199,24 @@ impl Collector for Exposition {
         )?;
         family(
             &mut encoder,
+            "lobby_upstream_established_connections",
+            "Established connections the kernel translated to the upstream, as conntrack counted them last (upstreams of least-connections targets).",
+            upstreams.iter().filter_map(|(labels, u, _)| {
+                let established = i64::try_from(u.established_connections?).unwrap_or(i64::MAX);
+                Some((*labels, ConstGauge::new(established)))
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "lobby_upstream_probe_latency_seconds",
+            "The smoothed round trip of the upstream's successful health probes (what least-latency picks by).",
+            upstreams.iter().filter_map(|(labels, u, _)| {
+                let latency = u.probe_latency_seconds?.0.as_secs_f64();
+                Some((*labels, ConstGauge::new(latency)))
+            }),
+        )?;
+        family(
+            &mut encoder,
             "lobby_upstream_connections",
             "Connections sent to the upstream (SYNs toward it).",
             per_upstream(|u| u.connections),
@@ -537,6 +555,8 @@ mod tests {
                         bytes_in: 80000,
                         admin_state: AdminState::Drained,
                         weight: 0,
+                        established_connections: None,
+                        probe_latency_seconds: None,
                     }],
                 }],
             },
@@ -931,6 +951,8 @@ mod tests {
             bytes_in: 700,
             admin_state: AdminState::Enabled,
             weight: 2,
+            established_connections: None,
+            probe_latency_seconds: None,
         };
         let snapshot = Snapshot {
             stats: StatsReport {

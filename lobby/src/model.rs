@@ -129,6 +129,28 @@ pub struct DesiredTarget {
     /// The families the target serves, IPv4 first: netfilter cannot
     /// translate between families, so each has its own rotation.
     pub families: Vec<FamilyRotation>,
+    pub persistence: Option<Persistence>,
+}
+
+/// A target's client affinity: each backend in rotation keeps the clients
+/// it was sent, in a set of the kernel's that new connections refresh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Persistence {
+    pub timeout: Duration,
+    /// Every backend in rotation (of every family), whether or not the
+    /// distribution picks it for new clients now: a client keeps an
+    /// upstream that is no longer the least loaded.
+    pub backends: BTreeSet<SocketAddr>,
+}
+
+impl Persistence {
+    /// Persistence over the backends of `families`' rotations.
+    fn over(timeout: Duration, families: &[FamilyRotation]) -> Self {
+        Self {
+            timeout,
+            backends: families.iter().flat_map(|f| &f.slots).copied().collect(),
+        }
+    }
 }
 
 impl DesiredTarget {
@@ -183,10 +205,14 @@ fn slots(distribution: Distribution, candidates: &[Candidate<'_>]) -> Vec<Socket
     let divisor = chosen.iter().map(|c| c.weight).fold(0, gcd);
     let weights: Vec<u32> = chosen.iter().map(|c| c.weight / divisor).collect();
     match distribution {
-        Distribution::RoundRobin => smooth_order(&weights)
-            .into_iter()
-            .map(|i| chosen[i].address)
-            .collect(),
+        // The dynamic distributions start from round robin over every
+        // upstream; the core narrows it to those its measures pick.
+        Distribution::RoundRobin | Distribution::LeastConnections | Distribution::LeastLatency => {
+            smooth_order(&weights)
+                .into_iter()
+                .map(|i| chosen[i].address)
+                .collect()
+        }
         Distribution::Random => chosen
             .iter()
             .zip(&weights)
@@ -284,7 +310,7 @@ impl Desired {
                     })
                     .collect();
                 let distribution = target.group.distribution;
-                let families = Family::BOTH
+                let families: Vec<FamilyRotation> = Family::BOTH
                     .into_iter()
                     .filter(|f| target.ip.is_none_or(|ip| ip.family() == *f))
                     .filter(|f| ipv6 || *f == Family::Ipv4)
@@ -300,6 +326,10 @@ impl Desired {
                         }
                     })
                     .collect();
+                let persistence = target
+                    .group
+                    .persistence
+                    .map(|timeout| Persistence::over(timeout, &families));
                 let desired = DesiredTarget {
                     protocol: target.protocol,
                     port: target.port,
@@ -307,6 +337,7 @@ impl Desired {
                     distribution,
                     policy: target.policy.clone(),
                     families,
+                    persistence,
                 };
                 (target.name.clone(), desired)
             })

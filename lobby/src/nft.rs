@@ -26,6 +26,8 @@ use crate::{
     model::{Backend, Desired, DesiredTarget, FamilyRotation},
 };
 
+mod persistence;
+
 /// The one table Lobby owns; it never touches any other.
 pub const TABLE: &str = "lobby";
 /// The family of [`TABLE`].
@@ -96,6 +98,9 @@ pub fn render(desired: &Desired) -> String {
         writeln!(out, "\t\t{rule}").unwrap();
     }
     writeln!(out, "\t}}").unwrap();
+    for object in persistence::objects(desired).values() {
+        object.render(&mut out);
+    }
     for (name, target) in &desired.targets {
         writeln!(out, "\tchain {} {{", chain_name(name)).unwrap();
         for rule in target_rules(name, target) {
@@ -184,6 +189,14 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
             writeln!(out, "add rule {FAMILY} {TABLE} postrouting {rule}").unwrap();
         }
     }
+    // Before the target chains that jump to them, removed after.
+    let old_persistence = persistence::objects(applied);
+    let new_persistence = persistence::objects(desired);
+    for (name, object) in &new_persistence {
+        if !old_persistence.contains_key(name) {
+            object.add(&mut out);
+        }
+    }
     for (name, new) in &desired.targets {
         let chain = chain_name(name);
         let old = applied.targets.get(name);
@@ -214,6 +227,11 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
         desired.flowtable.as_ref(),
     );
     // Last: no rule refers to them any more.
+    for (name, object) in &old_persistence {
+        if !new_persistence.contains_key(name) {
+            object.delete(&mut out);
+        }
+    }
     for counter in old_counters.difference(&new_counters) {
         writeln!(out, "delete counter {FAMILY} {TABLE} {counter}").unwrap();
     }
@@ -294,11 +312,39 @@ fn target_rules(name: &str, target: &DesiredTarget) -> Vec<String> {
             Protocol::Tcp => " tcp flags & (syn | ack) == syn",
             Protocol::Udp | Protocol::Sctp => "",
         };
-        rules.push(format!(
-            "{matched}{opening} dnat {family} to {} map {{ {} }}",
-            slot_key(target.distribution, rotation),
-            slot_elements(&rotation.slots).join(", ")
-        ));
+        match &target.persistence {
+            // A client the kernel remembers goes to its backend's chain,
+            // which refreshes the memory and translates; a new one is sent
+            // to the chain of the backend the distribution picks.
+            Some(persistence) => {
+                let key = slot_key(target.distribution, rotation);
+                for known in persistence::names_of_family(name, target, persistence, rotation) {
+                    rules.push(format!(
+                        "{matched}{opening} {family} saddr @{known} goto {known}"
+                    ));
+                }
+                let elements = slot_elements(&rotation.slots, |backend| {
+                    format!(
+                        "goto {}",
+                        persistence::name(name, target, persistence, backend)
+                    )
+                });
+                rules.push(format!(
+                    "{matched}{opening} {key} vmap {{ {} }}",
+                    elements.join(", ")
+                ));
+            }
+            None => rules.push(format!(
+                "{matched}{opening} dnat {family} to {} map {{ {} }}",
+                slot_key(target.distribution, rotation),
+                slot_elements(&rotation.slots, |backend| format!(
+                    "{} . {}",
+                    backend.ip(),
+                    backend.port()
+                ))
+                .join(", ")
+            )),
+        }
         rules.push(format!("{matched} drop"));
     }
     rules
@@ -467,7 +513,10 @@ fn snat_to(source_nat: &SourceNat, family: Family) -> Option<String> {
 fn slot_key(distribution: Distribution, rotation: &FamilyRotation) -> String {
     let slots = rotation.slots.len();
     match distribution {
-        Distribution::RoundRobin => format!("numgen inc mod {slots}"),
+        // The dynamic ones in turn over the upstreams the core picked.
+        Distribution::RoundRobin | Distribution::LeastConnections | Distribution::LeastLatency => {
+            format!("numgen inc mod {slots}")
+        }
         Distribution::Random => format!("numgen random mod {slots}"),
         // A fixed seed: the same client keeps its slot across restarts.
         Distribution::IpSrcHash => format!(
@@ -480,8 +529,9 @@ fn slot_key(distribution: Distribution, rotation: &FamilyRotation) -> String {
 /// `jhash`'s seed: "LOBB".
 const HASH_SEED: u32 = 0x4c4f_4242;
 
-/// The map from slots to upstreams, runs of one upstream as ranges.
-fn slot_elements(slots: &[SocketAddr]) -> Vec<String> {
+/// The map from slots to what each upstream's slots lead to (`value`),
+/// runs of one upstream as ranges.
+fn slot_elements(slots: &[SocketAddr], value: impl Fn(&SocketAddr) -> String) -> Vec<String> {
     let mut elements = Vec::new();
     let mut start = 0;
     for (i, upstream) in slots.iter().enumerate() {
@@ -493,7 +543,7 @@ fn slot_elements(slots: &[SocketAddr]) -> Vec<String> {
         } else {
             format!("{start}-{i}")
         };
-        elements.push(format!("{key} : {} . {}", upstream.ip(), upstream.port()));
+        elements.push(format!("{key} : {}", value(upstream)));
         start = i + 1;
     }
     elements
@@ -612,10 +662,11 @@ pub async fn named_counters() -> Result<BTreeMap<String, u64>, NftError> {
 
 /// Lobby's table as nft prints it, `None` when there is none.
 pub async fn list_table() -> Result<Option<String>, NftError> {
-    // Stateless: counter values are traffic, not a change of the table.
+    // Stateless: counter values are traffic, not a change of the table;
+    // nor are the clients the packet path remembers for persistence.
     Ok(list(FAMILY, &["-s"])
         .await?
-        .map(|text| String::from_utf8_lossy(&text).into_owned()))
+        .map(|text| persistence::without_clients(&String::from_utf8_lossy(&text))))
 }
 
 /// Runs `nft FLAGS list table FAMILY lobby`; a missing table is `None`,
@@ -665,7 +716,17 @@ pub fn parse_rotation(listing: &[u8]) -> Result<Rotation, serde_json::Error> {
         let (Some(chain), Some(exprs)) = (rule["chain"].as_str(), rule["expr"].as_array()) else {
             continue;
         };
-        let upstreams = rotation.entry(chain.to_owned()).or_default();
+        // A persistence chain translates to its one backend for its target.
+        let target = chain.split_once('.').map_or(chain, |(target, _)| target);
+        let upstreams = rotation.entry(target.to_owned()).or_default();
+        for dnat in exprs.iter().map(|e| &e["dnat"]) {
+            if let (Some(addr), Some(port)) = (
+                dnat["addr"].as_str().and_then(|a| a.parse().ok()),
+                dnat["port"].as_u64().and_then(|p| u16::try_from(p).ok()),
+            ) {
+                upstreams.insert(SocketAddr::new(addr, port));
+            }
+        }
         let slots = exprs
             .iter()
             .filter_map(|e| e["dnat"]["addr"]["map"]["data"]["set"].as_array());
@@ -703,6 +764,7 @@ mod tests {
                     .map(|&(host, port)| SocketAddr::from(([198, 18, 1, host], port)))
                     .collect(),
             }],
+            persistence: None,
         }
     }
 
@@ -803,6 +865,7 @@ table inet lobby {
                     ],
                 },
             ],
+            persistence: None,
         };
         let rules = target_rules("dns", &dns);
         assert_eq!(
@@ -825,7 +888,7 @@ table inet lobby {
         let a: SocketAddr = "198.18.1.11:80".parse().unwrap();
         let b: SocketAddr = "198.18.1.12:80".parse().unwrap();
         assert_eq!(
-            slot_elements(&[a, a, a, b]),
+            slot_elements(&[a, a, a, b], |u| format!("{} . {}", u.ip(), u.port())),
             ["0-2 : 198.18.1.11 . 80", "3 : 198.18.1.12 . 80"]
         );
         let rotation = FamilyRotation {

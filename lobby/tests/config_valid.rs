@@ -48,6 +48,7 @@ fn target(
             name: group.to_owned(),
             distribution: Distribution::RoundRobin,
             upstreams,
+            persistence: None,
         },
         policy: Default::default(),
     }
@@ -85,6 +86,7 @@ fn an_original_lobby_file_loads_unchanged() {
         metrics: None,
         events: None,
         acceleration: None,
+        warnings: Vec::new(),
         targets: vec![
             target(
                 "web",
@@ -155,6 +157,7 @@ fn every_field_and_extension_loads() {
         }),
         events: None,
         acceleration: None,
+        warnings: Vec::new(),
         targets: vec![
             target(
                 "web",

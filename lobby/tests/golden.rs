@@ -7,6 +7,8 @@
 //! web/web1 down
 //! web/web2 up
 //! web/web2 address 198.18.1.13   # its name resolves to this address
+//! web/web1 established 20        # conntrack counts 20 connections to it
+//! web/web1 latency 50            # its probes' smoothed round trip, in ms
 //! config other.yaml              # reload with another file of the folder
 //! takeover web 198.18.1.11:9000  # (00-start only) a dead run's table balanced there
 //! wait 2                         # seconds pass
@@ -21,8 +23,11 @@
 //! (or `cargo xtask bless`) rewrites them from what the code says now:
 //! review the diff.
 use std::{
+    collections::BTreeMap,
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use lobby::{
@@ -31,7 +36,7 @@ use lobby::{
     health::HealthReport,
     model::UpstreamId,
     nft::{self, Rotation},
-    reconcile::{Action, Core, Event},
+    reconcile::{Action, Core, Event, Measures},
 };
 use tokio::time::Instant;
 
@@ -77,6 +82,10 @@ struct Run<'a> {
     core: Core,
     now: Instant,
     config: config::Config,
+    /// The measures so far: each line adds to them, and the event carries
+    /// all of them, as the daemon's measures do.
+    established: BTreeMap<(SocketAddr, config::Protocol), u64>,
+    latency: BTreeMap<UpstreamId, Duration>,
 }
 
 impl Run<'_> {
@@ -119,17 +128,17 @@ impl Run<'_> {
         fails
     }
 
-    fn upstream_event(&self, id: &str, change: &[&str], line: &str) -> Event {
+    fn upstream_event(&mut self, id: &str, change: &[&str], line: &str) -> Event {
         let (target, name) = id
             .split_once('/')
             .unwrap_or_else(|| panic!("`{line}`: expected target/upstream"));
-        let upstream = self
+        let (protocol, upstream) = self
             .config
             .targets
             .iter()
             .filter(|t| t.name == target)
-            .flat_map(|t| &t.group.upstreams)
-            .find(|u| u.name == name)
+            .flat_map(|t| t.group.upstreams.iter().map(|u| (t.protocol, u)))
+            .find(|(_, u)| u.name == name)
             .unwrap_or_else(|| panic!("`{line}`: no upstream {id} in {}", self.case.display()));
         let health = |available| {
             Event::Health(HealthReport {
@@ -152,8 +161,28 @@ impl Run<'_> {
                     address: addr.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")),
                 })
             }
+            ["established", count] => {
+                let Host::Ip(ip) = upstream.host else {
+                    panic!("`{line}`: {id} needs an address to be counted at");
+                };
+                let backend = (SocketAddr::new(ip, upstream.port), protocol);
+                self.established.insert(
+                    backend,
+                    count.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")),
+                );
+                Event::Measured(Measures::Established(self.established.clone()))
+            }
+            ["latency", ms] => {
+                let ms: f64 = ms.parse().unwrap_or_else(|e| panic!("`{line}`: {e}"));
+                self.latency.insert(
+                    UpstreamId::new(target, name),
+                    Duration::from_secs_f64(ms / 1000.0),
+                );
+                Event::Measured(Measures::Latency(self.latency.clone()))
+            }
             _ => panic!(
-                "`{line}`: expected `up`, `down`, `address ADDR`, `config FILE`, `wait SECS` or `fail`"
+                "`{line}`: expected `up`, `down`, `address ADDR`, `established N`, `latency MS`, \
+                 `config FILE`, `wait SECS` or `fail`"
             ),
         }
     }
@@ -183,6 +212,8 @@ fn plans_match_the_golden_files() {
             core: Core::new(inherited(&first), true),
             now: Instant::now(),
             config: config.clone(),
+            established: BTreeMap::new(),
+            latency: BTreeMap::new(),
         };
         run.core.on(Event::ConfigLoaded(config), run.now);
         let mut steps: Vec<PathBuf> = fs::read_dir(case)

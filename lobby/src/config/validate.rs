@@ -44,6 +44,11 @@
 //!   `hardware_offload: true` without `flowtable: true` is an error, since
 //!   the NIC is handed flows by the flowtable. Whether the kernel has
 //!   flowtables is the daemon's check at start, not the validator's.
+//! - Selection: `persistence` with `ip-src-hash` is an error (the hash
+//!   already keeps each client on one upstream); `least-latency` needs a
+//!   health check on every upstream of its group, since it measures their
+//!   probes. A group whose every weight is 0 is valid (everything drained)
+//!   but a warning: its target refuses every connection.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -113,7 +118,15 @@ const DISTRIBUTION: Keyword<Distribution> = Keyword {
         ("round-robin", Distribution::RoundRobin),
         ("random", Distribution::Random),
         ("ip-src-hash", Distribution::IpSrcHash),
+        ("least-connections", Distribution::LeastConnections),
+        ("least-latency", Distribution::LeastLatency),
     ],
+};
+/// `persistence.timeout`: up to a day.
+const PERSISTENCE_TIMEOUT: Integer = Integer {
+    what: "seconds",
+    min: 1,
+    max: 86400,
 };
 /// The keys of a traffic policy, in a target or an entry's `defaults`.
 const POLICY_KEYS: [&str; 4] = ["allow", "block", "source_nat", "interface"];
@@ -168,6 +181,7 @@ pub(crate) fn config(root: &Node, file: &Path) -> Result<Config, Vec<ConfigError
     let mut checker = Checker {
         file: file.to_path_buf(),
         errors: Vec::new(),
+        warnings: Vec::new(),
         target_names: Seen::default(),
         group_names: Seen::default(),
         listeners: HashMap::new(),
@@ -228,6 +242,7 @@ impl Seen {
 struct Checker {
     file: PathBuf,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
     target_names: Seen,
     group_names: Seen,
     /// Protocol and port to the target that listens there.
@@ -236,13 +251,24 @@ struct Checker {
 
 impl Checker {
     fn report(&mut self, mark: Mark, path: String, message: String) {
-        self.errors.push(ConfigError {
+        let error = self.located(mark, path, message);
+        self.errors.push(error);
+    }
+
+    /// Something valid that is probably not what the operator meant.
+    fn warn(&mut self, mark: Mark, path: String, message: String) {
+        let warning = self.located(mark, path, message);
+        self.warnings.push(warning);
+    }
+
+    fn located(&self, mark: Mark, path: String, message: String) -> ConfigError {
+        ConfigError {
             file: self.file.clone(),
             line: mark.line,
             column: mark.column,
             path,
             message,
-        });
+        }
     }
 
     /// The entries of a mapping, after reporting keys that are not in
@@ -430,6 +456,7 @@ impl Checker {
             metrics: metrics.map_or(Some(None), |m| m.map(Some))?,
             events: events?,
             acceleration: acceleration?,
+            warnings: std::mem::take(&mut self.warnings),
         })
     }
 
@@ -627,7 +654,7 @@ impl Checker {
             .required_mapping(
                 &fields,
                 "upstream_group",
-                &["name", "distribution", "upstreams"],
+                &["name", "distribution", "upstreams", "persistence"],
             )
             .and_then(|group| self.group(&group, protocol));
         if let (Some(ip), Some(group), Some(ip_node)) = (ip, &group, fields.get("ip")) {
@@ -724,11 +751,77 @@ impl Checker {
             .into_iter()
             .map(|(path, node)| self.upstream(node, path, protocol, &mut upstream_names))
             .collect();
+        let upstreams: Option<Vec<Upstream>> = upstreams.into_iter().collect();
+        let persistence = self.persistence(fields, distribution);
+        if let (Some(distribution), Some(upstreams)) = (distribution, &upstreams) {
+            self.selection_needs(fields, distribution, upstreams);
+        }
         Some(UpstreamGroup {
             name: name?,
             distribution: distribution?,
-            upstreams: upstreams.into_iter().collect::<Option<_>>()?,
+            upstreams: upstreams?,
+            persistence: persistence?,
         })
+    }
+
+    /// `persistence: { timeout: SECS }`: `Some(None)` when absent or null.
+    /// Refused with `ip-src-hash`, which already keeps a client on one
+    /// upstream while the available ones stay the same.
+    fn persistence(
+        &mut self,
+        group: &Fields,
+        distribution: Option<Distribution>,
+    ) -> Option<Option<Duration>> {
+        let Some(fields) = self.optional_mapping(group, "persistence", &["timeout"]) else {
+            return group
+                .get("persistence")
+                .is_none_or(|n| n.is_null())
+                .then_some(None);
+        };
+        let timeout = self.required(&fields, "timeout", &PERSISTENCE_TIMEOUT);
+        if distribution == Some(Distribution::IpSrcHash) {
+            let message = "pointless with `ip-src-hash`, which already sends a client address \
+                           to the same upstream while the available upstreams stay the same \
+                           (and moves only the clients of an upstream that leaves); remove it \
+                           or choose another distribution"
+                .to_owned();
+            self.report(fields.mark, fields.path.clone(), message);
+            return None;
+        }
+        Some(Some(Duration::from_secs(timeout?)))
+    }
+
+    /// What a distribution needs of the upstreams: `least-latency` measures
+    /// health probes, so every upstream needs a health check. A group whose
+    /// every weight is 0 takes no connection: valid (all drained) but said.
+    fn selection_needs(
+        &mut self,
+        group: &Fields,
+        distribution: Distribution,
+        upstreams: &[Upstream],
+    ) {
+        let items = match group.get("upstreams").map(Node::value) {
+            Some(Value::Sequence(items)) => items.as_slice(),
+            _ => &[],
+        };
+        if distribution == Distribution::LeastLatency {
+            for (i, (upstream, node)) in upstreams.iter().zip(items).enumerate() {
+                if upstream.health_check.is_none() {
+                    let message = format!(
+                        "`least-latency` picks upstreams by their health probes' round trips, \
+                         but upstream `{}` has no health check; give it one or choose another \
+                         distribution",
+                        upstream.name
+                    );
+                    self.report(node.mark, format!("{}.upstreams[{i}]", group.path), message);
+                }
+            }
+        }
+        if !upstreams.is_empty() && upstreams.iter().all(|u| u.weight == 0) {
+            let message =
+                "every upstream has weight 0: the target refuses every new connection".to_owned();
+            self.warn(group.mark, group.path("upstreams"), message);
+        }
     }
 
     fn upstream(
