@@ -890,6 +890,31 @@ mod tests {
     }
 
     #[test]
+    fn dynamic_targets_show_the_measure_they_pick_by() {
+        let mut loaded = upstream("web1", 12, 5000);
+        loaded.established_connections = Some(20);
+        loaded.probe_latency_seconds = Some(Latency(Duration::from_micros(51_300)));
+        let mut report = report(vec![loaded, upstream("web2", 0, 0)]);
+        report.targets[0].distribution = "least-connections".into();
+        let json = serde_json::to_value(&report).unwrap();
+        let upstreams = &json["targets"][0]["upstreams"];
+        assert_eq!(upstreams[0]["established_connections"], 20);
+        assert_eq!(upstreams[0]["probe_latency_seconds"], 0.0513);
+        assert!(upstreams[1].get("established_connections").is_none());
+        let read: StatsReport = serde_json::from_value(json).unwrap();
+        assert_eq!(read, report);
+        let table = render_table(&report, None);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[1].contains("WEIGHT  ESTABLISHED  CONNS"), "{table}");
+        assert!(lines[2].contains("1           20     12"), "{table}");
+        assert!(lines[3].contains("1            -      0"), "{table}");
+        report.targets[0].distribution = "least-latency".into();
+        let table = render_table(&report, None);
+        assert!(table.contains("WEIGHT  LATENCY  CONNS"), "{table}");
+        assert!(table.contains("1  51.30ms     12"), "{table}");
+    }
+
+    #[test]
     fn rates_are_per_second_and_need_the_same_address() {
         let before = report(vec![upstream("web1", 10, 1000)]);
         let now = upstream("web1", 30, 5000);

@@ -555,8 +555,10 @@ mod tests {
                         bytes_in: 80000,
                         admin_state: AdminState::Drained,
                         weight: 0,
-                        established_connections: None,
-                        probe_latency_seconds: None,
+                        established_connections: Some(7),
+                        probe_latency_seconds: Some(crate::ctl::Latency(Duration::from_micros(
+                            1500,
+                        ))),
                     }],
                 }],
             },
@@ -600,6 +602,16 @@ mod tests {
                 "lobby_upstream_weight",
                 "gauge",
                 format!("{{{upstream}}} 0"),
+            ),
+            (
+                "lobby_upstream_established_connections",
+                "gauge",
+                format!("{{{upstream}}} 7"),
+            ),
+            (
+                "lobby_upstream_probe_latency_seconds",
+                "gauge",
+                format!("{{{upstream}}} 0.0015"),
             ),
             (
                 "lobby_upstream_connections_total",

@@ -91,8 +91,8 @@ impl Desired {
             .flat_map(|t| {
                 t.families
                     .iter()
-                    .flat_map(|f| &f.slots)
-                    .map(|u| (*u, t.protocol))
+                    .flat_map(|f| t.reachable(f))
+                    .map(|u| (u, t.protocol))
             })
             .collect()
     }
@@ -157,6 +157,19 @@ impl DesiredTarget {
     /// Whether no client of any family can be balanced.
     pub fn is_empty(&self) -> bool {
         self.families.iter().all(|f| f.slots.is_empty())
+    }
+
+    /// Every backend of `rotation`'s family a new connection may reach:
+    /// those its slots hold and, with persistence, every backend in
+    /// rotation that remembers clients (a dynamic distribution may no
+    /// longer pick it for new ones).
+    pub fn reachable(&self, rotation: &FamilyRotation) -> BTreeSet<SocketAddr> {
+        let remembering = self
+            .persistence
+            .iter()
+            .flat_map(|p| &p.backends)
+            .filter(|b| Family::of(b.ip()) == rotation.family);
+        rotation.slots.iter().chain(remembering).copied().collect()
     }
 }
 

@@ -458,10 +458,10 @@ fn postrouting_rules(desired: &Desired) -> Vec<String> {
             let Some(to) = snat_to(&target.policy.source_nat, rotation.family) else {
                 continue;
             };
-            let backends: BTreeSet<Backend> = rotation
-                .slots
-                .iter()
-                .map(|s| (*s, target.protocol))
+            let backends: BTreeSet<Backend> = target
+                .reachable(rotation)
+                .into_iter()
+                .map(|s| (s, target.protocol))
                 .collect();
             if backends.is_empty() {
                 continue;

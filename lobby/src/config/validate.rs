@@ -820,7 +820,8 @@ impl Checker {
         if !upstreams.is_empty() && upstreams.iter().all(|u| u.weight == 0) {
             let message =
                 "every upstream has weight 0: the target refuses every new connection".to_owned();
-            self.warn(group.mark, group.path("upstreams"), message);
+            let mark = group.get("upstreams").map_or(group.mark, |n| n.mark);
+            self.warn(mark, group.path("upstreams"), message);
         }
     }
 
