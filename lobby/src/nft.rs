@@ -981,7 +981,10 @@ table inet lobby {
             {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
             {"dnat": {"family": "ip", "addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 2, "offset": 0}},
               "data": {"set": [[0, {"concat": ["198.18.1.11", 9000]}], [1, {"concat": ["198.18.1.12", 9000]}]]}}}}}]}},
-          {"rule": {"family": "ip", "table": "lobby", "chain": "target-api", "handle": 5, "expr": [{"reject": {"type": "tcp reset"}}]}}]}"#;
+          {"rule": {"family": "ip", "table": "lobby", "chain": "target-api", "handle": 5, "expr": [{"reject": {"type": "tcp reset"}}]}},
+          {"rule": {"family": "inet", "table": "lobby", "chain": "target-sticky.198.18.2.11.80.tcp.3s", "handle": 6, "expr": [
+            {"set": {"op": "update", "elem": {"payload": {"protocol": "ip", "field": "saddr"}}, "set": "@target-sticky.198.18.2.11.80.tcp.3s"}},
+            {"dnat": {"family": "ip", "addr": "198.18.2.11", "port": 80}}]}}]}"#;
         let rotation = parse_rotation(listing).unwrap();
         let web: Vec<String> = rotation["target-web"]
             .iter()
@@ -989,6 +992,12 @@ table inet lobby {
             .collect();
         assert_eq!(web, ["198.18.1.11:9000", "198.18.1.12:9000"]);
         assert!(rotation["target-api"].is_empty());
+        // A persistence chain's backend is its target's.
+        let sticky: Vec<String> = rotation["target-sticky"]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(sticky, ["198.18.2.11:80"]);
         assert!(parse_rotation(b"not json").is_err());
     }
 
