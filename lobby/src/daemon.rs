@@ -35,7 +35,7 @@ use crate::{
     model::{Backend, UpstreamId},
     nft::NftError,
     ownership::{self, OwnershipError, TableLock},
-    plane::{DataPlane, KernelPlane},
+    plane::{DataPlane, KernelPlane, Lookup},
     reconcile::{Action, Core, Event, Notice},
     systemd, traffic,
     watch::{self as config_watch, DEBOUNCE},
@@ -191,7 +191,7 @@ pub async fn serve<P: DataPlane>(
     let mut actions = core.on(Event::ConfigLoaded(config), now);
     // The first ruleset has the flowtable already.
     if let Some(query) = core.device_query()
-        && let Some(devices) = wiring.plane.flowtable_devices(&query).await
+        && let Some(devices) = wiring.plane.flowtable_devices(&query, Lookup::All).await
     {
         actions.extend(core.on(Event::Devices(devices), now));
     }
@@ -568,7 +568,7 @@ impl<P: DataPlane> Wiring<P> {
                 let events = self.events.clone();
                 self.tracker.spawn(async move {
                     if let Some(track) = track {
-                        plane.track(&track).await;
+                        plane.track(&track, Lookup::NewAddresses).await;
                     }
                     let started = Instant::now();
                     let outcome = plane.apply(script).await;
@@ -912,17 +912,19 @@ async fn keep_counting<P: DataPlane>(
     let mut recheck = tokio::time::interval_at(Instant::now() + COUNTERS_RECHECK, COUNTERS_RECHECK);
     recheck.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        // A change looks up only the new addresses (the apply before it
+        // may have done that already); the recheck looks up every route.
+        let lookup = tokio::select! {
             () = cancel.cancelled() => return,
-            changed = counted.changed() => if changed.is_err() { return },
-            changed = device_query.changed() => if changed.is_err() { return },
-            _ = recheck.tick() => {}
-        }
+            changed = counted.changed() => if changed.is_err() { return } else { Lookup::NewAddresses },
+            changed = device_query.changed() => if changed.is_err() { return } else { Lookup::NewAddresses },
+            _ = recheck.tick() => Lookup::All,
+        };
         let backends = counted.borrow_and_update().clone();
-        plane.track(&backends).await;
+        plane.track(&backends, lookup).await;
         let query = device_query.borrow_and_update().clone();
         if let Some(query) = query
-            && let Some(devices) = plane.flowtable_devices(&query).await
+            && let Some(devices) = plane.flowtable_devices(&query, lookup).await
         {
             // The core ignores an unchanged list.
             let _ = events.send(Event::Devices(devices)).await;

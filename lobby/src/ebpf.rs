@@ -31,7 +31,7 @@ use aya::{
 use lobby_common::{COUNTERS_MAP, UpstreamCounters, UpstreamKey};
 use tracing::{debug, info, warn};
 
-pub use crate::netlink::{Interface, interfaces_toward};
+pub use crate::netlink::Interface;
 
 /// The object built from lobby-ebpf by build.rs; empty when the build was
 /// told to skip it (AYA_BUILD_SKIP).
@@ -850,9 +850,10 @@ mod tests {
                     .build()
                     .unwrap();
                 let interfaces = runtime
-                    .block_on(interfaces_toward(&BTreeSet::from([IpAddr::from(
-                        server_ip,
-                    )])))
+                    .block_on(crate::netlink::Routes::default().interfaces_toward(
+                        &BTreeSet::from([IpAddr::from(server_ip)]),
+                        crate::netlink::Lookup::All,
+                    ))
                     .unwrap();
                 let names: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
                 assert_eq!(names, ["s0"]);

@@ -18,6 +18,7 @@ use crate::{
     accel::{self, DeviceQuery, Devices},
     ebpf::{self, Counters},
     model::Backend,
+    netlink::Routes,
     nft::{self, NftError, Rotation},
 };
 
@@ -32,9 +33,14 @@ pub trait DataPlane: Send + Sync + 'static {
     /// Lobby's table as text, `None` when it does not exist.
     fn list_table(&self) -> impl Future<Output = Result<Option<String>, NftError>> + Send;
     /// Counts exactly `backends` from now on, on the interfaces that route
-    /// to them; called again periodically so that counting follows routes
-    /// and interfaces that change.
-    fn track(&self, backends: &BTreeSet<Backend>) -> impl Future<Output = ()> + Send;
+    /// to them (looking up the routes `lookup` says); called again
+    /// periodically with [`Lookup::All`] so that counting follows routes and
+    /// interfaces that change.
+    fn track(
+        &self,
+        backends: &BTreeSet<Backend>,
+        lookup: Lookup,
+    ) -> impl Future<Output = ()> + Send;
     /// The counters of the tracked backends. May block: the loop calls it
     /// off its own task.
     fn read_counters(&self) -> BTreeMap<Backend, UpstreamCounters>;
@@ -56,11 +62,14 @@ pub trait DataPlane: Send + Sync + 'static {
     fn flowtable_devices(
         &self,
         query: &DeviceQuery,
+        lookup: Lookup,
     ) -> impl Future<Output = Option<Devices>> + Send {
-        let _ = query;
+        let _ = (query, lookup);
         async { None }
     }
 }
+
+pub use crate::netlink::Lookup;
 
 /// The kernel: nft for the ruleset, the eBPF counters (when loaded).
 pub struct KernelPlane {
@@ -69,6 +78,9 @@ pub struct KernelPlane {
     /// The interfaces last checked for hardware offload, and whether all
     /// of them can: checked again only when they change.
     offload: Mutex<Option<(std::collections::BTreeSet<String>, bool)>>,
+    /// The routes toward the counted upstreams and toward the flowtable's.
+    counted_routes: tokio::sync::Mutex<Routes>,
+    flowtable_routes: tokio::sync::Mutex<Routes>,
 }
 
 struct Tracked {
@@ -85,6 +97,8 @@ impl KernelPlane {
                 backends: BTreeSet::new(),
             })),
             offload: Mutex::new(None),
+            counted_routes: tokio::sync::Mutex::default(),
+            flowtable_routes: tokio::sync::Mutex::default(),
         }
     }
 
@@ -106,12 +120,17 @@ impl DataPlane for KernelPlane {
         nft::list_table().await
     }
 
-    async fn track(&self, backends: &BTreeSet<Backend>) {
+    async fn track(&self, backends: &BTreeSet<Backend>, lookup: Lookup) {
         if self.tracked().is_none() {
             return;
         }
         let addresses: BTreeSet<IpAddr> = backends.iter().map(|(s, _)| s.ip()).collect();
-        let interfaces = ebpf::interfaces_toward(&addresses).await;
+        let interfaces = self
+            .counted_routes
+            .lock()
+            .await
+            .interfaces_toward(&addresses, lookup)
+            .await;
         let keys = backends
             .iter()
             .map(|(socket, protocol)| ebpf::key_of(*socket, protocol.number()))
@@ -171,7 +190,7 @@ impl DataPlane for KernelPlane {
         watch_with_nft_monitor(changed, cancel)
     }
 
-    async fn flowtable_devices(&self, query: &DeviceQuery) -> Option<Devices> {
+    async fn flowtable_devices(&self, query: &DeviceQuery, lookup: Lookup) -> Option<Devices> {
         let links = match crate::netlink::links().await {
             Ok(links) => links,
             Err(e) => {
@@ -180,7 +199,13 @@ impl DataPlane for KernelPlane {
             }
         };
         let mut names = accel::client_interfaces(&links, &query.client_side);
-        match ebpf::interfaces_toward(&query.upstreams).await {
+        let toward = self
+            .flowtable_routes
+            .lock()
+            .await
+            .interfaces_toward(&query.upstreams, lookup)
+            .await;
+        match toward {
             Ok(toward) => names.extend(toward.into_iter().map(|i| i.name)),
             Err(e) => {
                 error!(error = %e, "finding the interfaces toward the upstreams; the flowtable's stay as they are");

@@ -319,6 +319,11 @@ pub struct Core {
     flight: Flight,
     /// Something changed since the last plan.
     dirty: bool,
+    /// When the oldest health change not yet planned was decided, and the
+    /// same for the transaction in flight: how long a change waited for
+    /// the kernel, logged with each apply.
+    unplanned_report: Option<Instant>,
+    applying_report: Option<Instant>,
     retry_at: Option<Instant>,
     ready: bool,
     /// A reload adopted, to be reported once the kernel has it.
@@ -352,6 +357,8 @@ impl Core {
             resolving_until: None,
             flight: Flight::Idle,
             dirty: false,
+            unplanned_report: None,
+            applying_report: None,
             retry_at: None,
             ready: false,
             reloaded: None,
@@ -380,7 +387,11 @@ impl Core {
                 actions.push(Action::Notify(Notice::ReloadFailed(errors)));
             }
             Event::Health(report) => {
-                self.dirty |= self.on_health(report, &mut actions);
+                let decided_at = report.decided_at;
+                if self.on_health(report, &mut actions) {
+                    self.dirty = true;
+                    self.unplanned_report = earliest(self.unplanned_report, Some(decided_at));
+                }
             }
             Event::Address(update) => {
                 self.dirty |= self.on_address(update, &mut actions);
@@ -820,9 +831,11 @@ impl Core {
                 self.fingerprint.generation += 1;
                 self.fingerprint.text = None;
                 self.flight = Flight::Applying(desired);
+                self.applying_report = self.unplanned_report.take();
                 actions.push(Action::Apply(script));
             }
             None => {
+                self.unplanned_report = None;
                 if let Some(summary) = self.reloaded.take() {
                     actions.push(Action::Notify(Notice::ReloadApplied(summary)));
                 }
@@ -843,7 +856,16 @@ impl Core {
         match outcome {
             Ok(elapsed) => {
                 self.apply_duration.observe(elapsed);
-                info!(elapsed_ms = elapsed.as_millis() as u64, "ruleset applied");
+                let elapsed_ms = elapsed.as_millis() as u64;
+                match self.applying_report.take() {
+                    Some(decided_at) => info!(
+                        elapsed_ms,
+                        report_to_apply_ms =
+                            now.saturating_duration_since(decided_at).as_millis() as u64,
+                        "ruleset applied"
+                    ),
+                    None => info!(elapsed_ms, "ruleset applied"),
+                }
                 for (name, target) in &desired.targets {
                     let before = self
                         .applied
@@ -881,6 +903,8 @@ impl Core {
                     return;
                 }
                 actions.push(Action::Notify(Notice::ApplyFailed(error)));
+                self.unplanned_report =
+                    earliest(self.unplanned_report, self.applying_report.take());
                 self.retry_at = Some(now + APPLY_RETRY);
                 self.dirty = true;
             }
@@ -975,6 +999,13 @@ fn serves_ipv6(target: &config::Target) -> bool {
     match target.ip {
         Some(ip) => ip.family() == config::Family::Ipv6,
         None => ipv6_upstream,
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

@@ -14,7 +14,7 @@ use lobby::{
     daemon::{self, Options},
     model::Backend,
     nft::{NftError, Rotation},
-    plane::DataPlane,
+    plane::{DataPlane, Lookup},
 };
 use lobby_common::UpstreamCounters;
 use tokio::sync::{mpsc, oneshot};
@@ -69,7 +69,7 @@ impl DataPlane for FakePlane {
         Ok(self.listing.lock().unwrap().clone())
     }
 
-    async fn track(&self, backends: &BTreeSet<Backend>) {
+    async fn track(&self, backends: &BTreeSet<Backend>, _: Lookup) {
         self.tracked.lock().unwrap().clone_from(backends);
     }
 

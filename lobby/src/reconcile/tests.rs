@@ -74,6 +74,7 @@ fn report(name: &str, available: bool) -> Event {
         .to_owned(),
         run: 1,
         threshold: 1,
+        decided_at: tokio::time::Instant::now(),
     })
 }
 
