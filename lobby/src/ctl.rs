@@ -23,8 +23,14 @@ use tracing::{debug, info};
 
 use crate::listen::{Limits, Watched, accept_until};
 
-/// The default control socket.
-pub const DEFAULT_SOCKET: &str = "/run/lobby/lobby.sock";
+/// Where the control sockets live by default.
+const SOCKET_DIR: &str = "/run/lobby";
+
+/// The default control socket of the daemon of `table`:
+/// /run/lobby/TABLE.sock, so the default table's is /run/lobby/lobby.sock.
+pub fn default_socket(table: &str) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("{table}.sock"))
+}
 
 /// The `lobby stats --json` contract (SPEC.md): fields may be added, never
 /// change meaning.
