@@ -44,6 +44,14 @@
 //!   `hardware_offload: true` without `flowtable: true` is an error, since
 //!   the NIC is handed flows by the flowtable. Whether the kernel has
 //!   flowtables is the daemon's check at start, not the validator's.
+//! - `nftables`: the daemon's, not an entry's (one daemon owns one table):
+//!   entries that give `table` or `priority` must agree, one that leaves
+//!   a key out follows the others. A table name must be one nft takes in
+//!   every command Lobby sends and one safe in file names; a priority lies
+//!   between conntrack and the conntrack helpers.
+//! - `local` and `mirror` are policy keys (target or `defaults`); a
+//!   mirror's family must be one the target can serve, since netfilter
+//!   duplicates a packet in its own family.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
