@@ -778,6 +778,20 @@ pub fn human_bytes(bytes: f64) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn each_table_has_its_socket_and_pin_directory() {
+        assert_eq!(default_socket("lobby"), Path::new("/run/lobby/lobby.sock"));
+        assert_eq!(default_socket("lb2"), Path::new("/run/lobby/lb2.sock"));
+        assert_eq!(
+            crate::ebpf::default_pin_dir("lobby"),
+            Path::new("/sys/fs/bpf/lobby")
+        );
+        assert_eq!(
+            crate::ebpf::default_pin_dir("lb2"),
+            Path::new("/sys/fs/bpf/lobby-lb2")
+        );
+    }
+
     fn upstream(name: &str, connections: u64, bytes_out: u64) -> UpstreamStats {
         UpstreamStats {
             name: name.into(),

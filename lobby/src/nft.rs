@@ -985,6 +985,19 @@ table inet lobby {
     }
 
     #[test]
+    fn monitor_lines_of_the_own_table_in_every_owned_family() {
+        assert!(names_own_table(
+            "add rule inet lb2 target-web ip daddr",
+            "lb2"
+        ));
+        assert!(names_own_table("delete table ip lb2", "lb2"));
+        assert!(names_own_table("add chain ip6 lb2 mirror-in", "lb2"));
+        assert!(!names_own_table("add rule inet lobby prerouting", "lb2"));
+        assert!(!names_own_table("add table bridge lb2", "lb2"));
+        assert!(!names_own_table("add table inet lb20", "lb2"));
+    }
+
+    #[test]
     fn chain_names_keep_distinct_targets_distinct() {
         assert_eq!(chain_name("web-1"), "target-web-1");
         assert_eq!(chain_name("web_1"), "target-web_5f1");
