@@ -45,6 +45,19 @@ const TCX_PIN_PREFIX: &str = "tcx_";
 /// Where systemd mounts bpffs; Lobby mounts it there when nobody did.
 const BPF_FS_ROOT: &str = "/sys/fs/bpf";
 
+/// The default pin directory of the daemon of `table`: /sys/fs/bpf/lobby
+/// for the default table, /sys/fs/bpf/lobby-TABLE for another. Pins are
+/// global, not per network namespace: two daemons of different tables
+/// never share one.
+pub fn default_pin_dir(table: &str) -> PathBuf {
+    let name = if table == crate::config::Nftables::DEFAULT_TABLE {
+        table.to_owned()
+    } else {
+        format!("lobby-{table}")
+    };
+    Path::new(BPF_FS_ROOT).join(name)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CountersError {
     #[error(

@@ -73,6 +73,8 @@ pub use crate::netlink::Lookup;
 
 /// The kernel: nft for the ruleset, the eBPF counters (when loaded).
 pub struct KernelPlane {
+    /// The name of Lobby's table (`nftables.table`).
+    table: String,
     /// `None` when counting is off, and after [`DataPlane::remove`].
     counters: Mutex<Option<Tracked>>,
     /// The interfaces last checked for hardware offload, and whether all
@@ -89,9 +91,11 @@ struct Tracked {
 }
 
 impl KernelPlane {
-    /// `counters`: the loaded eBPF counters, `None` when counting is off.
-    pub fn new(counters: Option<Counters>) -> Self {
+    /// `counters`: the loaded eBPF counters, `None` when counting is off;
+    /// `table`: the name of Lobby's table.
+    pub fn new(counters: Option<Counters>, table: String) -> Self {
         Self {
+            table,
             counters: Mutex::new(counters.map(|counters| Tracked {
                 counters,
                 backends: BTreeSet::new(),
@@ -109,7 +113,7 @@ impl KernelPlane {
 
 impl DataPlane for KernelPlane {
     async fn existing_rotation(&self) -> Result<Option<Rotation>, NftError> {
-        nft::existing_rotation().await
+        nft::existing_rotation(&self.table).await
     }
 
     async fn apply(&self, script: String) -> Result<(), NftError> {
@@ -117,7 +121,7 @@ impl DataPlane for KernelPlane {
     }
 
     async fn list_table(&self) -> Result<Option<String>, NftError> {
-        nft::list_table().await
+        nft::list_table(&self.table).await
     }
 
     async fn track(&self, backends: &BTreeSet<Backend>, lookup: Lookup) {
@@ -176,7 +180,7 @@ impl DataPlane for KernelPlane {
     }
 
     async fn read_denied(&self) -> BTreeMap<String, u64> {
-        nft::named_counters().await.unwrap_or_else(|e| {
+        nft::named_counters(&self.table).await.unwrap_or_else(|e| {
             error!(error = %e, "reading the policies' counters");
             BTreeMap::new()
         })
@@ -187,7 +191,7 @@ impl DataPlane for KernelPlane {
         changed: mpsc::Sender<()>,
         cancel: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static {
-        watch_with_nft_monitor(changed, cancel)
+        watch_with_nft_monitor(self.table.clone(), changed, cancel)
     }
 
     async fn flowtable_devices(&self, query: &DeviceQuery, lookup: Lookup) -> Option<Devices> {
@@ -217,8 +221,8 @@ impl DataPlane for KernelPlane {
     }
 
     async fn remove(&self) {
-        match nft::apply(&nft::teardown()).await {
-            Ok(()) => info!(table = nft::TABLE, "ruleset removed"),
+        match nft::apply(&nft::teardown(&self.table)).await {
+            Ok(()) => info!(table = %self.table, "ruleset removed"),
             Err(e) => error!(error = %e, "removing the ruleset"),
         }
         if let Some(tracked) = self.tracked().take() {
@@ -260,8 +264,12 @@ impl KernelPlane {
     }
 }
 
-async fn watch_with_nft_monitor(changed: mpsc::Sender<()>, cancel: CancellationToken) {
-    if let Some(()) = cancel.run_until_cancelled(monitor(&changed)).await {
+async fn watch_with_nft_monitor(
+    table: String,
+    changed: mpsc::Sender<()>,
+    cancel: CancellationToken,
+) {
+    if let Some(()) = cancel.run_until_cancelled(monitor(&table, &changed)).await {
         warn!(
             "nft monitor ended: outside changes of the table are found by the periodic check only"
         );
@@ -269,8 +277,8 @@ async fn watch_with_nft_monitor(changed: mpsc::Sender<()>, cancel: CancellationT
 }
 
 /// Follows `nft monitor`, the kernel's notifications of ruleset changes,
-/// and signals each one that names Lobby's table. Returns when nft ends.
-async fn monitor(changed: &mpsc::Sender<()>) {
+/// and signals each one that names Lobby's `table`. Returns when nft ends.
+async fn monitor(table: &str, changed: &mpsc::Sender<()>) {
     let child = Command::new("nft")
         .args(["monitor", "ruleset"])
         .stdin(std::process::Stdio::null())
@@ -288,7 +296,7 @@ async fn monitor(changed: &mpsc::Sender<()>) {
     let stdout = child.stdout.take().expect("stdout is piped");
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        if nft::names_own_table(&line) {
+        if nft::names_own_table(&line, table) {
             // A full channel already carries the news.
             let _ = changed.try_send(());
         }

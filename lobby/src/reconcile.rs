@@ -127,7 +127,10 @@ pub enum Notice {
     ReloadFailed(String),
     ApplyFailed(String),
     /// Lobby's table was changed from outside; it is being restored.
-    Drift(String),
+    Drift {
+        table: String,
+        what: String,
+    },
     /// These targets have IPv6 to balance, which the host does not forward.
     Ipv6ForwardingOff(Vec<String>),
 }
@@ -140,7 +143,7 @@ impl Notice {
             Notice::TargetEmpty { .. }
             | Notice::ReloadFailed(_)
             | Notice::ApplyFailed(_)
-            | Notice::Drift(_)
+            | Notice::Drift { .. }
             | Notice::Ipv6ForwardingOff(_) => true,
             Notice::TargetServing { .. } | Notice::ReloadApplied(_) => false,
         }
@@ -180,11 +183,10 @@ impl fmt::Display for Notice {
                 if targets.len() == 1 { "" } else { "s" },
                 targets.join(", ")
             ),
-            Notice::Drift(what) => write!(
+            Notice::Drift { table, what } => write!(
                 f,
-                "table {} {} was changed outside Lobby ({what}); restoring it",
-                nft::FAMILY,
-                nft::TABLE
+                "table {} {table} was changed outside Lobby ({what}); restoring it",
+                nft::FAMILY
             ),
         }
     }
@@ -378,8 +380,13 @@ impl Core {
         let mut actions = Vec::new();
         match event {
             Event::ConfigLoaded(config) => {
-                self.adopt(config, now, &mut actions);
-                self.dirty = true;
+                match self.config.as_ref().and_then(|c| renamed(c, &config)) {
+                    Some(refusal) => return self.on(Event::ConfigRejected(refusal), now),
+                    None => {
+                        self.adopt(config, now, &mut actions);
+                        self.dirty = true;
+                    }
+                }
             }
             Event::ConfigRejected(errors) => {
                 self.reloads.failed += 1;
@@ -962,7 +969,12 @@ impl Core {
     /// Forgets what the kernel holds, so that the next plan applies the
     /// whole table again.
     fn repair(&mut self, what: String, exists: bool, actions: &mut Vec<Action>) {
-        actions.push(Action::Notify(Notice::Drift(what)));
+        let table = self
+            .config
+            .as_ref()
+            .map(|c| c.nftables.table.clone())
+            .unwrap_or_default();
+        actions.push(Action::Notify(Notice::Drift { table, what }));
         self.applied = None;
         self.table_may_exist = exists;
         self.fingerprint.text = None;
@@ -986,6 +998,21 @@ impl Core {
             actions.push(Action::WatchDevices(query));
         }
     }
+}
+
+/// Why a reload from `running` to `new` cannot be applied, when it moves
+/// to another table: the table is what a daemon is (its lock, control
+/// socket and pin directory follow the name), so that takes a restart. A
+/// new priority is applied like any other change.
+fn renamed(running: &Config, new: &Config) -> Option<String> {
+    let (from, to) = (&running.nftables.table, &new.nftables.table);
+    (from != to).then(|| {
+        format!(
+            "nftables.table: this daemon runs table `{from}` and cannot move to `{to}` \
+             (its lock, control socket and pin directory follow the table's name); \
+             restart lobby to use table `{to}`"
+        )
+    })
 }
 
 /// Whether a target has IPv6 to balance: an IPv6 `ip`, or IPv6 upstreams
