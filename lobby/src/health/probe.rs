@@ -89,9 +89,10 @@ fn probe_socket(
 ) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(target), kind.nonblocking(), protocol)?;
     if let Err(error) = socket.set_mark(PROBE_MARK) {
-        // SO_MARK needs CAP_NET_ADMIN (or CAP_NET_RAW), which the daemon has
-        // for nft: only another user of this module sees this. Unmarked,
-        // the probe still works, tracked like any other connection.
+        // SO_MARK needs CAP_NET_ADMIN (or CAP_NET_RAW). The daemon has it,
+        // nft needs it too: only probes run without it (unit tests as an
+        // ordinary user) get here. Unmarked, a probe still works, tracked
+        // like any other connection.
         if error.kind() != io::ErrorKind::PermissionDenied {
             return Err(error);
         }
