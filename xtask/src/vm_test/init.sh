@@ -4,6 +4,8 @@
 # real lobby binary and checks, with real TCP connections:
 #   - round robin across 3 upstreams,
 #   - exact connection counters (lobby stats --json) after each step,
+#   - health probes leave no conntrack entry (their socket mark and the
+#     table's notrack chains),
 #   - an upstream whose server is killed is removed by the health check
 #     (check_interval 1 s) and gets no new connection,
 #   - with no upstream left, the target answers with a reset (the
@@ -249,6 +251,14 @@ made=0
 echo "== 1. round robin over web1 web2 web3"
 check_rotation 9 web1 web2 web3
 check_connections web1=3 web2=3 web3=3
+
+echo "== 1b. health probes are not tracked"
+# A probe a second: a tracked TCP probe would stay 10 s in CLOSE. Client
+# connections go to the target's address, not the upstreams'.
+for i in 1 2 3; do
+    tracked=$(conntrack -L -d "198.18.$i.11" 2>/dev/null)
+    [ -z "$tracked" ] || fail "probes of web$i are tracked: $tracked"
+done
 
 echo "== 2. the server of web2 is killed"
 kill_server 2
