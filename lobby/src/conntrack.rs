@@ -1,9 +1,10 @@
 //! The connection-tracking table as the daemon's network namespace sees
 //! it: how full it is, and a warning before it fills up. A full table
-//! drops every new connection, clients' and probes' alike, so that healthy
-//! upstreams look dead: the warning names the cause first. And, for
-//! `least-connections`, how many established connections the kernel
-//! translated to each upstream: a dump of the table over ctnetlink.
+//! drops every new client connection; health probes need no entry (their
+//! sockets' mark exempts them, see `nft`), so upstreams keep their state
+//! and the warning names the cause. And, for `least-connections`, how many
+//! established connections the kernel translated to each upstream: a dump
+//! of the table over ctnetlink.
 use std::{collections::BTreeMap, fmt, io, net::IpAddr, path::Path, time::Duration};
 
 use crate::{config::Protocol, model::Backend};
@@ -63,7 +64,7 @@ impl fmt::Display for Verdict {
         match self {
             Verdict::NearFull(u) => write!(
                 f,
-                "conntrack table nearly full ({} of {} entries): new connections and health probes will be dropped when it is full; raise net.netfilter.nf_conntrack_max",
+                "conntrack table nearly full ({} of {} entries): new client connections will be dropped when it is full (health probes are exempt); raise net.netfilter.nf_conntrack_max",
                 u.entries, u.max
             ),
             Verdict::Recovered(u) => write!(

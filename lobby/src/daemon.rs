@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::{
     accel::DeviceQuery,
-    config::{self, Config},
+    config::{self, Config, Family},
     conntrack,
     ctl::{self, AdminState, Control, CtlError, Request, StatsReport, TargetStats, UpstreamStats},
     dns::{self, AddressUpdate, DnsStats, ResolverKey},
@@ -35,8 +35,8 @@ use crate::{
     model::{Backend, UpstreamId},
     nft::NftError,
     ownership::{self, OwnershipError, TableLock},
-    plane::{DataPlane, KernelPlane},
-    reconcile::{Action, CHOICE_PERIOD, Core, Event, Measures, Notice},
+    plane::{DataPlane, KernelPlane, Lookup},
+    reconcile::{Action, AddressKey, CHOICE_PERIOD, Core, Event, HeldAddress, Measures, Notice},
     systemd, traffic,
     watch::{self as config_watch, DEBOUNCE},
 };
@@ -56,13 +56,31 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct Options {
     pub config_path: PathBuf,
-    pub pin_dir: PathBuf,
-    pub socket_path: PathBuf,
+    /// `None`: the default of the configured table.
+    pub pin_dir: Option<PathBuf>,
+    /// `None`: the default of the configured table.
+    pub socket_path: Option<PathBuf>,
     /// How often each upstream's traffic since the last line is logged;
     /// `None`: never.
     pub traffic_log_interval: Option<Duration>,
     /// Load the eBPF counters; without them stats show zeros.
     pub counters: bool,
+}
+
+impl Options {
+    /// The control socket: the one given, else the `table`'s default.
+    pub fn socket_path(&self, table: &str) -> PathBuf {
+        self.socket_path
+            .clone()
+            .unwrap_or_else(|| ctl::default_socket(table))
+    }
+
+    /// The pin directory: the one given, else the `table`'s default.
+    pub fn pin_dir(&self, table: &str) -> PathBuf {
+        self.pin_dir
+            .clone()
+            .unwrap_or_else(|| crate::ebpf::default_pin_dir(table))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,19 +134,20 @@ pub async fn run(
             })?;
     }
     // Before anything is touched: a live daemon's table is never taken.
-    let lock = TableLock::claim(&ownership::default_lock_dir())?;
+    let table = config.nftables.table.clone();
+    let lock = TableLock::claim(&ownership::default_lock_dir(), &table)?;
     enable_forwarding().map_err(DaemonError::Forwarding)?;
     match health::raise_fd_limit() {
         Ok(limit) => info!(limit, "open file limit"),
         Err(e) => warn!(error = %e, "probes of many upstreams may run out of file descriptors"),
     }
     let counters = if options.counters {
-        Some(Counters::load(&options.pin_dir)?)
+        Some(Counters::load(&options.pin_dir(&table))?)
     } else {
         info!("counters are off (--no-counters)");
         None
     };
-    let plane = Arc::new(KernelPlane::new(counters));
+    let plane = Arc::new(KernelPlane::new(counters, table));
     let result = serve(options, config, config_text, plane.clone(), shutdown, ready).await;
     if result.is_err() {
         // A failed start leaves nothing behind: no pinned map, no table.
@@ -159,14 +178,15 @@ pub async fn serve<P: DataPlane>(
     };
     if inherited.is_some() {
         info!(
-            table = crate::nft::TABLE,
+            table = %config.nftables.table,
             "taking over the ruleset of a previous run"
         );
     }
-    let listener = ctl::bind(&options.socket_path).await?;
+    let socket_path = options.socket_path(&config.nftables.table);
+    let listener = ctl::bind(&socket_path).await?;
     // Bound by this daemon: a start that fails from here on leaves no
     // socket file behind (a running server removes it itself at its end).
-    let _socket_file = RemoveOnDrop(options.socket_path.clone());
+    let _socket_file = RemoveOnDrop(socket_path.clone());
     let metrics_listener = match &config.metrics {
         Some(m) => Some((m.listen, metrics::bind(m.listen)?)),
         None => None,
@@ -192,7 +212,7 @@ pub async fn serve<P: DataPlane>(
     let mut actions = core.on(Event::ConfigLoaded(config), now);
     // The first ruleset has the flowtable already.
     if let Some(query) = core.device_query()
-        && let Some(devices) = wiring.plane.flowtable_devices(&query).await
+        && let Some(devices) = wiring.plane.flowtable_devices(&query, Lookup::All).await
     {
         actions.extend(core.on(Event::Devices(devices), now));
     }
@@ -214,7 +234,7 @@ pub async fn serve<P: DataPlane>(
                 Action::Ready => {
                     let (listener, metrics_listener) =
                         listeners.take().expect("the core is ready once");
-                    wiring.start_services(&options, listener, metrics_listener);
+                    wiring.start_services(&options, &socket_path, listener, metrics_listener);
                     // A reload before the first apply may have moved it.
                     wiring.follow_metrics(&core);
                     info!(
@@ -399,7 +419,8 @@ struct Wiring<P> {
     /// The text of the running configuration: a change notice with the
     /// same text is not a reload.
     config_text: String,
-    checkers: BTreeMap<UpstreamId, Checker>,
+    /// One per checked address of an upstream.
+    checkers: BTreeMap<(UpstreamId, AddressKey), Checker>,
     resolvers: BTreeMap<ResolverKey, Resolver>,
     /// Queries of resolvers a reload retired, so that totals never go back.
     retired_dns: BTreeMap<String, u64>,
@@ -490,13 +511,14 @@ impl<P: DataPlane> Wiring<P> {
     fn start_services(
         &mut self,
         options: &Options,
+        socket_path: &Path,
         listener: tokio::net::UnixListener,
         metrics_listener: Option<(SocketAddr, tokio::net::TcpListener)>,
     ) {
         self.started = true;
         self.tracker.spawn(ctl::serve_with_control(
             listener,
-            options.socket_path.clone(),
+            socket_path.to_owned(),
             self.requests.clone(),
             self.control.clone(),
             self.cancel.child_token(),
@@ -586,7 +608,7 @@ impl<P: DataPlane> Wiring<P> {
                 let events = self.events.clone();
                 self.tracker.spawn(async move {
                     if let Some(track) = track {
-                        plane.track(&track).await;
+                        plane.track(&track, Lookup::NewAddresses).await;
                     }
                     let started = Instant::now();
                     let outcome = plane.apply(script).await;
@@ -611,18 +633,19 @@ impl<P: DataPlane> Wiring<P> {
             }
             Action::StartChecker {
                 id,
+                key,
                 check,
                 available,
                 address,
             } => {
-                let stats = match self.checkers.remove(&id) {
+                let stats = match self.checkers.remove(&(id.clone(), key)) {
                     Some(previous) => {
                         previous.cancel.cancel();
                         previous.stats
                     }
                     None => Arc::default(),
                 };
-                let (address_tx, address_rx) = watch::channel(address);
+                let (address_tx, address_rx) = watch::channel(Some(address));
                 let cancel = self.cancel.child_token();
                 health::spawn_checker(
                     id.clone(),
@@ -635,7 +658,7 @@ impl<P: DataPlane> Wiring<P> {
                     &self.tracker,
                 );
                 self.checkers.insert(
-                    id,
+                    (id, key),
                     Checker {
                         cancel,
                         address: address_tx,
@@ -643,13 +666,13 @@ impl<P: DataPlane> Wiring<P> {
                     },
                 );
             }
-            Action::StopChecker(id) => {
-                if let Some(checker) = self.checkers.remove(&id) {
+            Action::StopChecker { id, key } => {
+                if let Some(checker) = self.checkers.remove(&(id, key)) {
                     checker.cancel.cancel();
                 }
             }
-            Action::SetProbeAddress { id, address } => {
-                if let Some(checker) = self.checkers.get(&id) {
+            Action::SetProbeAddress { id, key, address } => {
+                if let Some(checker) = self.checkers.get(&(id, key)) {
                     checker.address.send_replace(Some(address));
                 }
             }
@@ -696,7 +719,7 @@ impl<P: DataPlane> Wiring<P> {
                         let _ = reply.send(outcome.clone());
                     }
                 }
-                if let Some(event) = event_of(&notice, core) {
+                if let Some(event) = event_of(&notice) {
                     self.receivers.emit(event);
                 }
             }
@@ -804,12 +827,12 @@ impl<P: DataPlane> Wiring<P> {
         }
     }
 
-    /// Each checked upstream's smoothed probe round trip, once a probe
-    /// succeeded.
-    fn latency(&self) -> BTreeMap<UpstreamId, Duration> {
+    /// The smoothed probe round trip of each checked address of an
+    /// upstream (each has its checker), once a probe succeeded.
+    fn latency(&self) -> BTreeMap<(UpstreamId, AddressKey), Duration> {
         self.checkers
             .iter()
-            .filter_map(|(id, checker)| Some((id.clone(), checker.stats.smoothed_rtt()?)))
+            .filter_map(|(key, checker)| Some((key.clone(), checker.stats.smoothed_rtt()?)))
             .collect()
     }
 
@@ -851,30 +874,37 @@ impl<P: DataPlane> Wiring<P> {
         actions
     }
 
-    fn extras(&self, core: &Core) -> BTreeMap<(String, String), UpstreamExtras> {
+    /// By (target, upstream, address) as the stats entries name them.
+    fn extras(&self, core: &Core) -> BTreeMap<metrics::EntryId, UpstreamExtras> {
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        upstream_ids(core)
-            .map(|id| {
-                let checker = self.checkers.get(&id);
+        let targets = core
+            .config()
+            .map(|c| c.targets.as_slice())
+            .unwrap_or_default();
+        targets
+            .iter()
+            .flat_map(|target| entries(core, target))
+            .map(|entry| {
+                let checker = entry
+                    .held
+                    .and_then(|(key, _)| self.checkers.get(&(entry.id.clone(), key)));
                 let extras = UpstreamExtras {
                     health_successes: checker.map_or(0, |c| load(&c.stats.successes)),
                     health_failures: checker.map_or(0, |c| load(&c.stats.failures)),
-                    state_changes: core.upstream(&id).map_or(0, |(_, changes)| changes),
+                    state_changes: entry.held.map_or(0, |(_, a)| a.state_changes),
                 };
-                ((id.target, id.upstream), extras)
+                let address = entry.address().map(|a| a.to_string());
+                ((entry.id.target, entry.id.upstream, address), extras)
             })
             .collect()
     }
 }
 
 /// What an event receiver hears of a notice, if anything.
-fn event_of(notice: &Notice, core: &Core) -> Option<LobbyEvent> {
+fn event_of(notice: &Notice) -> Option<LobbyEvent> {
     let (kind, target, upstream, address) = match notice {
         Notice::UpstreamChanged { report, .. } => {
-            let address = core
-                .upstream(&report.id)
-                .and_then(|(state, _)| state.address)
-                .map(|a| a.to_string());
+            let address = report.address.map(|a| a.to_string());
             let kind = if report.available {
                 EventKind::UpstreamUp
             } else {
@@ -896,7 +926,9 @@ fn event_of(notice: &Notice, core: &Core) -> Option<LobbyEvent> {
         }
         Notice::ReloadApplied(_) => (EventKind::ReloadApplied, None, None, None),
         Notice::ReloadFailed(_) => (EventKind::ReloadFailed, None, None, None),
-        Notice::ApplyFailed(_) | Notice::Drift(_) | Notice::Ipv6ForwardingOff(_) => return None,
+        Notice::ApplyFailed(_) | Notice::Drift { .. } | Notice::Ipv6ForwardingOff(_) => {
+            return None;
+        }
     };
     Some(LobbyEvent {
         kind,
@@ -908,6 +940,51 @@ fn event_of(notice: &Notice, core: &Core) -> Option<LobbyEvent> {
     })
 }
 
+/// One line of the stats of an upstream: one of its addresses, or none
+/// while its name never resolved.
+struct Entry<'a> {
+    upstream: &'a config::Upstream,
+    id: UpstreamId,
+    held: Option<(AddressKey, HeldAddress)>,
+    admin_state: AdminState,
+    weight: u32,
+}
+
+impl Entry<'_> {
+    fn address(&self) -> Option<IpAddr> {
+        self.held.map(|(_, a)| a.address)
+    }
+
+    fn available(&self) -> bool {
+        self.held.is_some_and(|(_, a)| a.available)
+    }
+}
+
+/// The entries of `target`'s upstreams, in configuration order, each
+/// upstream's addresses IPv4 first.
+fn entries<'a>(core: &Core, target: &'a config::Target) -> Vec<Entry<'a>> {
+    let mut entries = Vec::new();
+    for upstream in &target.group.upstreams {
+        let id = UpstreamId::new(&target.name, &upstream.name);
+        let (admin_state, weight) = admin_and_weight(core, &id, upstream.weight);
+        let held: Vec<Option<(AddressKey, HeldAddress)>> = core
+            .upstream(&id)
+            .into_iter()
+            .flatten()
+            .map(|(key, a)| Some((*key, *a)))
+            .collect();
+        let held = if held.is_empty() { vec![None] } else { held };
+        entries.extend(held.into_iter().map(|held| Entry {
+            upstream,
+            id: id.clone(),
+            held,
+            admin_state,
+            weight,
+        }));
+    }
+    entries
+}
+
 /// Every upstream's health, admin state and weight, for `lobby ctl state`.
 fn state_report(core: &Core) -> ctl::StateReport {
     let targets = core
@@ -917,23 +994,16 @@ fn state_report(core: &Core) -> ctl::StateReport {
         .iter()
         .map(|target| ctl::TargetState {
             name: target.name.clone(),
-            upstreams: target
-                .group
-                .upstreams
-                .iter()
-                .map(|upstream| {
-                    let id = UpstreamId::new(&target.name, &upstream.name);
-                    let state = core.upstream(&id).map(|(state, _)| state);
-                    let (admin_state, weight) = admin_and_weight(core, &id, upstream.weight);
-                    ctl::UpstreamState {
-                        name: upstream.name.clone(),
-                        address: state
-                            .and_then(|s| s.address)
-                            .map(|a| std::net::SocketAddr::new(a, upstream.port).to_string()),
-                        available: state.is_some_and(|s| s.available),
-                        admin_state,
-                        weight,
-                    }
+            upstreams: entries(core, target)
+                .into_iter()
+                .map(|entry| ctl::UpstreamState {
+                    name: entry.upstream.name.clone(),
+                    address: entry
+                        .address()
+                        .map(|a| SocketAddr::new(a, entry.upstream.port).to_string()),
+                    available: entry.available(),
+                    admin_state: entry.admin_state,
+                    weight: entry.weight,
                 })
                 .collect(),
         })
@@ -953,17 +1023,6 @@ fn admin_and_weight(core: &Core, id: &UpstreamId, configured: u32) -> (AdminStat
     (admin, weight)
 }
 
-fn upstream_ids(core: &Core) -> impl Iterator<Item = UpstreamId> + '_ {
-    core.config().into_iter().flat_map(|config| {
-        config.targets.iter().flat_map(|t| {
-            t.group
-                .upstreams
-                .iter()
-                .map(|u| UpstreamId::new(&t.name, &u.name))
-        })
-    })
-}
-
 /// Keeps the counters on the interfaces toward the upstreams, and the
 /// flowtable's interfaces current (reported to the core, whose desired
 /// state they are part of): on every change of what is counted or looked
@@ -978,17 +1037,19 @@ async fn keep_counting<P: DataPlane>(
     let mut recheck = tokio::time::interval_at(Instant::now() + COUNTERS_RECHECK, COUNTERS_RECHECK);
     recheck.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        // A change looks up only the new addresses (the apply before it
+        // may have done that already); the recheck looks up every route.
+        let lookup = tokio::select! {
             () = cancel.cancelled() => return,
-            changed = counted.changed() => if changed.is_err() { return },
-            changed = device_query.changed() => if changed.is_err() { return },
-            _ = recheck.tick() => {}
-        }
+            changed = counted.changed() => if changed.is_err() { return } else { Lookup::NewAddresses },
+            changed = device_query.changed() => if changed.is_err() { return } else { Lookup::NewAddresses },
+            _ = recheck.tick() => Lookup::All,
+        };
         let backends = counted.borrow_and_update().clone();
-        plane.track(&backends).await;
+        plane.track(&backends, lookup).await;
         let query = device_query.borrow_and_update().clone();
         if let Some(query) = query
-            && let Some(devices) = plane.flowtable_devices(&query).await
+            && let Some(devices) = plane.flowtable_devices(&query, lookup).await
         {
             // The core ignores an unchanged list.
             let _ = events.send(Event::Devices(devices)).await;
@@ -997,11 +1058,11 @@ async fn keep_counting<P: DataPlane>(
 }
 
 /// The stats report with every counter at zero, and the backend each
-/// upstream is counted under, in the report's order; `latency` is each
-/// health-checked upstream's smoothed probe round trip.
+/// entry is counted under, in the report's order; `latency` is each
+/// health-checked address's smoothed probe round trip.
 fn stats_without_counters(
     core: &Core,
-    latency: &BTreeMap<UpstreamId, Duration>,
+    latency: &BTreeMap<(UpstreamId, AddressKey), Duration>,
 ) -> (StatsReport, Vec<Option<Backend>>) {
     let mut backends = Vec::new();
     let targets = core
@@ -1016,39 +1077,38 @@ fn stats_without_counters(
             upstream_group: target.group.name.clone(),
             distribution: target.group.distribution.as_str().to_owned(),
             denied: ctl::DeniedStats::default(),
-            upstreams: target
-                .group
-                .upstreams
-                .iter()
-                .map(|upstream| {
-                    let id = UpstreamId::new(&target.name, &upstream.name);
-                    let state = core.upstream(&id).map(|(state, _)| state);
-                    let address = state.and_then(|s| s.address);
-                    let (admin_state, weight) = admin_and_weight(core, &id, upstream.weight);
-
-                    let backend = address
-                        .map(|a| (std::net::SocketAddr::new(a, upstream.port), target.protocol));
+            upstreams: entries(core, target)
+                .into_iter()
+                .map(|entry| {
+                    let upstream = entry.upstream;
+                    let address = entry.address();
+                    let backend =
+                        address.map(|a| (SocketAddr::new(a, upstream.port), target.protocol));
+                    backends.push(backend);
                     let least_connections =
                         target.group.distribution == config::Distribution::LeastConnections;
-                    backends.push(backend);
+                    let latency = entry
+                        .held
+                        .and_then(|(key, _)| latency.get(&(entry.id.clone(), key)));
                     UpstreamStats {
                         established_connections: backend
                             .filter(|_| least_connections)
                             .and_then(|b| core.established(&b)),
-                        probe_latency_seconds: latency.get(&id).copied().map(ctl::Latency),
+                        probe_latency_seconds: latency.copied().map(ctl::Latency),
                         name: upstream.name.clone(),
                         host: upstream.host.to_string(),
                         address: address.map(|a| a.to_string()),
+                        family: address.map(|a| Family::of(a).as_str().to_owned()),
                         port: upstream.port,
-                        available: state.is_some_and(|s| s.available && s.address.is_some()),
+                        available: entry.available(),
                         connections: 0,
                         resets: 0,
                         packets_out: 0,
                         bytes_out: 0,
                         packets_in: 0,
                         bytes_in: 0,
-                        admin_state,
-                        weight,
+                        admin_state: entry.admin_state,
+                        weight: entry.weight,
                     }
                 })
                 .collect(),

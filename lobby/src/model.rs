@@ -11,7 +11,8 @@ use std::{
 use tokio::time::Instant;
 
 use crate::config::{
-    Config, Distribution, Family, HealthCheck, Host, IpNet, Policy, Protocol, SourceNat, Upstream,
+    Config, Distribution, Family, HealthCheck, IpNet, Nftables, Policy, Protocol, SourceNat,
+    Upstream,
 };
 
 /// Names one upstream of one target, as operators read it in logs:
@@ -38,28 +39,27 @@ impl fmt::Display for UpstreamId {
 }
 
 /// What the control plane currently knows about one upstream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamState {
-    /// `None` while an FQDN has never resolved.
-    pub address: Option<IpAddr>,
-    pub available: bool,
+    /// Its addresses, each with its own health: an IP host's one; a host
+    /// name's current one of each family, or every one of its answer with
+    /// `dns.all_addresses`; none while the name has never resolved.
+    pub addresses: Vec<AddressState>,
     /// Drained by the operator: weight 0 whatever the configuration says.
     pub drained: bool,
 }
 
-impl UpstreamState {
-    /// How an upstream starts: at its static address (a host name waits for
-    /// DNS), available unless its health check says to start unavailable.
-    pub fn at_start(host: &Host, health_check: Option<&HealthCheck>) -> Self {
-        Self {
-            address: match host {
-                Host::Ip(ip) => Some(*ip),
-                Host::Fqdn(_) => None,
-            },
-            available: health_check.is_none_or(|h| h.start_available),
-            drained: false,
-        }
-    }
+/// One address of an upstream, and whether it takes new connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddressState {
+    pub address: IpAddr,
+    pub available: bool,
+}
+
+/// Whether an address of an upstream starts available: unless its health
+/// check says to start unavailable.
+pub fn starts_available(health_check: Option<&HealthCheck>) -> bool {
+    health_check.is_none_or(|h| h.start_available)
 }
 
 /// The ruleset's content, independent of how nftables spells it. Sorted
@@ -74,6 +74,8 @@ pub struct Desired {
     /// The flowtable fast path, when acceleration is on and its interfaces
     /// are known.
     pub flowtable: Option<crate::accel::Flowtable>,
+    /// The table's name and its nat chains' priority.
+    pub nftables: Nftables,
 }
 
 /// An upstream as the masquerade rule matches it.
@@ -295,8 +297,9 @@ fn rendezvous_score(slot: usize, candidate: &Candidate<'_>) -> f64 {
 }
 
 impl Desired {
-    /// Every upstream of `config` whose state says it is available and has
-    /// an address; upstreams missing from `states` are left out. A target
+    /// Every available address of the upstreams of `config`, each a
+    /// backend with its upstream's weight; upstreams missing from `states`
+    /// are left out. A target
     /// serves the family of its `ip`, or both without one; IPv6 only when
     /// `ipv6` (forwarding) allows it.
     pub fn from_config(
@@ -314,12 +317,18 @@ impl Desired {
                     .iter()
                     .filter_map(|upstream| {
                         let state = states.get(&UpstreamId::new(&target.name, &upstream.name))?;
-                        let address = state.address.filter(|_| state.available)?;
-                        Some(Candidate {
-                            config: upstream,
-                            address: SocketAddr::new(address, upstream.port),
-                            weight: if state.drained { 0 } else { upstream.weight },
-                        })
+                        Some((upstream, state))
+                    })
+                    .flat_map(|(upstream, state)| {
+                        state
+                            .addresses
+                            .iter()
+                            .filter(|a| a.available)
+                            .map(move |a| Candidate {
+                                config: upstream,
+                                address: SocketAddr::new(a.address, upstream.port),
+                                weight: if state.drained { 0 } else { upstream.weight },
+                            })
                     })
                     .collect();
                 let distribution = target.group.distribution;
@@ -357,6 +366,7 @@ impl Desired {
             .collect();
         Self {
             targets,
+            nftables: config.nftables.clone(),
             ..Self::default()
         }
     }
@@ -365,6 +375,7 @@ impl Desired {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Host;
 
     fn backend(host: u8) -> Backend {
         (SocketAddr::from(([198, 18, 1, host], 9000)), Protocol::Tcp)

@@ -26,12 +26,12 @@ use tracing::{debug, info};
 
 use crate::{
     accel::{self, DeviceQuery, Devices},
-    config::{self, Config, DnsConfig, HealthCheck, Host, Protocol},
+    config::{self, Config, DnsConfig, Family, HealthCheck, Host, Protocol},
     ctl::AdminState,
-    dns::{AddressUpdate, ResolverKey},
+    dns::{self, AddressUpdate, ResolverKey},
     health::HealthReport,
     metrics::Histogram,
-    model::{self, Backend, Desired, DesiredTarget, UpstreamId, UpstreamState},
+    model::{self, AddressState, Backend, Desired, DesiredTarget, UpstreamId, UpstreamState},
     nft::{self, Applied, Rotation},
 };
 
@@ -84,18 +84,23 @@ pub enum Action {
     ListTable {
         generation: u64,
     },
-    /// (Re)start the health checker of an upstream: any previous one of the
-    /// same upstream is stopped first.
+    /// (Re)start the health checker of one address of an upstream: any
+    /// previous one of the same upstream and key is stopped first.
     StartChecker {
         id: UpstreamId,
+        key: AddressKey,
         check: HealthCheck,
         available: bool,
-        address: Option<IpAddr>,
+        address: IpAddr,
     },
-    StopChecker(UpstreamId),
+    StopChecker {
+        id: UpstreamId,
+        key: AddressKey,
+    },
     /// A checker probes this address from now on.
     SetProbeAddress {
         id: UpstreamId,
+        key: AddressKey,
         address: IpAddr,
     },
     StartResolver(ResolverKey),
@@ -117,9 +122,11 @@ pub enum Action {
 /// What an operator is told, one line each.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Notice {
-    /// A health report changed an upstream's availability.
+    /// A health report changed the availability of an upstream's address.
     UpstreamChanged {
         report: HealthReport,
+        /// The upstream has several addresses: the line names the one.
+        several: bool,
         available: usize,
         total: usize,
     },
@@ -133,7 +140,10 @@ pub enum Notice {
     ReloadFailed(String),
     ApplyFailed(String),
     /// Lobby's table was changed from outside; it is being restored.
-    Drift(String),
+    Drift {
+        table: String,
+        what: String,
+    },
     /// These targets have IPv6 to balance, which the host does not forward.
     Ipv6ForwardingOff(Vec<String>),
 }
@@ -146,7 +156,7 @@ impl Notice {
             Notice::TargetEmpty { .. }
             | Notice::ReloadFailed(_)
             | Notice::ApplyFailed(_)
-            | Notice::Drift(_)
+            | Notice::Drift { .. }
             | Notice::Ipv6ForwardingOff(_) => true,
             Notice::TargetServing { .. } | Notice::ReloadApplied(_) => false,
         }
@@ -158,9 +168,14 @@ impl fmt::Display for Notice {
         match self {
             Notice::UpstreamChanged {
                 report,
+                several,
                 available,
                 total,
-            } => write!(f, "{report}; {available} of {total} available"),
+            } => write!(
+                f,
+                "{}; {available} of {total} available",
+                report.describe(*several)
+            ),
             Notice::TargetEmpty { target } => {
                 write!(f, "target {target} has no upstream available")
             }
@@ -186,11 +201,10 @@ impl fmt::Display for Notice {
                 if targets.len() == 1 { "" } else { "s" },
                 targets.join(", ")
             ),
-            Notice::Drift(what) => write!(
+            Notice::Drift { table, what } => write!(
                 f,
-                "table {} {} was changed outside Lobby ({what}); restoring it",
-                nft::FAMILY,
-                nft::TABLE
+                "table {} {table} was changed outside Lobby ({what}); restoring it",
+                nft::FAMILY
             ),
         }
     }
@@ -241,6 +255,9 @@ struct UpstreamSpec {
     port: u16,
     health_check: Option<HealthCheck>,
     dns: Option<DnsConfig>,
+    /// The one family its target serves (the family of the target's
+    /// `ip`): addresses of the other serve no client.
+    family: Option<Family>,
 }
 
 impl UpstreamSpec {
@@ -250,13 +267,46 @@ impl UpstreamSpec {
             Host::Ip(_) => None,
         }
     }
+
+    fn all_addresses(&self) -> bool {
+        self.dns.as_ref().is_some_and(|d| d.all_addresses)
+    }
+
+    /// Which of its addresses `address` is.
+    fn key(&self, address: IpAddr) -> AddressKey {
+        if self.all_addresses() {
+            AddressKey::Address(address)
+        } else {
+            AddressKey::Family(Family::of(address))
+        }
+    }
+}
+
+/// How the core tells an upstream's addresses apart from one answer to the
+/// next: by family where it holds one of each (its address of a family
+/// follows the answer and keeps its health, as one upstream that moved),
+/// by address with `dns.all_addresses` (each a backend of its own, which
+/// comes and goes with the answer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AddressKey {
+    Family(Family),
+    Address(IpAddr),
+}
+
+/// One address of an upstream as the core holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldAddress {
+    pub address: IpAddr,
+    pub available: bool,
+    /// How often its availability changed.
+    pub state_changes: u64,
 }
 
 #[derive(Clone, Debug)]
 struct Upstream {
     spec: UpstreamSpec,
-    state: UpstreamState,
-    state_changes: u64,
+    /// Its addresses (none while its name never resolved), IPv4 first.
+    addresses: BTreeMap<AddressKey, HeldAddress>,
     /// The operator's say (`lobby ctl`), kept while the spec is unchanged.
     admin: AdminState,
 }
@@ -306,8 +356,8 @@ struct Fingerprint {
 pub struct Core {
     config: Option<Config>,
     upstreams: BTreeMap<UpstreamId, Upstream>,
-    /// Each resolver in use, with its last answer.
-    resolvers: BTreeMap<ResolverKey, Option<IpAddr>>,
+    /// Each resolver in use, with the usable addresses of its last answer.
+    resolvers: BTreeMap<ResolverKey, Option<Vec<IpAddr>>>,
     /// What the kernel holds; `None` before the first apply and after a
     /// failed one or an outside change (the next apply replaces the table
     /// whole).
@@ -325,6 +375,11 @@ pub struct Core {
     flight: Flight,
     /// Something changed since the last plan.
     dirty: bool,
+    /// When the oldest health change not yet planned was decided, and the
+    /// same for the transaction in flight: how long a change waited for
+    /// the kernel, logged with each apply.
+    unplanned_report: Option<Instant>,
+    applying_report: Option<Instant>,
     retry_at: Option<Instant>,
     ready: bool,
     /// A reload adopted, to be reported once the kernel has it.
@@ -360,6 +415,8 @@ impl Core {
             resolving_until: None,
             flight: Flight::Idle,
             dirty: false,
+            unplanned_report: None,
+            applying_report: None,
             retry_at: None,
             ready: false,
             reloaded: None,
@@ -380,8 +437,13 @@ impl Core {
         let mut actions = Vec::new();
         match event {
             Event::ConfigLoaded(config) => {
-                self.adopt(config, now, &mut actions);
-                self.dirty = true;
+                match self.config.as_ref().and_then(|c| renamed(c, &config)) {
+                    Some(refusal) => return self.on(Event::ConfigRejected(refusal), now),
+                    None => {
+                        self.adopt(config, now, &mut actions);
+                        self.dirty = true;
+                    }
+                }
             }
             Event::ConfigRejected(errors) => {
                 self.reloads.failed += 1;
@@ -389,7 +451,11 @@ impl Core {
                 actions.push(Action::Notify(Notice::ReloadFailed(errors)));
             }
             Event::Health(report) => {
-                self.dirty |= self.on_health(report, &mut actions);
+                let decided_at = report.decided_at;
+                if self.on_health(report, &mut actions) {
+                    self.dirty = true;
+                    self.unplanned_report = earliest(self.unplanned_report, Some(decided_at));
+                }
             }
             Event::Address(update) => {
                 self.dirty |= self.on_address(update, &mut actions);
@@ -480,25 +546,27 @@ impl Core {
         self.selection.established(backend)
     }
 
-    /// Round trips of upstreams keyed by their target and current backend.
+    /// Round trips of upstreams' addresses keyed by their target and the
+    /// backend each address is now: every address has its own checker.
     fn by_backend(
         &self,
-        latency: BTreeMap<UpstreamId, Duration>,
+        latency: BTreeMap<(UpstreamId, AddressKey), Duration>,
     ) -> BTreeMap<(String, SocketAddr), Duration> {
         latency
             .into_iter()
-            .filter_map(|(id, latency)| {
+            .filter_map(|((id, key), latency)| {
                 let upstream = self.upstreams.get(&id)?;
-                let backend = SocketAddr::new(upstream.state.address?, upstream.spec.port);
+                let held = upstream.addresses.get(&key)?;
+                let backend = SocketAddr::new(held.address, upstream.spec.port);
                 Some(((id.target, backend), latency))
             })
             .collect()
     }
 
-    /// What the core knows of an upstream, and how often its availability
-    /// changed.
-    pub fn upstream(&self, id: &UpstreamId) -> Option<(UpstreamState, u64)> {
-        self.upstreams.get(id).map(|u| (u.state, u.state_changes))
+    /// The addresses of an upstream with their health, IPv4 first; empty
+    /// while its name never resolved.
+    pub fn upstream(&self, id: &UpstreamId) -> Option<&BTreeMap<AddressKey, HeldAddress>> {
+        self.upstreams.get(id).map(|u| &u.addresses)
     }
 
     /// Sets the operator's say over an upstream (`lobby ctl`); the next
@@ -545,11 +613,15 @@ impl Core {
         &self.apply_duration
     }
 
-    /// Every upstream with its counted backend (those with an address).
+    /// Every address of every upstream as the backend it is counted under.
     pub fn counted_upstreams(&self) -> impl Iterator<Item = (&UpstreamId, Backend)> {
-        self.upstreams.iter().filter_map(|(id, u)| {
-            let address = u.state.address?;
-            Some((id, (SocketAddr::new(address, u.spec.port), u.spec.protocol)))
+        self.upstreams.iter().flat_map(|(id, u)| {
+            u.addresses.values().map(move |a| {
+                (
+                    id,
+                    (SocketAddr::new(a.address, u.spec.port), u.spec.protocol),
+                )
+            })
         })
     }
 
@@ -605,6 +677,7 @@ impl Core {
                     port: upstream.port,
                     health_check: upstream.health_check.clone(),
                     dns: upstream.dns.clone(),
+                    family: target.ip.map(|ip| ip.family()),
                 };
                 next.insert(UpstreamId::new(&target.name, &upstream.name), spec);
             }
@@ -680,43 +753,35 @@ impl Core {
         }
     }
 
+    /// An upstream from scratch: at its IP address, or at what its name's
+    /// resolver last answered (another upstream may share it).
     fn start_upstream(&mut self, id: UpstreamId, spec: UpstreamSpec, actions: &mut Vec<Action>) {
-        let start = UpstreamState::at_start(&spec.host, spec.health_check.as_ref());
-        let address = start.address.or_else(|| {
-            let key = spec.resolver_key()?;
-            *self.resolvers.get(&key)?
-        });
-        let available = start.available
-            || address.is_some_and(|a| self.was_balanced(&id, SocketAddr::new(a, spec.port)));
-        let state = UpstreamState {
-            address,
-            available,
-            drained: false,
+        let answer = match &spec.host {
+            Host::Ip(ip) => vec![*ip],
+            Host::Fqdn(_) => spec
+                .resolver_key()
+                .and_then(|key| self.resolvers.get(&key).cloned().flatten())
+                .unwrap_or_default(),
         };
-        if let Some(check) = &spec.health_check {
-            actions.push(Action::StartChecker {
-                id: id.clone(),
-                check: check.clone(),
-                available,
-                address,
-            });
-        }
-        self.upstreams.insert(
-            id,
-            Upstream {
-                spec,
-                state,
-                state_changes: 0,
-                admin: AdminState::Enabled,
-            },
-        );
+        let upstream = Upstream {
+            spec,
+            addresses: BTreeMap::new(),
+            admin: AdminState::Enabled,
+        };
+        self.upstreams.insert(id.clone(), upstream);
+        self.place(&id, &answer, actions);
     }
 
     fn retire(&mut self, id: &UpstreamId, actions: &mut Vec<Action>) {
         if let Some(upstream) = self.upstreams.remove(id)
             && upstream.spec.health_check.is_some()
         {
-            actions.push(Action::StopChecker(id.clone()));
+            for key in upstream.addresses.keys() {
+                actions.push(Action::StopChecker {
+                    id: id.clone(),
+                    key: *key,
+                });
+            }
         }
     }
 
@@ -732,28 +797,38 @@ impl Core {
         let Some(upstream) = self.upstreams.get_mut(&report.id) else {
             return false; // a checker of an upstream a reload removed
         };
-        if upstream.state.available == report.available {
+        let Some(address) = report.address else {
+            return false;
+        };
+        let several = upstream.addresses.len() > 1;
+        let Some(held) = upstream.addresses.get_mut(&upstream.spec.key(address)) else {
+            return false; // a checker of an address the answer dropped
+        };
+        if held.available == report.available {
             return false;
         }
-        upstream.state.available = report.available;
-        upstream.state_changes += 1;
+        held.available = report.available;
+        held.state_changes += 1;
         let (available, total) = self.availability(&report.id.target);
         actions.push(Action::Notify(Notice::UpstreamChanged {
             report,
+            several,
             available,
             total,
         }));
         true
     }
 
-    /// How many of a target's upstreams are available, of how many.
+    /// How many of a target's upstream addresses are available, of how
+    /// many (an upstream without an address counts as one unavailable), as
+    /// `lobby stats` lists them.
     fn availability(&self, target: &str) -> (usize, usize) {
         self.upstreams
             .iter()
             .filter(|(id, _)| id.target == target)
             .fold((0, 0), |(up, all), (_, u)| {
-                let serving = u.state.available && u.state.address.is_some();
-                (up + usize::from(serving), all + 1)
+                let serving = u.addresses.values().filter(|a| a.available).count();
+                (up + serving, all + u.addresses.len().max(1))
             })
     }
 
@@ -761,53 +836,135 @@ impl Core {
         let Some(known) = self.resolvers.get_mut(&update.key) else {
             return false; // a resolver a reload retired
         };
-        *known = Some(update.address);
-        let mut changed = false;
-        let moved: Vec<UpstreamId> = self
+        *known = Some(update.addresses.clone());
+        let users: Vec<UpstreamId> = self
             .upstreams
             .iter()
-            .filter(|(_, u)| {
-                u.spec.resolver_key().as_ref() == Some(&update.key)
-                    && u.state.address != Some(update.address)
-            })
+            .filter(|(_, u)| u.spec.resolver_key().as_ref() == Some(&update.key))
             .map(|(id, _)| id.clone())
             .collect();
-        for id in moved {
-            let inherited = !self.inherited.is_empty();
-            let Some(upstream) = self.upstreams.get(&id) else {
-                continue;
-            };
-            let socket = SocketAddr::new(update.address, upstream.spec.port);
-            // At a takeover, an upstream whose name resolves to an address
-            // the old table balanced to is available, and its checker
-            // starts from there.
-            let inherit = inherited && !upstream.state.available && self.was_balanced(&id, socket);
-            let upstream = self.upstreams.get_mut(&id).expect("listed above");
-            match upstream.state.address {
-                Some(old) => {
-                    info!(upstream = %id, "upstream {id} moved from {old} to {}", update.address)
-                }
-                None => info!(upstream = %id, "upstream {id} resolved to {}", update.address),
-            }
-            upstream.state.address = Some(update.address);
-            if inherit {
-                upstream.state.available = true;
-            }
-            if let Some(check) = &upstream.spec.health_check {
-                actions.push(if inherit {
-                    Action::StartChecker {
-                        id: id.clone(),
-                        check: check.clone(),
-                        available: true,
-                        address: Some(update.address),
-                    }
-                } else {
-                    Action::SetProbeAddress {
-                        id: id.clone(),
-                        address: update.address,
-                    }
+        let mut changed = false;
+        for id in users {
+            changed |= self.place(&id, &update.addresses, actions);
+        }
+        changed
+    }
+
+    /// Gives upstream `id` the addresses it takes out of `answer`
+    /// ([`dns::choose`]): an address that leaves stops its checker (its
+    /// connections drain, as a removed upstream's); one that comes starts
+    /// as its health check says; the address of a family that moves keeps
+    /// its health and its checker follows it. Returns whether anything
+    /// changed.
+    fn place(&mut self, id: &UpstreamId, answer: &[IpAddr], actions: &mut Vec<Action>) -> bool {
+        let Some(upstream) = self.upstreams.get(id) else {
+            return false;
+        };
+        let spec = &upstream.spec;
+        let served: Vec<IpAddr> = answer
+            .iter()
+            .filter(|a| spec.family.is_none_or(|f| Family::of(**a) == f))
+            .copied()
+            .collect();
+        let current: Vec<IpAddr> = upstream.addresses.values().map(|a| a.address).collect();
+        let wanted: BTreeMap<AddressKey, IpAddr> =
+            dns::choose(&current, &served, spec.all_addresses())
+                .into_iter()
+                .map(|a| (spec.key(a), a))
+                .collect();
+        let named = matches!(spec.host, Host::Fqdn(_));
+        let check = spec.health_check.clone();
+        let port = spec.port;
+        // At a takeover, an address the old table balanced to is
+        // available, and its checker starts from there.
+        let inherit = |core: &Self, address: IpAddr| {
+            !core.inherited.is_empty() && core.was_balanced(id, SocketAddr::new(address, port))
+        };
+        let mut changed = false;
+        let gone: Vec<(AddressKey, IpAddr)> = upstream
+            .addresses
+            .iter()
+            .filter(|(key, _)| !wanted.contains_key(key))
+            .map(|(key, a)| (*key, a.address))
+            .collect();
+        for (key, address) in gone {
+            info!(upstream = %id, %address, "upstream {id} no longer resolves to {address}; its connections drain");
+            if check.is_some() {
+                actions.push(Action::StopChecker {
+                    id: id.clone(),
+                    key,
                 });
             }
+            self.upstreams
+                .get_mut(id)
+                .expect("listed above")
+                .addresses
+                .remove(&key);
+            changed = true;
+        }
+        for (key, address) in wanted {
+            let held = self
+                .upstreams
+                .get(id)
+                .expect("listed above")
+                .addresses
+                .get(&key)
+                .copied();
+            let inherited = inherit(self, address);
+            let next = match held {
+                Some(held) if held.address == address => continue,
+                Some(held) => {
+                    info!(upstream = %id, "upstream {id} moved from {} to {address}", held.address);
+                    let available = held.available || inherited;
+                    if let Some(check) = &check {
+                        actions.push(if inherited && !held.available {
+                            Action::StartChecker {
+                                id: id.clone(),
+                                key,
+                                check: check.clone(),
+                                available,
+                                address,
+                            }
+                        } else {
+                            Action::SetProbeAddress {
+                                id: id.clone(),
+                                key,
+                                address,
+                            }
+                        });
+                    }
+                    HeldAddress {
+                        address,
+                        available,
+                        ..held
+                    }
+                }
+                None => {
+                    if named {
+                        info!(upstream = %id, %address, "upstream {id} resolved to {address}");
+                    }
+                    let available = model::starts_available(check.as_ref()) || inherited;
+                    if let Some(check) = &check {
+                        actions.push(Action::StartChecker {
+                            id: id.clone(),
+                            key,
+                            check: check.clone(),
+                            available,
+                            address,
+                        });
+                    }
+                    HeldAddress {
+                        address,
+                        available,
+                        state_changes: 0,
+                    }
+                }
+            };
+            self.upstreams
+                .get_mut(id)
+                .expect("listed above")
+                .addresses
+                .insert(key, next);
             changed = true;
         }
         changed
@@ -840,10 +997,17 @@ impl Core {
             .upstreams
             .iter()
             .map(|(id, u)| {
+                let addresses = u
+                    .addresses
+                    .values()
+                    .map(|a| AddressState {
+                        address: a.address,
+                        available: a.available && u.admin != AdminState::Disabled,
+                    })
+                    .collect();
                 let state = UpstreamState {
-                    available: u.state.available && u.admin != AdminState::Disabled,
+                    addresses,
                     drained: u.admin == AdminState::Drained,
-                    ..u.state
                 };
                 (id.clone(), state)
             })
@@ -872,9 +1036,11 @@ impl Core {
                 self.fingerprint.generation += 1;
                 self.fingerprint.text = None;
                 self.flight = Flight::Applying(desired);
+                self.applying_report = self.unplanned_report.take();
                 actions.push(Action::Apply(script));
             }
             None => {
+                self.unplanned_report = None;
                 if let Some(summary) = self.reloaded.take() {
                     actions.push(Action::Notify(Notice::ReloadApplied(summary)));
                 }
@@ -895,7 +1061,16 @@ impl Core {
         match outcome {
             Ok(elapsed) => {
                 self.apply_duration.observe(elapsed);
-                info!(elapsed_ms = elapsed.as_millis() as u64, "ruleset applied");
+                let elapsed_ms = elapsed.as_millis() as u64;
+                match self.applying_report.take() {
+                    Some(decided_at) => info!(
+                        elapsed_ms,
+                        report_to_apply_ms =
+                            now.saturating_duration_since(decided_at).as_millis() as u64,
+                        "ruleset applied"
+                    ),
+                    None => info!(elapsed_ms, "ruleset applied"),
+                }
                 for (name, target) in &desired.targets {
                     let before = self
                         .applied
@@ -933,6 +1108,8 @@ impl Core {
                     return;
                 }
                 actions.push(Action::Notify(Notice::ApplyFailed(error)));
+                self.unplanned_report =
+                    earliest(self.unplanned_report, self.applying_report.take());
                 self.retry_at = Some(now + APPLY_RETRY);
                 self.dirty = true;
             }
@@ -990,7 +1167,12 @@ impl Core {
     /// Forgets what the kernel holds, so that the next plan applies the
     /// whole table again.
     fn repair(&mut self, what: String, exists: bool, actions: &mut Vec<Action>) {
-        actions.push(Action::Notify(Notice::Drift(what)));
+        let table = self
+            .config
+            .as_ref()
+            .map(|c| c.nftables.table.clone())
+            .unwrap_or_default();
+        actions.push(Action::Notify(Notice::Drift { table, what }));
         self.applied = None;
         self.table_may_exist = exists;
         self.fingerprint.text = None;
@@ -1016,6 +1198,21 @@ impl Core {
     }
 }
 
+/// Why a reload from `running` to `new` cannot be applied, when it moves
+/// to another table: the table is what a daemon is (its lock, control
+/// socket and pin directory follow the name), so that takes a restart. A
+/// new priority is applied like any other change.
+fn renamed(running: &Config, new: &Config) -> Option<String> {
+    let (from, to) = (&running.nftables.table, &new.nftables.table);
+    (from != to).then(|| {
+        format!(
+            "nftables.table: this daemon runs table `{from}` and cannot move to `{to}` \
+             (its lock, control socket and pin directory follow the table's name); \
+             restart lobby to use table `{to}`"
+        )
+    })
+}
+
 /// Whether a target has IPv6 to balance: an IPv6 `ip`, or IPv6 upstreams
 /// without an IPv4 `ip`.
 fn serves_ipv6(target: &config::Target) -> bool {
@@ -1027,6 +1224,13 @@ fn serves_ipv6(target: &config::Target) -> bool {
     match target.ip {
         Some(ip) => ip.family() == config::Family::Ipv6,
         None => ipv6_upstream,
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

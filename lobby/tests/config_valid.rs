@@ -87,6 +87,7 @@ fn an_original_lobby_file_loads_unchanged() {
         events: None,
         acceleration: None,
         warnings: Vec::new(),
+        nftables: Default::default(),
         targets: vec![
             target(
                 "web",
@@ -105,6 +106,7 @@ fn an_original_lobby_file_loads_unchanged() {
                         dns: Some(DnsConfig {
                             servers: vec![addr("198.18.0.53:53"), addr("198.18.0.54:5353")],
                             ttl: Some(Duration::from_secs(30)),
+                            all_addresses: false,
                         }),
                         ..upstream("web2", fqdn("web2.example.test"), 9000)
                     },
@@ -124,6 +126,7 @@ fn an_original_lobby_file_loads_unchanged() {
                             addr("[2001:db8::53]:5353"),
                         ],
                         ttl: None,
+                        all_addresses: false,
                     }),
                     health_check: Some(check(8080, 10, 2, 5)),
                     ..upstream("api1", fqdn("api.example.test"), 8443)
@@ -158,6 +161,7 @@ fn every_field_and_extension_loads() {
         events: None,
         acceleration: None,
         warnings: Vec::new(),
+        nftables: Default::default(),
         targets: vec![
             target(
                 "web",
@@ -178,6 +182,7 @@ fn every_field_and_extension_loads() {
                                 addr("[2001:db8::54]:5353"),
                             ],
                             ttl: Some(Duration::from_secs(60)),
+                            all_addresses: false,
                         }),
                         ..upstream("web1", fqdn("web1.example.test"), 8443)
                     },

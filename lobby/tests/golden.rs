@@ -6,9 +6,12 @@
 //! ```text
 //! web/web1 down
 //! web/web2 up
-//! web/web2 address 198.18.1.13   # its name resolves to this address
+//! web/web2 198.18.1.13 down      # that address of an upstream with several
+//! web/web2 address 198.18.1.13   # its name resolves to these addresses
+//! web/web2 address 198.18.1.13 2001:2::13
 //! web/web1 established 20        # conntrack counts 20 connections to it
 //! web/web1 latency 50            # its probes' smoothed round trip, in ms
+//! web/web2 198.18.1.13 latency 50  # ... of that address of several
 //! config other.yaml              # reload with another file of the folder
 //! takeover web 198.18.1.11:9000  # (00-start only) a dead run's table balanced there
 //! wait 2                         # seconds pass
@@ -25,7 +28,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -36,7 +39,7 @@ use lobby::{
     health::HealthReport,
     model::UpstreamId,
     nft::{self, Rotation},
-    reconcile::{Action, Core, Event, Measures},
+    reconcile::{Action, AddressKey, Core, Event, Measures},
 };
 use tokio::time::Instant;
 
@@ -85,7 +88,7 @@ struct Run<'a> {
     /// The measures so far: each line adds to them, and the event carries
     /// all of them, as the daemon's measures do.
     established: BTreeMap<(SocketAddr, config::Protocol), u64>,
-    latency: BTreeMap<UpstreamId, Duration>,
+    latency: BTreeMap<(UpstreamId, AddressKey), Duration>,
 }
 
 impl Run<'_> {
@@ -140,49 +143,79 @@ impl Run<'_> {
             .flat_map(|t| t.group.upstreams.iter().map(|u| (t.protocol, u)))
             .find(|(_, u)| u.name == name)
             .unwrap_or_else(|| panic!("`{line}`: no upstream {id} in {}", self.case.display()));
-        let health = |available| {
+        let id = UpstreamId::new(target, name);
+        // The address a line names, or the upstream's only one, with its key.
+        let held = |address: Option<&str>| {
+            let wanted: Option<IpAddr> =
+                address.map(|a| a.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")));
+            let held: Vec<(AddressKey, IpAddr)> = self
+                .core
+                .upstream(&id)
+                .into_iter()
+                .flatten()
+                .map(|(key, a)| (*key, a.address))
+                .collect();
+            match (wanted, &held[..]) {
+                (None, [one]) => *one,
+                (None, _) => panic!("`{line}`: {id} has the addresses {held:?}: say which"),
+                (Some(wanted), _) => held
+                    .iter()
+                    .copied()
+                    .find(|(_, a)| *a == wanted)
+                    .unwrap_or_else(|| panic!("`{line}`: {id} does not hold {wanted}")),
+            }
+        };
+        let health = |available, address: Option<&str>| {
+            let address = match address {
+                Some(address) => address.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")),
+                None => held(None).1,
+            };
             Event::Health(HealthReport {
-                id: UpstreamId::new(target, name),
+                id: id.clone(),
+                address: Some(address),
                 available,
                 reason: "golden".to_owned(),
                 run: 1,
                 threshold: 1,
+                decided_at: tokio::time::Instant::now(),
             })
         };
         match change {
-            ["up"] => health(true),
-            ["down"] => health(false),
-            ["address", addr] => {
+            ["up"] => health(true, None),
+            ["down"] => health(false, None),
+            [address, "up"] => health(true, Some(address)),
+            [address, "down"] => health(false, Some(address)),
+            ["address", addresses @ ..] => {
                 let Host::Fqdn(host) = &upstream.host else {
                     panic!("`{line}`: {id} has no name to resolve");
                 };
                 Event::Address(AddressUpdate {
                     key: ResolverKey::new(host, upstream.dns.as_ref()),
-                    address: addr.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")),
+                    addresses: addresses
+                        .iter()
+                        .map(|a| a.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")))
+                        .collect(),
                 })
             }
-            ["established", count] => {
-                let Host::Ip(ip) = upstream.host else {
-                    panic!("`{line}`: {id} needs an address to be counted at");
-                };
-                let backend = (SocketAddr::new(ip, upstream.port), protocol);
+            [address @ .., "established", count] if address.len() <= 1 => {
+                let (_, address) = held(address.first().copied());
+                let backend = (SocketAddr::new(address, upstream.port), protocol);
                 self.established.insert(
                     backend,
                     count.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")),
                 );
                 Event::Measured(Measures::Established(self.established.clone()))
             }
-            ["latency", ms] => {
+            [address @ .., "latency", ms] if address.len() <= 1 => {
+                let (key, _) = held(address.first().copied());
                 let ms: f64 = ms.parse().unwrap_or_else(|e| panic!("`{line}`: {e}"));
-                self.latency.insert(
-                    UpstreamId::new(target, name),
-                    Duration::from_secs_f64(ms / 1000.0),
-                );
+                self.latency
+                    .insert((id.clone(), key), Duration::from_secs_f64(ms / 1000.0));
                 Event::Measured(Measures::Latency(self.latency.clone()))
             }
             _ => panic!(
-                "`{line}`: expected `up`, `down`, `address ADDR`, `established N`, `latency MS`, \
-                 `config FILE`, `wait SECS` or `fail`"
+                "`{line}`: expected `[ADDR] up`, `[ADDR] down`, `address ADDR...`, `[ADDR] established N`, \
+                 `[ADDR] latency MS`, `config FILE`, `wait SECS` or `fail`"
             ),
         }
     }

@@ -49,6 +49,14 @@
 //!   health check on every upstream of its group, since it measures their
 //!   probes. A group whose every weight is 0 is valid (everything drained)
 //!   but a warning: its target refuses every connection.
+//! - `nftables`: the daemon's, not an entry's (one daemon owns one table):
+//!   entries that give `table` or `priority` must agree, one that leaves
+//!   a key out follows the others. A table name must be one nft takes in
+//!   every command Lobby sends and one safe in file names; a priority lies
+//!   between conntrack and the conntrack helpers.
+//! - `local` and `mirror` are policy keys (target or `defaults`); a
+//!   mirror's family must be one the target can serve, since netfilter
+//!   duplicates a packet in its own family.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -61,11 +69,12 @@ use http::uri::PathAndQuery;
 
 use super::{
     Acceleration, Config, ConfigError, Distribution, DnsConfig, EventsConfig, Family, HealthCheck,
-    HealthProtocol, Host, HttpProbe, IpNet, MetricsConfig, Policy, Protocol, SourceNat,
+    HealthProtocol, Host, HttpProbe, IpNet, MetricsConfig, Nftables, Policy, Protocol, SourceNat,
     StatusRange, Target, UdpProbe, Upstream, UpstreamGroup,
     values::{
         Argument, Boolean, HostName, HttpHost, Integer, InterfaceName, IpRange, Keyword, Listen,
-        Name, PORT, Resolver, SnatAddress, Statuses, Text, UrlPath, Want, WebhookUrl, describe,
+        Name, PORT, Priority, Resolver, SnatAddress, Statuses, TableName, Text, UrlPath,
+        UsableAddress, Want, WebhookUrl, describe,
     },
     yaml::{Mark, Node, Value},
 };
@@ -129,7 +138,14 @@ const PERSISTENCE_TIMEOUT: Integer = Integer {
     max: 86400,
 };
 /// The keys of a traffic policy, in a target or an entry's `defaults`.
-const POLICY_KEYS: [&str; 4] = ["allow", "block", "source_nat", "interface"];
+const POLICY_KEYS: [&str; 6] = [
+    "allow",
+    "block",
+    "source_nat",
+    "interface",
+    "local",
+    "mirror",
+];
 /// `source_nat` as a word; an address takes a mapping.
 const SOURCE_NAT: Keyword<bool> = Keyword {
     // Whether the source is rewritten to the egress address.
@@ -435,9 +451,12 @@ impl Checker {
         // Entry-level, as SPEC puts it; the table is one, so the fast path
         // is on when an entry asks for it.
         let mut acceleration: Option<Option<Acceleration>> = Some(None);
+        let mut nftables = Vec::new();
         for (path, node) in self.list(&fields, "lb", "a list of load balancers", true) {
-            let (entry_targets, entry_acceleration) = self.load_balancer(node, path);
+            let (entry_targets, entry_acceleration, entry_nftables) =
+                self.load_balancer(node, path);
             targets.extend(entry_targets);
+            nftables.push(entry_nftables);
             acceleration = match (acceleration, entry_acceleration) {
                 (Some(a), Some(b)) => Some(match (a, b) {
                     (Some(a), Some(b)) => Some(Acceleration {
@@ -451,12 +470,14 @@ impl Checker {
         if let (Some(fields), Some(Some(metrics))) = (&metrics_fields, &metrics) {
             self.metrics_reachable(fields, metrics.listen);
         }
+        let nftables = self.one_table(nftables);
         Some(Config {
             targets: targets.into_iter().collect::<Option<_>>()?,
             metrics: metrics.map_or(Some(None), |m| m.map(Some))?,
             events: events?,
             acceleration: acceleration?,
             warnings: std::mem::take(&mut self.warnings),
+            nftables: nftables?,
         })
     }
 
@@ -553,18 +574,15 @@ impl Checker {
         (!argv.is_empty()).then_some(Some(argv))
     }
 
-    /// The targets of one `lb` entry (`None` for those that are invalid)
-    /// and its `acceleration` (`None` when invalid).
-    fn load_balancer(
-        &mut self,
-        node: &Node,
-        path: String,
-    ) -> (Vec<Option<Target>>, Option<Option<Acceleration>>) {
-        let schema = ["engine", "defaults", "targets", "acceleration"];
+    /// The targets of one `lb` entry (`None` for those that are invalid),
+    /// its `acceleration` and its `nftables` keys (`None` when invalid).
+    fn load_balancer(&mut self, node: &Node, path: String) -> Entry {
+        let schema = ["engine", "defaults", "targets", "acceleration", "nftables"];
         let Some(fields) = self.mapping(node, path, &schema) else {
-            return (Vec::new(), Some(None));
+            return (Vec::new(), Some(None), Some(NftablesKeys::default()));
         };
         let acceleration = self.acceleration(&fields);
+        let nftables = self.nftables(&fields);
         self.optional(&fields, "engine", &ENGINE);
         let defaults = match self.optional_mapping(&fields, "defaults", &POLICY_KEYS) {
             Some(defaults) => self.policy(&defaults, &Policy::default()),
@@ -575,7 +593,7 @@ impl Checker {
             .into_iter()
             .map(|(path, node)| self.target(node, path, defaults.as_ref()))
             .collect();
-        (targets, acceleration)
+        (targets, acceleration, nftables)
     }
 
     /// The policy keys of `fields` over `defaults`; `None` when one is
@@ -615,7 +633,15 @@ impl Checker {
         let interface = self.optional(fields, "interface", &InterfaceName);
         let interface_valid =
             interface.is_some() || fields.get("interface").is_none_or(|n| n.is_null());
+        let local = self.optional(fields, "local", &Boolean);
+        let local_valid = local.is_some() || fields.get("local").is_none_or(|n| n.is_null());
+        let mirror = self.mirror(fields);
+        if !local_valid {
+            return None;
+        }
         Some(Policy {
+            local: local.unwrap_or(defaults.local),
+            mirror: mirror?.or(defaults.mirror),
             allow: allow?.or_else(|| defaults.allow.clone()),
             block: block?.unwrap_or_else(|| defaults.block.clone()),
             source_nat: source_nat?.unwrap_or_else(|| defaults.source_nat.clone()),
@@ -664,6 +690,17 @@ impl Checker {
         if let (Some(Policy { source_nat, .. }), Some(ip)) = (&policy, ip) {
             self.snat_family(source_nat, ip, &fields);
         }
+        if let (
+            Some(Policy {
+                mirror: Some(mirror),
+                ..
+            }),
+            Some(group),
+        ) = (&policy, &group)
+            && ip_valid
+        {
+            self.mirror_family(*mirror, ip, group, &fields);
+        }
         Some(Target {
             name: name?,
             protocol: protocol?,
@@ -671,6 +708,125 @@ impl Checker {
             ip,
             group: group?,
             policy: policy?,
+        })
+    }
+
+    /// `mirror: { to: IP }`: `Some(None)` when absent or null.
+    fn mirror(&mut self, policy: &Fields) -> Option<Option<IpAddr>> {
+        let Some(fields) = self.optional_mapping(policy, "mirror", &["to"]) else {
+            return policy
+                .get("mirror")
+                .is_none_or(|n| n.is_null())
+                .then_some(None);
+        };
+        self.required(&fields, "to", &UsableAddress).map(Some)
+    }
+
+    /// A mirror copies the packets of its own family (netfilter duplicates
+    /// a packet as it is): the target must be able to serve that family.
+    fn mirror_family(
+        &mut self,
+        mirror: IpAddr,
+        ip: Option<IpNet>,
+        group: &UpstreamGroup,
+        fields: &Fields,
+    ) {
+        let family = Family::of(mirror);
+        let why = match ip {
+            Some(ip) if ip.family() != family => format!("the target only serves {ip}"),
+            Some(_) => return,
+            None if group.upstreams.iter().any(|u| match &u.host {
+                Host::Ip(addr) => Family::of(*addr) == family,
+                Host::Fqdn(_) => true,
+            }) =>
+            {
+                return;
+            }
+            None => format!(
+                "no upstream of this target has an {} address",
+                family.as_str()
+            ),
+        };
+        // Reported where it is written: the target's own key, or its
+        // entry's defaults when the target has none.
+        let (node, path) = match fields.get("mirror") {
+            Some(node) => (node, fields.path("mirror")),
+            None => match fields.get("name") {
+                Some(node) => (node, fields.path("name")),
+                None => return,
+            },
+        };
+        let message = format!(
+            "mirror to {mirror}: an {} copy of the target's traffic, but {why}; \
+             netfilter duplicates packets in their own family",
+            family.as_str()
+        );
+        self.report(node.mark, path, message);
+    }
+
+    /// `nftables` of one entry: the keys it gives (`None` when invalid).
+    fn nftables(&mut self, entry: &Fields) -> Option<NftablesKeys> {
+        let Some(fields) = self.optional_mapping(entry, "nftables", &["table", "priority"]) else {
+            return entry
+                .get("nftables")
+                .is_none_or(|n| n.is_null())
+                .then_some(NftablesKeys::default());
+        };
+        let table = self.defaulted(&fields, "table", &TableName);
+        let priority = self.defaulted(&fields, "priority", &Priority);
+        Some(NftablesKeys {
+            table: located(&fields, "table", table?),
+            priority: located(&fields, "priority", priority?),
+        })
+    }
+
+    /// The entries' `nftables` keys as one: one daemon owns one table, so
+    /// entries that give a key must agree, and one that leaves it out
+    /// follows the others.
+    fn one_table(&mut self, entries: Vec<Option<NftablesKeys>>) -> Option<Nftables> {
+        let mut table: Option<(String, Mark, String)> = None;
+        let mut priority: Option<(i32, Mark, String)> = None;
+        let mut valid = true;
+        for entry in entries {
+            let Some(entry) = entry else {
+                valid = false;
+                continue;
+            };
+            if let Some((name, mark, path)) = entry.table {
+                match &table {
+                    Some((first, first_mark, _)) if *first != name => {
+                        let message = format!(
+                            "table `{name}`, but an earlier entry names table `{first}` (line {}); \
+                             one daemon owns one table: run another lobby for another table",
+                            first_mark.line
+                        );
+                        self.report(mark, path, message);
+                        valid = false;
+                    }
+                    Some(_) => {}
+                    None => table = Some((name, mark, path)),
+                }
+            }
+            if let Some((value, mark, path)) = entry.priority {
+                match &priority {
+                    Some((first, first_mark, _)) if *first != value => {
+                        let message = format!(
+                            "priority {value}, but an earlier entry sets {first} (line {}); \
+                             all targets share the table's nat chains, so entries must agree",
+                            first_mark.line
+                        );
+                        self.report(mark, path, message);
+                        valid = false;
+                    }
+                    Some(_) => {}
+                    None => priority = Some((value, mark, path)),
+                }
+            }
+        }
+        let defaults = Nftables::default();
+        valid.then(|| Nftables {
+            table: table.map_or(defaults.table, |(name, ..)| name),
+            priority: priority.map_or(defaults.priority, |(value, ..)| value),
         })
     }
 
@@ -1009,19 +1165,26 @@ impl Checker {
             );
             self.report(node.mark, upstream.path("dns"), message);
         }
-        let fields = self.mapping(node, upstream.path("dns"), &["servers", "ttl"])?;
+        let fields = self.mapping(
+            node,
+            upstream.path("dns"),
+            &["servers", "ttl", "all_addresses"],
+        )?;
         let servers: Vec<_> = self
             .list(&fields, "servers", "a list of resolver addresses", false)
             .into_iter()
             .map(|(path, node)| self.read(node, path, &Resolver))
             .collect();
         let ttl = self.defaulted(&fields, "ttl", &TTL);
+        let all_addresses = self.defaulted(&fields, "all_addresses", &Boolean);
         let dns = DnsConfig {
             servers: servers.into_iter().collect::<Option<_>>()?,
             ttl: ttl?.map(Duration::from_secs),
+            all_addresses: all_addresses?.unwrap_or(false),
         };
-        // One way to say "the host's resolvers, the answer's TTL".
-        Some(Some(dns).filter(|dns| !dns.servers.is_empty() || dns.ttl.is_some()))
+        // One way to say "the host's resolvers, the answer's TTL, one
+        // address of each family".
+        Some(Some(dns).filter(|dns| *dns != DnsConfig::default()))
     }
 }
 
@@ -1050,6 +1213,26 @@ impl ProbeKind {
             .iter()
             .any(|(k, kinds)| *k == key && kinds.contains(&self))
     }
+}
+
+/// What one `lb` entry holds: its targets, `acceleration` and `nftables`.
+type Entry = (
+    Vec<Option<Target>>,
+    Option<Option<Acceleration>>,
+    Option<NftablesKeys>,
+);
+
+/// `value` of `key` with where it is written; `None` when absent.
+fn located<T>(fields: &Fields, key: &str, value: Option<T>) -> Option<(T, Mark, String)> {
+    let node = fields.get(key)?;
+    Some((value?, node.mark, fields.path(key)))
+}
+
+/// The `nftables` keys one entry gives, with where each is written.
+#[derive(Default)]
+struct NftablesKeys {
+    table: Option<(String, Mark, String)>,
+    priority: Option<(i32, Mark, String)>,
 }
 
 /// Where a target takes connections, as far as its keys are valid.

@@ -35,6 +35,9 @@ const FIRST_PROBE_MAX_DELAY: Duration = Duration::from_millis(500);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthReport {
     pub id: UpstreamId,
+    /// The address of the probe that made the change (`None`: it had
+    /// none): an upstream may have several, each checked on its own.
+    pub address: Option<IpAddr>,
     pub available: bool,
     /// The last probe's outcome: `connect refused`, `timeout after 1 s`,
     /// `connected`.
@@ -42,33 +45,48 @@ pub struct HealthReport {
     /// Consecutive like outcomes that made the change.
     pub run: u32,
     pub threshold: u32,
+    /// When the checker decided: how long the change waited for its
+    /// transaction is measured from here, not from when the loop saw it.
+    pub decided_at: Instant,
 }
 
 impl HealthReport {
-    fn new(id: UpstreamId, transition: &Transition) -> Self {
+    fn new(id: UpstreamId, address: Option<IpAddr>, transition: &Transition) -> Self {
         Self {
             id,
+            address,
             available: transition.available,
             reason: transition.last_probe.to_string(),
             run: transition.run,
             threshold: transition.threshold,
+            decided_at: Instant::now(),
         }
     }
-}
 
-impl fmt::Display for HealthReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    /// The log line, naming the probed address after the upstream when
+    /// `with_address` (an upstream with several addresses):
+    /// `upstream web/web1 at 2001:2::11 is DOWN (...)`.
+    pub fn describe(&self, with_address: bool) -> String {
+        let at = match self.address {
+            Some(address) if with_address => format!(" at {address}"),
+            _ => String::new(),
+        };
         let (state, outcomes) = match (self.available, self.threshold) {
             (true, 1) => ("UP", "success"),
             (true, _) => ("UP", "successes"),
             (false, 1) => ("DOWN", "failure"),
             (false, _) => ("DOWN", "failures"),
         };
-        write!(
-            f,
-            "upstream {} is {state} ({}, {}/{} {outcomes})",
+        format!(
+            "upstream {}{at} is {state} ({}, {}/{} {outcomes})",
             self.id, self.reason, self.run, self.threshold
         )
+    }
+}
+
+impl fmt::Display for HealthReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe(false))
     }
 }
 
@@ -208,7 +226,7 @@ async fn probe_until_closed<A: Into<IpAddr> + Copy>(
             continue;
         };
         if reports
-            .send(HealthReport::new(id.clone(), &transition))
+            .send(HealthReport::new(id.clone(), latest_address, &transition))
             .await
             .is_err()
         {

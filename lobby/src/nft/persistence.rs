@@ -14,7 +14,7 @@
 //! deleted after.
 use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr, time::Duration};
 
-use super::{FAMILY, TABLE, address_keyword, chain_name};
+use super::{FAMILY, address_keyword, chain_name};
 use crate::{
     config::{Family, Protocol},
     model::{Desired, DesiredTarget, FamilyRotation, Persistence},
@@ -75,22 +75,22 @@ impl Object {
         writeln!(out, "\t}}").unwrap();
     }
 
-    pub(super) fn add(&self, out: &mut String) {
+    pub(super) fn add(&self, out: &mut String, table: &str) {
         let name = &self.name;
         writeln!(
             out,
-            "add set {FAMILY} {TABLE} {name} {{ {} }}",
+            "add set {FAMILY} {table} {name} {{ {} }}",
             self.set_spec()
         )
         .unwrap();
-        writeln!(out, "add chain {FAMILY} {TABLE} {name}").unwrap();
-        writeln!(out, "add rule {FAMILY} {TABLE} {name} {}", self.rule()).unwrap();
+        writeln!(out, "add chain {FAMILY} {table} {name}").unwrap();
+        writeln!(out, "add rule {FAMILY} {table} {name} {}", self.rule()).unwrap();
     }
 
     /// The chain first: its rule refers to the set.
-    pub(super) fn delete(&self, out: &mut String) {
-        writeln!(out, "delete chain {FAMILY} {TABLE} {}", self.name).unwrap();
-        writeln!(out, "delete set {FAMILY} {TABLE} {}", self.name).unwrap();
+    pub(super) fn delete(&self, out: &mut String, table: &str) {
+        writeln!(out, "delete chain {FAMILY} {table} {}", self.name).unwrap();
+        writeln!(out, "delete set {FAMILY} {table} {}", self.name).unwrap();
     }
 }
 

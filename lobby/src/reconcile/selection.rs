@@ -18,6 +18,7 @@ use std::{
 
 use tokio::time::Instant;
 
+use super::AddressKey;
 use crate::{
     config::{Distribution, Family, Protocol},
     model::{Backend, Desired, UpstreamId},
@@ -41,9 +42,10 @@ pub enum Measures {
     /// Established connections per backend, from one conntrack dump: a
     /// backend missing from it has none.
     Established(BTreeMap<Backend, u64>),
-    /// Each health-checked upstream's smoothed probe round trip; one without
-    /// a successful probe yet is missing.
-    Latency(BTreeMap<UpstreamId, Duration>),
+    /// The smoothed probe round trip of each health-checked address of an
+    /// upstream (each has its own checker); one without a successful probe
+    /// yet is missing.
+    Latency(BTreeMap<(UpstreamId, AddressKey), Duration>),
 }
 
 /// The measures and the choices made from them.
