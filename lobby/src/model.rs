@@ -11,7 +11,8 @@ use std::{
 use tokio::time::Instant;
 
 use crate::config::{
-    Config, Distribution, Family, HealthCheck, Host, IpNet, Policy, Protocol, SourceNat, Upstream,
+    Config, Distribution, Family, HealthCheck, Host, IpNet, Policy, Protocol, SourceNat, Target,
+    Upstream,
 };
 
 /// Names one upstream of one target, as operators read it in logs:
@@ -129,6 +130,10 @@ pub struct DesiredTarget {
     /// The families the target serves, IPv4 first: netfilter cannot
     /// translate between families, so each has its own rotation.
     pub families: Vec<FamilyRotation>,
+    /// When an upstream caps its connections (`max_connections`), every
+    /// upstream with an address, in rotation or not (a drained one keeps
+    /// its count), by address; empty otherwise.
+    pub caps: BTreeMap<SocketAddr, Cap>,
 }
 
 impl DesiredTarget {
@@ -147,6 +152,15 @@ pub struct FamilyRotation {
     pub family: Family,
     /// Empty when no upstream of the family can take new connections.
     pub slots: Vec<SocketAddr>,
+}
+
+/// An upstream of a target in which some upstream caps its connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap {
+    /// Its place in the group's list: names what the ruleset keeps for it,
+    /// whichever upstreams are up.
+    pub place: usize,
+    pub max_connections: Option<u32>,
 }
 
 /// Slots of an `ip-src-hash` rotation: enough that weights and the loss of
@@ -205,6 +219,30 @@ fn slots(distribution: Distribution, candidates: &[Candidate<'_>]) -> Vec<Socket
             })
             .collect(),
     }
+}
+
+/// The caps of `target`'s upstreams with an address, when one has a cap;
+/// of upstreams sharing an address, the first.
+fn caps(
+    target: &Target,
+    states: &BTreeMap<UpstreamId, UpstreamState>,
+) -> BTreeMap<SocketAddr, Cap> {
+    let upstreams = &target.group.upstreams;
+    let mut caps = BTreeMap::new();
+    if upstreams.iter().all(|u| u.max_connections.is_none()) {
+        return caps;
+    }
+    for (place, upstream) in upstreams.iter().enumerate() {
+        let id = UpstreamId::new(&target.name, &upstream.name);
+        if let Some(address) = states.get(&id).and_then(|s| s.address) {
+            caps.entry(SocketAddr::new(address, upstream.port))
+                .or_insert(Cap {
+                    place,
+                    max_connections: upstream.max_connections,
+                });
+        }
+    }
+    caps
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -307,6 +345,7 @@ impl Desired {
                     distribution,
                     policy: target.policy.clone(),
                     families,
+                    caps: caps(target, states),
                 };
                 (target.name.clone(), desired)
             })
@@ -335,6 +374,7 @@ mod tests {
             dns: None,
             weight,
             backup,
+            max_connections: None,
         }
     }
 

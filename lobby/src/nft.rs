@@ -20,6 +20,7 @@ use std::{
 use tokio::process::Command;
 
 pub mod flowtable;
+mod limits;
 
 use crate::{
     config::{Distribution, Family, IpNet, Protocol, SourceNat},
@@ -86,6 +87,7 @@ pub fn render(desired: &Desired) -> String {
     for counter in denied_counters(desired) {
         writeln!(out, "\tcounter {counter} {{\n\t}}").unwrap();
     }
+    limits::render(&mut out, desired);
     writeln!(out, "\tchain postrouting {{").unwrap();
     writeln!(
         out,
@@ -97,11 +99,16 @@ pub fn render(desired: &Desired) -> String {
     }
     writeln!(out, "\t}}").unwrap();
     for (name, target) in &desired.targets {
-        writeln!(out, "\tchain {} {{", chain_name(name)).unwrap();
-        for rule in target_rules(name, target) {
-            writeln!(out, "\t\t{rule}").unwrap();
+        // The chains a target's chain jumps to come first.
+        let mut chains = limits::chains(name, target);
+        chains.push((chain_name(name), target_rules(name, target)));
+        for (chain, rules) in chains {
+            writeln!(out, "\tchain {chain} {{").unwrap();
+            for rule in rules {
+                writeln!(out, "\t\t{rule}").unwrap();
+            }
+            writeln!(out, "\t}}").unwrap();
         }
-        writeln!(out, "\t}}").unwrap();
     }
     flowtable::render(&mut out, desired.flowtable.as_ref());
     writeln!(out, "}}").unwrap();
@@ -177,6 +184,7 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
     for counter in new_counters.difference(&old_counters) {
         writeln!(out, "add counter {FAMILY} {TABLE} {counter}").unwrap();
     }
+    limits::plan_sets(&mut out, applied, desired);
     let postrouting = postrouting_rules(desired);
     if postrouting_rules(applied) != postrouting {
         writeln!(out, "flush chain {FAMILY} {TABLE} postrouting").unwrap();
@@ -185,20 +193,17 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
         }
     }
     for (name, new) in &desired.targets {
-        let chain = chain_name(name);
         let old = applied.targets.get(name);
+        // The chains a target's chain jumps to first.
+        let old_chains: BTreeMap<String, Vec<String>> = old
+            .map(|old| limits::chains(name, old).into_iter().collect())
+            .unwrap_or_default();
+        for (chain, rules) in limits::chains(name, new) {
+            plan_chain(&mut out, &chain, old_chains.get(&chain), &rules);
+        }
         let rules = target_rules(name, new);
-        let changed = old.is_none_or(|old| target_rules(name, old) != rules);
-        match old {
-            None => writeln!(out, "add chain {FAMILY} {TABLE} {chain}").unwrap(),
-            Some(_) if changed => writeln!(out, "flush chain {FAMILY} {TABLE} {chain}").unwrap(),
-            Some(_) => {}
-        }
-        if changed {
-            for rule in rules {
-                writeln!(out, "add rule {FAMILY} {TABLE} {chain} {rule}").unwrap();
-            }
-        }
+        let old_rules = old.map(|old| target_rules(name, old));
+        plan_chain(&mut out, &chain_name(name), old_rules.as_ref(), &rules);
         if old.is_none_or(|old| dispatch_key(old) != dispatch_key(new)) {
             writeln!(
                 out,
@@ -214,10 +219,41 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
         desired.flowtable.as_ref(),
     );
     // Last: no rule refers to them any more.
+    for (name, old) in &applied.targets {
+        let new: Vec<String> = desired
+            .targets
+            .get(name)
+            .map(|new| {
+                limits::chains(name, new)
+                    .into_iter()
+                    .map(|(c, _)| c)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (chain, _) in limits::chains(name, old) {
+            if !new.contains(&chain) {
+                writeln!(out, "delete chain {FAMILY} {TABLE} {chain}").unwrap();
+            }
+        }
+    }
+    limits::delete_sets(&mut out, applied, desired);
     for counter in old_counters.difference(&new_counters) {
         writeln!(out, "delete counter {FAMILY} {TABLE} {counter}").unwrap();
     }
     Some(out)
+}
+
+/// Creates `chain` with `rules`, or rewrites it when its `old` rules
+/// differ.
+fn plan_chain(out: &mut String, chain: &str, old: Option<&Vec<String>>, rules: &[String]) {
+    match old {
+        None => writeln!(out, "add chain {FAMILY} {TABLE} {chain}").unwrap(),
+        Some(old) if old != rules => writeln!(out, "flush chain {FAMILY} {TABLE} {chain}").unwrap(),
+        Some(_) => return,
+    }
+    for rule in rules {
+        writeln!(out, "add rule {FAMILY} {TABLE} {chain} {rule}").unwrap();
+    }
 }
 
 /// The transaction that removes Lobby's table, whether or not it exists.
@@ -272,6 +308,12 @@ fn backend_elements(backends: &BTreeSet<Backend>, family: Family) -> Vec<String>
 /// own stack and be refused. Without upstreams: refused at once.
 fn target_rules(name: &str, target: &DesiredTarget) -> Vec<String> {
     let mut rules = policy_rules(name, target);
+    let opening = opening(target.protocol);
+    rules.extend(limits::target_rules(
+        name,
+        target,
+        &opening.map(|o| format!("{o} ")).unwrap_or_default(),
+    ));
     for rotation in &target.families {
         let family = address_keyword(rotation.family);
         let mut matched = String::new();
@@ -285,23 +327,38 @@ fn target_rules(name: &str, target: &DesiredTarget) -> Vec<String> {
             rules.push(format!("{matched} {}", refusal(target.protocol)));
             continue;
         }
-        // Only a connection's opening packet is translated: a TCP segment
-        // without SYN that conntrack does not know (a flow moved here by a
-        // failover or ECMP) is dropped below, to be retransmitted once the
-        // state has arrived, instead of being balanced to an upstream that
-        // would reset it.
-        let opening = match target.protocol {
-            Protocol::Tcp => " tcp flags & (syn | ack) == syn",
-            Protocol::Udp | Protocol::Sctp => "",
+        let opened = match opening {
+            Some(opening) => format!("{matched} {opening}"),
+            None => matched.clone(),
         };
-        rules.push(format!(
-            "{matched}{opening} dnat {family} to {} map {{ {} }}",
-            slot_key(target.distribution, rotation),
-            slot_elements(&rotation.slots).join(", ")
-        ));
+        if limits::capped(target, rotation) {
+            let keys = [HASH_SEED, limits::SPILL_SEED]
+                .map(|seed| slot_key(target.distribution, rotation, seed));
+            rules.extend(limits::rotation_rules(
+                name, target, rotation, &opened, keys,
+            ));
+        } else {
+            rules.push(format!(
+                "{opened} dnat {family} to {} map {{ {} }}",
+                slot_key(target.distribution, rotation, HASH_SEED),
+                slot_elements(&rotation.slots, |u| format!("{} . {}", u.ip(), u.port())).join(", ")
+            ));
+        }
         rules.push(format!("{matched} drop"));
     }
     rules
+}
+
+/// What matches a connection's opening packet, if not every packet: only
+/// it is translated. A TCP segment without SYN that conntrack does not know
+/// (a flow moved here by a failover or ECMP) is dropped, to be
+/// retransmitted once the state has arrived, instead of being balanced to
+/// an upstream that would reset it.
+fn opening(protocol: Protocol) -> Option<&'static str> {
+    match protocol {
+        Protocol::Tcp => Some("tcp flags & (syn | ack) == syn"),
+        Protocol::Udp | Protocol::Sctp => None,
+    }
 }
 
 /// The rules before the balancing: traffic that is not balanced leaves the
@@ -361,15 +418,24 @@ fn nets_of(nets: &[IpNet], family: Family) -> String {
 pub enum Denied {
     Blocked,
     NotAllowed,
+    RateLimited,
+    ConnectionLimited,
 }
 
 impl Denied {
-    pub const ALL: [Denied; 2] = [Denied::Blocked, Denied::NotAllowed];
+    pub const ALL: [Denied; 4] = [
+        Denied::Blocked,
+        Denied::NotAllowed,
+        Denied::RateLimited,
+        Denied::ConnectionLimited,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Denied::Blocked => "blocked",
             Denied::NotAllowed => "not_allowed",
+            Denied::RateLimited => "rate_limited",
+            Denied::ConnectionLimited => "connection_limited",
         }
     }
 }
@@ -389,6 +455,7 @@ fn denied_counters(desired: &Desired) -> BTreeSet<String> {
         if target.policy.allow.is_some() {
             counters.insert(denied_counter(name, Denied::NotAllowed));
         }
+        counters.extend(limits::counters(name, target));
     }
     counters
 }
@@ -463,15 +530,16 @@ fn snat_to(source_nat: &SourceNat, family: Family) -> Option<String> {
     }
 }
 
-/// The expression that picks a slot for a new connection.
-fn slot_key(distribution: Distribution, rotation: &FamilyRotation) -> String {
+/// The expression that picks a slot for a new connection; `seed` seeds
+/// the hash of `ip-src-hash`.
+fn slot_key(distribution: Distribution, rotation: &FamilyRotation, seed: u32) -> String {
     let slots = rotation.slots.len();
     match distribution {
         Distribution::RoundRobin => format!("numgen inc mod {slots}"),
         Distribution::Random => format!("numgen random mod {slots}"),
         // A fixed seed: the same client keeps its slot across restarts.
         Distribution::IpSrcHash => format!(
-            "jhash {} saddr mod {slots} seed {HASH_SEED:#x}",
+            "jhash {} saddr mod {slots} seed {seed:#x}",
             address_keyword(rotation.family)
         ),
     }
@@ -480,8 +548,9 @@ fn slot_key(distribution: Distribution, rotation: &FamilyRotation) -> String {
 /// `jhash`'s seed: "LOBB".
 const HASH_SEED: u32 = 0x4c4f_4242;
 
-/// The map from slots to upstreams, runs of one upstream as ranges.
-fn slot_elements(slots: &[SocketAddr]) -> Vec<String> {
+/// The map from slots to what `value` says of their upstreams, runs of
+/// one upstream as ranges.
+fn slot_elements(slots: &[SocketAddr], value: impl Fn(&SocketAddr) -> String) -> Vec<String> {
     let mut elements = Vec::new();
     let mut start = 0;
     for (i, upstream) in slots.iter().enumerate() {
@@ -493,7 +562,7 @@ fn slot_elements(slots: &[SocketAddr]) -> Vec<String> {
         } else {
             format!("{start}-{i}")
         };
-        elements.push(format!("{key} : {} . {}", upstream.ip(), upstream.port()));
+        elements.push(format!("{key} : {}", value(upstream)));
         start = i + 1;
     }
     elements
@@ -615,7 +684,7 @@ pub async fn list_table() -> Result<Option<String>, NftError> {
     // Stateless: counter values are traffic, not a change of the table.
     Ok(list(FAMILY, &["-s"])
         .await?
-        .map(|text| String::from_utf8_lossy(&text).into_owned()))
+        .map(|text| limits::without_dynamic_elements(&String::from_utf8_lossy(&text))))
 }
 
 /// Runs `nft FLAGS list table FAMILY lobby`; a missing table is `None`,
@@ -665,18 +734,25 @@ pub fn parse_rotation(listing: &[u8]) -> Result<Rotation, serde_json::Error> {
         let (Some(chain), Some(exprs)) = (rule["chain"].as_str(), rule["expr"].as_array()) else {
             continue;
         };
-        let upstreams = rotation.entry(chain.to_owned()).or_default();
-        let slots = exprs
-            .iter()
-            .filter_map(|e| e["dnat"]["addr"]["map"]["data"]["set"].as_array());
-        for slot in slots.flatten() {
-            let concat = &slot[1]["concat"];
-            if let (Some(addr), Some(port)) = (
-                concat[0].as_str().and_then(|a| a.parse().ok()),
-                concat[1].as_u64(),
-            ) && let Ok(port) = u16::try_from(port)
-            {
-                upstreams.insert(SocketAddr::new(addr, port));
+        // An upstream's chain of a capped rotation counts as its target's.
+        let upstreams = rotation.entry(limits::owner(chain).to_owned()).or_default();
+        let dnat = exprs.iter().map(|e| &e["dnat"]).filter(|d| d.is_object());
+        for dnat in dnat {
+            // A rotation's map of `addr . port`, or one upstream's.
+            let one = [(&dnat["addr"], &dnat["port"])];
+            let slots = dnat["addr"]["map"]["data"]["set"].as_array();
+            let targets = slots
+                .into_iter()
+                .flatten()
+                .map(|slot| (&slot[1]["concat"][0], &slot[1]["concat"][1]))
+                .chain(one);
+            for (addr, port) in targets {
+                if let (Some(addr), Some(port)) =
+                    (addr.as_str().and_then(|a| a.parse().ok()), port.as_u64())
+                    && let Ok(port) = u16::try_from(port)
+                {
+                    upstreams.insert(SocketAddr::new(addr, port));
+                }
             }
         }
     }
@@ -696,6 +772,7 @@ mod tests {
             ip: None,
             distribution: Distribution::RoundRobin,
             policy: Policy::default(),
+            caps: BTreeMap::new(),
             families: vec![FamilyRotation {
                 family: Family::Ipv4,
                 slots: upstreams
@@ -790,6 +867,7 @@ table inet lobby {
             ip: None,
             distribution: Distribution::RoundRobin,
             policy: Policy::default(),
+            caps: BTreeMap::new(),
             families: vec![
                 FamilyRotation {
                     family: Family::Ipv4,
@@ -825,7 +903,7 @@ table inet lobby {
         let a: SocketAddr = "198.18.1.11:80".parse().unwrap();
         let b: SocketAddr = "198.18.1.12:80".parse().unwrap();
         assert_eq!(
-            slot_elements(&[a, a, a, b]),
+            slot_elements(&[a, a, a, b], |u| format!("{} . {}", u.ip(), u.port())),
             ["0-2 : 198.18.1.11 . 80", "3 : 198.18.1.12 . 80"]
         );
         let rotation = FamilyRotation {
@@ -833,11 +911,11 @@ table inet lobby {
             slots: vec![a, b],
         };
         assert_eq!(
-            slot_key(Distribution::IpSrcHash, &rotation),
+            slot_key(Distribution::IpSrcHash, &rotation, HASH_SEED),
             "jhash ip6 saddr mod 2 seed 0x4c4f4242"
         );
         assert_eq!(
-            slot_key(Distribution::Random, &rotation),
+            slot_key(Distribution::Random, &rotation, HASH_SEED),
             "numgen random mod 2"
         );
     }

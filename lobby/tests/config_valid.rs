@@ -62,6 +62,7 @@ fn upstream(name: &str, host: Host, port: u16) -> Upstream {
         dns: None,
         weight: 1,
         backup: false,
+        max_connections: None,
     }
 }
 
