@@ -1008,6 +1008,24 @@ table inet lobby {
     }
 
     #[test]
+    fn the_upstream_chains_of_a_capped_rotation_count_as_their_target() {
+        let listing = br#"{"nftables": [
+          {"rule": {"family": "inet", "table": "lobby", "chain": "target-web_u0", "handle": 3, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+            {"dnat": {"family": "ip", "addr": "198.18.1.11", "port": 9000}}]}},
+          {"rule": {"family": "inet", "table": "lobby", "chain": "target-web_u2", "handle": 4, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+            {"dnat": {"family": "ip6", "addr": "2001:2:0:1::13", "port": 9000}}]}}]}"#;
+        let rotation = parse_rotation(listing).unwrap();
+        let web: Vec<String> = rotation["target-web"]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(web, ["198.18.1.11:9000", "[2001:2:0:1::13]:9000"]);
+        assert_eq!(rotation.len(), 1);
+    }
+
+    #[test]
     fn chain_names_keep_distinct_targets_distinct() {
         assert_eq!(chain_name("web-1"), "target-web-1");
         assert_eq!(chain_name("web_1"), "target-web_5f1");

@@ -926,7 +926,7 @@ impl Core {
                     let what = describe_change(known, &text);
                     self.repair(what, true, actions);
                 }
-                (Some(_), Some(_)) => {}
+                (Some(_), Some(_)) => debug!("table {} {} is as applied", nft::FAMILY, nft::TABLE),
             },
             _ => {}
         }

@@ -95,6 +95,7 @@ fn a_token_bucket_lets_rate_times_time_plus_burst_through() {
     let lobby = Lobby::start(&topology.lb, &config(&[""], "round-robin", limits));
     // 400 attempts over 2 s: 10 at once, then 50 a second.
     let accepted = first_syn_accepted(&topology, 400, Duration::from_secs(2));
+    eprintln!("{accepted} of 400 connections accepted on their first SYN");
     assert!(
         (83..=137).contains(&accepted),
         "{accepted} of 400 accepted on their first SYN; expected about 110"
@@ -235,3 +236,30 @@ fn with_every_upstream_full_new_connections_are_refused_and_counted() {
     assert!(denied(&lobby, "connection_limited") > 0);
     assert_eq!(denied(&lobby, "rate_limited"), 0);
 }
+
+#[test]
+fn what_traffic_adds_to_the_limits_sets_is_not_an_outside_change() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(2);
+    let _servers = start_servers(&topology);
+    let limits = "        limits: { new_connections_per_second: 100, max_connections: 50, \
+                  per_source: { new_connections_per_second: 50, max_connections: 20 } }\n";
+    let config = config(&["max_connections: 2", ""], "round-robin", limits);
+    let lobby = Lobby::start(&topology.lb, &config);
+    // Elements in every set: the buckets, the counts, web0's full flag.
+    let _held = hold(&topology, 6);
+    let checks = lobby.log_count(AS_APPLIED);
+    lobby.wait_for_log_count(AS_APPLIED, checks);
+    assert_eq!(
+        lobby.log_count("changed outside Lobby"),
+        0,
+        "{}",
+        lobby.log()
+    );
+}
+
+/// The daemon's debug line for a check of the table that found it as
+/// applied.
+const AS_APPLIED: &str = "table inet lobby is as applied";
