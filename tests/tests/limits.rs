@@ -4,11 +4,14 @@
 //! place frees, `per_source` limits one client and not another, and an
 //! upstream at its cap sends new connections to the other one. Each
 //! refusal is a silent drop, counted by reason in `lobby stats --json`.
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use lobby_tests::{
-    Lobby, Topology,
-    fixtures::{ConfigBuilder, count, start_servers, target_addr},
+    Lobby, NameServer, Topology, UdpFlow, UdpNameServer,
+    fixtures::{ConfigBuilder, UPSTREAM_PORT, count, start_servers, target_addr},
     privileged,
     server::{Conversation, ask_name_from},
     wait_for,
@@ -235,6 +238,79 @@ fn with_every_upstream_full_new_connections_are_refused_and_counted() {
     assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
     assert!(denied(&lobby, "connection_limited") > 0);
     assert_eq!(denied(&lobby, "rate_limited"), 0);
+}
+
+#[test]
+fn a_cap_counts_udp_flows_and_ipv6_connections() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::dual_stack(2);
+    let servers: Vec<(UdpNameServer, NameServer)> = (0..2)
+        .map(|i| {
+            let ns = &topology.upstreams[i];
+            let name = format!("web{i}");
+            let udp = SocketAddr::from((Topology::upstream_addr(i), UPSTREAM_PORT));
+            let tcp6 = SocketAddr::from((Topology::upstream_addr6(i), UPSTREAM_PORT));
+            (
+                UdpNameServer::start(ns, udp, &name),
+                NameServer::start(ns, tcp6, &name),
+            )
+        })
+        .collect();
+    let cap = "max_connections: 2";
+    let mut builder = ConfigBuilder::new().target("dns", PORT).protocol("udp");
+    for i in 0..2 {
+        builder = builder.topology_upstream(i, if i == 0 { cap } else { "" });
+    }
+    builder = builder.target("web6", PORT);
+    for i in 0..2 {
+        let name = format!("web{i}");
+        let host = Topology::upstream_addr6(i);
+        builder = builder.upstream_with(&name, host, UPSTREAM_PORT, if i == 0 { cap } else { "" });
+    }
+    let _lobby = Lobby::start(&topology.lb, &builder.build());
+
+    // A UDP flow counts while conntrack holds it (30 s and more).
+    let flows: Vec<String> = (0..8)
+        .map(|i| {
+            UdpFlow::open(&topology.client, target_addr(PORT))
+                .ask_name()
+                .unwrap_or_else(|e| panic!("flow {i}: {e}"))
+        })
+        .collect();
+    assert_eq!(count(&flows, "web0"), 2, "{flows:?}");
+    assert_eq!(count(&flows, "web1"), 6, "{flows:?}");
+
+    let target6 = SocketAddr::from((Topology::LB_ADDR6, PORT));
+    let held: Vec<Conversation> = (0..8)
+        .map(|i| {
+            Conversation::open(&topology.client, target6)
+                .unwrap_or_else(|e| panic!("IPv6 connection {i}: {e}"))
+        })
+        .collect();
+    let names: Vec<String> = held.iter().map(|c| c.upstream.clone()).collect();
+    assert_eq!(count(&names, "web0"), 2, "{names:?}");
+    drop(servers);
+}
+
+#[test]
+fn a_change_of_the_chain_keeps_the_connections_counted() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(2);
+    let _servers = start_servers(&topology);
+    let limits = "        limits: { max_connections: 4 }\n";
+    let lobby = Lobby::start(&topology.lb, &config(&["", ""], "round-robin", limits));
+    let _held = hold(&topology, 4);
+    // A new weight rewrites the target's chain; its count stays.
+    lobby.reload_with(&config(&["weight: 2", ""], "round-robin", limits));
+    let error = topology
+        .client
+        .connect(target_addr(PORT), Duration::from_millis(2500))
+        .expect_err("a fifth connection after the reload");
+    assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
 }
 
 #[test]
