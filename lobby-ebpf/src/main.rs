@@ -35,23 +35,19 @@
 //!
 //! The daemon's own probes are not the upstream's traffic. Toward the
 //! upstream, a packet this host sends carries its socket while forwarded
-//! traffic carries none, whatever the protocol. From the upstream, a TCP
-//! SYN-ACK or RST and every UDP datagram is looked up among this host's
-//! connected sockets; SCTP has no socket lookup helper, so the answers to
-//! SCTP probes (INIT ACK, ABORT) are counted as the upstream's.
+//! traffic carries none, whatever the protocol: the egress program notes
+//! each probe's flow in [`PROBE_FLOWS`]. From the upstream, a packet of a
+//! flow noted there within [`PROBE_ANSWER_NS`] is a probe's answer, also
+//! when it arrives after the probe's socket is gone (a greeting the
+//! upstream wrote before the probe's reset reached it, a UDP answer after
+//! the probe's timeout).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{
-        BPF_F_CURRENT_NETNS, BPF_NOEXIST, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET,
-        bpf_sock, bpf_sock_tuple,
-    },
-    helpers::{
-        bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
-        bpf_skb_load_bytes_relative,
-    },
+    bindings::{BPF_NOEXIST, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET},
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes_relative},
     macros::{classifier, map},
     maps::{LruHashMap, PerCpuHashMap},
     programs::TcContext,
@@ -102,6 +98,20 @@ static SYNS: LruHashMap<Syn, u8> = LruHashMap::with_max_entries(SYNS_MAX, 0);
 /// About 7 MiB of kernel memory (LRU maps preallocate their elements).
 const SYNS_MAX: u32 = 65_536;
 
+/// The daemon's probes toward counted upstreams, with when each last sent
+/// a packet (`bpf_ktime_get_ns`).
+#[map]
+static PROBE_FLOWS: LruHashMap<Flow, u64> = LruHashMap::with_max_entries(PROBE_FLOWS_MAX, 0);
+
+/// 1.6 s of probes to 10,000 upstreams every second: far more than the
+/// time a late answer takes.
+const PROBE_FLOWS_MAX: u32 = 16_384;
+/// How long after a probe's last packet its flow's answers are still the
+/// probe's: conntrack keeps a closed TCP flow 10 s (`CLOSE`) and an
+/// unanswered UDP flow 30 s, so masquerade gives no client that flow's
+/// ports in the meantime.
+const PROBE_ANSWER_NS: u64 = 10_000_000_000;
+
 /// One flow as the egress program sees it: the source after masquerade
 /// and the upstream.
 #[repr(C)]
@@ -129,9 +139,6 @@ const EEXIST: i32 = 17;
 const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
-const TCP_LISTEN: u32 = 10;
-/// What a connected UDP socket's state reads.
-const TCP_ESTABLISHED: u32 = 1;
 const SCTP_CHUNK_INIT: u8 = 1;
 
 /// IPv6 extension headers skipped at most before the transport header.
@@ -220,7 +227,7 @@ pub fn lobby_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lobby_ingress(ctx: TcContext) -> i32 {
     if let Some(packet) = read_packet(&ctx) {
-        count_from_upstream(&ctx, &packet);
+        count_from_upstream(&packet);
     }
     TC_ACT_UNSPEC
 }
@@ -244,6 +251,11 @@ fn count_toward_upstream(ctx: &TcContext, packet: &Packet) {
         (skb.__bindgen_anon_2.sk, skb.ingress_ifindex)
     };
     if !socket.is_null() && received_on == 0 {
+        // SAFETY: the helper has no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        // A full table evicts its least recently used probe; a failed
+        // insert leaves this probe's answers counted.
+        let _ = PROBE_FLOWS.insert(Flow::toward(packet, upstream), now, 0);
         return;
     }
     // SAFETY: a per-CPU value of a key the daemon inserted; only this CPU
@@ -299,11 +311,11 @@ fn is_new_udp_flow(packet: &Packet, upstream: UpstreamKey) -> bool {
 }
 
 #[inline(always)]
-fn count_from_upstream(ctx: &TcContext, packet: &Packet) {
+fn count_from_upstream(packet: &Packet) {
     let Some(counters) = COUNTERS.get_ptr_mut(packet.upstream_at_source()) else {
         return;
     };
-    if is_probe_answer(ctx, packet) {
+    if is_probe_answer(packet) {
         return;
     }
     // SAFETY: as in count_toward_upstream.
@@ -317,78 +329,24 @@ fn count_from_upstream(ctx: &TcContext, packet: &Packet) {
     }
 }
 
-/// Whether a connected socket of this host owns an arriving packet's flow:
-/// answers to the daemon's own health probes, which are not client traffic.
-/// Forwarded client flows have no local socket. A TCP probe hears back a
-/// SYN-ACK, or a reset when refused, and then closes at once, so no later
-/// segment of its flow finds a socket: only those segments pay for the
-/// lookup, not data and ACKs of client flows. UDP has no such marks, so
-/// every datagram from a counted upstream is looked up.
+/// Whether an arriving packet answers one of the daemon's probes, noted by
+/// the egress program (see the module's documentation).
 #[inline(always)]
-fn is_probe_answer(ctx: &TcContext, packet: &Packet) -> bool {
-    // SAFETY: a zeroed tuple is a valid value of this plain C union.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = if packet.family == FAMILY_IPV4 {
-        // SAFETY: writing plain integers into the union's IPv4 view.
-        let v4 = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
-        v4.saddr = u32::from_ne_bytes([
-            packet.saddr[0],
-            packet.saddr[1],
-            packet.saddr[2],
-            packet.saddr[3],
-        ]);
-        v4.daddr = u32::from_ne_bytes([
-            packet.daddr[0],
-            packet.daddr[1],
-            packet.daddr[2],
-            packet.daddr[3],
-        ]);
-        v4.sport = packet.sport;
-        v4.dport = packet.dport;
-        core::mem::size_of_val(v4)
-    } else {
-        // SAFETY: writing plain integers into the union's IPv6 view.
-        let v6 = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
-        v6.saddr = words(&packet.saddr);
-        v6.daddr = words(&packet.daddr);
-        v6.sport = packet.sport;
-        v6.dport = packet.dport;
-        core::mem::size_of_val(v6)
-    } as u32;
-    let netns = BPF_F_CURRENT_NETNS as u64;
-    // SAFETY (both lookups): the helper reads `size` bytes of the tuple,
-    // and every socket it returns is released below.
-    let (sock, owner_state): (*mut bpf_sock, u32) = match packet.transport {
-        Transport::Tcp { flags } if flags & (TCP_FLAG_SYN | TCP_FLAG_RST) != 0 => (
-            unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0) },
-            TCP_LISTEN,
-        ),
-        Transport::Udp => (
-            unsafe { bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0) },
-            TCP_ESTABLISHED,
-        ),
-        Transport::Tcp { .. } | Transport::Sctp { .. } => return false,
+fn is_probe_answer(packet: &Packet) -> bool {
+    let flow = Flow {
+        source: packet.daddr,
+        source_port: packet.dport,
+        _pad: [0; 2],
+        upstream: packet.upstream_at_source(),
     };
-    if sock.is_null() {
+    // SAFETY: the value is copied out at once; a concurrent update of it
+    // only moves the probe's last packet.
+    let Some(&sent) = (unsafe { PROBE_FLOWS.get(&flow) }) else {
         return false;
-    }
-    // SAFETY: non-null socket from the lookup; released right after.
-    let state = unsafe { (*sock).state };
-    unsafe { bpf_sk_release(sock.cast()) };
-    // A TCP listener, or an unconnected UDP socket, matched only by port:
-    // it does not own this flow. A probe's TCP socket is never listening,
-    // a UDP probe's socket is connected.
-    match packet.transport {
-        Transport::Tcp { .. } => state != owner_state,
-        _ => state == owner_state,
-    }
-}
-
-/// An IPv6 address as the four network-order words of a socket tuple.
-#[inline(always)]
-fn words(addr: &[u8; 16]) -> [u32; 4] {
-    let word = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
-    [word(0), word(4), word(8), word(12)]
+    };
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    now.saturating_sub(sent) < PROBE_ANSWER_NS
 }
 
 #[inline(always)]

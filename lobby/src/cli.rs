@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 
-use crate::ctl;
+use crate::{config::Nftables, ctl};
 
 /// Lobby: layer-4 load balancing by the kernel (nftables DNAT), with exact
 /// per-upstream counters (eBPF).
@@ -41,12 +41,15 @@ pub struct RunArgs {
         default_value_t = LogLevel::Info
     )]
     pub log_level: LogLevel,
-    /// Control socket that `lobby stats` talks to.
-    #[arg(long, default_value = ctl::DEFAULT_SOCKET)]
-    pub socket: PathBuf,
-    /// Where BPF maps are pinned; must be on a bpffs.
-    #[arg(long, default_value = "/sys/fs/bpf/lobby")]
-    pub pin_dir: PathBuf,
+    /// Control socket that `lobby stats` talks to (default:
+    /// /run/lobby/TABLE.sock, TABLE being `nftables.table`, `lobby` unless
+    /// configured).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Where BPF maps are pinned; must be on a bpffs (default:
+    /// /sys/fs/bpf/lobby, /sys/fs/bpf/lobby-TABLE for another table).
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
     /// Seconds between the log lines of each upstream's traffic; 0 turns
     /// them off.
     #[arg(long, default_value_t = 60)]
@@ -68,9 +71,8 @@ pub enum Command {
     /// Show each target's upstreams: state, address, connections, packets
     /// and bytes each way, and rates.
     Stats {
-        /// The daemon's control socket.
-        #[arg(long, default_value = ctl::DEFAULT_SOCKET)]
-        socket: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonSocket,
         /// Print the JSON contract instead of a table.
         #[arg(long)]
         json: bool,
@@ -81,12 +83,32 @@ pub enum Command {
     /// Runtime control: drain, enable or disable an upstream until the next
     /// restart; show the state; reload the configuration.
     Ctl {
-        /// The daemon's control socket.
-        #[arg(long, global = true, default_value = ctl::DEFAULT_SOCKET)]
-        socket: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonSocket,
         #[command(subcommand)]
         action: CtlAction,
     },
+}
+
+/// Which daemon a client command talks to: by its control socket, or by
+/// its table, whose default socket it finds.
+#[derive(clap::Args, Debug, PartialEq, Eq)]
+pub struct DaemonSocket {
+    /// The daemon's control socket.
+    #[arg(long, global = true, conflicts_with = "table")]
+    pub socket: Option<PathBuf>,
+    /// The daemon of this table (`nftables.table`): its socket is
+    /// /run/lobby/TABLE.sock.
+    #[arg(long, global = true, default_value = Nftables::DEFAULT_TABLE)]
+    pub table: String,
+}
+
+impl DaemonSocket {
+    pub fn path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| ctl::default_socket(&self.table))
+    }
 }
 
 #[derive(Subcommand, Debug, PartialEq, Eq)]
@@ -175,7 +197,7 @@ mod tests {
 
     fn ctl_command(args: &[&str]) -> (PathBuf, CtlAction) {
         match parse(args).unwrap().command {
-            Some(Command::Ctl { socket, action }) => (socket, action),
+            Some(Command::Ctl { daemon, action }) => (daemon.path(), action),
             other => panic!("{args:?}: {other:?}"),
         }
     }
@@ -186,8 +208,8 @@ mod tests {
             target: "web".into(),
             upstream: "web1".into(),
         };
-        let default = ctl::DEFAULT_SOCKET;
-        let cases: [(&[&str], &str, CtlAction); 6] = [
+        let default = "/run/lobby/lobby.sock";
+        let cases: [(&[&str], &str, CtlAction); 8] = [
             (
                 &["drain", "web/web1"],
                 default,
@@ -210,6 +232,16 @@ mod tests {
             ),
             (&["state"], default, CtlAction::State { json: false }),
             (&["reload"], default, CtlAction::Reload),
+            (
+                &["--table", "lb2", "state"],
+                "/run/lobby/lb2.sock",
+                CtlAction::State { json: false },
+            ),
+            (
+                &["reload", "--table", "lb2"],
+                "/run/lobby/lb2.sock",
+                CtlAction::Reload,
+            ),
         ];
         for (args, socket, action) in cases {
             let args: Vec<&str> = std::iter::once("ctl").chain(args.iter().copied()).collect();
@@ -227,5 +259,26 @@ mod tests {
             "{error}"
         );
         assert!(parse(&["ctl"]).is_err());
+        assert!(
+            parse(&["ctl", "--table", "lb2", "--socket", "/tmp/l.sock", "reload"]).is_err(),
+            "a socket and a table are two answers to one question"
+        );
+    }
+
+    #[test]
+    fn stats_finds_the_socket_of_a_table() {
+        let socket = |args: &[&str]| match parse(args).unwrap().command {
+            Some(Command::Stats { daemon, .. }) => daemon.path(),
+            other => panic!("{args:?}: {other:?}"),
+        };
+        assert_eq!(socket(&["stats"]), PathBuf::from("/run/lobby/lobby.sock"));
+        assert_eq!(
+            socket(&["stats", "--table", "lb2", "--json"]),
+            PathBuf::from("/run/lobby/lb2.sock")
+        );
+        assert_eq!(
+            socket(&["stats", "--socket", "/tmp/l.sock"]),
+            PathBuf::from("/tmp/l.sock")
+        );
     }
 }

@@ -23,8 +23,14 @@ use tracing::{debug, info};
 
 use crate::listen::{Limits, Watched, accept_until};
 
-/// The default control socket.
-pub const DEFAULT_SOCKET: &str = "/run/lobby/lobby.sock";
+/// Where the control sockets live by default.
+const SOCKET_DIR: &str = "/run/lobby";
+
+/// The default control socket of the daemon of `table`:
+/// /run/lobby/TABLE.sock, so the default table's is /run/lobby/lobby.sock.
+pub fn default_socket(table: &str) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("{table}.sock"))
+}
 
 /// The `lobby stats --json` contract (SPEC.md): fields may be added, never
 /// change meaning.
@@ -771,6 +777,20 @@ pub fn human_bytes(bytes: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_table_has_its_socket_and_pin_directory() {
+        assert_eq!(default_socket("lobby"), Path::new("/run/lobby/lobby.sock"));
+        assert_eq!(default_socket("lb2"), Path::new("/run/lobby/lb2.sock"));
+        assert_eq!(
+            crate::ebpf::default_pin_dir("lobby"),
+            Path::new("/sys/fs/bpf/lobby")
+        );
+        assert_eq!(
+            crate::ebpf::default_pin_dir("lb2"),
+            Path::new("/sys/fs/bpf/lobby-lb2")
+        );
+    }
 
     fn upstream(name: &str, connections: u64, bytes_out: u64) -> UpstreamStats {
         UpstreamStats {

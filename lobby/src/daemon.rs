@@ -35,7 +35,7 @@ use crate::{
     model::{Backend, UpstreamId},
     nft::NftError,
     ownership::{self, OwnershipError, TableLock},
-    plane::{DataPlane, KernelPlane},
+    plane::{DataPlane, KernelPlane, Lookup},
     reconcile::{Action, Core, Event, Notice},
     systemd, traffic,
     watch::{self as config_watch, DEBOUNCE},
@@ -56,13 +56,31 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct Options {
     pub config_path: PathBuf,
-    pub pin_dir: PathBuf,
-    pub socket_path: PathBuf,
+    /// `None`: the default of the configured table.
+    pub pin_dir: Option<PathBuf>,
+    /// `None`: the default of the configured table.
+    pub socket_path: Option<PathBuf>,
     /// How often each upstream's traffic since the last line is logged;
     /// `None`: never.
     pub traffic_log_interval: Option<Duration>,
     /// Load the eBPF counters; without them stats show zeros.
     pub counters: bool,
+}
+
+impl Options {
+    /// The control socket: the one given, else the `table`'s default.
+    pub fn socket_path(&self, table: &str) -> PathBuf {
+        self.socket_path
+            .clone()
+            .unwrap_or_else(|| ctl::default_socket(table))
+    }
+
+    /// The pin directory: the one given, else the `table`'s default.
+    pub fn pin_dir(&self, table: &str) -> PathBuf {
+        self.pin_dir
+            .clone()
+            .unwrap_or_else(|| crate::ebpf::default_pin_dir(table))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,19 +134,20 @@ pub async fn run(
             })?;
     }
     // Before anything is touched: a live daemon's table is never taken.
-    let lock = TableLock::claim(&ownership::default_lock_dir())?;
+    let table = config.nftables.table.clone();
+    let lock = TableLock::claim(&ownership::default_lock_dir(), &table)?;
     enable_forwarding().map_err(DaemonError::Forwarding)?;
     match health::raise_fd_limit() {
         Ok(limit) => info!(limit, "open file limit"),
         Err(e) => warn!(error = %e, "probes of many upstreams may run out of file descriptors"),
     }
     let counters = if options.counters {
-        Some(Counters::load(&options.pin_dir)?)
+        Some(Counters::load(&options.pin_dir(&table))?)
     } else {
         info!("counters are off (--no-counters)");
         None
     };
-    let plane = Arc::new(KernelPlane::new(counters));
+    let plane = Arc::new(KernelPlane::new(counters, table));
     let result = serve(options, config, config_text, plane.clone(), shutdown, ready).await;
     if result.is_err() {
         // A failed start leaves nothing behind: no pinned map, no table.
@@ -159,14 +178,15 @@ pub async fn serve<P: DataPlane>(
     };
     if inherited.is_some() {
         info!(
-            table = crate::nft::TABLE,
+            table = %config.nftables.table,
             "taking over the ruleset of a previous run"
         );
     }
-    let listener = ctl::bind(&options.socket_path).await?;
+    let socket_path = options.socket_path(&config.nftables.table);
+    let listener = ctl::bind(&socket_path).await?;
     // Bound by this daemon: a start that fails from here on leaves no
     // socket file behind (a running server removes it itself at its end).
-    let _socket_file = RemoveOnDrop(options.socket_path.clone());
+    let _socket_file = RemoveOnDrop(socket_path.clone());
     let metrics_listener = match &config.metrics {
         Some(m) => Some((m.listen, metrics::bind(m.listen)?)),
         None => None,
@@ -191,7 +211,7 @@ pub async fn serve<P: DataPlane>(
     let mut actions = core.on(Event::ConfigLoaded(config), now);
     // The first ruleset has the flowtable already.
     if let Some(query) = core.device_query()
-        && let Some(devices) = wiring.plane.flowtable_devices(&query).await
+        && let Some(devices) = wiring.plane.flowtable_devices(&query, Lookup::All).await
     {
         actions.extend(core.on(Event::Devices(devices), now));
     }
@@ -210,7 +230,7 @@ pub async fn serve<P: DataPlane>(
                 Action::Ready => {
                     let (listener, metrics_listener) =
                         listeners.take().expect("the core is ready once");
-                    wiring.start_services(&options, listener, metrics_listener);
+                    wiring.start_services(&options, &socket_path, listener, metrics_listener);
                     // A reload before the first apply may have moved it.
                     wiring.follow_metrics(&core);
                     info!(
@@ -472,13 +492,14 @@ impl<P: DataPlane> Wiring<P> {
     fn start_services(
         &mut self,
         options: &Options,
+        socket_path: &Path,
         listener: tokio::net::UnixListener,
         metrics_listener: Option<(SocketAddr, tokio::net::TcpListener)>,
     ) {
         self.started = true;
         self.tracker.spawn(ctl::serve_with_control(
             listener,
-            options.socket_path.clone(),
+            socket_path.to_owned(),
             self.requests.clone(),
             self.control.clone(),
             self.cancel.child_token(),
@@ -568,7 +589,7 @@ impl<P: DataPlane> Wiring<P> {
                 let events = self.events.clone();
                 self.tracker.spawn(async move {
                     if let Some(track) = track {
-                        plane.track(&track).await;
+                        plane.track(&track, Lookup::NewAddresses).await;
                     }
                     let started = Instant::now();
                     let outcome = plane.apply(script).await;
@@ -828,7 +849,9 @@ fn event_of(notice: &Notice, core: &Core) -> Option<LobbyEvent> {
         }
         Notice::ReloadApplied(_) => (EventKind::ReloadApplied, None, None, None),
         Notice::ReloadFailed(_) => (EventKind::ReloadFailed, None, None, None),
-        Notice::ApplyFailed(_) | Notice::Drift(_) | Notice::Ipv6ForwardingOff(_) => return None,
+        Notice::ApplyFailed(_) | Notice::Drift { .. } | Notice::Ipv6ForwardingOff(_) => {
+            return None;
+        }
     };
     Some(LobbyEvent {
         kind,
@@ -910,17 +933,19 @@ async fn keep_counting<P: DataPlane>(
     let mut recheck = tokio::time::interval_at(Instant::now() + COUNTERS_RECHECK, COUNTERS_RECHECK);
     recheck.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        // A change looks up only the new addresses (the apply before it
+        // may have done that already); the recheck looks up every route.
+        let lookup = tokio::select! {
             () = cancel.cancelled() => return,
-            changed = counted.changed() => if changed.is_err() { return },
-            changed = device_query.changed() => if changed.is_err() { return },
-            _ = recheck.tick() => {}
-        }
+            changed = counted.changed() => if changed.is_err() { return } else { Lookup::NewAddresses },
+            changed = device_query.changed() => if changed.is_err() { return } else { Lookup::NewAddresses },
+            _ = recheck.tick() => Lookup::All,
+        };
         let backends = counted.borrow_and_update().clone();
-        plane.track(&backends).await;
+        plane.track(&backends, lookup).await;
         let query = device_query.borrow_and_update().clone();
         if let Some(query) = query
-            && let Some(devices) = plane.flowtable_devices(&query).await
+            && let Some(devices) = plane.flowtable_devices(&query, lookup).await
         {
             // The core ignores an unchanged list.
             let _ = events.send(Event::Devices(devices)).await;

@@ -31,7 +31,7 @@ use aya::{
 use lobby_common::{COUNTERS_MAP, UpstreamCounters, UpstreamKey};
 use tracing::{debug, info, warn};
 
-pub use crate::netlink::{Interface, interfaces_toward};
+pub use crate::netlink::Interface;
 
 /// The object built from lobby-ebpf by build.rs; empty when the build was
 /// told to skip it (AYA_BUILD_SKIP).
@@ -44,6 +44,19 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const TCX_PIN_PREFIX: &str = "tcx_";
 /// Where systemd mounts bpffs; Lobby mounts it there when nobody did.
 const BPF_FS_ROOT: &str = "/sys/fs/bpf";
+
+/// The default pin directory of the daemon of `table`: /sys/fs/bpf/lobby
+/// for the default table, /sys/fs/bpf/lobby-TABLE for another. Pins are
+/// global, not per network namespace: two daemons of different tables
+/// never share one.
+pub fn default_pin_dir(table: &str) -> PathBuf {
+    let name = if table == crate::config::Nftables::DEFAULT_TABLE {
+        table.to_owned()
+    } else {
+        format!("lobby-{table}")
+    };
+    Path::new(BPF_FS_ROOT).join(name)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CountersError {
@@ -850,9 +863,10 @@ mod tests {
                     .build()
                     .unwrap();
                 let interfaces = runtime
-                    .block_on(interfaces_toward(&BTreeSet::from([IpAddr::from(
-                        server_ip,
-                    )])))
+                    .block_on(crate::netlink::Routes::default().interfaces_toward(
+                        &BTreeSet::from([IpAddr::from(server_ip)]),
+                        crate::netlink::Lookup::All,
+                    ))
                     .unwrap();
                 let names: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
                 assert_eq!(names, ["s0"]);

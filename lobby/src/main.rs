@@ -19,11 +19,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Check { config }) => return check(config),
         Some(Command::Stats {
-            socket,
+            daemon,
             json,
             watch,
-        }) => stats(&socket, json, watch),
-        Some(Command::Ctl { socket, action }) => control(&socket, action),
+        }) => stats(&daemon.path(), json, watch),
+        Some(Command::Ctl { daemon, action }) => control(&daemon.path(), action),
         None => run_daemon(cli.run),
     };
     match result {

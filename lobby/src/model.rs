@@ -11,8 +11,8 @@ use std::{
 use tokio::time::Instant;
 
 use crate::config::{
-    Config, Distribution, Family, HealthCheck, Host, IpNet, Policy, Protocol, SourceNat, Target,
-    Upstream,
+    Config, Distribution, Family, HealthCheck, Host, IpNet, Nftables, Policy, Protocol, SourceNat,
+    Target, Upstream,
 };
 
 /// Names one upstream of one target, as operators read it in logs:
@@ -75,6 +75,8 @@ pub struct Desired {
     /// The flowtable fast path, when acceleration is on and its interfaces
     /// are known.
     pub flowtable: Option<crate::accel::Flowtable>,
+    /// The table's name and its nat chains' priority.
+    pub nftables: Nftables,
 }
 
 /// An upstream as the masquerade rule matches it.
@@ -352,6 +354,7 @@ impl Desired {
             .collect();
         Self {
             targets,
+            nftables: config.nftables.clone(),
             ..Self::default()
         }
     }

@@ -2,9 +2,14 @@
 //! traffic for given addresses through, by index and name (what the
 //! counters attach to), and every interface with its addresses (what the
 //! flowtable's client side is chosen from).
-use std::{collections::BTreeSet, io, net::IpAddr};
+use std::{
+    collections::{BTreeSet, HashMap},
+    io,
+    net::IpAddr,
+    sync::Arc,
+};
 
-use futures_util::TryStreamExt as _;
+use futures_util::{StreamExt as _, TryStreamExt as _, stream};
 use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
@@ -13,7 +18,7 @@ use rtnetlink::{
         route::{RouteAttribute, RouteType},
     },
 };
-use tracing::warn;
+use tracing::{info, warn};
 
 /// A network interface as the kernel names it now. The index tells a
 /// recreated interface from the one it replaced under the same name.
@@ -44,34 +49,126 @@ enum LookupError {
     NoLink { index: u32 },
 }
 
-/// The interfaces the kernel routes each of `addresses` through, as
-/// `ip route get` would answer. An address without a route (or with a local
-/// one: traffic to this host is not forwarded) is left out with a warning:
-/// its traffic cannot flow anyway, and the other addresses still count.
-pub async fn interfaces_toward(
-    addresses: &BTreeSet<IpAddr>,
-) -> Result<BTreeSet<Interface>, NetlinkError> {
-    if addresses.is_empty() {
-        return Ok(BTreeSet::new());
+/// Which addresses a lookup asks the kernel about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Only addresses not looked up before: what a change of the upstreams
+    /// needs, cheap at 10,000 upstreams when one changes.
+    NewAddresses,
+    /// Every address again: routes and interfaces change under a running
+    /// daemon.
+    All,
+}
+
+/// Where the kernel sends the traffic for one address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Route {
+    Via(Interface),
+    /// Traffic to this host is not forwarded: nothing to count.
+    Local,
+    Unroutable,
+}
+
+/// The route toward each address as last looked up, so that a change of
+/// the upstreams asks the kernel about the new addresses only, and an
+/// address without a route is reported when it loses it, not at every
+/// lookup.
+#[derive(Debug, Default)]
+pub struct Routes {
+    known: HashMap<IpAddr, Route>,
+}
+
+/// Route lookups in flight at once: one netlink socket answers them in
+/// any order, so a full pass costs round trips / this.
+const CONCURRENT_LOOKUPS: usize = 64;
+
+impl Routes {
+    /// The interfaces the kernel routes `addresses` through, as `ip route
+    /// get` would answer, forgetting the addresses not asked for. An
+    /// address without a route (or with a local one) is left out: its
+    /// traffic cannot flow, and the other addresses still count.
+    pub async fn interfaces_toward(
+        &mut self,
+        addresses: &BTreeSet<IpAddr>,
+        lookup: Lookup,
+    ) -> Result<BTreeSet<Interface>, NetlinkError> {
+        self.known.retain(|address, _| addresses.contains(address));
+        let asked: Vec<IpAddr> = match lookup {
+            Lookup::All => addresses.iter().copied().collect(),
+            Lookup::NewAddresses => addresses
+                .iter()
+                .filter(|a| !self.known.contains_key(a))
+                .copied()
+                .collect(),
+        };
+        if !asked.is_empty() {
+            for (address, route) in look_up(&asked).await? {
+                self.learn(address, route);
+            }
+        }
+        Ok(self
+            .known
+            .values()
+            .filter_map(|route| match route {
+                Route::Via(interface) => Some(interface.clone()),
+                Route::Local | Route::Unroutable => None,
+            })
+            .collect())
     }
+
+    fn learn(&mut self, address: IpAddr, found: Result<Route, LookupError>) {
+        let route = match found {
+            Ok(route) => route,
+            Err(reason) => {
+                if self.known.get(&address) != Some(&Route::Unroutable) {
+                    warn!(
+                        %address,
+                        %reason,
+                        "upstream address {address} has no route ({reason}); its traffic is not counted"
+                    );
+                }
+                Route::Unroutable
+            }
+        };
+        if self.known.get(&address) == Some(&Route::Unroutable) && route != Route::Unroutable {
+            info!(%address, "upstream address {address} has a route again; its traffic is counted");
+        }
+        self.known.insert(address, route);
+    }
+}
+
+/// One route lookup per address, [`CONCURRENT_LOOKUPS`] at a time, and
+/// one dump of the interfaces for their names.
+async fn look_up(
+    addresses: &[IpAddr],
+) -> Result<Vec<(IpAddr, Result<Route, LookupError>)>, NetlinkError> {
     let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
     // Ends when the last handle is dropped, at the end of this function.
     tokio::spawn(connection);
-    let mut interfaces = BTreeSet::new();
-    for &address in addresses {
-        match interface_toward(&handle, address).await {
-            Ok(Some(interface)) => {
-                interfaces.insert(interface);
-            }
-            Ok(None) => {}
-            Err(reason) => warn!(
-                %address,
-                %reason,
-                "upstream address {address} has no route ({reason}); its traffic is not counted"
-            ),
+    let names = Arc::new(link_names(&handle).await?);
+    let routes = stream::iter(addresses.iter().copied())
+        .map(move |address| {
+            let (handle, names) = (handle.clone(), names.clone());
+            async move { (address, route_toward(&handle, &names, address).await) }
+        })
+        .buffer_unordered(CONCURRENT_LOOKUPS)
+        .collect()
+        .await;
+    Ok(routes)
+}
+
+async fn link_names(handle: &Handle) -> Result<HashMap<u32, String>, NetlinkError> {
+    let mut names = HashMap::new();
+    let mut dump = handle.link().get().execute();
+    while let Some(link) = dump.try_next().await.map_err(NetlinkError::Dump)? {
+        if let Some(name) = link.attributes.into_iter().find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name),
+            _ => None,
+        }) {
+            names.insert(link.header.index, name);
         }
     }
-    Ok(interfaces)
+    Ok(names)
 }
 
 /// Every interface of the namespace, with its addresses.
@@ -118,11 +215,11 @@ pub async fn links() -> Result<Vec<crate::accel::Link>, NetlinkError> {
     Ok(links.into_values().collect())
 }
 
-/// The interface toward `address`, `None` for a local address.
-async fn interface_toward(
+async fn route_toward(
     handle: &Handle,
+    names: &HashMap<u32, String>,
     address: IpAddr,
-) -> Result<Option<Interface>, LookupError> {
+) -> Result<Route, LookupError> {
     let prefix = if address.is_ipv4() { 32 } else { 128 };
     let query = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(address, prefix)
@@ -136,7 +233,7 @@ async fn interface_toward(
         .await?
         .ok_or(LookupError::NoRoute)?;
     if route.header.kind == RouteType::Local {
-        return Ok(None);
+        return Ok(Route::Local);
     }
     let index = route
         .attributes
@@ -146,21 +243,10 @@ async fn interface_toward(
             _ => None,
         })
         .ok_or(LookupError::NoInterface)?;
-    let link = handle
-        .link()
-        .get()
-        .match_index(index)
-        .execute()
-        .try_next()
-        .await?
-        .ok_or(LookupError::NoLink { index })?;
-    let name = link
-        .attributes
-        .into_iter()
-        .find_map(|a| match a {
-            LinkAttribute::IfName(name) => Some(name),
-            _ => None,
-        })
-        .ok_or(LookupError::NoLink { index })?;
-    Ok(Some(Interface { name, index }))
+    // An interface created after the dump: its name on the next lookup.
+    let name = names.get(&index).ok_or(LookupError::NoLink { index })?;
+    Ok(Route::Via(Interface {
+        name: name.clone(),
+        index,
+    }))
 }

@@ -21,19 +21,42 @@ use tokio::process::Command;
 
 pub mod flowtable;
 mod limits;
+mod local;
+mod mirror;
 
 use crate::{
-    config::{Distribution, Family, IpNet, Protocol, SourceNat},
+    config::{Distribution, Family, IpNet, Nftables, Protocol, SourceNat},
     model::{Backend, Desired, DesiredTarget, FamilyRotation},
 };
 
-/// The one table Lobby owns; it never touches any other.
-pub const TABLE: &str = "lobby";
-/// The family of [`TABLE`].
+/// The family of Lobby's table (named by `nftables.table`); it never
+/// touches any other table.
 pub const FAMILY: &str = "inet";
 /// The family of the table of Lobby versions before IPv6, which balanced
 /// IPv4 only: a takeover replaces it with the `inet` one.
 const LEGACY_FAMILY: &str = "ip";
+/// Every family in which Lobby owns the table of its name: `inet`, and
+/// `ip` and `ip6` for mirroring (nft's `dup` exists only there).
+const OWNED_FAMILIES: [&str; 3] = [mirror::FAMILIES[0], mirror::FAMILIES[1], FAMILY];
+
+/// A nat chain's priority as nft takes it: `dstnat` by its name.
+fn priority_text(priority: i32) -> String {
+    if priority == Nftables::DSTNAT {
+        "dstnat".to_owned()
+    } else {
+        priority.to_string()
+    }
+}
+
+/// The type line of the prerouting chain.
+fn prerouting_type(priority: i32) -> String {
+    format!(
+        "type nat hook prerouting priority {}; policy accept;",
+        priority_text(priority)
+    )
+}
+
+const PREROUTING_RULE: &str = "fib daddr type local meta l4proto . th dport vmap @targets";
 
 /// The masquerade set of a family's backends, and its element type.
 fn backends_set(family: Family) -> (&'static str, &'static str) {
@@ -53,8 +76,9 @@ fn address_keyword(family: Family) -> &'static str {
 
 /// Renders the whole table.
 pub fn render(desired: &Desired) -> String {
+    let table = &desired.nftables.table;
     let mut out = String::new();
-    writeln!(out, "table {FAMILY} {TABLE} {{").unwrap();
+    writeln!(out, "table {FAMILY} {table} {{").unwrap();
     writeln!(out, "\tmap targets {{").unwrap();
     writeln!(out, "\t\ttype inet_proto . inet_service : verdict").unwrap();
     let dispatch: Vec<String> = desired
@@ -73,17 +97,10 @@ pub fn render(desired: &Desired) -> String {
         writeln!(out, "\t}}").unwrap();
     }
     writeln!(out, "\tchain prerouting {{").unwrap();
-    writeln!(
-        out,
-        "\t\ttype nat hook prerouting priority dstnat; policy accept;"
-    )
-    .unwrap();
-    writeln!(
-        out,
-        "\t\tfib daddr type local meta l4proto . th dport vmap @targets"
-    )
-    .unwrap();
+    writeln!(out, "\t\t{}", prerouting_type(desired.nftables.priority)).unwrap();
+    writeln!(out, "\t\t{PREROUTING_RULE}").unwrap();
     writeln!(out, "\t}}").unwrap();
+    local::render(&mut out, desired);
     for counter in denied_counters(desired) {
         writeln!(out, "\tcounter {counter} {{\n\t}}").unwrap();
     }
@@ -112,6 +129,7 @@ pub fn render(desired: &Desired) -> String {
     }
     flowtable::render(&mut out, desired.flowtable.as_ref());
     writeln!(out, "}}").unwrap();
+    mirror::render(&mut out, desired);
     out
 }
 
@@ -132,32 +150,32 @@ pub enum Applied<'a> {
 /// `delete` makes the delete succeed whether or not it exists), so that
 /// established connections never see a missing rule; creating a table
 /// skips the delete, which costs nft the wait for the kernel to free it.
+/// Both states name the same table: a reload that renames it is refused
+/// before it gets here.
 pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
+    let table = &desired.nftables.table;
     let applied = match applied {
         Applied::Nothing => return Some(render(desired)),
-        Applied::Unknown => {
-            return Some(format!(
-                "{}{}{}",
-                remove_table(LEGACY_FAMILY),
-                teardown(),
-                render(desired)
-            ));
-        }
+        Applied::Unknown => return Some(format!("{}{}", teardown(table), render(desired))),
         Applied::Known(applied) => applied,
     };
     if applied == desired {
         return None;
     }
     let mut out = String::new();
+    // The jumps of the local dispatch go before the chains they name.
+    local::plan_removals(&mut out, applied, desired);
     // Removals first: a dispatch element must go before the chain it jumps
     // to, and a reused port must be free before it is added again.
     for (name, old) in &applied.targets {
         match desired.targets.get(name) {
             None => {
-                delete_dispatch(&mut out, old);
-                writeln!(out, "delete chain {FAMILY} {TABLE} {}", chain_name(name)).unwrap();
+                delete_dispatch(&mut out, table, old);
+                writeln!(out, "delete chain {FAMILY} {table} {}", chain_name(name)).unwrap();
             }
-            Some(new) if dispatch_key(old) != dispatch_key(new) => delete_dispatch(&mut out, old),
+            Some(new) if dispatch_key(old) != dispatch_key(new) => {
+                delete_dispatch(&mut out, table, old)
+            }
             Some(_) => {}
         }
     }
@@ -171,7 +189,7 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
             if !elements.is_empty() {
                 writeln!(
                     out,
-                    "{verb} element {FAMILY} {TABLE} {} {{ {} }}",
+                    "{verb} element {FAMILY} {table} {} {{ {} }}",
                     backends_set(family).0,
                     elements.join(", ")
                 )
@@ -182,14 +200,14 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
     let old_counters = denied_counters(applied);
     let new_counters = denied_counters(desired);
     for counter in new_counters.difference(&old_counters) {
-        writeln!(out, "add counter {FAMILY} {TABLE} {counter}").unwrap();
+        writeln!(out, "add counter {FAMILY} {table} {counter}").unwrap();
     }
     limits::plan_sets(&mut out, applied, desired);
     let postrouting = postrouting_rules(desired);
     if postrouting_rules(applied) != postrouting {
-        writeln!(out, "flush chain {FAMILY} {TABLE} postrouting").unwrap();
+        writeln!(out, "flush chain {FAMILY} {table} postrouting").unwrap();
         for rule in &postrouting {
-            writeln!(out, "add rule {FAMILY} {TABLE} postrouting {rule}").unwrap();
+            writeln!(out, "add rule {FAMILY} {table} postrouting {rule}").unwrap();
         }
     }
     for (name, new) in &desired.targets {
@@ -199,72 +217,86 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
             .map(|old| limits::chains(name, old).into_iter().collect())
             .unwrap_or_default();
         for (chain, rules) in limits::chains(name, new) {
-            plan_chain(&mut out, &chain, old_chains.get(&chain), &rules);
+            plan_chain(&mut out, table, &chain, old_chains.get(&chain), &rules);
         }
         let rules = target_rules(name, new);
         let old_rules = old.map(|old| target_rules(name, old));
-        plan_chain(&mut out, &chain_name(name), old_rules.as_ref(), &rules);
+        plan_chain(
+            &mut out,
+            table,
+            &chain_name(name),
+            old_rules.as_ref(),
+            &rules,
+        );
         if old.is_none_or(|old| dispatch_key(old) != dispatch_key(new)) {
             writeln!(
                 out,
-                "add element {FAMILY} {TABLE} targets {{ {} }}",
+                "add element {FAMILY} {table} targets {{ {} }}",
                 dispatch_element(name, new)
             )
             .unwrap();
         }
     }
+    if applied.nftables.priority != desired.nftables.priority {
+        // A hook's priority is fixed at creation: the chain is replaced
+        // in this transaction, so no packet sees it missing.
+        writeln!(out, "delete chain {FAMILY} {table} prerouting").unwrap();
+        writeln!(
+            out,
+            "add chain {FAMILY} {table} prerouting {{ {} }}",
+            prerouting_type(desired.nftables.priority)
+        )
+        .unwrap();
+        writeln!(
+            out,
+            "add rule {FAMILY} {table} prerouting {PREROUTING_RULE}"
+        )
+        .unwrap();
+    }
+    local::plan_additions(&mut out, applied, desired);
     flowtable::plan(
         &mut out,
+        table,
         applied.flowtable.as_ref(),
         desired.flowtable.as_ref(),
     );
+    mirror::plan(&mut out, applied, desired);
     // Last: no rule refers to them any more.
-    for (name, old) in &applied.targets {
-        let new: Vec<String> = desired
-            .targets
-            .get(name)
-            .map(|new| {
-                limits::chains(name, new)
-                    .into_iter()
-                    .map(|(c, _)| c)
-                    .collect()
-            })
-            .unwrap_or_default();
-        for (chain, _) in limits::chains(name, old) {
-            if !new.contains(&chain) {
-                writeln!(out, "delete chain {FAMILY} {TABLE} {chain}").unwrap();
-            }
-        }
-    }
-    limits::delete_sets(&mut out, applied, desired);
+    limits::plan_removals(&mut out, applied, desired);
     for counter in old_counters.difference(&new_counters) {
-        writeln!(out, "delete counter {FAMILY} {TABLE} {counter}").unwrap();
+        writeln!(out, "delete counter {FAMILY} {table} {counter}").unwrap();
     }
     Some(out)
 }
 
-/// Creates `chain` with `rules`, or rewrites it when its `old` rules
-/// differ.
-fn plan_chain(out: &mut String, chain: &str, old: Option<&Vec<String>>, rules: &[String]) {
+/// Creates `chain` of `table` with `rules`, or rewrites it when its `old`
+/// rules differ.
+fn plan_chain(
+    out: &mut String,
+    table: &str,
+    chain: &str,
+    old: Option<&Vec<String>>,
+    rules: &[String],
+) {
     match old {
-        None => writeln!(out, "add chain {FAMILY} {TABLE} {chain}").unwrap(),
-        Some(old) if old != rules => writeln!(out, "flush chain {FAMILY} {TABLE} {chain}").unwrap(),
+        None => writeln!(out, "add chain {FAMILY} {table} {chain}").unwrap(),
+        Some(old) if old != rules => writeln!(out, "flush chain {FAMILY} {table} {chain}").unwrap(),
         Some(_) => return,
     }
     for rule in rules {
-        writeln!(out, "add rule {FAMILY} {TABLE} {chain} {rule}").unwrap();
+        writeln!(out, "add rule {FAMILY} {table} {chain} {rule}").unwrap();
     }
 }
 
-/// The transaction that removes Lobby's table, whether or not it exists.
-pub fn teardown() -> String {
-    remove_table(FAMILY)
-}
-
-/// Removes Lobby's table of `family` whether or not it exists: `add` makes
-/// the `delete` succeed either way.
-fn remove_table(family: &str) -> String {
-    format!("add table {family} {TABLE}\ndelete table {family} {TABLE}\n")
+/// The transaction that removes Lobby's `table` in every family it owns
+/// it in, whether or not they exist: `add` makes the `delete` succeed
+/// either way. For the default name this removes the `ip` table of
+/// versions before IPv6 too.
+pub fn teardown(table: &str) -> String {
+    OWNED_FAMILIES
+        .iter()
+        .map(|family| format!("add table {family} {table}\ndelete table {family} {table}\n"))
+        .collect()
 }
 
 fn write_elements(out: &mut String, elements: &[String]) {
@@ -273,10 +305,10 @@ fn write_elements(out: &mut String, elements: &[String]) {
     }
 }
 
-fn delete_dispatch(out: &mut String, target: &DesiredTarget) {
+fn delete_dispatch(out: &mut String, table: &str, target: &DesiredTarget) {
     writeln!(
         out,
-        "delete element {FAMILY} {TABLE} targets {{ {} }}",
+        "delete element {FAMILY} {table} targets {{ {} }}",
         dispatch_key(target)
     )
     .unwrap();
@@ -606,8 +638,10 @@ pub enum NftError {
     Listing(#[source] serde_json::Error),
     #[error("nft may not read the ruleset (needs CAP_NET_ADMIN): {0}")]
     Permission(String),
-    #[error("nft failed to list table {FAMILY} {TABLE} ({status}): {stderr}")]
+    #[error("nft failed to list table {family} {table} ({status}): {stderr}")]
     List {
+        family: &'static str,
+        table: String,
         status: std::process::ExitStatus,
         stderr: String,
     },
@@ -643,13 +677,15 @@ pub type Rotation = BTreeMap<String, BTreeSet<SocketAddr>>;
 
 /// The rotation of the table a previous run left (it crashed or was
 /// killed), or `None` when there is no such table.
-pub async fn existing_rotation() -> Result<Option<Rotation>, NftError> {
-    let listing = match list(FAMILY, &["-j"]).await? {
+pub async fn existing_rotation(table: &str) -> Result<Option<Rotation>, NftError> {
+    let legacy = table == Nftables::DEFAULT_TABLE;
+    let listing = match list(FAMILY, table, &["-j"]).await? {
         Some(listing) => listing,
-        None => match list(LEGACY_FAMILY, &["-j"]).await? {
+        None if legacy => match list(LEGACY_FAMILY, table, &["-j"]).await? {
             Some(listing) => listing,
             None => return Ok(None),
         },
+        None => return Ok(None),
     };
     parse_rotation(&listing)
         .map(Some)
@@ -658,8 +694,8 @@ pub async fn existing_rotation() -> Result<Option<Rotation>, NftError> {
 
 /// The packets of every named counter of Lobby's table, by name; none
 /// without a table.
-pub async fn named_counters() -> Result<BTreeMap<String, u64>, NftError> {
-    let Some(listing) = list(FAMILY, &["-j"]).await? else {
+pub async fn named_counters(table: &str) -> Result<BTreeMap<String, u64>, NftError> {
+    let Some(listing) = list(FAMILY, table, &["-j"]).await? else {
         return Ok(BTreeMap::new());
     };
     let listing: serde_json::Value = serde_json::from_slice(&listing).map_err(NftError::Listing)?;
@@ -679,20 +715,33 @@ pub async fn named_counters() -> Result<BTreeMap<String, u64>, NftError> {
         .collect())
 }
 
-/// Lobby's table as nft prints it, `None` when there is none.
-pub async fn list_table() -> Result<Option<String>, NftError> {
+/// Lobby's table as nft prints it, followed by its mirror tables when they
+/// exist; `None` when there is no `inet` table.
+pub async fn list_table(table: &str) -> Result<Option<String>, NftError> {
     // Stateless: counter values are traffic, not a change of the table.
-    Ok(list(FAMILY, &["-s"])
-        .await?
-        .map(|text| limits::without_dynamic_elements(&String::from_utf8_lossy(&text))))
+    let Some(main) = list(FAMILY, table, &["-s"]).await? else {
+        return Ok(None);
+    };
+    // What traffic adds to the limits' sets is not a change of the table.
+    let mut text = limits::without_dynamic_elements(&String::from_utf8_lossy(&main));
+    for family in mirror::FAMILIES {
+        if let Some(listing) = list(family, table, &["-s"]).await? {
+            text.push_str(&String::from_utf8_lossy(&listing));
+        }
+    }
+    Ok(Some(text))
 }
 
-/// Runs `nft FLAGS list table FAMILY lobby`; a missing table is `None`,
+/// Runs `nft FLAGS list table FAMILY TABLE`; a missing table is `None`,
 /// every other failure an error that says which.
-async fn list(family: &str, flags: &[&str]) -> Result<Option<Vec<u8>>, NftError> {
+async fn list(
+    family: &'static str,
+    table: &str,
+    flags: &[&str],
+) -> Result<Option<Vec<u8>>, NftError> {
     let output = Command::new("nft")
         .args(flags)
-        .args(["list", "table", family, TABLE])
+        .args(["list", "table", family, table])
         .stdin(Stdio::null())
         .output()
         .await
@@ -708,17 +757,19 @@ async fn list(family: &str, flags: &[&str]) -> Result<Option<Vec<u8>>, NftError>
         Err(NftError::Permission(stderr))
     } else {
         Err(NftError::List {
+            family,
+            table: table.to_owned(),
             status: output.status,
             stderr,
         })
     }
 }
 
-/// Whether a line of `nft monitor` is about Lobby's table:
-/// `VERB OBJECT FAMILY TABLE ...`.
-pub fn names_own_table(line: &str) -> bool {
+/// Whether a line of `nft monitor` is about Lobby's `table` (in any family
+/// Lobby owns it in): `VERB OBJECT FAMILY TABLE ...`.
+pub fn names_own_table(line: &str, table: &str) -> bool {
     let mut words = line.split_whitespace().skip(2);
-    words.next() == Some(FAMILY) && words.next() == Some(TABLE)
+    words.next().is_some_and(|f| OWNED_FAMILIES.contains(&f)) && words.next() == Some(table)
 }
 
 /// Reads, from `nft -j list table` output, the `addr . port` data of the
@@ -932,7 +983,7 @@ table inet lobby {
         let state = desired(&[("web", target(8081, &[(11, 9000)]))]);
         let script = plan(Applied::Unknown, &state).expect("a first plan");
         assert!(
-            script.starts_with("add table ip lobby\ndelete table ip lobby\nadd table inet lobby\ndelete table inet lobby\ntable inet lobby {"),
+            script.starts_with("add table ip lobby\ndelete table ip lobby\nadd table ip6 lobby\ndelete table ip6 lobby\nadd table inet lobby\ndelete table inet lobby\ntable inet lobby {"),
             "{script}"
         );
         assert_eq!(plan(Applied::Nothing, &state), Some(render(&state)));
@@ -1023,6 +1074,19 @@ table inet lobby {
             .collect();
         assert_eq!(web, ["198.18.1.11:9000", "[2001:2:0:1::13]:9000"]);
         assert_eq!(rotation.len(), 1);
+    }
+
+    #[test]
+    fn monitor_lines_of_the_own_table_in_every_owned_family() {
+        assert!(names_own_table(
+            "add rule inet lb2 target-web ip daddr",
+            "lb2"
+        ));
+        assert!(names_own_table("delete table ip lb2", "lb2"));
+        assert!(names_own_table("add chain ip6 lb2 mirror-in", "lb2"));
+        assert!(!names_own_table("add rule inet lobby prerouting", "lb2"));
+        assert!(!names_own_table("add table bridge lb2", "lb2"));
+        assert!(!names_own_table("add table inet lb20", "lb2"));
     }
 
     #[test]

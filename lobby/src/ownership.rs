@@ -23,7 +23,7 @@ pub enum OwnershipError {
     )]
     Taken {
         family: &'static str,
-        table: &'static str,
+        table: String,
         pid: String,
         path: PathBuf,
     },
@@ -48,8 +48,8 @@ pub struct TableLock {
 }
 
 impl TableLock {
-    /// Takes the lock in `dir`, or says which process holds it.
-    pub fn claim(dir: &Path) -> Result<Self, OwnershipError> {
+    /// Takes the lock of `table` in `dir`, or says which process holds it.
+    pub fn claim(dir: &Path, table: &str) -> Result<Self, OwnershipError> {
         let io_error = |op, path: &Path| {
             let path = path.to_owned();
             move |source| OwnershipError::Io { op, path, source }
@@ -59,9 +59,8 @@ impl TableLock {
             .map_err(io_error("finding the network namespace for", dir))?
             .ino();
         let path = dir.join(format!(
-            "table-{}-{}-netns-{namespace}.lock",
-            nft::FAMILY,
-            nft::TABLE
+            "table-{}-{table}-netns-{namespace}.lock",
+            nft::FAMILY
         ));
         let mut file = File::options()
             .read(true)
@@ -85,7 +84,7 @@ impl TableLock {
             };
             return Err(OwnershipError::Taken {
                 family: nft::FAMILY,
-                table: nft::TABLE,
+                table: table.to_owned(),
                 pid,
                 path,
             });
@@ -104,16 +103,18 @@ mod tests {
     #[test]
     fn a_held_table_is_refused_naming_its_owner_and_free_once_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let first = TableLock::claim(dir.path()).expect("a free table");
+        let first = TableLock::claim(dir.path(), "lobby").expect("a free table");
+        // Another table is another lock.
+        let _other = TableLock::claim(dir.path(), "lb2").expect("another table");
         // flock locks belong to the open file: a second open in the same
         // process conflicts just as another process would.
-        let error = TableLock::claim(dir.path()).expect_err("a held table");
+        let error = TableLock::claim(dir.path(), "lobby").expect_err("a held table");
         let message = error.to_string();
         assert!(
             message.contains(&format!("pid {}", std::process::id())),
             "{message}"
         );
         drop(first);
-        TableLock::claim(dir.path()).expect("free again");
+        TableLock::claim(dir.path(), "lobby").expect("free again");
     }
 }

@@ -18,6 +18,7 @@ use crate::{
     accel::{self, DeviceQuery, Devices},
     ebpf::{self, Counters},
     model::Backend,
+    netlink::Routes,
     nft::{self, NftError, Rotation},
 };
 
@@ -32,9 +33,14 @@ pub trait DataPlane: Send + Sync + 'static {
     /// Lobby's table as text, `None` when it does not exist.
     fn list_table(&self) -> impl Future<Output = Result<Option<String>, NftError>> + Send;
     /// Counts exactly `backends` from now on, on the interfaces that route
-    /// to them; called again periodically so that counting follows routes
-    /// and interfaces that change.
-    fn track(&self, backends: &BTreeSet<Backend>) -> impl Future<Output = ()> + Send;
+    /// to them (looking up the routes `lookup` says); called again
+    /// periodically with [`Lookup::All`] so that counting follows routes and
+    /// interfaces that change.
+    fn track(
+        &self,
+        backends: &BTreeSet<Backend>,
+        lookup: Lookup,
+    ) -> impl Future<Output = ()> + Send;
     /// The counters of the tracked backends. May block: the loop calls it
     /// off its own task.
     fn read_counters(&self) -> BTreeMap<Backend, UpstreamCounters>;
@@ -56,19 +62,27 @@ pub trait DataPlane: Send + Sync + 'static {
     fn flowtable_devices(
         &self,
         query: &DeviceQuery,
+        lookup: Lookup,
     ) -> impl Future<Output = Option<Devices>> + Send {
-        let _ = query;
+        let _ = (query, lookup);
         async { None }
     }
 }
 
+pub use crate::netlink::Lookup;
+
 /// The kernel: nft for the ruleset, the eBPF counters (when loaded).
 pub struct KernelPlane {
+    /// The name of Lobby's table (`nftables.table`).
+    table: String,
     /// `None` when counting is off, and after [`DataPlane::remove`].
     counters: Mutex<Option<Tracked>>,
     /// The interfaces last checked for hardware offload, and whether all
     /// of them can: checked again only when they change.
     offload: Mutex<Option<(std::collections::BTreeSet<String>, bool)>>,
+    /// The routes toward the counted upstreams and toward the flowtable's.
+    counted_routes: tokio::sync::Mutex<Routes>,
+    flowtable_routes: tokio::sync::Mutex<Routes>,
 }
 
 struct Tracked {
@@ -77,14 +91,18 @@ struct Tracked {
 }
 
 impl KernelPlane {
-    /// `counters`: the loaded eBPF counters, `None` when counting is off.
-    pub fn new(counters: Option<Counters>) -> Self {
+    /// `counters`: the loaded eBPF counters, `None` when counting is off;
+    /// `table`: the name of Lobby's table.
+    pub fn new(counters: Option<Counters>, table: String) -> Self {
         Self {
+            table,
             counters: Mutex::new(counters.map(|counters| Tracked {
                 counters,
                 backends: BTreeSet::new(),
             })),
             offload: Mutex::new(None),
+            counted_routes: tokio::sync::Mutex::default(),
+            flowtable_routes: tokio::sync::Mutex::default(),
         }
     }
 
@@ -95,7 +113,7 @@ impl KernelPlane {
 
 impl DataPlane for KernelPlane {
     async fn existing_rotation(&self) -> Result<Option<Rotation>, NftError> {
-        nft::existing_rotation().await
+        nft::existing_rotation(&self.table).await
     }
 
     async fn apply(&self, script: String) -> Result<(), NftError> {
@@ -103,15 +121,20 @@ impl DataPlane for KernelPlane {
     }
 
     async fn list_table(&self) -> Result<Option<String>, NftError> {
-        nft::list_table().await
+        nft::list_table(&self.table).await
     }
 
-    async fn track(&self, backends: &BTreeSet<Backend>) {
+    async fn track(&self, backends: &BTreeSet<Backend>, lookup: Lookup) {
         if self.tracked().is_none() {
             return;
         }
         let addresses: BTreeSet<IpAddr> = backends.iter().map(|(s, _)| s.ip()).collect();
-        let interfaces = ebpf::interfaces_toward(&addresses).await;
+        let interfaces = self
+            .counted_routes
+            .lock()
+            .await
+            .interfaces_toward(&addresses, lookup)
+            .await;
         let keys = backends
             .iter()
             .map(|(socket, protocol)| ebpf::key_of(*socket, protocol.number()))
@@ -157,7 +180,7 @@ impl DataPlane for KernelPlane {
     }
 
     async fn read_denied(&self) -> BTreeMap<String, u64> {
-        nft::named_counters().await.unwrap_or_else(|e| {
+        nft::named_counters(&self.table).await.unwrap_or_else(|e| {
             error!(error = %e, "reading the policies' counters");
             BTreeMap::new()
         })
@@ -168,10 +191,10 @@ impl DataPlane for KernelPlane {
         changed: mpsc::Sender<()>,
         cancel: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static {
-        watch_with_nft_monitor(changed, cancel)
+        watch_with_nft_monitor(self.table.clone(), changed, cancel)
     }
 
-    async fn flowtable_devices(&self, query: &DeviceQuery) -> Option<Devices> {
+    async fn flowtable_devices(&self, query: &DeviceQuery, lookup: Lookup) -> Option<Devices> {
         let links = match crate::netlink::links().await {
             Ok(links) => links,
             Err(e) => {
@@ -180,7 +203,13 @@ impl DataPlane for KernelPlane {
             }
         };
         let mut names = accel::client_interfaces(&links, &query.client_side);
-        match ebpf::interfaces_toward(&query.upstreams).await {
+        let toward = self
+            .flowtable_routes
+            .lock()
+            .await
+            .interfaces_toward(&query.upstreams, lookup)
+            .await;
+        match toward {
             Ok(toward) => names.extend(toward.into_iter().map(|i| i.name)),
             Err(e) => {
                 error!(error = %e, "finding the interfaces toward the upstreams; the flowtable's stay as they are");
@@ -192,8 +221,8 @@ impl DataPlane for KernelPlane {
     }
 
     async fn remove(&self) {
-        match nft::apply(&nft::teardown()).await {
-            Ok(()) => info!(table = nft::TABLE, "ruleset removed"),
+        match nft::apply(&nft::teardown(&self.table)).await {
+            Ok(()) => info!(table = %self.table, "ruleset removed"),
             Err(e) => error!(error = %e, "removing the ruleset"),
         }
         if let Some(tracked) = self.tracked().take() {
@@ -235,8 +264,12 @@ impl KernelPlane {
     }
 }
 
-async fn watch_with_nft_monitor(changed: mpsc::Sender<()>, cancel: CancellationToken) {
-    if let Some(()) = cancel.run_until_cancelled(monitor(&changed)).await {
+async fn watch_with_nft_monitor(
+    table: String,
+    changed: mpsc::Sender<()>,
+    cancel: CancellationToken,
+) {
+    if let Some(()) = cancel.run_until_cancelled(monitor(&table, &changed)).await {
         warn!(
             "nft monitor ended: outside changes of the table are found by the periodic check only"
         );
@@ -244,8 +277,8 @@ async fn watch_with_nft_monitor(changed: mpsc::Sender<()>, cancel: CancellationT
 }
 
 /// Follows `nft monitor`, the kernel's notifications of ruleset changes,
-/// and signals each one that names Lobby's table. Returns when nft ends.
-async fn monitor(changed: &mpsc::Sender<()>) {
+/// and signals each one that names Lobby's `table`. Returns when nft ends.
+async fn monitor(table: &str, changed: &mpsc::Sender<()>) {
     let child = Command::new("nft")
         .args(["monitor", "ruleset"])
         .stdin(std::process::Stdio::null())
@@ -263,7 +296,7 @@ async fn monitor(changed: &mpsc::Sender<()>) {
     let stdout = child.stdout.take().expect("stdout is piped");
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        if nft::names_own_table(&line) {
+        if nft::names_own_table(&line, table) {
             // A full channel already carries the news.
             let _ = changed.try_send(());
         }

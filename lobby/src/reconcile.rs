@@ -127,7 +127,10 @@ pub enum Notice {
     ReloadFailed(String),
     ApplyFailed(String),
     /// Lobby's table was changed from outside; it is being restored.
-    Drift(String),
+    Drift {
+        table: String,
+        what: String,
+    },
     /// These targets have IPv6 to balance, which the host does not forward.
     Ipv6ForwardingOff(Vec<String>),
 }
@@ -140,7 +143,7 @@ impl Notice {
             Notice::TargetEmpty { .. }
             | Notice::ReloadFailed(_)
             | Notice::ApplyFailed(_)
-            | Notice::Drift(_)
+            | Notice::Drift { .. }
             | Notice::Ipv6ForwardingOff(_) => true,
             Notice::TargetServing { .. } | Notice::ReloadApplied(_) => false,
         }
@@ -180,11 +183,10 @@ impl fmt::Display for Notice {
                 if targets.len() == 1 { "" } else { "s" },
                 targets.join(", ")
             ),
-            Notice::Drift(what) => write!(
+            Notice::Drift { table, what } => write!(
                 f,
-                "table {} {} was changed outside Lobby ({what}); restoring it",
-                nft::FAMILY,
-                nft::TABLE
+                "table {} {table} was changed outside Lobby ({what}); restoring it",
+                nft::FAMILY
             ),
         }
     }
@@ -319,6 +321,11 @@ pub struct Core {
     flight: Flight,
     /// Something changed since the last plan.
     dirty: bool,
+    /// When the oldest health change not yet planned was decided, and the
+    /// same for the transaction in flight: how long a change waited for
+    /// the kernel, logged with each apply.
+    unplanned_report: Option<Instant>,
+    applying_report: Option<Instant>,
     retry_at: Option<Instant>,
     ready: bool,
     /// A reload adopted, to be reported once the kernel has it.
@@ -352,6 +359,8 @@ impl Core {
             resolving_until: None,
             flight: Flight::Idle,
             dirty: false,
+            unplanned_report: None,
+            applying_report: None,
             retry_at: None,
             ready: false,
             reloaded: None,
@@ -371,8 +380,13 @@ impl Core {
         let mut actions = Vec::new();
         match event {
             Event::ConfigLoaded(config) => {
-                self.adopt(config, now, &mut actions);
-                self.dirty = true;
+                match self.config.as_ref().and_then(|c| renamed(c, &config)) {
+                    Some(refusal) => return self.on(Event::ConfigRejected(refusal), now),
+                    None => {
+                        self.adopt(config, now, &mut actions);
+                        self.dirty = true;
+                    }
+                }
             }
             Event::ConfigRejected(errors) => {
                 self.reloads.failed += 1;
@@ -380,7 +394,11 @@ impl Core {
                 actions.push(Action::Notify(Notice::ReloadFailed(errors)));
             }
             Event::Health(report) => {
-                self.dirty |= self.on_health(report, &mut actions);
+                let decided_at = report.decided_at;
+                if self.on_health(report, &mut actions) {
+                    self.dirty = true;
+                    self.unplanned_report = earliest(self.unplanned_report, Some(decided_at));
+                }
             }
             Event::Address(update) => {
                 self.dirty |= self.on_address(update, &mut actions);
@@ -820,9 +838,11 @@ impl Core {
                 self.fingerprint.generation += 1;
                 self.fingerprint.text = None;
                 self.flight = Flight::Applying(desired);
+                self.applying_report = self.unplanned_report.take();
                 actions.push(Action::Apply(script));
             }
             None => {
+                self.unplanned_report = None;
                 if let Some(summary) = self.reloaded.take() {
                     actions.push(Action::Notify(Notice::ReloadApplied(summary)));
                 }
@@ -843,7 +863,16 @@ impl Core {
         match outcome {
             Ok(elapsed) => {
                 self.apply_duration.observe(elapsed);
-                info!(elapsed_ms = elapsed.as_millis() as u64, "ruleset applied");
+                let elapsed_ms = elapsed.as_millis() as u64;
+                match self.applying_report.take() {
+                    Some(decided_at) => info!(
+                        elapsed_ms,
+                        report_to_apply_ms =
+                            now.saturating_duration_since(decided_at).as_millis() as u64,
+                        "ruleset applied"
+                    ),
+                    None => info!(elapsed_ms, "ruleset applied"),
+                }
                 for (name, target) in &desired.targets {
                     let before = self
                         .applied
@@ -881,6 +910,8 @@ impl Core {
                     return;
                 }
                 actions.push(Action::Notify(Notice::ApplyFailed(error)));
+                self.unplanned_report =
+                    earliest(self.unplanned_report, self.applying_report.take());
                 self.retry_at = Some(now + APPLY_RETRY);
                 self.dirty = true;
             }
@@ -926,7 +957,7 @@ impl Core {
                     let what = describe_change(known, &text);
                     self.repair(what, true, actions);
                 }
-                (Some(_), Some(_)) => debug!("table {} {} is as applied", nft::FAMILY, nft::TABLE),
+                (Some(_), Some(_)) => debug!("Lobby's table is as applied"),
             },
             _ => {}
         }
@@ -938,7 +969,12 @@ impl Core {
     /// Forgets what the kernel holds, so that the next plan applies the
     /// whole table again.
     fn repair(&mut self, what: String, exists: bool, actions: &mut Vec<Action>) {
-        actions.push(Action::Notify(Notice::Drift(what)));
+        let table = self
+            .config
+            .as_ref()
+            .map(|c| c.nftables.table.clone())
+            .unwrap_or_default();
+        actions.push(Action::Notify(Notice::Drift { table, what }));
         self.applied = None;
         self.table_may_exist = exists;
         self.fingerprint.text = None;
@@ -964,6 +1000,21 @@ impl Core {
     }
 }
 
+/// Why a reload from `running` to `new` cannot be applied, when it moves
+/// to another table: the table is what a daemon is (its lock, control
+/// socket and pin directory follow the name), so that takes a restart. A
+/// new priority is applied like any other change.
+fn renamed(running: &Config, new: &Config) -> Option<String> {
+    let (from, to) = (&running.nftables.table, &new.nftables.table);
+    (from != to).then(|| {
+        format!(
+            "nftables.table: this daemon runs table `{from}` and cannot move to `{to}` \
+             (its lock, control socket and pin directory follow the table's name); \
+             restart lobby to use table `{to}`"
+        )
+    })
+}
+
 /// Whether a target has IPv6 to balance: an IPv6 `ip`, or IPv6 upstreams
 /// without an IPv4 `ip`.
 fn serves_ipv6(target: &config::Target) -> bool {
@@ -975,6 +1026,13 @@ fn serves_ipv6(target: &config::Target) -> bool {
     match target.ip {
         Some(ip) => ip.family() == config::Family::Ipv6,
         None => ipv6_upstream,
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

@@ -86,6 +86,7 @@ fn an_original_lobby_file_loads_unchanged() {
         metrics: None,
         events: None,
         acceleration: None,
+        nftables: Default::default(),
         targets: vec![
             target(
                 "web",
@@ -156,6 +157,7 @@ fn every_field_and_extension_loads() {
         }),
         events: None,
         acceleration: None,
+        nftables: Default::default(),
         targets: vec![
             target(
                 "web",

@@ -14,7 +14,7 @@ use lobby::{
     daemon::{self, Options},
     model::Backend,
     nft::{NftError, Rotation},
-    plane::DataPlane,
+    plane::{DataPlane, Lookup},
 };
 use lobby_common::UpstreamCounters;
 use tokio::sync::{mpsc, oneshot};
@@ -69,7 +69,7 @@ impl DataPlane for FakePlane {
         Ok(self.listing.lock().unwrap().clone())
     }
 
-    async fn track(&self, backends: &BTreeSet<Backend>) {
+    async fn track(&self, backends: &BTreeSet<Backend>, _: Lookup) {
         self.tracked.lock().unwrap().clone_from(backends);
     }
 
@@ -125,8 +125,8 @@ async fn the_loop_applies_answers_reloads_repairs_and_cleans_up() {
     std::fs::write(&config_path, CONFIG).unwrap();
     let options = Options {
         config_path: config_path.clone(),
-        pin_dir: dir.path().join("pins"),
-        socket_path: dir.path().join("lobby.sock"),
+        pin_dir: Some(dir.path().join("pins")),
+        socket_path: Some(dir.path().join("lobby.sock")),
         traffic_log_interval: None,
         counters: false,
     };
@@ -155,7 +155,9 @@ async fn the_loop_applies_answers_reloads_repairs_and_cleans_up() {
     assert!(first[0].contains("numgen inc mod 2"), "{}", first[0]);
 
     // Stats come from the core's state and the plane's counters.
-    let stats = ctl::fetch_stats(&options.socket_path).await.unwrap();
+    let stats = ctl::fetch_stats(&options.socket_path("lobby"))
+        .await
+        .unwrap();
     let upstreams = &stats.targets[0].upstreams;
     assert_eq!(upstreams.len(), 2);
     assert!(upstreams.iter().all(|u| u.available && u.connections == 7));
@@ -202,5 +204,8 @@ async fn the_loop_applies_answers_reloads_repairs_and_cleans_up() {
     stop.send(()).unwrap();
     daemon.await.unwrap().expect("a clean stop");
     assert!(*plane.removed.lock().unwrap(), "the ruleset is removed");
-    assert!(!options.socket_path.exists(), "the socket is removed");
+    assert!(
+        !options.socket_path("lobby").exists(),
+        "the socket is removed"
+    );
 }

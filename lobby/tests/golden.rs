@@ -138,6 +138,7 @@ impl Run<'_> {
                 reason: "golden".to_owned(),
                 run: 1,
                 threshold: 1,
+                decided_at: tokio::time::Instant::now(),
             })
         };
         match change {

@@ -23,6 +23,9 @@ pub struct Lobby {
     launch: Launch,
     /// More arguments for the daemon.
     args: Vec<String>,
+    /// Whether `socket_path` is passed with `--socket`, or is the default
+    /// the daemon finds itself.
+    pass_socket: bool,
 }
 
 /// How the daemon enters the load balancer's namespace.
@@ -88,19 +91,40 @@ impl Lobby {
 
     /// Starts lobby with more arguments, e.g. `--no-counters`.
     pub fn start_with_args(ns: &NetNs, config: &str, launch: Launch, args: &[&str]) -> Self {
+        Self::start_on(ns, config, launch, args, None)
+    }
+
+    /// Starts lobby without `--socket`: its control socket is the default
+    /// of `table` (the config's `nftables.table`), /run/lobby/TABLE.sock.
+    pub fn start_on_table_socket(ns: &NetNs, config: &str, table: &str) -> Self {
+        let socket = PathBuf::from(format!("/run/lobby/{table}.sock"));
+        Self::start_on(ns, config, Launch::Setns, &[], Some(socket))
+    }
+
+    /// `default_socket`: the socket the daemon finds itself, not passed;
+    /// `None`: one in the test's directory, passed with `--socket`.
+    fn start_on(
+        ns: &NetNs,
+        config: &str,
+        launch: Launch,
+        args: &[&str],
+        default_socket: Option<PathBuf>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let bpffs = Bpffs::mount(dir.path().join("bpffs"));
+        let pass_socket = default_socket.is_none();
         let mut lobby = Self {
             child: None,
             config_path: dir.path().join("lobby.yaml"),
             pin_dir: bpffs.0.join("lobby"),
             log_path: dir.path().join("lobby.log"),
-            socket_path: dir.path().join("lobby.sock"),
+            socket_path: default_socket.unwrap_or_else(|| dir.path().join("lobby.sock")),
             _bpffs: bpffs,
             dir,
             ns_name: ns.name.clone(),
             launch,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
+            pass_socket,
         };
         lobby.write_config(config);
         lobby.spawn();
@@ -150,13 +174,14 @@ impl Lobby {
             .arg(&self.config_path)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .arg("--socket")
-            .arg(&self.socket_path)
             .args(["-l", "debug"])
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
+        if self.pass_socket {
+            command.arg("--socket").arg(&self.socket_path);
+        }
         let ns = NetNs::attach(&self.ns_name);
         let child = match self.launch {
             // Entering only the network namespace keeps the mount

@@ -480,3 +480,64 @@ fn counting_follows_an_interface_deleted_and_created_again_under_its_name() {
         || (connections() == before + 3).then_some(()),
     );
 }
+
+/// Answers to the daemon's probes that arrive after the probe's socket is
+/// gone are the probe's, not the upstream's: an upstream that answers a
+/// UDP probe 1.5 s late (after the 1 s timeout) shows no traffic at all.
+/// (A TCP upstream that greets before the probe's reset reaches it sends
+/// the same kind of late packet, timing-dependent.)
+#[test]
+fn late_answers_to_probes_are_not_counted() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let socket = topology.upstreams[0].within(|| {
+        std::net::UdpSocket::bind((Topology::upstream_addr(0), UPSTREAM_PORT)).expect("bind")
+    });
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let answered = answered.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((_, from)) = socket.recv_from(&mut buf) {
+                let (socket, answered) = (socket.try_clone().unwrap(), answered.clone());
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(1500));
+                    if socket.send_to(b"late", from).is_ok() {
+                        answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+    }
+    let check = format!(
+        "health_check:\n  protocol: udp\n  port: {UPSTREAM_PORT}\n  send: ping\n  start_available: true\n  probe: {{ check_interval: 1, timeout: 1, success_count: 1, failure_count: 1 }}"
+    );
+    let lobby = Lobby::start(
+        &topology.lb,
+        &ConfigBuilder::new()
+            .target("dns", PORT)
+            .protocol("udp")
+            .topology_upstreams(1, &check)
+            .build(),
+    );
+    // The answers as the load balancer's namespace receives them.
+    load_ruleset(
+        &topology.lb,
+        &format!(
+            "table ip lobbytest {{\n chain late {{\n  type filter hook prerouting priority -400; policy accept;\n  ip saddr {} udp sport {UPSTREAM_PORT} counter comment \"late\"\n }}\n}}\n",
+            Topology::upstream_addr(0)
+        ),
+    );
+    lobby_tests::wait_for(
+        "three late answers",
+        std::time::Duration::from_secs(20),
+        || (reference(&topology.lb, "late").0 >= 3).then_some(()),
+    );
+    assert!(answered.load(std::sync::atomic::Ordering::Relaxed) >= 3);
+    let stats = lobby.upstream_stats("dns", "web0");
+    for key in ["packets_in", "bytes_in", "packets_out", "connections"] {
+        assert_eq!(stats[key], 0, "{key} in {stats}");
+    }
+}

@@ -338,4 +338,4 @@ fn what_traffic_adds_to_the_limits_sets_is_not_an_outside_change() {
 
 /// The daemon's debug line for a check of the table that found it as
 /// applied.
-const AS_APPLIED: &str = "table inet lobby is as applied";
+const AS_APPLIED: &str = "Lobby's table is as applied";

@@ -206,6 +206,39 @@ pub struct Config {
     pub events: Option<EventsConfig>,
     /// The kernel's flowtable fast path; `None`: off.
     pub acceleration: Option<Acceleration>,
+    /// Lobby's table and where its nat chains hook.
+    pub nftables: Nftables,
+}
+
+/// `nftables`: the name of the one table this daemon owns and the priority
+/// of its nat chains (prerouting, and output for `local` targets).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Nftables {
+    /// A name nft takes as a table name and a file name (the control
+    /// socket and the pin directory follow it).
+    pub table: String,
+    /// Within [`Nftables::PRIORITIES`].
+    pub priority: i32,
+}
+
+impl Nftables {
+    /// The table of Lobby before the key existed.
+    pub const DEFAULT_TABLE: &str = "lobby";
+    /// nft's `dstnat`: where DNAT hooks by convention.
+    pub const DSTNAT: i32 = -100;
+    /// Above conntrack (-200: the kernel refuses a nat chain at or below
+    /// it) and below the conntrack helpers (300), which must see a
+    /// connection with its NAT already set up.
+    pub const PRIORITIES: std::ops::RangeInclusive<i32> = -199..=299;
+}
+
+impl Default for Nftables {
+    fn default() -> Self {
+        Self {
+            table: Self::DEFAULT_TABLE.to_owned(),
+            priority: Self::DSTNAT,
+        }
+    }
 }
 
 /// `acceleration`: established connections Lobby balanced take the
@@ -275,6 +308,11 @@ pub struct Policy {
     pub source_nat: SourceNat,
     /// Only traffic arriving on this interface is balanced.
     pub interface: Option<String>,
+    /// Connections opened on the Lobby host itself are balanced too.
+    pub local: bool,
+    /// Every packet of the target's connections is copied to this host
+    /// (a neighbour: the copy goes to it as a next hop).
+    pub mirror: Option<IpAddr>,
     pub limits: Limits,
 }
 

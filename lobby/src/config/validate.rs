@@ -44,6 +44,14 @@
 //!   `hardware_offload: true` without `flowtable: true` is an error, since
 //!   the NIC is handed flows by the flowtable. Whether the kernel has
 //!   flowtables is the daemon's check at start, not the validator's.
+//! - `nftables`: the daemon's, not an entry's (one daemon owns one table):
+//!   entries that give `table` or `priority` must agree, one that leaves
+//!   a key out follows the others. A table name must be one nft takes in
+//!   every command Lobby sends and one safe in file names; a priority lies
+//!   between conntrack and the conntrack helpers.
+//! - `local` and `mirror` are policy keys (target or `defaults`); a
+//!   mirror's family must be one the target can serve, since netfilter
+//!   duplicates a packet in its own family.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -56,11 +64,12 @@ use http::uri::PathAndQuery;
 
 use super::{
     Acceleration, Config, ConfigError, Distribution, DnsConfig, EventsConfig, Family, HealthCheck,
-    HealthProtocol, Host, HttpProbe, IpNet, Limit, Limits, MetricsConfig, Policy, Protocol, Rate,
-    SourceNat, StatusRange, Target, UdpProbe, Upstream, UpstreamGroup,
+    HealthProtocol, Host, HttpProbe, IpNet, Limit, Limits, MetricsConfig, Nftables, Policy,
+    Protocol, Rate, SourceNat, StatusRange, Target, UdpProbe, Upstream, UpstreamGroup,
     values::{
         Argument, Boolean, HostName, HttpHost, Integer, InterfaceName, IpRange, Keyword, Listen,
-        Name, PORT, Resolver, SnatAddress, Statuses, Text, UrlPath, Want, WebhookUrl, describe,
+        Name, PORT, Priority, Resolver, SnatAddress, Statuses, TableName, Text, UrlPath,
+        UsableAddress, Want, WebhookUrl, describe,
     },
     yaml::{Mark, Node, Value},
 };
@@ -116,7 +125,15 @@ const DISTRIBUTION: Keyword<Distribution> = Keyword {
     ],
 };
 /// The keys of a traffic policy, in a target or an entry's `defaults`.
-const POLICY_KEYS: [&str; 5] = ["allow", "block", "source_nat", "interface", "limits"];
+const POLICY_KEYS: [&str; 7] = [
+    "allow",
+    "block",
+    "source_nat",
+    "interface",
+    "local",
+    "mirror",
+    "limits",
+];
 /// The keys of a limit, in `limits` and its `per_source`.
 const LIMIT_KEYS: [&str; 3] = ["new_connections_per_second", "burst", "max_connections"];
 /// Far above what one host's conntrack takes in a second, far below what
@@ -429,9 +446,12 @@ impl Checker {
         // Entry-level, as SPEC puts it; the table is one, so the fast path
         // is on when an entry asks for it.
         let mut acceleration: Option<Option<Acceleration>> = Some(None);
+        let mut nftables = Vec::new();
         for (path, node) in self.list(&fields, "lb", "a list of load balancers", true) {
-            let (entry_targets, entry_acceleration) = self.load_balancer(node, path);
+            let (entry_targets, entry_acceleration, entry_nftables) =
+                self.load_balancer(node, path);
             targets.extend(entry_targets);
+            nftables.push(entry_nftables);
             acceleration = match (acceleration, entry_acceleration) {
                 (Some(a), Some(b)) => Some(match (a, b) {
                     (Some(a), Some(b)) => Some(Acceleration {
@@ -445,11 +465,13 @@ impl Checker {
         if let (Some(fields), Some(Some(metrics))) = (&metrics_fields, &metrics) {
             self.metrics_reachable(fields, metrics.listen);
         }
+        let nftables = self.one_table(nftables);
         Some(Config {
             targets: targets.into_iter().collect::<Option<_>>()?,
             metrics: metrics.map_or(Some(None), |m| m.map(Some))?,
             events: events?,
             acceleration: acceleration?,
+            nftables: nftables?,
         })
     }
 
@@ -546,18 +568,15 @@ impl Checker {
         (!argv.is_empty()).then_some(Some(argv))
     }
 
-    /// The targets of one `lb` entry (`None` for those that are invalid)
-    /// and its `acceleration` (`None` when invalid).
-    fn load_balancer(
-        &mut self,
-        node: &Node,
-        path: String,
-    ) -> (Vec<Option<Target>>, Option<Option<Acceleration>>) {
-        let schema = ["engine", "defaults", "targets", "acceleration"];
+    /// The targets of one `lb` entry (`None` for those that are invalid),
+    /// its `acceleration` and its `nftables` keys (`None` when invalid).
+    fn load_balancer(&mut self, node: &Node, path: String) -> Entry {
+        let schema = ["engine", "defaults", "targets", "acceleration", "nftables"];
         let Some(fields) = self.mapping(node, path, &schema) else {
-            return (Vec::new(), Some(None));
+            return (Vec::new(), Some(None), Some(NftablesKeys::default()));
         };
         let acceleration = self.acceleration(&fields);
+        let nftables = self.nftables(&fields);
         self.optional(&fields, "engine", &ENGINE);
         let defaults = match self.optional_mapping(&fields, "defaults", &POLICY_KEYS) {
             Some(defaults) => self.policy(&defaults, &Policy::default()),
@@ -568,7 +587,7 @@ impl Checker {
             .into_iter()
             .map(|(path, node)| self.target(node, path, defaults.as_ref()))
             .collect();
-        (targets, acceleration)
+        (targets, acceleration, nftables)
     }
 
     /// The policy keys of `fields` over `defaults`; `None` when one is
@@ -612,8 +631,16 @@ impl Checker {
             None => Some(defaults.limits),
             Some(node) => self.limits(node, fields.path("limits")),
         };
+        let local = self.optional(fields, "local", &Boolean);
+        let local_valid = local.is_some() || fields.get("local").is_none_or(|n| n.is_null());
+        let mirror = self.mirror(fields);
+        if !local_valid {
+            return None;
+        }
         Some(Policy {
             limits: limits?,
+            local: local.unwrap_or(defaults.local),
+            mirror: mirror?.or(defaults.mirror),
             allow: allow?.or_else(|| defaults.allow.clone()),
             block: block?.unwrap_or_else(|| defaults.block.clone()),
             source_nat: source_nat?.unwrap_or_else(|| defaults.source_nat.clone()),
@@ -729,6 +756,17 @@ impl Checker {
         if let (Some(Policy { source_nat, .. }), Some(ip)) = (&policy, ip) {
             self.snat_family(source_nat, ip, &fields);
         }
+        if let (
+            Some(Policy {
+                mirror: Some(mirror),
+                ..
+            }),
+            Some(group),
+        ) = (&policy, &group)
+            && ip_valid
+        {
+            self.mirror_family(*mirror, ip, group, &fields);
+        }
         Some(Target {
             name: name?,
             protocol: protocol?,
@@ -736,6 +774,125 @@ impl Checker {
             ip,
             group: group?,
             policy: policy?,
+        })
+    }
+
+    /// `mirror: { to: IP }`: `Some(None)` when absent or null.
+    fn mirror(&mut self, policy: &Fields) -> Option<Option<IpAddr>> {
+        let Some(fields) = self.optional_mapping(policy, "mirror", &["to"]) else {
+            return policy
+                .get("mirror")
+                .is_none_or(|n| n.is_null())
+                .then_some(None);
+        };
+        self.required(&fields, "to", &UsableAddress).map(Some)
+    }
+
+    /// A mirror copies the packets of its own family (netfilter duplicates
+    /// a packet as it is): the target must be able to serve that family.
+    fn mirror_family(
+        &mut self,
+        mirror: IpAddr,
+        ip: Option<IpNet>,
+        group: &UpstreamGroup,
+        fields: &Fields,
+    ) {
+        let family = Family::of(mirror);
+        let why = match ip {
+            Some(ip) if ip.family() != family => format!("the target only serves {ip}"),
+            Some(_) => return,
+            None if group.upstreams.iter().any(|u| match &u.host {
+                Host::Ip(addr) => Family::of(*addr) == family,
+                Host::Fqdn(_) => true,
+            }) =>
+            {
+                return;
+            }
+            None => format!(
+                "no upstream of this target has an {} address",
+                family.as_str()
+            ),
+        };
+        // Reported where it is written: the target's own key, or its
+        // entry's defaults when the target has none.
+        let (node, path) = match fields.get("mirror") {
+            Some(node) => (node, fields.path("mirror")),
+            None => match fields.get("name") {
+                Some(node) => (node, fields.path("name")),
+                None => return,
+            },
+        };
+        let message = format!(
+            "mirror to {mirror}: an {} copy of the target's traffic, but {why}; \
+             netfilter duplicates packets in their own family",
+            family.as_str()
+        );
+        self.report(node.mark, path, message);
+    }
+
+    /// `nftables` of one entry: the keys it gives (`None` when invalid).
+    fn nftables(&mut self, entry: &Fields) -> Option<NftablesKeys> {
+        let Some(fields) = self.optional_mapping(entry, "nftables", &["table", "priority"]) else {
+            return entry
+                .get("nftables")
+                .is_none_or(|n| n.is_null())
+                .then_some(NftablesKeys::default());
+        };
+        let table = self.defaulted(&fields, "table", &TableName);
+        let priority = self.defaulted(&fields, "priority", &Priority);
+        Some(NftablesKeys {
+            table: located(&fields, "table", table?),
+            priority: located(&fields, "priority", priority?),
+        })
+    }
+
+    /// The entries' `nftables` keys as one: one daemon owns one table, so
+    /// entries that give a key must agree, and one that leaves it out
+    /// follows the others.
+    fn one_table(&mut self, entries: Vec<Option<NftablesKeys>>) -> Option<Nftables> {
+        let mut table: Option<(String, Mark, String)> = None;
+        let mut priority: Option<(i32, Mark, String)> = None;
+        let mut valid = true;
+        for entry in entries {
+            let Some(entry) = entry else {
+                valid = false;
+                continue;
+            };
+            if let Some((name, mark, path)) = entry.table {
+                match &table {
+                    Some((first, first_mark, _)) if *first != name => {
+                        let message = format!(
+                            "table `{name}`, but an earlier entry names table `{first}` (line {}); \
+                             one daemon owns one table: run another lobby for another table",
+                            first_mark.line
+                        );
+                        self.report(mark, path, message);
+                        valid = false;
+                    }
+                    Some(_) => {}
+                    None => table = Some((name, mark, path)),
+                }
+            }
+            if let Some((value, mark, path)) = entry.priority {
+                match &priority {
+                    Some((first, first_mark, _)) if *first != value => {
+                        let message = format!(
+                            "priority {value}, but an earlier entry sets {first} (line {}); \
+                             all targets share the table's nat chains, so entries must agree",
+                            first_mark.line
+                        );
+                        self.report(mark, path, message);
+                        valid = false;
+                    }
+                    Some(_) => {}
+                    None => priority = Some((value, mark, path)),
+                }
+            }
+        }
+        let defaults = Nftables::default();
+        valid.then(|| Nftables {
+            table: table.map_or(defaults.table, |(name, ..)| name),
+            priority: priority.map_or(defaults.priority, |(value, ..)| value),
         })
     }
 
@@ -1053,6 +1210,26 @@ impl ProbeKind {
             .iter()
             .any(|(k, kinds)| *k == key && kinds.contains(&self))
     }
+}
+
+/// What one `lb` entry holds: its targets, `acceleration` and `nftables`.
+type Entry = (
+    Vec<Option<Target>>,
+    Option<Option<Acceleration>>,
+    Option<NftablesKeys>,
+);
+
+/// `value` of `key` with where it is written; `None` when absent.
+fn located<T>(fields: &Fields, key: &str, value: Option<T>) -> Option<(T, Mark, String)> {
+    let node = fields.get(key)?;
+    Some((value?, node.mark, fields.path(key)))
+}
+
+/// The `nftables` keys one entry gives, with where each is written.
+#[derive(Default)]
+struct NftablesKeys {
+    table: Option<(String, Mark, String)>,
+    priority: Option<(i32, Mark, String)>,
 }
 
 /// Where a target takes connections, as far as its keys are valid.

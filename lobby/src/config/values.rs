@@ -7,7 +7,9 @@ use std::{
 
 use http::uri::PathAndQuery;
 
-use super::{Host, IpNet, SourceNat, StatusRange, unusable_upstream, yaml::Node, yaml::Value};
+use super::{
+    Host, IpNet, Nftables, SourceNat, StatusRange, unusable_upstream, yaml::Node, yaml::Value,
+};
 
 /// The port a resolver address without one is asked on.
 const DNS_PORT: u16 = 53;
@@ -520,6 +522,282 @@ impl Want for InterfaceName {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         valid.then(|| name.to_owned()).ok_or_else(|| describe(node))
+    }
+}
+
+/// `nftables.table`: a name nft takes as a table name in every command
+/// Lobby sends, and that is safe in file names (the control socket
+/// /run/lobby/NAME.sock and the pin directory follow it).
+pub(crate) struct TableName;
+
+/// Longest table name: the socket path must fit `sun_path` (108 bytes) with
+/// room to spare; nft itself takes 255.
+const MAX_TABLE_LEN: usize = 32;
+
+/// The words of nft's grammar that nft 1.0.6 refuses as a table name in
+/// the commands Lobby sends (`add table`, `add counter`, `list table`...):
+/// each word of nft's scanner was tried against the real nft, and these
+/// failed. A keyword of a later nft fails the first apply with nft's own
+/// message instead.
+const NFT_KEYWORDS: &[&str] = &[
+    "accept",
+    "add",
+    "ah",
+    "all",
+    "and",
+    "arp",
+    "auto-merge",
+    "bridge",
+    "bytes",
+    "cgroup",
+    "chain",
+    "chains",
+    "comment",
+    "comp",
+    "constant",
+    "continue",
+    "counter",
+    "counters",
+    "cpu",
+    "create",
+    "ct",
+    "day",
+    "dccp",
+    "define",
+    "delete",
+    "describe",
+    "device",
+    "devices",
+    "dnat",
+    "drop",
+    "dst",
+    "dup",
+    "dynamic",
+    "ecn",
+    "element",
+    "elements",
+    "eq",
+    "esp",
+    "ether",
+    "exists",
+    "expires",
+    "export",
+    "exthdr",
+    "fib",
+    "flags",
+    "flow",
+    "flowtable",
+    "flowtables",
+    "flush",
+    "frag",
+    "fwd",
+    "gc-interval",
+    "ge",
+    "get",
+    "goto",
+    "gt",
+    "handle",
+    "hbh",
+    "hook",
+    "hooks",
+    "hour",
+    "ibriport",
+    "ibrname",
+    "icmp",
+    "icmpv6",
+    "igmp",
+    "iif",
+    "iifgroup",
+    "iifname",
+    "iiftype",
+    "import",
+    "include",
+    "index",
+    "inet",
+    "insert",
+    "interval",
+    "ip",
+    "ip6",
+    "ipsec",
+    "jhash",
+    "jump",
+    "le",
+    "limit",
+    "limits",
+    "list",
+    "log",
+    "lshift",
+    "lt",
+    "map",
+    "maps",
+    "mark",
+    "masquerade",
+    "meta",
+    "meter",
+    "meters",
+    "mh",
+    "missing",
+    "monitor",
+    "name",
+    "ne",
+    "netdev",
+    "nftrace",
+    "not",
+    "notrack",
+    "numgen",
+    "obriport",
+    "obrname",
+    "offload",
+    "oif",
+    "oifgroup",
+    "oifname",
+    "oiftype",
+    "or",
+    "osf",
+    "packets",
+    "pkttype",
+    "policy",
+    "position",
+    "priority",
+    "queue",
+    "quota",
+    "quotas",
+    "random",
+    "redefine",
+    "redirect",
+    "reject",
+    "rename",
+    "replace",
+    "reset",
+    "return",
+    "rshift",
+    "rt",
+    "rt0",
+    "rt2",
+    "rtclassid",
+    "rule",
+    "ruleset",
+    "sctp",
+    "secmark",
+    "secmarks",
+    "set",
+    "sets",
+    "size",
+    "skgid",
+    "skuid",
+    "snat",
+    "socket",
+    "srh",
+    "symhash",
+    "synproxy",
+    "synproxys",
+    "table",
+    "tables",
+    "tcp",
+    "th",
+    "time",
+    "timeout",
+    "tproxy",
+    "type",
+    "typeof",
+    "udp",
+    "udplite",
+    "undefine",
+    "update",
+    "vlan",
+    "vmap",
+    "xor",
+    "xt",
+];
+
+impl Want for TableName {
+    type Value = String;
+    fn expected(&self) -> String {
+        format!(
+            "a table name of 1 to {MAX_TABLE_LEN} letters, digits, `-` or `_`, starting with a letter, \
+             that is not a word of nft's grammar"
+        )
+    }
+    fn read(&self, node: &Node) -> Result<String, String> {
+        let name = text(node)?;
+        let valid = (1..=MAX_TABLE_LEN).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_alphabetic())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
+        if !valid {
+            return Err(describe(node));
+        }
+        if NFT_KEYWORDS.binary_search(&name).is_ok() {
+            return Err(format!("{} (a word of nft's grammar)", describe(node)));
+        }
+        Ok(name.to_owned())
+    }
+}
+
+/// `nftables.priority`: a number, `dstnat`, or `dstnat` plus or minus a
+/// number, within [`Nftables::PRIORITIES`].
+pub(crate) struct Priority;
+
+impl Want for Priority {
+    type Value = i32;
+    fn expected(&self) -> String {
+        let range = Nftables::PRIORITIES;
+        format!(
+            "a priority in {}..={}: a number, `dstnat` ({}) or an offset from it such as \"dstnat - 10\"",
+            range.start(),
+            range.end(),
+            Nftables::DSTNAT
+        )
+    }
+    fn read(&self, node: &Node) -> Result<i32, String> {
+        let text = text(node)?;
+        let number = |t: &str| -> Option<i64> {
+            let digits = t.strip_prefix('-').unwrap_or(t);
+            (!digits.is_empty() && digits.len() <= 10 && digits.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| t.parse().ok())
+                .flatten()
+        };
+        let value = match text.trim().strip_prefix("dstnat") {
+            None => number(text),
+            Some("") => Some(i64::from(Nftables::DSTNAT)),
+            Some(rest) => {
+                let rest = rest.trim_start();
+                let (sign, offset) = match (rest.strip_prefix('+'), rest.strip_prefix('-')) {
+                    (Some(offset), _) => (1, offset),
+                    (_, Some(offset)) => (-1, offset),
+                    _ => return Err(describe(node)),
+                };
+                let offset = offset.trim();
+                (!offset.starts_with('-'))
+                    .then(|| number(offset))
+                    .flatten()
+                    .map(|n| i64::from(Nftables::DSTNAT) + sign * n)
+            }
+        }
+        .ok_or_else(|| describe(node))?;
+        i32::try_from(value)
+            .ok()
+            .filter(|p| Nftables::PRIORITIES.contains(p))
+            .ok_or_else(|| format!("{} ({value}, out of range)", describe(node)))
+    }
+}
+
+/// An address a host can be reached at: not loopback, unspecified,
+/// broadcast or multicast.
+pub(crate) struct UsableAddress;
+
+impl Want for UsableAddress {
+    type Value = IpAddr;
+    fn expected(&self) -> String {
+        "the IPv4 or IPv6 address of a host".to_owned()
+    }
+    fn read(&self, node: &Node) -> Result<IpAddr, String> {
+        let ip = IpAddr::from_str(text(node)?).map_err(|_| describe(node))?;
+        match unusable_upstream(ip) {
+            Some(why) => Err(format!("{} ({why})", describe(node))),
+            None => Ok(ip),
+        }
     }
 }
 

@@ -42,6 +42,9 @@ pub struct HealthReport {
     /// Consecutive like outcomes that made the change.
     pub run: u32,
     pub threshold: u32,
+    /// When the checker decided: how long the change waited for its
+    /// transaction is measured from here, not from when the loop saw it.
+    pub decided_at: Instant,
 }
 
 impl HealthReport {
@@ -52,6 +55,7 @@ impl HealthReport {
             reason: transition.last_probe.to_string(),
             run: transition.run,
             threshold: transition.threshold,
+            decided_at: Instant::now(),
         }
     }
 }

@@ -16,6 +16,7 @@ pub(crate) mod tls;
 use std::io;
 
 pub use checker::{HealthReport, ProbeStats, spawn_checker};
+pub use probe::PROBE_MARK;
 pub use state::{
     FailureReason, HealthState, HttpFailure, ProbeOutcome, Shortage, TlsFailure, Transition,
 };

@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 use tokio::{
     io::{AsyncRead, AsyncWrite, Interest, unix::AsyncFd},
     net::{TcpSocket, TcpStream, UdpSocket},
@@ -76,9 +76,26 @@ async fn connect_resetting_on_close(target: SocketAddr) -> Result<TcpStream, Fai
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
         socket.set_zero_linger()?;
+        mark(SockRef::from(&socket))?;
         socket.connect(target).await
     };
     connect.await.map_err(|error| FailureReason::from(&error))
+}
+
+/// The mark of every probe's packets (`SO_MARK`), by which Lobby's own
+/// output chain leaves them alone: a probe must reach the upstream it
+/// checks, never be balanced. Chosen clear of the bits kube-proxy (0x4000,
+/// 0x8000) and Calico (the high 16) use.
+pub const PROBE_MARK: u32 = 0x1b0b;
+
+/// Marks a probe's socket with [`PROBE_MARK`]. Setting a mark needs
+/// CAP_NET_ADMIN, which the daemon always has; without it (unit tests run
+/// by a user) the probe goes unmarked, which only `local` targets notice.
+fn mark(socket: SockRef<'_>) -> io::Result<()> {
+    match socket.set_mark(PROBE_MARK) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+        other => other,
+    }
 }
 
 /// `probe` cut short at `timeout`, which it then fails with.
@@ -108,6 +125,7 @@ async fn probe_udp(
         SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
     };
     let socket = UdpSocket::bind(local).await.map_err(io_failure)?;
+    mark(SockRef::from(&socket)).map_err(io_failure)?;
     socket.connect(target).await.map_err(io_failure)?;
     let started = Instant::now();
     socket.send(udp.send.as_bytes()).await.map_err(io_failure)?;
@@ -313,6 +331,7 @@ async fn probe_sctp(target: SocketAddr, timeout: Duration) -> Result<Duration, F
     socket
         .set_linger(Some(Duration::ZERO))
         .map_err(io_failure)?;
+    mark(SockRef::from(&socket)).map_err(io_failure)?;
     match socket.connect(&target.into()) {
         Ok(()) => return Ok(started.elapsed()),
         Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => {}

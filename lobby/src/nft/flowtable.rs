@@ -13,7 +13,7 @@
 //! flowtable's transmit, so they see every packet either path carries.
 use std::fmt::Write as _;
 
-use super::{FAMILY, NftError, TABLE, address_keyword, backends_set};
+use super::{FAMILY, NftError, address_keyword, backends_set};
 use crate::{accel::Flowtable, config::Family};
 
 /// The flowtable's name in Lobby's table.
@@ -80,24 +80,29 @@ pub(super) fn render(out: &mut String, flowtable: Option<&Flowtable>) {
 /// hooks the new one's, flows in flight go back to the slow path for a
 /// packet and are offloaded again. Naming only current interfaces, it never
 /// fails on one that vanished (the kernel removes those by itself).
-pub(super) fn plan(out: &mut String, old: Option<&Flowtable>, new: Option<&Flowtable>) {
+pub(super) fn plan(
+    out: &mut String,
+    table: &str,
+    old: Option<&Flowtable>,
+    new: Option<&Flowtable>,
+) {
     if old == new {
         return;
     }
     if old.is_some() {
-        writeln!(out, "delete chain {FAMILY} {TABLE} {CHAIN}").unwrap();
-        writeln!(out, "delete flowtable {FAMILY} {TABLE} {FLOWTABLE}").unwrap();
+        writeln!(out, "delete chain {FAMILY} {table} {CHAIN}").unwrap();
+        writeln!(out, "delete flowtable {FAMILY} {table} {FLOWTABLE}").unwrap();
     }
     if let Some(new) = new {
         writeln!(
             out,
-            "add flowtable {FAMILY} {TABLE} {FLOWTABLE} {{ {}; }}",
+            "add flowtable {FAMILY} {table} {FLOWTABLE} {{ {}; }}",
             body(new).join("; ")
         )
         .unwrap();
-        writeln!(out, "add chain {FAMILY} {TABLE} {CHAIN} {{ {CHAIN_TYPE} }}").unwrap();
+        writeln!(out, "add chain {FAMILY} {table} {CHAIN} {{ {CHAIN_TYPE} }}").unwrap();
         for rule in rules() {
-            writeln!(out, "add rule {FAMILY} {TABLE} {CHAIN} {rule}").unwrap();
+            writeln!(out, "add rule {FAMILY} {table} {CHAIN} {rule}").unwrap();
         }
     }
 }
@@ -159,9 +164,9 @@ mod tests {
         let old = table(&["eth0", "up1"], false);
         let new = table(&["eth0", "up1", "up2"], false);
         let mut out = String::new();
-        plan(&mut out, Some(&old), Some(&old));
+        plan(&mut out, "lobby", Some(&old), Some(&old));
         assert_eq!(out, "");
-        plan(&mut out, Some(&old), Some(&new));
+        plan(&mut out, "lobby", Some(&old), Some(&new));
         assert_eq!(
             out,
             "delete chain inet lobby forward\n\
@@ -174,7 +179,7 @@ mod tests {
              add rule inet lobby forward ct status dnat ct direction reply ip6 saddr . meta l4proto . th sport @backends6 flow add @fastpath\n"
         );
         let mut off = String::new();
-        plan(&mut off, Some(&new), None);
+        plan(&mut off, "lobby", Some(&new), None);
         assert_eq!(
             off,
             "delete chain inet lobby forward\ndelete flowtable inet lobby fastpath\n"

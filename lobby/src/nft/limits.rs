@@ -40,7 +40,7 @@
 //! them again from the connections opened after it.
 use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
-use super::{Denied, FAMILY, TABLE, address_keyword, chain_name, denied_counter, slot_elements};
+use super::{Denied, FAMILY, address_keyword, chain_name, denied_counter, slot_elements};
 use crate::{
     config::{Family, Limit, Rate},
     model::{Cap, Desired, DesiredTarget, FamilyRotation},
@@ -200,12 +200,13 @@ pub(super) fn render(out: &mut String, desired: &Desired) {
 /// Adds the sets `desired` has and `applied` has not, and resets the
 /// elements whose values changed: before the rules that use them.
 pub(super) fn plan_sets(out: &mut String, applied: &Desired, desired: &Desired) {
+    let table = &desired.nftables.table;
     let old = sets(applied);
     for (name, set) in sets(desired) {
         let Some(before) = old.get(&name) else {
             writeln!(
                 out,
-                "add set {FAMILY} {TABLE} {name} {{ {} }}",
+                "add set {FAMILY} {table} {name} {{ {} }}",
                 set.declaration
             )
             .unwrap();
@@ -216,12 +217,12 @@ pub(super) fn plan_sets(out: &mut String, applied: &Desired, desired: &Desired) 
                 continue;
             }
             match key {
-                None => writeln!(out, "flush set {FAMILY} {TABLE} {name}").unwrap(),
+                None => writeln!(out, "flush set {FAMILY} {table} {name}").unwrap(),
                 // `add` first: `delete` then succeeds whether or not a
                 // connection created the element.
                 Some(key) => {
                     for verb in ["add", "delete"] {
-                        writeln!(out, "{verb} element {FAMILY} {TABLE} {name} {{ {key} }}")
+                        writeln!(out, "{verb} element {FAMILY} {table} {name} {{ {key} }}")
                             .unwrap();
                     }
                 }
@@ -230,12 +231,25 @@ pub(super) fn plan_sets(out: &mut String, applied: &Desired, desired: &Desired) 
     }
 }
 
-/// Deletes the sets `applied` has and `desired` has not: after the rules
-/// that used them.
-pub(super) fn delete_sets(out: &mut String, applied: &Desired, desired: &Desired) {
+/// Deletes the upstream chains and the sets `applied` has and `desired`
+/// has not: after the rules that used them.
+pub(super) fn plan_removals(out: &mut String, applied: &Desired, desired: &Desired) {
+    let table = &desired.nftables.table;
+    for (name, old) in &applied.targets {
+        let kept: Vec<String> = desired
+            .targets
+            .get(name)
+            .map(|new| chains(name, new).into_iter().map(|(c, _)| c).collect())
+            .unwrap_or_default();
+        for (chain, _) in chains(name, old) {
+            if !kept.contains(&chain) {
+                writeln!(out, "delete chain {FAMILY} {table} {chain}").unwrap();
+            }
+        }
+    }
     let new = sets(desired);
     for name in sets(applied).keys().filter(|n| !new.contains_key(*n)) {
-        writeln!(out, "delete set {FAMILY} {TABLE} {name}").unwrap();
+        writeln!(out, "delete set {FAMILY} {table} {name}").unwrap();
     }
 }
 

@@ -74,6 +74,7 @@ fn report(name: &str, available: bool) -> Event {
         .to_owned(),
         run: 1,
         threshold: 1,
+        decided_at: tokio::time::Instant::now(),
     })
 }
 
@@ -193,7 +194,7 @@ fn a_takeover_replaces_the_table_and_keeps_balanced_upstreams_available() {
     let actions = harness.step(Event::ConfigLoaded(config(TWO_CHECKED)));
     let script = script(&actions).expect("a first transaction");
     assert!(
-        script.starts_with("add table ip lobby\ndelete table ip lobby\nadd table inet lobby\ndelete table inet lobby\n"),
+        script.starts_with("add table ip lobby\ndelete table ip lobby\nadd table ip6 lobby\ndelete table ip6 lobby\nadd table inet lobby\ndelete table inet lobby\n"),
         "{script}"
     );
     assert!(
@@ -307,7 +308,7 @@ fn a_failed_apply_is_retried_whole_after_a_second() {
     let actions = harness.advance(Duration::from_millis(500));
     let script = script(&actions).expect("the retry");
     assert!(
-        script.starts_with("add table ip lobby\ndelete table ip lobby\nadd table inet lobby\ndelete table inet lobby\n"),
+        script.starts_with("add table ip lobby\ndelete table ip lobby\nadd table ip6 lobby\ndelete table ip6 lobby\nadd table inet lobby\ndelete table inet lobby\n"),
         "the table's content is unknown after a failure: {script}"
     );
 }

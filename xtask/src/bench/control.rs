@@ -16,7 +16,9 @@ use std::{
 
 use lobby_tests::{
     Lobby, NameServer, NetNs, Topology,
-    fixtures::{ConfigBuilder, health_check, in_rotation, start_servers},
+    fixtures::{
+        ConfigBuilder, UPSTREAM_PORT, health_check, in_rotation, start_server, start_servers,
+    },
     wait_for,
 };
 
@@ -58,7 +60,17 @@ pub enum Change {
 /// A config of `targets` x `per_target` upstreams at distinct addresses
 /// in 198.19.0.0/16, which no namespace routes: no traffic goes to them.
 pub fn scale_config(targets: usize, per_target: usize, change: Change) -> String {
-    let mut config = ConfigBuilder::new();
+    scale_targets(ConfigBuilder::new(), targets, per_target, change).build()
+}
+
+/// `config` with `targets` more targets of `per_target` unchecked
+/// upstreams each, changed as `change` says.
+fn scale_targets(
+    mut config: ConfigBuilder,
+    targets: usize,
+    per_target: usize,
+    change: Change,
+) -> ConfigBuilder {
     for t in 0..targets {
         config = config.target(&format!("t{t}"), 10_000 + t as u16);
         let shorter = match change {
@@ -79,7 +91,7 @@ pub fn scale_config(targets: usize, per_target: usize, change: Change) -> String
             config = config.upstream_with(&format!("u{u}"), addr, 8080, extra);
         }
     }
-    config.build()
+    config
 }
 
 /// The `elapsed_ms` of the `n`-th (from 0) `ruleset applied` line, and
@@ -431,4 +443,69 @@ fn rss_kib(pid: u32) -> u64 {
 pub fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// How long health changes wait for their transaction at 10,000
+/// upstreams: the `report_to_apply_ms` of every apply a flapping server
+/// causes (10 checked upstreams of one target go DOWN and UP `flaps`
+/// times), while `lobby stats --json` reads all 10,000 upstreams back to
+/// back (`scraping`) or nobody asks. Returns the samples and how many
+/// scrapes completed.
+pub fn report_to_apply_ms(scraping: bool, flaps: usize) -> (Vec<f64>, usize) {
+    let topology = lb_topology();
+    let mut server = Some(start_server(&topology, 0));
+    let check = health_check(UPSTREAM_PORT, true, 1, 1, 1);
+    let mut config = ConfigBuilder::new().target("checked", 9_999);
+    for u in 0..10 {
+        config = config.upstream_with(
+            &format!("u{u}"),
+            Topology::upstream_addr(0),
+            UPSTREAM_PORT,
+            &check,
+        );
+    }
+    let config = scale_targets(config, 999, 10, Change::None).build();
+    let lobby = Lobby::start(&topology.lb, &config);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = scraping.then(|| {
+        let stop = stop.clone();
+        let socket = lobby.socket_path.clone();
+        std::thread::spawn(move || {
+            let mut scrapes = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let ok = Command::new(lobby_tests::lobby::binary())
+                    .args(["stats", "--json", "--socket"])
+                    .arg(&socket)
+                    .stdout(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                scrapes += usize::from(ok);
+            }
+            scrapes
+        })
+    });
+    let applies_before = lobby.log_count("report_to_apply_ms=");
+    for _ in 0..flaps {
+        for up in [false, true] {
+            server = up.then(|| start_server(&topology, 0));
+            wait_for(
+                "the checked upstreams to follow",
+                Duration::from_secs(20),
+                || (in_rotation(&topology, 0) == up).then_some(()),
+            );
+            // Every upstream at the address reported, each in its phase.
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+    }
+    drop(server);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let scrapes = scraper.map_or(0, |s| s.join().expect("the scraper"));
+    let samples = lobby
+        .log()
+        .lines()
+        .filter_map(|l| l.split("report_to_apply_ms=").nth(1))
+        .skip(applies_before)
+        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+        .collect();
+    (samples, scrapes)
 }

@@ -35,6 +35,8 @@ struct Plan {
     apply_runs: usize,
     reload_runs: usize,
     repairs: usize,
+    /// DOWN-and-UP cycles of the checked upstreams, for report-to-apply.
+    flaps: usize,
     idle_window: Duration,
 }
 
@@ -48,6 +50,7 @@ const FULL: Plan = Plan {
     apply_runs: 5,
     reload_runs: 3,
     repairs: 20,
+    flaps: 6,
     idle_window: Duration::from_secs(8),
 };
 
@@ -61,6 +64,7 @@ const QUICK: Plan = Plan {
     apply_runs: 1,
     reload_runs: 1,
     repairs: 5,
+    flaps: 2,
     idle_window: Duration::from_secs(3),
 };
 
@@ -299,7 +303,16 @@ type Other = (&'static str, f64, Option<(f64, &'static str)>);
 struct Control {
     rows: Vec<ControlRow>,
     repair: Repair,
+    reports: Reports,
     other: Vec<Other>,
+}
+
+/// Health report to applied transaction (ms), with `lobby stats` reading
+/// 10,000 upstreams back to back and with nobody asking.
+struct Reports {
+    scraped: Vec<f64>,
+    scrapes: usize,
+    quiet: Vec<f64>,
 }
 
 fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
@@ -391,6 +404,15 @@ fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
         raw_full_table: repair_raw,
     };
 
+    eprintln!("bench: control plane, health reports while 10,000 upstreams are scraped");
+    let (quiet, _) = control::report_to_apply_ms(false, plan.flaps);
+    let (scraped, scrapes) = control::report_to_apply_ms(true, plan.flaps);
+    let reports = Reports {
+        scraped,
+        scrapes,
+        quiet,
+    };
+
     eprintln!("bench: control plane, death to removal and idle cost");
     let removal: Vec<f64> = (0..plan.apply_runs)
         .map(|_| control::death_to_removal_ms())
@@ -399,6 +421,7 @@ fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
     Control {
         rows,
         repair,
+        reports,
         other: vec![
             (
                 "upstream death to removal, 1 s probes (ms)",
@@ -696,6 +719,11 @@ impl Report {
                     "p99_ms": percentile(&c.repair.samples, 0.99),
                     "raw_nft_full_table_ms": c.repair.raw_full_table,
                 },
+                "report_to_apply": {
+                    "quiet_ms": c.reports.quiet,
+                    "scraped_ms": c.reports.scraped,
+                    "scrapes": c.reports.scrapes,
+                },
                 "other": c.other.iter().map(|(what, value, anchor)| ((*what).to_owned(), json!({
                     "value": value, "anchor": anchor.map(|a| a.0), "anchor_is": anchor.map(|a| a.1),
                 }))).collect::<serde_json::Map<_, _>>(),
@@ -749,6 +777,19 @@ fn control_tables(control: &Control, out: &mut String) {
         percentile(&r.samples, 0.99),
         raw,
         median(&r.samples) / raw
+    )
+    .unwrap();
+    let r = &control.reports;
+    writeln!(
+        out,
+        "\n| health report to applied, 1 target of 10 checked + 999 x 10 | p50 ms | p99 ms | applies |\n|---|---|---|---|\n| nobody asks for stats | {:.0} | {:.0} | {} |\n| `lobby stats --json` back to back ({} scrapes of 10,000 upstreams) | {:.0} | {:.0} | {} |",
+        median(&r.quiet),
+        percentile(&r.quiet, 0.99),
+        r.quiet.len(),
+        r.scrapes,
+        median(&r.scraped),
+        percentile(&r.scraped, 0.99),
+        r.scraped.len(),
     )
     .unwrap();
     writeln!(

@@ -1,0 +1,116 @@
+//! `local: true` (SPEC "Traffic policy"): connections that processes on
+//! the Lobby host itself open to a target are balanced too. Their packets
+//! never pass prerouting, so a nat chain on the output hook dispatches
+//! them, through a verdict map of the local targets only, to the same
+//! target chains. Present only while some target is local.
+//!
+//! Not dispatched: Lobby's own health probes (their sockets carry
+//! [`PROBE_MARK`]), whose connections must reach the upstream they
+//! check, and loopback destinations, which the kernel never routes out of
+//! the host with their loopback source.
+use std::fmt::Write as _;
+
+use super::{FAMILY, dispatch_element};
+use crate::{health::PROBE_MARK, model::Desired};
+
+const MAP: &str = "local-targets";
+const CHAIN: &str = "output";
+
+/// The output hook knows no `dstnat` by name: the priority as a number.
+fn chain_type(priority: i32) -> String {
+    format!("type nat hook output priority {priority}; policy accept;")
+}
+
+fn rules() -> [String; 4] {
+    [
+        format!("meta mark {PROBE_MARK:#x} return"),
+        "ip daddr 127.0.0.0/8 return".to_owned(),
+        "ip6 daddr ::1 return".to_owned(),
+        format!("fib daddr type local meta l4proto . th dport vmap @{MAP}"),
+    ]
+}
+
+/// The local targets' dispatch elements; empty when none is local.
+fn elements(desired: &Desired) -> Vec<String> {
+    desired
+        .targets
+        .iter()
+        .filter(|(_, target)| target.policy.local)
+        .map(|(name, target)| dispatch_element(name, target))
+        .collect()
+}
+
+/// Writes the map and the chain inside `table ... { }`, if any target is
+/// local.
+pub(super) fn render(out: &mut String, desired: &Desired) {
+    let elements = elements(desired);
+    if elements.is_empty() {
+        return;
+    }
+    writeln!(out, "\tmap {MAP} {{").unwrap();
+    writeln!(out, "\t\ttype inet_proto . inet_service : verdict").unwrap();
+    super::write_elements(out, &elements);
+    writeln!(out, "\t}}").unwrap();
+    writeln!(out, "\tchain {CHAIN} {{").unwrap();
+    writeln!(out, "\t\t{}", chain_type(desired.nftables.priority)).unwrap();
+    for rule in rules() {
+        writeln!(out, "\t\t{rule}").unwrap();
+    }
+    writeln!(out, "\t}}").unwrap();
+}
+
+/// The first part of a change: the jumps that may name a chain the
+/// transaction deletes go first.
+pub(super) fn plan_removals(out: &mut String, applied: &Desired, desired: &Desired) {
+    let table = &desired.nftables.table;
+    let (old, new) = (elements(applied), elements(desired));
+    if old.is_empty() || old == new {
+        return;
+    }
+    if new.is_empty() {
+        writeln!(out, "delete chain {FAMILY} {table} {CHAIN}").unwrap();
+        writeln!(out, "delete map {FAMILY} {table} {MAP}").unwrap();
+    } else {
+        writeln!(out, "flush map {FAMILY} {table} {MAP}").unwrap();
+    }
+}
+
+/// The second part, once the target chains exist: the map's new elements,
+/// the chain when it is new or its priority changed.
+pub(super) fn plan_additions(out: &mut String, applied: &Desired, desired: &Desired) {
+    let table = &desired.nftables.table;
+    let (old, new) = (elements(applied), elements(desired));
+    if new.is_empty() {
+        return;
+    }
+    let priority = desired.nftables.priority;
+    let create = old.is_empty();
+    if create {
+        writeln!(
+            out,
+            "add map {FAMILY} {table} {MAP} {{ type inet_proto . inet_service : verdict; }}"
+        )
+        .unwrap();
+    } else if applied.nftables.priority != priority {
+        writeln!(out, "delete chain {FAMILY} {table} {CHAIN}").unwrap();
+    }
+    if create || applied.nftables.priority != priority {
+        writeln!(
+            out,
+            "add chain {FAMILY} {table} {CHAIN} {{ {} }}",
+            chain_type(priority)
+        )
+        .unwrap();
+        for rule in rules() {
+            writeln!(out, "add rule {FAMILY} {table} {CHAIN} {rule}").unwrap();
+        }
+    }
+    if old != new {
+        writeln!(
+            out,
+            "add element {FAMILY} {table} {MAP} {{ {} }}",
+            new.join(", ")
+        )
+        .unwrap();
+    }
+}
