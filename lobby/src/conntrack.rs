@@ -1,7 +1,8 @@
 //! The connection-tracking table as the daemon's network namespace sees
 //! it: how full it is, and a warning before it fills up. A full table
-//! drops every new connection, clients' and probes' alike, so that healthy
-//! upstreams look dead: the warning names the cause first.
+//! drops every new client connection; health probes need no entry (their
+//! sockets' mark exempts them, see `nft`), so upstreams keep their state
+//! and the warning names the cause.
 use std::{fmt, path::Path, time::Duration};
 
 use tokio::time::{Instant, MissedTickBehavior};
@@ -59,7 +60,7 @@ impl fmt::Display for Verdict {
         match self {
             Verdict::NearFull(u) => write!(
                 f,
-                "conntrack table nearly full ({} of {} entries): new connections and health probes will be dropped when it is full; raise net.netfilter.nf_conntrack_max",
+                "conntrack table nearly full ({} of {} entries): new client connections will be dropped when it is full (health probes are exempt); raise net.netfilter.nf_conntrack_max",
                 u.entries, u.max
             ),
             Verdict::Recovered(u) => write!(

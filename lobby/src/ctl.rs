@@ -66,8 +66,13 @@ pub struct DeniedStats {
 pub struct UpstreamStats {
     pub name: String,
     pub host: String,
-    /// `None` while the host name has never resolved.
+    /// `None` while the host name has never resolved. An upstream with
+    /// several addresses has an entry for each.
     pub address: Option<String>,
+    /// `ipv4` or `ipv6`, the address's; `None` with it (and from a daemon
+    /// older than dual-stack upstreams).
+    #[serde(default)]
+    pub family: Option<String>,
     pub port: u16,
     pub available: bool,
     pub connections: u64,
@@ -599,6 +604,16 @@ async fn exchange(
     })
 }
 
+/// Where an entry's traffic goes, `IP:PORT` (`[IPv6]:PORT`); `None` while
+/// unresolved.
+pub fn socket_address(upstream: &UpstreamStats) -> Option<String> {
+    let address = upstream.address.as_deref()?;
+    Some(match address.parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip, upstream.port).to_string(),
+        Err(_) => format!("{address}:{}", upstream.port),
+    })
+}
+
 /// Per-second rates of one upstream between two reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Rates {
@@ -667,10 +682,8 @@ pub fn render_table(report: &StatsReport, earlier: Option<(&StatsReport, f64)>) 
         for upstream in &target.upstreams {
             let rates =
                 earlier.and_then(|(report, secs)| rates(report, &target.name, upstream, secs));
-            let address = match &upstream.address {
-                Some(address) => format!("{address}:{}", upstream.port),
-                None => format!("{} (unresolved)", upstream.host),
-            };
+            let address = socket_address(upstream)
+                .unwrap_or_else(|| format!("{} (unresolved)", upstream.host));
             rows.push(vec![
                 upstream.name.clone(),
                 if upstream.available { "up" } else { "down" }.to_owned(),
@@ -797,6 +810,7 @@ mod tests {
             name: name.into(),
             host: "198.18.1.11".into(),
             address: Some("198.18.1.11".into()),
+            family: Some("ipv4".into()),
             port: 9000,
             available: true,
             connections,
@@ -829,7 +843,8 @@ mod tests {
         let json = serde_json::to_value(report(vec![upstream("web1", 12, 5000)])).unwrap();
         let expected = serde_json::json!({"targets": [{"name": "web", "protocol": "tcp", "port": 8081,
             "upstream_group": "web-pool", "distribution": "round-robin",
-            "upstreams": [{"name": "web1", "host": "198.18.1.11", "address": "198.18.1.11", "port": 9000,
+            "upstreams": [{"name": "web1", "host": "198.18.1.11", "address": "198.18.1.11",
+                "family": "ipv4", "port": 9000,
                 "available": true, "connections": 12, "resets": 0, "packets_out": 10, "bytes_out": 5000,
                 "packets_in": 9, "bytes_in": 2048, "admin_state": "enabled", "weight": 1}],
             "denied": {"blocked": 0, "not_allowed": 0, "rate_limited": 0, "connection_limited": 0}}]});
@@ -842,8 +857,23 @@ mod tests {
         let upstream = json["targets"][0]["upstreams"][0].as_object_mut().unwrap();
         upstream.remove("admin_state");
         upstream.remove("weight");
+        upstream.remove("family");
         let read: StatsReport = serde_json::from_value(json).unwrap();
-        assert_eq!(read, report(vec![self::upstream("web1", 12, 5000)]));
+        let older = UpstreamStats {
+            family: None,
+            ..self::upstream("web1", 12, 5000)
+        };
+        assert_eq!(read, report(vec![older]));
+    }
+
+    #[test]
+    fn an_ipv6_address_is_bracketed_before_its_port() {
+        let mut upstream = upstream("web1", 0, 0);
+        assert_eq!(socket_address(&upstream).unwrap(), "198.18.1.11:9000");
+        upstream.address = Some("2001:2::11".into());
+        assert_eq!(socket_address(&upstream).unwrap(), "[2001:2::11]:9000");
+        upstream.address = None;
+        assert_eq!(socket_address(&upstream), None);
     }
 
     #[test]

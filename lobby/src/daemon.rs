@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::{
     accel::DeviceQuery,
-    config::{self, Config, Target},
+    config::{self, Config, Family, Target},
     conntrack,
     ctl::{self, AdminState, Control, CtlError, Request, StatsReport, TargetStats, UpstreamStats},
     dns::{self, AddressUpdate, DnsStats, ResolverKey},
@@ -36,7 +36,7 @@ use crate::{
     nft::NftError,
     ownership::{self, OwnershipError, TableLock},
     plane::{DataPlane, KernelPlane, Lookup},
-    reconcile::{Action, Core, Event, Notice},
+    reconcile::{Action, AddressKey, Core, Event, HeldAddress, Notice},
     systemd, traffic,
     watch::{self as config_watch, DEBOUNCE},
 };
@@ -407,7 +407,8 @@ struct Wiring<P> {
     /// The text of the running configuration: a change notice with the
     /// same text is not a reload.
     config_text: String,
-    checkers: BTreeMap<UpstreamId, Checker>,
+    /// One per checked address of an upstream.
+    checkers: BTreeMap<(UpstreamId, AddressKey), Checker>,
     resolvers: BTreeMap<ResolverKey, Resolver>,
     /// Queries of resolvers a reload retired, so that totals never go back.
     retired_dns: BTreeMap<String, u64>,
@@ -614,18 +615,19 @@ impl<P: DataPlane> Wiring<P> {
             }
             Action::StartChecker {
                 id,
+                key,
                 check,
                 available,
                 address,
             } => {
-                let stats = match self.checkers.remove(&id) {
+                let stats = match self.checkers.remove(&(id.clone(), key)) {
                     Some(previous) => {
                         previous.cancel.cancel();
                         previous.stats
                     }
                     None => Arc::default(),
                 };
-                let (address_tx, address_rx) = watch::channel(address);
+                let (address_tx, address_rx) = watch::channel(Some(address));
                 let cancel = self.cancel.child_token();
                 health::spawn_checker(
                     id.clone(),
@@ -638,7 +640,7 @@ impl<P: DataPlane> Wiring<P> {
                     &self.tracker,
                 );
                 self.checkers.insert(
-                    id,
+                    (id, key),
                     Checker {
                         cancel,
                         address: address_tx,
@@ -646,13 +648,13 @@ impl<P: DataPlane> Wiring<P> {
                     },
                 );
             }
-            Action::StopChecker(id) => {
-                if let Some(checker) = self.checkers.remove(&id) {
+            Action::StopChecker { id, key } => {
+                if let Some(checker) = self.checkers.remove(&(id, key)) {
                     checker.cancel.cancel();
                 }
             }
-            Action::SetProbeAddress { id, address } => {
-                if let Some(checker) = self.checkers.get(&id) {
+            Action::SetProbeAddress { id, key, address } => {
+                if let Some(checker) = self.checkers.get(&(id, key)) {
                     checker.address.send_replace(Some(address));
                 }
             }
@@ -699,7 +701,7 @@ impl<P: DataPlane> Wiring<P> {
                         let _ = reply.send(outcome.clone());
                     }
                 }
-                if let Some(event) = event_of(&notice, core) {
+                if let Some(event) = event_of(&notice) {
                     self.receivers.emit(event);
                 }
             }
@@ -804,30 +806,37 @@ impl<P: DataPlane> Wiring<P> {
         }
     }
 
-    fn extras(&self, core: &Core) -> BTreeMap<(String, String), UpstreamExtras> {
+    /// By (target, upstream, address) as the stats entries name them.
+    fn extras(&self, core: &Core) -> BTreeMap<metrics::EntryId, UpstreamExtras> {
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        upstream_ids(core)
-            .map(|id| {
-                let checker = self.checkers.get(&id);
+        let targets = core
+            .config()
+            .map(|c| c.targets.as_slice())
+            .unwrap_or_default();
+        targets
+            .iter()
+            .flat_map(|target| entries(core, target))
+            .map(|entry| {
+                let checker = entry
+                    .held
+                    .and_then(|(key, _)| self.checkers.get(&(entry.id.clone(), key)));
                 let extras = UpstreamExtras {
                     health_successes: checker.map_or(0, |c| load(&c.stats.successes)),
                     health_failures: checker.map_or(0, |c| load(&c.stats.failures)),
-                    state_changes: core.upstream(&id).map_or(0, |(_, changes)| changes),
+                    state_changes: entry.held.map_or(0, |(_, a)| a.state_changes),
                 };
-                ((id.target, id.upstream), extras)
+                let address = entry.address().map(|a| a.to_string());
+                ((entry.id.target, entry.id.upstream, address), extras)
             })
             .collect()
     }
 }
 
 /// What an event receiver hears of a notice, if anything.
-fn event_of(notice: &Notice, core: &Core) -> Option<LobbyEvent> {
+fn event_of(notice: &Notice) -> Option<LobbyEvent> {
     let (kind, target, upstream, address) = match notice {
         Notice::UpstreamChanged { report, .. } => {
-            let address = core
-                .upstream(&report.id)
-                .and_then(|(state, _)| state.address)
-                .map(|a| a.to_string());
+            let address = report.address.map(|a| a.to_string());
             let kind = if report.available {
                 EventKind::UpstreamUp
             } else {
@@ -863,6 +872,51 @@ fn event_of(notice: &Notice, core: &Core) -> Option<LobbyEvent> {
     })
 }
 
+/// One line of the stats of an upstream: one of its addresses, or none
+/// while its name never resolved.
+struct Entry<'a> {
+    upstream: &'a config::Upstream,
+    id: UpstreamId,
+    held: Option<(AddressKey, HeldAddress)>,
+    admin_state: AdminState,
+    weight: u32,
+}
+
+impl Entry<'_> {
+    fn address(&self) -> Option<IpAddr> {
+        self.held.map(|(_, a)| a.address)
+    }
+
+    fn available(&self) -> bool {
+        self.held.is_some_and(|(_, a)| a.available)
+    }
+}
+
+/// The entries of `target`'s upstreams, in configuration order, each
+/// upstream's addresses IPv4 first.
+fn entries<'a>(core: &Core, target: &'a config::Target) -> Vec<Entry<'a>> {
+    let mut entries = Vec::new();
+    for upstream in &target.group.upstreams {
+        let id = UpstreamId::new(&target.name, &upstream.name);
+        let (admin_state, weight) = admin_and_weight(core, &id, upstream.weight);
+        let held: Vec<Option<(AddressKey, HeldAddress)>> = core
+            .upstream(&id)
+            .into_iter()
+            .flatten()
+            .map(|(key, a)| Some((*key, *a)))
+            .collect();
+        let held = if held.is_empty() { vec![None] } else { held };
+        entries.extend(held.into_iter().map(|held| Entry {
+            upstream,
+            id: id.clone(),
+            held,
+            admin_state,
+            weight,
+        }));
+    }
+    entries
+}
+
 /// Every upstream's health, admin state and weight, for `lobby ctl state`.
 fn state_report(core: &Core) -> ctl::StateReport {
     let targets = core
@@ -872,23 +926,16 @@ fn state_report(core: &Core) -> ctl::StateReport {
         .iter()
         .map(|target| ctl::TargetState {
             name: target.name.clone(),
-            upstreams: target
-                .group
-                .upstreams
-                .iter()
-                .map(|upstream| {
-                    let id = UpstreamId::new(&target.name, &upstream.name);
-                    let state = core.upstream(&id).map(|(state, _)| state);
-                    let (admin_state, weight) = admin_and_weight(core, &id, upstream.weight);
-                    ctl::UpstreamState {
-                        name: upstream.name.clone(),
-                        address: state
-                            .and_then(|s| s.address)
-                            .map(|a| std::net::SocketAddr::new(a, upstream.port).to_string()),
-                        available: state.is_some_and(|s| s.available),
-                        admin_state,
-                        weight,
-                    }
+            upstreams: entries(core, target)
+                .into_iter()
+                .map(|entry| ctl::UpstreamState {
+                    name: entry.upstream.name.clone(),
+                    address: entry
+                        .address()
+                        .map(|a| SocketAddr::new(a, entry.upstream.port).to_string()),
+                    available: entry.available(),
+                    admin_state: entry.admin_state,
+                    weight: entry.weight,
                 })
                 .collect(),
         })
@@ -906,17 +953,6 @@ fn admin_and_weight(core: &Core, id: &UpstreamId, configured: u32) -> (AdminStat
         AdminState::Drained | AdminState::Disabled => 0,
     };
     (admin, weight)
-}
-
-fn upstream_ids(core: &Core) -> impl Iterator<Item = UpstreamId> + '_ {
-    core.config().into_iter().flat_map(|config| {
-        config.targets.iter().flat_map(|t| {
-            t.group
-                .upstreams
-                .iter()
-                .map(|u| UpstreamId::new(&t.name, &u.name))
-        })
-    })
 }
 
 /// Keeps the counters on the interfaces toward the upstreams, and the
@@ -957,49 +993,46 @@ async fn keep_counting<P: DataPlane>(
 /// upstream is counted under, in the report's order.
 fn stats_without_counters(core: &Core) -> (StatsReport, Vec<Option<Backend>>) {
     let mut backends = Vec::new();
-    let targets =
-        core.config()
-            .map(|c| c.targets.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .map(|target| TargetStats {
-                name: target.name.clone(),
-                protocol: target.protocol.as_str().to_owned(),
-                port: target.port,
-                upstream_group: target.group.name.clone(),
-                distribution: target.group.distribution.as_str().to_owned(),
-                denied: ctl::DeniedStats::default(),
-                upstreams: target
-                    .group
-                    .upstreams
-                    .iter()
-                    .map(|upstream| {
-                        let id = UpstreamId::new(&target.name, &upstream.name);
-                        let state = core.upstream(&id).map(|(state, _)| state);
-                        let address = state.and_then(|s| s.address);
-                        let (admin_state, weight) = admin_and_weight(core, &id, upstream.weight);
-                        backends.push(address.map(|a| {
-                            (std::net::SocketAddr::new(a, upstream.port), target.protocol)
-                        }));
-                        UpstreamStats {
-                            name: upstream.name.clone(),
-                            host: upstream.host.to_string(),
-                            address: address.map(|a| a.to_string()),
-                            port: upstream.port,
-                            available: state.is_some_and(|s| s.available && s.address.is_some()),
-                            connections: 0,
-                            resets: 0,
-                            packets_out: 0,
-                            bytes_out: 0,
-                            packets_in: 0,
-                            bytes_in: 0,
-                            admin_state,
-                            weight,
-                        }
-                    })
-                    .collect(),
-            })
-            .collect();
+    let targets = core
+        .config()
+        .map(|c| c.targets.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|target| TargetStats {
+            name: target.name.clone(),
+            protocol: target.protocol.as_str().to_owned(),
+            port: target.port,
+            upstream_group: target.group.name.clone(),
+            distribution: target.group.distribution.as_str().to_owned(),
+            denied: ctl::DeniedStats::default(),
+            upstreams: entries(core, target)
+                .into_iter()
+                .map(|entry| {
+                    let upstream = entry.upstream;
+                    let address = entry.address();
+                    backends.push(
+                        address.map(|a| (SocketAddr::new(a, upstream.port), target.protocol)),
+                    );
+                    UpstreamStats {
+                        name: upstream.name.clone(),
+                        host: upstream.host.to_string(),
+                        address: address.map(|a| a.to_string()),
+                        family: address.map(|a| Family::of(a).as_str().to_owned()),
+                        port: upstream.port,
+                        available: entry.available(),
+                        connections: 0,
+                        resets: 0,
+                        packets_out: 0,
+                        bytes_out: 0,
+                        packets_in: 0,
+                        bytes_in: 0,
+                        admin_state: entry.admin_state,
+                        weight: entry.weight,
+                    }
+                })
+                .collect(),
+        })
+        .collect();
     (StatsReport { targets }, backends)
 }
 

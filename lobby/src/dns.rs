@@ -1,6 +1,7 @@
-//! Upstream host names: resolves each name with its resolvers, strictly in
-//! order, once per period however many upstreams use it, and reports the
-//! address the upstreams should use.
+//! Upstream host names: resolves each name (A and AAAA) with its resolvers,
+//! strictly in order, once per period however many upstreams use it, and
+//! reports the usable addresses of the answer; which of them each upstream
+//! takes ([`choose`]) is the reconcile core's decision.
 //!
 //! Each server is asked through its own single-server hickory resolver, so
 //! that the order is ours (hickory's pool would race or reorder servers)
@@ -32,7 +33,7 @@ use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-use crate::config::{DnsConfig, unusable_upstream};
+use crate::config::{DnsConfig, Family, unusable_upstream};
 
 /// How long one server may take before the next is asked.
 pub const SERVER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -68,11 +69,12 @@ impl ResolverKey {
     }
 }
 
-/// The address upstreams of `key` should use from now on.
+/// The addresses upstreams of `key` choose from from now on: the usable
+/// addresses of the latest answer, in its order (IPv4 first).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AddressUpdate {
     pub key: ResolverKey,
-    pub address: IpAddr,
+    pub addresses: Vec<IpAddr>,
 }
 
 /// Queries by result, for `lobby_dns_resolutions_total{result}`.
@@ -182,21 +184,50 @@ fn list(failures: &[(SocketAddr, ServerFailure)]) -> String {
     items.join(", ")
 }
 
-/// A usable answer: its IPv4 addresses in the order given, and the
-/// smallest TTL among them.
+/// A usable answer: its IPv4 then its IPv6 addresses in the order given,
+/// and the smallest TTL among them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
     pub addresses: Vec<IpAddr>,
     pub ttl: Duration,
+    /// A family whose query failed while the other's was answered: its
+    /// addresses are unknown, not gone.
+    pub unknown: Option<Family>,
 }
 
-/// The address to use: the current one while the answer still holds it
-/// (rotated answers do not move traffic), else the answer's first.
-pub fn choose(current: Option<IpAddr>, addresses: &[IpAddr]) -> Option<IpAddr> {
-    match current {
-        Some(current) if addresses.contains(&current) => Some(current),
-        _ => addresses.first().copied(),
-    }
+/// The addresses an upstream uses out of `answer`, given those it uses
+/// now: every one with `all_addresses`; else one of each family, the
+/// current one while the answer still holds it (rotated answers do not
+/// move traffic), else the family's first. IPv4 first.
+pub fn choose(current: &[IpAddr], answer: &[IpAddr], all_addresses: bool) -> Vec<IpAddr> {
+    let mut chosen: Vec<IpAddr> = if all_addresses {
+        answer.to_vec()
+    } else {
+        Family::BOTH
+            .into_iter()
+            .filter_map(|family| {
+                let of_family = || answer.iter().filter(move |a| Family::of(**a) == family);
+                current
+                    .iter()
+                    .find(|c| Family::of(**c) == family && of_family().any(|a| a == *c))
+                    .or_else(|| of_family().next())
+                    .copied()
+            })
+            .collect()
+    };
+    chosen.sort_by_key(|a| (Family::of(*a), *a));
+    chosen.dedup();
+    chosen
+}
+
+/// The addresses to report after an answer: its usable ones, and those of
+/// `previous` of a family the answer could not say (a failed AAAA query
+/// takes no IPv6 address away, as a failed resolution takes none).
+pub fn merge(previous: &[IpAddr], usable: &[IpAddr], unknown: Option<Family>) -> Vec<IpAddr> {
+    let kept = previous
+        .iter()
+        .filter(|a| Some(Family::of(**a)) == unknown && !usable.contains(a));
+    usable.iter().chain(kept).copied().collect()
 }
 
 /// The addresses of an answer that can be balanced to, in order, and
@@ -291,24 +322,49 @@ pub fn parse_resolv_conf(text: &[u8]) -> Result<Vec<SocketAddr>, ResolveError> {
     Ok(servers)
 }
 
-/// Asks one server for the A records of `name` (taken as absolute: no
-/// search domains), over UDP with TCP for truncated answers; a name with no
-/// A record is asked for its AAAA records, so that an IPv6-only upstream
-/// works. (A name with both serves IPv4 clients only, for now.)
+/// Asks one server for the A and the AAAA records of `name` (taken as
+/// absolute: no search domains) at once, over UDP with TCP for truncated
+/// answers.
 async fn query(name: &str, server: SocketAddr) -> Result<Answer, ServerFailure> {
-    match query_type(name, server, RecordType::A).await {
-        Err(ServerFailure::NoAddress) => query_type(name, server, RecordType::AAAA).await,
-        answer => answer,
+    let fqdn = Name::from_str(&format!("{}.", name.trim_end_matches('.')))
+        .map_err(|e| ServerFailure::Other(format!("invalid name: {e}")))?;
+    let resolver = resolver_for(server)?;
+    let (a, aaaa) = tokio::join!(
+        query_type(&resolver, fqdn.clone(), RecordType::A),
+        query_type(&resolver, fqdn, RecordType::AAAA)
+    );
+    combine(a, aaaa)
+}
+
+/// One server's answer from its answers to the A and the AAAA query: a
+/// family without records adds none; when one query failed outright and
+/// the other brought records, the failed family is unknown.
+fn combine(
+    a: Result<Answer, ServerFailure>,
+    aaaa: Result<Answer, ServerFailure>,
+) -> Result<Answer, ServerFailure> {
+    match (a, aaaa) {
+        (Ok(a), Ok(aaaa)) => Ok(Answer {
+            addresses: a.addresses.into_iter().chain(aaaa.addresses).collect(),
+            ttl: a.ttl.min(aaaa.ttl),
+            unknown: None,
+        }),
+        (Ok(answer), Err(ServerFailure::NoAddress))
+        | (Err(ServerFailure::NoAddress), Ok(answer)) => Ok(answer),
+        (Ok(answer), Err(_)) => Ok(Answer {
+            unknown: Some(Family::Ipv6),
+            ..answer
+        }),
+        (Err(_), Ok(answer)) => Ok(Answer {
+            unknown: Some(Family::Ipv4),
+            ..answer
+        }),
+        (Err(ServerFailure::NoAddress), Err(failure)) | (Err(failure), Err(_)) => Err(failure),
     }
 }
 
-async fn query_type(
-    name: &str,
-    server: SocketAddr,
-    record_type: RecordType,
-) -> Result<Answer, ServerFailure> {
-    let fqdn = Name::from_str(&format!("{}.", name.trim_end_matches('.')))
-        .map_err(|e| ServerFailure::Other(format!("invalid name: {e}")))?;
+/// A resolver that asks `server` alone, once, without a cache.
+fn resolver_for(server: SocketAddr) -> Result<Resolver<TokioRuntimeProvider>, ServerFailure> {
     let connection = |protocol| {
         let mut connection = ConnectionConfig::new(protocol);
         connection.port = server.port();
@@ -328,13 +384,20 @@ async fn query_type(
     options.cache_size = 0;
     options.use_hosts_file = ResolveHosts::Never;
     options.num_concurrent_reqs = 1;
-    let resolver = Resolver::builder_with_config(
+    Resolver::builder_with_config(
         ResolverConfig::from_parts(None, vec![], vec![name_server]),
         TokioRuntimeProvider::default(),
     )
     .with_options(options)
     .build()
-    .map_err(|e| ServerFailure::Other(e.to_string()))?;
+    .map_err(|e| ServerFailure::Other(e.to_string()))
+}
+
+async fn query_type(
+    resolver: &Resolver<TokioRuntimeProvider>,
+    fqdn: Name,
+    record_type: RecordType,
+) -> Result<Answer, ServerFailure> {
     // hickory's own timeout covers one exchange; this bounds the whole.
     let lookup = tokio::time::timeout(SERVER_TIMEOUT * 2, resolver.lookup(fqdn, record_type))
         .await
@@ -359,6 +422,7 @@ async fn query_type(
     Ok(Answer {
         addresses,
         ttl: Duration::from_secs(u64::from(ttl)),
+        unknown: None,
     })
 }
 
@@ -382,8 +446,9 @@ fn classify(error: NetError) -> ServerFailure {
 }
 
 /// Resolves `key` until `cancel`: once per period after a success, with
-/// back-off after a failure. Sends an [`AddressUpdate`] whenever the chosen
-/// address changes; a failure never takes an address away.
+/// back-off after a failure. Sends an [`AddressUpdate`] whenever the set of
+/// usable addresses changes; a failure never takes an address away, nor
+/// does an answer with none usable.
 pub fn spawn_resolver(
     key: ResolverKey,
     updates: mpsc::Sender<AddressUpdate>,
@@ -392,7 +457,8 @@ pub fn spawn_resolver(
     tracker: &TaskTracker,
 ) {
     tracker.spawn(async move {
-        let mut current: Option<IpAddr> = None;
+        // What the last update said.
+        let mut current: Vec<IpAddr> = Vec::new();
         let mut failures: u32 = 0;
         // Said once, until the answer changes.
         let mut warned_skipped = Vec::new();
@@ -407,11 +473,12 @@ pub fn spawn_resolver(
                         }
                         warned_skipped = skipped;
                     }
-                    let chosen = choose(current, &addresses);
-                    if let Some(address) = chosen.filter(|a| Some(*a) != current) {
-                        info!(name = %key.name, %address, "{} resolves to {address}", key.name);
-                        current = Some(address);
-                        if updates.send(AddressUpdate { key: key.clone(), address }).await.is_err() {
+                    let addresses = merge(&current, &addresses, answer.unknown);
+                    if !addresses.is_empty() && !same_set(&addresses, &current) {
+                        let list = join(&addresses);
+                        info!(name = %key.name, addresses = %list, "{} resolves to {list}", key.name);
+                        current.clone_from(&addresses);
+                        if updates.send(AddressUpdate { key: key.clone(), addresses }).await.is_err() {
                             return; // the daemon is gone
                         }
                     }
@@ -420,9 +487,10 @@ pub fn spawn_resolver(
                 Err(error) => {
                     failures += 1;
                     let delay = retry_delay(failures, key.ttl);
-                    match current {
-                        Some(address) => warn!(name = %key.name, "dns {}: {error}; keeping {address}, retrying in {delay:?}", key.name),
-                        None => warn!(name = %key.name, "dns {}: {error}; its upstreams stay unavailable, retrying in {delay:?}", key.name),
+                    if current.is_empty() {
+                        warn!(name = %key.name, "dns {}: {error}; its upstreams stay unavailable, retrying in {delay:?}", key.name);
+                    } else {
+                        warn!(name = %key.name, "dns {}: {error}; keeping {}, retrying in {delay:?}", key.name, join(&current));
                     }
                     delay
                 }
@@ -433,6 +501,16 @@ pub fn spawn_resolver(
             }
         }
     });
+}
+
+/// Whether two lists hold the same addresses, whatever their order.
+fn same_set(a: &[IpAddr], b: &[IpAddr]) -> bool {
+    a.len() == b.len() && a.iter().all(|x| b.contains(x))
+}
+
+fn join(addresses: &[IpAddr]) -> String {
+    let shown: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+    shown.join(", ")
 }
 
 #[cfg(test)]
@@ -457,20 +535,80 @@ mod tests {
         // An answer of nothing usable chooses nothing: the current address
         // stays, as when the name stops resolving.
         let (addresses, _) = usable(&[loopback, Ipv4Addr::BROADCAST.into()]);
-        assert_eq!(choose(Some(C), &addresses), None);
+        assert!(addresses.is_empty());
         assert_eq!(
             usable(&[loopback]).1[0].1,
             "a loopback address, which the kernel never forwards to"
         );
     }
 
+    const A6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0x11));
+    const B6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0x12));
+
     #[test]
-    fn the_current_address_stays_while_answered() {
-        assert_eq!(choose(None, &[A, B]), Some(A));
-        assert_eq!(choose(Some(B), &[A, B]), Some(B));
-        assert_eq!(choose(Some(B), &[B, A]), Some(B));
-        assert_eq!(choose(Some(C), &[A, B]), Some(A));
-        assert_eq!(choose(Some(C), &[]), None);
+    fn the_current_address_of_each_family_stays_while_answered() {
+        assert_eq!(choose(&[], &[A, B], false), [A]);
+        assert_eq!(choose(&[B], &[A, B], false), [B]);
+        assert_eq!(choose(&[B], &[B, A], false), [B]);
+        assert_eq!(choose(&[C], &[A, B], false), [A]);
+        assert!(choose(&[C], &[], false).is_empty());
+        // One of each family, IPv4 first whatever the answer's order.
+        assert_eq!(choose(&[], &[A6, B6, A, B], false), [A, A6]);
+        assert_eq!(choose(&[B, B6], &[A, B, A6, B6], false), [B, B6]);
+        // An A-only answer grows an AAAA: the IPv4 address stays.
+        assert_eq!(choose(&[B], &[A, B, B6], false), [B, B6]);
+        assert_eq!(choose(&[B, B6], &[B], false), [B]);
+    }
+
+    #[test]
+    fn all_addresses_takes_the_whole_answer_in_a_stable_order() {
+        assert_eq!(choose(&[], &[C, A6, A, B], true), [A, B, C, A6]);
+        assert_eq!(choose(&[A, B, C], &[B, C], true), [B, C]);
+        assert_eq!(choose(&[A], &[B, A, B], true), [A, B]);
+    }
+
+    #[test]
+    fn a_family_whose_query_failed_keeps_its_addresses() {
+        assert_eq!(merge(&[A, A6], &[B], Some(Family::Ipv6)), [B, A6]);
+        assert_eq!(merge(&[A, A6], &[B], None), [B]);
+        assert_eq!(merge(&[A, A6], &[A6, B6], Some(Family::Ipv4)), [A6, B6, A]);
+        assert!(same_set(&[A, B], &[B, A]));
+        assert!(!same_set(&[A, B], &[A]));
+    }
+
+    fn answer(addresses: &[IpAddr], ttl: u64) -> Result<Answer, ServerFailure> {
+        Ok(Answer {
+            addresses: addresses.to_vec(),
+            ttl: Duration::from_secs(ttl),
+            unknown: None,
+        })
+    }
+
+    #[test]
+    fn a_server_answers_for_both_families_or_says_which_it_could_not() {
+        let both = combine(answer(&[A], 30), answer(&[A6], 10)).unwrap();
+        assert_eq!(
+            (both.addresses, both.ttl),
+            (vec![A, A6], Duration::from_secs(10))
+        );
+        let v4_only = combine(answer(&[A], 30), Err(ServerFailure::NoAddress)).unwrap();
+        assert_eq!((v4_only.addresses, v4_only.unknown), (vec![A], None));
+        let v6_only = combine(Err(ServerFailure::NoAddress), answer(&[A6], 30)).unwrap();
+        assert_eq!((v6_only.addresses, v6_only.unknown), (vec![A6], None));
+        let aaaa_timed_out = combine(answer(&[A], 30), Err(ServerFailure::ServFail)).unwrap();
+        assert_eq!(aaaa_timed_out.unknown, Some(Family::Ipv6));
+        assert_eq!(
+            combine(Err(ServerFailure::NoAddress), Err(ServerFailure::NoAddress)),
+            Err(ServerFailure::NoAddress)
+        );
+        assert_eq!(
+            combine(Err(ServerFailure::NoAddress), Err(ServerFailure::ServFail)),
+            Err(ServerFailure::ServFail)
+        );
+        assert_eq!(
+            combine(Err(ServerFailure::NxDomain), Err(ServerFailure::NxDomain)),
+            Err(ServerFailure::NxDomain)
+        );
     }
 
     #[test]
@@ -514,6 +652,7 @@ mod tests {
         let dns = DnsConfig {
             servers: vec!["198.18.0.53:53".parse().unwrap()],
             ttl: Some(Duration::from_secs(30)),
+            all_addresses: false,
         };
         assert_eq!(
             ResolverKey::new("web.test", Some(&dns)),

@@ -26,7 +26,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    ctl::{AdminState, Request, StatsReport, UpstreamStats},
+    ctl::{AdminState, Request, StatsReport, TargetStats, UpstreamStats},
     listen::{Limits, accept_until},
 };
 
@@ -64,12 +64,15 @@ pub struct UpstreamExtras {
     pub state_changes: u64,
 }
 
+/// One entry of the stats report: target, upstream and address (`None`
+/// while unresolved), as [`UpstreamStats`] names them.
+pub type EntryId = (String, String, Option<String>);
+
 /// Everything the endpoint shows, gathered by the daemon's loop.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub stats: StatsReport,
-    /// By (target, upstream).
-    pub extras: BTreeMap<(String, String), UpstreamExtras>,
+    pub extras: BTreeMap<EntryId, UpstreamExtras>,
     /// By result (`success`, `nxdomain`, ...).
     pub dns_resolutions: BTreeMap<String, u64>,
     pub reloads_succeeded: u64,
@@ -119,19 +122,17 @@ pub fn render(snapshot: Snapshot) -> String {
 #[derive(Debug)]
 struct Exposition(Snapshot);
 
-/// `target`, `upstream` and `address` (`ADDRESS:PORT`, empty while
-/// unresolved).
-type UpstreamLabels<'a> = [(&'static str, &'a str); 3];
+/// `target`, `upstream`, `address` (`ADDRESS:PORT`, `[ADDRESS]:PORT` for
+/// IPv6, empty while unresolved), `protocol` (the target's) and `family`
+/// (the address's, empty while unresolved): one sample per address of an
+/// upstream.
+type UpstreamLabels<'a> = [(&'static str, &'a str); 5];
 
 impl Collector for Exposition {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         let snapshot = &self.0;
         let addresses: Vec<String> = upstreams(&snapshot.stats)
-            .map(|(_, u)| {
-                u.address
-                    .as_deref()
-                    .map_or(String::new(), |a| format!("{a}:{}", u.port))
-            })
+            .map(|(_, u)| crate::ctl::socket_address(u).unwrap_or_default())
             .collect();
         let upstreams: Vec<(UpstreamLabels, &UpstreamStats, UpstreamExtras)> =
             upstreams(&snapshot.stats)
@@ -139,13 +140,15 @@ impl Collector for Exposition {
                 .map(|((target, u), address)| {
                     let extras = snapshot
                         .extras
-                        .get(&(target.to_owned(), u.name.clone()))
+                        .get(&(target.name.clone(), u.name.clone(), u.address.clone()))
                         .cloned()
                         .unwrap_or_default();
                     let labels = [
-                        ("target", target),
+                        ("target", target.name.as_str()),
                         ("upstream", u.name.as_str()),
                         ("address", address.as_str()),
+                        ("protocol", target.protocol.as_str()),
+                        ("family", u.family.as_deref().unwrap_or_default()),
                     ];
                     (labels, u, extras)
                 })
@@ -320,12 +323,12 @@ impl Collector for Exposition {
     }
 }
 
-/// Every upstream with its target's name, in the report's order.
-fn upstreams(stats: &StatsReport) -> impl Iterator<Item = (&str, &UpstreamStats)> {
+/// Every upstream entry with its target, in the report's order.
+fn upstreams(stats: &StatsReport) -> impl Iterator<Item = (&TargetStats, &UpstreamStats)> {
     stats
         .targets
         .iter()
-        .flat_map(|t| t.upstreams.iter().map(move |u| (t.name.as_str(), u)))
+        .flat_map(|t| t.upstreams.iter().map(move |u| (t, u)))
 }
 
 /// One family: its HELP and TYPE lines, then a sample per label set.
@@ -514,6 +517,22 @@ mod tests {
     fn busy_snapshot() -> Snapshot {
         let mut apply_duration = Histogram::default();
         apply_duration.observe(Duration::from_millis(7));
+        let web1 = UpstreamStats {
+            name: "web1".into(),
+            host: "web1.test".into(),
+            address: Some("198.18.1.11".into()),
+            family: Some("ipv4".into()),
+            port: 9000,
+            available: true,
+            connections: 12,
+            resets: 1,
+            packets_out: 100,
+            bytes_out: 5000,
+            packets_in: 90,
+            bytes_in: 80000,
+            admin_state: AdminState::Drained,
+            weight: 0,
+        };
         Snapshot {
             stats: StatsReport {
                 targets: vec![TargetStats {
@@ -527,31 +546,37 @@ mod tests {
                     port: 8081,
                     upstream_group: "pool".into(),
                     distribution: "round-robin".into(),
-                    upstreams: vec![UpstreamStats {
-                        name: "web1".into(),
-                        host: "web1.test".into(),
-                        address: Some("198.18.1.11".into()),
-                        port: 9000,
-                        available: true,
-                        connections: 12,
-                        resets: 1,
-                        packets_out: 100,
-                        bytes_out: 5000,
-                        packets_in: 90,
-                        bytes_in: 80000,
-                        admin_state: AdminState::Drained,
-                        weight: 0,
-                    }],
+                    upstreams: vec![
+                        web1.clone(),
+                        // Its name's AAAA: an entry of its own.
+                        UpstreamStats {
+                            address: Some("2001:2::11".into()),
+                            family: Some("ipv6".into()),
+                            available: false,
+                            connections: 3,
+                            ..web1
+                        },
+                    ],
                 }],
             },
-            extras: BTreeMap::from([(
-                ("web".into(), "web1".into()),
-                UpstreamExtras {
-                    health_successes: 40,
-                    health_failures: 2,
-                    state_changes: 1,
-                },
-            )]),
+            extras: BTreeMap::from([
+                (
+                    ("web".into(), "web1".into(), Some("198.18.1.11".into())),
+                    UpstreamExtras {
+                        health_successes: 40,
+                        health_failures: 2,
+                        state_changes: 1,
+                    },
+                ),
+                (
+                    ("web".into(), "web1".into(), Some("2001:2::11".into())),
+                    UpstreamExtras {
+                        health_successes: 0,
+                        health_failures: 5,
+                        state_changes: 1,
+                    },
+                ),
+            ]),
             dns_resolutions: BTreeMap::from([("success".into(), 5), ("nxdomain".into(), 1)]),
             reloads_succeeded: 3,
             reloads_failed: 1,
@@ -567,8 +592,20 @@ mod tests {
     #[test]
     fn exposition_has_every_spec_family_with_its_type() {
         let text = render(busy_snapshot());
-        let upstream = "target=\"web\",upstream=\"web1\",address=\"198.18.1.11:9000\"";
+        let upstream = "target=\"web\",upstream=\"web1\",address=\"198.18.1.11:9000\",protocol=\"tcp\",family=\"ipv4\"";
+        let upstream6 = "target=\"web\",upstream=\"web1\",address=\"[2001:2::11]:9000\",protocol=\"tcp\",family=\"ipv6\"";
         for (name, kind, sample) in [
+            ("lobby_upstream_up", "gauge", format!("{{{upstream6}}} 0")),
+            (
+                "lobby_upstream_connections_total",
+                "counter",
+                format!("{{{upstream6}}} 3"),
+            ),
+            (
+                "lobby_upstream_health_checks_total",
+                "counter",
+                format!("{{{upstream6},result=\"failure\"}} 5"),
+            ),
             ("lobby_upstream_up", "gauge", format!("{{{upstream}}} 1")),
             (
                 "lobby_upstream_admin_state",
@@ -935,6 +972,7 @@ mod tests {
             name: "web\"1".into(),
             host: "web.test".into(),
             address: None,
+            family: None,
             port: 9000,
             available: false,
             connections: 7,
@@ -961,7 +999,8 @@ mod tests {
             ..Default::default()
         };
         let text = render(snapshot);
-        let labels = "target=\"web\",upstream=\"web\\\"1\",address=\"\"";
+        let labels =
+            "target=\"web\",upstream=\"web\\\"1\",address=\"\",protocol=\"tcp\",family=\"\"";
         assert!(
             text.contains(&format!("lobby_upstream_up{{{labels}}} 0\n")),
             "{text}"

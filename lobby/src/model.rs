@@ -11,7 +11,7 @@ use std::{
 use tokio::time::Instant;
 
 use crate::config::{
-    Config, Distribution, Family, HealthCheck, Host, IpNet, Nftables, Policy, Protocol, SourceNat,
+    Config, Distribution, Family, HealthCheck, IpNet, Nftables, Policy, Protocol, SourceNat,
     Target, Upstream,
 };
 
@@ -39,28 +39,27 @@ impl fmt::Display for UpstreamId {
 }
 
 /// What the control plane currently knows about one upstream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamState {
-    /// `None` while an FQDN has never resolved.
-    pub address: Option<IpAddr>,
-    pub available: bool,
+    /// Its addresses, each with its own health: an IP host's one; a host
+    /// name's current one of each family, or every one of its answer with
+    /// `dns.all_addresses`; none while the name has never resolved.
+    pub addresses: Vec<AddressState>,
     /// Drained by the operator: weight 0 whatever the configuration says.
     pub drained: bool,
 }
 
-impl UpstreamState {
-    /// How an upstream starts: at its static address (a host name waits for
-    /// DNS), available unless its health check says to start unavailable.
-    pub fn at_start(host: &Host, health_check: Option<&HealthCheck>) -> Self {
-        Self {
-            address: match host {
-                Host::Ip(ip) => Some(*ip),
-                Host::Fqdn(_) => None,
-            },
-            available: health_check.is_none_or(|h| h.start_available),
-            drained: false,
-        }
-    }
+/// One address of an upstream, and whether it takes new connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddressState {
+    pub address: IpAddr,
+    pub available: bool,
+}
+
+/// Whether an address of an upstream starts available: unless its health
+/// check says to start unavailable.
+pub fn starts_available(health_check: Option<&HealthCheck>) -> bool {
+    health_check.is_none_or(|h| h.start_available)
 }
 
 /// The ruleset's content, independent of how nftables spells it. Sorted
@@ -133,8 +132,8 @@ pub struct DesiredTarget {
     /// translate between families, so each has its own rotation.
     pub families: Vec<FamilyRotation>,
     /// When an upstream caps its connections (`max_connections`), every
-    /// upstream with an address, in rotation or not (a drained one keeps
-    /// its count), by address; empty otherwise.
+    /// address of every upstream, in rotation or not (a drained one keeps
+    /// its count); empty otherwise.
     pub caps: BTreeMap<SocketAddr, Cap>,
 }
 
@@ -156,12 +155,16 @@ pub struct FamilyRotation {
     pub slots: Vec<SocketAddr>,
 }
 
-/// An upstream of a target in which some upstream caps its connections.
+/// An address of an upstream of a target in which some upstream caps its
+/// connections. The cap holds for each address: each is a backend of its
+/// own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cap {
-    /// Its place in the group's list: names what the ruleset keeps for it,
-    /// whichever upstreams are up.
+    /// Its upstream's place in the group's list and its own among the
+    /// upstream's addresses (in address order): they name what the ruleset
+    /// keeps for it, whichever upstreams are up.
     pub place: usize,
+    pub ordinal: usize,
     pub max_connections: Option<u32>,
 }
 
@@ -236,10 +239,16 @@ fn caps(
     }
     for (place, upstream) in upstreams.iter().enumerate() {
         let id = UpstreamId::new(&target.name, &upstream.name);
-        if let Some(address) = states.get(&id).and_then(|s| s.address) {
+        let mut addresses: Vec<IpAddr> = states
+            .get(&id)
+            .map(|s| s.addresses.iter().map(|a| a.address).collect())
+            .unwrap_or_default();
+        addresses.sort();
+        for (ordinal, address) in addresses.into_iter().enumerate() {
             caps.entry(SocketAddr::new(address, upstream.port))
                 .or_insert(Cap {
                     place,
+                    ordinal,
                     max_connections: upstream.max_connections,
                 });
         }
@@ -296,8 +305,9 @@ fn rendezvous_score(slot: usize, candidate: &Candidate<'_>) -> f64 {
 }
 
 impl Desired {
-    /// Every upstream of `config` whose state says it is available and has
-    /// an address; upstreams missing from `states` are left out. A target
+    /// Every available address of the upstreams of `config`, each a
+    /// backend with its upstream's weight; upstreams missing from `states`
+    /// are left out. A target
     /// serves the family of its `ip`, or both without one; IPv6 only when
     /// `ipv6` (forwarding) allows it.
     pub fn from_config(
@@ -315,12 +325,18 @@ impl Desired {
                     .iter()
                     .filter_map(|upstream| {
                         let state = states.get(&UpstreamId::new(&target.name, &upstream.name))?;
-                        let address = state.address.filter(|_| state.available)?;
-                        Some(Candidate {
-                            config: upstream,
-                            address: SocketAddr::new(address, upstream.port),
-                            weight: if state.drained { 0 } else { upstream.weight },
-                        })
+                        Some((upstream, state))
+                    })
+                    .flat_map(|(upstream, state)| {
+                        state
+                            .addresses
+                            .iter()
+                            .filter(|a| a.available)
+                            .map(move |a| Candidate {
+                                config: upstream,
+                                address: SocketAddr::new(a.address, upstream.port),
+                                weight: if state.drained { 0 } else { upstream.weight },
+                            })
                     })
                     .collect();
                 let distribution = target.group.distribution;
@@ -363,6 +379,7 @@ impl Desired {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Host;
 
     fn backend(host: u8) -> Backend {
         (SocketAddr::from(([198, 18, 1, host], 9000)), Protocol::Tcp)
@@ -402,6 +419,48 @@ mod tests {
             *shares.entry(ip.octets()[3]).or_default() += 1;
         }
         shares
+    }
+
+    #[test]
+    fn every_address_of_a_capped_upstream_has_its_own_cap_and_name() {
+        let yaml = "lb:\n  - targets:\n      - name: web\n        protocol: tcp\n        port: 80\n        \
+            upstream_group:\n          name: pool\n          distribution: round-robin\n          \
+            upstreams:\n            - { name: a, host: a.test, port: 80, max_connections: 5 }\n            \
+            - { name: b, host: 198.18.1.2, port: 80 }\n";
+        let config = crate::config::parse(yaml, std::path::Path::new("t.yaml")).unwrap();
+        let state = |addresses: &[&str]| UpstreamState {
+            addresses: addresses
+                .iter()
+                .map(|a| AddressState {
+                    address: a.parse().unwrap(),
+                    available: true,
+                })
+                .collect(),
+            drained: false,
+        };
+        let states = BTreeMap::from([
+            (
+                UpstreamId::new("web", "a"),
+                state(&["2001:db8::1", "198.18.1.1"]),
+            ),
+            (UpstreamId::new("web", "b"), state(&["198.18.1.2"])),
+        ]);
+        let caps = &Desired::from_config(&config, &states, true).targets["web"].caps;
+        let cap = |place, ordinal, max_connections| Cap {
+            place,
+            ordinal,
+            max_connections,
+        };
+        assert_eq!(
+            caps.iter()
+                .map(|(a, c)| (a.to_string(), *c))
+                .collect::<Vec<_>>(),
+            [
+                ("198.18.1.1:80".to_owned(), cap(0, 0, Some(5))),
+                ("198.18.1.2:80".to_owned(), cap(1, 0, None)),
+                ("[2001:db8::1]:80".to_owned(), cap(0, 1, Some(5))),
+            ]
+        );
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! DNAT over the available upstreams of that family (netfilter cannot
 //! translate between families) or, with none, a refusal: a TCP reset, an
 //! ICMP(v6) port unreachable for UDP and SCTP. Only connections to Lobby's
-//! own upstreams are masqueraded, one set per family. A change touches only
-//! the chains and elements it must, in one transaction.
+//! own upstreams are masqueraded, one set per family. Two chains at the
+//! `raw` priority exempt the health probes' packets from conntrack. A
+//! change touches only the chains and elements it must, in one transaction.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
@@ -26,6 +27,7 @@ mod mirror;
 
 use crate::{
     config::{Distribution, Family, IpNet, Nftables, Protocol, SourceNat},
+    health::PROBE_MARK,
     model::{Backend, Desired, DesiredTarget, FamilyRotation},
 };
 
@@ -115,6 +117,16 @@ pub fn render(desired: &Desired) -> String {
         writeln!(out, "\t\t{rule}").unwrap();
     }
     writeln!(out, "\t}}").unwrap();
+    for (chain, hook, rule) in PROBE_CHAINS {
+        writeln!(out, "\tchain {chain} {{").unwrap();
+        writeln!(
+            out,
+            "\t\ttype filter hook {hook} priority raw; policy accept;"
+        )
+        .unwrap();
+        writeln!(out, "\t\t{rule} {PROBE_MARK:#x} notrack").unwrap();
+        writeln!(out, "\t}}").unwrap();
+    }
     for (name, target) in &desired.targets {
         // The chains a target's chain jumps to come first.
         let mut chains = limits::chains(name, target);
@@ -132,6 +144,18 @@ pub fn render(desired: &Desired) -> String {
     mirror::render(&mut out, desired);
     out
 }
+
+/// The chains that keep health probes out of conntrack, so that a full
+/// table cannot fail them (name, hook, match of the probe mark). At the
+/// `raw` priority they run before conntrack looks at a packet: on the way
+/// out a probe's packet carries its socket's mark; on the way in, the
+/// `socket` expression looks up the socket a packet is for (an ICMP error
+/// by the header it quotes), whose mark is the probe's. Static: no change
+/// of the desired state touches them.
+const PROBE_CHAINS: [(&str, &str, &str); 2] = [
+    ("probes-output", "output", "meta mark"),
+    ("probes-prerouting", "prerouting", "socket mark"),
+];
 
 /// What the kernel holds before a transaction.
 #[derive(Clone, Copy, Debug)]
@@ -897,6 +921,14 @@ table inet lobby {
 \t\ttype nat hook postrouting priority srcnat; policy accept;
 \t\tct status dnat ip daddr . meta l4proto . th dport @backends4 masquerade
 \t\tct status dnat ip6 daddr . meta l4proto . th dport @backends6 masquerade
+\t}
+\tchain probes-output {
+\t\ttype filter hook output priority raw; policy accept;
+\t\tmeta mark 0x10bb notrack
+\t}
+\tchain probes-prerouting {
+\t\ttype filter hook prerouting priority raw; policy accept;
+\t\tsocket mark 0x10bb notrack
 \t}
 \tchain target-api {
 \t\tip daddr 198.18.0.0/24 meta l4proto tcp reject with tcp reset

@@ -26,12 +26,12 @@ use tracing::{debug, info};
 
 use crate::{
     accel::{self, DeviceQuery, Devices},
-    config::{self, Config, DnsConfig, HealthCheck, Host, Protocol},
+    config::{self, Config, DnsConfig, Family, HealthCheck, Host, Protocol},
     ctl::AdminState,
-    dns::{AddressUpdate, ResolverKey},
+    dns::{self, AddressUpdate, ResolverKey},
     health::HealthReport,
     metrics::Histogram,
-    model::{self, Backend, Desired, DesiredTarget, UpstreamId, UpstreamState},
+    model::{self, AddressState, Backend, Desired, DesiredTarget, UpstreamId, UpstreamState},
     nft::{self, Applied, Rotation},
 };
 
@@ -78,18 +78,23 @@ pub enum Action {
     ListTable {
         generation: u64,
     },
-    /// (Re)start the health checker of an upstream: any previous one of the
-    /// same upstream is stopped first.
+    /// (Re)start the health checker of one address of an upstream: any
+    /// previous one of the same upstream and key is stopped first.
     StartChecker {
         id: UpstreamId,
+        key: AddressKey,
         check: HealthCheck,
         available: bool,
-        address: Option<IpAddr>,
+        address: IpAddr,
     },
-    StopChecker(UpstreamId),
+    StopChecker {
+        id: UpstreamId,
+        key: AddressKey,
+    },
     /// A checker probes this address from now on.
     SetProbeAddress {
         id: UpstreamId,
+        key: AddressKey,
         address: IpAddr,
     },
     StartResolver(ResolverKey),
@@ -111,9 +116,11 @@ pub enum Action {
 /// What an operator is told, one line each.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Notice {
-    /// A health report changed an upstream's availability.
+    /// A health report changed the availability of an upstream's address.
     UpstreamChanged {
         report: HealthReport,
+        /// The upstream has several addresses: the line names the one.
+        several: bool,
         available: usize,
         total: usize,
     },
@@ -155,9 +162,14 @@ impl fmt::Display for Notice {
         match self {
             Notice::UpstreamChanged {
                 report,
+                several,
                 available,
                 total,
-            } => write!(f, "{report}; {available} of {total} available"),
+            } => write!(
+                f,
+                "{}; {available} of {total} available",
+                report.describe(*several)
+            ),
             Notice::TargetEmpty { target } => {
                 write!(f, "target {target} has no upstream available")
             }
@@ -237,6 +249,9 @@ struct UpstreamSpec {
     port: u16,
     health_check: Option<HealthCheck>,
     dns: Option<DnsConfig>,
+    /// The one family its target serves (the family of the target's
+    /// `ip`): addresses of the other serve no client.
+    family: Option<Family>,
 }
 
 impl UpstreamSpec {
@@ -246,13 +261,46 @@ impl UpstreamSpec {
             Host::Ip(_) => None,
         }
     }
+
+    fn all_addresses(&self) -> bool {
+        self.dns.as_ref().is_some_and(|d| d.all_addresses)
+    }
+
+    /// Which of its addresses `address` is.
+    fn key(&self, address: IpAddr) -> AddressKey {
+        if self.all_addresses() {
+            AddressKey::Address(address)
+        } else {
+            AddressKey::Family(Family::of(address))
+        }
+    }
+}
+
+/// How the core tells an upstream's addresses apart from one answer to the
+/// next: by family where it holds one of each (its address of a family
+/// follows the answer and keeps its health, as one upstream that moved),
+/// by address with `dns.all_addresses` (each a backend of its own, which
+/// comes and goes with the answer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AddressKey {
+    Family(Family),
+    Address(IpAddr),
+}
+
+/// One address of an upstream as the core holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldAddress {
+    pub address: IpAddr,
+    pub available: bool,
+    /// How often its availability changed.
+    pub state_changes: u64,
 }
 
 #[derive(Clone, Debug)]
 struct Upstream {
     spec: UpstreamSpec,
-    state: UpstreamState,
-    state_changes: u64,
+    /// Its addresses (none while its name never resolved), IPv4 first.
+    addresses: BTreeMap<AddressKey, HeldAddress>,
     /// The operator's say (`lobby ctl`), kept while the spec is unchanged.
     admin: AdminState,
 }
@@ -302,8 +350,8 @@ struct Fingerprint {
 pub struct Core {
     config: Option<Config>,
     upstreams: BTreeMap<UpstreamId, Upstream>,
-    /// Each resolver in use, with its last answer.
-    resolvers: BTreeMap<ResolverKey, Option<IpAddr>>,
+    /// Each resolver in use, with the usable addresses of its last answer.
+    resolvers: BTreeMap<ResolverKey, Option<Vec<IpAddr>>>,
     /// What the kernel holds; `None` before the first apply and after a
     /// failed one or an outside change (the next apply replaces the table
     /// whole).
@@ -462,10 +510,10 @@ impl Core {
         self.config.as_ref()
     }
 
-    /// What the core knows of an upstream, and how often its availability
-    /// changed.
-    pub fn upstream(&self, id: &UpstreamId) -> Option<(UpstreamState, u64)> {
-        self.upstreams.get(id).map(|u| (u.state, u.state_changes))
+    /// The addresses of an upstream with their health, IPv4 first; empty
+    /// while its name never resolved.
+    pub fn upstream(&self, id: &UpstreamId) -> Option<&BTreeMap<AddressKey, HeldAddress>> {
+        self.upstreams.get(id).map(|u| &u.addresses)
     }
 
     /// Sets the operator's say over an upstream (`lobby ctl`); the next
@@ -512,11 +560,15 @@ impl Core {
         &self.apply_duration
     }
 
-    /// Every upstream with its counted backend (those with an address).
+    /// Every address of every upstream as the backend it is counted under.
     pub fn counted_upstreams(&self) -> impl Iterator<Item = (&UpstreamId, Backend)> {
-        self.upstreams.iter().filter_map(|(id, u)| {
-            let address = u.state.address?;
-            Some((id, (SocketAddr::new(address, u.spec.port), u.spec.protocol)))
+        self.upstreams.iter().flat_map(|(id, u)| {
+            u.addresses.values().map(move |a| {
+                (
+                    id,
+                    (SocketAddr::new(a.address, u.spec.port), u.spec.protocol),
+                )
+            })
         })
     }
 
@@ -572,6 +624,7 @@ impl Core {
                     port: upstream.port,
                     health_check: upstream.health_check.clone(),
                     dns: upstream.dns.clone(),
+                    family: target.ip.map(|ip| ip.family()),
                 };
                 next.insert(UpstreamId::new(&target.name, &upstream.name), spec);
             }
@@ -647,43 +700,35 @@ impl Core {
         }
     }
 
+    /// An upstream from scratch: at its IP address, or at what its name's
+    /// resolver last answered (another upstream may share it).
     fn start_upstream(&mut self, id: UpstreamId, spec: UpstreamSpec, actions: &mut Vec<Action>) {
-        let start = UpstreamState::at_start(&spec.host, spec.health_check.as_ref());
-        let address = start.address.or_else(|| {
-            let key = spec.resolver_key()?;
-            *self.resolvers.get(&key)?
-        });
-        let available = start.available
-            || address.is_some_and(|a| self.was_balanced(&id, SocketAddr::new(a, spec.port)));
-        let state = UpstreamState {
-            address,
-            available,
-            drained: false,
+        let answer = match &spec.host {
+            Host::Ip(ip) => vec![*ip],
+            Host::Fqdn(_) => spec
+                .resolver_key()
+                .and_then(|key| self.resolvers.get(&key).cloned().flatten())
+                .unwrap_or_default(),
         };
-        if let Some(check) = &spec.health_check {
-            actions.push(Action::StartChecker {
-                id: id.clone(),
-                check: check.clone(),
-                available,
-                address,
-            });
-        }
-        self.upstreams.insert(
-            id,
-            Upstream {
-                spec,
-                state,
-                state_changes: 0,
-                admin: AdminState::Enabled,
-            },
-        );
+        let upstream = Upstream {
+            spec,
+            addresses: BTreeMap::new(),
+            admin: AdminState::Enabled,
+        };
+        self.upstreams.insert(id.clone(), upstream);
+        self.place(&id, &answer, actions);
     }
 
     fn retire(&mut self, id: &UpstreamId, actions: &mut Vec<Action>) {
         if let Some(upstream) = self.upstreams.remove(id)
             && upstream.spec.health_check.is_some()
         {
-            actions.push(Action::StopChecker(id.clone()));
+            for key in upstream.addresses.keys() {
+                actions.push(Action::StopChecker {
+                    id: id.clone(),
+                    key: *key,
+                });
+            }
         }
     }
 
@@ -699,28 +744,38 @@ impl Core {
         let Some(upstream) = self.upstreams.get_mut(&report.id) else {
             return false; // a checker of an upstream a reload removed
         };
-        if upstream.state.available == report.available {
+        let Some(address) = report.address else {
+            return false;
+        };
+        let several = upstream.addresses.len() > 1;
+        let Some(held) = upstream.addresses.get_mut(&upstream.spec.key(address)) else {
+            return false; // a checker of an address the answer dropped
+        };
+        if held.available == report.available {
             return false;
         }
-        upstream.state.available = report.available;
-        upstream.state_changes += 1;
+        held.available = report.available;
+        held.state_changes += 1;
         let (available, total) = self.availability(&report.id.target);
         actions.push(Action::Notify(Notice::UpstreamChanged {
             report,
+            several,
             available,
             total,
         }));
         true
     }
 
-    /// How many of a target's upstreams are available, of how many.
+    /// How many of a target's upstream addresses are available, of how
+    /// many (an upstream without an address counts as one unavailable), as
+    /// `lobby stats` lists them.
     fn availability(&self, target: &str) -> (usize, usize) {
         self.upstreams
             .iter()
             .filter(|(id, _)| id.target == target)
             .fold((0, 0), |(up, all), (_, u)| {
-                let serving = u.state.available && u.state.address.is_some();
-                (up + usize::from(serving), all + 1)
+                let serving = u.addresses.values().filter(|a| a.available).count();
+                (up + serving, all + u.addresses.len().max(1))
             })
     }
 
@@ -728,53 +783,135 @@ impl Core {
         let Some(known) = self.resolvers.get_mut(&update.key) else {
             return false; // a resolver a reload retired
         };
-        *known = Some(update.address);
-        let mut changed = false;
-        let moved: Vec<UpstreamId> = self
+        *known = Some(update.addresses.clone());
+        let users: Vec<UpstreamId> = self
             .upstreams
             .iter()
-            .filter(|(_, u)| {
-                u.spec.resolver_key().as_ref() == Some(&update.key)
-                    && u.state.address != Some(update.address)
-            })
+            .filter(|(_, u)| u.spec.resolver_key().as_ref() == Some(&update.key))
             .map(|(id, _)| id.clone())
             .collect();
-        for id in moved {
-            let inherited = !self.inherited.is_empty();
-            let Some(upstream) = self.upstreams.get(&id) else {
-                continue;
-            };
-            let socket = SocketAddr::new(update.address, upstream.spec.port);
-            // At a takeover, an upstream whose name resolves to an address
-            // the old table balanced to is available, and its checker
-            // starts from there.
-            let inherit = inherited && !upstream.state.available && self.was_balanced(&id, socket);
-            let upstream = self.upstreams.get_mut(&id).expect("listed above");
-            match upstream.state.address {
-                Some(old) => {
-                    info!(upstream = %id, "upstream {id} moved from {old} to {}", update.address)
-                }
-                None => info!(upstream = %id, "upstream {id} resolved to {}", update.address),
-            }
-            upstream.state.address = Some(update.address);
-            if inherit {
-                upstream.state.available = true;
-            }
-            if let Some(check) = &upstream.spec.health_check {
-                actions.push(if inherit {
-                    Action::StartChecker {
-                        id: id.clone(),
-                        check: check.clone(),
-                        available: true,
-                        address: Some(update.address),
-                    }
-                } else {
-                    Action::SetProbeAddress {
-                        id: id.clone(),
-                        address: update.address,
-                    }
+        let mut changed = false;
+        for id in users {
+            changed |= self.place(&id, &update.addresses, actions);
+        }
+        changed
+    }
+
+    /// Gives upstream `id` the addresses it takes out of `answer`
+    /// ([`dns::choose`]): an address that leaves stops its checker (its
+    /// connections drain, as a removed upstream's); one that comes starts
+    /// as its health check says; the address of a family that moves keeps
+    /// its health and its checker follows it. Returns whether anything
+    /// changed.
+    fn place(&mut self, id: &UpstreamId, answer: &[IpAddr], actions: &mut Vec<Action>) -> bool {
+        let Some(upstream) = self.upstreams.get(id) else {
+            return false;
+        };
+        let spec = &upstream.spec;
+        let served: Vec<IpAddr> = answer
+            .iter()
+            .filter(|a| spec.family.is_none_or(|f| Family::of(**a) == f))
+            .copied()
+            .collect();
+        let current: Vec<IpAddr> = upstream.addresses.values().map(|a| a.address).collect();
+        let wanted: BTreeMap<AddressKey, IpAddr> =
+            dns::choose(&current, &served, spec.all_addresses())
+                .into_iter()
+                .map(|a| (spec.key(a), a))
+                .collect();
+        let named = matches!(spec.host, Host::Fqdn(_));
+        let check = spec.health_check.clone();
+        let port = spec.port;
+        // At a takeover, an address the old table balanced to is
+        // available, and its checker starts from there.
+        let inherit = |core: &Self, address: IpAddr| {
+            !core.inherited.is_empty() && core.was_balanced(id, SocketAddr::new(address, port))
+        };
+        let mut changed = false;
+        let gone: Vec<(AddressKey, IpAddr)> = upstream
+            .addresses
+            .iter()
+            .filter(|(key, _)| !wanted.contains_key(key))
+            .map(|(key, a)| (*key, a.address))
+            .collect();
+        for (key, address) in gone {
+            info!(upstream = %id, %address, "upstream {id} no longer resolves to {address}; its connections drain");
+            if check.is_some() {
+                actions.push(Action::StopChecker {
+                    id: id.clone(),
+                    key,
                 });
             }
+            self.upstreams
+                .get_mut(id)
+                .expect("listed above")
+                .addresses
+                .remove(&key);
+            changed = true;
+        }
+        for (key, address) in wanted {
+            let held = self
+                .upstreams
+                .get(id)
+                .expect("listed above")
+                .addresses
+                .get(&key)
+                .copied();
+            let inherited = inherit(self, address);
+            let next = match held {
+                Some(held) if held.address == address => continue,
+                Some(held) => {
+                    info!(upstream = %id, "upstream {id} moved from {} to {address}", held.address);
+                    let available = held.available || inherited;
+                    if let Some(check) = &check {
+                        actions.push(if inherited && !held.available {
+                            Action::StartChecker {
+                                id: id.clone(),
+                                key,
+                                check: check.clone(),
+                                available,
+                                address,
+                            }
+                        } else {
+                            Action::SetProbeAddress {
+                                id: id.clone(),
+                                key,
+                                address,
+                            }
+                        });
+                    }
+                    HeldAddress {
+                        address,
+                        available,
+                        ..held
+                    }
+                }
+                None => {
+                    if named {
+                        info!(upstream = %id, %address, "upstream {id} resolved to {address}");
+                    }
+                    let available = model::starts_available(check.as_ref()) || inherited;
+                    if let Some(check) = &check {
+                        actions.push(Action::StartChecker {
+                            id: id.clone(),
+                            key,
+                            check: check.clone(),
+                            available,
+                            address,
+                        });
+                    }
+                    HeldAddress {
+                        address,
+                        available,
+                        state_changes: 0,
+                    }
+                }
+            };
+            self.upstreams
+                .get_mut(id)
+                .expect("listed above")
+                .addresses
+                .insert(key, next);
             changed = true;
         }
         changed
@@ -807,10 +944,17 @@ impl Core {
             .upstreams
             .iter()
             .map(|(id, u)| {
+                let addresses = u
+                    .addresses
+                    .values()
+                    .map(|a| AddressState {
+                        address: a.address,
+                        available: a.available && u.admin != AdminState::Disabled,
+                    })
+                    .collect();
                 let state = UpstreamState {
-                    available: u.state.available && u.admin != AdminState::Disabled,
+                    addresses,
                     drained: u.admin == AdminState::Drained,
-                    ..u.state
                 };
                 (id.clone(), state)
             })

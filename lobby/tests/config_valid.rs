@@ -105,6 +105,7 @@ fn an_original_lobby_file_loads_unchanged() {
                         dns: Some(DnsConfig {
                             servers: vec![addr("198.18.0.53:53"), addr("198.18.0.54:5353")],
                             ttl: Some(Duration::from_secs(30)),
+                            all_addresses: false,
                         }),
                         ..upstream("web2", fqdn("web2.example.test"), 9000)
                     },
@@ -124,6 +125,7 @@ fn an_original_lobby_file_loads_unchanged() {
                             addr("[2001:db8::53]:5353"),
                         ],
                         ttl: None,
+                        all_addresses: false,
                     }),
                     health_check: Some(check(8080, 10, 2, 5)),
                     ..upstream("api1", fqdn("api.example.test"), 8443)
@@ -178,6 +180,7 @@ fn every_field_and_extension_loads() {
                                 addr("[2001:db8::54]:5353"),
                             ],
                             ttl: Some(Duration::from_secs(60)),
+                            all_addresses: false,
                         }),
                         ..upstream("web1", fqdn("web1.example.test"), 8443)
                     },

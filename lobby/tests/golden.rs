@@ -6,7 +6,9 @@
 //! ```text
 //! web/web1 down
 //! web/web2 up
-//! web/web2 address 198.18.1.13   # its name resolves to this address
+//! web/web2 198.18.1.13 down      # that address of an upstream with several
+//! web/web2 address 198.18.1.13   # its name resolves to these addresses
+//! web/web2 address 198.18.1.13 2001:2::13
 //! config other.yaml              # reload with another file of the folder
 //! takeover web 198.18.1.11:9000  # (00-start only) a dead run's table balanced there
 //! wait 2                         # seconds pass
@@ -131,9 +133,22 @@ impl Run<'_> {
             .flat_map(|t| &t.group.upstreams)
             .find(|u| u.name == name)
             .unwrap_or_else(|| panic!("`{line}`: no upstream {id} in {}", self.case.display()));
-        let health = |available| {
+        let id = UpstreamId::new(target, name);
+        let health = |available, address: Option<&str>| {
+            let address = match address {
+                Some(address) => address.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")),
+                None => {
+                    let held = self.core.upstream(&id).into_iter().flatten();
+                    let addresses: Vec<_> = held.map(|(_, a)| a.address).collect();
+                    let [address] = addresses[..] else {
+                        panic!("`{line}`: {id} has the addresses {addresses:?}: say which");
+                    };
+                    address
+                }
+            };
             Event::Health(HealthReport {
-                id: UpstreamId::new(target, name),
+                id: id.clone(),
+                address: Some(address),
                 available,
                 reason: "golden".to_owned(),
                 run: 1,
@@ -142,19 +157,24 @@ impl Run<'_> {
             })
         };
         match change {
-            ["up"] => health(true),
-            ["down"] => health(false),
-            ["address", addr] => {
+            ["up"] => health(true, None),
+            ["down"] => health(false, None),
+            [address, "up"] => health(true, Some(address)),
+            [address, "down"] => health(false, Some(address)),
+            ["address", addresses @ ..] => {
                 let Host::Fqdn(host) = &upstream.host else {
                     panic!("`{line}`: {id} has no name to resolve");
                 };
                 Event::Address(AddressUpdate {
                     key: ResolverKey::new(host, upstream.dns.as_ref()),
-                    address: addr.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")),
+                    addresses: addresses
+                        .iter()
+                        .map(|a| a.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")))
+                        .collect(),
                 })
             }
             _ => panic!(
-                "`{line}`: expected `up`, `down`, `address ADDR`, `config FILE`, `wait SECS` or `fail`"
+                "`{line}`: expected `[ADDR] up`, `[ADDR] down`, `address ADDR...`, `config FILE`, `wait SECS` or `fail`"
             ),
         }
     }

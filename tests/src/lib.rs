@@ -8,6 +8,7 @@
 //! nftables are never touched. Addresses are in 198.18.0.0/15, and no
 //! namespace has a route out.
 pub mod browser;
+pub mod conntrack;
 pub mod dns;
 pub mod fixtures;
 pub mod ha;

@@ -248,6 +248,24 @@ impl Lobby {
     }
 
     /// The stats of one upstream of one target.
+    /// Every stats entry of an upstream: one per address it has (one,
+    /// with a null address, while its name never resolved).
+    pub fn upstream_entries(&self, target: &str, upstream: &str) -> Vec<serde_json::Value> {
+        let stats = self.stats();
+        stats["targets"]
+            .as_array()
+            .and_then(|targets| targets.iter().find(|t| t["name"] == target))
+            .and_then(|t| t["upstreams"].as_array())
+            .map(|upstreams| {
+                upstreams
+                    .iter()
+                    .filter(|u| u["name"] == upstream)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn upstream_stats(&self, target: &str, upstream: &str) -> serde_json::Value {
         let stats = self.stats();
         let found = stats["targets"]

@@ -5,9 +5,12 @@ use std::time::{Duration, Instant};
 use lobby_tests::{
     Launch, Lobby, Topology,
     dns::{Dnsmasq, FailingDns, Failure, RESOLVER_A, RESOLVER_B, RESOLVER_C, resolver_namespace},
-    fixtures::{ConfigBuilder, UPSTREAM_PORT, in_rotation, start_servers, target_addr},
+    fixtures::{
+        ConfigBuilder, UPSTREAM_PORT, assert_round_robin, count, in_rotation, names, start_servers,
+        target_addr,
+    },
     privileged,
-    server::ask_name,
+    server::{Conversation, ask_name},
     wait_for,
 };
 
@@ -293,4 +296,71 @@ fn a_healthy_first_server_is_the_only_one_asked() {
         0,
         "the second server was asked while the first answered"
     );
+}
+
+#[test]
+fn all_addresses_spreads_over_the_answer_and_a_dropped_address_drains() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::new(3, 1, 0);
+    let topology = &lab.topology;
+    let every = |count: usize| -> Vec<(&str, std::net::Ipv4Addr)> {
+        (0..count)
+            .map(|i| (NAME, Topology::upstream_addr(i)))
+            .collect()
+    };
+    lab.dnsmasq.set_records(&every(3));
+    let config = ConfigBuilder::new().target("web", PORT).upstream_with(
+        "web",
+        NAME,
+        UPSTREAM_PORT,
+        &format!("dns: {{ servers: [{RESOLVER_A}], all_addresses: true }}"),
+    );
+    let lobby = Lobby::start(&topology.lb, &config.build());
+    wait_for("all three addresses", Duration::from_secs(10), || {
+        (0..3).all(|i| in_rotation(topology, i)).then_some(())
+    });
+    assert_round_robin(&names(topology, PORT, 30), 3);
+    let entries = lobby.upstream_entries("web", "web");
+    let addresses: Vec<&str> = entries
+        .iter()
+        .map(|e| e["address"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..3)
+        .map(|i| Topology::upstream_addr(i).to_string())
+        .collect();
+    assert_eq!(addresses, expected, "{entries:?}");
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["family"] == "ipv4" && e["connections"] == 10),
+        "{entries:?}"
+    );
+
+    // A live connection to the address about to leave the answer.
+    let mut held = (0..3)
+        .map(|_| Conversation::open(&topology.client, target_addr(PORT)).expect("connecting"))
+        .find(|c| c.upstream == "web2")
+        .expect("one of three connections in turn reaches web2");
+    lab.dnsmasq.set_records(&every(2));
+    wait_for(
+        "web2 to leave the rotation",
+        Duration::from_secs(10),
+        || (!in_rotation(topology, 2)).then_some(()),
+    );
+    let after = names(topology, PORT, 20);
+    assert_eq!(count(&after, "web2"), 0, "{after:?}");
+    assert_eq!(count(&after, "web0"), 10, "{after:?}");
+    held.exchange("still there", Duration::from_secs(5))
+        .expect("the connection to the dropped address survives");
+    assert!(
+        lobby.log().contains(&format!(
+            "upstream web/web no longer resolves to {}; its connections drain",
+            Topology::upstream_addr(2)
+        )),
+        "{}",
+        lobby.log()
+    );
+    assert_eq!(lobby.upstream_entries("web", "web").len(), 2);
 }

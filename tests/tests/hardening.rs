@@ -2,11 +2,12 @@
 //! reproduced against the real binary and followed by a check of kernel
 //! state and of real traffic: outside changes of the table, a second
 //! daemon, idle clients by the thousand, odd files at the config path,
-//! addresses no connection can reach and starts that fail halfway.
+//! addresses no connection can reach, starts that fail halfway and a full
+//! conntrack table.
 use std::{
     ffi::OsStr,
     fs::File,
-    net::SocketAddrV4,
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     os::fd::{FromRawFd as _, OwnedFd},
     path::Path,
     process::Command,
@@ -14,14 +15,16 @@ use std::{
 };
 
 use lobby_tests::{
-    Lobby, NetNs, Topology,
+    Lobby, NameServer, NetNs, Topology, UdpFlow, UdpNameServer, conntrack,
     fixtures::{
         ConfigBuilder, UPSTREAM_PORT, assert_round_robin, health_check, names, start_server,
-        start_servers,
+        start_servers, target_addr,
     },
     lobby::{Bpffs, binary, run_once, run_once_with},
     netns::normalize_ruleset,
-    privileged, wait_for,
+    privileged,
+    server::ask_name,
+    wait_for,
 };
 
 const PORT: u16 = 8081;
@@ -644,4 +647,160 @@ fn a_failed_start_leaves_no_socket_pins_or_table() {
             "{what}: a table was left behind"
         );
     }
+}
+
+/// The conntrack watch's warning.
+const CONNTRACK_WARNING: &str = "conntrack table nearly full";
+
+#[test]
+fn a_full_conntrack_table_refuses_clients_but_changes_no_upstream_state() {
+    if !privileged() || !conntrack::tool_installed() {
+        return;
+    }
+    let topology = Topology::new(3);
+    let servers = start_servers(&topology);
+    // A probe a second and one failure takes an upstream down: a probe the
+    // full table dropped would show at once.
+    let config = three_upstreams(&health_check(UPSTREAM_PORT, true, 1, 1, 1));
+    let lobby = Lobby::start(&topology.lb, &config);
+    assert_balanced(&topology);
+    // Only entries that outlive the test: those of the connections above
+    // would expire and make room.
+    conntrack::flush(&topology.lb);
+    let filled = conntrack::fill(&topology.lb);
+    let (entries, max) = conntrack::usage(&topology.lb);
+    eprintln!(
+        "{} assured entries created in {:?}: {entries} of {max}",
+        filled.created, filled.took
+    );
+    assert_eq!(entries, max, "the table is full");
+    // Dropped by the kernel (its SYN, again and again), not refused by a
+    // target without upstreams.
+    let dropped = ask_name(&topology.client, target_addr(PORT));
+    assert!(
+        dropped
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::TimedOut),
+        "a client through a full table: {dropped:?}"
+    );
+
+    let accepted = || servers.iter().map(NameServer::accepted).collect::<Vec<_>>();
+    let before = accepted();
+    let probes = Instant::now();
+    lobby.wait_for_log_count(CONNTRACK_WARNING, 0);
+    // At least three health intervals, and probes reached every upstream
+    // in each: their servers accepted them.
+    wait_for(
+        "three probes of each upstream",
+        Duration::from_secs(20),
+        || {
+            let grown = accepted()
+                .iter()
+                .zip(&before)
+                .all(|(now, then)| now - then >= 3);
+            (grown && probes.elapsed() >= Duration::from_secs(3)).then_some(())
+        },
+    );
+    eprintln!(
+        "probes accepted in {:?} with the table full: {:?} -> {:?}",
+        probes.elapsed(),
+        before,
+        accepted()
+    );
+    let log = lobby.log();
+    assert!(!log.contains(" is DOWN"), "{log}");
+    let stats = lobby.stats();
+    let upstreams = stats["targets"][0]["upstreams"]
+        .as_array()
+        .expect("upstreams");
+    assert!(upstreams.iter().all(|u| u["available"] == true), "{stats}");
+    assert_eq!(
+        conntrack::usage(&topology.lb).0,
+        max,
+        "the table stayed full"
+    );
+
+    // Room again: clients are balanced as before.
+    conntrack::flush(&topology.lb);
+    assert_balanced(&topology);
+}
+
+#[test]
+fn health_probes_leave_no_conntrack_entry_while_clients_are_tracked() {
+    if !privileged() || !conntrack::tool_installed() {
+        return;
+    }
+    const UDP_PORT: u16 = 8053;
+    let topology = Topology::dual_stack(2);
+    // Upstream 0 takes IPv4, upstream 1 IPv6; each answers TCP and UDP.
+    let upstream = |i: usize| -> IpAddr {
+        match i {
+            0 => Topology::upstream_addr(0).into(),
+            _ => Topology::upstream_addr6(1).into(),
+        }
+    };
+    let mut tcp = Vec::new();
+    let mut udp = Vec::new();
+    for i in 0..2 {
+        let at = SocketAddr::new(upstream(i), UPSTREAM_PORT);
+        let name = format!("web{i}");
+        tcp.push(NameServer::start(&topology.upstreams[i], at, &name));
+        udp.push(UdpNameServer::start(&topology.upstreams[i], at, &name));
+    }
+    let tcp_check = health_check(UPSTREAM_PORT, true, 1, 1, 1);
+    let udp_check = tcp_check.replace("protocol: tcp", "protocol: udp");
+    let mut config = ConfigBuilder::new().target("web", PORT);
+    for i in 0..2 {
+        config = config.upstream_with(&format!("web{i}"), upstream(i), UPSTREAM_PORT, &tcp_check);
+    }
+    config = config.target("dns", UDP_PORT).protocol("udp");
+    for i in 0..2 {
+        config = config.upstream_with(&format!("web{i}"), upstream(i), UPSTREAM_PORT, &udp_check);
+    }
+    let lobby = Lobby::start(&topology.lb, &config.build());
+    wait_for(
+        "three probes of each upstream, TCP and UDP",
+        Duration::from_secs(20),
+        || {
+            let tcp = tcp.iter().all(|s| s.accepted() >= 3);
+            let udp = udp.iter().all(|s| s.received() >= 3);
+            (tcp && udp).then_some(())
+        },
+    );
+
+    // A client connection and a client flow of each family.
+    let targets = [
+        SocketAddr::from((Topology::LB_ADDR, PORT)),
+        SocketAddr::from((Topology::LB_ADDR6, PORT)),
+    ];
+    for target in targets {
+        ask_name(&topology.client, target).unwrap_or_else(|e| panic!("{target}: {e}"));
+        let udp_target = SocketAddr::new(target.ip(), UDP_PORT);
+        UdpFlow::open(&topology.client, udp_target)
+            .ask_name()
+            .unwrap_or_else(|e| panic!("{udp_target}: {e}"));
+    }
+
+    let tracked = conntrack::list(&topology.lb);
+    let probes: Vec<_> = tracked
+        .iter()
+        .filter(|t| t.destination == upstream(0) || t.destination == upstream(1))
+        .collect();
+    assert!(probes.is_empty(), "probes were tracked: {probes:#?}");
+    for (protocol, port) in [("tcp", PORT), ("udp", UDP_PORT)] {
+        for target in targets {
+            let balanced = tracked.iter().any(|t| {
+                t.protocol == protocol
+                    && t.destination == target.ip()
+                    && t.destination_port == Some(port)
+                    && (t.reply_source == upstream(0) || t.reply_source == upstream(1))
+            });
+            assert!(
+                balanced,
+                "no {protocol} client entry to {} translated to an upstream: {tracked:#?}",
+                target.ip()
+            );
+        }
+    }
+    assert!(!lobby.log().contains(" is DOWN"), "{}", lobby.log());
 }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use lobby_tests::{
-    Lobby, NameServer, Topology,
+    Lobby, NameServer, NetNs, Topology,
     dns::{Dnsmasq, RESOLVER_A, resolver_namespace},
     fixtures::{ConfigBuilder, UPSTREAM_PORT, count, target_addr},
     privileged,
@@ -35,6 +35,23 @@ fn server4(topology: &Topology, i: usize) -> NameServer {
 
 fn target6() -> SocketAddr {
     SocketAddr::from((Topology::LB_ADDR6, PORT))
+}
+
+/// A resolver namespace whose dnsmasq answers a name with `addresses`,
+/// and the configuration of target `web` with upstream `web0` on that
+/// name: hold all of it for the test's length.
+fn web0_on_a_name(topology: &Topology, addresses: &[IpAddr]) -> (NetNs, Dnsmasq, String) {
+    const NAME: &str = "web0.lobby.test";
+    let resolvers = resolver_namespace(&topology.lb);
+    let records: Vec<(&str, IpAddr)> = addresses.iter().map(|a| (NAME, *a)).collect();
+    let dnsmasq = Dnsmasq::start(&resolvers, RESOLVER_A, 30, &records);
+    let config = ConfigBuilder::new().target("web", PORT).upstream_with(
+        "web0",
+        NAME,
+        UPSTREAM_PORT,
+        &format!("dns: {{ servers: [{RESOLVER_A}] }}"),
+    );
+    (resolvers, dnsmasq, config.build())
 }
 
 fn names_at(topology: &Topology, addr: SocketAddr, count: usize) -> Vec<String> {
@@ -131,26 +148,74 @@ fn an_upstream_whose_name_has_only_an_aaaa_record_carries_traffic() {
     if !privileged() {
         return;
     }
-    const NAME: &str = "web6.lobby.test";
     let topology = Topology::dual_stack(1);
-    let resolvers = resolver_namespace(&topology.lb);
-    let _dnsmasq = Dnsmasq::start(
-        &resolvers,
-        RESOLVER_A,
-        30,
-        &[(NAME, Topology::upstream_addr6(0))],
-    );
+    let (_resolvers, _dnsmasq, config) =
+        web0_on_a_name(&topology, &[IpAddr::V6(Topology::upstream_addr6(0))]);
     let _server = server6(&topology, 0);
-    let config = ConfigBuilder::new().target("web", PORT).upstream_with(
-        "web0",
-        NAME,
-        UPSTREAM_PORT,
-        &format!("dns: {{ servers: [{RESOLVER_A}] }}"),
-    );
-    let lobby = Lobby::start(&topology.lb, &config.build());
+    let lobby = Lobby::start(&topology.lb, &config);
     wait_for("the AAAA answer", Duration::from_secs(10), || {
         let stats = lobby.upstream_stats("web", "web0");
         (stats["address"] == Topology::upstream_addr6(0).to_string()).then_some(())
     });
     assert_eq!(ask_name(&topology.client, target6()).unwrap(), "web0");
+}
+
+#[test]
+fn a_name_with_an_a_and_an_aaaa_serves_each_family_at_its_own_address() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::dual_stack(1);
+    let (_resolvers, _dnsmasq, config) = web0_on_a_name(
+        &topology,
+        &[
+            IpAddr::V4(Topology::upstream_addr(0)),
+            IpAddr::V6(Topology::upstream_addr6(0)),
+        ],
+    );
+    let upstream = &topology.upstreams[0];
+    let _v4 = NameServer::start(
+        upstream,
+        SocketAddr::from((Topology::upstream_addr(0), UPSTREAM_PORT)),
+        "web0 over ipv4",
+    );
+    let _v6 = NameServer::start(
+        upstream,
+        SocketAddr::from((Topology::upstream_addr6(0), UPSTREAM_PORT)),
+        "web0 over ipv6",
+    );
+    let lobby = Lobby::start(&topology.lb, &config);
+    let entries = wait_for("both addresses", Duration::from_secs(10), || {
+        let entries = lobby.upstream_entries("web", "web0");
+        (entries.len() == 2).then_some(entries)
+    });
+    let shown: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["family"].as_str().unwrap(),
+                e["address"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let (v4, v6) = (
+        Topology::upstream_addr(0).to_string(),
+        Topology::upstream_addr6(0).to_string(),
+    );
+    assert_eq!(shown, [("ipv4", v4.as_str()), ("ipv6", v6.as_str())]);
+    for _ in 0..3 {
+        assert_eq!(
+            ask_name(&topology.client, target_addr(PORT)).unwrap(),
+            "web0 over ipv4"
+        );
+        assert_eq!(
+            ask_name(&topology.client, target6()).unwrap(),
+            "web0 over ipv6"
+        );
+    }
+    let entries = lobby.upstream_entries("web", "web0");
+    assert!(
+        entries.iter().all(|e| e["connections"] == 3),
+        "each address counted on its own: {entries:?}"
+    );
 }

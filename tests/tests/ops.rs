@@ -146,10 +146,11 @@ fn metrics_pass_promtool_and_equal_the_stats() {
 
     for upstream in stats["targets"][0]["upstreams"].as_array().unwrap() {
         let labels = format!(
-            "target=\"web\",upstream=\"{}\",address=\"{}:{}\"",
+            "target=\"web\",upstream=\"{}\",address=\"{}:{}\",protocol=\"tcp\",family=\"{}\"",
             upstream["name"].as_str().unwrap(),
             upstream["address"].as_str().unwrap(),
-            upstream["port"]
+            upstream["port"],
+            upstream["family"].as_str().unwrap()
         );
         assert_eq!(
             sample(&body, "lobby_upstream_connections_total", &labels),
@@ -198,7 +199,7 @@ fn metrics_pass_promtool_and_equal_the_stats() {
     assert_eq!(lobby.upstream_stats("web", "web0")["weight"], 1);
     let body = scrape(&topology, listen.parse().unwrap());
     let labels = format!(
-        "target=\"web\",upstream=\"web1\",address=\"{}:9000\"",
+        "target=\"web\",upstream=\"web1\",address=\"{}:9000\",protocol=\"tcp\",family=\"ipv4\"",
         Topology::upstream_addr(1)
     );
     for (state, value) in [("enabled", 0), ("drained", 1), ("disabled", 0)] {

@@ -587,10 +587,13 @@ impl StatusRange {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DnsConfig {
     /// Asked in order; empty means the host's resolvers (/etc/resolv.conf).
     pub servers: Vec<SocketAddr>,
     /// Overrides the answer's TTL as the re-resolution period.
     pub ttl: Option<Duration>,
+    /// Every address of the answer is a backend (DNS load balancing);
+    /// without it the upstream holds one address of each family.
+    pub all_addresses: bool,
 }

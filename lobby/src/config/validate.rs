@@ -1169,19 +1169,26 @@ impl Checker {
             );
             self.report(node.mark, upstream.path("dns"), message);
         }
-        let fields = self.mapping(node, upstream.path("dns"), &["servers", "ttl"])?;
+        let fields = self.mapping(
+            node,
+            upstream.path("dns"),
+            &["servers", "ttl", "all_addresses"],
+        )?;
         let servers: Vec<_> = self
             .list(&fields, "servers", "a list of resolver addresses", false)
             .into_iter()
             .map(|(path, node)| self.read(node, path, &Resolver))
             .collect();
         let ttl = self.defaulted(&fields, "ttl", &TTL);
+        let all_addresses = self.defaulted(&fields, "all_addresses", &Boolean);
         let dns = DnsConfig {
             servers: servers.into_iter().collect::<Option<_>>()?,
             ttl: ttl?.map(Duration::from_secs),
+            all_addresses: all_addresses?.unwrap_or(false),
         };
-        // One way to say "the host's resolvers, the answer's TTL".
-        Some(Some(dns).filter(|dns| !dns.servers.is_empty() || dns.ttl.is_some()))
+        // One way to say "the host's resolvers, the answer's TTL, one
+        // address of each family".
+        Some(Some(dns).filter(|dns| *dns != DnsConfig::default()))
     }
 }
 

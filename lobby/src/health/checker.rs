@@ -35,6 +35,9 @@ const FIRST_PROBE_MAX_DELAY: Duration = Duration::from_millis(500);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthReport {
     pub id: UpstreamId,
+    /// The address of the probe that made the change (`None`: it had
+    /// none): an upstream may have several, each checked on its own.
+    pub address: Option<IpAddr>,
     pub available: bool,
     /// The last probe's outcome: `connect refused`, `timeout after 1 s`,
     /// `connected`.
@@ -48,9 +51,10 @@ pub struct HealthReport {
 }
 
 impl HealthReport {
-    fn new(id: UpstreamId, transition: &Transition) -> Self {
+    fn new(id: UpstreamId, address: Option<IpAddr>, transition: &Transition) -> Self {
         Self {
             id,
+            address,
             available: transition.available,
             reason: transition.last_probe.to_string(),
             run: transition.run,
@@ -58,21 +62,31 @@ impl HealthReport {
             decided_at: Instant::now(),
         }
     }
-}
 
-impl fmt::Display for HealthReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    /// The log line, naming the probed address after the upstream when
+    /// `with_address` (an upstream with several addresses):
+    /// `upstream web/web1 at 2001:2::11 is DOWN (...)`.
+    pub fn describe(&self, with_address: bool) -> String {
+        let at = match self.address {
+            Some(address) if with_address => format!(" at {address}"),
+            _ => String::new(),
+        };
         let (state, outcomes) = match (self.available, self.threshold) {
             (true, 1) => ("UP", "success"),
             (true, _) => ("UP", "successes"),
             (false, 1) => ("DOWN", "failure"),
             (false, _) => ("DOWN", "failures"),
         };
-        write!(
-            f,
-            "upstream {} is {state} ({}, {}/{} {outcomes})",
+        format!(
+            "upstream {}{at} is {state} ({}, {}/{} {outcomes})",
             self.id, self.reason, self.run, self.threshold
         )
+    }
+}
+
+impl fmt::Display for HealthReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe(false))
     }
 }
 
@@ -212,7 +226,7 @@ async fn probe_until_closed<A: Into<IpAddr> + Copy>(
             continue;
         };
         if reports
-            .send(HealthReport::new(id.clone(), &transition))
+            .send(HealthReport::new(id.clone(), latest_address, &transition))
             .await
             .is_err()
         {

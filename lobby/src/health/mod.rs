@@ -5,7 +5,8 @@
 //! - [`spawn_checker`]: one task per checked upstream that probes it and
 //!   sends a [`HealthReport`] on each change.
 //! - `probe`: one probe per protocol (tcp, udp, http, https, sctp), with its
-//!   round trip; `tls`: the https probes' client configurations.
+//!   round trip, on sockets marked with [`PROBE_MARK`]; `tls`: the https
+//!   probes' client configurations.
 mod checker;
 mod probe;
 mod state;
@@ -16,10 +17,18 @@ pub(crate) mod tls;
 use std::io;
 
 pub use checker::{HealthReport, ProbeStats, spawn_checker};
-pub use probe::PROBE_MARK;
 pub use state::{
     FailureReason, HealthState, HttpFailure, ProbeOutcome, Shortage, TlsFailure, Transition,
 };
+
+/// The mark (SO_MARK) every probe socket carries: Lobby's table exempts the
+/// packets of sockets so marked from conntrack, in both directions, so that
+/// probes need no conntrack entry and a full table cannot fail them. "10bb"
+/// reads as "lobb"; it leaves alone the bits other software is known to
+/// match with masks (kube-proxy's 0x4000 and 0x8000, the upper 16 bits that
+/// Calico and Tailscale use). Being a mark, it is also what a policy
+/// routing rule (`ip rule add fwmark 0x10bb ...`) would match.
+pub const PROBE_MARK: u32 = 0x10bb;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {

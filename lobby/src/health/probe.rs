@@ -1,13 +1,10 @@
 //! One probe of one upstream per protocol. Each returns the round trip it
 //! measured on success: the connect for `tcp` and `sctp`, the request to the
 //! response head for `http(s)`, the datagram out to the reply for `udp`.
-//! Each probe opens its own sockets of the target's address family, closes
-//! them when it ends and never takes longer than its timeout.
-use std::{
-    io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    time::Duration,
-};
+//! Each probe opens its own sockets of the target's address family, marked
+//! with [`PROBE_MARK`] so that they need no conntrack entry, closes them
+//! when it ends and never takes longer than its timeout.
+use std::{io, net::SocketAddr, sync::Once, time::Duration};
 
 use http::{
     HeaderValue, Request, Uri,
@@ -17,15 +14,17 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::{Domain, Socket, Type};
 use tokio::{
     io::{AsyncRead, AsyncWrite, Interest, unix::AsyncFd},
     net::{TcpSocket, TcpStream, UdpSocket},
     time::{self, Instant},
 };
 use tokio_rustls::TlsConnector;
+use tracing::warn;
 
 use super::{
+    PROBE_MARK,
     state::{FailureReason, HttpFailure, TlsFailure},
     tls,
 };
@@ -71,31 +70,38 @@ async fn probe_tcp(target: SocketAddr, timeout: Duration) -> Result<Duration, Fa
 /// the kernel's usual `tcp_max_tw_buckets`.
 async fn connect_resetting_on_close(target: SocketAddr) -> Result<TcpStream, FailureReason> {
     let connect = async {
-        let socket = match target {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
-        socket.set_zero_linger()?;
-        mark(SockRef::from(&socket))?;
-        socket.connect(target).await
+        let socket = probe_socket(target, Type::STREAM, None)?;
+        socket.set_linger(Some(Duration::ZERO))?;
+        TcpSocket::from_std_stream(socket.into())
+            .connect(target)
+            .await
     };
     connect.await.map_err(|error| FailureReason::from(&error))
 }
 
-/// The mark of every probe's packets (`SO_MARK`), by which Lobby's own
-/// output chain leaves them alone: a probe must reach the upstream it
-/// checks, never be balanced. Chosen clear of the bits kube-proxy (0x4000,
-/// 0x8000) and Calico (the high 16) use.
-pub const PROBE_MARK: u32 = 0x1b0b;
-
-/// Marks a probe's socket with [`PROBE_MARK`]. Setting a mark needs
-/// CAP_NET_ADMIN, which the daemon always has; without it (unit tests run
-/// by a user) the probe goes unmarked, which only `local` targets notice.
-fn mark(socket: SockRef<'_>) -> io::Result<()> {
-    match socket.set_mark(PROBE_MARK) {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
-        other => other,
+/// A non-blocking socket of `target`'s family for one probe, marked with
+/// [`PROBE_MARK`]: Lobby's table exempts its packets from conntrack, so a
+/// full conntrack table cannot make a healthy upstream look dead.
+fn probe_socket(
+    target: SocketAddr,
+    kind: Type,
+    protocol: Option<socket2::Protocol>,
+) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(target), kind.nonblocking(), protocol)?;
+    if let Err(error) = socket.set_mark(PROBE_MARK) {
+        // SO_MARK needs CAP_NET_ADMIN (or CAP_NET_RAW). The daemon has it,
+        // nft needs it too: only probes run without it (unit tests as an
+        // ordinary user) get here. Unmarked, a probe still works, tracked
+        // like any other connection.
+        if error.kind() != io::ErrorKind::PermissionDenied {
+            return Err(error);
+        }
+        static UNMARKED: Once = Once::new();
+        UNMARKED.call_once(|| {
+            warn!(%error, "health probes cannot be marked: they depend on conntrack entries");
+        });
     }
+    Ok(socket)
 }
 
 /// `probe` cut short at `timeout`, which it then fails with.
@@ -120,12 +126,10 @@ async fn probe_udp(
         io::ErrorKind::ConnectionRefused => FailureReason::PortUnreachable,
         _ => FailureReason::from(&error),
     };
-    let local = match target {
-        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
-    };
-    let socket = UdpSocket::bind(local).await.map_err(io_failure)?;
-    mark(SockRef::from(&socket)).map_err(io_failure)?;
+    let socket = probe_socket(target, Type::DGRAM, None)
+        .and_then(|socket| UdpSocket::from_std(socket.into()))
+        .map_err(io_failure)?;
+    // Connecting binds the socket to an ephemeral port.
     socket.connect(target).await.map_err(io_failure)?;
     let started = Instant::now();
     socket.send(udp.send.as_bytes()).await.map_err(io_failure)?;
@@ -316,9 +320,9 @@ fn hyper_failure(error: &hyper::Error) -> FailureReason {
 /// shutting it down.
 async fn probe_sctp(target: SocketAddr, timeout: Duration) -> Result<Duration, FailureReason> {
     let started = Instant::now();
-    let socket = Socket::new(
-        Domain::for_address(target),
-        Type::STREAM.nonblocking(),
+    let socket = probe_socket(
+        target,
+        Type::STREAM,
         Some(socket2::Protocol::from(libc::IPPROTO_SCTP)),
     )
     .map_err(|error| match error.raw_os_error() {
@@ -331,7 +335,6 @@ async fn probe_sctp(target: SocketAddr, timeout: Duration) -> Result<Duration, F
     socket
         .set_linger(Some(Duration::ZERO))
         .map_err(io_failure)?;
-    mark(SockRef::from(&socket)).map_err(io_failure)?;
     match socket.connect(&target.into()) {
         Ok(()) => return Ok(started.elapsed()),
         Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -357,7 +360,7 @@ async fn probe_sctp(target: SocketAddr, timeout: Duration) -> Result<Duration, F
 mod tests {
     use std::{
         future::pending,
-        net::{IpAddr, Ipv6Addr},
+        net::{IpAddr, Ipv4Addr, Ipv6Addr},
         sync::Arc,
     };
 
@@ -516,6 +519,16 @@ mod tests {
         let (_listener, port) = listen().await;
         let rtt = probe_tcp(at(port), LONG_TIMEOUT).await.expect("connected");
         assert!(rtt < Duration::from_secs(1), "{rtt:?}");
+    }
+
+    /// The mark is what Lobby's table exempts from conntrack (the namespace
+    /// test `hardening.rs` proves the exemption end to end).
+    #[test]
+    fn probe_sockets_carry_the_probe_mark() {
+        for kind in [Type::STREAM, Type::DGRAM] {
+            let socket = probe_socket(at(9), kind, None).expect("a probe socket");
+            assert_eq!(socket.mark().expect("SO_MARK"), PROBE_MARK, "{kind:?}");
+        }
     }
 
     #[tokio::test]

@@ -167,9 +167,14 @@ fn full_set(chain: &str, cap: &Cap) -> String {
     format!("{}_full", upstream_chain(chain, cap))
 }
 
-/// The chain that DNATs to one upstream of a capped rotation.
+/// The chain that DNATs to one upstream address of a capped rotation:
+/// `_u2` for the first address of the group's third upstream, `_u2_1` for
+/// its second.
 fn upstream_chain(chain: &str, cap: &Cap) -> String {
-    format!("{chain}_u{}", cap.place)
+    match cap.ordinal {
+        0 => format!("{chain}_u{}", cap.place),
+        ordinal => format!("{chain}_u{}_{ordinal}", cap.place),
+    }
 }
 
 fn family_digit(family: Family) -> char {
@@ -477,6 +482,7 @@ mod tests {
                     addr(11),
                     Cap {
                         place: 0,
+                        ordinal: 0,
                         max_connections: Some(cap),
                     },
                 ),
@@ -484,6 +490,7 @@ mod tests {
                     addr(12),
                     Cap {
                         place: 1,
+                        ordinal: 0,
                         max_connections: None,
                     },
                 ),
@@ -681,6 +688,7 @@ mod tests {
     #[test]
     fn an_upstream_chain_belongs_to_its_target_chain() {
         assert_eq!(owner("target-web_u3"), "target-web");
+        assert_eq!(owner("target-web_u3_1"), "target-web");
         assert_eq!(owner("target-web_5fu"), "target-web_5fu");
         assert_eq!(owner("postrouting"), "postrouting");
     }

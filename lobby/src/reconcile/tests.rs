@@ -62,9 +62,16 @@ fn id(name: &str) -> UpstreamId {
     UpstreamId::new("web", name)
 }
 
+/// A report on the one address of upstream `web{N}`: 198.18.1.1N.
 fn report(name: &str, available: bool) -> Event {
+    let host: u8 = name.trim_start_matches("web").parse().expect("webN");
+    report_at(name, socket(10 + host).ip(), available)
+}
+
+fn report_at(name: &str, address: IpAddr, available: bool) -> Event {
     Event::Health(HealthReport {
         id: id(name),
+        address: Some(address),
         available,
         reason: if available {
             "connected"
@@ -208,8 +215,9 @@ fn a_takeover_replaces_the_table_and_keeps_balanced_upstreams_available() {
                 .health_check
                 .clone()
                 .unwrap(),
+            key: AddressKey::Family(Family::Ipv4),
             available: true,
-            address: Some(socket(11).ip()),
+            address: socket(11).ip(),
         })
     );
 }
@@ -227,7 +235,7 @@ fn a_takeover_waits_for_names_then_inherits_what_they_resolve_to() {
     );
     let actions = harness.step(Event::Address(AddressUpdate {
         key,
-        address: socket(11).ip(),
+        addresses: vec![socket(11).ip()],
     }));
     assert!(
         actions.iter().any(|a| matches!(
@@ -325,7 +333,10 @@ fn a_reload_keeps_unchanged_upstreams_and_restarts_changed_ones() {
     ) + "            - name: web3\n              host: 198.18.1.13\n              port: 9000\n";
     let actions = harness.step(Event::ConfigLoaded(config(&next)));
     assert!(
-        actions.contains(&Action::StopChecker(id("web2"))),
+        actions.contains(&Action::StopChecker {
+            id: id("web2"),
+            key: AddressKey::Family(Family::Ipv4)
+        }),
         "{actions:?}"
     );
     assert!(
@@ -378,7 +389,10 @@ fn a_removed_upstream_stays_masqueraded_until_its_linger_ends() {
         !script_text.contains("delete element inet lobby backends"),
         "{script_text}"
     );
-    assert!(actions.contains(&Action::StopChecker(id("web2"))));
+    assert!(actions.contains(&Action::StopChecker {
+        id: id("web2"),
+        key: AddressKey::Family(Family::Ipv4)
+    }));
     harness.applied();
     assert_eq!(
         harness.core.next_deadline(),
@@ -401,12 +415,21 @@ fn a_name_that_moves_moves_its_upstream_and_its_probes() {
     let key = ResolverKey::new("web1.example.test", None);
     let actions = harness.step(Event::Address(AddressUpdate {
         key: key.clone(),
-        address: socket(11).ip(),
+        addresses: vec![socket(11).ip()],
     }));
-    assert!(actions.contains(&Action::SetProbeAddress {
-        id: id("web1"),
-        address: socket(11).ip()
-    }));
+    // The first address starts as the health check says.
+    assert!(
+        actions.contains(&Action::StartChecker {
+            id: id("web1"),
+            key: AddressKey::Family(Family::Ipv4),
+            check: config(NAMED).targets[0].group.upstreams[0]
+                .health_check
+                .clone()
+                .unwrap(),
+            available: false,
+            address: socket(11).ip()
+        })
+    );
     // Resolved but not yet healthy: counted, not balanced.
     assert!(actions.contains(&Action::TrackCounters(BTreeSet::from([(
         socket(11),
@@ -416,7 +439,13 @@ fn a_name_that_moves_moves_its_upstream_and_its_probes() {
     harness.applied();
     let actions = harness.step(Event::Address(AddressUpdate {
         key,
-        address: socket(21).ip(),
+        addresses: vec![socket(21).ip()],
+    }));
+    // The address moves with its health; the checker follows it.
+    assert!(actions.contains(&Action::SetProbeAddress {
+        id: id("web1"),
+        key: AddressKey::Family(Family::Ipv4),
+        address: socket(21).ip()
     }));
     let script = script(&actions).expect("a move");
     assert!(script.contains("0 : 198.18.1.21 . 9000"), "{script}");
@@ -505,4 +534,214 @@ fn a_change_is_applying_until_the_kernel_has_it() {
     harness.step(report("web2", false));
     harness.step(Event::Applied(Err("refused".into())));
     assert!(!harness.core.is_applying());
+}
+
+/// One upstream on a name, checked, with one address of each family or
+/// (`all_addresses`) every address of the answer.
+fn named_checked(all_addresses: bool) -> String {
+    format!("{NAMED}              dns: {{ all_addresses: {all_addresses} }}\n")
+        .replace("start_available: false", "start_available: true")
+}
+
+fn v6(host: u16) -> IpAddr {
+    IpAddr::from([0x2001, 2, 0, 1, 0, 0, 0, host])
+}
+
+fn answer(harness: &mut Harness, addresses: &[IpAddr]) -> Vec<Action> {
+    harness.step(Event::Address(AddressUpdate {
+        key: ResolverKey::new(
+            "web1.example.test",
+            harness.core.config().unwrap().targets[0].group.upstreams[0]
+                .dns
+                .as_ref(),
+        ),
+        addresses: addresses.to_vec(),
+    }))
+}
+
+fn checkers_started(actions: &[Action]) -> Vec<(AddressKey, IpAddr)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::StartChecker { key, address, .. } => Some((*key, *address)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_name_that_gains_an_aaaa_serves_ipv6_clients_at_it() {
+    let mut harness = Harness::started(&named_checked(false));
+    let actions = answer(&mut harness, &[socket(11).ip()]);
+    assert_eq!(
+        checkers_started(&actions),
+        [(AddressKey::Family(Family::Ipv4), socket(11).ip())]
+    );
+    let first = script(&actions).expect("the IPv4 address").to_owned();
+    assert!(
+        first.contains("dnat ip to numgen inc mod 1 map { 0 : 198.18.1.11 . 9000 }"),
+        "{first}"
+    );
+    assert!(!first.contains("dnat ip6"), "{first}");
+    harness.applied();
+    // A+AAAA: the IPv4 address stays as it was, the IPv6 one joins with a
+    // checker of its own.
+    let actions = answer(&mut harness, &[socket(11).ip(), v6(0x11)]);
+    assert_eq!(
+        checkers_started(&actions),
+        [(AddressKey::Family(Family::Ipv6), v6(0x11))]
+    );
+    let second = script(&actions).expect("the IPv6 address").to_owned();
+    assert!(
+        second.contains("dnat ip6 to numgen inc mod 1 map { 0 : 2001:2:0:1::11 . 9000 }"),
+        "{second}"
+    );
+    assert!(
+        second.contains("dnat ip to numgen inc mod 1 map { 0 : 198.18.1.11 . 9000 }"),
+        "{second}"
+    );
+    harness.applied();
+    assert_eq!(
+        harness
+            .core
+            .counted_upstreams()
+            .map(|(_, b)| b.0.ip())
+            .collect::<Vec<_>>(),
+        [socket(11).ip(), v6(0x11)]
+    );
+    // The IPv6 address fails its checks: IPv6 clients are refused, IPv4
+    // ones still served; the line names the address.
+    let actions = harness.step(report_at("web1", v6(0x11), false));
+    assert_eq!(
+        notices(&actions),
+        [
+            "upstream web/web1 at 2001:2:0:1::11 is DOWN (connect refused, 1/1 failure); 1 of 2 available"
+        ]
+    );
+    let script = script(&actions).expect("IPv6 out of rotation");
+    assert!(!script.contains("dnat ip6"), "{script}");
+    assert!(
+        script.contains("meta nfproto ipv6 meta l4proto tcp reject with tcp reset"),
+        "{script}"
+    );
+    assert!(
+        script.contains("dnat ip to numgen inc mod 1 map { 0 : 198.18.1.11 . 9000 }"),
+        "{script}"
+    );
+}
+
+#[test]
+fn an_address_of_a_family_moves_with_its_health_and_leaves_with_its_family() {
+    let mut harness = Harness::started(&named_checked(false));
+    answer(&mut harness, &[socket(11).ip(), v6(0x11)]);
+    harness.applied();
+    harness.step(report_at("web1", v6(0x11), false));
+    harness.applied();
+    // A rotated answer moves nothing.
+    assert_eq!(
+        answer(&mut harness, &[v6(0x11), socket(12).ip(), socket(11).ip()]),
+        []
+    );
+    // The IPv6 address moves: still DOWN until its checker says otherwise.
+    let actions = answer(&mut harness, &[socket(11).ip(), v6(0x12)]);
+    assert!(actions.contains(&Action::SetProbeAddress {
+        id: id("web1"),
+        key: AddressKey::Family(Family::Ipv6),
+        address: v6(0x12)
+    }));
+    assert!(script(&actions).is_none(), "{actions:?}");
+    // The AAAA goes: its checker stops, IPv4 stays.
+    let actions = answer(&mut harness, &[socket(11).ip()]);
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::StopChecker { .. }))
+            .collect::<Vec<_>>(),
+        [&Action::StopChecker {
+            id: id("web1"),
+            key: AddressKey::Family(Family::Ipv6)
+        }]
+    );
+    let held: Vec<IpAddr> = harness
+        .core
+        .upstream(&id("web1"))
+        .unwrap()
+        .values()
+        .map(|a| a.address)
+        .collect();
+    assert_eq!(held, [socket(11).ip()]);
+}
+
+#[test]
+fn all_addresses_makes_each_address_a_backend_and_a_removed_one_drains() {
+    let mut harness = Harness::started(&named_checked(true));
+    let [a, b, c] = [11, 12, 13].map(|h| socket(h).ip());
+    let actions = answer(&mut harness, &[c, a, b]);
+    assert_eq!(
+        checkers_started(&actions),
+        [a, b, c].map(|x| (AddressKey::Address(x), x))
+    );
+    let script_text = script(&actions).expect("three backends").to_owned();
+    assert!(
+        script_text.contains("numgen inc mod 3 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000, 2 : 198.18.1.13 . 9000 }"),
+        "{script_text}"
+    );
+    harness.applied();
+    // One address fails: only it leaves.
+    let actions = harness.step(report_at("web1", b, false));
+    assert_eq!(
+        notices(&actions),
+        [
+            "upstream web/web1 at 198.18.1.12 is DOWN (connect refused, 1/1 failure); 2 of 3 available"
+        ]
+    );
+    harness.applied();
+    harness.step(report_at("web1", b, true));
+    harness.applied();
+    // The answer shrinks: the removed address stops being balanced, its
+    // checker stops, and it stays masqueraded for the linger.
+    let actions = answer(&mut harness, &[a, c]);
+    assert!(actions.contains(&Action::StopChecker {
+        id: id("web1"),
+        key: AddressKey::Address(b)
+    }));
+    let script_text = script(&actions).expect("two backends").to_owned();
+    assert!(
+        script_text
+            .contains("numgen inc mod 2 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.13 . 9000 }"),
+        "{script_text}"
+    );
+    assert!(!script_text.contains("delete element"), "{script_text}");
+    harness.applied();
+    assert_eq!(
+        harness.core.next_deadline(),
+        Some(harness.now + model::BACKEND_LINGER)
+    );
+    // A late report of the dropped address changes nothing.
+    assert_eq!(harness.step(report_at("web1", b, false)), []);
+    let actions = harness.advance(model::BACKEND_LINGER);
+    assert_eq!(
+        script(&actions),
+        Some("delete element inet lobby backends4 { 198.18.1.12 . tcp . 9000 }\n")
+    );
+    // It grows again: the new address starts as its check says.
+    let d = socket(14).ip();
+    harness.applied();
+    let actions = answer(&mut harness, &[a, c, d]);
+    assert_eq!(checkers_started(&actions), [(AddressKey::Address(d), d)]);
+    assert!(script(&actions).unwrap().contains("numgen inc mod 3"));
+}
+
+#[test]
+fn a_target_of_one_family_takes_only_that_familys_addresses() {
+    let yaml = named_checked(true).replace(
+        "        port: 8081\n",
+        "        port: 8081\n        ip: 198.18.0.10\n",
+    );
+    let mut harness = Harness::started(&yaml);
+    let actions = answer(&mut harness, &[socket(11).ip(), v6(0x11)]);
+    assert_eq!(
+        checkers_started(&actions),
+        [(AddressKey::Address(socket(11).ip()), socket(11).ip())]
+    );
 }

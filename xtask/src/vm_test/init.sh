@@ -4,6 +4,8 @@
 # real lobby binary and checks, with real TCP connections:
 #   - round robin across 3 upstreams,
 #   - exact connection counters (lobby stats --json) after each step,
+#   - health probes leave no conntrack entry (their socket mark and the
+#     table's notrack chains),
 #   - an upstream whose server is killed is removed by the health check
 #     (check_interval 1 s) and gets no new connection,
 #   - with no upstream left, the target answers with a reset (the
@@ -13,7 +15,9 @@
 #     expected interfaces, a bulk transfer and short connections are
 #     balanced and offloaded (conntrack's OFFLOAD), the counters equal the
 #     connections made and the packets nft counts at the interfaces where
-#     the fast path starts and ends, and SIGTERM removes the flowtable.
+#     the fast path starts and ends, and SIGTERM removes the flowtable,
+#   - IPv6: an IPv6 target over 3 IPv6 upstreams, round robin with exact
+#     counters; an upstream killed leaves the rotation.
 # Ends with one line the host parses, `VM-TEST-RESULT: PASS` or
 # `VM-TEST-RESULT: FAIL <failed checks>`, and powers off.
 
@@ -133,24 +137,39 @@ mkdir -p /etc/lobby
     done
 } >/etc/lobby/lobby.yaml
 
-lobby -c /etc/lobby/lobby.yaml --pin-dir /sys/fs/bpf/lobby --socket "$SOCKET" >"$LOG" 2>&1 &
-lobby_pid=$!
-tries=0
-until grep -q "lobby is balancing" "$LOG"; do
-    kill -0 "$lobby_pid" 2>/dev/null || abort "lobby exited before balancing"
-    tries=$((tries + 1))
-    [ "$tries" -lt 300 ] || abort "lobby is not balancing after 60 s"
-    sleep 0.2
-done
+# start_lobby CONFIG [WHAT]: runs lobby on CONFIG and waits until it
+# balances; WHAT names the step in the failure.
+start_lobby() {
+    # Emptied first: the backgrounded redirection may truncate the file
+    # only after the wait below has read the previous run's "lobby is
+    # balancing".
+    : >"$LOG"
+    lobby -c "$1" --pin-dir /sys/fs/bpf/lobby --socket "$SOCKET" >>"$LOG" 2>&1 &
+    lobby_pid=$!
+    tries=0
+    until grep -q "lobby is balancing" "$LOG"; do
+        kill -0 "$lobby_pid" 2>/dev/null || abort "lobby exited before balancing$2"
+        tries=$((tries + 1))
+        [ "$tries" -lt 300 ] || abort "lobby is not balancing$2 after 60 s"
+        sleep 0.2
+    done
+}
+
+start_lobby /etc/lobby/lobby.yaml
 echo "== lobby is balancing; its ruleset:"
 nft list table inet lobby
 # clsact and cls_bpf before 6.6, TCX links (no qdisc) since.
 echo "qdiscs of up1: $(tc qdisc show dev up1 | tr '\n' ' ')"
 
+# The target connect() reaches.
+target_name=vip
+target_addr=$LB_ADDR
+target_port=$PORT
+
 # One connection from the client to the target: the name of the upstream
 # that answered, or "none".
 connect() {
-    answer=$(ip netns exec client nc -w 5 "$LB_ADDR" "$PORT" </dev/null 2>/dev/null)
+    answer=$(ip netns exec client nc -w 5 "$target_addr" "$target_port" </dev/null 2>/dev/null)
     echo "${answer:-none}"
 }
 
@@ -225,13 +244,21 @@ kill_server() {
     done
     echo "web$1 unavailable after $(($(date +%s) - started)) s; lobby logged:"
     grep "is DOWN" "$LOG" | grep "web$1" | tail -n 1
-    nft list chain inet lobby target-vip | grep "l4proto"
+    nft list chain inet lobby "target-$target_name" | grep "l4proto"
 }
 
 made=0
 echo "== 1. round robin over web1 web2 web3"
 check_rotation 9 web1 web2 web3
 check_connections web1=3 web2=3 web3=3
+
+echo "== 1b. health probes are not tracked"
+# A probe a second: a tracked TCP probe would stay 10 s in CLOSE. Client
+# connections go to the target's address, not the upstreams'.
+for i in 1 2 3; do
+    tracked=$(conntrack -L -d "198.18.$i.11" 2>/dev/null)
+    [ -z "$tracked" ] || fail "probes of web$i are tracked: $tracked"
+done
 
 echo "== 2. the server of web2 is killed"
 kill_server 2
@@ -315,18 +342,7 @@ NFT
 nft_counter() {
     nft list chain "$@" | awk '/counter packets/ { for (i = 1; i < NF; i++) if ($i == "packets") print $(i + 1), $(i + 3) }'
 }
-# Emptied first: the backgrounded redirection may truncate the file only
-# after the wait below has read the previous run's "lobby is balancing".
-: >"$LOG"
-lobby -c /etc/lobby/accel.yaml --pin-dir /sys/fs/bpf/lobby --socket "$SOCKET" >>"$LOG" 2>&1 &
-lobby_pid=$!
-tries=0
-until grep -q "lobby is balancing" "$LOG"; do
-    kill -0 "$lobby_pid" 2>/dev/null || abort "lobby exited before balancing with acceleration"
-    tries=$((tries + 1))
-    [ "$tries" -lt 300 ] || abort "lobby is not balancing with acceleration after 60 s"
-    sleep 0.2
-done
+start_lobby /etc/lobby/accel.yaml " with acceleration"
 grep "flowtable interfaces" "$LOG"
 echo "lobby balancing at $(($(date +%s) - step_started)) s"
 # No target has an ip: every interface but lo is on the client side.
@@ -379,6 +395,46 @@ nft list table inet lobby >/dev/null 2>&1 && fail "the ruleset outlived lobby's 
 echo "== acceleration step took $(($(date +%s) - step_started)) s"
 if [ "$failures" -gt 0 ]; then
     echo "--- lobby log (acceleration) ---"
+    cat "$LOG"
+fi
+
+echo "== 5. IPv6: 2001:2::2 (client) to 2001:2::1, upstreams 2001:2:I::11"
+# The servers of step 4 listen on both families (busybox nc binds [::]).
+(
+    set -e
+    # Lobby never turns IPv6 forwarding on: the operator does.
+    echo 1 >/proc/sys/net/ipv6/conf/all/forwarding
+    ip addr add 2001:2::1/64 dev client0 nodad
+    ip -n client addr add 2001:2::2/64 dev eth0 nodad
+    ip -n client route add default via 2001:2::1
+    for i in 1 2 3; do
+        ip addr add "2001:2:$i::1/64" dev "up$i" nodad
+        ip -n "up$i" addr add "2001:2:$i::11/64" dev eth0 nodad
+    done
+) || abort "adding IPv6 to the topology"
+# The first step's target, on IPv6: its address and its upstreams'.
+sed -e 's/^      - name: vip$/      - name: vip6/' \
+    -e "s/^        port: $PORT$/        port: 8083\\n        ip: 2001:2::1/" \
+    -e 's/^          name: pool$/          name: pool6/' \
+    -e 's/^              host: 198\.18\.\([0-9]\)\.11$/              host: 2001:2:\1::11/' \
+    /etc/lobby/lobby.yaml >/etc/lobby/ipv6.yaml
+cat /etc/lobby/ipv6.yaml
+start_lobby /etc/lobby/ipv6.yaml " IPv6"
+target_name=vip6
+nft list chain inet lobby "target-$target_name" | grep "l4proto"
+target_addr=2001:2::1
+target_port=8083
+made=0
+check_rotation 9 web1 web2 web3
+check_connections web1=3 web2=3 web3=3
+kill_server 2
+check_rotation 6 web1 web3
+check_connections web1=6 web2=3 web3=6
+grep " ERROR " "$LOG" && fail "lobby logged errors with IPv6"
+kill "$lobby_pid"
+wait "$lobby_pid" || fail "lobby exited with status $? on SIGTERM (IPv6)"
+if [ "$failures" -gt 0 ]; then
+    echo "--- lobby log (IPv6) ---"
     cat "$LOG"
 fi
 finish

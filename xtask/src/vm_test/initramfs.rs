@@ -34,6 +34,9 @@ const MODULES: &[&str] = &[
     "nft_reject_inet",
     "nft_reject_ipv4",
     "nft_reject_ipv6",
+    // The health probes' exemption from conntrack: `socket mark` (nft_socket
+    // pulls in nf_socket_ipv4/ipv6 from modules.dep); `notrack` is nft_ct's.
+    "nft_socket",
     // Acceleration: the flowtable type, `flow add`, and conntrack's
     // netlink interface for `conntrack -L` (the OFFLOAD flag).
     "nf_flow_table_inet",

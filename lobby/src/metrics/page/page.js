@@ -98,7 +98,14 @@ function draw(chart, rings, label, format) {
   setText(chart.title, `${label}, peak ${format(scale)}/s`);
 }
 
-/** One upstream: its last figures, rates and rings; its row once shown. */
+/** `IP:PORT`, with brackets around an IPv6 address. */
+const socket = (address, port) => (address.includes(":") ? `[${address}]:${port}` : `${address}:${port}`);
+
+/** An upstream has an entry per address (a name may resolve to several):
+ * name and address tell entries apart. */
+const entryKey = (u) => `${u.name} ${u.address ?? ""}`;
+
+/** One upstream entry: its last figures, rates and rings; its row once shown. */
 class Upstream {
   constructor(target, data) {
     this.target = target;
@@ -141,7 +148,7 @@ class Upstream {
   /** Whether its name, host or address contains `query` (lower case). */
   matches(query) {
     const d = this.data;
-    return `${d.name} ${d.host} ${d.address ?? ""}:${d.port}`.toLowerCase().includes(query);
+    return `${d.name} ${d.host} ${socket(d.address ?? "", d.port)}`.toLowerCase().includes(query);
   }
 
   buildRow() {
@@ -177,7 +184,7 @@ class Upstream {
     setText(row.state, data.available ? "UP" : "DOWN");
     setText(row.admin, optional(data.admin_state));
     setText(row.weight, optional(data.weight));
-    const address = data.address === null || data.address === undefined ? "unresolved" : `${data.address}:${data.port}`;
+    const address = data.address === null || data.address === undefined ? "unresolved" : socket(data.address, data.port);
     setText(row.address, data.host === data.address ? address : `${address} (${data.host})`);
     setText(row.connections, count(data.connections));
     setText(row.resets, count(data.resets));
@@ -222,24 +229,25 @@ class Target {
     this.data = data;
     const seen = new Set();
     for (const u of data.upstreams) {
-      seen.add(u.name);
-      let upstream = this.upstreams.get(u.name);
+      const key = entryKey(u);
+      seen.add(key);
+      let upstream = this.upstreams.get(key);
       if (!upstream) {
         upstream = new Upstream(data.name, u);
-        this.upstreams.set(u.name, upstream);
+        this.upstreams.set(key, upstream);
         this.reordered = true;
       }
       upstream.update(u, now);
     }
-    for (const [name, upstream] of this.upstreams) {
-      if (!seen.has(name)) {
+    for (const [key, upstream] of this.upstreams) {
+      if (!seen.has(key)) {
         upstream.row?.tr.remove();
-        this.upstreams.delete(name);
+        this.upstreams.delete(key);
       }
     }
     // Map order is insertion order: keep the report's.
-    if ([...this.upstreams.keys()].some((name, i) => name !== data.upstreams[i].name)) {
-      this.upstreams = new Map(data.upstreams.map((u) => [u.name, this.upstreams.get(u.name)]));
+    if ([...this.upstreams.keys()].some((key, i) => key !== entryKey(data.upstreams[i]))) {
+      this.upstreams = new Map(data.upstreams.map((u) => [entryKey(u), this.upstreams.get(entryKey(u))]));
       this.reordered = true;
     }
   }
