@@ -3,7 +3,7 @@
 //! and `interface` balances only traffic arriving on that interface.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -16,7 +16,6 @@ use lobby_tests::{
 };
 
 const PORT: u16 = 8081;
-const OTHER_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 200));
 
 /// The config of one target over the topology's upstreams with `policy`
 /// (YAML lines of the target).
@@ -40,7 +39,8 @@ fn denied(lobby: &Lobby, reason: &str) -> u64 {
 /// A second client address, whose connections are refused by a policy:
 /// nothing answers them, not even a reset.
 fn refused_silently(topology: &Topology) {
-    let error = ask_name_from(&topology.client, OTHER_CLIENT, target_addr(PORT))
+    let other = IpAddr::V4(Topology::OTHER_CLIENT_ADDR);
+    let error = ask_name_from(&topology.client, other, target_addr(PORT))
         .expect_err("a refused source gets nothing");
     assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
 }
@@ -52,9 +52,7 @@ fn allow_and_block_drop_refused_sources_silently_and_count_them() {
     }
     let topology = Topology::new(1);
     let _servers = start_servers(&topology);
-    topology
-        .client
-        .ip(&["addr", "add", &format!("{OTHER_CLIENT}/24"), "dev", "eth0"]);
+    topology.add_other_client();
 
     let lobby = Lobby::start(&topology.lb, &config(1, "        allow: [198.18.0.0/25]\n"));
     assert_eq!(
