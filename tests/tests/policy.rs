@@ -164,3 +164,49 @@ fn only_traffic_on_the_named_interface_is_balanced() {
         "{error}"
     );
 }
+
+/// A block list of `count` prefixes: `blocked` and `count - 1` /32s of
+/// 10.0.0.0/8, two apart (no two merge into one interval).
+fn block_list(count: u32, blocked: &str) -> String {
+    let mut list = format!("        block: [{blocked}");
+    for i in 1..count {
+        let [_, a, b, c] = (i * 2).to_be_bytes();
+        list.push_str(&format!(", 10.{a}.{b}.{c}/32"));
+    }
+    list.push_str("]\n");
+    list
+}
+
+#[test]
+fn a_block_list_of_100000_prefixes_loads_and_one_changed_prefix_is_one_transaction() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let _servers = start_servers(&topology);
+    topology.add_other_client();
+    let other = format!("{}/32", Topology::OTHER_CLIENT_ADDR);
+    let lobby = Lobby::start(&topology.lb, &config(1, &block_list(100_000, &other)));
+    refused_silently(&topology);
+    assert!(denied(&lobby, "blocked") > 0);
+    assert_eq!(
+        ask_name(&topology.client, target_addr(PORT)).unwrap(),
+        "web0"
+    );
+
+    // The blocked client's prefix replaced by another one.
+    let applied = lobby.log_count("ruleset applied");
+    lobby.reload_with(&config(1, &block_list(100_000, "10.255.255.255/32")));
+    let allowed = IpAddr::V4(Topology::OTHER_CLIENT_ADDR);
+    assert_eq!(
+        ask_name_from(&topology.client, allowed, target_addr(PORT)).unwrap(),
+        "web0"
+    );
+    assert_eq!(
+        lobby.log_count("ruleset applied"),
+        applied + 1,
+        "one transaction for the changed prefix:\n{}",
+        lobby.log()
+    );
+    assert_eq!(lobby.log_count("applying the ruleset failed"), 0);
+}
