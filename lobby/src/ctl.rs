@@ -53,7 +53,7 @@ pub struct TargetStats {
 }
 
 /// Packets a target's policy refused, by reason (`lobby stats --json`
-/// `denied`). Rate and connection limits are not enforced yet: always 0.
+/// `denied`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeniedStats {
     pub blocked: u64,

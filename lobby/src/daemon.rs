@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::{
     accel::DeviceQuery,
-    config::{self, Config, Family},
+    config::{self, Config, Family, Target},
     conntrack,
     ctl::{self, AdminState, Control, CtlError, Request, StatsReport, TargetStats, UpstreamStats},
     dns::{self, AddressUpdate, DnsStats, ResolverKey},
@@ -791,11 +791,9 @@ impl<P: DataPlane> Wiring<P> {
     /// read off the loop.
     fn answer(&self, request: Request, core: &Core) {
         let (report, backends) = stats_without_counters(core, &self.latency());
-        let policies = core.config().is_some_and(|c| {
-            c.targets
-                .iter()
-                .any(|t| !t.policy.block.is_empty() || t.policy.allow.is_some())
-        });
+        let policies = core
+            .config()
+            .is_some_and(|c| c.targets.iter().any(Target::counts_refusals));
         let plane = self.plane.clone();
         match request {
             Request::Stats(reply) => {
@@ -1143,6 +1141,8 @@ async fn read_counters<P: DataPlane>(
         };
         target.denied.blocked = count(crate::nft::Denied::Blocked);
         target.denied.not_allowed = count(crate::nft::Denied::NotAllowed);
+        target.denied.rate_limited = count(crate::nft::Denied::RateLimited);
+        target.denied.connection_limited = count(crate::nft::Denied::ConnectionLimited);
     }
     report
 }

@@ -565,7 +565,8 @@ mod tests {
             let deadline = StdInstant::now() + Duration::from_secs(10);
             loop {
                 let text = std::fs::read_to_string(&self.file).unwrap_or_default();
-                if text.lines().count() >= lines {
+                // A line is written and then its newline: count whole lines.
+                if text.ends_with('\n') && text.lines().count() >= lines {
                     return text;
                 }
                 assert!(StdInstant::now() < deadline, "after 10 s:\n{text}");

@@ -529,7 +529,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::ctl::TargetStats;
+    use crate::ctl::{DeniedStats, TargetStats};
 
     /// One upstream with every figure set, DNS results and reloads.
     fn busy_snapshot() -> Snapshot {
@@ -556,7 +556,11 @@ mod tests {
         Snapshot {
             stats: StatsReport {
                 targets: vec![TargetStats {
-                    denied: Default::default(),
+                    denied: DeniedStats {
+                        rate_limited: 7,
+                        connection_limited: 3,
+                        ..DeniedStats::default()
+                    },
                     name: "web".into(),
                     protocol: "tcp".into(),
                     port: 8081,
@@ -700,6 +704,16 @@ mod tests {
                 "lobby_config_last_reload_successful",
                 "gauge",
                 " 1".to_owned(),
+            ),
+            (
+                "lobby_target_denied_packets_total",
+                "counter",
+                "{target=\"web\",reason=\"rate_limited\"} 7".to_owned(),
+            ),
+            (
+                "lobby_target_denied_packets_total",
+                "counter",
+                "{target=\"web\",reason=\"connection_limited\"} 3".to_owned(),
             ),
             ("lobby_conntrack_entries", "gauge", " 950".to_owned()),
             ("lobby_conntrack_max", "gauge", " 1000".to_owned()),

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::config::{
     Config, Distribution, Family, HealthCheck, IpNet, Nftables, Policy, Protocol, SourceNat,
-    Upstream,
+    Target, Upstream,
 };
 
 /// Names one upstream of one target, as operators read it in logs:
@@ -131,6 +131,10 @@ pub struct DesiredTarget {
     /// The families the target serves, IPv4 first: netfilter cannot
     /// translate between families, so each has its own rotation.
     pub families: Vec<FamilyRotation>,
+    /// When an upstream caps its connections (`max_connections`), every
+    /// address of every upstream, in rotation or not (a drained one keeps
+    /// its count); empty otherwise.
+    pub caps: BTreeMap<SocketAddr, Cap>,
     pub persistence: Option<Persistence>,
 }
 
@@ -184,6 +188,19 @@ pub struct FamilyRotation {
     pub family: Family,
     /// Empty when no upstream of the family can take new connections.
     pub slots: Vec<SocketAddr>,
+}
+
+/// An address of an upstream of a target in which some upstream caps its
+/// connections. The cap holds for each address: each is a backend of its
+/// own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap {
+    /// Its upstream's place in the group's list and its own among the
+    /// upstream's addresses (in address order): they name what the ruleset
+    /// keeps for it, whichever upstreams are up.
+    pub place: usize,
+    pub ordinal: usize,
+    pub max_connections: Option<u32>,
 }
 
 /// Slots of an `ip-src-hash` rotation: enough that weights and the loss of
@@ -246,6 +263,36 @@ fn slots(distribution: Distribution, candidates: &[Candidate<'_>]) -> Vec<Socket
             })
             .collect(),
     }
+}
+
+/// The caps of `target`'s upstreams with an address, when one has a cap;
+/// of upstreams sharing an address, the first.
+fn caps(
+    target: &Target,
+    states: &BTreeMap<UpstreamId, UpstreamState>,
+) -> BTreeMap<SocketAddr, Cap> {
+    let upstreams = &target.group.upstreams;
+    let mut caps = BTreeMap::new();
+    if upstreams.iter().all(|u| u.max_connections.is_none()) {
+        return caps;
+    }
+    for (place, upstream) in upstreams.iter().enumerate() {
+        let id = UpstreamId::new(&target.name, &upstream.name);
+        let mut addresses: Vec<IpAddr> = states
+            .get(&id)
+            .map(|s| s.addresses.iter().map(|a| a.address).collect())
+            .unwrap_or_default();
+        addresses.sort();
+        for (ordinal, address) in addresses.into_iter().enumerate() {
+            caps.entry(SocketAddr::new(address, upstream.port))
+                .or_insert(Cap {
+                    place,
+                    ordinal,
+                    max_connections: upstream.max_connections,
+                });
+        }
+    }
+    caps
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -360,6 +407,7 @@ impl Desired {
                     policy: target.policy.clone(),
                     families,
                     persistence,
+                    caps: caps(target, states),
                 };
                 (target.name.clone(), desired)
             })
@@ -390,6 +438,7 @@ mod tests {
             dns: None,
             weight,
             backup,
+            max_connections: None,
         }
     }
 
@@ -414,6 +463,48 @@ mod tests {
             *shares.entry(ip.octets()[3]).or_default() += 1;
         }
         shares
+    }
+
+    #[test]
+    fn every_address_of_a_capped_upstream_has_its_own_cap_and_name() {
+        let yaml = "lb:\n  - targets:\n      - name: web\n        protocol: tcp\n        port: 80\n        \
+            upstream_group:\n          name: pool\n          distribution: round-robin\n          \
+            upstreams:\n            - { name: a, host: a.test, port: 80, max_connections: 5 }\n            \
+            - { name: b, host: 198.18.1.2, port: 80 }\n";
+        let config = crate::config::parse(yaml, std::path::Path::new("t.yaml")).unwrap();
+        let state = |addresses: &[&str]| UpstreamState {
+            addresses: addresses
+                .iter()
+                .map(|a| AddressState {
+                    address: a.parse().unwrap(),
+                    available: true,
+                })
+                .collect(),
+            drained: false,
+        };
+        let states = BTreeMap::from([
+            (
+                UpstreamId::new("web", "a"),
+                state(&["2001:db8::1", "198.18.1.1"]),
+            ),
+            (UpstreamId::new("web", "b"), state(&["198.18.1.2"])),
+        ]);
+        let caps = &Desired::from_config(&config, &states, true).targets["web"].caps;
+        let cap = |place, ordinal, max_connections| Cap {
+            place,
+            ordinal,
+            max_connections,
+        };
+        assert_eq!(
+            caps.iter()
+                .map(|(a, c)| (a.to_string(), *c))
+                .collect::<Vec<_>>(),
+            [
+                ("198.18.1.1:80".to_owned(), cap(0, 0, Some(5))),
+                ("198.18.1.2:80".to_owned(), cap(1, 0, None)),
+                ("[2001:db8::1]:80".to_owned(), cap(0, 1, Some(5))),
+            ]
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ use std::{
 use tokio::process::Command;
 
 pub mod flowtable;
+mod limits;
 mod local;
 mod mirror;
 mod persistence;
@@ -106,6 +107,7 @@ pub fn render(desired: &Desired) -> String {
     for counter in denied_counters(desired) {
         writeln!(out, "\tcounter {counter} {{\n\t}}").unwrap();
     }
+    limits::render(&mut out, desired);
     writeln!(out, "\tchain postrouting {{").unwrap();
     writeln!(
         out,
@@ -130,11 +132,16 @@ pub fn render(desired: &Desired) -> String {
         object.render(&mut out);
     }
     for (name, target) in &desired.targets {
-        writeln!(out, "\tchain {} {{", chain_name(name)).unwrap();
-        for rule in target_rules(name, target) {
-            writeln!(out, "\t\t{rule}").unwrap();
+        // The chains a target's chain jumps to come first.
+        let mut chains = limits::chains(name, target);
+        chains.push((chain_name(name), target_rules(name, target)));
+        for (chain, rules) in chains {
+            writeln!(out, "\tchain {chain} {{").unwrap();
+            for rule in rules {
+                writeln!(out, "\t\t{rule}").unwrap();
+            }
+            writeln!(out, "\t}}").unwrap();
         }
-        writeln!(out, "\t}}").unwrap();
     }
     flowtable::render(&mut out, desired.flowtable.as_ref());
     writeln!(out, "}}").unwrap();
@@ -223,6 +230,7 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
     for counter in new_counters.difference(&old_counters) {
         writeln!(out, "add counter {FAMILY} {table} {counter}").unwrap();
     }
+    limits::plan_sets(&mut out, applied, desired);
     let postrouting = postrouting_rules(desired);
     if postrouting_rules(applied) != postrouting {
         writeln!(out, "flush chain {FAMILY} {table} postrouting").unwrap();
@@ -239,20 +247,23 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
         }
     }
     for (name, new) in &desired.targets {
-        let chain = chain_name(name);
         let old = applied.targets.get(name);
+        // The chains a target's chain jumps to first.
+        let old_chains: BTreeMap<String, Vec<String>> = old
+            .map(|old| limits::chains(name, old).into_iter().collect())
+            .unwrap_or_default();
+        for (chain, rules) in limits::chains(name, new) {
+            plan_chain(&mut out, table, &chain, old_chains.get(&chain), &rules);
+        }
         let rules = target_rules(name, new);
-        let changed = old.is_none_or(|old| target_rules(name, old) != rules);
-        match old {
-            None => writeln!(out, "add chain {FAMILY} {table} {chain}").unwrap(),
-            Some(_) if changed => writeln!(out, "flush chain {FAMILY} {table} {chain}").unwrap(),
-            Some(_) => {}
-        }
-        if changed {
-            for rule in rules {
-                writeln!(out, "add rule {FAMILY} {table} {chain} {rule}").unwrap();
-            }
-        }
+        let old_rules = old.map(|old| target_rules(name, old));
+        plan_chain(
+            &mut out,
+            table,
+            &chain_name(name),
+            old_rules.as_ref(),
+            &rules,
+        );
         if old.is_none_or(|old| dispatch_key(old) != dispatch_key(new)) {
             writeln!(
                 out,
@@ -287,6 +298,7 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
     );
     mirror::plan(&mut out, applied, desired);
     // Last: no rule refers to them any more.
+    limits::plan_removals(&mut out, applied, desired);
     for (name, object) in &old_persistence {
         if !new_persistence.contains_key(name) {
             object.delete(&mut out, table);
@@ -296,6 +308,25 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
         writeln!(out, "delete counter {FAMILY} {table} {counter}").unwrap();
     }
     Some(out)
+}
+
+/// Creates `chain` of `table` with `rules`, or rewrites it when its `old`
+/// rules differ.
+fn plan_chain(
+    out: &mut String,
+    table: &str,
+    chain: &str,
+    old: Option<&Vec<String>>,
+    rules: &[String],
+) {
+    match old {
+        None => writeln!(out, "add chain {FAMILY} {table} {chain}").unwrap(),
+        Some(old) if old != rules => writeln!(out, "flush chain {FAMILY} {table} {chain}").unwrap(),
+        Some(_) => return,
+    }
+    for rule in rules {
+        writeln!(out, "add rule {FAMILY} {table} {chain} {rule}").unwrap();
+    }
 }
 
 /// The transaction that removes Lobby's `table` in every family it owns
@@ -350,6 +381,12 @@ fn backend_elements(backends: &BTreeSet<Backend>, family: Family) -> Vec<String>
 /// own stack and be refused. Without upstreams: refused at once.
 fn target_rules(name: &str, target: &DesiredTarget) -> Vec<String> {
     let mut rules = policy_rules(name, target);
+    let opening = opening(target.protocol);
+    rules.extend(limits::target_rules(
+        name,
+        target,
+        &opening.map(|o| format!("{o} ")).unwrap_or_default(),
+    ));
     for rotation in &target.families {
         let family = address_keyword(rotation.family);
         let mut matched = String::new();
@@ -363,25 +400,18 @@ fn target_rules(name: &str, target: &DesiredTarget) -> Vec<String> {
             rules.push(format!("{matched} {}", refusal(target.protocol)));
             continue;
         }
-        // Only a connection's opening packet is translated: a TCP segment
-        // without SYN that conntrack does not know (a flow moved here by a
-        // failover or ECMP) is dropped below, to be retransmitted once the
-        // state has arrived, instead of being balanced to an upstream that
-        // would reset it.
-        let opening = match target.protocol {
-            Protocol::Tcp => " tcp flags & (syn | ack) == syn",
-            Protocol::Udp | Protocol::Sctp => "",
+        let opened = match opening {
+            Some(opening) => format!("{matched} {opening}"),
+            None => matched.clone(),
         };
         match &target.persistence {
             // A client the kernel remembers goes to its backend's chain,
             // which refreshes the memory and translates; a new one is sent
-            // to the chain of the backend the distribution picks.
+            // to the chain of the backend the distribution picks. (The
+            // validator refuses persistence with upstream caps.)
             Some(persistence) => {
-                let key = slot_key(target.distribution, rotation);
                 for known in persistence::names_of_family(name, target, persistence, rotation) {
-                    rules.push(format!(
-                        "{matched}{opening} {family} saddr @{known} goto {known}"
-                    ));
+                    rules.push(format!("{opened} {family} saddr @{known} goto {known}"));
                 }
                 let elements = slot_elements(&rotation.slots, |backend| {
                     format!(
@@ -390,24 +420,39 @@ fn target_rules(name: &str, target: &DesiredTarget) -> Vec<String> {
                     )
                 });
                 rules.push(format!(
-                    "{matched}{opening} {key} vmap {{ {} }}",
+                    "{opened} {} vmap {{ {} }}",
+                    slot_key(target.distribution, rotation, HASH_SEED),
                     elements.join(", ")
                 ));
             }
+            None if limits::capped(target, rotation) => {
+                let keys = [HASH_SEED, limits::SPILL_SEED]
+                    .map(|seed| slot_key(target.distribution, rotation, seed));
+                rules.extend(limits::rotation_rules(
+                    name, target, rotation, &opened, keys,
+                ));
+            }
             None => rules.push(format!(
-                "{matched}{opening} dnat {family} to {} map {{ {} }}",
-                slot_key(target.distribution, rotation),
-                slot_elements(&rotation.slots, |backend| format!(
-                    "{} . {}",
-                    backend.ip(),
-                    backend.port()
-                ))
-                .join(", ")
+                "{opened} dnat {family} to {} map {{ {} }}",
+                slot_key(target.distribution, rotation, HASH_SEED),
+                slot_elements(&rotation.slots, |u| format!("{} . {}", u.ip(), u.port())).join(", ")
             )),
         }
         rules.push(format!("{matched} drop"));
     }
     rules
+}
+
+/// What matches a connection's opening packet, if not every packet: only
+/// it is translated. A TCP segment without SYN that conntrack does not know
+/// (a flow moved here by a failover or ECMP) is dropped, to be
+/// retransmitted once the state has arrived, instead of being balanced to
+/// an upstream that would reset it.
+fn opening(protocol: Protocol) -> Option<&'static str> {
+    match protocol {
+        Protocol::Tcp => Some("tcp flags & (syn | ack) == syn"),
+        Protocol::Udp | Protocol::Sctp => None,
+    }
 }
 
 /// The rules before the balancing: traffic that is not balanced leaves the
@@ -467,15 +512,24 @@ fn nets_of(nets: &[IpNet], family: Family) -> String {
 pub enum Denied {
     Blocked,
     NotAllowed,
+    RateLimited,
+    ConnectionLimited,
 }
 
 impl Denied {
-    pub const ALL: [Denied; 2] = [Denied::Blocked, Denied::NotAllowed];
+    pub const ALL: [Denied; 4] = [
+        Denied::Blocked,
+        Denied::NotAllowed,
+        Denied::RateLimited,
+        Denied::ConnectionLimited,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Denied::Blocked => "blocked",
             Denied::NotAllowed => "not_allowed",
+            Denied::RateLimited => "rate_limited",
+            Denied::ConnectionLimited => "connection_limited",
         }
     }
 }
@@ -495,6 +549,7 @@ fn denied_counters(desired: &Desired) -> BTreeSet<String> {
         if target.policy.allow.is_some() {
             counters.insert(denied_counter(name, Denied::NotAllowed));
         }
+        counters.extend(limits::counters(name, target));
     }
     counters
 }
@@ -569,8 +624,9 @@ fn snat_to(source_nat: &SourceNat, family: Family) -> Option<String> {
     }
 }
 
-/// The expression that picks a slot for a new connection.
-fn slot_key(distribution: Distribution, rotation: &FamilyRotation) -> String {
+/// The expression that picks a slot for a new connection; `seed` seeds
+/// the hash of `ip-src-hash`.
+fn slot_key(distribution: Distribution, rotation: &FamilyRotation, seed: u32) -> String {
     let slots = rotation.slots.len();
     match distribution {
         // The dynamic ones in turn over the upstreams the core picked.
@@ -580,7 +636,7 @@ fn slot_key(distribution: Distribution, rotation: &FamilyRotation) -> String {
         Distribution::Random => format!("numgen random mod {slots}"),
         // A fixed seed: the same client keeps its slot across restarts.
         Distribution::IpSrcHash => format!(
-            "jhash {} saddr mod {slots} seed {HASH_SEED:#x}",
+            "jhash {} saddr mod {slots} seed {seed:#x}",
             address_keyword(rotation.family)
         ),
     }
@@ -589,8 +645,8 @@ fn slot_key(distribution: Distribution, rotation: &FamilyRotation) -> String {
 /// `jhash`'s seed: "LOBB".
 const HASH_SEED: u32 = 0x4c4f_4242;
 
-/// The map from slots to what each upstream's slots lead to (`value`),
-/// runs of one upstream as ranges.
+/// The map from slots to what `value` says of their upstreams, runs of
+/// one upstream as ranges.
 fn slot_elements(slots: &[SocketAddr], value: impl Fn(&SocketAddr) -> String) -> Vec<String> {
     let mut elements = Vec::new();
     let mut start = 0;
@@ -732,7 +788,8 @@ pub async fn list_table(table: &str) -> Result<Option<String>, NftError> {
     let Some(main) = list(FAMILY, table, &["-s"]).await? else {
         return Ok(None);
     };
-    let mut text = persistence::without_clients(&String::from_utf8_lossy(&main));
+    // What traffic adds to the limits' sets is not a change of the table.
+    let mut text = limits::without_dynamic_elements(&String::from_utf8_lossy(&main));
     for family in mirror::FAMILIES {
         if let Some(listing) = list(family, table, &["-s"]).await? {
             text.push_str(&String::from_utf8_lossy(&listing));
@@ -794,28 +851,28 @@ pub fn parse_rotation(listing: &[u8]) -> Result<Rotation, serde_json::Error> {
         let (Some(chain), Some(exprs)) = (rule["chain"].as_str(), rule["expr"].as_array()) else {
             continue;
         };
-        // A persistence chain translates to its one backend for its target.
-        let target = chain.split_once('.').map_or(chain, |(target, _)| target);
-        let upstreams = rotation.entry(target.to_owned()).or_default();
-        for dnat in exprs.iter().map(|e| &e["dnat"]) {
-            if let (Some(addr), Some(port)) = (
-                dnat["addr"].as_str().and_then(|a| a.parse().ok()),
-                dnat["port"].as_u64().and_then(|p| u16::try_from(p).ok()),
-            ) {
-                upstreams.insert(SocketAddr::new(addr, port));
-            }
-        }
-        let slots = exprs
-            .iter()
-            .filter_map(|e| e["dnat"]["addr"]["map"]["data"]["set"].as_array());
-        for slot in slots.flatten() {
-            let concat = &slot[1]["concat"];
-            if let (Some(addr), Some(port)) = (
-                concat[0].as_str().and_then(|a| a.parse().ok()),
-                concat[1].as_u64(),
-            ) && let Ok(port) = u16::try_from(port)
-            {
-                upstreams.insert(SocketAddr::new(addr, port));
+        // An upstream's chain of a capped rotation, or a persistence
+        // chain (its target's name, a dot, its backend), counts as its
+        // target's.
+        let owner = limits::owner(chain.split_once('.').map_or(chain, |(target, _)| target));
+        let upstreams = rotation.entry(owner.to_owned()).or_default();
+        let dnat = exprs.iter().map(|e| &e["dnat"]).filter(|d| d.is_object());
+        for dnat in dnat {
+            // A rotation's map of `addr . port`, or one upstream's.
+            let one = [(&dnat["addr"], &dnat["port"])];
+            let slots = dnat["addr"]["map"]["data"]["set"].as_array();
+            let targets = slots
+                .into_iter()
+                .flatten()
+                .map(|slot| (&slot[1]["concat"][0], &slot[1]["concat"][1]))
+                .chain(one);
+            for (addr, port) in targets {
+                if let (Some(addr), Some(port)) =
+                    (addr.as_str().and_then(|a| a.parse().ok()), port.as_u64())
+                    && let Ok(port) = u16::try_from(port)
+                {
+                    upstreams.insert(SocketAddr::new(addr, port));
+                }
             }
         }
     }
@@ -835,6 +892,7 @@ mod tests {
             ip: None,
             distribution: Distribution::RoundRobin,
             policy: Policy::default(),
+            caps: BTreeMap::new(),
             families: vec![FamilyRotation {
                 family: Family::Ipv4,
                 slots: upstreams
@@ -938,6 +996,7 @@ table inet lobby {
             ip: None,
             distribution: Distribution::RoundRobin,
             policy: Policy::default(),
+            caps: BTreeMap::new(),
             families: vec![
                 FamilyRotation {
                     family: Family::Ipv4,
@@ -982,11 +1041,11 @@ table inet lobby {
             slots: vec![a, b],
         };
         assert_eq!(
-            slot_key(Distribution::IpSrcHash, &rotation),
+            slot_key(Distribution::IpSrcHash, &rotation, HASH_SEED),
             "jhash ip6 saddr mod 2 seed 0x4c4f4242"
         );
         assert_eq!(
-            slot_key(Distribution::Random, &rotation),
+            slot_key(Distribution::Random, &rotation, HASH_SEED),
             "numgen random mod 2"
         );
     }
@@ -1085,6 +1144,24 @@ table inet lobby {
             .collect();
         assert_eq!(sticky, ["198.18.2.11:80"]);
         assert!(parse_rotation(b"not json").is_err());
+    }
+
+    #[test]
+    fn the_upstream_chains_of_a_capped_rotation_count_as_their_target() {
+        let listing = br#"{"nftables": [
+          {"rule": {"family": "inet", "table": "lobby", "chain": "target-web_u0", "handle": 3, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+            {"dnat": {"family": "ip", "addr": "198.18.1.11", "port": 9000}}]}},
+          {"rule": {"family": "inet", "table": "lobby", "chain": "target-web_u2", "handle": 4, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+            {"dnat": {"family": "ip6", "addr": "2001:2:0:1::13", "port": 9000}}]}}]}"#;
+        let rotation = parse_rotation(listing).unwrap();
+        let web: Vec<String> = rotation["target-web"]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(web, ["198.18.1.11:9000", "[2001:2:0:1::13]:9000"]);
+        assert_eq!(rotation.len(), 1);
     }
 
     #[test]

@@ -1155,7 +1155,7 @@ impl Core {
                     let what = describe_change(known, &text);
                     self.repair(what, true, actions);
                 }
-                (Some(_), Some(_)) => {}
+                (Some(_), Some(_)) => debug!("Lobby's table is as applied"),
             },
             _ => {}
         }

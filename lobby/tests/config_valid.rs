@@ -11,8 +11,8 @@ use std::{
 use http::uri::PathAndQuery;
 use lobby::config::{
     self, Config, Distribution, DnsConfig, EventsConfig, HealthCheck, HealthProtocol, Host,
-    HttpProbe, IpNet, MetricsConfig, Protocol, StatusRange, Summary, Target, UdpProbe, Upstream,
-    UpstreamGroup,
+    HttpProbe, IpNet, Limit, Limits, MetricsConfig, Protocol, Rate, StatusRange, Summary, Target,
+    UdpProbe, Upstream, UpstreamGroup,
 };
 
 fn load(name: &str) -> Config {
@@ -63,6 +63,7 @@ fn upstream(name: &str, host: Host, port: u16) -> Upstream {
         dns: None,
         weight: 1,
         backup: false,
+        max_connections: None,
     }
 }
 
@@ -246,6 +247,49 @@ fn events_load_with_their_default_timeout() {
         }
     );
     assert_eq!(load("minimal.yaml").events, None);
+}
+
+#[test]
+fn limits_replace_the_defaults_whole_and_a_burst_defaults_to_the_rate() {
+    let config = load("limits.yaml");
+    let limits: Vec<Limits> = config.targets.iter().map(|t| t.policy.limits).collect();
+    let rate = |per_second, burst| Some(Rate { per_second, burst });
+    assert_eq!(
+        limits,
+        [
+            // The entry's defaults: one second's worth of burst.
+            Limits {
+                target: Limit {
+                    rate: rate(1000, 1000),
+                    max_connections: None,
+                },
+                per_source: Limit {
+                    rate: rate(20, 40),
+                    max_connections: Some(100),
+                },
+            },
+            // Its own, whole: nothing of the defaults' per_source rate.
+            Limits {
+                target: Limit {
+                    rate: rate(50, 10),
+                    max_connections: Some(10000),
+                },
+                per_source: Limit {
+                    rate: None,
+                    max_connections: Some(10),
+                },
+            },
+            // `limits: {}` lifts them.
+            Limits::default(),
+        ]
+    );
+    let caps: Vec<Option<u32>> = config
+        .targets
+        .iter()
+        .flat_map(|t| &t.group.upstreams)
+        .map(|u| u.max_connections)
+        .collect();
+    assert_eq!(caps, [Some(500), None, Some(5000), Some(5000), None]);
 }
 
 fn probes(config: &Config) -> Vec<(&str, &HealthProtocol)> {

@@ -77,14 +77,19 @@ impl ConfigBuilder {
     /// Upstreams `web0..` at the topology's upstream addresses.
     pub fn topology_upstreams(mut self, count: usize, extra: &str) -> Self {
         for i in 0..count {
-            self = self.upstream_with(
-                &format!("web{i}"),
-                Topology::upstream_addr(i),
-                UPSTREAM_PORT,
-                extra,
-            );
+            self = self.topology_upstream(i, extra);
         }
         self
+    }
+
+    /// Upstream `web{i}` at the topology's upstream address `i`.
+    pub fn topology_upstream(self, i: usize, extra: &str) -> Self {
+        self.upstream_with(
+            &format!("web{i}"),
+            Topology::upstream_addr(i),
+            UPSTREAM_PORT,
+            extra,
+        )
     }
 
     /// A Prometheus endpoint on `listen`.

@@ -1,7 +1,7 @@
 //! Network namespaces with unique names, deleted on drop.
 use std::{
     fs::File,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     process::{Child, Command, Output},
     sync::atomic::{AtomicU32, Ordering},
@@ -221,6 +221,18 @@ impl Topology {
             lb,
             upstreams,
         }
+    }
+
+    /// A second address of the client, added by [`Topology::add_other_client`].
+    pub const OTHER_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
+
+    /// Gives the client a second address on its link, for a test that needs
+    /// two clients.
+    pub fn add_other_client(&self) -> IpAddr {
+        let addr = Self::OTHER_CLIENT_ADDR;
+        self.client
+            .ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        addr.into()
     }
 
     pub const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);

@@ -3,7 +3,7 @@
 //! and `interface` balances only traffic arriving on that interface.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -16,7 +16,6 @@ use lobby_tests::{
 };
 
 const PORT: u16 = 8081;
-const OTHER_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 200));
 
 /// The config of one target over the topology's upstreams with `policy`
 /// (YAML lines of the target).
@@ -40,7 +39,8 @@ fn denied(lobby: &Lobby, reason: &str) -> u64 {
 /// A second client address, whose connections are refused by a policy:
 /// nothing answers them, not even a reset.
 fn refused_silently(topology: &Topology) {
-    let error = ask_name_from(&topology.client, OTHER_CLIENT, target_addr(PORT))
+    let other = IpAddr::V4(Topology::OTHER_CLIENT_ADDR);
+    let error = ask_name_from(&topology.client, other, target_addr(PORT))
         .expect_err("a refused source gets nothing");
     assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
 }
@@ -52,9 +52,7 @@ fn allow_and_block_drop_refused_sources_silently_and_count_them() {
     }
     let topology = Topology::new(1);
     let _servers = start_servers(&topology);
-    topology
-        .client
-        .ip(&["addr", "add", &format!("{OTHER_CLIENT}/24"), "dev", "eth0"]);
+    topology.add_other_client();
 
     let lobby = Lobby::start(&topology.lb, &config(1, "        allow: [198.18.0.0/25]\n"));
     assert_eq!(
@@ -165,4 +163,50 @@ fn only_traffic_on_the_named_interface_is_balanced() {
         std::io::ErrorKind::ConnectionRefused,
         "{error}"
     );
+}
+
+/// A block list of `count` prefixes: `blocked` and `count - 1` /32s of
+/// 10.0.0.0/8, two apart (no two merge into one interval).
+fn block_list(count: u32, blocked: &str) -> String {
+    let mut list = format!("        block: [{blocked}");
+    for i in 1..count {
+        let [_, a, b, c] = (i * 2).to_be_bytes();
+        list.push_str(&format!(", 10.{a}.{b}.{c}/32"));
+    }
+    list.push_str("]\n");
+    list
+}
+
+#[test]
+fn a_block_list_of_100000_prefixes_loads_and_one_changed_prefix_is_one_transaction() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let _servers = start_servers(&topology);
+    topology.add_other_client();
+    let other = format!("{}/32", Topology::OTHER_CLIENT_ADDR);
+    let lobby = Lobby::start(&topology.lb, &config(1, &block_list(100_000, &other)));
+    refused_silently(&topology);
+    assert!(denied(&lobby, "blocked") > 0);
+    assert_eq!(
+        ask_name(&topology.client, target_addr(PORT)).unwrap(),
+        "web0"
+    );
+
+    // The blocked client's prefix replaced by another one.
+    let applied = lobby.log_count("ruleset applied");
+    lobby.reload_with(&config(1, &block_list(100_000, "10.255.255.255/32")));
+    let allowed = IpAddr::V4(Topology::OTHER_CLIENT_ADDR);
+    assert_eq!(
+        ask_name_from(&topology.client, allowed, target_addr(PORT)).unwrap(),
+        "web0"
+    );
+    assert_eq!(
+        lobby.log_count("ruleset applied"),
+        applied + 1,
+        "one transaction for the changed prefix:\n{}",
+        lobby.log()
+    );
+    assert_eq!(lobby.log_count("applying the ruleset failed"), 0);
 }

@@ -12,7 +12,8 @@ use crate::cmd::{cargo, checked, find_file, stdout};
 /// the tests and the bench; lintian, dpkg-dev (dpkg-shlibdeps,
 /// dpkg-parsechangelog) and binutils (strip) for the Debian package;
 /// headless Chromium for the status page's test; keepalived, conntrackd
-/// and BIRD for the several-hosts recipes (dist/ha, dist/ecmp).
+/// and BIRD for the several-hosts recipes (dist/ha, dist/ecmp); socat for
+/// the UDP and SCTP servers and clients of `vm-test`'s guests.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("ip", "iproute2"),
@@ -35,6 +36,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("keepalived", "keepalived"),
     ("conntrackd", "conntrackd"),
     ("bird", "bird2"),
+    ("socat", "socat"),
 ];
 
 /// Where bpf-linker finds the nightly's own LLVM (Debian's is too old).

@@ -285,6 +285,22 @@ pub struct Target {
     pub policy: Policy,
 }
 
+impl Target {
+    /// Whether its policy or an upstream's cap drops traffic into a named
+    /// counter.
+    pub fn counts_refusals(&self) -> bool {
+        let policy = &self.policy;
+        !policy.block.is_empty()
+            || policy.allow.is_some()
+            || policy.limits != Limits::default()
+            || self
+                .group
+                .upstreams
+                .iter()
+                .any(|u| u.max_connections.is_some())
+    }
+}
+
 /// A target's traffic policy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
@@ -300,6 +316,33 @@ pub struct Policy {
     /// Every packet of the target's connections is copied to this host
     /// (a neighbour: the copy goes to it as a next hop).
     pub mirror: Option<IpAddr>,
+    pub limits: Limits,
+}
+
+/// How many new connections a target takes, how fast (`limits`): for the
+/// whole target and for each client address. Over a limit, a new
+/// connection is dropped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub target: Limit,
+    pub per_source: Limit,
+}
+
+/// The limits of one scope (the target, or one client address); `None`:
+/// unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limit {
+    pub rate: Option<Rate>,
+    /// Connections open at once, as conntrack holds them.
+    pub max_connections: Option<u32>,
+}
+
+/// A token bucket of new connections: `per_second` on average, up to
+/// `burst` at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 /// The source address upstreams see.
@@ -472,6 +515,9 @@ pub struct Upstream {
     /// Receives new connections only while no other upstream of the group
     /// is available.
     pub backup: bool,
+    /// Connections open to it at once; at the limit, new connections go to
+    /// another upstream.
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -45,7 +45,9 @@
 //!   the NIC is handed flows by the flowtable. Whether the kernel has
 //!   flowtables is the daemon's check at start, not the validator's.
 //! - Selection: `persistence` with `ip-src-hash` is an error (the hash
-//!   already keeps each client on one upstream); `least-latency` needs a
+//!   already keeps each client on one upstream), and so is `persistence`
+//!   in a group with an upstream's `max_connections` (both pick the
+//!   upstream through chains of their own); `least-latency` needs a
 //!   health check on every upstream of its group, since it measures their
 //!   probes. A group whose every weight is 0 is valid (everything drained)
 //!   but a warning: its target refuses every connection.
@@ -69,8 +71,8 @@ use http::uri::PathAndQuery;
 
 use super::{
     Acceleration, Config, ConfigError, Distribution, DnsConfig, EventsConfig, Family, HealthCheck,
-    HealthProtocol, Host, HttpProbe, IpNet, MetricsConfig, Nftables, Policy, Protocol, SourceNat,
-    StatusRange, Target, UdpProbe, Upstream, UpstreamGroup,
+    HealthProtocol, Host, HttpProbe, IpNet, Limit, Limits, MetricsConfig, Nftables, Policy,
+    Protocol, Rate, SourceNat, StatusRange, Target, UdpProbe, Upstream, UpstreamGroup,
     values::{
         Argument, Boolean, HostName, HttpHost, Integer, InterfaceName, IpRange, Keyword, Listen,
         Name, PORT, Priority, Resolver, SnatAddress, Statuses, TableName, Text, UrlPath,
@@ -138,14 +140,35 @@ const PERSISTENCE_TIMEOUT: Integer = Integer {
     max: 86400,
 };
 /// The keys of a traffic policy, in a target or an entry's `defaults`.
-const POLICY_KEYS: [&str; 6] = [
+const POLICY_KEYS: [&str; 7] = [
     "allow",
     "block",
     "source_nat",
     "interface",
     "local",
     "mirror",
+    "limits",
 ];
+/// The keys of a limit, in `limits` and its `per_source`.
+const LIMIT_KEYS: [&str; 3] = ["new_connections_per_second", "burst", "max_connections"];
+/// Far above what one host's conntrack takes in a second, far below what
+/// would overflow nft's token bucket.
+const RATE: Integer = Integer {
+    what: "connections per second",
+    min: 1,
+    max: 1_000_000,
+};
+const BURST: Integer = Integer {
+    what: "connections",
+    min: 1,
+    max: 1_000_000,
+};
+/// Far above any conntrack table's size (a few million entries at most).
+const MAX_CONNECTIONS: Integer = Integer {
+    what: "connections",
+    min: 1,
+    max: 10_000_000,
+};
 /// `source_nat` as a word; an address takes a mapping.
 const SOURCE_NAT: Keyword<bool> = Keyword {
     // Whether the source is rewritten to the egress address.
@@ -633,6 +656,10 @@ impl Checker {
         let interface = self.optional(fields, "interface", &InterfaceName);
         let interface_valid =
             interface.is_some() || fields.get("interface").is_none_or(|n| n.is_null());
+        let limits = match fields.get("limits").filter(|n| !n.is_null()) {
+            None => Some(defaults.limits),
+            Some(node) => self.limits(node, fields.path("limits")),
+        };
         let local = self.optional(fields, "local", &Boolean);
         let local_valid = local.is_some() || fields.get("local").is_none_or(|n| n.is_null());
         let mirror = self.mirror(fields);
@@ -640,6 +667,7 @@ impl Checker {
             return None;
         }
         Some(Policy {
+            limits: limits?,
             local: local.unwrap_or(defaults.local),
             mirror: mirror?.or(defaults.mirror),
             allow: allow?.or_else(|| defaults.allow.clone()),
@@ -650,6 +678,73 @@ impl Checker {
             } else {
                 return None;
             },
+        })
+    }
+
+    /// `limits`, whole: a target's replaces its entry's defaults. An empty
+    /// mapping is no limit.
+    fn limits(&mut self, node: &Node, path: String) -> Option<Limits> {
+        let schema: Vec<&str> = LIMIT_KEYS.into_iter().chain(["per_source"]).collect();
+        let fields = self.mapping(node, path, &schema)?;
+        let target = self.limit(&fields);
+        let per_source = match fields.get("per_source") {
+            None => Some(Limit::default()),
+            Some(node) => self.per_source(node, fields.path("per_source")),
+        };
+        let (target, per_source) = (target?, per_source?);
+        if let (Some(own), Some(whole), Some(node)) = (
+            per_source.max_connections,
+            target.max_connections,
+            fields.get("per_source"),
+        ) && own >= whole
+        {
+            let message = format!(
+                "a client's max_connections ({own}) is not below the target's ({whole}): \
+                 no client could ever reach it"
+            );
+            self.report(node.mark, fields.path("per_source"), message);
+            return None;
+        }
+        Some(Limits { target, per_source })
+    }
+
+    /// `per_source`, which must limit something.
+    fn per_source(&mut self, node: &Node, path: String) -> Option<Limit> {
+        let expected = "`new_connections_per_second`, `max_connections` or both";
+        if node.is_null() {
+            let message = format!("expected a mapping with {expected}, found nothing");
+            self.report(node.mark, path, message);
+            return None;
+        }
+        let fields = self.mapping(node, path, &LIMIT_KEYS)?;
+        let limit = self.limit(&fields)?;
+        if limit == Limit::default() {
+            let message = format!("limits nothing; expected {expected}");
+            self.report(fields.mark, fields.path.clone(), message);
+            return None;
+        }
+        Some(limit)
+    }
+
+    /// The rate and connection limit of one scope. The burst defaults to
+    /// one second's worth of connections.
+    fn limit(&mut self, fields: &Fields) -> Option<Limit> {
+        let per_second = self.defaulted(fields, "new_connections_per_second", &RATE);
+        let burst = self.defaulted(fields, "burst", &BURST);
+        let max_connections = self.defaulted(fields, "max_connections", &MAX_CONNECTIONS);
+        let (per_second, burst, max_connections) = (per_second?, burst?, max_connections?);
+        if let (None, Some(_), Some(node)) = (per_second, burst, fields.get("burst")) {
+            let message =
+                "a burst needs `new_connections_per_second`, the rate that refills it".to_owned();
+            self.report(node.mark, fields.path("burst"), message);
+            return None;
+        }
+        Some(Limit {
+            rate: per_second.map(|per_second| Rate {
+                per_second: count(per_second),
+                burst: count(burst.unwrap_or(per_second)),
+            }),
+            max_connections: max_connections.map(count),
         })
     }
 
@@ -908,7 +1003,7 @@ impl Checker {
             .map(|(path, node)| self.upstream(node, path, protocol, &mut upstream_names))
             .collect();
         let upstreams: Option<Vec<Upstream>> = upstreams.into_iter().collect();
-        let persistence = self.persistence(fields, distribution);
+        let persistence = self.persistence(fields, distribution, upstreams.as_deref());
         if let (Some(distribution), Some(upstreams)) = (distribution, &upstreams) {
             self.selection_needs(fields, distribution, upstreams);
         }
@@ -922,11 +1017,14 @@ impl Checker {
 
     /// `persistence: { timeout: SECS }`: `Some(None)` when absent or null.
     /// Refused with `ip-src-hash`, which already keeps a client on one
-    /// upstream while the available ones stay the same.
+    /// upstream while the available ones stay the same, and with an
+    /// upstream's `max_connections`: both pick the upstream through chains
+    /// of their own, which are not made to work together yet.
     fn persistence(
         &mut self,
         group: &Fields,
         distribution: Option<Distribution>,
+        upstreams: Option<&[Upstream]>,
     ) -> Option<Option<Duration>> {
         let Some(fields) = self.optional_mapping(group, "persistence", &["timeout"]) else {
             return group
@@ -941,6 +1039,19 @@ impl Checker {
                            (and moves only the clients of an upstream that leaves); remove it \
                            or choose another distribution"
                 .to_owned();
+            self.report(fields.mark, fields.path.clone(), message);
+            return None;
+        }
+        let capped = upstreams
+            .unwrap_or_default()
+            .iter()
+            .find(|u| u.max_connections.is_some());
+        if let Some(capped) = capped {
+            let message = format!(
+                "not with upstream caps yet: upstream `{}` has `max_connections`; remove one \
+                 of the two",
+                capped.name
+            );
             self.report(fields.mark, fields.path.clone(), message);
             return None;
         }
@@ -1000,6 +1111,7 @@ impl Checker {
                 "dns",
                 "weight",
                 "backup",
+                "max_connections",
             ],
         )?;
         let name = self.required(&fields, "name", &Name);
@@ -1010,6 +1122,9 @@ impl Checker {
             .optional(&fields, "weight", &WEIGHT)
             .map_or(1, |w| u32::try_from(w).expect("at most 1000"));
         let backup = self.optional(&fields, "backup", &Boolean).unwrap_or(false);
+        let max_connections = self
+            .optional(&fields, "max_connections", &MAX_CONNECTIONS)
+            .map(count);
         // Accepted as in the original, where it repeats the target's.
         if let (Some(own), Some(target)) = (
             self.optional(&fields, "protocol", &PROTOCOL),
@@ -1037,6 +1152,7 @@ impl Checker {
             dns: dns?,
             weight,
             backup,
+            max_connections,
         })
     }
 
@@ -1283,7 +1399,7 @@ fn port_number(port: u64) -> u16 {
     u16::try_from(port).unwrap_or(u16::MAX)
 }
 
-/// Values read through [`COUNT`] fit.
+/// Values read through [`COUNT`] and the limits' bounds fit.
 fn count(count: u64) -> u32 {
     u32::try_from(count).unwrap_or(u32::MAX)
 }

@@ -157,35 +157,6 @@ pub(super) fn name(
     )
 }
 
-/// `listing` without the elements of persistence sets: the clients the
-/// packet path remembers are traffic, not a change of the table.
-pub(super) fn without_clients(listing: &str) -> String {
-    let mut out = String::with_capacity(listing.len());
-    let mut in_persistence_set = false;
-    let mut in_elements = false;
-    for line in listing.lines() {
-        let trimmed = line.trim();
-        if in_elements {
-            in_elements = !trimmed.ends_with('}');
-            continue;
-        }
-        if let Some(name) = trimmed
-            .strip_prefix("set ")
-            .and_then(|rest| rest.strip_suffix(" {"))
-        {
-            in_persistence_set = name.contains('.');
-        } else if trimmed == "}" {
-            in_persistence_set = false;
-        } else if in_persistence_set && trimmed.starts_with("elements = {") {
-            in_elements = !trimmed.ends_with('}');
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +170,7 @@ mod tests {
             distribution: crate::config::Distribution::RoundRobin,
             policy: Default::default(),
             families: Vec::new(),
+            caps: Default::default(),
             persistence: None,
         };
         let persistence = Persistence {
@@ -215,12 +187,5 @@ mod tests {
             name("web.1", &target, &persistence, &v6),
             "target-web_2e1.2001-2-0-0-0-0-0-1.9000.tcp.3s"
         );
-    }
-
-    #[test]
-    fn remembered_clients_are_not_part_of_the_table() {
-        let listing = "table inet lobby {\n\tset backends4 {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\t\telements = { 198.18.1.11 . tcp . 9000 }\n\t}\n\tset target-web.198.18.1.11.9000.tcp.3s {\n\t\ttype ipv4_addr\n\t\tsize 65535\n\t\tflags dynamic,timeout\n\t\ttimeout 3s\n\t\telements = { 198.18.0.2 timeout 3s expires 2s,\n\t\t\t     198.18.0.3 timeout 3s expires 1s }\n\t}\n}\n";
-        let expected = "table inet lobby {\n\tset backends4 {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\t\telements = { 198.18.1.11 . tcp . 9000 }\n\t}\n\tset target-web.198.18.1.11.9000.tcp.3s {\n\t\ttype ipv4_addr\n\t\tsize 65535\n\t\tflags dynamic,timeout\n\t\ttimeout 3s\n\t}\n}\n";
-        assert_eq!(without_clients(listing), expected);
     }
 }

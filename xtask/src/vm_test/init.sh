@@ -17,7 +17,10 @@
 #     connections made and the packets nft counts at the interfaces where
 #     the fast path starts and ends, and SIGTERM removes the flowtable,
 #   - IPv6: an IPv6 target over 3 IPv6 upstreams, round robin with exact
-#     counters; an upstream killed leaves the rotation.
+#     counters; an upstream killed leaves the rotation,
+#   - UDP and SCTP: a target of each over 3 upstreams (socat servers),
+#     every flow (a new source port) to the next upstream, counters exact,
+#     probed by their own protocol; an upstream killed leaves the rotation.
 # Ends with one line the host parses, `VM-TEST-RESULT: PASS` or
 # `VM-TEST-RESULT: FAIL <failed checks>`, and powers off.
 
@@ -162,6 +165,7 @@ nft list table inet lobby
 echo "qdiscs of up1: $(tc qdisc show dev up1 | tr '\n' ' ')"
 
 # The target connect() reaches.
+target_protocol=tcp
 target_name=vip
 target_addr=$LB_ADDR
 target_port=$PORT
@@ -169,8 +173,20 @@ target_port=$PORT
 # One connection from the client to the target: the name of the upstream
 # that answered, or "none".
 connect() {
-    answer=$(ip netns exec client nc -w 5 "$target_addr" "$target_port" </dev/null 2>/dev/null)
+    answer=$(ask ip netns exec client 2>/dev/null)
     echo "${answer:-none}"
+}
+
+# ask [COMMAND...]: one connection (flow, association) of target_protocol
+# to the target, run by COMMAND; prints the answer.
+ask() {
+    case "$target_protocol" in
+    udp) echo ask | "$@" socat -T 3 - "UDP:$target_addr:$target_port" ;;
+    # One way: SCTP has no half-close, and an end of input would shut the
+    # association down before the answer.
+    sctp) "$@" socat -u -T 3 "SCTP:$target_addr:$target_port" - ;;
+    *) "$@" nc -w 5 "$target_addr" "$target_port" </dev/null ;;
+    esac
 }
 
 # check_rotation COUNT NAME...: COUNT connections go to the NAMEs in turn:
@@ -437,4 +453,58 @@ if [ "$failures" -gt 0 ]; then
     echo "--- lobby log (IPv6) ---"
     cat "$LOG"
 fi
+
+# 6 and 7: the first step's target and checks over PROTOCOL on PORT.
+# check_protocol PROTOCOL PORT SERVER CHECK: every upstream runs the socat
+# SERVER address (answering webI to each flow), is probed by CHECK (a
+# health_check protocol line and its options).
+check_protocol() {
+    made=0
+    for i in 1 2 3; do
+        kill $(ip netns pids "up$i") 2>/dev/null
+        ip netns exec "up$i" socat "$3" SYSTEM:"echo web$i" 2>/dev/null &
+    done
+    target_protocol=$1
+    target_addr=$LB_ADDR
+    target_port=$2
+    target_name=vip-$1
+    for i in 1 2 3; do
+        tries=0
+        target_addr=198.18.$i.11
+        target_port=$UPSTREAM_PORT
+        # From the guest: the upstreams have no route to the client.
+        until [ "$(ask env 2>/tmp/ask.err)" = "web$i" ]; do
+            tries=$((tries + 1))
+            [ "$tries" -lt 50 ] || abort "the $1 server of web$i does not answer: $(cat /tmp/ask.err)"
+            sleep 0.2
+        done
+    done
+    target_addr=$LB_ADDR
+    target_port=$2
+    sed -e "s/^      - name: vip$/      - name: $target_name/" \
+        -e "s/^        protocol: tcp$/        protocol: $1/" \
+        -e "s/^        port: $PORT$/        port: $2/" \
+        -e "s/^                protocol: tcp$/                $4/" \
+        /etc/lobby/lobby.yaml >"/etc/lobby/$1.yaml"
+    cat "/etc/lobby/$1.yaml"
+    start_lobby "/etc/lobby/$1.yaml" " $1"
+    nft list chain inet lobby "target-$target_name" | grep "l4proto"
+    check_rotation 9 web1 web2 web3
+    check_connections web1=3 web2=3 web3=3
+    kill_server 2
+    check_rotation 6 web1 web3
+    check_connections web1=6 web2=3 web3=6
+    grep " ERROR " "$LOG" && fail "lobby logged errors with $1"
+    kill "$lobby_pid"
+    wait "$lobby_pid" || fail "lobby exited with status $? on SIGTERM ($1)"
+    if [ "$failures" -gt 0 ]; then
+        echo "--- lobby log ($1) ---"
+        cat "$LOG"
+    fi
+}
+
+echo "== 6. UDP: each flow to the next upstream, probed by UDP"
+check_protocol udp 8084 "UDP-RECVFROM:$UPSTREAM_PORT,fork" "protocol: udp\\n                send: ask"
+echo "== 7. SCTP: each association to the next upstream, probed by SCTP"
+check_protocol sctp 8085 "SCTP-LISTEN:$UPSTREAM_PORT,fork,reuseaddr" "protocol: sctp"
 finish

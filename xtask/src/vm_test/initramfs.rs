@@ -42,8 +42,10 @@ const MODULES: &[&str] = &[
     "nf_flow_table_inet",
     "nft_flow_offload",
     "nf_conntrack_netlink",
-    // The topology's links.
+    // The topology's links, and SCTP sockets for the SCTP target's
+    // servers, clients and probes.
     "veth",
+    "sctp",
     // The counters' attachment before TCX (6.6): a clsact qdisc and cls_bpf.
     "sch_ingress",
     "cls_bpf",
@@ -55,8 +57,14 @@ const BUSYBOX: &str = "/bin/busybox";
 
 /// Dynamically linked host programs the guest runs: nft for lobby,
 /// iproute2's ip for lobby's route lookups and for `ip netns`, which
-/// busybox's ip lacks, and conntrack to see flows offloaded.
-const HOST_PROGRAMS: &[&str] = &["/usr/sbin/nft", "/usr/sbin/ip", "/usr/sbin/conntrack"];
+/// busybox's ip lacks, conntrack to see flows offloaded, and socat for
+/// UDP and SCTP servers and clients (busybox has neither).
+const HOST_PROGRAMS: &[&str] = &[
+    "/usr/sbin/nft",
+    "/usr/sbin/ip",
+    "/usr/sbin/conntrack",
+    "/usr/bin/socat",
+];
 
 /// Host files that glibc reads for protocol and service names, which nft
 /// parses and prints.
