@@ -78,6 +78,25 @@ fn sigterm_removes_the_table_and_a_restart_after_kill_takes_over() {
     let status = lobby.stop_with(libc::SIGKILL);
     assert!(!status.success());
     assert_round_robin(&names(&topology, PORT, 6), 3);
+    // Nothing of the daemon runs on: its `nft monitor` died with it.
+    lobby_tests::wait_for(
+        "the daemon's nft monitor to end",
+        std::time::Duration::from_secs(10),
+        || {
+            // Asked from outside: a command run inside would list itself.
+            let pids = std::process::Command::new("ip")
+                .args(["netns", "pids", &topology.lb.name])
+                .output()
+                .expect("ip netns pids");
+            let nft = String::from_utf8_lossy(&pids.stdout)
+                .split_whitespace()
+                .any(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|comm| comm.trim() == "nft")
+                });
+            (!nft).then_some(())
+        },
+    );
 
     // A new start takes the stale table over and balances.
     lobby.restart();

@@ -579,6 +579,12 @@ impl Report {
                 "-",
             ),
             (
+                "block list of 100,000 prefixes: Lobby conn/s / Lobby without",
+                self.pair(LobbyBlockList, Lobby, rate),
+                conn(Lobby),
+                ">= 0.97",
+            ),
+            (
                 "IPv6: Lobby conn/s / Lobby IPv4",
                 self.pair(Lobby6, Lobby, rate),
                 conn(Lobby),

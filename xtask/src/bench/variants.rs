@@ -31,6 +31,8 @@ pub enum Variant {
     /// IPv6 on a dual-stack topology: plain routing, and Lobby.
     Forwarding6,
     Lobby6,
+    /// Lobby with a block list of 100,000 prefixes the client is not in.
+    LobbyBlockList,
 }
 
 /// How the DNAT picks an upstream.
@@ -72,13 +74,14 @@ impl Variant {
     ];
 
     /// The variants measured by connection rate only.
-    pub const RATE_ONLY: [Variant; 6] = [
+    pub const RATE_ONLY: [Variant; 7] = [
         Self::LobbyRandom,
         Self::RawNftRandom,
         Self::LobbySourceHash,
         Self::RawNftSourceHash,
         Self::Forwarding6,
         Self::Lobby6,
+        Self::LobbyBlockList,
     ];
 
     pub fn name(self) -> &'static str {
@@ -94,6 +97,7 @@ impl Variant {
             Self::RawNftSourceHash => "raw-nft-jhash",
             Self::Forwarding6 => "forwarding-ipv6",
             Self::Lobby6 => "lobby-ipv6",
+            Self::LobbyBlockList => "lobby-block-100k",
         }
     }
 
@@ -201,6 +205,12 @@ impl Setup {
                 setup.lobby = Some(Lobby::start(
                     &setup.topology.lb,
                     &lobby_config(Mode::SourceHash, false),
+                ))
+            }
+            Variant::LobbyBlockList => {
+                setup.lobby = Some(Lobby::start(
+                    &setup.topology.lb,
+                    &with_block_list(&lobby_config(Mode::RoundRobin, false), 100_000),
                 ))
             }
             Variant::LobbyWithoutCounters => {
@@ -387,6 +397,19 @@ fn lobby_config(mode: Mode, ipv6: bool) -> String {
         "distribution: round-robin",
         &format!("distribution: {}", mode.distribution()),
     )
+}
+
+/// `config` with a block list of `count` /32s of 10.0.0.0/8 on every
+/// target, two apart (no two merge into one interval).
+fn with_block_list(config: &str, count: u32) -> String {
+    let mut list = String::from("        block: [");
+    for i in 0..count {
+        let [_, a, b, c] = (i * 2 + 2).to_be_bytes();
+        let separator = if i == 0 { "" } else { ", " };
+        list.push_str(&format!("{separator}10.{a}.{b}.{c}/32"));
+    }
+    list.push_str("]\n        upstream_group:\n");
+    config.replace("        upstream_group:\n", &list)
 }
 
 fn start_haproxy(topology: &Topology) -> Child {
