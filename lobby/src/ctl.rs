@@ -89,6 +89,41 @@ pub struct UpstreamStats {
     /// or disabled.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Established connections the kernel translated to it, as conntrack
+    /// counted them last: for `least-connections` targets, whose choice it
+    /// drives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub established_connections: Option<u64>,
+    /// The smoothed round trip of its successful health probes, what
+    /// `least-latency` picks by; absent before the first success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_latency_seconds: Option<Latency>,
+}
+
+/// A round trip, in seconds (a fraction) in JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Latency(pub Duration);
+
+impl Serialize for Latency {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(self.0.as_secs_f64())
+    }
+}
+
+impl<'de> Deserialize<'de> for Latency {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let seconds = f64::deserialize(deserializer)?;
+        Duration::try_from_secs_f64(seconds)
+            .map(Latency)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for Latency {
+    /// `0.42ms`, `51.3ms`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2}ms", self.0.as_secs_f64() * 1000.0)
+    }
 }
 
 /// The weight of an upstream the file gives none: what an older daemon's
@@ -678,7 +713,17 @@ pub fn render_table(report: &StatsReport, earlier: Option<(&StatsReport, f64)>) 
             target.upstreams.len()
         )
         .unwrap();
-        let mut rows = vec![header.map(str::to_owned).to_vec()];
+        // The measure a dynamic distribution picks by, beside the weight.
+        let measure = match target.distribution.as_str() {
+            "least-connections" => Some("ESTABLISHED"),
+            "least-latency" => Some("LATENCY"),
+            _ => None,
+        };
+        let mut heading = header.map(str::to_owned).to_vec();
+        if let Some(measure) = measure {
+            heading.insert(5, measure.to_owned());
+        }
+        let mut rows = vec![heading];
         for upstream in &target.upstreams {
             let rates =
                 earlier.and_then(|(report, secs)| rates(report, &target.name, upstream, secs));
@@ -700,6 +745,22 @@ pub fn render_table(report: &StatsReport, earlier: Option<(&StatsReport, f64)>) 
                 rates.map_or("-".into(), |r| human_bytes(r.bytes_out)),
                 rates.map_or("-".into(), |r| human_bytes(r.bytes_in)),
             ]);
+            let row = rows.last_mut().expect("just pushed");
+            match measure {
+                Some("ESTABLISHED") => row.insert(
+                    5,
+                    upstream
+                        .established_connections
+                        .map_or("-".into(), |n| n.to_string()),
+                ),
+                Some(_) => row.insert(
+                    5,
+                    upstream
+                        .probe_latency_seconds
+                        .map_or("-".into(), |l| l.to_string()),
+                ),
+                None => {}
+            }
         }
         // Names, states and addresses read left to right, numbers line up
         // right.
@@ -821,6 +882,8 @@ mod tests {
             bytes_in: 2048,
             admin_state: AdminState::Enabled,
             weight: 1,
+            established_connections: None,
+            probe_latency_seconds: None,
         }
     }
 
@@ -874,6 +937,31 @@ mod tests {
         assert_eq!(socket_address(&upstream).unwrap(), "[2001:2::11]:9000");
         upstream.address = None;
         assert_eq!(socket_address(&upstream), None);
+    }
+
+    #[test]
+    fn dynamic_targets_show_the_measure_they_pick_by() {
+        let mut loaded = upstream("web1", 12, 5000);
+        loaded.established_connections = Some(20);
+        loaded.probe_latency_seconds = Some(Latency(Duration::from_micros(51_300)));
+        let mut report = report(vec![loaded, upstream("web2", 0, 0)]);
+        report.targets[0].distribution = "least-connections".into();
+        let json = serde_json::to_value(&report).unwrap();
+        let upstreams = &json["targets"][0]["upstreams"];
+        assert_eq!(upstreams[0]["established_connections"], 20);
+        assert_eq!(upstreams[0]["probe_latency_seconds"], 0.0513);
+        assert!(upstreams[1].get("established_connections").is_none());
+        let read: StatsReport = serde_json::from_value(json).unwrap();
+        assert_eq!(read, report);
+        let table = render_table(&report, None);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[1].contains("WEIGHT  ESTABLISHED  CONNS"), "{table}");
+        assert!(lines[2].contains("1           20     12"), "{table}");
+        assert!(lines[3].contains("1            -      0"), "{table}");
+        report.targets[0].distribution = "least-latency".into();
+        let table = render_table(&report, None);
+        assert!(table.contains("WEIGHT  LATENCY  CONNS"), "{table}");
+        assert!(table.contains("1  51.30ms     12"), "{table}");
     }
 
     #[test]

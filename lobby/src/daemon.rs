@@ -36,7 +36,7 @@ use crate::{
     nft::NftError,
     ownership::{self, OwnershipError, TableLock},
     plane::{DataPlane, KernelPlane, Lookup},
-    reconcile::{Action, AddressKey, Core, Event, HeldAddress, Notice},
+    reconcile::{Action, AddressKey, CHOICE_PERIOD, Core, Event, HeldAddress, Measures, Notice},
     systemd, traffic,
     watch::{self as config_watch, DEBOUNCE},
 };
@@ -206,6 +206,7 @@ pub async fn serve<P: DataPlane>(
     let events = Events::start(config.events.clone(), &tracker, cancel.child_token());
     let (mut wiring, mut inbox) =
         Wiring::new(plane, config_text, events, tracker.clone(), cancel.clone());
+    log_warnings(&config);
     let mut core = Core::new(inherited, ipv6_forwarding());
     let now = Instant::now();
     let mut actions = core.on(Event::ConfigLoaded(config), now);
@@ -220,6 +221,9 @@ pub async fn serve<P: DataPlane>(
     let mut listeners = Some((listener, metrics_listener));
     let mut table_check = tokio::time::interval_at(Instant::now() + TABLE_CHECK, TABLE_CHECK);
     table_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // What drives the dynamic distributions is measured this often.
+    let mut measure_tick = tokio::time::interval(CHOICE_PERIOD);
+    measure_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut reload_at: Option<Instant> = None;
     // Stats requests that arrived while a transaction was on its way.
     let mut deferred: Vec<(Instant, Request)> = Vec::new();
@@ -307,6 +311,7 @@ pub async fn serve<P: DataPlane>(
             _ = table_check.tick() => {
                 actions.extend(core.on(Event::TableMayHaveChanged, Instant::now()));
             }
+            _ = measure_tick.tick() => actions.extend(wiring.measure(&mut core)),
         }
         actions.extend(core.settle(Instant::now()));
         let now = Instant::now();
@@ -332,6 +337,13 @@ pub async fn serve<P: DataPlane>(
         info!("lobby stopped");
     }
     outcome
+}
+
+/// What `lobby check` warns of in a configuration the daemon runs.
+fn log_warnings(config: &Config) {
+    for warning in &config.warnings {
+        warn!("{warning}");
+    }
 }
 
 /// A file removed when this is dropped.
@@ -425,6 +437,10 @@ struct Wiring<P> {
     control: mpsc::Sender<Control>,
     loaded: mpsc::Sender<Loaded>,
     table_changed: mpsc::Sender<()>,
+    /// A conntrack dump for least-connections is under way.
+    dumping: Arc<std::sync::atomic::AtomicBool>,
+    /// Dumps failed in a row (warned at the first).
+    dump_failures: Arc<std::sync::atomic::AtomicU64>,
     /// `lobby ctl reload`s waiting for the outcome.
     reload_replies: Vec<oneshot::Sender<Result<String, String>>>,
     /// Where operators' event receivers hear of changes.
@@ -468,6 +484,8 @@ impl<P: DataPlane> Wiring<P> {
             control: control_tx,
             loaded: loaded_tx,
             table_changed: table_changed_tx,
+            dumping: Arc::default(),
+            dump_failures: Arc::default(),
             reload_replies: Vec::new(),
             receivers,
             started: false,
@@ -762,6 +780,7 @@ impl<P: DataPlane> Wiring<P> {
         match loaded.config {
             Ok(config) => {
                 self.config_text = loaded.text.unwrap_or_default();
+                log_warnings(&config);
                 Some(Event::ConfigLoaded(config))
             }
             Err(errors) => Some(Event::ConfigRejected(errors.to_string())),
@@ -771,7 +790,7 @@ impl<P: DataPlane> Wiring<P> {
     /// Answers a request with what the core knows now, and the counters
     /// read off the loop.
     fn answer(&self, request: Request, core: &Core) {
-        let (report, backends) = stats_without_counters(core);
+        let (report, backends) = stats_without_counters(core, &self.latency());
         let policies = core
             .config()
             .is_some_and(|c| c.targets.iter().any(Target::counts_refusals));
@@ -804,6 +823,53 @@ impl<P: DataPlane> Wiring<P> {
                 });
             }
         }
+    }
+
+    /// The smoothed probe round trip of each checked address of an
+    /// upstream (each has its checker), once a probe succeeded.
+    fn latency(&self) -> BTreeMap<(UpstreamId, AddressKey), Duration> {
+        self.checkers
+            .iter()
+            .filter_map(|(key, checker)| Some((key.clone(), checker.stats.smoothed_rtt()?)))
+            .collect()
+    }
+
+    /// Measures what drives the dynamic distributions in use: probe round
+    /// trips at once, established connections by a conntrack dump off the
+    /// loop (its outcome comes back as an event; one dump at a time).
+    fn measure(&self, core: &mut Core) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if core.uses(config::Distribution::LeastLatency) {
+            let latency = Measures::Latency(self.latency());
+            actions.extend(core.on(Event::Measured(latency), Instant::now()));
+        }
+        if core.uses(config::Distribution::LeastConnections)
+            && !self.dumping.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            let events = self.events.clone();
+            let dumping = self.dumping.clone();
+            let failures = self.dump_failures.clone();
+            self.tracker.spawn(async move {
+                let dump = tokio::task::spawn_blocking(conntrack::established).await;
+                dumping.store(false, std::sync::atomic::Ordering::Release);
+                match dump {
+                    Ok(Ok(counts)) => {
+                        failures.store(0, std::sync::atomic::Ordering::Relaxed);
+                        let event = Event::Measured(Measures::Established(counts));
+                        let _ = events.send(event).await;
+                    }
+                    Ok(Err(e)) => {
+                        // Said once until a dump succeeds again: the choice
+                        // keeps the last counts meanwhile.
+                        if failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                            warn!(error = %e, "counting established connections for least-connections; the choice keeps the last counts");
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "the conntrack dump did not finish"),
+                }
+            });
+        }
+        actions
     }
 
     /// By (target, upstream, address) as the stats entries name them.
@@ -990,8 +1056,12 @@ async fn keep_counting<P: DataPlane>(
 }
 
 /// The stats report with every counter at zero, and the backend each
-/// upstream is counted under, in the report's order.
-fn stats_without_counters(core: &Core) -> (StatsReport, Vec<Option<Backend>>) {
+/// entry is counted under, in the report's order; `latency` is each
+/// health-checked address's smoothed probe round trip.
+fn stats_without_counters(
+    core: &Core,
+    latency: &BTreeMap<(UpstreamId, AddressKey), Duration>,
+) -> (StatsReport, Vec<Option<Backend>>) {
     let mut backends = Vec::new();
     let targets = core
         .config()
@@ -1010,10 +1080,19 @@ fn stats_without_counters(core: &Core) -> (StatsReport, Vec<Option<Backend>>) {
                 .map(|entry| {
                     let upstream = entry.upstream;
                     let address = entry.address();
-                    backends.push(
-                        address.map(|a| (SocketAddr::new(a, upstream.port), target.protocol)),
-                    );
+                    let backend =
+                        address.map(|a| (SocketAddr::new(a, upstream.port), target.protocol));
+                    backends.push(backend);
+                    let least_connections =
+                        target.group.distribution == config::Distribution::LeastConnections;
+                    let latency = entry
+                        .held
+                        .and_then(|(key, _)| latency.get(&(entry.id.clone(), key)));
                     UpstreamStats {
+                        established_connections: backend
+                            .filter(|_| least_connections)
+                            .and_then(|b| core.established(&b)),
+                        probe_latency_seconds: latency.copied().map(ctl::Latency),
                         name: upstream.name.clone(),
                         host: upstream.host.to_string(),
                         address: address.map(|a| a.to_string()),

@@ -28,7 +28,8 @@
 //! - [`ownership`]: the lock that keeps a live daemon's table its own.
 //! - [`traffic`]: traffic lines and reset warnings from the counters.
 //! - [`conntrack`]: how full the connection-tracking table is, with a
-//!   warning before it fills up.
+//!   warning before it fills up, and the established connections per
+//!   upstream (a ctnetlink dump) that least-connections picks by.
 //! - [`daemon`]: the loop that turns channels into the core's events and
 //!   its actions into calls on the data plane.
 pub mod accel;

@@ -51,6 +51,9 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     };
     match config::load(&path) {
         Ok(config) => {
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
             println!("{}: valid: {}", path.display(), config.summary());
             ExitCode::SUCCESS
         }

@@ -202,6 +202,24 @@ impl Collector for Exposition {
         )?;
         family(
             &mut encoder,
+            "lobby_upstream_established_connections",
+            "Established connections the kernel translated to the upstream, as conntrack counted them last (upstreams of least-connections targets).",
+            upstreams.iter().filter_map(|(labels, u, _)| {
+                let established = i64::try_from(u.established_connections?).unwrap_or(i64::MAX);
+                Some((*labels, ConstGauge::new(established)))
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "lobby_upstream_probe_latency_seconds",
+            "The smoothed round trip of the upstream's successful health probes (what least-latency picks by).",
+            upstreams.iter().filter_map(|(labels, u, _)| {
+                let latency = u.probe_latency_seconds?.0.as_secs_f64();
+                Some((*labels, ConstGauge::new(latency)))
+            }),
+        )?;
+        family(
+            &mut encoder,
             "lobby_upstream_connections",
             "Connections sent to the upstream (SYNs toward it).",
             per_upstream(|u| u.connections),
@@ -532,6 +550,8 @@ mod tests {
             bytes_in: 80000,
             admin_state: AdminState::Drained,
             weight: 0,
+            established_connections: Some(7),
+            probe_latency_seconds: Some(crate::ctl::Latency(Duration::from_micros(1500))),
         };
         Snapshot {
             stats: StatsReport {
@@ -554,6 +574,9 @@ mod tests {
                             family: Some("ipv6".into()),
                             available: false,
                             connections: 3,
+                            // Each address is measured apart.
+                            established_connections: Some(2),
+                            probe_latency_seconds: None,
                             ..web1
                         },
                     ],
@@ -597,6 +620,11 @@ mod tests {
         for (name, kind, sample) in [
             ("lobby_upstream_up", "gauge", format!("{{{upstream6}}} 0")),
             (
+                "lobby_upstream_established_connections",
+                "gauge",
+                format!("{{{upstream6}}} 2"),
+            ),
+            (
                 "lobby_upstream_connections_total",
                 "counter",
                 format!("{{{upstream6}}} 3"),
@@ -621,6 +649,16 @@ mod tests {
                 "lobby_upstream_weight",
                 "gauge",
                 format!("{{{upstream}}} 0"),
+            ),
+            (
+                "lobby_upstream_established_connections",
+                "gauge",
+                format!("{{{upstream}}} 7"),
+            ),
+            (
+                "lobby_upstream_probe_latency_seconds",
+                "gauge",
+                format!("{{{upstream}}} 0.0015"),
             ),
             (
                 "lobby_upstream_connections_total",
@@ -983,6 +1021,8 @@ mod tests {
             bytes_in: 700,
             admin_state: AdminState::Enabled,
             weight: 2,
+            established_connections: None,
+            probe_latency_seconds: None,
         };
         let snapshot = Snapshot {
             stats: StatsReport {

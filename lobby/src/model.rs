@@ -93,8 +93,8 @@ impl Desired {
             .flat_map(|t| {
                 t.families
                     .iter()
-                    .flat_map(|f| &f.slots)
-                    .map(|u| (*u, t.protocol))
+                    .flat_map(|f| t.reachable(f))
+                    .map(|u| (u, t.protocol))
             })
             .collect()
     }
@@ -135,12 +135,47 @@ pub struct DesiredTarget {
     /// address of every upstream, in rotation or not (a drained one keeps
     /// its count); empty otherwise.
     pub caps: BTreeMap<SocketAddr, Cap>,
+    pub persistence: Option<Persistence>,
+}
+
+/// A target's client affinity: each backend in rotation keeps the clients
+/// it was sent, in a set of the kernel's that new connections refresh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Persistence {
+    pub timeout: Duration,
+    /// Every backend in rotation (of every family), whether or not the
+    /// distribution picks it for new clients now: a client keeps an
+    /// upstream that is no longer the least loaded.
+    pub backends: BTreeSet<SocketAddr>,
+}
+
+impl Persistence {
+    /// Persistence over the backends of `families`' rotations.
+    fn over(timeout: Duration, families: &[FamilyRotation]) -> Self {
+        Self {
+            timeout,
+            backends: families.iter().flat_map(|f| &f.slots).copied().collect(),
+        }
+    }
 }
 
 impl DesiredTarget {
     /// Whether no client of any family can be balanced.
     pub fn is_empty(&self) -> bool {
         self.families.iter().all(|f| f.slots.is_empty())
+    }
+
+    /// Every backend of `rotation`'s family a new connection may reach:
+    /// those its slots hold and, with persistence, every backend in
+    /// rotation that remembers clients (a dynamic distribution may no
+    /// longer pick it for new ones).
+    pub fn reachable(&self, rotation: &FamilyRotation) -> BTreeSet<SocketAddr> {
+        let remembering = self
+            .persistence
+            .iter()
+            .flat_map(|p| &p.backends)
+            .filter(|b| Family::of(b.ip()) == rotation.family);
+        rotation.slots.iter().chain(remembering).copied().collect()
     }
 }
 
@@ -202,10 +237,14 @@ fn slots(distribution: Distribution, candidates: &[Candidate<'_>]) -> Vec<Socket
     let divisor = chosen.iter().map(|c| c.weight).fold(0, gcd);
     let weights: Vec<u32> = chosen.iter().map(|c| c.weight / divisor).collect();
     match distribution {
-        Distribution::RoundRobin => smooth_order(&weights)
-            .into_iter()
-            .map(|i| chosen[i].address)
-            .collect(),
+        // The dynamic distributions start from round robin over every
+        // upstream; the core narrows it to those its measures pick.
+        Distribution::RoundRobin | Distribution::LeastConnections | Distribution::LeastLatency => {
+            smooth_order(&weights)
+                .into_iter()
+                .map(|i| chosen[i].address)
+                .collect()
+        }
         Distribution::Random => chosen
             .iter()
             .zip(&weights)
@@ -340,7 +379,7 @@ impl Desired {
                     })
                     .collect();
                 let distribution = target.group.distribution;
-                let families = Family::BOTH
+                let families: Vec<FamilyRotation> = Family::BOTH
                     .into_iter()
                     .filter(|f| target.ip.is_none_or(|ip| ip.family() == *f))
                     .filter(|f| ipv6 || *f == Family::Ipv4)
@@ -356,6 +395,10 @@ impl Desired {
                         }
                     })
                     .collect();
+                let persistence = target
+                    .group
+                    .persistence
+                    .map(|timeout| Persistence::over(timeout, &families));
                 let desired = DesiredTarget {
                     protocol: target.protocol,
                     port: target.port,
@@ -363,6 +406,7 @@ impl Desired {
                     distribution,
                     policy: target.policy.clone(),
                     families,
+                    persistence,
                     caps: caps(target, states),
                 };
                 (target.name.clone(), desired)

@@ -24,6 +24,7 @@ pub mod flowtable;
 mod limits;
 mod local;
 mod mirror;
+mod persistence;
 
 use crate::{
     config::{Distribution, Family, IpNet, Nftables, Protocol, SourceNat},
@@ -126,6 +127,9 @@ pub fn render(desired: &Desired) -> String {
         .unwrap();
         writeln!(out, "\t\t{rule} {PROBE_MARK:#x} notrack").unwrap();
         writeln!(out, "\t}}").unwrap();
+    }
+    for object in persistence::objects(desired).values() {
+        object.render(&mut out);
     }
     for (name, target) in &desired.targets {
         // The chains a target's chain jumps to come first.
@@ -234,6 +238,14 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
             writeln!(out, "add rule {FAMILY} {table} postrouting {rule}").unwrap();
         }
     }
+    // Before the target chains that jump to them, removed after.
+    let old_persistence = persistence::objects(applied);
+    let new_persistence = persistence::objects(desired);
+    for (name, object) in &new_persistence {
+        if !old_persistence.contains_key(name) {
+            object.add(&mut out, table);
+        }
+    }
     for (name, new) in &desired.targets {
         let old = applied.targets.get(name);
         // The chains a target's chain jumps to first.
@@ -287,6 +299,11 @@ pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
     mirror::plan(&mut out, applied, desired);
     // Last: no rule refers to them any more.
     limits::plan_removals(&mut out, applied, desired);
+    for (name, object) in &old_persistence {
+        if !new_persistence.contains_key(name) {
+            object.delete(&mut out, table);
+        }
+    }
     for counter in old_counters.difference(&new_counters) {
         writeln!(out, "delete counter {FAMILY} {table} {counter}").unwrap();
     }
@@ -387,18 +404,39 @@ fn target_rules(name: &str, target: &DesiredTarget) -> Vec<String> {
             Some(opening) => format!("{matched} {opening}"),
             None => matched.clone(),
         };
-        if limits::capped(target, rotation) {
-            let keys = [HASH_SEED, limits::SPILL_SEED]
-                .map(|seed| slot_key(target.distribution, rotation, seed));
-            rules.extend(limits::rotation_rules(
-                name, target, rotation, &opened, keys,
-            ));
-        } else {
-            rules.push(format!(
+        match &target.persistence {
+            // A client the kernel remembers goes to its backend's chain,
+            // which refreshes the memory and translates; a new one is sent
+            // to the chain of the backend the distribution picks. (The
+            // validator refuses persistence with upstream caps.)
+            Some(persistence) => {
+                for known in persistence::names_of_family(name, target, persistence, rotation) {
+                    rules.push(format!("{opened} {family} saddr @{known} goto {known}"));
+                }
+                let elements = slot_elements(&rotation.slots, |backend| {
+                    format!(
+                        "goto {}",
+                        persistence::name(name, target, persistence, backend)
+                    )
+                });
+                rules.push(format!(
+                    "{opened} {} vmap {{ {} }}",
+                    slot_key(target.distribution, rotation, HASH_SEED),
+                    elements.join(", ")
+                ));
+            }
+            None if limits::capped(target, rotation) => {
+                let keys = [HASH_SEED, limits::SPILL_SEED]
+                    .map(|seed| slot_key(target.distribution, rotation, seed));
+                rules.extend(limits::rotation_rules(
+                    name, target, rotation, &opened, keys,
+                ));
+            }
+            None => rules.push(format!(
                 "{opened} dnat {family} to {} map {{ {} }}",
                 slot_key(target.distribution, rotation, HASH_SEED),
                 slot_elements(&rotation.slots, |u| format!("{} . {}", u.ip(), u.port())).join(", ")
-            ));
+            )),
         }
         rules.push(format!("{matched} drop"));
     }
@@ -535,10 +573,10 @@ fn postrouting_rules(desired: &Desired) -> Vec<String> {
             let Some(to) = snat_to(&target.policy.source_nat, rotation.family) else {
                 continue;
             };
-            let backends: BTreeSet<Backend> = rotation
-                .slots
-                .iter()
-                .map(|s| (*s, target.protocol))
+            let backends: BTreeSet<Backend> = target
+                .reachable(rotation)
+                .into_iter()
+                .map(|s| (s, target.protocol))
                 .collect();
             if backends.is_empty() {
                 continue;
@@ -591,7 +629,10 @@ fn snat_to(source_nat: &SourceNat, family: Family) -> Option<String> {
 fn slot_key(distribution: Distribution, rotation: &FamilyRotation, seed: u32) -> String {
     let slots = rotation.slots.len();
     match distribution {
-        Distribution::RoundRobin => format!("numgen inc mod {slots}"),
+        // The dynamic ones in turn over the upstreams the core picked.
+        Distribution::RoundRobin | Distribution::LeastConnections | Distribution::LeastLatency => {
+            format!("numgen inc mod {slots}")
+        }
         Distribution::Random => format!("numgen random mod {slots}"),
         // A fixed seed: the same client keeps its slot across restarts.
         Distribution::IpSrcHash => format!(
@@ -742,7 +783,8 @@ pub async fn named_counters(table: &str) -> Result<BTreeMap<String, u64>, NftErr
 /// Lobby's table as nft prints it, followed by its mirror tables when they
 /// exist; `None` when there is no `inet` table.
 pub async fn list_table(table: &str) -> Result<Option<String>, NftError> {
-    // Stateless: counter values are traffic, not a change of the table.
+    // Stateless: counter values are traffic, not a change of the table;
+    // nor are the clients the packet path remembers for persistence.
     let Some(main) = list(FAMILY, table, &["-s"]).await? else {
         return Ok(None);
     };
@@ -809,8 +851,11 @@ pub fn parse_rotation(listing: &[u8]) -> Result<Rotation, serde_json::Error> {
         let (Some(chain), Some(exprs)) = (rule["chain"].as_str(), rule["expr"].as_array()) else {
             continue;
         };
-        // An upstream's chain of a capped rotation counts as its target's.
-        let upstreams = rotation.entry(limits::owner(chain).to_owned()).or_default();
+        // An upstream's chain of a capped rotation, or a persistence
+        // chain (its target's name, a dot, its backend), counts as its
+        // target's.
+        let owner = limits::owner(chain.split_once('.').map_or(chain, |(target, _)| target));
+        let upstreams = rotation.entry(owner.to_owned()).or_default();
         let dnat = exprs.iter().map(|e| &e["dnat"]).filter(|d| d.is_object());
         for dnat in dnat {
             // A rotation's map of `addr . port`, or one upstream's.
@@ -855,6 +900,7 @@ mod tests {
                     .map(|&(host, port)| SocketAddr::from(([198, 18, 1, host], port)))
                     .collect(),
             }],
+            persistence: None,
         }
     }
 
@@ -964,6 +1010,7 @@ table inet lobby {
                     ],
                 },
             ],
+            persistence: None,
         };
         let rules = target_rules("dns", &dns);
         assert_eq!(
@@ -1079,7 +1126,10 @@ table inet lobby {
             {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
             {"dnat": {"family": "ip", "addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 2, "offset": 0}},
               "data": {"set": [[0, {"concat": ["198.18.1.11", 9000]}], [1, {"concat": ["198.18.1.12", 9000]}]]}}}}}]}},
-          {"rule": {"family": "ip", "table": "lobby", "chain": "target-api", "handle": 5, "expr": [{"reject": {"type": "tcp reset"}}]}}]}"#;
+          {"rule": {"family": "ip", "table": "lobby", "chain": "target-api", "handle": 5, "expr": [{"reject": {"type": "tcp reset"}}]}},
+          {"rule": {"family": "inet", "table": "lobby", "chain": "target-sticky.198.18.2.11.80.tcp.3s", "handle": 6, "expr": [
+            {"set": {"op": "update", "elem": {"payload": {"protocol": "ip", "field": "saddr"}}, "set": "@target-sticky.198.18.2.11.80.tcp.3s"}},
+            {"dnat": {"family": "ip", "addr": "198.18.2.11", "port": 80}}]}}]}"#;
         let rotation = parse_rotation(listing).unwrap();
         let web: Vec<String> = rotation["target-web"]
             .iter()
@@ -1087,6 +1137,12 @@ table inet lobby {
             .collect();
         assert_eq!(web, ["198.18.1.11:9000", "198.18.1.12:9000"]);
         assert!(rotation["target-api"].is_empty());
+        // A persistence chain's backend is its target's.
+        let sticky: Vec<String> = rotation["target-sticky"]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(sticky, ["198.18.2.11:80"]);
         assert!(parse_rotation(b"not json").is_err());
     }
 

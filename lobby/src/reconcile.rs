@@ -35,6 +35,10 @@ use crate::{
     nft::{self, Applied, Rotation},
 };
 
+mod selection;
+
+pub use selection::{CHOICE_PERIOD, Measures};
+
 /// How soon a failed apply is tried again.
 pub const APPLY_RETRY: Duration = Duration::from_secs(1);
 /// How long a takeover waits for host names to resolve before its first
@@ -66,6 +70,8 @@ pub enum Event {
     /// The interfaces the flowtable covers, looked up for the query of the
     /// last [`Action::WatchDevices`] (or of [`Core::device_query`]).
     Devices(Devices),
+    /// What drives the dynamic distributions, measured by the daemon.
+    Measured(Measures),
 }
 
 /// What the loop must do.
@@ -389,6 +395,8 @@ pub struct Core {
     device_query: Option<DeviceQuery>,
     /// The flowtable's interfaces, once looked up.
     devices: Option<Devices>,
+    /// The dynamic distributions' measures and choices.
+    selection: selection::Selection,
 }
 
 impl Core {
@@ -419,6 +427,7 @@ impl Core {
             ipv6_forwarding,
             device_query: None,
             devices: None,
+            selection: selection::Selection::default(),
         }
     }
 
@@ -470,6 +479,16 @@ impl Core {
                     self.dirty = true;
                 }
             }
+            Event::Measured(measures) => {
+                match measures {
+                    Measures::Established(counts) => self.selection.record_established(counts),
+                    Measures::Latency(latency) => {
+                        let by_backend = self.by_backend(latency);
+                        self.selection.record_latency(by_backend);
+                    }
+                }
+                self.dirty |= self.selection.reconsider();
+            }
             Event::Tick => {
                 if self.retry_at.is_some_and(|at| at <= now) {
                     self.retry_at = None;
@@ -491,6 +510,7 @@ impl Core {
             self.retry_at,
             self.resolving_until,
             self.lingering.values().min().copied(),
+            self.selection.next_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -508,6 +528,39 @@ impl Core {
     /// The running configuration (`None` before the first).
     pub fn config(&self) -> Option<&Config> {
         self.config.as_ref()
+    }
+
+    /// Whether some target balances by `distribution`: the daemon measures
+    /// what drives it only then.
+    pub fn uses(&self, distribution: config::Distribution) -> bool {
+        self.config
+            .iter()
+            .flat_map(|c| &c.targets)
+            .any(|t| t.group.distribution == distribution)
+    }
+
+    /// The established connections last counted toward `backend`, `None`
+    /// before the first count (made only while a target balances by
+    /// `least-connections`).
+    pub fn established(&self, backend: &Backend) -> Option<u64> {
+        self.selection.established(backend)
+    }
+
+    /// Round trips of upstreams' addresses keyed by their target and the
+    /// backend each address is now: every address has its own checker.
+    fn by_backend(
+        &self,
+        latency: BTreeMap<(UpstreamId, AddressKey), Duration>,
+    ) -> BTreeMap<(String, SocketAddr), Duration> {
+        latency
+            .into_iter()
+            .filter_map(|((id, key), latency)| {
+                let upstream = self.upstreams.get(&id)?;
+                let held = upstream.addresses.get(&key)?;
+                let backend = SocketAddr::new(held.address, upstream.spec.port);
+                Some(((id.target, backend), latency))
+            })
+            .collect()
     }
 
     /// The addresses of an upstream with their health, IPv4 first; empty
@@ -961,6 +1014,7 @@ impl Core {
             .collect();
         let config = self.config.as_ref().expect("checked above");
         let mut desired = Desired::from_config(config, &states, self.ipv6_forwarding);
+        self.selection.narrow(&mut desired, now);
         desired.flowtable = accel::flowtable(config.acceleration, self.devices.as_ref());
         let masqueraded = self
             .applied

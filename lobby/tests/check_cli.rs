@@ -20,6 +20,17 @@ fn a_valid_file_exits_0_with_a_summary() {
 }
 
 #[test]
+fn a_group_with_every_weight_0_is_valid_with_a_located_warning() {
+    let output = check(&["-c", "tests/data/config/valid/selection.yaml"]);
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        "warning: tests/data/config/valid/selection.yaml:44:13: lb[0].targets[3].upstream_group.upstreams: \
+         every upstream has weight 0: the target refuses every new connection\n"
+    );
+}
+
+#[test]
 fn an_invalid_file_exits_1_with_every_error() {
     let output = check(&["-c", "tests/data/config/invalid/42_many_errors.yaml"]);
     assert_eq!(output.status.code(), Some(1));

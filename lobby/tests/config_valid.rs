@@ -48,6 +48,7 @@ fn target(
             name: group.to_owned(),
             distribution: Distribution::RoundRobin,
             upstreams,
+            persistence: None,
         },
         policy: Default::default(),
     }
@@ -86,6 +87,7 @@ fn an_original_lobby_file_loads_unchanged() {
         metrics: None,
         events: None,
         acceleration: None,
+        warnings: Vec::new(),
         nftables: Default::default(),
         targets: vec![
             target(
@@ -159,6 +161,7 @@ fn every_field_and_extension_loads() {
         }),
         events: None,
         acceleration: None,
+        warnings: Vec::new(),
         nftables: Default::default(),
         targets: vec![
             target(

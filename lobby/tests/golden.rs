@@ -9,6 +9,9 @@
 //! web/web2 198.18.1.13 down      # that address of an upstream with several
 //! web/web2 address 198.18.1.13   # its name resolves to these addresses
 //! web/web2 address 198.18.1.13 2001:2::13
+//! web/web1 established 20        # conntrack counts 20 connections to it
+//! web/web1 latency 50            # its probes' smoothed round trip, in ms
+//! web/web2 198.18.1.13 latency 50  # ... of that address of several
 //! config other.yaml              # reload with another file of the folder
 //! takeover web 198.18.1.11:9000  # (00-start only) a dead run's table balanced there
 //! wait 2                         # seconds pass
@@ -23,8 +26,11 @@
 //! (or `cargo xtask bless`) rewrites them from what the code says now:
 //! review the diff.
 use std::{
+    collections::BTreeMap,
     fs,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use lobby::{
@@ -33,7 +39,7 @@ use lobby::{
     health::HealthReport,
     model::UpstreamId,
     nft::{self, Rotation},
-    reconcile::{Action, Core, Event},
+    reconcile::{Action, AddressKey, Core, Event, Measures},
 };
 use tokio::time::Instant;
 
@@ -79,6 +85,10 @@ struct Run<'a> {
     core: Core,
     now: Instant,
     config: config::Config,
+    /// The measures so far: each line adds to them, and the event carries
+    /// all of them, as the daemon's measures do.
+    established: BTreeMap<(SocketAddr, config::Protocol), u64>,
+    latency: BTreeMap<(UpstreamId, AddressKey), Duration>,
 }
 
 impl Run<'_> {
@@ -121,30 +131,44 @@ impl Run<'_> {
         fails
     }
 
-    fn upstream_event(&self, id: &str, change: &[&str], line: &str) -> Event {
+    fn upstream_event(&mut self, id: &str, change: &[&str], line: &str) -> Event {
         let (target, name) = id
             .split_once('/')
             .unwrap_or_else(|| panic!("`{line}`: expected target/upstream"));
-        let upstream = self
+        let (protocol, upstream) = self
             .config
             .targets
             .iter()
             .filter(|t| t.name == target)
-            .flat_map(|t| &t.group.upstreams)
-            .find(|u| u.name == name)
+            .flat_map(|t| t.group.upstreams.iter().map(|u| (t.protocol, u)))
+            .find(|(_, u)| u.name == name)
             .unwrap_or_else(|| panic!("`{line}`: no upstream {id} in {}", self.case.display()));
         let id = UpstreamId::new(target, name);
+        // The address a line names, or the upstream's only one, with its key.
+        let held = |address: Option<&str>| {
+            let wanted: Option<IpAddr> =
+                address.map(|a| a.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")));
+            let held: Vec<(AddressKey, IpAddr)> = self
+                .core
+                .upstream(&id)
+                .into_iter()
+                .flatten()
+                .map(|(key, a)| (*key, a.address))
+                .collect();
+            match (wanted, &held[..]) {
+                (None, [one]) => *one,
+                (None, _) => panic!("`{line}`: {id} has the addresses {held:?}: say which"),
+                (Some(wanted), _) => held
+                    .iter()
+                    .copied()
+                    .find(|(_, a)| *a == wanted)
+                    .unwrap_or_else(|| panic!("`{line}`: {id} does not hold {wanted}")),
+            }
+        };
         let health = |available, address: Option<&str>| {
             let address = match address {
                 Some(address) => address.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")),
-                None => {
-                    let held = self.core.upstream(&id).into_iter().flatten();
-                    let addresses: Vec<_> = held.map(|(_, a)| a.address).collect();
-                    let [address] = addresses[..] else {
-                        panic!("`{line}`: {id} has the addresses {addresses:?}: say which");
-                    };
-                    address
-                }
+                None => held(None).1,
             };
             Event::Health(HealthReport {
                 id: id.clone(),
@@ -173,8 +197,25 @@ impl Run<'_> {
                         .collect(),
                 })
             }
+            [address @ .., "established", count] if address.len() <= 1 => {
+                let (_, address) = held(address.first().copied());
+                let backend = (SocketAddr::new(address, upstream.port), protocol);
+                self.established.insert(
+                    backend,
+                    count.parse().unwrap_or_else(|e| panic!("`{line}`: {e}")),
+                );
+                Event::Measured(Measures::Established(self.established.clone()))
+            }
+            [address @ .., "latency", ms] if address.len() <= 1 => {
+                let (key, _) = held(address.first().copied());
+                let ms: f64 = ms.parse().unwrap_or_else(|e| panic!("`{line}`: {e}"));
+                self.latency
+                    .insert((id.clone(), key), Duration::from_secs_f64(ms / 1000.0));
+                Event::Measured(Measures::Latency(self.latency.clone()))
+            }
             _ => panic!(
-                "`{line}`: expected `[ADDR] up`, `[ADDR] down`, `address ADDR...`, `config FILE`, `wait SECS` or `fail`"
+                "`{line}`: expected `[ADDR] up`, `[ADDR] down`, `address ADDR...`, `[ADDR] established N`, \
+                 `[ADDR] latency MS`, `config FILE`, `wait SECS` or `fail`"
             ),
         }
     }
@@ -204,6 +245,8 @@ fn plans_match_the_golden_files() {
             core: Core::new(inherited(&first), true),
             now: Instant::now(),
             config: config.clone(),
+            established: BTreeMap::new(),
+            latency: BTreeMap::new(),
         };
         run.core.on(Event::ConfigLoaded(config), run.now);
         let mut steps: Vec<PathBuf> = fs::read_dir(case)

@@ -21,7 +21,7 @@ pub mod server;
 pub use lobby::{Launch, Lobby};
 pub use netns::{NetNs, Topology};
 pub use repeat::Repeat;
-pub use server::{NameServer, UdpFlow, UdpNameServer};
+pub use server::{NameServer, SlowHealthServer, UdpFlow, UdpNameServer};
 
 use std::time::{Duration, Instant};
 

@@ -259,3 +259,46 @@ impl UdpFlow {
         Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     }
 }
+
+/// An HTTP health endpoint that answers every request `200 OK` after
+/// `delay`: an upstream whose probes' round trip is that long (no netem on
+/// these hosts).
+pub struct SlowHealthServer {
+    _acceptor: crate::Repeat,
+}
+
+impl SlowHealthServer {
+    pub fn start(ns: &NetNs, addr: SocketAddr, delay: Duration) -> Self {
+        let listener = ns.listen(addr);
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let acceptor = crate::Repeat::spawn(move || match listener.accept() {
+            Ok((stream, _)) => {
+                std::thread::spawn(move || answer_after(stream, delay));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        });
+        Self {
+            _acceptor: acceptor,
+        }
+    }
+}
+
+/// Reads a request's head, waits `delay`, answers and closes.
+fn answer_after(stream: TcpStream, delay: Duration) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+        if line == "\r\n" {
+            break;
+        }
+        line.clear();
+    }
+    std::thread::sleep(delay);
+    let _ = reader
+        .get_mut()
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+}

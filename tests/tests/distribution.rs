@@ -1,7 +1,8 @@
 //! Upstream selection end to end: weights under round robin and random,
 //! random over equals, source-address affinity that survives the loss of
-//! another upstream, backups, and a drain by weight 0 that keeps a live
-//! connection.
+//! another upstream, backups, a drain by weight 0 that keeps a live
+//! connection, persistence in the kernel's packet path, least-connections
+//! from conntrack's counts and least-latency from the probes' round trips.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, Ipv4Addr},
@@ -9,12 +10,13 @@ use std::{
 };
 
 use lobby_tests::{
-    Lobby, Topology,
+    Lobby, SlowHealthServer, Topology,
     fixtures::{
-        ConfigBuilder, UPSTREAM_PORT, count, health_check, names, start_servers, target_addr,
+        ConfigBuilder, UPSTREAM_PORT, count, health_check, in_rotation, names, start_servers,
+        target_addr,
     },
     privileged,
-    server::{ask_name, ask_name_from},
+    server::{Conversation, ask_name, ask_name_from},
     wait_for,
 };
 
@@ -189,4 +191,159 @@ fn weight_zero_drains_new_connections_and_keeps_a_live_one() {
         assert_eq!(echo, "still here\n", "round {round}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `yaml` with `persistence` in its group.
+fn with_persistence(yaml: &str, timeout: u32) -> String {
+    yaml.replace(
+        "          upstreams:\n",
+        &format!("          persistence: {{ timeout: {timeout} }}\n          upstreams:\n"),
+    )
+}
+
+/// Whether the kernel remembers the client in a persistence set of target
+/// web (the listing shows a set's elements).
+fn client_remembered(topology: &Topology) -> bool {
+    let listing = topology.lb.exec("nft", &["list", "table", "inet", "lobby"]);
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    listing
+        .split("\tset ")
+        .filter(|set| set.starts_with("target-web."))
+        .any(|set| set.contains(&Topology::CLIENT_ADDR.to_string()))
+}
+
+/// Whether upstream `i` has its persistence chain: it is in rotation.
+fn persisted_in_rotation(topology: &Topology, i: usize) -> bool {
+    topology.lb.lobby_ruleset().contains(&format!(
+        "target-web.{}.{UPSTREAM_PORT}.",
+        Topology::upstream_addr(i)
+    ))
+}
+
+/// The one upstream `count` connections reached; fails if they reached
+/// several.
+fn one_upstream(topology: &Topology, count: usize) -> String {
+    let seen = names(topology, PORT, count);
+    assert!(seen.iter().all(|n| *n == seen[0]), "{seen:?}");
+    seen[0].clone()
+}
+
+#[test]
+fn persistence_keeps_a_client_until_it_is_silent_or_its_upstream_leaves() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(3);
+    let mut servers: Vec<_> = start_servers(&topology).into_iter().map(Some).collect();
+    let check = health_check(UPSTREAM_PORT, true, 1, 1, 1);
+    let yaml = with_persistence(&config("round-robin", &[&check, &check, &check]), 3);
+    let _lobby = Lobby::start(&topology.lb, &yaml);
+    // Round robin alone would spread these over all three.
+    let first = one_upstream(&topology, 20);
+    assert!(client_remembered(&topology));
+
+    // Silent for longer than the timeout, the client is forgotten by the
+    // kernel itself; then it is balanced afresh and kept again.
+    wait_for("the client forgotten", Duration::from_secs(10), || {
+        (!client_remembered(&topology)).then_some(())
+    });
+    let second = one_upstream(&topology, 20);
+    println!("before the silence {first}, after it {second}");
+
+    // Its upstream goes DOWN: the very next connections go elsewhere, and
+    // stay there.
+    let lost: usize = second[3..].parse().unwrap();
+    servers[lost] = None;
+    wait_for(
+        "the lost upstream out of rotation",
+        Duration::from_secs(6),
+        || (!persisted_in_rotation(&topology, lost)).then_some(()),
+    );
+    let moved = one_upstream(&topology, 20);
+    assert_ne!(moved, second, "still sent to the upstream that left");
+}
+
+#[test]
+fn least_connections_sends_new_connections_away_from_a_loaded_upstream() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(3);
+    let _servers = start_servers(&topology);
+    let lobby = Lobby::start(&topology.lb, &config("least-connections", &["", "", ""]));
+    for drained in ["web/web1", "web/web2"] {
+        let output = lobby.ctl(&["drain", drained]);
+        assert!(output.status.success(), "{output:?}");
+    }
+    wait_for("web1 and web2 drained", Duration::from_secs(5), || {
+        (!in_rotation(&topology, 1) && !in_rotation(&topology, 2)).then_some(())
+    });
+    // 20 long-lived connections, all to web0.
+    let held: Vec<Conversation> = (0..20)
+        .map(|i| {
+            let conversation = Conversation::open(&topology.client, target_addr(PORT))
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            assert_eq!(conversation.upstream, "web0");
+            conversation
+        })
+        .collect();
+    wait_for("conntrack's count of web0", Duration::from_secs(10), || {
+        let web0 = lobby.upstream_stats("web", "web0");
+        (web0["established_connections"] == 20).then_some(())
+    });
+    for enabled in ["web/web1", "web/web2"] {
+        let output = lobby.ctl(&["enable", enabled]);
+        assert!(output.status.success(), "{output:?}");
+    }
+    wait_for("web1 and web2 back", Duration::from_secs(5), || {
+        (in_rotation(&topology, 1) && in_rotation(&topology, 2)).then_some(())
+    });
+    let seen = names(&topology, PORT, 30);
+    let elsewhere = count(&seen, "web1") + count(&seen, "web2");
+    println!("least-connections: {elsewhere} of 30 away from web0: {seen:?}");
+    assert!(elsewhere >= 27, "{seen:?}");
+    // The table shows what drives it.
+    let stats = lobby.stats().to_string();
+    assert!(stats.contains("\"established_connections\":20"), "{stats}");
+    drop(held);
+}
+
+#[test]
+fn least_latency_avoids_the_upstream_whose_probes_answer_late() {
+    if !privileged() {
+        return;
+    }
+    const HEALTH_PORT: u16 = 9080;
+    let topology = Topology::new(3);
+    let _servers = start_servers(&topology);
+    let _health: Vec<SlowHealthServer> = [50, 0, 0]
+        .iter()
+        .enumerate()
+        .map(|(i, ms)| {
+            let addr = std::net::SocketAddr::from((Topology::upstream_addr(i), HEALTH_PORT));
+            SlowHealthServer::start(&topology.upstreams[i], addr, Duration::from_millis(*ms))
+        })
+        .collect();
+    let check = format!(
+        "health_check:\n  protocol: http\n  port: {HEALTH_PORT}\n  path: /health\n  start_available: true\n  probe: {{ check_interval: 1, timeout: 2, success_count: 1 }}"
+    );
+    let lobby = Lobby::start(
+        &topology.lb,
+        &config("least-latency", &[&check, &check, &check]),
+    );
+    wait_for(
+        "the slow upstream out of the choice",
+        Duration::from_secs(15),
+        || {
+            (!in_rotation(&topology, 0) && in_rotation(&topology, 1) && in_rotation(&topology, 2))
+                .then_some(())
+        },
+    );
+    let seen = names(&topology, PORT, 100);
+    let slow = count(&seen, "web0");
+    println!("least-latency: web0 (50 ms probes) took {slow} of 100");
+    assert!(slow <= 10, "{seen:?}");
+    let web0 = lobby.upstream_stats("web", "web0");
+    let latency = web0["probe_latency_seconds"].as_f64().expect("a latency");
+    assert!(latency >= 0.05, "{web0}");
 }

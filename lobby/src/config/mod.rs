@@ -206,6 +206,9 @@ pub struct Config {
     pub events: Option<EventsConfig>,
     /// The kernel's flowtable fast path; `None`: off.
     pub acceleration: Option<Acceleration>,
+    /// What is valid but probably not meant (a group whose every weight is
+    /// 0), with its place: `lobby check` prints them, the daemon logs them.
+    pub warnings: Vec<ConfigError>,
     /// Lobby's table and where its nat chains hook.
     pub nftables: Nftables,
 }
@@ -453,6 +456,10 @@ pub struct UpstreamGroup {
     pub name: String,
     pub distribution: Distribution,
     pub upstreams: Vec<Upstream>,
+    /// A client address keeps its upstream for new connections until it
+    /// opened none for this long, or the upstream leaves rotation; `None`:
+    /// every new connection is balanced afresh.
+    pub persistence: Option<Duration>,
 }
 
 /// How new connections are spread over a group's upstreams.
@@ -464,6 +471,11 @@ pub enum Distribution {
     Random,
     /// The client's address picks the upstream.
     IpSrcHash,
+    /// The upstreams with the fewest established connections (per weight),
+    /// as conntrack counts them.
+    LeastConnections,
+    /// The upstreams whose health probes' recent round trips are lowest.
+    LeastLatency,
 }
 
 impl Distribution {
@@ -472,7 +484,18 @@ impl Distribution {
             Distribution::RoundRobin => "round-robin",
             Distribution::Random => "random",
             Distribution::IpSrcHash => "ip-src-hash",
+            Distribution::LeastConnections => "least-connections",
+            Distribution::LeastLatency => "least-latency",
         }
+    }
+
+    /// Whether the daemon picks the upstreams from what it measures, rather
+    /// than the kernel alone from the configuration.
+    pub fn is_dynamic(self) -> bool {
+        matches!(
+            self,
+            Distribution::LeastConnections | Distribution::LeastLatency
+        )
     }
 }
 

@@ -44,6 +44,13 @@
 //!   `hardware_offload: true` without `flowtable: true` is an error, since
 //!   the NIC is handed flows by the flowtable. Whether the kernel has
 //!   flowtables is the daemon's check at start, not the validator's.
+//! - Selection: `persistence` with `ip-src-hash` is an error (the hash
+//!   already keeps each client on one upstream), and so is `persistence`
+//!   in a group with an upstream's `max_connections` (both pick the
+//!   upstream through chains of their own); `least-latency` needs a
+//!   health check on every upstream of its group, since it measures their
+//!   probes. A group whose every weight is 0 is valid (everything drained)
+//!   but a warning: its target refuses every connection.
 //! - `nftables`: the daemon's, not an entry's (one daemon owns one table):
 //!   entries that give `table` or `priority` must agree, one that leaves
 //!   a key out follows the others. A table name must be one nft takes in
@@ -122,7 +129,15 @@ const DISTRIBUTION: Keyword<Distribution> = Keyword {
         ("round-robin", Distribution::RoundRobin),
         ("random", Distribution::Random),
         ("ip-src-hash", Distribution::IpSrcHash),
+        ("least-connections", Distribution::LeastConnections),
+        ("least-latency", Distribution::LeastLatency),
     ],
+};
+/// `persistence.timeout`: up to a day.
+const PERSISTENCE_TIMEOUT: Integer = Integer {
+    what: "seconds",
+    min: 1,
+    max: 86400,
 };
 /// The keys of a traffic policy, in a target or an entry's `defaults`.
 const POLICY_KEYS: [&str; 7] = [
@@ -205,6 +220,7 @@ pub(crate) fn config(root: &Node, file: &Path) -> Result<Config, Vec<ConfigError
     let mut checker = Checker {
         file: file.to_path_buf(),
         errors: Vec::new(),
+        warnings: Vec::new(),
         target_names: Seen::default(),
         group_names: Seen::default(),
         listeners: HashMap::new(),
@@ -265,6 +281,7 @@ impl Seen {
 struct Checker {
     file: PathBuf,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
     target_names: Seen,
     group_names: Seen,
     /// Protocol and port to the target that listens there.
@@ -273,13 +290,24 @@ struct Checker {
 
 impl Checker {
     fn report(&mut self, mark: Mark, path: String, message: String) {
-        self.errors.push(ConfigError {
+        let error = self.located(mark, path, message);
+        self.errors.push(error);
+    }
+
+    /// Something valid that is probably not what the operator meant.
+    fn warn(&mut self, mark: Mark, path: String, message: String) {
+        let warning = self.located(mark, path, message);
+        self.warnings.push(warning);
+    }
+
+    fn located(&self, mark: Mark, path: String, message: String) -> ConfigError {
+        ConfigError {
             file: self.file.clone(),
             line: mark.line,
             column: mark.column,
             path,
             message,
-        });
+        }
     }
 
     /// The entries of a mapping, after reporting keys that are not in
@@ -471,6 +499,7 @@ impl Checker {
             metrics: metrics.map_or(Some(None), |m| m.map(Some))?,
             events: events?,
             acceleration: acceleration?,
+            warnings: std::mem::take(&mut self.warnings),
             nftables: nftables?,
         })
     }
@@ -746,7 +775,7 @@ impl Checker {
             .required_mapping(
                 &fields,
                 "upstream_group",
-                &["name", "distribution", "upstreams"],
+                &["name", "distribution", "upstreams", "persistence"],
             )
             .and_then(|group| self.group(&group, protocol));
         if let (Some(ip), Some(group), Some(ip_node)) = (ip, &group, fields.get("ip")) {
@@ -973,11 +1002,94 @@ impl Checker {
             .into_iter()
             .map(|(path, node)| self.upstream(node, path, protocol, &mut upstream_names))
             .collect();
+        let upstreams: Option<Vec<Upstream>> = upstreams.into_iter().collect();
+        let persistence = self.persistence(fields, distribution, upstreams.as_deref());
+        if let (Some(distribution), Some(upstreams)) = (distribution, &upstreams) {
+            self.selection_needs(fields, distribution, upstreams);
+        }
         Some(UpstreamGroup {
             name: name?,
             distribution: distribution?,
-            upstreams: upstreams.into_iter().collect::<Option<_>>()?,
+            upstreams: upstreams?,
+            persistence: persistence?,
         })
+    }
+
+    /// `persistence: { timeout: SECS }`: `Some(None)` when absent or null.
+    /// Refused with `ip-src-hash`, which already keeps a client on one
+    /// upstream while the available ones stay the same, and with an
+    /// upstream's `max_connections`: both pick the upstream through chains
+    /// of their own, which are not made to work together yet.
+    fn persistence(
+        &mut self,
+        group: &Fields,
+        distribution: Option<Distribution>,
+        upstreams: Option<&[Upstream]>,
+    ) -> Option<Option<Duration>> {
+        let Some(fields) = self.optional_mapping(group, "persistence", &["timeout"]) else {
+            return group
+                .get("persistence")
+                .is_none_or(|n| n.is_null())
+                .then_some(None);
+        };
+        let timeout = self.required(&fields, "timeout", &PERSISTENCE_TIMEOUT);
+        if distribution == Some(Distribution::IpSrcHash) {
+            let message = "pointless with `ip-src-hash`, which already sends a client address \
+                           to the same upstream while the available upstreams stay the same \
+                           (and moves only the clients of an upstream that leaves); remove it \
+                           or choose another distribution"
+                .to_owned();
+            self.report(fields.mark, fields.path.clone(), message);
+            return None;
+        }
+        let capped = upstreams
+            .unwrap_or_default()
+            .iter()
+            .find(|u| u.max_connections.is_some());
+        if let Some(capped) = capped {
+            let message = format!(
+                "not with upstream caps yet: upstream `{}` has `max_connections`; remove one \
+                 of the two",
+                capped.name
+            );
+            self.report(fields.mark, fields.path.clone(), message);
+            return None;
+        }
+        Some(Some(Duration::from_secs(timeout?)))
+    }
+
+    /// What a distribution needs of the upstreams: `least-latency` measures
+    /// health probes, so every upstream needs a health check. A group whose
+    /// every weight is 0 takes no connection: valid (all drained) but said.
+    fn selection_needs(
+        &mut self,
+        group: &Fields,
+        distribution: Distribution,
+        upstreams: &[Upstream],
+    ) {
+        let items = match group.get("upstreams").map(Node::value) {
+            Some(Value::Sequence(items)) => items.as_slice(),
+            _ => &[],
+        };
+        if distribution == Distribution::LeastLatency {
+            for (i, (upstream, node)) in upstreams.iter().zip(items).enumerate() {
+                if upstream.health_check.is_none() {
+                    let message = format!(
+                        "`least-latency` picks upstreams by their health probes' round trips, \
+                         but upstream `{}` has no health check; give it one or choose another \
+                         distribution",
+                        upstream.name
+                    );
+                    self.report(node.mark, format!("{}.upstreams[{i}]", group.path), message);
+                }
+            }
+        }
+        if !upstreams.is_empty() && upstreams.iter().all(|u| u.weight == 0) {
+            let message =
+                "every upstream has weight 0: the target refuses every new connection".to_owned();
+            let mark = group.get("upstreams").map_or(group.mark, |n| n.mark);
+            self.warn(mark, group.path("upstreams"), message);
+        }
     }
 
     fn upstream(

@@ -477,6 +477,7 @@ mod tests {
                 family: Family::Ipv4,
                 slots: vec![addr(11), addr(12)],
             }],
+            persistence: None,
             caps: BTreeMap::from([
                 (
                     addr(11),

@@ -536,6 +536,186 @@ fn a_change_is_applying_until_the_kernel_has_it() {
     assert!(!harness.core.is_applying());
 }
 
+/// Three upstreams without health checks under `distribution`.
+fn three(distribution: &str) -> String {
+    let checked = distribution == "least-latency";
+    let mut yaml = format!(
+        "
+lb:
+  - engine: nftables
+    targets:
+      - name: web
+        protocol: tcp
+        port: 8081
+        upstream_group:
+          name: pool
+          distribution: {distribution}
+          upstreams:
+"
+    );
+    for host in 11..=13 {
+        yaml.push_str(&format!(
+            "            - {{ name: web{}, host: 198.18.1.{host}, port: 9000",
+            host - 10
+        ));
+        if checked {
+            yaml.push_str(
+                ", health_check: { protocol: tcp, port: 9000, start_available: true, \
+                 probe: { check_interval: 1, timeout: 1, success_count: 1 } }",
+            );
+        }
+        yaml.push_str(" }\n");
+    }
+    yaml
+}
+
+/// The IPv4 address of upstream `name`, as its checker's latency names it.
+fn ipv4_of(name: &str) -> (UpstreamId, AddressKey) {
+    (id(name), AddressKey::Family(Family::Ipv4))
+}
+
+fn established(counts: &[(u8, u64)]) -> Event {
+    Event::Measured(Measures::Established(
+        counts
+            .iter()
+            .map(|(host, n)| ((socket(*host), Protocol::Tcp), *n))
+            .collect(),
+    ))
+}
+
+/// The DNAT map of target web's IPv4 rotation in `script`.
+fn dnat_map(script: &str) -> &str {
+    let start = script.find("numgen inc").expect("a rotation");
+    let end = script[start..].find('}').expect("a map") + start + 1;
+    &script[start..end]
+}
+
+#[test]
+fn least_connections_follows_the_counts_at_most_once_a_second() {
+    let mut harness = Harness::started(&three("least-connections"));
+    // Before any count, every upstream: one came in 0.2 s after the start.
+    harness.now += Duration::from_millis(200);
+    let actions = harness.step(established(&[(11, 20)]));
+    assert_eq!(
+        script(&actions),
+        None,
+        "within a second of the first choice"
+    );
+    let actions = harness.advance(Duration::from_millis(800));
+    let script_text = script(&actions).expect("the choice changes once the second is over");
+    assert_eq!(
+        dnat_map(script_text),
+        "numgen inc mod 2 map { 0 : 198.18.1.12 . 9000, 1 : 198.18.1.13 . 9000 }"
+    );
+    harness.applied();
+    // The same preference again changes nothing.
+    harness.now += Duration::from_millis(1500);
+    assert_eq!(script(&harness.step(established(&[(11, 21)]))), None);
+    // web2 gains connections: web3 alone has the fewest, at once (the
+    // last change was 1.5 s ago), in one transaction.
+    let actions = harness.step(established(&[(11, 21), (12, 4), (13, 1)]));
+    assert_eq!(
+        dnat_map(script(&actions).expect("a change")),
+        "numgen inc mod 1 map { 0 : 198.18.1.13 . 9000 }"
+    );
+    harness.applied();
+    // Ties share: counts per weight, here all weights 1.
+    harness.now += Duration::from_millis(1000);
+    let actions = harness.step(established(&[(11, 21), (12, 4), (13, 4)]));
+    assert_eq!(
+        dnat_map(script(&actions).expect("a change")),
+        "numgen inc mod 2 map { 0 : 198.18.1.12 . 9000, 1 : 198.18.1.13 . 9000 }"
+    );
+}
+
+#[test]
+fn a_rotation_change_chooses_again_at_once() {
+    let yaml = three("least-connections");
+    let mut harness = Harness::started(&yaml);
+    harness.now += Duration::from_millis(1000);
+    harness.step(established(&[(11, 3), (12, 5), (13, 5)]));
+    harness.applied();
+    // web1 drained by the operator: out of rotation, the choice is made
+    // again within the same transaction, without waiting for the second.
+    harness.now += Duration::from_millis(100);
+    harness
+        .core
+        .admin(&id("web1"), AdminState::Drained)
+        .unwrap();
+    let actions = harness.step(Event::Tick);
+    assert_eq!(
+        dnat_map(script(&actions).expect("a change")),
+        "numgen inc mod 2 map { 0 : 198.18.1.12 . 9000, 1 : 198.18.1.13 . 9000 }"
+    );
+}
+
+#[test]
+fn least_latency_takes_the_fast_upstreams_and_leaves_the_slow_one() {
+    let mut harness = Harness::started(&three("least-latency"));
+    harness.now += Duration::from_secs(1);
+    let latency = BTreeMap::from([
+        (ipv4_of("web1"), Duration::from_millis(50)),
+        (ipv4_of("web2"), Duration::from_micros(300)),
+        (ipv4_of("web3"), Duration::from_micros(900)),
+    ]);
+    let actions = harness.step(Event::Measured(Measures::Latency(latency)));
+    assert_eq!(
+        dnat_map(script(&actions).expect("a change")),
+        "numgen inc mod 2 map { 0 : 198.18.1.12 . 9000, 1 : 198.18.1.13 . 9000 }"
+    );
+    harness.applied();
+    // Only web1 measured yet: it is the only one known to answer.
+    harness.now += Duration::from_secs(1);
+    let only_slow = BTreeMap::from([(ipv4_of("web1"), Duration::from_millis(50))]);
+    let actions = harness.step(Event::Measured(Measures::Latency(only_slow)));
+    assert_eq!(
+        dnat_map(script(&actions).expect("a change")),
+        "numgen inc mod 1 map { 0 : 198.18.1.11 . 9000 }"
+    );
+}
+
+#[test]
+fn persistence_keeps_a_set_and_chain_per_backend_in_rotation() {
+    let yaml = TWO_CHECKED.replace(
+        "distribution: round-robin",
+        "distribution: round-robin\n          persistence: { timeout: 3 }",
+    );
+    let mut harness = Harness::started(&yaml);
+    let actions = harness.step(report("web1", true));
+    let joined = script(&actions).expect("web1 joins");
+    let web1 = "target-web.198.18.1.11.9000.tcp.3s";
+    let web2 = "target-web.198.18.1.12.9000.tcp.3s";
+    assert!(
+        joined.starts_with(&format!(
+            "add element inet lobby backends4 {{ 198.18.1.11 . tcp . 9000 }}\n\
+             add set inet lobby {web1} {{ type ipv4_addr; flags dynamic,timeout; timeout 3s; }}\n\
+             add chain inet lobby {web1}\n\
+             add rule inet lobby {web1} meta l4proto tcp update @{web1} {{ ip saddr }} dnat ip to 198.18.1.11:9000\n\
+             flush chain inet lobby target-web\n"
+        )),
+        "{joined}"
+    );
+    assert!(
+        joined.contains(&format!(
+            "ip saddr @{web1} goto {web1}\n\
+             add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) == syn ip saddr @{web2} goto {web2}\n\
+             add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) == syn numgen inc mod 2 vmap {{ 0 : goto {web1}, 1 : goto {web2} }}\n"
+        )),
+        "{joined}"
+    );
+    harness.applied();
+    // web1 leaves rotation: its clients are forgotten with its set, after
+    // the target chain stops referring to it.
+    let actions = harness.step(report("web1", false));
+    let left = script(&actions).expect("web1 leaves");
+    assert!(
+        left.ends_with(&format!(
+            "delete chain inet lobby {web1}\ndelete set inet lobby {web1}\n"
+        )),
+        "{left}"
+    );
+}
+
 /// One upstream on a name, checked, with one address of each family or
 /// (`all_addresses`) every address of the answer.
 fn named_checked(all_addresses: bool) -> String {
@@ -743,5 +923,31 @@ fn a_target_of_one_family_takes_only_that_familys_addresses() {
     assert_eq!(
         checkers_started(&actions),
         [(AddressKey::Address(socket(11).ip()), socket(11).ip())]
+    );
+}
+
+#[test]
+fn least_latency_measures_each_address_of_an_upstream_apart() {
+    let yaml =
+        named_checked(true).replace("distribution: round-robin", "distribution: least-latency");
+    let mut harness = Harness::started(&yaml);
+    let [fast, slow] = [11, 12].map(|h| socket(h).ip());
+    answer(&mut harness, &[fast, slow]);
+    harness.applied();
+    harness.now += Duration::from_secs(1);
+    let latency = BTreeMap::from([
+        (
+            (id("web1"), AddressKey::Address(fast)),
+            Duration::from_micros(300),
+        ),
+        (
+            (id("web1"), AddressKey::Address(slow)),
+            Duration::from_millis(50),
+        ),
+    ]);
+    let actions = harness.step(Event::Measured(Measures::Latency(latency)));
+    assert_eq!(
+        dnat_map(script(&actions).expect("a change")),
+        "numgen inc mod 1 map { 0 : 198.18.1.11 . 9000 }"
     );
 }

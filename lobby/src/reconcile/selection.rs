@@ -1,0 +1,241 @@
+//! The choice of the dynamic distributions, part of the core: which of a
+//! target's backends in rotation new connections go to, from what the
+//! daemon measured. `least-connections`: those with the fewest established
+//! connections per weight (ties share, in proportion to their weights);
+//! `least-latency`: those whose health probes' smoothed round trip is
+//! at most 1.5 times the lowest plus 1 ms (so that two equally fast
+//! upstreams share rather than flap).
+//!
+//! A choice changes on new measures at most once per [`CHOICE_PERIOD`],
+//! and only when the measures prefer other backends; a change of the
+//! rotation itself (an upstream up, down, drained, a weight) rewrites the
+//! target's chain anyway, so the choice is made again at once.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use super::AddressKey;
+use crate::{
+    config::{Distribution, Family, Protocol},
+    model::{Backend, Desired, UpstreamId},
+};
+
+/// How often a target's choice may change on new measures, at most.
+pub const CHOICE_PERIOD: Duration = Duration::from_secs(1);
+
+/// How much slower than the fastest an upstream may be and still be picked
+/// by `least-latency`: half as slow again, plus 1 ms for round trips too
+/// short to compare (a LAN's are tens of microseconds apart).
+fn within_band(latency: Duration, lowest: Duration) -> bool {
+    latency <= lowest + lowest / 2 + LATENCY_SLACK
+}
+
+const LATENCY_SLACK: Duration = Duration::from_millis(1);
+
+/// What the daemon measured, as an [`super::Event::Measured`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Measures {
+    /// Established connections per backend, from one conntrack dump: a
+    /// backend missing from it has none.
+    Established(BTreeMap<Backend, u64>),
+    /// The smoothed probe round trip of each health-checked address of an
+    /// upstream (each has its own checker); one without a successful probe
+    /// yet is missing.
+    Latency(BTreeMap<(UpstreamId, AddressKey), Duration>),
+}
+
+/// The measures and the choices made from them.
+#[derive(Debug, Default)]
+pub(super) struct Selection {
+    /// `None` until the first dump: every backend in rotation is taken.
+    established: Option<BTreeMap<Backend, u64>>,
+    /// By target and backend.
+    latency: BTreeMap<(String, SocketAddr), Duration>,
+    choices: BTreeMap<(String, Family), Choice>,
+}
+
+#[derive(Debug)]
+struct Choice {
+    distribution: Distribution,
+    protocol: Protocol,
+    /// The backends in rotation when the choice was made, with their
+    /// weights (slots).
+    rotation: BTreeMap<SocketAddr, u32>,
+    chosen: BTreeSet<SocketAddr>,
+    at: Instant,
+    /// The measures prefer other backends, which the choice takes from
+    /// `at + CHOICE_PERIOD`.
+    pending: bool,
+}
+
+impl Selection {
+    pub(super) fn record_established(&mut self, established: BTreeMap<Backend, u64>) {
+        self.established = Some(established);
+    }
+
+    /// `latency` keyed by target and backend.
+    pub(super) fn record_latency(&mut self, latency: BTreeMap<(String, SocketAddr), Duration>) {
+        self.latency = latency;
+    }
+
+    /// Whether the measures now prefer other backends for some choice.
+    pub(super) fn reconsider(&self) -> bool {
+        self.choices
+            .iter()
+            .any(|((target, _), choice)| self.preferred(target, choice) != choice.chosen)
+    }
+
+    /// When a choice that waits for its period may change.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        self.choices
+            .values()
+            .filter(|c| c.pending)
+            .map(|c| c.at + CHOICE_PERIOD)
+            .min()
+    }
+
+    /// The established connections last counted toward `backend`; `None`
+    /// before the first count.
+    pub(super) fn established(&self, backend: &Backend) -> Option<u64> {
+        self.established
+            .as_ref()
+            .map(|counts| counts.get(backend).copied().unwrap_or(0))
+    }
+
+    /// Narrows the rotations of the dynamic targets of `desired` to the
+    /// backends chosen at `now`.
+    pub(super) fn narrow(&mut self, desired: &mut Desired, now: Instant) {
+        let mut kept = BTreeSet::new();
+        for (name, target) in &mut desired.targets {
+            if !target.distribution.is_dynamic() {
+                continue;
+            }
+            for rotation in &mut target.families {
+                let key = (name.clone(), rotation.family);
+                let mut weights: BTreeMap<SocketAddr, u32> = BTreeMap::new();
+                for slot in &rotation.slots {
+                    *weights.entry(*slot).or_default() += 1;
+                }
+                let fresh = Choice {
+                    distribution: target.distribution,
+                    protocol: target.protocol,
+                    rotation: weights,
+                    chosen: BTreeSet::new(),
+                    at: now,
+                    pending: false,
+                };
+                let preferred = self.preferred(name, &fresh);
+                let choice = match self.choices.remove(&key) {
+                    Some(mut choice)
+                        if choice.rotation == fresh.rotation
+                            && choice.distribution == fresh.distribution
+                            && choice.protocol == fresh.protocol =>
+                    {
+                        if choice.chosen == preferred {
+                            choice.pending = false;
+                        } else if now >= choice.at + CHOICE_PERIOD {
+                            choice.chosen = preferred;
+                            choice.at = now;
+                            choice.pending = false;
+                        } else {
+                            choice.pending = true;
+                        }
+                        choice
+                    }
+                    _ => Choice {
+                        chosen: preferred,
+                        ..fresh
+                    },
+                };
+                rotation.slots = narrowed(&rotation.slots, &choice.chosen);
+                self.choices.insert(key.clone(), choice);
+                kept.insert(key);
+            }
+        }
+        self.choices.retain(|key, _| kept.contains(key));
+    }
+
+    /// The backends of `choice`'s rotation the measures prefer now.
+    fn preferred(&self, target: &str, choice: &Choice) -> BTreeSet<SocketAddr> {
+        let all = || choice.rotation.keys().copied().collect();
+        match choice.distribution {
+            Distribution::LeastConnections => {
+                let Some(established) = &self.established else {
+                    return all();
+                };
+                // Connections per weight, compared without division.
+                let load = |backend: &SocketAddr| {
+                    let count = established
+                        .get(&(*backend, choice.protocol))
+                        .copied()
+                        .unwrap_or(0);
+                    (u128::from(count), u128::from(choice.rotation[backend]))
+                };
+                let Some(least) = choice
+                    .rotation
+                    .keys()
+                    .map(load)
+                    .min_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)))
+                else {
+                    return BTreeSet::new();
+                };
+                choice
+                    .rotation
+                    .keys()
+                    .filter(|b| {
+                        let (count, weight) = load(b);
+                        count * least.1 == least.0 * weight
+                    })
+                    .copied()
+                    .collect()
+            }
+            Distribution::LeastLatency => {
+                let measured: Vec<(SocketAddr, Duration)> = choice
+                    .rotation
+                    .keys()
+                    .filter_map(|b| Some((*b, *self.latency.get(&(target.to_owned(), *b))?)))
+                    .collect();
+                let Some(lowest) = measured.iter().map(|(_, l)| *l).min() else {
+                    return all();
+                };
+                measured
+                    .into_iter()
+                    .filter(|(_, latency)| within_band(*latency, lowest))
+                    .map(|(b, _)| b)
+                    .collect()
+            }
+            Distribution::RoundRobin | Distribution::Random | Distribution::IpSrcHash => all(),
+        }
+    }
+}
+
+/// `slots` with only the `chosen` backends, in their order, their shares
+/// reduced by the common divisor: 2:2 of the rotation is 1:1 among them.
+fn narrowed(slots: &[SocketAddr], chosen: &BTreeSet<SocketAddr>) -> Vec<SocketAddr> {
+    let mut counts: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+    for slot in slots.iter().filter(|s| chosen.contains(s)) {
+        *counts.entry(*slot).or_default() += 1;
+    }
+    let divisor = counts.values().fold(0, |a, b| gcd(a, *b)).max(1);
+    let mut left: BTreeMap<SocketAddr, usize> =
+        counts.into_iter().map(|(b, n)| (b, n / divisor)).collect();
+    slots
+        .iter()
+        .filter(|slot| match left.get_mut(slot) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        })
+        .copied()
+        .collect()
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
