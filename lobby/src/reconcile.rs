@@ -382,8 +382,11 @@ pub struct Core {
     applying_report: Option<Instant>,
     retry_at: Option<Instant>,
     ready: bool,
-    /// A reload adopted, to be reported once the kernel has it.
+    /// A reload adopted, to be reported once the kernel has it: first not
+    /// yet planned, then in the transaction in flight (a reload that
+    /// arrives during another apply waits for its own).
     reloaded: Option<ReloadSummary>,
+    applying_reload: Option<ReloadSummary>,
     counted: BTreeSet<Backend>,
     fingerprint: Fingerprint,
     reloads: ReloadCounts,
@@ -420,6 +423,7 @@ impl Core {
             retry_at: None,
             ready: false,
             reloaded: None,
+            applying_reload: None,
             counted: BTreeSet::new(),
             fingerprint: Fingerprint::default(),
             reloads: ReloadCounts::default(),
@@ -1037,6 +1041,7 @@ impl Core {
                 self.fingerprint.text = None;
                 self.flight = Flight::Applying(desired);
                 self.applying_report = self.unplanned_report.take();
+                self.applying_reload = self.reloaded.take();
                 actions.push(Action::Apply(script));
             }
             None => {
@@ -1090,7 +1095,7 @@ impl Core {
                     }
                 }
                 self.applied = Some(desired);
-                if let Some(summary) = self.reloaded.take() {
+                if let Some(summary) = self.applying_reload.take() {
                     actions.push(Action::Notify(Notice::ReloadApplied(summary)));
                 }
                 if !self.ready {
@@ -1110,6 +1115,12 @@ impl Core {
                 actions.push(Action::Notify(Notice::ApplyFailed(error)));
                 self.unplanned_report =
                     earliest(self.unplanned_report, self.applying_report.take());
+                // Reported once a later transaction holding it succeeds
+                // (a newer reload replaces it).
+                if self.reloaded.is_none() {
+                    self.reloaded = self.applying_reload.take();
+                }
+                self.applying_reload = None;
                 self.retry_at = Some(now + APPLY_RETRY);
                 self.dirty = true;
             }

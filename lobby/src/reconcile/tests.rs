@@ -296,6 +296,36 @@ fn changes_during_an_apply_wait_for_its_outcome() {
     );
 }
 
+/// A reload that arrives while another change is being applied is
+/// reported when its own transaction is applied, not the other's: the
+/// policy test once saw "reload applied" before its SNAT rule existed.
+#[test]
+fn a_reload_during_an_apply_is_reported_after_its_own_transaction() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    assert!(script(&harness.step(report("web1", true))).is_some());
+    let changed = TWO_CHECKED.replace("port: 8081", "port: 8082");
+    let actions = harness.step(Event::ConfigLoaded(config(&changed)));
+    assert!(script(&actions).is_none(), "one transaction at a time");
+    let actions = harness.applied();
+    assert!(
+        !notices(&actions)
+            .iter()
+            .any(|n| n.starts_with("reload applied")),
+        "reported with the transaction before it: {:?}",
+        notices(&actions)
+    );
+    let reload = script(&actions).expect("the reload's own transaction");
+    assert!(reload.contains("8082"), "{reload}");
+    let actions = harness.applied();
+    assert!(
+        notices(&actions)
+            .iter()
+            .any(|n| n.starts_with("reload applied")),
+        "{:?}",
+        notices(&actions)
+    );
+}
+
 #[test]
 fn a_report_that_changes_nothing_applies_nothing() {
     let mut harness = Harness::started(TWO_CHECKED);

@@ -414,6 +414,27 @@ if [ "$failures" -gt 0 ]; then
     cat "$LOG"
 fi
 
+# check_balancing_and_stop WHAT: the running lobby's target (target_name,
+# target_addr, target_port) over web1-3: 9 connections in rotation with
+# exact counters, web2 killed and left out of 6 more, no error logged,
+# SIGTERM ends lobby cleanly.
+check_balancing_and_stop() {
+    nft list chain inet lobby "target-$target_name" | grep "l4proto"
+    made=0
+    check_rotation 9 web1 web2 web3
+    check_connections web1=3 web2=3 web3=3
+    kill_server 2
+    check_rotation 6 web1 web3
+    check_connections web1=6 web2=3 web3=6
+    grep " ERROR " "$LOG" && fail "lobby logged errors ($1)"
+    kill "$lobby_pid"
+    wait "$lobby_pid" || fail "lobby exited with status $? on SIGTERM ($1)"
+    if [ "$failures" -gt 0 ]; then
+        echo "--- lobby log ($1) ---"
+        cat "$LOG"
+    fi
+}
+
 echo "== 5. IPv6: 2001:2::2 (client) to 2001:2::1, upstreams 2001:2:I::11"
 # The servers of step 4 listen on both families (busybox nc binds [::]).
 (
@@ -437,36 +458,20 @@ sed -e 's/^      - name: vip$/      - name: vip6/' \
 cat /etc/lobby/ipv6.yaml
 start_lobby /etc/lobby/ipv6.yaml " IPv6"
 target_name=vip6
-nft list chain inet lobby "target-$target_name" | grep "l4proto"
 target_addr=2001:2::1
 target_port=8083
-made=0
-check_rotation 9 web1 web2 web3
-check_connections web1=3 web2=3 web3=3
-kill_server 2
-check_rotation 6 web1 web3
-check_connections web1=6 web2=3 web3=6
-grep " ERROR " "$LOG" && fail "lobby logged errors with IPv6"
-kill "$lobby_pid"
-wait "$lobby_pid" || fail "lobby exited with status $? on SIGTERM (IPv6)"
-if [ "$failures" -gt 0 ]; then
-    echo "--- lobby log (IPv6) ---"
-    cat "$LOG"
-fi
+check_balancing_and_stop IPv6
 
 # 6 and 7: the first step's target and checks over PROTOCOL on PORT.
 # check_protocol PROTOCOL PORT SERVER CHECK: every upstream runs the socat
 # SERVER address (answering webI to each flow), is probed by CHECK (a
 # health_check protocol line and its options).
 check_protocol() {
-    made=0
     for i in 1 2 3; do
         kill $(ip netns pids "up$i") 2>/dev/null
         ip netns exec "up$i" socat "$3" SYSTEM:"echo web$i" 2>/dev/null &
     done
     target_protocol=$1
-    target_addr=$LB_ADDR
-    target_port=$2
     target_name=vip-$1
     for i in 1 2 3; do
         tries=0
@@ -488,19 +493,7 @@ check_protocol() {
         /etc/lobby/lobby.yaml >"/etc/lobby/$1.yaml"
     cat "/etc/lobby/$1.yaml"
     start_lobby "/etc/lobby/$1.yaml" " $1"
-    nft list chain inet lobby "target-$target_name" | grep "l4proto"
-    check_rotation 9 web1 web2 web3
-    check_connections web1=3 web2=3 web3=3
-    kill_server 2
-    check_rotation 6 web1 web3
-    check_connections web1=6 web2=3 web3=6
-    grep " ERROR " "$LOG" && fail "lobby logged errors with $1"
-    kill "$lobby_pid"
-    wait "$lobby_pid" || fail "lobby exited with status $? on SIGTERM ($1)"
-    if [ "$failures" -gt 0 ]; then
-        echo "--- lobby log ($1) ---"
-        cat "$LOG"
-    fi
+    check_balancing_and_stop "$1"
 }
 
 echo "== 6. UDP: each flow to the next upstream, probed by UDP"
