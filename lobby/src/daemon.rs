@@ -389,6 +389,31 @@ fn read_and_parse(path: &Path, forced: bool) -> Loaded {
     }
 }
 
+/// A reload that asks for `acceleration` on a kernel without flowtables is
+/// refused as a start is, instead of failing every apply after it.
+async fn refuse_acceleration_without_flowtables(path: &Path, loaded: &mut Loaded) {
+    if !loaded
+        .config
+        .as_ref()
+        .is_ok_and(|c| c.acceleration.is_some())
+    {
+        return;
+    }
+    if let Err(source) = crate::nft::flowtable::supported().await {
+        let answer = source.to_string();
+        let refusal = DaemonError::NoFlowtable {
+            path: path.display().to_string(),
+            source,
+        };
+        loaded.config = Err(config::ConfigErrors::of_document(
+            path,
+            0,
+            0,
+            format!("{refusal}: {answer}"),
+        ));
+    }
+}
+
 /// What a checker task needs from the loop while it runs.
 struct Checker {
     cancel: CancellationToken,
@@ -764,8 +789,12 @@ impl<P: DataPlane> Wiring<P> {
         let path = path.to_owned();
         let loaded = self.loaded.clone();
         self.tracker.spawn(async move {
-            let read = tokio::task::spawn_blocking(move || read_and_parse(&path, forced));
-            if let Ok(outcome) = read.await {
+            let read = {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || read_and_parse(&path, forced))
+            };
+            if let Ok(mut outcome) = read.await {
+                refuse_acceleration_without_flowtables(&path, &mut outcome).await;
                 let _ = loaded.send(outcome).await;
             }
         });

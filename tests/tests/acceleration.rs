@@ -5,7 +5,13 @@
 //! kernel has it: `cargo xtask vm-test` (its acceleration step).
 use std::process::Command;
 
-use lobby_tests::{Topology, fixtures::ConfigBuilder, lobby::binary, privileged};
+use lobby_tests::{
+    Lobby, Topology,
+    fixtures::{ConfigBuilder, start_servers, target_addr},
+    lobby::binary,
+    privileged,
+    server::ask_name,
+};
 
 fn accelerated() -> String {
     let config = ConfigBuilder::new()
@@ -87,5 +93,40 @@ fn acceleration_is_refused_where_the_kernel_has_no_flowtable() {
         !String::from_utf8_lossy(&tables.stdout).contains("lobby"),
         "a refused start left a table: {}",
         String::from_utf8_lossy(&tables.stdout)
+    );
+}
+
+/// A reload that turns acceleration on where the kernel has no flowtables
+/// is refused like a start, and the running configuration keeps balancing
+/// (it used to be adopted and its every apply failed, retried each second).
+#[test]
+fn acceleration_by_reload_is_refused_and_the_running_config_stays() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    if kernel_has_flowtables(&topology) {
+        eprintln!("this kernel has flowtables: the refusal cannot be tested here");
+        return;
+    }
+    let _servers = start_servers(&topology);
+    let plain = ConfigBuilder::new()
+        .target("web", 8081)
+        .topology_upstreams(1, "")
+        .build();
+    let lobby = Lobby::start(&topology.lb, &plain);
+    let failed = lobby.log_count("reload failed");
+    lobby.write_config(&accelerated());
+    lobby.reload();
+    lobby.wait_for_log_count("reload failed", failed);
+    let log = lobby.log();
+    assert!(
+        log.contains("acceleration: this kernel has no flowtable support"),
+        "{log}"
+    );
+    assert_eq!(lobby.log_count("applying the ruleset failed"), 0, "{log}");
+    assert_eq!(
+        ask_name(&topology.client, target_addr(8081)).unwrap(),
+        "web0"
     );
 }
