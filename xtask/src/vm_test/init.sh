@@ -12,8 +12,9 @@
 #     ruleset's reject, which old kernels may refuse at prerouting),
 #   - SIGTERM removes the ruleset,
 #   - with `acceleration: {flowtable: true}`: the flowtable covers the
-#     expected interfaces, a bulk transfer and short connections are
-#     balanced and offloaded (conntrack's OFFLOAD), the counters equal the
+#     expected interfaces and takes in one created while lobby runs, a
+#     bulk transfer and short connections are balanced and offloaded
+#     (conntrack's OFFLOAD), the counters equal the
 #     connections made and the packets nft counts at the interfaces where
 #     the fast path starts and ends, and SIGTERM removes the flowtable,
 #   - IPv6: an IPv6 target over 3 IPv6 upstreams, round robin with exact
@@ -329,6 +330,32 @@ done
     echo "              host: 198.18.1.11"
     echo "              port: 9001"
 } >/etc/lobby/accel.yaml
+# uptime_cs: the guest's clock in hundredths of a second (busybox's date
+# has no nanoseconds).
+uptime_cs() {
+    awk '{ printf "%d", $1 * 100 }' /proc/uptime
+}
+# measure WHAT: bytes of a 5 s bulk transfer from bulk1 and the time of 30
+# short connections through the running lobby, printed and kept in
+# WHAT_bytes and WHAT_cs (TCG is slow: only the ratio of two runs means
+# anything).
+measure() {
+    bytes=$(sleep 6 | ip netns exec client timeout 5 nc "$LB_ADDR" 8082 2>/dev/null | wc -c)
+    started=$(uptime_cs)
+    for n in $(seq 30); do
+        connect >/dev/null
+    done
+    elapsed=$(($(uptime_cs) - started))
+    echo "bench $1: bulk $bytes bytes in 5 s, 30 connections in ${elapsed}0 ms"
+    eval "$1_bytes=$bytes $1_cs=$elapsed"
+}
+# The same targets without the flowtable first, for the ratio.
+sed '/acceleration: { flowtable: true }/d' /etc/lobby/accel.yaml >/etc/lobby/bulk.yaml
+start_lobby /etc/lobby/bulk.yaml " without acceleration"
+measure slow_path
+kill "$lobby_pid"
+wait "$lobby_pid" || fail "lobby exited with status $? on SIGTERM (without acceleration)"
+
 # The scenario's own counts: where the fast path starts (ingress) and ends
 # (egress), before the flowtable's hook (priority -500 < filter), and on
 # the slow path (forward).
@@ -367,6 +394,23 @@ flowtables=$(nft list flowtables)
 echo "$flowtables"
 listed=$(echo "$flowtables" | awk '/flowtable fastpath/ { on = 1 } on && /devices = / { sub(/.*devices = \{ */, ""); sub(/ *\}.*/, ""); gsub(/[",]/, ""); print; exit }' | tr ' ' '\n' | sort | tr '\n' ' ')
 [ "$listed" = "$expected_devices" ] || fail "the flowtable covers '$listed', expected '$expected_devices'"
+# A new interface joins the client side (no target has an ip): the
+# flowtable takes it in at the counters' recheck (every 5 s).
+ip link add client1 type veth peer name eth1 netns client
+ip link set client1 up
+ip -n client link set eth1 up
+joined_at=$(date +%s)
+tries=0
+until nft list flowtables | grep -q client1; do
+    tries=$((tries + 1))
+    if [ "$tries" -ge 100 ]; then
+        fail "the flowtable did not take the new interface client1 in 20 s"
+        break
+    fi
+    sleep 0.2
+done
+echo "client1 in the flowtable $(($(date +%s) - joined_at)) s after it appeared"
+grep "flowtable interfaces" "$LOG" | tail -n 1
 
 made=0
 (sleep 2; conntrack -L 2>/dev/null >/tmp/conntrack.txt) &
@@ -403,6 +447,9 @@ echo "toward bulk1: lobby $counted_out packets $counted_out_bytes bytes, nft $ou
 [ "$counted_out_bytes" = "$((out_bytes - 14 * out_packets))" ] ||
     fail "lobby counted $counted_out_bytes bytes toward bulk1, nft $out_bytes less 14 x $out_packets"
 [ "$slow_packets" -lt "$((in_packets / 2))" ] || fail "$slow_packets of $in_packets packets from bulk1 took the slow path"
+# After every count above: the measure's connections are not the scenario's.
+measure fast_path
+echo "bench flowtable / without: bulk $(awk -v a="$fast_path_bytes" -v b="$slow_path_bytes" 'BEGIN { printf "%.2f", a / b }'), connection rate $(awk -v a="$slow_path_cs" -v b="$fast_path_cs" 'BEGIN { printf "%.2f", a / b }')"
 grep " ERROR " "$LOG" && fail "lobby logged errors with acceleration"
 kill "$lobby_pid"
 wait "$lobby_pid" || fail "lobby exited with status $? on SIGTERM (acceleration)"
