@@ -28,14 +28,20 @@ fn udp_server(topology: &Topology, i: usize) -> UdpNameServer {
 }
 
 /// The names answering one datagram on each of `flows` new flows.
-fn flow_names(topology: &Topology, flows: usize) -> Vec<String> {
-    (0..flows)
-        .map(|i| {
-            UdpFlow::open(&topology.client, target_addr(PORT))
-                .ask_name()
-                .unwrap_or_else(|e| panic!("flow {i}: {e}"))
-        })
-        .collect()
+/// `flows` flows, each asked once, and their answers. The sockets stay
+/// open while the caller holds them: a closed flow's source port may be
+/// given to a later one, which conntrack then takes for the same flow
+/// (the same upstream, no new connection counted).
+fn flows_and_names(topology: &Topology, flows: usize) -> (Vec<UdpFlow>, Vec<String>) {
+    let flows: Vec<UdpFlow> = (0..flows)
+        .map(|_| UdpFlow::open(&topology.client, target_addr(PORT)))
+        .collect();
+    let names = flows
+        .iter()
+        .enumerate()
+        .map(|(i, flow)| flow.ask_name().unwrap_or_else(|e| panic!("flow {i}: {e}")))
+        .collect();
+    (flows, names)
 }
 
 #[test]
@@ -51,7 +57,7 @@ fn flows_go_round_robin_and_a_flow_stays_on_its_upstream() {
         .topology_upstreams(3, "");
     let lobby = Lobby::start(&topology.lb, &config.build());
 
-    let names = flow_names(&topology, 30);
+    let (_flows, names) = flows_and_names(&topology, 30);
     for i in 0..3 {
         assert_eq!(count(&names, &format!("web{i}")), 10, "{names:?}");
     }
@@ -99,7 +105,7 @@ fn a_udp_and_a_tcp_target_share_a_port_with_their_own_pools() {
             "web0"
         );
     }
-    let names = flow_names(&topology, 4);
+    let (_flows, names) = flows_and_names(&topology, 4);
     assert_eq!(count(&names, "web1"), 2, "{names:?}");
     assert_eq!(count(&names, "web2"), 2, "{names:?}");
 }
@@ -161,7 +167,7 @@ fn a_stopped_upstream_leaves_rotation_by_its_udp_health_check() {
     wait_for("web1 out of the ruleset", Duration::from_secs(2), || {
         (!in_rotation(&topology, 1)).then_some(())
     });
-    let names = flow_names(&topology, 10);
+    let (_flows, names) = flows_and_names(&topology, 10);
     assert_eq!(count(&names, "web1"), 0, "{names:?}");
     assert_eq!(count(&names, "web0") + count(&names, "web2"), 10);
 }
