@@ -153,6 +153,15 @@ pub fn start_server(topology: &Topology, i: usize) -> NameServer {
     )
 }
 
+/// `count` /32 prefixes of 10.0.0.0/8, two addresses apart so that no two
+/// merge into one interval: the bulk of large allow and block lists.
+pub fn spaced_prefixes(count: u32) -> impl Iterator<Item = String> {
+    (1..=count).map(|i| {
+        let [_, a, b, c] = (i * 2).to_be_bytes();
+        format!("10.{a}.{b}.{c}/32")
+    })
+}
+
 /// A target's address as the client sees it.
 pub fn target_addr(port: u16) -> SocketAddr {
     SocketAddr::from((Topology::LB_ADDR, port))

@@ -40,16 +40,25 @@ fn kernel_has_flowtables(topology: &Topology) -> bool {
     output.status.success()
 }
 
-#[test]
-fn acceleration_is_refused_where_the_kernel_has_no_flowtable() {
+/// A topology whose kernel lacks flowtables, where the refusals can be
+/// seen; `None` (said) without privileges or on a kernel that has them.
+fn topology_without_flowtables() -> Option<Topology> {
     if !privileged() {
-        return;
+        return None;
     }
     let topology = Topology::new(1);
     if kernel_has_flowtables(&topology) {
         eprintln!("this kernel has flowtables: the refusal cannot be tested here");
-        return;
+        return None;
     }
+    Some(topology)
+}
+
+#[test]
+fn acceleration_is_refused_where_the_kernel_has_no_flowtable() {
+    let Some(topology) = topology_without_flowtables() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("a temporary directory");
     let config = dir.path().join("lobby.yaml");
     std::fs::write(&config, accelerated()).expect("writing the config");
@@ -101,14 +110,9 @@ fn acceleration_is_refused_where_the_kernel_has_no_flowtable() {
 /// (it used to be adopted and its every apply failed, retried each second).
 #[test]
 fn acceleration_by_reload_is_refused_and_the_running_config_stays() {
-    if !privileged() {
+    let Some(topology) = topology_without_flowtables() else {
         return;
-    }
-    let topology = Topology::new(1);
-    if kernel_has_flowtables(&topology) {
-        eprintln!("this kernel has flowtables: the refusal cannot be tested here");
-        return;
-    }
+    };
     let _servers = start_servers(&topology);
     let plain = ConfigBuilder::new()
         .target("web", 8081)

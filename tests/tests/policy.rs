@@ -9,7 +9,7 @@ use std::{
 
 use lobby_tests::{
     Lobby, NetNs, Topology,
-    fixtures::{ConfigBuilder, UPSTREAM_PORT, start_servers, target_addr},
+    fixtures::{ConfigBuilder, UPSTREAM_PORT, spaced_prefixes, start_servers, target_addr},
     privileged,
     server::{ask_name, ask_name_from},
     wait_for,
@@ -165,16 +165,13 @@ fn only_traffic_on_the_named_interface_is_balanced() {
     );
 }
 
-/// A block list of `count` prefixes: `blocked` and `count - 1` /32s of
-/// 10.0.0.0/8, two apart (no two merge into one interval).
+/// A block list of `count` prefixes: `blocked` and `count - 1` spaced
+/// ones.
 fn block_list(count: u32, blocked: &str) -> String {
-    let mut list = format!("        block: [{blocked}");
-    for i in 1..count {
-        let [_, a, b, c] = (i * 2).to_be_bytes();
-        list.push_str(&format!(", 10.{a}.{b}.{c}/32"));
-    }
-    list.push_str("]\n");
-    list
+    let prefixes: Vec<String> = std::iter::once(blocked.to_owned())
+        .chain(spaced_prefixes(count - 1))
+        .collect();
+    format!("        block: [{}]\n", prefixes.join(", "))
 }
 
 #[test]

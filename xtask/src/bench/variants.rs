@@ -9,7 +9,11 @@ use std::{
     time::Duration,
 };
 
-use lobby_tests::{Launch, Lobby, NetNs, Topology, fixtures::ConfigBuilder, wait_for};
+use lobby_tests::{
+    Launch, Lobby, NetNs, Topology,
+    fixtures::{ConfigBuilder, spaced_prefixes},
+    wait_for,
+};
 
 use super::servers::{self, ECHO_PORT, GREET_PORT, SINK_PORT, Servers, UDP_PORT};
 
@@ -399,16 +403,13 @@ fn lobby_config(mode: Mode, ipv6: bool) -> String {
     )
 }
 
-/// `config` with a block list of `count` /32s of 10.0.0.0/8 on every
-/// target, two apart (no two merge into one interval).
+/// `config` with a block list of `count` spaced prefixes on every target.
 fn with_block_list(config: &str, count: u32) -> String {
-    let mut list = String::from("        block: [");
-    for i in 0..count {
-        let [_, a, b, c] = (i * 2 + 2).to_be_bytes();
-        let separator = if i == 0 { "" } else { ", " };
-        list.push_str(&format!("{separator}10.{a}.{b}.{c}/32"));
-    }
-    list.push_str("]\n        upstream_group:\n");
+    let prefixes: Vec<String> = spaced_prefixes(count).collect();
+    let list = format!(
+        "        block: [{}]\n        upstream_group:\n",
+        prefixes.join(", ")
+    );
     config.replace("        upstream_group:\n", &list)
 }
 
