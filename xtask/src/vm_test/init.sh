@@ -46,6 +46,8 @@ UPSTREAM_PORT=9000
 SOCKET=/run/lobby.sock
 LOG=/tmp/lobby.log
 failures=0
+# What ask and connect speak (the first steps: TCP).
+target_protocol=tcp
 
 fail() {
     echo "FAIL: $*"
@@ -102,20 +104,39 @@ echo "== modules loaded: $(tr '\n' ' ' </etc/vm-test/modules)"
     done
 ) || abort "building the topology"
 
+# ask [COMMAND...]: one connection (flow, association) of target_protocol
+# to the target, run by COMMAND; prints the answer.
+ask() {
+    case "$target_protocol" in
+    udp) echo ask | "$@" socat -T 3 - "UDP:$target_addr:$target_port" ;;
+    # One way: SCTP has no half-close, and an end of input would shut the
+    # association down before the answer.
+    sctp) "$@" socat -u -T 3 "SCTP:$target_addr:$target_port" - ;;
+    *) "$@" nc -w 5 "$target_addr" "$target_port" </dev/null ;;
+    esac
+}
+
+# wait_for_servers WHAT: every upstream's server answers target_protocol on
+# UPSTREAM_PORT with its name; asked from the guest, since the upstreams
+# have no route to the client.
+wait_for_servers() {
+    for i in 1 2 3; do
+        tries=0
+        until [ "$(target_addr=198.18.$i.11; target_port=$UPSTREAM_PORT; ask env 2>/tmp/ask.err)" = "web$i" ]; do
+            tries=$((tries + 1))
+            [ "$tries" -lt 50 ] || abort "the $1 server of web$i does not answer: $(cat /tmp/ask.err)"
+            sleep 0.2
+        done
+    done
+}
+
 # Each upstream answers every connection with its name (webI).
 for i in 1 2 3; do
     # Its stderr is closed: health probes that hang up at once make echo
     # complain of resets.
     ip netns exec "up$i" nc -ll -p "$UPSTREAM_PORT" -e echo "web$i" 2>/dev/null &
 done
-for i in 1 2 3; do
-    tries=0
-    until [ "$(nc -w 1 "198.18.$i.11" "$UPSTREAM_PORT" </dev/null 2>/dev/null)" = "web$i" ]; do
-        tries=$((tries + 1))
-        [ "$tries" -lt 50 ] || abort "server web$i does not answer"
-        sleep 0.2
-    done
-done
+wait_for_servers tcp
 
 mkdir -p /etc/lobby
 {
@@ -166,7 +187,6 @@ nft list table inet lobby
 echo "qdiscs of up1: $(tc qdisc show dev up1 | tr '\n' ' ')"
 
 # The target connect() reaches.
-target_protocol=tcp
 target_name=vip
 target_addr=$LB_ADDR
 target_port=$PORT
@@ -178,17 +198,6 @@ connect() {
     echo "${answer:-none}"
 }
 
-# ask [COMMAND...]: one connection (flow, association) of target_protocol
-# to the target, run by COMMAND; prints the answer.
-ask() {
-    case "$target_protocol" in
-    udp) echo ask | "$@" socat -T 3 - "UDP:$target_addr:$target_port" ;;
-    # One way: SCTP has no half-close, and an end of input would shut the
-    # association down before the answer.
-    sctp) "$@" socat -u -T 3 "SCTP:$target_addr:$target_port" - ;;
-    *) "$@" nc -w 5 "$target_addr" "$target_port" </dev/null ;;
-    esac
-}
 
 # check_rotation COUNT NAME...: COUNT connections go to the NAMEs in turn:
 # the first ones to each NAME once, then the same cycle again.
@@ -308,14 +317,7 @@ for i in 1 2 3; do
 done
 # bulk1 sends zeros for as long as a client reads.
 ip netns exec up1 nc -ll -p 9001 -e cat /dev/zero 2>/dev/null &
-for i in 1 2 3; do
-    tries=0
-    until [ "$(nc -w 1 "198.18.$i.11" "$UPSTREAM_PORT" </dev/null 2>/dev/null)" = "web$i" ]; do
-        tries=$((tries + 1))
-        [ "$tries" -lt 50 ] || abort "server web$i does not answer again"
-        sleep 0.2
-    done
-done
+wait_for_servers "restarted tcp"
 {
     # The entry gains `acceleration`; its targets gain bulk.
     sed 's/^  - engine: nftables$/  - engine: nftables\n    acceleration: { flowtable: true }/' /etc/lobby/lobby.yaml
@@ -520,17 +522,7 @@ check_protocol() {
     done
     target_protocol=$1
     target_name=vip-$1
-    for i in 1 2 3; do
-        tries=0
-        target_addr=198.18.$i.11
-        target_port=$UPSTREAM_PORT
-        # From the guest: the upstreams have no route to the client.
-        until [ "$(ask env 2>/tmp/ask.err)" = "web$i" ]; do
-            tries=$((tries + 1))
-            [ "$tries" -lt 50 ] || abort "the $1 server of web$i does not answer: $(cat /tmp/ask.err)"
-            sleep 0.2
-        done
-    done
+    wait_for_servers "$1"
     target_addr=$LB_ADDR
     target_port=$2
     sed -e "s/^      - name: vip$/      - name: $target_name/" \
