@@ -123,16 +123,9 @@ pub async fn run(
     ready: impl FnOnce(),
 ) -> Result<(), DaemonError> {
     let (config, config_text) = read_config(options.config_path.clone()).await?;
-    if config.acceleration.is_some() {
-        // Refused before anything is touched; `lobby check` (no
-        // privileges) validates the syntax only.
-        crate::nft::flowtable::supported()
-            .await
-            .map_err(|source| DaemonError::NoFlowtable {
-                path: options.config_path.display().to_string(),
-                source,
-            })?;
-    }
+    // Refused before anything is touched; `lobby check` (no privileges)
+    // validates the syntax only.
+    flowtables_if_asked(&config, &options.config_path).await?;
     // Before anything is touched: a live daemon's table is never taken.
     let table = config.nftables.table.clone();
     let lock = TableLock::claim(&ownership::default_lock_dir(), &table)?;
@@ -389,28 +382,31 @@ fn read_and_parse(path: &Path, forced: bool) -> Loaded {
     }
 }
 
+/// The kernel's flowtable support, when `config` asks for acceleration.
+async fn flowtables_if_asked(config: &Config, path: &Path) -> Result<(), DaemonError> {
+    if config.acceleration.is_none() {
+        return Ok(());
+    }
+    crate::nft::flowtable::supported()
+        .await
+        .map_err(|source| DaemonError::NoFlowtable {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
 /// A reload that asks for `acceleration` on a kernel without flowtables is
 /// refused as a start is, instead of failing every apply after it.
 async fn refuse_acceleration_without_flowtables(path: &Path, loaded: &mut Loaded) {
-    if !loaded
-        .config
-        .as_ref()
-        .is_ok_and(|c| c.acceleration.is_some())
-    {
+    let Ok(config) = &loaded.config else {
         return;
-    }
-    if let Err(source) = crate::nft::flowtable::supported().await {
-        let answer = source.to_string();
-        let refusal = DaemonError::NoFlowtable {
-            path: path.display().to_string(),
-            source,
+    };
+    if let Err(refusal) = flowtables_if_asked(config, path).await {
+        let message = match std::error::Error::source(&refusal) {
+            Some(answer) => format!("{refusal}: {answer}"),
+            None => refusal.to_string(),
         };
-        loaded.config = Err(config::ConfigErrors::of_document(
-            path,
-            0,
-            0,
-            format!("{refusal}: {answer}"),
-        ));
+        loaded.config = Err(config::ConfigErrors::of_document(path, 0, 0, message));
     }
 }
 
