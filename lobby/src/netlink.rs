@@ -3,7 +3,7 @@
 //! counters attach to), and every interface with its addresses (what the
 //! flowtable's client side is chosen from).
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     io,
     net::IpAddr,
     sync::Arc,
@@ -145,7 +145,7 @@ async fn look_up(
     let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
     // Ends when the last handle is dropped, at the end of this function.
     tokio::spawn(connection);
-    let names = Arc::new(link_names(&handle).await?);
+    let names = Arc::new(named_links(&handle).await?);
     let routes = stream::iter(addresses.iter().copied())
         .map(move |address| {
             let (handle, names) = (handle.clone(), names.clone());
@@ -157,42 +157,39 @@ async fn look_up(
     Ok(routes)
 }
 
-async fn link_names(handle: &Handle) -> Result<HashMap<u32, String>, NetlinkError> {
-    let mut names = HashMap::new();
+/// Every named interface of the namespace by index, with whether it is a
+/// loopback.
+async fn named_links(handle: &Handle) -> Result<BTreeMap<u32, (String, bool)>, NetlinkError> {
+    let mut links = BTreeMap::new();
     let mut dump = handle.link().get().execute();
     while let Some(link) = dump.try_next().await.map_err(NetlinkError::Dump)? {
+        let loopback = link.header.flags.contains(LinkFlags::Loopback);
         if let Some(name) = link.attributes.into_iter().find_map(|a| match a {
             LinkAttribute::IfName(name) => Some(name),
             _ => None,
         }) {
-            names.insert(link.header.index, name);
+            links.insert(link.header.index, (name, loopback));
         }
     }
-    Ok(names)
+    Ok(links)
 }
 
 /// Every interface of the namespace, with its addresses.
 pub async fn links() -> Result<Vec<crate::accel::Link>, NetlinkError> {
     let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
     tokio::spawn(connection);
-    let mut links = std::collections::BTreeMap::new();
-    let mut dump = handle.link().get().execute();
-    while let Some(link) = dump.try_next().await.map_err(NetlinkError::Dump)? {
-        let name = link.attributes.into_iter().find_map(|a| match a {
-            LinkAttribute::IfName(name) => Some(name),
-            _ => None,
-        });
-        if let Some(name) = name {
-            links.insert(
-                link.header.index,
-                crate::accel::Link {
-                    name,
-                    loopback: link.header.flags.contains(LinkFlags::Loopback),
-                    addresses: Vec::new(),
-                },
-            );
-        }
-    }
+    let mut links: BTreeMap<u32, crate::accel::Link> = named_links(&handle)
+        .await?
+        .into_iter()
+        .map(|(index, (name, loopback))| {
+            let link = crate::accel::Link {
+                name,
+                loopback,
+                addresses: Vec::new(),
+            };
+            (index, link)
+        })
+        .collect();
     let mut dump = handle.address().get().execute();
     while let Some(message) = dump.try_next().await.map_err(NetlinkError::Dump)? {
         let Some(link) = links.get_mut(&message.header.index) else {
@@ -217,7 +214,7 @@ pub async fn links() -> Result<Vec<crate::accel::Link>, NetlinkError> {
 
 async fn route_toward(
     handle: &Handle,
-    names: &HashMap<u32, String>,
+    names: &BTreeMap<u32, (String, bool)>,
     address: IpAddr,
 ) -> Result<Route, LookupError> {
     let prefix = if address.is_ipv4() { 32 } else { 128 };
@@ -244,7 +241,7 @@ async fn route_toward(
         })
         .ok_or(LookupError::NoInterface)?;
     // An interface created after the dump: its name on the next lookup.
-    let name = names.get(&index).ok_or(LookupError::NoLink { index })?;
+    let (name, _) = names.get(&index).ok_or(LookupError::NoLink { index })?;
     Ok(Route::Via(Interface {
         name: name.clone(),
         index,
