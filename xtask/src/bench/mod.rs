@@ -145,10 +145,7 @@ struct CounterPairs {
 
 fn data_plane(plan: &Plan) -> (BTreeMap<Variant, Samples>, CounterPairs) {
     let mut samples: BTreeMap<Variant, Samples> = BTreeMap::new();
-    let all: Vec<Variant> = Variant::MAIN
-        .into_iter()
-        .chain(Variant::RATE_ONLY)
-        .collect();
+    let all = chosen_variants();
     for round in 0..plan.rounds {
         eprintln!("bench: data plane, round {} of {}", round + 1, plan.rounds);
         // Rotate the order so no variant always runs first.
@@ -184,10 +181,12 @@ fn data_plane(plan: &Plan) -> (BTreeMap<Variant, Samples>, CounterPairs) {
         }
     }
     let mut counters = CounterPairs::default();
-    let (with, without) = (
-        &samples[&Variant::Lobby],
-        &samples[&Variant::LobbyWithoutCounters],
-    );
+    let (Some(with), Some(without)) = (
+        samples.get(&Variant::Lobby),
+        samples.get(&Variant::LobbyWithoutCounters),
+    ) else {
+        return (samples, counters);
+    };
     counters
         .rate
         .extend(with.rate.iter().copied().zip(without.rate.iter().copied()));
@@ -215,6 +214,25 @@ fn data_plane(plan: &Plan) -> (BTreeMap<Variant, Samples>, CounterPairs) {
         counters.rate.push((rates[0], rates[1]));
     }
     (samples, counters)
+}
+
+/// Every variant, or for development only those named in
+/// LOBBY_BENCH_VARIANTS (comma-separated names as the report prints them).
+fn chosen_variants() -> Vec<Variant> {
+    let all = Variant::MAIN.into_iter().chain(Variant::RATE_ONLY);
+    match std::env::var("LOBBY_BENCH_VARIANTS") {
+        Ok(names) if !names.is_empty() => {
+            let names: Vec<&str> = names.split(',').map(str::trim).collect();
+            for name in &names {
+                assert!(
+                    all.clone().any(|v| v.name() == *name),
+                    "LOBBY_BENCH_VARIANTS: no variant named {name}"
+                );
+            }
+            all.filter(|v| names.contains(&v.name())).collect()
+        }
+        _ => all.collect(),
+    }
 }
 
 /// Datagrams per second the upstreams received.
