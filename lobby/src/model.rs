@@ -346,9 +346,7 @@ fn rendezvous_score(slot: usize, candidate: &Candidate<'_>) -> f64 {
 impl Desired {
     /// Every available address of the upstreams of `config`, each a
     /// backend with its upstream's weight; upstreams missing from `states`
-    /// are left out. A target
-    /// serves the family of its `ip`, or both without one; IPv6 only when
-    /// `ipv6` (forwarding) allows it.
+    /// are left out. IPv6 only when `ipv6` (forwarding) allows it.
     pub fn from_config(
         config: &Config,
         states: &BTreeMap<UpstreamId, UpstreamState>,
@@ -357,65 +355,72 @@ impl Desired {
         let targets = config
             .targets
             .iter()
-            .map(|target| {
-                let candidates: Vec<Candidate<'_>> = target
-                    .group
-                    .upstreams
-                    .iter()
-                    .filter_map(|upstream| {
-                        let state = states.get(&UpstreamId::new(&target.name, &upstream.name))?;
-                        Some((upstream, state))
-                    })
-                    .flat_map(|(upstream, state)| {
-                        state
-                            .addresses
-                            .iter()
-                            .filter(|a| a.available)
-                            .map(move |a| Candidate {
-                                config: upstream,
-                                address: SocketAddr::new(a.address, upstream.port),
-                                weight: if state.drained { 0 } else { upstream.weight },
-                            })
-                    })
-                    .collect();
-                let distribution = target.group.distribution;
-                let families: Vec<FamilyRotation> = Family::BOTH
-                    .into_iter()
-                    .filter(|f| target.ip.is_none_or(|ip| ip.family() == *f))
-                    .filter(|f| ipv6 || *f == Family::Ipv4)
-                    .map(|family| {
-                        let of_family: Vec<Candidate<'_>> = candidates
-                            .iter()
-                            .filter(|c| Family::of(c.address.ip()) == family)
-                            .copied()
-                            .collect();
-                        FamilyRotation {
-                            family,
-                            slots: slots(distribution, &of_family),
-                        }
-                    })
-                    .collect();
-                let persistence = target
-                    .group
-                    .persistence
-                    .map(|timeout| Persistence::over(timeout, &families));
-                let desired = DesiredTarget {
-                    protocol: target.protocol,
-                    port: target.port,
-                    ip: target.ip,
-                    distribution,
-                    policy: target.policy.clone(),
-                    families,
-                    persistence,
-                    caps: caps(target, states),
-                };
-                (target.name.clone(), desired)
-            })
+            .map(|target| (target.name.clone(), DesiredTarget::of(target, states, ipv6)))
             .collect();
         Self {
             targets,
             nftables: config.nftables.clone(),
             ..Self::default()
+        }
+    }
+}
+
+impl DesiredTarget {
+    /// Every available address of the upstreams of `target` in `states`
+    /// (the others are left out), each a backend with its upstream's
+    /// weight. A target serves the family of its `ip`, or both without
+    /// one; IPv6 only when `ipv6` (forwarding) allows it.
+    pub fn of(target: &Target, states: &BTreeMap<UpstreamId, UpstreamState>, ipv6: bool) -> Self {
+        let candidates: Vec<Candidate<'_>> = target
+            .group
+            .upstreams
+            .iter()
+            .filter_map(|upstream| {
+                let state = states.get(&UpstreamId::new(&target.name, &upstream.name))?;
+                Some((upstream, state))
+            })
+            .flat_map(|(upstream, state)| {
+                state
+                    .addresses
+                    .iter()
+                    .filter(|a| a.available)
+                    .map(move |a| Candidate {
+                        config: upstream,
+                        address: SocketAddr::new(a.address, upstream.port),
+                        weight: if state.drained { 0 } else { upstream.weight },
+                    })
+            })
+            .collect();
+        let distribution = target.group.distribution;
+        let families: Vec<FamilyRotation> = Family::BOTH
+            .into_iter()
+            .filter(|f| target.ip.is_none_or(|ip| ip.family() == *f))
+            .filter(|f| ipv6 || *f == Family::Ipv4)
+            .map(|family| {
+                let of_family: Vec<Candidate<'_>> = candidates
+                    .iter()
+                    .filter(|c| Family::of(c.address.ip()) == family)
+                    .copied()
+                    .collect();
+                FamilyRotation {
+                    family,
+                    slots: slots(distribution, &of_family),
+                }
+            })
+            .collect();
+        let persistence = target
+            .group
+            .persistence
+            .map(|timeout| Persistence::over(timeout, &families));
+        Self {
+            protocol: target.protocol,
+            port: target.port,
+            ip: target.ip,
+            distribution,
+            policy: target.policy.clone(),
+            families,
+            persistence,
+            caps: caps(target, states),
         }
     }
 }

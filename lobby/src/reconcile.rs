@@ -311,6 +311,24 @@ struct Upstream {
     admin: AdminState,
 }
 
+impl Upstream {
+    /// What the desired state takes from it.
+    fn state(&self) -> UpstreamState {
+        let addresses = self
+            .addresses
+            .values()
+            .map(|a| AddressState {
+                address: a.address,
+                available: a.available && self.admin != AdminState::Disabled,
+            })
+            .collect();
+        UpstreamState {
+            addresses,
+            drained: self.admin == AdminState::Drained,
+        }
+    }
+}
+
 /// Reload outcomes, for metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReloadCounts {
@@ -326,6 +344,39 @@ impl Default for ReloadCounts {
             failed: 0,
             // The running configuration was valid.
             last_successful: true,
+        }
+    }
+}
+
+/// Which targets' desired state may no longer be what `Core::computed`
+/// holds.
+#[derive(Debug, Default)]
+struct Stale {
+    targets: BTreeSet<String>,
+}
+
+impl Stale {
+    fn target(&mut self, name: &str) {
+        if !self.targets.contains(name) {
+            self.targets.insert(name.to_owned());
+        }
+    }
+}
+
+/// When the oldest change of each kind waiting for the kernel was made.
+#[derive(Clone, Copy, Debug, Default)]
+struct Waiting {
+    /// A health report, decided in its checker.
+    report: Option<Instant>,
+    /// A configuration, read and parsed.
+    config: Option<Instant>,
+}
+
+impl Waiting {
+    fn merge(self, other: Waiting) -> Waiting {
+        Waiting {
+            report: earliest(self.report, other.report),
+            config: earliest(self.config, other.config),
         }
     }
 }
@@ -375,11 +426,15 @@ pub struct Core {
     flight: Flight,
     /// Something changed since the last plan.
     dirty: bool,
-    /// When the oldest health change not yet planned was decided, and the
-    /// same for the transaction in flight: how long a change waited for
-    /// the kernel, logged with each apply.
-    unplanned_report: Option<Instant>,
-    applying_report: Option<Instant>,
+    /// Each target's desired state as last computed, before the dynamic
+    /// distributions narrow it; only the targets in `stale` are computed
+    /// again (at 1,000 targets a health report touches one).
+    computed: BTreeMap<String, DesiredTarget>,
+    stale: Stale,
+    /// The changes not yet planned, and those of the transaction in
+    /// flight: how long each waited for the kernel, logged with each apply.
+    unplanned: Waiting,
+    applying: Waiting,
     retry_at: Option<Instant>,
     ready: bool,
     /// A reload adopted, to be reported once the kernel has it: first not
@@ -388,6 +443,9 @@ pub struct Core {
     reloaded: Option<ReloadSummary>,
     applying_reload: Option<ReloadSummary>,
     counted: BTreeSet<Backend>,
+    /// Upstreams or their addresses changed since `counted` (and the
+    /// flowtable's device query) were last worked out.
+    counted_stale: bool,
     fingerprint: Fingerprint,
     reloads: ReloadCounts,
     apply_duration: Histogram,
@@ -418,13 +476,16 @@ impl Core {
             resolving_until: None,
             flight: Flight::Idle,
             dirty: false,
-            unplanned_report: None,
-            applying_report: None,
+            computed: BTreeMap::new(),
+            stale: Stale::default(),
+            unplanned: Waiting::default(),
+            applying: Waiting::default(),
             retry_at: None,
             ready: false,
             reloaded: None,
             applying_reload: None,
             counted: BTreeSet::new(),
+            counted_stale: false,
             fingerprint: Fingerprint::default(),
             reloads: ReloadCounts::default(),
             apply_duration: Histogram::default(),
@@ -445,6 +506,7 @@ impl Core {
                     Some(refusal) => return self.on(Event::ConfigRejected(refusal), now),
                     None => {
                         self.adopt(config, now, &mut actions);
+                        self.unplanned.config = earliest(self.unplanned.config, Some(now));
                         self.dirty = true;
                     }
                 }
@@ -456,9 +518,11 @@ impl Core {
             }
             Event::Health(report) => {
                 let decided_at = report.decided_at;
+                let target = report.id.target.clone();
                 if self.on_health(report, &mut actions) {
+                    self.stale.target(&target);
                     self.dirty = true;
-                    self.unplanned_report = earliest(self.unplanned_report, Some(decided_at));
+                    self.unplanned.report = earliest(self.unplanned.report, Some(decided_at));
                 }
             }
             Event::Address(update) => {
@@ -599,6 +663,7 @@ impl Core {
         };
         if upstream.admin != state {
             upstream.admin = state;
+            self.stale.target(&id.target);
             self.dirty = true;
         }
         Ok(())
@@ -670,10 +735,22 @@ impl Core {
         for name in old_targets.keys().filter(|n| !new_names.contains(*n)) {
             summary.targets.removed += 1;
             info!(target = %name, "reload: target {name} removed");
+            self.computed.remove(*name);
+        }
+        // A target equal to the running one keeps its upstreams as they
+        // are: only the others are compared upstream by upstream.
+        let touched: Vec<&config::Target> = config
+            .targets
+            .iter()
+            .filter(|t| old_targets.get(t.name.as_str()) != Some(t))
+            .collect();
+        let touched_names: BTreeSet<&str> = touched.iter().map(|t| t.name.as_str()).collect();
+        for name in &touched_names {
+            self.stale.target(name);
         }
 
         let mut next: BTreeMap<UpstreamId, UpstreamSpec> = BTreeMap::new();
-        for target in &config.targets {
+        for target in touched {
             for upstream in &target.group.upstreams {
                 let spec = UpstreamSpec {
                     protocol: target.protocol,
@@ -689,7 +766,11 @@ impl Core {
         let gone: Vec<UpstreamId> = self
             .upstreams
             .keys()
-            .filter(|id| !next.contains_key(*id))
+            .filter(|id| {
+                let target = id.target.as_str();
+                !new_names.contains(target)
+                    || (touched_names.contains(target) && !next.contains_key(*id))
+            })
             .cloned()
             .collect();
         for id in gone {
@@ -699,8 +780,12 @@ impl Core {
         }
         // Resolvers first, so that new upstreams of a known name start with
         // its address.
-        let keys: BTreeSet<ResolverKey> = next
-            .values()
+        let keys: BTreeSet<ResolverKey> = self
+            .upstreams
+            .iter()
+            .filter(|(id, _)| !next.contains_key(*id))
+            .map(|(_, u)| &u.spec)
+            .chain(next.values())
             .filter_map(UpstreamSpec::resolver_key)
             .collect();
         self.resolvers.retain(|key, _| {
@@ -744,6 +829,7 @@ impl Core {
             }
         }
         self.config = Some(config);
+        self.counted_stale = true;
         if starting {
             // A takeover lets names resolve before the first apply, so that
             // their upstreams do not leave rotation for the time DNS takes.
@@ -777,6 +863,7 @@ impl Core {
     }
 
     fn retire(&mut self, id: &UpstreamId, actions: &mut Vec<Action>) {
+        self.counted_stale = true;
         if let Some(upstream) = self.upstreams.remove(id)
             && upstream.spec.health_check.is_some()
         {
@@ -849,7 +936,10 @@ impl Core {
             .collect();
         let mut changed = false;
         for id in users {
-            changed |= self.place(&id, &update.addresses, actions);
+            if self.place(&id, &update.addresses, actions) {
+                self.stale.target(&id.target);
+                changed = true;
+            }
         }
         changed
     }
@@ -971,6 +1061,7 @@ impl Core {
                 .insert(key, next);
             changed = true;
         }
+        self.counted_stale |= changed;
         changed
     }
 
@@ -997,27 +1088,13 @@ impl Core {
         self.resolving_until = None;
         // Tracked before the apply that may send traffic there.
         self.track_counters(actions);
-        let states: BTreeMap<UpstreamId, UpstreamState> = self
-            .upstreams
-            .iter()
-            .map(|(id, u)| {
-                let addresses = u
-                    .addresses
-                    .values()
-                    .map(|a| AddressState {
-                        address: a.address,
-                        available: a.available && u.admin != AdminState::Disabled,
-                    })
-                    .collect();
-                let state = UpstreamState {
-                    addresses,
-                    drained: u.admin == AdminState::Drained,
-                };
-                (id.clone(), state)
-            })
-            .collect();
+        self.compute_stale();
         let config = self.config.as_ref().expect("checked above");
-        let mut desired = Desired::from_config(config, &states, self.ipv6_forwarding);
+        let mut desired = Desired {
+            targets: self.computed.clone(),
+            nftables: config.nftables.clone(),
+            ..Desired::default()
+        };
         self.selection.narrow(&mut desired, now);
         desired.flowtable = accel::flowtable(config.acceleration, self.devices.as_ref());
         let masqueraded = self
@@ -1040,12 +1117,12 @@ impl Core {
                 self.fingerprint.generation += 1;
                 self.fingerprint.text = None;
                 self.flight = Flight::Applying(desired);
-                self.applying_report = self.unplanned_report.take();
+                self.applying = std::mem::take(&mut self.unplanned);
                 self.applying_reload = self.reloaded.take();
                 actions.push(Action::Apply(script));
             }
             None => {
-                self.unplanned_report = None;
+                self.unplanned = Waiting::default();
                 if let Some(summary) = self.reloaded.take() {
                     actions.push(Action::Notify(Notice::ReloadApplied(summary)));
                 }
@@ -1067,15 +1144,16 @@ impl Core {
             Ok(elapsed) => {
                 self.apply_duration.observe(elapsed);
                 let elapsed_ms = elapsed.as_millis() as u64;
-                match self.applying_report.take() {
-                    Some(decided_at) => info!(
-                        elapsed_ms,
-                        report_to_apply_ms =
-                            now.saturating_duration_since(decided_at).as_millis() as u64,
-                        "ruleset applied"
-                    ),
-                    None => info!(elapsed_ms, "ruleset applied"),
-                }
+                let waited = |since: Option<Instant>| {
+                    since.map(|at| now.saturating_duration_since(at).as_millis() as u64)
+                };
+                let applying = std::mem::take(&mut self.applying);
+                info!(
+                    elapsed_ms,
+                    report_to_apply_ms = waited(applying.report),
+                    config_to_apply_ms = waited(applying.config),
+                    "ruleset applied"
+                );
                 for (name, target) in &desired.targets {
                     let before = self
                         .applied
@@ -1113,8 +1191,8 @@ impl Core {
                     return;
                 }
                 actions.push(Action::Notify(Notice::ApplyFailed(error)));
-                self.unplanned_report =
-                    earliest(self.unplanned_report, self.applying_report.take());
+                let applying = std::mem::take(&mut self.applying);
+                self.unplanned = self.unplanned.merge(applying);
                 // Reported once a later transaction holding it succeeds
                 // (a newer reload replaces it).
                 if self.reloaded.is_none() {
@@ -1190,9 +1268,53 @@ impl Core {
         self.dirty = true;
     }
 
+    /// Computes the desired state of the stale targets again; the others
+    /// keep theirs.
+    fn compute_stale(&mut self) {
+        let Some(config) = &self.config else {
+            return;
+        };
+        let stale = std::mem::take(&mut self.stale.targets);
+        for target in config.targets.iter().filter(|t| stale.contains(&t.name)) {
+            let states: BTreeMap<UpstreamId, UpstreamState> = self
+                .upstreams
+                .range(UpstreamId::new(&target.name, "")..)
+                .take_while(|(id, _)| id.target == target.name)
+                .map(|(id, u)| (id.clone(), u.state()))
+                .collect();
+            let computed = DesiredTarget::of(target, &states, self.ipv6_forwarding);
+            self.computed.insert(target.name.clone(), computed);
+        }
+        // Every test build checks that what an event leaves alone is what
+        // computing everything again would give.
+        #[cfg(debug_assertions)]
+        {
+            let states = self
+                .upstreams
+                .iter()
+                .map(|(id, u)| (id.clone(), u.state()))
+                .collect();
+            let full = Desired::from_config(config, &states, self.ipv6_forwarding);
+            assert_eq!(full.targets, self.computed, "an event left a target stale");
+        }
+    }
+
     /// Counts every configured upstream with a known address, available or
     /// not: draining connections still flow.
     fn track_counters(&mut self, actions: &mut Vec<Action>) {
+        if !std::mem::take(&mut self.counted_stale) {
+            #[cfg(debug_assertions)]
+            {
+                let counted: BTreeSet<Backend> = self.counted_upstreams().map(|(_, b)| b).collect();
+                assert_eq!(counted, self.counted, "an address changed unnoticed");
+                assert_eq!(
+                    self.device_query(),
+                    self.device_query,
+                    "an address changed unnoticed"
+                );
+            }
+            return;
+        }
         let counted: BTreeSet<Backend> = self.counted_upstreams().map(|(_, b)| b).collect();
         if counted != self.counted {
             self.counted = counted.clone();

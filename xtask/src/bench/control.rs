@@ -94,22 +94,28 @@ fn scale_targets(
     config
 }
 
-/// The `elapsed_ms` of the `n`-th (from 0) `ruleset applied` line, and
-/// the line's timestamp.
-fn applied(lobby: &Lobby, n: usize) -> Option<(f64, SystemTime)> {
+/// The `n`-th (from 0) `ruleset applied` line: its `elapsed_ms` (the nft
+/// run), its timestamp, and its `config_to_apply_ms` if it carried a
+/// configuration.
+fn applied(lobby: &Lobby, n: usize) -> Option<(f64, SystemTime, Option<f64>)> {
     let log = lobby.log();
     let line = log
         .lines()
         .filter(|l| l.contains("ruleset applied"))
         .nth(n)?;
-    let elapsed = line
-        .split("elapsed_ms=")
-        .nth(1)?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some((elapsed, timestamp(line)?))
+    let field = |name: &str| -> Option<f64> {
+        line.split(&format!("{name}="))
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((
+        field("elapsed_ms")?,
+        timestamp(line)?,
+        field("config_to_apply_ms"),
+    ))
 }
 
 /// The RFC 3339 UTC timestamp tracing puts first on a line
@@ -297,20 +303,30 @@ pub fn capture(capture: &Capture, config: &str, reloads: &[String]) -> (Vec<Stri
     (scripts, marks)
 }
 
-/// Writes `config`, sends SIGHUP and waits for the apply it causes: ms
-/// from the signal to the apply's log line (read, parse, diff, render,
-/// counters' map entries, nft).
-fn reload(lobby: &Lobby, config: &str) -> f64 {
+/// A reload's milliseconds: from SIGHUP to the apply's log line (read,
+/// parse, diff, render, counters' map entries, nft), and from the parsed
+/// configuration's arrival in the core to the same line (diff, render,
+/// nft: Lobby's part besides reading its file).
+pub struct ReloadMs {
+    pub signalled: f64,
+    pub parsed: f64,
+}
+
+/// Writes `config`, sends SIGHUP and waits for the apply it causes.
+fn reload(lobby: &Lobby, config: &str) -> ReloadMs {
     // Steady state: see SETTLE.
     std::thread::sleep(SETTLE);
     let before = lobby.log_count("ruleset applied");
     lobby.write_config(config);
     let sent = SystemTime::now();
     lobby.reload();
-    let (_, at) = wait_for("the reload to apply", Duration::from_secs(60), || {
+    let (_, at, parsed) = wait_for("the reload to apply", Duration::from_secs(60), || {
         applied(lobby, before)
     });
-    ms_between(sent, at)
+    ReloadMs {
+        signalled: ms_between(sent, at),
+        parsed: parsed.expect("a reload's apply logs config_to_apply_ms"),
+    }
 }
 
 /// Apply time (ms, as the daemon logs it: its nft run) of a first start.
@@ -322,7 +338,7 @@ pub fn first_apply_ms(config: &str) -> f64 {
 
 /// Milliseconds from SIGHUP to each reload's apply, starting from
 /// `config` and reloading to each of `reloads` in turn.
-pub fn reloads_ms(config: &str, reloads: &[String]) -> Vec<f64> {
+pub fn reloads_ms(config: &str, reloads: &[String]) -> Vec<ReloadMs> {
     let topology = lb_topology();
     let lobby = Lobby::start(&topology.lb, config);
     reloads.iter().map(|next| reload(&lobby, next)).collect()

@@ -390,27 +390,36 @@ fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
     .map(|c| scale_config(1000, 10, c))
     .collect();
     let (scripts, marks) = control::capture(capture, &base, &steps);
-    let names = [
-        "reload at 1,000 x 10, one target changed (SIGHUP to applied)",
-        "reload at 1,000 x 10, one weight changed (SIGHUP to applied)",
-        "reload at 1,000 x 10, every target changed (SIGHUP to applied)",
+    let changes = [
+        "one target changed",
+        "one weight changed",
+        "every target changed",
     ];
-    let mut reload_rows: Vec<ControlRow> = names
+    let row = |change: &str, span: &str| ControlRow {
+        what: format!("reload at 1,000 x 10, {change} ({span})"),
+        lobby: Vec::new(),
+        raw: Vec::new(),
+    };
+    let mut signalled: Vec<ControlRow> = changes
         .iter()
-        .map(|what| ControlRow {
-            what: (*what).to_owned(),
-            lobby: Vec::new(),
-            raw: Vec::new(),
-        })
+        .map(|c| row(c, "SIGHUP to applied"))
+        .collect();
+    let mut parsed: Vec<ControlRow> = changes
+        .iter()
+        .map(|c| row(c, "parsed file to applied"))
         .collect();
     for _ in 0..plan.reload_runs {
         let lobby = control::reloads_ms(&base, &steps);
-        for (step, row) in reload_rows.iter_mut().enumerate() {
-            row.lobby.push(lobby[step]);
-            row.raw.push(control::raw_ms(&scripts[..=marks[step + 1]]));
+        for (step, ms) in lobby.iter().enumerate() {
+            let raw = control::raw_ms(&scripts[..=marks[step + 1]]);
+            signalled[step].lobby.push(ms.signalled);
+            signalled[step].raw.push(raw);
+            parsed[step].lobby.push(ms.parsed);
+            parsed[step].raw.push(raw);
         }
     }
-    rows.extend(reload_rows);
+    rows.extend(signalled);
+    rows.extend(parsed);
 
     eprintln!("bench: control plane, repair after an outside table deletion");
     let repair = Repair {
