@@ -262,13 +262,15 @@ fn data_plane(plan: &Plan) -> (BTreeMap<Variant, Samples>, CounterPairs) {
         }
     }
     let mut counters = CounterPairs::default();
-    let (Some(with), Some(without)) = (
-        samples.get(&Variant::Lobby),
-        samples.get(&Variant::LobbyWithoutCounters),
-    ) else {
+    if let Some(with) = samples.get(&Variant::Lobby) {
+        counters.add(with, samples.get(&Variant::LobbyWithoutCounters));
+    }
+    // The pairs are for runs that measure both.
+    if !(samples.contains_key(&Variant::Lobby)
+        && samples.contains_key(&Variant::LobbyWithoutCounters))
+    {
         return (samples, counters);
-    };
-    counters.add(with, without);
+    }
     for pair in 0..plan.counter_pairs {
         eprintln!(
             "bench: counters' cost, pair {} of {}",
@@ -283,22 +285,25 @@ fn data_plane(plan: &Plan) -> (BTreeMap<Variant, Samples>, CounterPairs) {
             measure_rate(&setup, plan, &mut pair_samples[i]);
         }
         let [with, without] = &pair_samples;
-        counters.add(with, without);
+        counters.add(with, Some(without));
     }
     (samples, counters)
 }
 
 impl CounterPairs {
-    /// Pairs up what rounds of Lobby with and without counters measured.
-    fn add(&mut self, with: &Samples, without: &Samples) {
-        self.rate
-            .extend(with.rate.iter().copied().zip(without.rate.iter().copied()));
-        self.bulk.extend(
-            with.bulk_bps
-                .iter()
-                .copied()
-                .zip(without.bulk_bps.iter().copied()),
-        );
+    /// What rounds of Lobby with counters cost, paired up with what rounds
+    /// without them measured when they ran.
+    fn add(&mut self, with: &Samples, without: Option<&Samples>) {
+        if let Some(without) = without {
+            self.rate
+                .extend(with.rate.iter().copied().zip(without.rate.iter().copied()));
+            self.bulk.extend(
+                with.bulk_bps
+                    .iter()
+                    .copied()
+                    .zip(without.bulk_bps.iter().copied()),
+            );
+        }
         self.rate_spent.extend(&with.rate_spent);
         self.bulk_spent.extend(&with.bulk_spent);
     }
