@@ -393,10 +393,10 @@ pub fn death_to_removal_ms() -> f64 {
 /// What the daemon costs at idle with probed upstreams, beside what the
 /// same probes cost without it.
 pub struct IdleCost {
-    /// The daemon's CPU over the window, % of one core.
-    pub lobby_cpu: f64,
-    /// The bare prober's CPU over as long a window, % of one core.
-    pub bare_prober_cpu: f64,
+    /// The daemon's CPU in each of its windows, % of one core.
+    pub lobby_cpu: Vec<f64>,
+    /// The bare prober's CPU in the window after each of the daemon's.
+    pub bare_prober_cpu: Vec<f64>,
     pub rss_kib: u64,
     /// The daemon's RSS with [`IDLE_BASE`] probed upstreams.
     pub base_rss_kib: u64,
@@ -410,29 +410,40 @@ pub const IDLE_BASE: usize = 10;
 const IDLE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const IDLE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The daemon's CPU over `window` and its RSS with `count` upstreams
-/// probed every second; a bare prober's CPU doing the same connects in the
-/// same namespace over as long; the daemon's RSS with [`IDLE_BASE`]
-/// upstreams. One after the other, each daemon stopped cleanly (table and
-/// programs gone) before the next step.
-pub fn idle_cost(count: usize, window: Duration) -> IdleCost {
+/// The daemon with `count` upstreams probed every second and a bare prober
+/// doing the same connects in the same namespace, in `pairs` pairs of
+/// windows of `window` back to back (one measure of either is at the
+/// mercy of what else the machine runs). Each pair starts a daemon (its
+/// checkers at random phases, as in production) and stops it cleanly
+/// before the prober runs. Then the daemon's RSS with [`IDLE_BASE`]
+/// upstreams.
+pub fn idle_cost(count: usize, window: Duration, pairs: usize) -> IdleCost {
     let topology = Topology::new(3);
     for (i, ns) in topology.upstreams.iter().enumerate() {
         servers::start(ns, std::net::IpAddr::V4(Topology::upstream_addr(i)));
     }
-    let bare_prober_cpu = bare_prober_cpu(
-        &topology.lb,
-        (0..count).map(idle_upstream).collect(),
-        window,
-    );
-    let (lobby_cpu, rss_kib) = idle_daemon(&topology, count, window);
-    let (_, base_rss_kib) = idle_daemon(&topology, IDLE_BASE, Duration::ZERO);
-    IdleCost {
-        lobby_cpu,
-        bare_prober_cpu,
-        rss_kib,
-        base_rss_kib,
+    let mut cost = IdleCost {
+        lobby_cpu: Vec::new(),
+        bare_prober_cpu: Vec::new(),
+        rss_kib: 0,
+        base_rss_kib: 0,
+    };
+    for _ in 0..pairs {
+        let lobby = idle_daemon(&topology, count);
+        let before = cpu_ticks(lobby.pid());
+        std::thread::sleep(window);
+        let ticks = cpu_ticks(lobby.pid()) - before;
+        cost.lobby_cpu
+            .push(ticks as f64 / ticks_per_second() / window.as_secs_f64() * 100.0);
+        cost.rss_kib = stop_idle_daemon(lobby);
+        cost.bare_prober_cpu.push(bare_prober_cpu(
+            &topology.lb,
+            (0..count).map(idle_upstream).collect(),
+            window,
+        ));
     }
+    cost.base_rss_kib = stop_idle_daemon(idle_daemon(&topology, IDLE_BASE));
+    cost
 }
 
 /// Where idle upstream `i` is: the three upstream namespaces' greeting
@@ -442,9 +453,8 @@ fn idle_upstream(i: usize) -> SocketAddr {
 }
 
 /// A daemon with `count` probed upstreams, ten per target, after its first
-/// probes and applies: its CPU (% of one core) over `window` and its RSS
-/// (KiB) at the end.
-fn idle_daemon(topology: &Topology, count: usize, window: Duration) -> (f64, u64) {
+/// probes and applies.
+fn idle_daemon(topology: &Topology, count: usize) -> Lobby {
     let check = health_check(servers::GREET_PORT, true, 1, 1, 1);
     let mut config = ConfigBuilder::new();
     for t in 0..count / 10 {
@@ -454,17 +464,17 @@ fn idle_daemon(topology: &Topology, count: usize, window: Duration) -> (f64, u64
             config = config.upstream_with(&format!("u{u}"), upstream.ip(), upstream.port(), &check);
         }
     }
-    let mut lobby = Lobby::start(&topology.lb, &config.build());
+    let lobby = Lobby::start(&topology.lb, &config.build());
     std::thread::sleep(Duration::from_secs(3)); // first probes, first applies
-    let pid = lobby.pid();
-    let before = cpu_ticks(pid);
-    std::thread::sleep(window);
-    let after = cpu_ticks(pid);
-    let rss = rss_kib(pid);
+    lobby
+}
+
+/// The daemon's RSS (KiB), then a clean stop: its table and programs go.
+fn stop_idle_daemon(mut lobby: Lobby) -> u64 {
+    let rss = rss_kib(lobby.pid());
     let status = lobby.stop_with(libc::SIGTERM);
     assert!(status.success(), "the idle daemon stopped with {status}");
-    let percent = (after - before) as f64 / ticks_per_second() / window.as_secs_f64() * 100.0;
-    (percent, rss)
+    rss
 }
 
 /// The anchor of the daemon's idle CPU: one thread in `ns` that connects
@@ -472,7 +482,8 @@ fn idle_daemon(topology: &Topology, count: usize, window: Duration) -> (f64, u64
 /// (the daemon's checkers start at random phases), as the daemon's TCP
 /// probe does (a nonblocking connect with a timeout, then a close that
 /// resets: SO_LINGER 0), and nothing else. Its CPU (% of one core) over
-/// `window`, after a first interval left out as the daemon's is.
+/// `window`, after a first interval left out as the daemon's first probes
+/// are.
 fn bare_prober_cpu(ns: &NetNs, upstreams: Vec<SocketAddr>, window: Duration) -> f64 {
     ns.within(move || {
         let spacing = IDLE_PROBE_INTERVAL / upstreams.len() as u32;
