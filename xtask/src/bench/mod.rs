@@ -223,12 +223,15 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
 }
 
 /// Connection rates and bulk throughputs of Lobby with and without
-/// counters, measured back to back: (with, without) per pair; and what
-/// Lobby's measurements cost, its counters' run time among it.
+/// counters, measured back to back, and the traffic's CPU per connection
+/// and per byte: (with, without) per pair; and what Lobby's measurements
+/// cost, its counters' run time among it.
 #[derive(Default)]
 struct CounterPairs {
     rate: Vec<(f64, f64)>,
     bulk: Vec<(f64, f64)>,
+    rate_cpu: Vec<(f64, f64)>,
+    bulk_cpu: Vec<(f64, f64)>,
     rate_spent: Vec<Spent>,
     bulk_spent: Vec<Spent>,
 }
@@ -307,6 +310,17 @@ impl CounterPairs {
                     .copied()
                     .zip(without.bulk_bps.iter().copied()),
             );
+            let per_unit = |s: &Spent| s.traffic_ns / s.units;
+            let cpu = |a: &[Spent], b: &[Spent]| {
+                a.iter()
+                    .map(per_unit)
+                    .zip(b.iter().map(per_unit))
+                    .collect::<Vec<_>>()
+            };
+            self.rate_cpu
+                .extend(cpu(&with.rate_spent, &without.rate_spent));
+            self.bulk_cpu
+                .extend(cpu(&with.bulk_spent, &without.bulk_spent));
         }
         self.rate_spent.extend(&with.rate_spent);
         self.bulk_spent.extend(&with.bulk_spent);
@@ -692,6 +706,10 @@ impl Report {
         let (with, without): (Vec<f64>, Vec<f64>) = self.counters.rate.iter().copied().unzip();
         let (bulk_with, bulk_without): (Vec<f64>, Vec<f64>) =
             self.counters.bulk.iter().copied().unzip();
+        let (rate_cpu_with, rate_cpu_without): (Vec<f64>, Vec<f64>) =
+            self.counters.rate_cpu.iter().copied().unzip();
+        let (bulk_cpu_with, bulk_cpu_without): (Vec<f64>, Vec<f64>) =
+            self.counters.bulk_cpu.iter().copied().unzip();
         let (rate_share, rate_spent) = counters_share(&self.counters.rate_spent, "conn", 1.0);
         let (bulk_share, bulk_spent) = counters_share(&self.counters.bulk_spent, "KiB", 1024.0);
         vec![
@@ -802,6 +820,18 @@ impl Report {
                 Ratio::paired(&bulk_with, &bulk_without),
                 format!("without {:.2} Gbit/s", median(&bulk_without) * 8.0 / 1e9),
                 ">= 0.97",
+            ),
+            (
+                "counters: the traffic's CPU per conn, with / without (paired)",
+                Ratio::paired(&rate_cpu_with, &rate_cpu_without),
+                format!("without {:.0} ns/conn", median(&rate_cpu_without)),
+                "<= 1.03",
+            ),
+            (
+                "counters: the traffic's CPU per byte in bulk, with / without (paired)",
+                Ratio::paired(&bulk_cpu_with, &bulk_cpu_without),
+                format!("without {:.0} ns/KiB", median(&bulk_cpu_without) * 1024.0),
+                "<= 1.03",
             ),
             (
                 "counters: their eBPF run time / the traffic's CPU, conn/s test",
@@ -959,6 +989,7 @@ impl Report {
             "ratios": ratios,
             "counter_pairs": {
                 "conn_per_s": self.counters.rate, "bulk_bytes_per_s": self.counters.bulk,
+                "traffic_ns_per_conn": self.counters.rate_cpu, "traffic_ns_per_byte": self.counters.bulk_cpu,
                 "lobby_rate_spent": self.counters.rate_spent.iter().map(Spent::json).collect::<Vec<_>>(),
                 "lobby_bulk_spent": self.counters.bulk_spent.iter().map(Spent::json).collect::<Vec<_>>(),
             },
