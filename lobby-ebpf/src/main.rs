@@ -52,6 +52,8 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
+use core::mem::MaybeUninit;
+
 use lobby_common::{
     COUNTERS_MAP, FAMILY_IPV4, FAMILY_IPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, MAX_UPSTREAMS,
     UpstreamCounters, UpstreamKey,
@@ -349,19 +351,28 @@ fn is_probe_answer(packet: &Packet) -> bool {
     now.saturating_sub(sent) < PROBE_ANSWER_NS
 }
 
+/// An IPv4 address laid out as in [`UpstreamKey::addr`], built in
+/// registers: zeroing the 12 bytes after it in memory is a call to the
+/// BPF target's memset (see [`load_array`]).
+#[inline(always)]
+fn ipv4_addr(bytes: [u8; 4]) -> [u8; 16] {
+    u128::from(u32::from_le_bytes(bytes)).to_le_bytes()
+}
+
 #[inline(always)]
 fn read_packet(ctx: &TcContext) -> Option<Packet> {
     // One load covers an IPv6 header, or an IPv4 header without options and
     // the transport bytes counting reads: the usual IPv4 packet costs one
     // helper call. An IPv4 datagram shorter than that is read in two.
-    let mut head = [0u8; IPV6_HEADER];
-    let short = load_network_bytes(ctx, 0, &mut head).is_none();
+    let mut head = MaybeUninit::uninit();
+    let (head, whole) = load_array::<IPV6_HEADER>(ctx, 0, &mut head);
+    let short = !whole;
     if short {
         load_network_bytes(ctx, 0, &mut head[..IPV4_HEADER])?;
     }
     match head[0] >> 4 {
-        4 => read_ipv4(ctx, &head, short),
-        6 if !short => read_ipv6(ctx, &head),
+        4 => read_ipv4(ctx, head, short),
+        6 if !short => read_ipv6(ctx, head),
         _ => None,
     }
 }
@@ -374,22 +385,20 @@ fn read_ipv4(ctx: &TcContext, head: &[u8; IPV6_HEADER], short: bool) -> Option<P
     }
     let protocol = head[9];
     let header_len = usize::from(head[0] & 0x0f) * 4;
-    let mut transport = [0u8; TRANSPORT_HEAD];
-    if header_len == IPV4_HEADER && !short {
-        transport.copy_from_slice(&head[IPV4_HEADER..IPV4_HEADER + TRANSPORT_HEAD]);
+    let mut loaded = MaybeUninit::uninit();
+    let transport = if header_len == IPV4_HEADER && !short {
+        head[IPV4_HEADER..IPV4_HEADER + TRANSPORT_HEAD]
+            .try_into()
+            .ok()?
     } else {
-        load_transport(ctx, protocol, header_len as u32, &mut transport)?;
-    }
-    let (sport, dport, seq, transport) = parse_transport(protocol, &transport)?;
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
-    saddr[..4].copy_from_slice(&head[12..16]);
-    daddr[..4].copy_from_slice(&head[16..20]);
+        load_transport(ctx, protocol, header_len as u32, &mut loaded)?
+    };
+    let (sport, dport, seq, transport) = parse_transport(protocol, transport)?;
     Some(Packet {
         family: FAMILY_IPV4,
         protocol,
-        saddr,
-        daddr,
+        saddr: ipv4_addr([head[12], head[13], head[14], head[15]]),
+        daddr: ipv4_addr([head[16], head[17], head[18], head[19]]),
         sport,
         dport,
         ip_len: ip_len(ctx, u32::from(u16::from_be_bytes([head[2], head[3]]))),
@@ -406,8 +415,11 @@ fn read_ipv6(ctx: &TcContext, head: &[u8; IPV6_HEADER]) -> Option<Packet> {
         let len = match protocol {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AH | IPV6_FRAGMENT => {
                 // Next header, length, and for a fragment header the offset.
-                let mut ext = [0u8; 4];
-                load_network_bytes(ctx, offset, &mut ext)?;
+                let mut ext = MaybeUninit::uninit();
+                let (ext, whole) = load_array::<4>(ctx, offset, &mut ext);
+                if !whole {
+                    return None;
+                }
                 let len = match protocol {
                     IPV6_FRAGMENT if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 => {
                         return None;
@@ -423,9 +435,9 @@ fn read_ipv6(ctx: &TcContext, head: &[u8; IPV6_HEADER]) -> Option<Packet> {
         };
         offset += len;
     }
-    let mut transport = [0u8; TRANSPORT_HEAD];
-    load_transport(ctx, protocol, offset, &mut transport)?;
-    let (sport, dport, seq, transport) = parse_transport(protocol, &transport)?;
+    let mut loaded = MaybeUninit::uninit();
+    let transport = load_transport(ctx, protocol, offset, &mut loaded)?;
+    let (sport, dport, seq, transport) = parse_transport(protocol, transport)?;
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
     saddr.copy_from_slice(&head[8..24]);
@@ -463,21 +475,26 @@ fn ip_len(ctx: &TcContext, declared: u32) -> u32 {
     }
 }
 
-/// Loads as many transport bytes at `offset` as counting reads for
-/// `protocol`: a datagram may be shorter than [`TRANSPORT_HEAD`].
+/// The transport bytes at `offset` that counting reads for `protocol`;
+/// a datagram may be shorter than [`TRANSPORT_HEAD`], and then the bytes
+/// after its header are zero.
 #[inline(always)]
-fn load_transport(
+fn load_transport<'a>(
     ctx: &TcContext,
     protocol: u8,
     offset: u32,
-    buf: &mut [u8; TRANSPORT_HEAD],
-) -> Option<()> {
-    match protocol {
-        IPPROTO_TCP => load_network_bytes(ctx, offset, &mut buf[..14]),
-        IPPROTO_SCTP => load_network_bytes(ctx, offset, &mut buf[..13]),
-        IPPROTO_UDP => load_network_bytes(ctx, offset, &mut buf[..4]),
-        _ => None,
+    buf: &'a mut MaybeUninit<[u8; TRANSPORT_HEAD]>,
+) -> Option<&'a [u8; TRANSPORT_HEAD]> {
+    let (buf, whole) = load_array(ctx, offset, buf);
+    if !whole {
+        match protocol {
+            IPPROTO_TCP => load_network_bytes(ctx, offset, &mut buf[..14])?,
+            IPPROTO_SCTP => load_network_bytes(ctx, offset, &mut buf[..13])?,
+            IPPROTO_UDP => load_network_bytes(ctx, offset, &mut buf[..4])?,
+            _ => return None,
+        }
     }
+    Some(buf)
 }
 
 /// The ports (network byte order), the TCP sequence number and what
@@ -510,17 +527,41 @@ fn parse_transport(
 
 #[inline(always)]
 fn load_network_bytes(ctx: &TcContext, offset: u32, buf: &mut [u8]) -> Option<()> {
-    // SAFETY: the helper writes at most `buf.len()` bytes into `buf`.
+    // SAFETY: `buf` is valid for writes of its length.
+    unsafe { load_raw(ctx, offset, buf.as_mut_ptr(), buf.len() as u32) }.then_some(())
+}
+
+/// `N` bytes at `offset` from the network header, read into `buf`, and
+/// whether the packet had them; when it had not, they are zero. Neither
+/// zeroed beforehand nor returned by value: the BPF target's memset
+/// stores a byte at a time (5 instructions a byte) and its copy of an
+/// array moves a byte at a time, and zeroing the 40-byte header buffer
+/// was most of a program's run time. The helper writes every byte
+/// instead, the packet's or zeros.
+#[inline(always)]
+fn load_array<'a, const N: usize>(
+    ctx: &TcContext,
+    offset: u32,
+    buf: &'a mut MaybeUninit<[u8; N]>,
+) -> (&'a mut [u8; N], bool) {
+    // SAFETY: `buf` is valid for writes of N bytes.
+    let whole = unsafe { load_raw(ctx, offset, buf.as_mut_ptr().cast(), N as u32) };
+    // SAFETY: the helper wrote all N bytes, or zeroed them when it failed.
+    (unsafe { buf.assume_init_mut() }, whole)
+}
+
+/// Copies `len` bytes at `offset` from the network header to `to`, or
+/// zeroes them when the packet is shorter: whether it copied.
+///
+/// # Safety
+/// `to` must be valid for writes of `len` bytes.
+#[inline(always)]
+unsafe fn load_raw(ctx: &TcContext, offset: u32, to: *mut u8, len: u32) -> bool {
+    // SAFETY: the caller's promise.
     let ret = unsafe {
-        bpf_skb_load_bytes_relative(
-            ctx.as_ptr(),
-            offset,
-            buf.as_mut_ptr().cast(),
-            buf.len() as u32,
-            BPF_HDR_START_NET,
-        )
+        bpf_skb_load_bytes_relative(ctx.as_ptr(), offset, to.cast(), len, BPF_HDR_START_NET)
     };
-    (ret == 0).then_some(())
+    ret == 0
 }
 
 #[cfg(not(test))]

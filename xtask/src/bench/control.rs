@@ -8,7 +8,7 @@
 use std::{
     fs::File,
     io::Write as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant, SystemTime},
@@ -406,39 +406,143 @@ pub fn death_to_removal_ms() -> f64 {
     died.elapsed().as_secs_f64() * 1000.0
 }
 
-/// The daemon's RSS (KiB) and CPU (% of one core) over `window` with
-/// `count` upstreams probed every second.
-pub fn idle_cost(count: usize, window: Duration) -> (u64, f64) {
+/// What the daemon costs at idle with probed upstreams, beside what the
+/// same probes cost without it.
+pub struct IdleCost {
+    /// The daemon's CPU in each of its windows, % of one core.
+    pub lobby_cpu: Vec<f64>,
+    /// The bare prober's CPU in the window after each of the daemon's.
+    pub bare_prober_cpu: Vec<f64>,
+    pub rss_kib: u64,
+    /// The daemon's RSS with [`IDLE_BASE`] probed upstreams.
+    pub base_rss_kib: u64,
+}
+
+/// Probed upstreams of the smallest idle daemon, the base of the memory
+/// per upstream: one target.
+pub const IDLE_BASE: usize = 10;
+
+/// Probes every second with a 1 s timeout, as `idle_config` asks.
+const IDLE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const IDLE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The daemon with `count` upstreams probed every second and a bare prober
+/// doing the same connects in the same namespace, in `pairs` pairs of
+/// windows of `window` back to back (one measure of either is at the
+/// mercy of what else the machine runs). Each pair starts a daemon (its
+/// checkers at random phases, as in production) and stops it cleanly
+/// before the prober runs. Then the daemon's RSS with [`IDLE_BASE`]
+/// upstreams.
+pub fn idle_cost(count: usize, window: Duration, pairs: usize) -> IdleCost {
     let topology = Topology::new(3);
     for (i, ns) in topology.upstreams.iter().enumerate() {
         servers::start(ns, std::net::IpAddr::V4(Topology::upstream_addr(i)));
     }
+    let mut cost = IdleCost {
+        lobby_cpu: Vec::new(),
+        bare_prober_cpu: Vec::new(),
+        rss_kib: 0,
+        base_rss_kib: 0,
+    };
+    for _ in 0..pairs {
+        let lobby = idle_daemon(&topology, count);
+        let before = cpu_ticks(lobby.pid());
+        std::thread::sleep(window);
+        let ticks = cpu_ticks(lobby.pid()) - before;
+        cost.lobby_cpu
+            .push(ticks as f64 / ticks_per_second() / window.as_secs_f64() * 100.0);
+        cost.rss_kib = stop_idle_daemon(lobby);
+        cost.bare_prober_cpu.push(bare_prober_cpu(
+            &topology.lb,
+            (0..count).map(idle_upstream).collect(),
+            window,
+        ));
+    }
+    cost.base_rss_kib = stop_idle_daemon(idle_daemon(&topology, IDLE_BASE));
+    cost
+}
+
+/// Where idle upstream `i` is: the three upstream namespaces' greeting
+/// servers in turn.
+fn idle_upstream(i: usize) -> SocketAddr {
+    SocketAddr::from((Topology::upstream_addr(i % 3), servers::GREET_PORT))
+}
+
+/// A daemon with `count` probed upstreams, ten per target, after its first
+/// probes and applies.
+fn idle_daemon(topology: &Topology, count: usize) -> Lobby {
     let check = health_check(servers::GREET_PORT, true, 1, 1, 1);
     let mut config = ConfigBuilder::new();
     for t in 0..count / 10 {
         config = config.target(&format!("t{t}"), 10_000 + t as u16);
         for u in 0..10 {
-            let i = (t * 10 + u) % 3;
-            config = config.upstream_with(
-                &format!("u{u}"),
-                Topology::upstream_addr(i),
-                servers::GREET_PORT,
-                &check,
-            );
+            let upstream = idle_upstream(t * 10 + u);
+            config = config.upstream_with(&format!("u{u}"), upstream.ip(), upstream.port(), &check);
         }
     }
     let lobby = Lobby::start(&topology.lb, &config.build());
     std::thread::sleep(Duration::from_secs(3)); // first probes, first applies
-    let pid = lobby.pid();
-    let before = cpu_ticks(pid);
-    std::thread::sleep(window);
-    let after = cpu_ticks(pid);
-    let percent = (after - before) as f64 / ticks_per_second() / window.as_secs_f64() * 100.0;
-    (rss_kib(pid), percent)
+    lobby
+}
+
+/// The daemon's RSS (KiB), then a clean stop: its table and programs go.
+fn stop_idle_daemon(mut lobby: Lobby) -> u64 {
+    let rss = rss_kib(lobby.pid());
+    let status = lobby.stop_with(libc::SIGTERM);
+    assert!(status.success(), "the idle daemon stopped with {status}");
+    rss
+}
+
+/// The anchor of the daemon's idle CPU: one thread in `ns` that connects
+/// to each of `upstreams` once a [`IDLE_PROBE_INTERVAL`], spaced evenly
+/// (the daemon's checkers start at random phases), as the daemon's TCP
+/// probe does (a nonblocking connect with a timeout, then a close that
+/// resets: SO_LINGER 0), and nothing else. Its CPU (% of one core) over
+/// `window`, after a first interval left out as the daemon's first probes
+/// are.
+fn bare_prober_cpu(ns: &NetNs, upstreams: Vec<SocketAddr>, window: Duration) -> f64 {
+    ns.within(move || {
+        let spacing = IDLE_PROBE_INTERVAL / upstreams.len() as u32;
+        let mut next = Instant::now();
+        let measured_from = next + IDLE_PROBE_INTERVAL;
+        let mut measuring: Option<(Instant, Duration)> = None;
+        for target in upstreams.iter().cycle() {
+            match measuring {
+                None if next >= measured_from => measuring = Some((Instant::now(), thread_cpu())),
+                Some((since, _)) if since.elapsed() >= window => break,
+                _ => {}
+            }
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            next += spacing;
+            if let Ok(stream) = TcpStream::connect_timeout(target, IDLE_PROBE_TIMEOUT) {
+                socket2::SockRef::from(&stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .expect("SO_LINGER on a probe");
+            }
+        }
+        let (since, cpu) = measuring.expect("a measured window");
+        (thread_cpu() - cpu).as_secs_f64() / since.elapsed().as_secs_f64() * 100.0
+    })
+}
+
+/// User and system CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    // SAFETY: a zeroed rusage is valid; getrusage fills it.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 /// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
+pub fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
     // Fields after the command name, which may hold spaces: utime and
     // stime are the 14th and 15th fields of the whole line.

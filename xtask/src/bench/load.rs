@@ -86,8 +86,14 @@ pub fn connection_rate(
     }
 }
 
-/// Bytes per second that `streams` connections push to sink servers.
-pub fn bulk(ns: &str, targets: Vec<SocketAddr>, streams: usize, duration: Duration) -> f64 {
+/// Result of a bulk run.
+pub struct Bulk {
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// The bytes that `streams` connections push to sink servers.
+pub fn bulk(ns: &str, targets: Vec<SocketAddr>, streams: usize, duration: Duration) -> Bulk {
     let sent = Arc::new(AtomicU64::new(0));
     let counted = sent.clone();
     let started = Instant::now();
@@ -104,7 +110,10 @@ pub fn bulk(ns: &str, targets: Vec<SocketAddr>, streams: usize, duration: Durati
             };
         }
     });
-    sent.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    Bulk {
+        bytes: sent.load(Ordering::Relaxed),
+        seconds: started.elapsed().as_secs_f64(),
+    }
 }
 
 /// `flows` UDP flows (one socket, so one source port, each), flow `i`

@@ -9,6 +9,7 @@
 //! confidence interval.
 mod control;
 mod load;
+mod programs;
 mod servers;
 mod stats;
 mod variants;
@@ -16,6 +17,7 @@ mod variants;
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
 use anyhow::{Context as _, bail};
+use programs::RunTime;
 use serde_json::json;
 use stats::{Ratio, median, percentile};
 use variants::{Service, Setup, Variant};
@@ -30,7 +32,7 @@ struct Plan {
     udp_secs: f64,
     round_trips: usize,
     /// Extra rounds of Lobby with and without counters back to back
-    /// (connection rate only), for the interval of the counters' cost.
+    /// (bulk and connection rate), for the interval of the counters' cost.
     counter_pairs: usize,
     apply_runs: usize,
     reload_runs: usize,
@@ -38,6 +40,8 @@ struct Plan {
     /// DOWN-and-UP cycles of the checked upstreams, for report-to-apply.
     flaps: usize,
     idle_window: Duration,
+    /// Windows of the idle daemon and of the bare prober, in turn.
+    idle_pairs: usize,
 }
 
 const FULL: Plan = Plan {
@@ -46,12 +50,13 @@ const FULL: Plan = Plan {
     bulk_secs: 2.0,
     udp_secs: 2.0,
     round_trips: 2000,
-    counter_pairs: 6,
+    counter_pairs: 10,
     apply_runs: 5,
     reload_runs: 3,
     repairs: 20,
     flaps: 6,
     idle_window: Duration::from_secs(8),
+    idle_pairs: 4,
 };
 
 const QUICK: Plan = Plan {
@@ -66,6 +71,7 @@ const QUICK: Plan = Plan {
     repairs: 5,
     flaps: 2,
     idle_window: Duration::from_secs(3),
+    idle_pairs: 2,
 };
 
 /// Concurrent connections of the connection-rate test.
@@ -87,6 +93,86 @@ struct Samples {
     udp_pps: Vec<f64>,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
+    /// What each connection-rate and bulk measurement cost.
+    rate_spent: Vec<Spent>,
+    bulk_spent: Vec<Spent>,
+}
+
+/// What one measurement cost: the whole machine's busy time; the traffic's
+/// own CPU, that is the bench's threads (clients and servers), the
+/// daemon's and the kernel's softirq threads (packets are forwarded in the
+/// softirq of the thread that sends them, which a tick charges to that
+/// thread, or in ksoftirqd), without other work on a shared machine; and,
+/// for the `lobby` variant, its counters' run time in the kernel (NaN for
+/// the others). `units` is what it moved, connections or bytes.
+#[derive(Clone, Copy, Debug)]
+struct Spent {
+    busy_ns: f64,
+    traffic_ns: f64,
+    program_ns: f64,
+    program_runs: f64,
+    units: f64,
+}
+
+impl Spent {
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "busy_ns": self.busy_ns, "traffic_ns": self.traffic_ns, "program_ns": self.program_ns,
+            "program_runs": self.program_runs, "units": self.units,
+        })
+    }
+}
+
+/// Takes what the machine and the counters of `setup` have spent so far,
+/// to tell what a measurement adds.
+struct Meter {
+    busy_ticks: u64,
+    traffic_pids: Vec<u32>,
+    traffic_ticks: u64,
+    programs: Option<(u32, RunTime)>,
+}
+
+impl Meter {
+    fn start(setup: &Setup) -> Self {
+        let programs = setup
+            .lobby
+            .as_ref()
+            .filter(|_| setup.variant == Variant::Lobby)
+            .map(|lobby| (lobby.pid(), RunTime::of_process(lobby.pid())));
+        let mut traffic_pids = softirq_threads();
+        traffic_pids.push(std::process::id());
+        traffic_pids.extend(setup.lobby.as_ref().map(|lobby| lobby.pid()));
+        Self {
+            busy_ticks: busy_ticks(),
+            traffic_ticks: traffic_pids
+                .iter()
+                .map(|&pid| control::cpu_ticks(pid))
+                .sum(),
+            traffic_pids,
+            programs,
+        }
+    }
+
+    fn stop(self, units: u64) -> Spent {
+        let busy = busy_ticks() - self.busy_ticks;
+        let traffic = self
+            .traffic_pids
+            .iter()
+            .map(|&pid| control::cpu_ticks(pid))
+            .sum::<u64>()
+            - self.traffic_ticks;
+        let run = self
+            .programs
+            .map(|(pid, before)| RunTime::of_process(pid).since(before));
+        let ns = |ticks: u64| ticks as f64 / control::ticks_per_second() * 1e9;
+        Spent {
+            busy_ns: ns(busy),
+            traffic_ns: ns(traffic),
+            program_ns: run.map_or(f64::NAN, |r| r.ns as f64),
+            program_runs: run.map_or(f64::NAN, |r| r.runs as f64),
+            units: units as f64,
+        }
+    }
 }
 
 pub fn run(quick: bool) -> anyhow::Result<()> {
@@ -107,6 +193,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let (samples, counters) = if only == "control" {
         (BTreeMap::new(), CounterPairs::default())
     } else {
+        let _stats = programs::enable_run_time_stats()?;
         data_plane(&plan)
     };
     let control = (only != "data").then(|| control_plane(&plan, &capture));
@@ -135,12 +222,18 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Connection rates of Lobby with and without counters, measured back to
-/// back: (with, without) per pair.
+/// Connection rates and bulk throughputs of Lobby with and without
+/// counters, measured back to back, and the traffic's CPU per connection
+/// and per byte: (with, without) per pair; and what Lobby's measurements
+/// cost, its counters' run time among it.
 #[derive(Default)]
 struct CounterPairs {
     rate: Vec<(f64, f64)>,
     bulk: Vec<(f64, f64)>,
+    rate_cpu: Vec<(f64, f64)>,
+    bulk_cpu: Vec<(f64, f64)>,
+    rate_spent: Vec<Spent>,
+    bulk_spent: Vec<Spent>,
 }
 
 fn data_plane(plan: &Plan) -> (BTreeMap<Variant, Samples>, CounterPairs) {
@@ -165,12 +258,7 @@ fn data_plane(plan: &Plan) -> (BTreeMap<Variant, Samples>, CounterPairs) {
                 );
                 s.p50_us.push(p50);
                 s.p99_us.push(p99);
-                s.bulk_bps.push(load::bulk(
-                    &setup.client().name,
-                    setup.targets(Service::Sink),
-                    STREAMS,
-                    Duration::from_secs_f64(plan.bulk_secs),
-                ));
+                measure_bulk(&setup, plan, s);
                 s.udp_pps.push(if variant.carries_udp() {
                     udp_rate(&setup, plan)
                 } else {
@@ -181,39 +269,62 @@ fn data_plane(plan: &Plan) -> (BTreeMap<Variant, Samples>, CounterPairs) {
         }
     }
     let mut counters = CounterPairs::default();
-    let (Some(with), Some(without)) = (
-        samples.get(&Variant::Lobby),
-        samples.get(&Variant::LobbyWithoutCounters),
-    ) else {
+    if let Some(with) = samples.get(&Variant::Lobby) {
+        counters.add(with, samples.get(&Variant::LobbyWithoutCounters));
+    }
+    // The pairs are for runs that measure both.
+    if !(samples.contains_key(&Variant::Lobby)
+        && samples.contains_key(&Variant::LobbyWithoutCounters))
+    {
         return (samples, counters);
-    };
-    counters
-        .rate
-        .extend(with.rate.iter().copied().zip(without.rate.iter().copied()));
-    counters.bulk.extend(
-        with.bulk_bps
-            .iter()
-            .copied()
-            .zip(without.bulk_bps.iter().copied()),
-    );
+    }
     for pair in 0..plan.counter_pairs {
         eprintln!(
             "bench: counters' cost, pair {} of {}",
             pair + 1,
             plan.counter_pairs
         );
-        let mut rates = [0.0; 2];
+        let mut pair_samples = [Samples::default(), Samples::default()];
         let order = if pair % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
-            let variant = [Variant::Lobby, Variant::LobbyWithoutCounters][i];
-            let setup = Setup::new(variant);
-            let mut s = Samples::default();
-            measure_rate(&setup, plan, &mut s);
-            rates[i] = s.rate[0];
+            let setup = Setup::new([Variant::Lobby, Variant::LobbyWithoutCounters][i]);
+            measure_bulk(&setup, plan, &mut pair_samples[i]);
+            measure_rate(&setup, plan, &mut pair_samples[i]);
         }
-        counters.rate.push((rates[0], rates[1]));
+        let [with, without] = &pair_samples;
+        counters.add(with, Some(without));
     }
     (samples, counters)
+}
+
+impl CounterPairs {
+    /// What rounds of Lobby with counters cost, paired up with what rounds
+    /// without them measured when they ran.
+    fn add(&mut self, with: &Samples, without: Option<&Samples>) {
+        if let Some(without) = without {
+            self.rate
+                .extend(with.rate.iter().copied().zip(without.rate.iter().copied()));
+            self.bulk.extend(
+                with.bulk_bps
+                    .iter()
+                    .copied()
+                    .zip(without.bulk_bps.iter().copied()),
+            );
+            let per_unit = |s: &Spent| s.traffic_ns / s.units;
+            let cpu = |a: &[Spent], b: &[Spent]| {
+                a.iter()
+                    .map(per_unit)
+                    .zip(b.iter().map(per_unit))
+                    .collect::<Vec<_>>()
+            };
+            self.rate_cpu
+                .extend(cpu(&with.rate_spent, &without.rate_spent));
+            self.bulk_cpu
+                .extend(cpu(&with.bulk_spent, &without.bulk_spent));
+        }
+        self.rate_spent.extend(&with.rate_spent);
+        self.bulk_spent.extend(&with.bulk_spent);
+    }
 }
 
 /// Every variant, or for development only those named in
@@ -249,20 +360,32 @@ fn udp_rate(setup: &Setup, plan: &Plan) -> f64 {
     (setup.udp_received() - before) as f64 / seconds
 }
 
+fn measure_bulk(setup: &Setup, plan: &Plan, s: &mut Samples) {
+    let meter = Meter::start(setup);
+    let bulk = load::bulk(
+        &setup.client().name,
+        setup.targets(Service::Sink),
+        STREAMS,
+        Duration::from_secs_f64(plan.bulk_secs),
+    );
+    s.bulk_bps.push(bulk.bytes as f64 / bulk.seconds);
+    s.bulk_spent.push(meter.stop(bulk.bytes));
+}
+
 fn measure_rate(setup: &Setup, plan: &Plan, s: &mut Samples) {
     // Neighbours resolved first: a fresh IPv6 path drops the first SYNs
     // while it resolves, and their retransmission costs a second.
     for target in setup.targets(Service::Greet) {
         let _ = setup.client().connect(target, Duration::from_secs(3));
     }
-    let before = busy_ticks();
+    let meter = Meter::start(setup);
     let rate = load::connection_rate(
         &setup.client().name,
         setup.targets(Service::Greet),
         CONCURRENCY,
         Duration::from_secs_f64(plan.rate_secs),
     );
-    let busy = busy_ticks() - before;
+    let spent = meter.stop(rate.connections);
     if let Some((count, max)) = setup.conntrack()
         && count * 10 >= max * 9
     {
@@ -274,8 +397,21 @@ fn measure_rate(setup: &Setup, plan: &Plan, s: &mut Samples) {
     }
     s.rate.push(rate.connections as f64 / rate.seconds);
     s.cpu_us_per_conn
-        .push(busy as f64 / control::ticks_per_second() * 1e6 / rate.connections.max(1) as f64);
+        .push(spent.busy_ns / 1e3 / rate.connections.max(1) as f64);
+    s.rate_spent.push(spent);
     s.failures += rate.failures;
+}
+
+/// The kernel's softirq threads (`ksoftirqd/N`), one per CPU.
+fn softirq_threads() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.starts_with("ksoftirqd/"))
+        })
+        .collect()
 }
 
 /// Busy clock ticks of the whole machine (all CPUs) from /proc/stat.
@@ -323,6 +459,8 @@ struct Control {
     repair: Repair,
     reports: Reports,
     other: Vec<Other>,
+    /// The idle daemon's CPU against the bare prober's.
+    idle_cpu: ControlRow,
 }
 
 /// Health report to applied transaction (ms), with `lobby stats` reading
@@ -444,7 +582,8 @@ fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
     let removal: Vec<f64> = (0..plan.apply_runs)
         .map(|_| control::death_to_removal_ms())
         .collect();
-    let (idle_rss_kib, idle_cpu) = control::idle_cost(1000, plan.idle_window);
+    let idle = control::idle_cost(IDLE_UPSTREAMS, plan.idle_window, plan.idle_pairs);
+    let idle_rss_mib = |kib: u64| kib as f64 / 1024.0;
     Control {
         rows,
         repair,
@@ -458,17 +597,67 @@ fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
             ),
             (
                 "idle daemon RSS, 1,000 health-checked upstreams (MiB)",
-                idle_rss_kib as f64 / 1024.0,
+                idle_rss_mib(idle.rss_kib),
+                Some((idle_rss_mib(idle.base_rss_kib), "with 10 upstreams")),
+            ),
+            (
+                "idle daemon memory per upstream, RSS from 10 to 1,000 upstreams (KiB)",
+                (idle.rss_kib as f64 - idle.base_rss_kib as f64)
+                    / (IDLE_UPSTREAMS - control::IDLE_BASE) as f64,
                 None,
             ),
             (
-                "idle daemon CPU, 1,000 upstreams probed every 1 s (% of a core)",
-                idle_cpu,
-                None,
+                "idle daemon CPU, 1,000 upstreams probed every 1 s (% of a core, median)",
+                median(&idle.lobby_cpu),
+                Some((
+                    median(&idle.bare_prober_cpu),
+                    "bare prober, the same connects",
+                )),
             ),
         ],
+        idle_cpu: ControlRow {
+            what: "idle CPU, 1,000 upstreams probed every 1 s (% of a core, windows in turn)"
+                .to_owned(),
+            lobby: idle.lobby_cpu,
+            raw: idle.bare_prober_cpu,
+        },
     }
 }
+
+/// The counters' share of the traffic's CPU over Lobby's measurements (a
+/// ratio per measurement, so the interval is over rounds), and what the
+/// machine, the traffic and the counters spent per `unit` moved (`scale`
+/// units of what `Spent::units` counts) and per program run.
+fn counters_share(spent: &[Spent], unit: &str, scale: f64) -> (Ratio, String) {
+    let program: Vec<f64> = spent.iter().map(|s| s.program_ns).collect();
+    let traffic: Vec<f64> = spent.iter().map(|s| s.traffic_ns).collect();
+    let per_unit = |ns: fn(&Spent) -> f64| {
+        median(
+            &spent
+                .iter()
+                .map(|s| ns(s) * scale / s.units)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let per_run = median(
+        &spent
+            .iter()
+            .map(|s| s.program_ns / s.program_runs)
+            .collect::<Vec<_>>(),
+    );
+    (
+        Ratio::paired(&program, &traffic),
+        format!(
+            "lobby: machine {:.0} ns/{unit}, traffic {:.0} ns/{unit}, counters {:.1} ns/{unit}, {per_run:.0} ns/run",
+            per_unit(|s| s.busy_ns),
+            per_unit(|s| s.traffic_ns),
+            per_unit(|s| s.program_ns),
+        ),
+    )
+}
+
+/// Probed upstreams of the idle daemon.
+const IDLE_UPSTREAMS: usize = 1000;
 
 /// The scale of the repair figure: targets x upstreams.
 const REPAIR_SCALE: (usize, usize) = (100, 10);
@@ -526,6 +715,12 @@ impl Report {
         let (with, without): (Vec<f64>, Vec<f64>) = self.counters.rate.iter().copied().unzip();
         let (bulk_with, bulk_without): (Vec<f64>, Vec<f64>) =
             self.counters.bulk.iter().copied().unzip();
+        let (rate_cpu_with, rate_cpu_without): (Vec<f64>, Vec<f64>) =
+            self.counters.rate_cpu.iter().copied().unzip();
+        let (bulk_cpu_with, bulk_cpu_without): (Vec<f64>, Vec<f64>) =
+            self.counters.bulk_cpu.iter().copied().unzip();
+        let (rate_share, rate_spent) = counters_share(&self.counters.rate_spent, "conn", 1.0);
+        let (bulk_share, bulk_spent) = counters_share(&self.counters.bulk_spent, "KiB", 1024.0);
         vec![
             (
                 "Lobby bulk / forwarding",
@@ -634,6 +829,30 @@ impl Report {
                 Ratio::paired(&bulk_with, &bulk_without),
                 format!("without {:.2} Gbit/s", median(&bulk_without) * 8.0 / 1e9),
                 ">= 0.97",
+            ),
+            (
+                "counters: the traffic's CPU per conn, with / without (paired)",
+                Ratio::paired(&rate_cpu_with, &rate_cpu_without),
+                format!("without {:.0} ns/conn", median(&rate_cpu_without)),
+                "<= 1.03",
+            ),
+            (
+                "counters: the traffic's CPU per byte in bulk, with / without (paired)",
+                Ratio::paired(&bulk_cpu_with, &bulk_cpu_without),
+                format!("without {:.0} ns/KiB", median(&bulk_cpu_without) * 1024.0),
+                "<= 1.03",
+            ),
+            (
+                "counters: their eBPF run time / the traffic's CPU, conn/s test",
+                rate_share,
+                rate_spent,
+                "<= 0.03",
+            ),
+            (
+                "counters: their eBPF run time / the traffic's CPU, bulk test",
+                bulk_share,
+                bulk_spent,
+                "<= 0.03",
             ),
         ]
     }
@@ -760,6 +979,12 @@ impl Report {
                 "other": c.other.iter().map(|(what, value, anchor)| ((*what).to_owned(), json!({
                     "value": value, "anchor": anchor.map(|a| a.0), "anchor_is": anchor.map(|a| a.1),
                 }))).collect::<serde_json::Map<_, _>>(),
+                "idle_cpu": ({
+                    let mut v = c.idle_cpu.ratio().json();
+                    v["lobby_percent"] = json!(c.idle_cpu.lobby);
+                    v["bare_prober_percent"] = json!(c.idle_cpu.raw);
+                    v
+                }),
             })
         });
         json!({
@@ -771,7 +996,12 @@ impl Report {
             "concurrency": CONCURRENCY, "bulk_streams": STREAMS, "udp_flows": FLOWS,
             "variants": variants,
             "ratios": ratios,
-            "counter_pairs": { "conn_per_s": self.counters.rate, "bulk_bytes_per_s": self.counters.bulk },
+            "counter_pairs": {
+                "conn_per_s": self.counters.rate, "bulk_bytes_per_s": self.counters.bulk,
+                "traffic_ns_per_conn": self.counters.rate_cpu, "traffic_ns_per_byte": self.counters.bulk_cpu,
+                "lobby_rate_spent": self.counters.rate_spent.iter().map(Spent::json).collect::<Vec<_>>(),
+                "lobby_bulk_spent": self.counters.bulk_spent.iter().map(Spent::json).collect::<Vec<_>>(),
+            },
             "control_plane": control,
         })
     }
@@ -834,11 +1064,22 @@ fn control_tables(control: &Control, out: &mut String) {
         match anchor {
             Some((a, name)) => writeln!(
                 out,
-                "| {what} | {value:.1} | {a:.0} ({name}) | {:.2} |",
+                "| {what} | {value:.1} | {a:.1} ({name}) | {:.2} |",
                 value / a
             )
             .unwrap(),
             None => writeln!(out, "| {what} | {value:.1} | - | - |").unwrap(),
         }
     }
+    let idle = &control.idle_cpu;
+    writeln!(
+        out,
+        "\n| {} | Lobby (median) | bare prober (median) | Lobby / bare prober [95% CI] | goal |\n|---|---|---|---|---|\n| {} windows each | {:.1} | {:.1} | {} | <= 1.5 |",
+        idle.what,
+        idle.lobby.len(),
+        median(&idle.lobby),
+        median(&idle.raw),
+        idle.ratio().show()
+    )
+    .unwrap();
 }
