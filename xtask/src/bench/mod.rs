@@ -81,6 +81,9 @@ const FLOWS: usize = 3;
 struct Samples {
     rate: Vec<f64>,
     cpu_us_per_conn: Vec<f64>,
+    /// The daemon's own CPU (with its nft runs) during the connection-rate
+    /// run, % of one core; NaN without a daemon.
+    daemon_cpu_percent: Vec<f64>,
     failures: u64,
     conntrack_full: bool,
     bulk_bps: Vec<f64>,
@@ -99,7 +102,15 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let (capture, wrapper) = control::Capture::install(&binary)?;
     // SAFETY: still single-threaded; the harness reads it to find the binary.
     unsafe { std::env::set_var("LOBBY_BIN", wrapper) };
-    let plan = if quick { QUICK } else { FULL };
+    let mut plan = if quick { QUICK } else { FULL };
+    // For narrower intervals on a few variants: LOBBY_BENCH_ROUNDS=N.
+    if let Ok(rounds) = std::env::var("LOBBY_BENCH_ROUNDS") {
+        plan.rounds = rounds
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .with_context(|| format!("LOBBY_BENCH_ROUNDS={rounds}: not a positive count"))?;
+    }
     let started = std::time::Instant::now();
     // For development: LOBBY_BENCH_ONLY=data or =control.
     let only = std::env::var("LOBBY_BENCH_ONLY").unwrap_or_default();
@@ -255,6 +266,10 @@ fn measure_rate(setup: &Setup, plan: &Plan, s: &mut Samples) {
     for target in setup.targets(Service::Greet) {
         let _ = setup.client().connect(target, Duration::from_secs(3));
     }
+    let daemon = setup
+        .lobby
+        .as_ref()
+        .map(|lobby| (lobby.pid(), control::cpu_ticks(lobby.pid())));
     let before = busy_ticks();
     let rate = load::connection_rate(
         &setup.client().name,
@@ -263,6 +278,11 @@ fn measure_rate(setup: &Setup, plan: &Plan, s: &mut Samples) {
         Duration::from_secs_f64(plan.rate_secs),
     );
     let busy = busy_ticks() - before;
+    s.daemon_cpu_percent
+        .push(daemon.map_or(f64::NAN, |(pid, before)| {
+            (control::cpu_ticks(pid) - before) as f64 / control::ticks_per_second() / rate.seconds
+                * 100.0
+        }));
     if let Some((count, max)) = setup.conntrack()
         && count * 10 >= max * 9
     {
@@ -486,7 +506,57 @@ struct Report {
 }
 
 /// (what, ratio, anchor's median and unit, goal)
-type RatioRow = (&'static str, Ratio, String, &'static str);
+type RatioRow = (String, Ratio, String, &'static str);
+
+/// Each distribution's Lobby variant beside the hand-written ruleset of the
+/// same mode (and what that is), and beside Lobby round-robin.
+const DISTRIBUTIONS: [(&str, Variant, Variant, &str); 6] = [
+    (
+        "random",
+        Variant::LobbyRandom,
+        Variant::RawNftRandom,
+        "raw nft numgen random",
+    ),
+    (
+        "ip-src-hash",
+        Variant::LobbySourceHash,
+        Variant::RawNftSourceHash,
+        "raw nft jhash",
+    ),
+    (
+        "weights 3:1:1",
+        Variant::LobbyWeighted,
+        Variant::RawNftWeighted,
+        "raw nft numgen inc over 5 slots",
+    ),
+    (
+        "persistence",
+        Variant::LobbyPersistence,
+        Variant::RawNftPersistence,
+        "raw nft dynamic map",
+    ),
+    (
+        "least-connections",
+        Variant::LobbyLeastConnections,
+        Variant::RawNft,
+        "raw nft DNAT",
+    ),
+    (
+        "least-latency",
+        Variant::LobbyLeastLatency,
+        Variant::RawNft,
+        "raw nft DNAT",
+    ),
+];
+
+/// What the distribution rows compare, under the ratio table.
+const DISTRIBUTION_NOTE: &str = "Distributions: the client opens every connection from one address, so \
+ip-src-hash and persistence (timeout 300 s) send everything to one upstream, in Lobby and in the \
+hand-written ruleset alike (a cost comparison, not a spread). The hand-written persistence is one \
+dynamic map from client address to slot, updated from the packet path. least-connections and \
+least-latency (TCP health checks on every upstream) have the round-robin map as their kernel path, \
+which the daemon narrows to its choice: their twin is the hand-written round-robin ruleset over \
+all three upstreams.";
 
 impl Report {
     fn series(&self, variant: Variant, pick: fn(&Samples) -> &Vec<f64>) -> &[f64] {
@@ -517,7 +587,7 @@ impl Report {
         let (with, without): (Vec<f64>, Vec<f64>) = self.counters.rate.iter().copied().unzip();
         let (bulk_with, bulk_without): (Vec<f64>, Vec<f64>) =
             self.counters.bulk.iter().copied().unzip();
-        vec![
+        let fixed = vec![
             (
                 "Lobby bulk / forwarding",
                 self.pair(Lobby, Forwarding, bulk),
@@ -573,30 +643,6 @@ impl Report {
                 "-",
             ),
             (
-                "random: Lobby conn/s / raw nft numgen random",
-                self.pair(LobbyRandom, RawNftRandom, rate),
-                conn(RawNftRandom),
-                ">= 0.97",
-            ),
-            (
-                "random: Lobby conn/s / Lobby round-robin",
-                self.pair(LobbyRandom, Lobby, rate),
-                conn(Lobby),
-                "-",
-            ),
-            (
-                "ip-src-hash: Lobby conn/s / raw nft jhash",
-                self.pair(LobbySourceHash, RawNftSourceHash, rate),
-                conn(RawNftSourceHash),
-                ">= 0.97",
-            ),
-            (
-                "ip-src-hash: Lobby conn/s / Lobby round-robin",
-                self.pair(LobbySourceHash, Lobby, rate),
-                conn(Lobby),
-                "-",
-            ),
-            (
                 "block list of 100,000 prefixes: Lobby conn/s / Lobby without",
                 self.pair(LobbyBlockList, Lobby, rate),
                 conn(Lobby),
@@ -626,7 +672,26 @@ impl Report {
                 format!("without {:.2} Gbit/s", median(&bulk_without) * 8.0 / 1e9),
                 ">= 0.97",
             ),
-        ]
+        ];
+        let mut rows: Vec<RatioRow> = fixed
+            .into_iter()
+            .map(|(what, ratio, anchor, goal)| (what.to_owned(), ratio, anchor, goal))
+            .collect();
+        for (mode, lobby, raw, raw_is) in DISTRIBUTIONS {
+            rows.push((
+                format!("{mode}: Lobby conn/s / {raw_is}"),
+                self.pair(lobby, raw, rate),
+                conn(raw),
+                ">= 0.97",
+            ));
+            rows.push((
+                format!("{mode}: Lobby conn/s / Lobby round-robin"),
+                self.pair(lobby, Lobby, rate),
+                conn(Lobby),
+                ">= 0.97",
+            ));
+        }
+        rows
     }
 
     fn table(&self) -> String {
@@ -683,6 +748,12 @@ impl Report {
         for (what, ratio, anchor, goal) in self.ratios() {
             writeln!(out, "| {what} | {} | {anchor} | {goal} |", ratio.show()).unwrap();
         }
+        if DISTRIBUTIONS
+            .iter()
+            .any(|(_, lobby, _, _)| self.samples.contains_key(lobby))
+        {
+            writeln!(out, "\n{DISTRIBUTION_NOTE}").unwrap();
+        }
         for (variant, s) in &self.samples {
             if s.failures > 0 || s.conntrack_full {
                 writeln!(
@@ -707,7 +778,8 @@ impl Report {
             .iter()
             .map(|(variant, s)| {
                 let value = json!({
-                    "conn_per_s": s.rate, "cpu_us_per_conn": s.cpu_us_per_conn, "failed_connections": s.failures,
+                    "conn_per_s": s.rate, "cpu_us_per_conn": s.cpu_us_per_conn,
+                    "daemon_cpu_percent_of_a_core": s.daemon_cpu_percent, "failed_connections": s.failures,
                     "conntrack_nearly_full": s.conntrack_full, "bulk_bytes_per_s": s.bulk_bps,
                     "udp_packets_per_s": s.udp_pps,
                     "latency_p50_us": s.p50_us, "latency_p99_us": s.p99_us,
@@ -724,7 +796,7 @@ impl Report {
                     let mut value = ratio.json();
                     value["anchor"] = json!(anchor);
                     value["goal"] = json!(goal);
-                    (what.to_owned(), value)
+                    (what, value)
                 })
                 .collect()
         };
@@ -762,6 +834,7 @@ impl Report {
             "concurrency": CONCURRENCY, "bulk_streams": STREAMS, "udp_flows": FLOWS,
             "variants": variants,
             "ratios": ratios,
+            "distribution_note": DISTRIBUTION_NOTE,
             "counter_pairs": { "conn_per_s": self.counters.rate, "bulk_bytes_per_s": self.counters.bulk },
             "control_plane": control,
         })
