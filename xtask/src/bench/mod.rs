@@ -745,8 +745,11 @@ impl Report {
             "\n| ratio (paired rounds) | value [95% CI] | anchor, same run | goal |\n|---|---|---|---|"
         )
         .unwrap();
+        // Rows of variants left out (LOBBY_BENCH_VARIANTS) have no pairs.
         for (what, ratio, anchor, goal) in self.ratios() {
-            writeln!(out, "| {what} | {} | {anchor} | {goal} |", ratio.show()).unwrap();
+            if ratio.pairs > 0 {
+                writeln!(out, "| {what} | {} | {anchor} | {goal} |", ratio.show()).unwrap();
+            }
         }
         if DISTRIBUTIONS
             .iter()
