@@ -556,7 +556,9 @@ hand-written ruleset alike (a cost comparison, not a spread). The hand-written p
 dynamic map from client address to slot, updated from the packet path. least-connections and \
 least-latency (TCP health checks on every upstream) have the round-robin map as their kernel path, \
 which the daemon narrows to its choice: their twin is the hand-written round-robin ruleset over \
-all three upstreams.";
+all three upstreams, so their ratios also hold the choice itself: while it is one or two upstreams \
+(short connections make least-connections' counts change every second; on a loaded machine probe \
+round trips leave least-latency's 1 ms band), the one-address client pays what ip-src-hash pays.";
 
 impl Report {
     fn series(&self, variant: Variant, pick: fn(&Samples) -> &Vec<f64>) -> &[f64] {
