@@ -565,6 +565,12 @@ impl Report {
         self.samples.get(&variant).map_or(&[], |s| pick(s))
     }
 
+    /// Per round, `a`'s value over `b`'s.
+    fn quotients(&self, a: Variant, b: Variant, pick: fn(&Samples) -> &Vec<f64>) -> Vec<f64> {
+        let (a, b) = (self.series(a, pick), self.series(b, pick));
+        a.iter().zip(b).map(|(a, b)| a / b).collect()
+    }
+
     fn pair(&self, a: Variant, b: Variant, pick: fn(&Samples) -> &Vec<f64>) -> Ratio {
         Ratio::paired(self.series(a, pick), self.series(b, pick))
     }
@@ -691,6 +697,21 @@ impl Report {
                 self.pair(lobby, Lobby, rate),
                 conn(Lobby),
                 ">= 0.97",
+            ));
+            if raw == RawNft {
+                // The row above is the same ratio.
+                continue;
+            }
+            // Lobby's cost common to every mode (counters, dispatch) taken
+            // out: what the mode itself costs in Lobby beyond by hand.
+            rows.push((
+                format!("{mode}: (Lobby / {raw_is}) / (Lobby / raw nft DNAT, round-robin)"),
+                Ratio::paired(
+                    &self.quotients(lobby, raw, rate),
+                    &self.quotients(Lobby, RawNft, rate),
+                ),
+                "-".to_owned(),
+                "-",
             ));
         }
         rows
