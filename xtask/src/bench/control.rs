@@ -541,14 +541,18 @@ fn thread_cpu() -> Duration {
     time(usage.ru_utime) + time(usage.ru_stime)
 }
 
-/// utime + stime of a process, in clock ticks.
+/// CPU time of a process and of the children it waited for (the daemon's
+/// nft runs), in clock ticks.
 pub fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
-    // Fields after the command name, which may hold spaces: utime and
-    // stime are the 14th and 15th fields of the whole line.
+    // Fields after the command name, which may hold spaces: utime, stime,
+    // cutime and cstime are the 14th to 17th fields of the whole line.
     let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    rest.split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse::<u64>().expect("a tick count"))
+        .sum()
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -87,6 +87,9 @@ const FLOWS: usize = 3;
 struct Samples {
     rate: Vec<f64>,
     cpu_us_per_conn: Vec<f64>,
+    /// The daemon's own CPU (with its nft runs) during the connection-rate
+    /// run, % of one core; NaN without a daemon.
+    daemon_cpu_percent: Vec<f64>,
     failures: u64,
     conntrack_full: bool,
     bulk_bps: Vec<f64>,
@@ -185,7 +188,15 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let (capture, wrapper) = control::Capture::install(&binary)?;
     // SAFETY: still single-threaded; the harness reads it to find the binary.
     unsafe { std::env::set_var("LOBBY_BIN", wrapper) };
-    let plan = if quick { QUICK } else { FULL };
+    let mut plan = if quick { QUICK } else { FULL };
+    // For narrower intervals on a few variants: LOBBY_BENCH_ROUNDS=N.
+    if let Ok(rounds) = std::env::var("LOBBY_BENCH_ROUNDS") {
+        plan.rounds = rounds
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .with_context(|| format!("LOBBY_BENCH_ROUNDS={rounds}: not a positive count"))?;
+    }
     let started = std::time::Instant::now();
     // For development: LOBBY_BENCH_ONLY=data or =control.
     let only = std::env::var("LOBBY_BENCH_ONLY").unwrap_or_default();
@@ -379,6 +390,10 @@ fn measure_rate(setup: &Setup, plan: &Plan, s: &mut Samples) {
         let _ = setup.client().connect(target, Duration::from_secs(3));
     }
     let meter = Meter::start(setup);
+    let daemon = setup
+        .lobby
+        .as_ref()
+        .map(|lobby| (lobby.pid(), control::cpu_ticks(lobby.pid())));
     let rate = load::connection_rate(
         &setup.client().name,
         setup.targets(Service::Greet),
@@ -386,6 +401,11 @@ fn measure_rate(setup: &Setup, plan: &Plan, s: &mut Samples) {
         Duration::from_secs_f64(plan.rate_secs),
     );
     let spent = meter.stop(rate.connections);
+    s.daemon_cpu_percent
+        .push(daemon.map_or(f64::NAN, |(pid, before)| {
+            (control::cpu_ticks(pid) - before) as f64 / control::ticks_per_second() / rate.seconds
+                * 100.0
+        }));
     if let Some((count, max)) = setup.conntrack()
         && count * 10 >= max * 9
     {
@@ -684,11 +704,69 @@ struct Report {
 }
 
 /// (what, ratio, anchor's median and unit, goal)
-type RatioRow = (&'static str, Ratio, String, &'static str);
+type RatioRow = (String, Ratio, String, &'static str);
+
+/// Each distribution's Lobby variant beside the hand-written ruleset of the
+/// same mode (and what that is), and beside Lobby round-robin.
+const DISTRIBUTIONS: [(&str, Variant, Variant, &str); 6] = [
+    (
+        "random",
+        Variant::LobbyRandom,
+        Variant::RawNftRandom,
+        "raw nft numgen random",
+    ),
+    (
+        "ip-src-hash",
+        Variant::LobbySourceHash,
+        Variant::RawNftSourceHash,
+        "raw nft jhash",
+    ),
+    (
+        "weights 3:1:1",
+        Variant::LobbyWeighted,
+        Variant::RawNftWeighted,
+        "raw nft numgen inc over 5 slots",
+    ),
+    (
+        "persistence",
+        Variant::LobbyPersistence,
+        Variant::RawNftPersistence,
+        "raw nft dynamic map",
+    ),
+    (
+        "least-connections",
+        Variant::LobbyLeastConnections,
+        Variant::RawNft,
+        "raw nft DNAT",
+    ),
+    (
+        "least-latency",
+        Variant::LobbyLeastLatency,
+        Variant::RawNft,
+        "raw nft DNAT",
+    ),
+];
+
+/// What the distribution rows compare, under the ratio table.
+const DISTRIBUTION_NOTE: &str = "Distributions: the client opens every connection from one address, so \
+ip-src-hash and persistence (timeout 300 s) send everything to one upstream, in Lobby and in the \
+hand-written ruleset alike (a cost comparison, not a spread). The hand-written persistence is one \
+dynamic map from client address to slot, updated from the packet path. least-connections and \
+least-latency (TCP health checks on every upstream) have the round-robin map as their kernel path, \
+which the daemon narrows to its choice: their twin is the hand-written round-robin ruleset over \
+all three upstreams, so their ratios also hold the choice itself: while it is one or two upstreams \
+(short connections make least-connections' counts change every second; on a loaded machine probe \
+round trips leave least-latency's 1 ms band), the one-address client pays what ip-src-hash pays.";
 
 impl Report {
     fn series(&self, variant: Variant, pick: fn(&Samples) -> &Vec<f64>) -> &[f64] {
         self.samples.get(&variant).map_or(&[], |s| pick(s))
+    }
+
+    /// Per round, `a`'s value over `b`'s.
+    fn quotients(&self, a: Variant, b: Variant, pick: fn(&Samples) -> &Vec<f64>) -> Vec<f64> {
+        let (a, b) = (self.series(a, pick), self.series(b, pick));
+        a.iter().zip(b).map(|(a, b)| a / b).collect()
     }
 
     fn pair(&self, a: Variant, b: Variant, pick: fn(&Samples) -> &Vec<f64>) -> Ratio {
@@ -721,7 +799,7 @@ impl Report {
             self.counters.bulk_cpu.iter().copied().unzip();
         let (rate_share, rate_spent) = counters_share(&self.counters.rate_spent, "conn", 1.0);
         let (bulk_share, bulk_spent) = counters_share(&self.counters.bulk_spent, "KiB", 1024.0);
-        vec![
+        let fixed = vec![
             (
                 "Lobby bulk / forwarding",
                 self.pair(Lobby, Forwarding, bulk),
@@ -774,30 +852,6 @@ impl Report {
                 "UDP: raw nft DNAT pkt/s / forwarding",
                 self.pair(RawNft, Forwarding, udp),
                 kpps(Forwarding),
-                "-",
-            ),
-            (
-                "random: Lobby conn/s / raw nft numgen random",
-                self.pair(LobbyRandom, RawNftRandom, rate),
-                conn(RawNftRandom),
-                ">= 0.97",
-            ),
-            (
-                "random: Lobby conn/s / Lobby round-robin",
-                self.pair(LobbyRandom, Lobby, rate),
-                conn(Lobby),
-                "-",
-            ),
-            (
-                "ip-src-hash: Lobby conn/s / raw nft jhash",
-                self.pair(LobbySourceHash, RawNftSourceHash, rate),
-                conn(RawNftSourceHash),
-                ">= 0.97",
-            ),
-            (
-                "ip-src-hash: Lobby conn/s / Lobby round-robin",
-                self.pair(LobbySourceHash, Lobby, rate),
-                conn(Lobby),
                 "-",
             ),
             (
@@ -854,7 +908,41 @@ impl Report {
                 bulk_spent,
                 "<= 0.03",
             ),
-        ]
+        ];
+        let mut rows: Vec<RatioRow> = fixed
+            .into_iter()
+            .map(|(what, ratio, anchor, goal)| (what.to_owned(), ratio, anchor, goal))
+            .collect();
+        for (mode, lobby, raw, raw_is) in DISTRIBUTIONS {
+            rows.push((
+                format!("{mode}: Lobby conn/s / {raw_is}"),
+                self.pair(lobby, raw, rate),
+                conn(raw),
+                ">= 0.97",
+            ));
+            rows.push((
+                format!("{mode}: Lobby conn/s / Lobby round-robin"),
+                self.pair(lobby, Lobby, rate),
+                conn(Lobby),
+                ">= 0.97",
+            ));
+            if raw == RawNft {
+                // The row above is the same ratio.
+                continue;
+            }
+            // Lobby's cost common to every mode (counters, dispatch) taken
+            // out: what the mode itself costs in Lobby beyond by hand.
+            rows.push((
+                format!("{mode}: (Lobby / {raw_is}) / (Lobby / raw nft DNAT, round-robin)"),
+                Ratio::paired(
+                    &self.quotients(lobby, raw, rate),
+                    &self.quotients(Lobby, RawNft, rate),
+                ),
+                "-".to_owned(),
+                "-",
+            ));
+        }
+        rows
     }
 
     fn table(&self) -> String {
@@ -908,8 +996,17 @@ impl Report {
             "\n| ratio (paired rounds) | value [95% CI] | anchor, same run | goal |\n|---|---|---|---|"
         )
         .unwrap();
+        // Rows of variants left out (LOBBY_BENCH_VARIANTS) have no pairs.
         for (what, ratio, anchor, goal) in self.ratios() {
-            writeln!(out, "| {what} | {} | {anchor} | {goal} |", ratio.show()).unwrap();
+            if ratio.pairs > 0 {
+                writeln!(out, "| {what} | {} | {anchor} | {goal} |", ratio.show()).unwrap();
+            }
+        }
+        if DISTRIBUTIONS
+            .iter()
+            .any(|(_, lobby, _, _)| self.samples.contains_key(lobby))
+        {
+            writeln!(out, "\n{DISTRIBUTION_NOTE}").unwrap();
         }
         for (variant, s) in &self.samples {
             if s.failures > 0 || s.conntrack_full {
@@ -935,7 +1032,8 @@ impl Report {
             .iter()
             .map(|(variant, s)| {
                 let value = json!({
-                    "conn_per_s": s.rate, "cpu_us_per_conn": s.cpu_us_per_conn, "failed_connections": s.failures,
+                    "conn_per_s": s.rate, "cpu_us_per_conn": s.cpu_us_per_conn,
+                    "daemon_cpu_percent_of_a_core": s.daemon_cpu_percent, "failed_connections": s.failures,
                     "conntrack_nearly_full": s.conntrack_full, "bulk_bytes_per_s": s.bulk_bps,
                     "udp_packets_per_s": s.udp_pps,
                     "latency_p50_us": s.p50_us, "latency_p99_us": s.p99_us,
@@ -952,7 +1050,7 @@ impl Report {
                     let mut value = ratio.json();
                     value["anchor"] = json!(anchor);
                     value["goal"] = json!(goal);
-                    (what.to_owned(), value)
+                    (what, value)
                 })
                 .collect()
         };
@@ -996,6 +1094,7 @@ impl Report {
             "concurrency": CONCURRENCY, "bulk_streams": STREAMS, "udp_flows": FLOWS,
             "variants": variants,
             "ratios": ratios,
+            "distribution_note": DISTRIBUTION_NOTE,
             "counter_pairs": {
                 "conn_per_s": self.counters.rate, "bulk_bytes_per_s": self.counters.bulk,
                 "traffic_ns_per_conn": self.counters.rate_cpu, "traffic_ns_per_byte": self.counters.bulk_cpu,

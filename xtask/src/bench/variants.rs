@@ -1,8 +1,9 @@
 //! The ways traffic crosses the load balancer's namespace, each built in
 //! fresh namespaces: TIME_WAIT sockets and conntrack entries of one run
 //! must not slow the next (PAWS drops reused tuples' SYNs). Besides the
-//! five main variants: Lobby's other distributions with the hand-written
-//! ruleset of the same mode, and IPv6 through Lobby and plain forwarding.
+//! five main variants: Lobby's other distributions, weights and
+//! persistence, each with the hand-written ruleset of the same mode, and
+//! IPv6 through Lobby and plain forwarding.
 use std::{
     net::{IpAddr, SocketAddr},
     process::{Child, Command, Stdio},
@@ -11,7 +12,7 @@ use std::{
 
 use lobby_tests::{
     Launch, Lobby, NetNs, Topology,
-    fixtures::{ConfigBuilder, spaced_prefixes},
+    fixtures::{ConfigBuilder, health_check, spaced_prefixes},
     wait_for,
 };
 
@@ -32,6 +33,21 @@ pub enum Variant {
     RawNftRandom,
     LobbySourceHash,
     RawNftSourceHash,
+    /// Round-robin with weights 3:1:1.
+    LobbyWeighted,
+    RawNftWeighted,
+    /// Round-robin with persistence: the client's address keeps its
+    /// upstream (the bench's one client address: every connection goes to
+    /// one upstream, in both).
+    LobbyPersistence,
+    RawNftPersistence,
+    /// The dynamic distributions. Their kernel path is the round-robin map
+    /// the daemon rewrites as its measures change, so their hand-written
+    /// twin is [`Variant::RawNft`].
+    LobbyLeastConnections,
+    /// With TCP health checks on every upstream: the probes' round trips
+    /// are the measure.
+    LobbyLeastLatency,
     /// IPv6 on a dual-stack topology: plain routing, and Lobby.
     Forwarding6,
     Lobby6,
@@ -39,30 +55,123 @@ pub enum Variant {
     LobbyBlockList,
 }
 
+/// The persistence timeout of the persistence variants (s): far longer
+/// than a measurement, so the client never moves.
+const PERSISTENCE_TIMEOUT: u32 = 300;
+
 /// How the DNAT picks an upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     RoundRobin,
     Random,
     SourceHash,
+    /// Round-robin, the first upstream weighing 3, the others 1.
+    Weighted,
+    /// Round-robin with [`PERSISTENCE_TIMEOUT`].
+    Persistence,
+    LeastConnections,
+    LeastLatency,
 }
 
 impl Mode {
     fn distribution(self) -> &'static str {
         match self {
-            Self::RoundRobin => "round-robin",
+            Self::RoundRobin | Self::Weighted | Self::Persistence => "round-robin",
             Self::Random => "random",
             Self::SourceHash => "ip-src-hash",
+            Self::LeastConnections => "least-connections",
+            Self::LeastLatency => "least-latency",
         }
     }
 
-    /// The hand-written ruleset's slot expression.
-    fn slot_key(self) -> String {
-        match self {
-            Self::RoundRobin => format!("numgen inc mod {UPSTREAMS}"),
-            Self::Random => format!("numgen random mod {UPSTREAMS}"),
-            Self::SourceHash => format!("jhash ip saddr mod {UPSTREAMS}"),
+    fn weight(self, upstream: usize) -> u32 {
+        if self == Self::Weighted && upstream == 0 {
+            3
+        } else {
+            1
         }
+    }
+
+    /// Extra keys of `upstream` in Lobby's config.
+    fn upstream_keys(self, upstream: usize) -> String {
+        let mut keys = match self.weight(upstream) {
+            1 => String::new(),
+            weight => format!("weight: {weight}\n"),
+        };
+        if self == Self::LeastLatency {
+            // Every upstream (the datagram ones too) is probed on its
+            // greeting server, which accepts any connection at once.
+            keys.push_str(&health_check(GREET_PORT, true, 1, 1, 2));
+        }
+        keys
+    }
+
+    /// The slots of the hand-written ruleset's map for `service`: each
+    /// upstream a range of as many slots as it weighs, as an nft expert
+    /// writes weights (`0-2 : a, 3 : b, 4 : c`), and their count.
+    fn slots(self, service: Service) -> (String, u32) {
+        let mut next = 0;
+        let slots: Vec<String> = (0..UPSTREAMS)
+            .map(|i| {
+                let (first, last) = (next, next + self.weight(i) - 1);
+                next = last + 1;
+                let range = if first == last {
+                    first.to_string()
+                } else {
+                    format!("{first}-{last}")
+                };
+                format!(
+                    "{range} : {} . {}",
+                    Topology::upstream_addr(i),
+                    service.upstream_port()
+                )
+            })
+            .collect();
+        (slots.join(", "), next)
+    }
+
+    /// The hand-written rule of `service`, and the declarations it needs
+    /// before the chain.
+    fn raw_rule(self, service: Service) -> (String, String) {
+        let (slots, count) = self.slots(service);
+        let (declaration, pick) = match self {
+            // The dynamic distributions' kernel path is the round-robin
+            // map, which the daemon narrows to the backends it chooses.
+            Self::RoundRobin | Self::Weighted | Self::LeastConnections | Self::LeastLatency => {
+                (String::new(), format!("dnat ip to numgen inc mod {count}"))
+            }
+            Self::Random => (
+                String::new(),
+                format!("dnat ip to numgen random mod {count}"),
+            ),
+            Self::SourceHash => (
+                String::new(),
+                format!("dnat ip to jhash ip saddr mod {count}"),
+            ),
+            // One dynamic map from client to slot, updated from the packet
+            // path: `update` adds a new client with the next slot or
+            // restarts a known one's timeout (keeping its slot), the
+            // lookup reads the client's slot back into the packet's mark.
+            Self::Persistence => {
+                let map = format!("sticky{}", service.frontend_port());
+                (
+                    format!(
+                        " map {map} {{ typeof ip saddr : meta mark; flags dynamic,timeout; timeout {PERSISTENCE_TIMEOUT}s; }}\n"
+                    ),
+                    format!(
+                        "update @{map} {{ ip saddr : numgen inc mod {count} }} meta mark set ip saddr map @{map} dnat ip to meta mark"
+                    ),
+                )
+            }
+        };
+        (
+            declaration,
+            format!(
+                "{} dport {} {pick} map {{ {slots} }}",
+                service.protocol(),
+                service.frontend_port()
+            ),
+        )
     }
 }
 
@@ -78,11 +187,17 @@ impl Variant {
     ];
 
     /// The variants measured by connection rate only.
-    pub const RATE_ONLY: [Variant; 7] = [
+    pub const RATE_ONLY: [Variant; 13] = [
         Self::LobbyRandom,
         Self::RawNftRandom,
         Self::LobbySourceHash,
         Self::RawNftSourceHash,
+        Self::LobbyWeighted,
+        Self::RawNftWeighted,
+        Self::LobbyPersistence,
+        Self::RawNftPersistence,
+        Self::LobbyLeastConnections,
+        Self::LobbyLeastLatency,
         Self::Forwarding6,
         Self::Lobby6,
         Self::LobbyBlockList,
@@ -99,6 +214,12 @@ impl Variant {
             Self::RawNftRandom => "raw-nft-random",
             Self::LobbySourceHash => "lobby-ip-src-hash",
             Self::RawNftSourceHash => "raw-nft-jhash",
+            Self::LobbyWeighted => "lobby-weighted",
+            Self::RawNftWeighted => "raw-nft-weighted",
+            Self::LobbyPersistence => "lobby-persistence",
+            Self::RawNftPersistence => "raw-nft-persistence",
+            Self::LobbyLeastConnections => "lobby-least-connections",
+            Self::LobbyLeastLatency => "lobby-least-latency",
             Self::Forwarding6 => "forwarding-ipv6",
             Self::Lobby6 => "lobby-ipv6",
             Self::LobbyBlockList => "lobby-block-100k",
@@ -187,36 +308,22 @@ impl Setup {
         };
         match variant {
             Variant::Forwarding | Variant::Forwarding6 => setup.route_without_nat(),
-            Variant::Lobby => {
-                setup.lobby = Some(Lobby::start(
-                    &setup.topology.lb,
-                    &lobby_config(Mode::RoundRobin, false),
-                ))
+            Variant::Lobby => setup.start_lobby(&lobby_config(Mode::RoundRobin, false)),
+            Variant::Lobby6 => setup.start_lobby(&lobby_config(Mode::RoundRobin, true)),
+            Variant::LobbyRandom => setup.start_lobby(&lobby_config(Mode::Random, false)),
+            Variant::LobbySourceHash => setup.start_lobby(&lobby_config(Mode::SourceHash, false)),
+            Variant::LobbyWeighted => setup.start_lobby(&lobby_config(Mode::Weighted, false)),
+            Variant::LobbyPersistence => setup.start_lobby(&lobby_config(Mode::Persistence, false)),
+            Variant::LobbyLeastConnections => {
+                setup.start_lobby(&lobby_config(Mode::LeastConnections, false))
             }
-            Variant::Lobby6 => {
-                setup.lobby = Some(Lobby::start(
-                    &setup.topology.lb,
-                    &lobby_config(Mode::RoundRobin, true),
-                ))
+            Variant::LobbyLeastLatency => {
+                setup.start_lobby(&lobby_config(Mode::LeastLatency, false))
             }
-            Variant::LobbyRandom => {
-                setup.lobby = Some(Lobby::start(
-                    &setup.topology.lb,
-                    &lobby_config(Mode::Random, false),
-                ))
-            }
-            Variant::LobbySourceHash => {
-                setup.lobby = Some(Lobby::start(
-                    &setup.topology.lb,
-                    &lobby_config(Mode::SourceHash, false),
-                ))
-            }
-            Variant::LobbyBlockList => {
-                setup.lobby = Some(Lobby::start(
-                    &setup.topology.lb,
-                    &with_block_list(&lobby_config(Mode::RoundRobin, false), 100_000),
-                ))
-            }
+            Variant::LobbyBlockList => setup.start_lobby(&with_block_list(
+                &lobby_config(Mode::RoundRobin, false),
+                100_000,
+            )),
             Variant::LobbyWithoutCounters => {
                 setup.lobby = Some(Lobby::start_with_args(
                     &setup.topology.lb,
@@ -229,8 +336,14 @@ impl Setup {
             Variant::RawNft => setup.raw_dnat(Mode::RoundRobin),
             Variant::RawNftRandom => setup.raw_dnat(Mode::Random),
             Variant::RawNftSourceHash => setup.raw_dnat(Mode::SourceHash),
+            Variant::RawNftWeighted => setup.raw_dnat(Mode::Weighted),
+            Variant::RawNftPersistence => setup.raw_dnat(Mode::Persistence),
         }
         setup
+    }
+
+    fn start_lobby(&mut self, config: &str) {
+        self.lobby = Some(Lobby::start(&self.topology.lb, config));
     }
 
     /// Datagrams the upstreams' UDP servers received so far.
@@ -324,28 +437,13 @@ impl Setup {
 
     fn raw_dnat(&self, mode: Mode) {
         self.forward();
-        let mut rules = String::from(
-            "table ip rawlb {\n chain pre { type nat hook prerouting priority dstnat; policy accept;\n",
+        let (declarations, rules): (Vec<String>, Vec<String>) =
+            Service::ALL.into_iter().map(|s| mode.raw_rule(s)).unzip();
+        let rules = format!(
+            "table ip rawlb {{\n{} chain pre {{ type nat hook prerouting priority dstnat; policy accept;\n{} }}\n chain post {{ type nat hook postrouting priority srcnat; policy accept; ct status dnat masquerade; }}\n}}\n",
+            declarations.concat(),
+            rules.iter().map(|r| format!("  {r}\n")).collect::<String>()
         );
-        for service in Service::ALL {
-            let slots: Vec<String> = (0..UPSTREAMS)
-                .map(|i| {
-                    format!(
-                        "{i} : {} . {}",
-                        Topology::upstream_addr(i),
-                        service.upstream_port()
-                    )
-                })
-                .collect();
-            rules.push_str(&format!(
-                "  {} dport {} dnat ip to {} map {{ {} }}\n",
-                service.protocol(),
-                service.frontend_port(),
-                mode.slot_key(),
-                slots.join(", ")
-            ));
-        }
-        rules.push_str(" }\n chain post { type nat hook postrouting priority srcnat; policy accept; ct status dnat masquerade; }\n}\n");
         let path = std::env::temp_dir().join(format!("{}-raw.nft", self.topology.lb.name));
         std::fs::write(&path, rules).expect("writing the raw ruleset");
         self.topology
@@ -364,8 +462,8 @@ impl Drop for Setup {
     }
 }
 
-/// Lobby's config for the main variants: a target per service over the
-/// three upstreams; with `ipv6` the greeting target only, over the IPv4
+/// Lobby's config: a target per service over the three upstreams, in
+/// `mode`; with `ipv6` the greeting target only, over the IPv4
 /// and the IPv6 addresses of the upstreams (each client family is
 /// balanced over its own).
 fn lobby_config(mode: Mode, ipv6: bool) -> String {
@@ -383,10 +481,11 @@ fn lobby_config(mode: Mode, ipv6: bool) -> String {
             .target(name, service.frontend_port())
             .protocol(service.protocol());
         for i in 0..UPSTREAMS {
-            config = config.upstream(
+            config = config.upstream_with(
                 &format!("{name}{i}"),
                 Topology::upstream_addr(i),
                 service.upstream_port(),
+                &mode.upstream_keys(i),
             );
             if ipv6 {
                 config = config.upstream(
@@ -397,10 +496,19 @@ fn lobby_config(mode: Mode, ipv6: bool) -> String {
             }
         }
     }
-    config.build().replace(
+    let mut yaml = config.build().replace(
         "distribution: round-robin",
         &format!("distribution: {}", mode.distribution()),
-    )
+    );
+    if mode == Mode::Persistence {
+        yaml = yaml.replace(
+            "          upstreams:\n",
+            &format!(
+                "          persistence: {{ timeout: {PERSISTENCE_TIMEOUT} }}\n          upstreams:\n"
+            ),
+        );
+    }
+    yaml
 }
 
 /// `config` with a block list of `count` spaced prefixes on every target.
@@ -450,4 +558,45 @@ fn start_haproxy(topology: &Topology) -> Child {
             .map(|_| ())
     });
     child
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_weight_is_a_range_of_as_many_slots() {
+        assert_eq!(
+            Mode::Weighted.raw_rule(Service::Greet).1,
+            "tcp dport 8081 dnat ip to numgen inc mod 5 map { 0-2 : 198.18.1.11 . 9000, 3 : 198.18.2.11 . 9000, 4 : 198.18.3.11 . 9000 }"
+        );
+        assert_eq!(
+            Mode::RoundRobin.raw_rule(Service::Udp).1,
+            "udp dport 8084 dnat ip to numgen inc mod 3 map { 0 : 198.18.1.11 . 9003, 1 : 198.18.2.11 . 9003, 2 : 198.18.3.11 . 9003 }"
+        );
+    }
+
+    #[test]
+    fn persistence_declares_its_map_per_service() {
+        let (declaration, rule) = Mode::Persistence.raw_rule(Service::Greet);
+        assert_eq!(
+            declaration,
+            " map sticky8081 { typeof ip saddr : meta mark; flags dynamic,timeout; timeout 300s; }\n"
+        );
+        assert!(rule.starts_with(
+            "tcp dport 8081 update @sticky8081 { ip saddr : numgen inc mod 3 } meta mark set ip saddr map @sticky8081 dnat ip to meta mark map { 0 : "
+        ));
+    }
+
+    #[test]
+    fn least_latency_probes_every_upstream_and_weights_are_written_when_not_one() {
+        let config = lobby_config(Mode::LeastLatency, false);
+        assert_eq!(config.matches("health_check:").count(), 4 * UPSTREAMS);
+        assert_eq!(config.matches("distribution: least-latency").count(), 4);
+        let config = lobby_config(Mode::Weighted, false);
+        assert_eq!(config.matches("weight: 3").count(), 4);
+        assert_eq!(config.matches("weight:").count(), 4);
+        let config = lobby_config(Mode::Persistence, false);
+        assert_eq!(config.matches("persistence: { timeout: 300 }").count(), 4);
+    }
 }
