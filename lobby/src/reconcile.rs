@@ -720,11 +720,8 @@ impl Core {
                     summary.targets.added += 1;
                     info!(target = %target.name, "reload: target {} added", target.name);
                 }
-                Some(old)
-                    if old.port != target.port
-                        || old.ip != target.ip
-                        || old.protocol != target.protocol =>
-                {
+                // Any difference: a weight or a policy is a change too.
+                Some(old) if *old != target => {
                     summary.targets.changed += 1;
                     info!(target = %target.name, "reload: target {} changed", target.name);
                 }

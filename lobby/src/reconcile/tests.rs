@@ -384,9 +384,32 @@ fn a_reload_keeps_unchanged_upstreams_and_restarts_changed_ones() {
     let actions = harness.applied();
     assert_eq!(
         notices(&actions),
-        ["reload applied: +1 upstream, ~1 upstream"]
+        ["reload applied: ~1 target, +1 upstream, ~1 upstream"]
     );
     assert_eq!(harness.core.reloads().succeeded, 1);
+}
+
+#[test]
+fn a_weight_change_is_a_changed_target_and_keeps_the_checkers() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    let next = TWO_CHECKED.replace(
+        "198.18.1.12\n              port: 9000\n",
+        "198.18.1.12\n              port: 9000\n              weight: 3\n",
+    );
+    assert_ne!(next, TWO_CHECKED);
+    let actions = harness.step(Event::ConfigLoaded(config(&next)));
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::StartChecker { .. } | Action::StopChecker { .. })),
+        "{actions:?}"
+    );
+    let actions = [actions, harness.applied()].concat();
+    assert!(
+        notices(&actions).contains(&"reload applied: ~1 target".to_owned()),
+        "{:?}",
+        notices(&actions)
+    );
 }
 
 #[test]
