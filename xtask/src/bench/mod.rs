@@ -81,6 +81,9 @@ const FLOWS: usize = 3;
 struct Samples {
     rate: Vec<f64>,
     cpu_us_per_conn: Vec<f64>,
+    /// CPU the daemon and its nft runs used during the connection rate
+    /// (ms; NaN without a daemon).
+    daemon_cpu_ms: Vec<f64>,
     failures: u64,
     conntrack_full: bool,
     bulk_bps: Vec<f64>,
@@ -255,14 +258,20 @@ fn measure_rate(setup: &Setup, plan: &Plan, s: &mut Samples) {
     for target in setup.targets(Service::Greet) {
         let _ = setup.client().connect(target, Duration::from_secs(3));
     }
+    let daemon = setup.lobby.as_ref().map(|lobby| lobby.pid());
+    let daemon_before = daemon.map(control::daemon_cpu_ticks);
     let before = busy_ticks();
     let rate = load::connection_rate(
         &setup.client().name,
         setup.targets(Service::Greet),
+        setup.sources(),
         CONCURRENCY,
         Duration::from_secs_f64(plan.rate_secs),
     );
     let busy = busy_ticks() - before;
+    let daemon_ticks = daemon
+        .zip(daemon_before)
+        .map(|(pid, before)| control::daemon_cpu_ticks(pid) - before);
     if let Some((count, max)) = setup.conntrack()
         && count * 10 >= max * 9
     {
@@ -275,6 +284,9 @@ fn measure_rate(setup: &Setup, plan: &Plan, s: &mut Samples) {
     s.rate.push(rate.connections as f64 / rate.seconds);
     s.cpu_us_per_conn
         .push(busy as f64 / control::ticks_per_second() * 1e6 / rate.connections.max(1) as f64);
+    s.daemon_cpu_ms.push(daemon_ticks.map_or(f64::NAN, |ticks| {
+        ticks as f64 / control::ticks_per_second() * 1e3
+    }));
     s.failures += rate.failures;
 }
 
@@ -603,6 +615,24 @@ impl Report {
                 ">= 0.97",
             ),
             (
+                "2 clients, source_nat masquerade: Lobby conn/s / forwarding",
+                self.pair(LobbyMasquerade2, Forwarding2, rate),
+                conn(Forwarding2),
+                "-",
+            ),
+            (
+                "2 clients, source_nat none: Lobby conn/s / forwarding",
+                self.pair(LobbyNoSnat2, Forwarding2, rate),
+                conn(Forwarding2),
+                "-",
+            ),
+            (
+                "2 clients, source_nat pool of 4: Lobby conn/s / forwarding",
+                self.pair(LobbySnatPool2, Forwarding2, rate),
+                conn(Forwarding2),
+                "-",
+            ),
+            (
                 "IPv6: Lobby conn/s / Lobby IPv4",
                 self.pair(Lobby6, Lobby, rate),
                 conn(Lobby),
@@ -647,11 +677,7 @@ impl Report {
             let Some(s) = self.samples.get(&variant) else {
                 continue;
             };
-            let fwd = if variant == Variant::Lobby6 || variant == Variant::Forwarding6 {
-                Variant::Forwarding6
-            } else {
-                Variant::Forwarding
-            };
+            let fwd = variant.forwarding();
             let show = |x: f64, digits: usize| {
                 if x.is_finite() {
                     format!("{x:.digits$}")
@@ -684,7 +710,8 @@ impl Report {
             writeln!(out, "| {what} | {} | {anchor} | {goal} |", ratio.show()).unwrap();
         }
         for (variant, s) in &self.samples {
-            if s.failures > 0 || s.conntrack_full {
+            // The source NAT modes' failures are part of their figure.
+            if s.failures > 0 || s.conntrack_full || variant.two_clients() {
                 writeln!(
                     out,
                     "\n{}: {} failed connections{}",
@@ -707,7 +734,8 @@ impl Report {
             .iter()
             .map(|(variant, s)| {
                 let value = json!({
-                    "conn_per_s": s.rate, "cpu_us_per_conn": s.cpu_us_per_conn, "failed_connections": s.failures,
+                    "conn_per_s": s.rate, "cpu_us_per_conn": s.cpu_us_per_conn,
+                    "daemon_cpu_ms_during_rate": s.daemon_cpu_ms, "failed_connections": s.failures,
                     "conntrack_nearly_full": s.conntrack_full, "bulk_bytes_per_s": s.bulk_bps,
                     "udp_packets_per_s": s.udp_pps,
                     "latency_p50_us": s.p50_us, "latency_p99_us": s.p99_us,
