@@ -633,6 +633,12 @@ impl Report {
                 "-",
             ),
             (
+                "2 clients, source_nat range of 4: Lobby conn/s / forwarding",
+                self.pair(LobbySnatRange2, Forwarding2, rate),
+                conn(Forwarding2),
+                "-",
+            ),
+            (
                 "IPv6: Lobby conn/s / Lobby IPv4",
                 self.pair(Lobby6, Lobby, rate),
                 conn(Lobby),

@@ -48,6 +48,9 @@ pub enum Variant {
     LobbyMasquerade2,
     LobbyNoSnat2,
     LobbySnatPool2,
+    /// The same four addresses as a range ("A-B"): the kernel picks a
+    /// range's address by a hash of the client's, so each client keeps one.
+    LobbySnatRange2,
 }
 
 /// How the DNAT picks an upstream.
@@ -89,7 +92,7 @@ impl Variant {
     ];
 
     /// The variants measured by connection rate only.
-    pub const RATE_ONLY: [Variant; 11] = [
+    pub const RATE_ONLY: [Variant; 12] = [
         Self::LobbyRandom,
         Self::RawNftRandom,
         Self::LobbySourceHash,
@@ -101,6 +104,7 @@ impl Variant {
         Self::LobbyMasquerade2,
         Self::LobbyNoSnat2,
         Self::LobbySnatPool2,
+        Self::LobbySnatRange2,
     ];
 
     pub fn name(self) -> &'static str {
@@ -121,6 +125,7 @@ impl Variant {
             Self::LobbyMasquerade2 => "lobby-masquerade-2-clients",
             Self::LobbyNoSnat2 => "lobby-snat-none-2-clients",
             Self::LobbySnatPool2 => "lobby-snat-pool-4-2-clients",
+            Self::LobbySnatRange2 => "lobby-snat-range-4-2-clients",
         }
     }
 
@@ -138,7 +143,11 @@ impl Variant {
     pub fn two_clients(self) -> bool {
         matches!(
             self,
-            Self::Forwarding2 | Self::LobbyMasquerade2 | Self::LobbyNoSnat2 | Self::LobbySnatPool2
+            Self::Forwarding2
+                | Self::LobbyMasquerade2
+                | Self::LobbyNoSnat2
+                | Self::LobbySnatPool2
+                | Self::LobbySnatRange2
         )
     }
 
@@ -272,13 +281,18 @@ impl Setup {
                     &with_target_key(&lobby_config(Mode::RoundRobin, false), "source_nat: none"),
                 ))
             }
-            Variant::LobbySnatPool2 => {
+            Variant::LobbySnatPool2 | Variant::LobbySnatRange2 => {
                 let pool = setup.snat_pool();
+                let address = if variant == Variant::LobbySnatPool2 {
+                    format!("[{}]", pool.join(", "))
+                } else {
+                    format!("\"{}-{}\"", pool[0], pool[pool.len() - 1])
+                };
                 setup.lobby = Some(Lobby::start(
                     &setup.topology.lb,
                     &with_target_key(
                         &lobby_config(Mode::RoundRobin, false),
-                        &format!("source_nat: {{ address: [{}] }}", pool.join(", ")),
+                        &format!("source_nat: {{ address: {address} }}"),
                     ),
                 ))
             }
