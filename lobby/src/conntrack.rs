@@ -5,9 +5,13 @@
 //! and the warning names the cause. And, for `least-connections`, how many
 //! established connections the kernel translated to each upstream: a dump
 //! of the table over ctnetlink.
-use std::{collections::BTreeMap, fmt, io, net::IpAddr, path::Path, time::Duration};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path, time::Duration};
 
-use crate::{config::Protocol, model::Backend};
+use crate::{
+    config::Protocol,
+    model::Backend,
+    nfnetlink::{self, DumpError, Request, attribute},
+};
 
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -127,25 +131,9 @@ pub async fn watch(cancel: CancellationToken) {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConntrackError {
-    #[error("{op} a netfilter netlink socket")]
-    Socket {
-        op: &'static str,
-        #[source]
-        source: io::Error,
-    },
-    #[error("the kernel refused the conntrack dump")]
-    Refused(#[source] io::Error),
-    #[error("a malformed conntrack netlink message")]
-    Malformed,
-}
-
 // ctnetlink's numbers (linux/netfilter/nfnetlink*.h, nf_conntrack_common.h).
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_GET: u16 = 1;
-const NLMSG_HEADER: usize = 16;
-const NFGENMSG: usize = 4;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_STATUS: u16 = 3;
 const CTA_PROTOINFO: u16 = 4;
@@ -169,149 +157,25 @@ const IPS_DST_NAT: u32 = 1 << 5;
 /// SCTP connection in that state, a UDP flow that has seen replies both
 /// ways (assured). Dumps the whole table of the daemon's namespace, both
 /// families; blocks, so the daemon calls it off its loop.
-pub fn established() -> Result<BTreeMap<Backend, u64>, ConntrackError> {
-    let socket = NetlinkSocket::open()?;
-    socket.send_dump_request()?;
+pub fn established() -> Result<BTreeMap<Backend, u64>, DumpError> {
     let mut counts = BTreeMap::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = socket.recv(&mut buf)?;
-        if count_messages(&buf[..n], &mut counts)? {
-            return Ok(counts);
-        }
-    }
+    let request = Request {
+        subsystem: NFNL_SUBSYS_CTNETLINK,
+        message: IPCTNL_MSG_CT_GET,
+        // AF_UNSPEC: both families.
+        family: 0,
+        attributes: &[],
+    };
+    nfnetlink::dump(&request, |attributes| count(attributes, &mut counts))?;
+    Ok(counts)
 }
 
-/// A raw NETLINK_NETFILTER socket, closed on drop.
-struct NetlinkSocket(libc::c_int);
-
-impl NetlinkSocket {
-    fn open() -> Result<Self, ConntrackError> {
-        // SAFETY: plain socket(2); the descriptor is owned by the result.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(ConntrackError::Socket {
-                op: "opening",
-                source: io::Error::last_os_error(),
-            });
-        }
-        let socket = Self(fd);
-        // A dump that never ends must not hold a blocking thread forever.
-        let timeout = libc::timeval {
-            tv_sec: 5,
-            tv_usec: 0,
-        };
-        // SAFETY: the option value is a timeval we own, with its size.
-        let set = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if set != 0 {
-            return Err(ConntrackError::Socket {
-                op: "configuring",
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(socket)
+/// Counts one conntrack entry into `counts` when it is an established,
+/// translated connection.
+fn count(attributes: &[u8], counts: &mut BTreeMap<Backend, u64>) {
+    if let Some(backend) = established_backend(attributes) {
+        *counts.entry(backend).or_default() += 1;
     }
-
-    fn send_dump_request(&self) -> Result<(), ConntrackError> {
-        let mut request = Vec::with_capacity(NLMSG_HEADER + NFGENMSG);
-        let length = (NLMSG_HEADER + NFGENMSG) as u32;
-        request.extend_from_slice(&length.to_ne_bytes());
-        request.extend_from_slice(&(NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET).to_ne_bytes());
-        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-        request.extend_from_slice(&flags.to_ne_bytes());
-        request.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-        request.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-        // nfgenmsg: AF_UNSPEC (both families), version 0, resource 0.
-        request.extend_from_slice(&[0, 0, 0, 0]);
-        // SAFETY: a zeroed sockaddr_nl with its family is the kernel's address.
-        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: the buffer and the address live across the call.
-        let sent = unsafe {
-            libc::sendto(
-                self.0,
-                request.as_ptr().cast(),
-                request.len(),
-                0,
-                (&raw const kernel).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 {
-            return Err(ConntrackError::Socket {
-                op: "writing to",
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
-    }
-
-    fn recv(&self, buf: &mut [u8]) -> Result<usize, ConntrackError> {
-        // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
-        let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        usize::try_from(n).map_err(|_| ConntrackError::Socket {
-            op: "reading from",
-            source: io::Error::last_os_error(),
-        })
-    }
-}
-
-impl Drop for NetlinkSocket {
-    fn drop(&mut self) {
-        // SAFETY: the descriptor is ours and closed once.
-        unsafe { libc::close(self.0) };
-    }
-}
-
-/// Counts the established, translated connections of the netlink messages
-/// in `buf` into `counts`; `true` at the end of the dump.
-fn count_messages(
-    mut buf: &[u8],
-    counts: &mut BTreeMap<Backend, u64>,
-) -> Result<bool, ConntrackError> {
-    while buf.len() >= NLMSG_HEADER {
-        let length = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
-        let kind = u16::from_ne_bytes(buf[4..6].try_into().expect("2 bytes"));
-        if length < NLMSG_HEADER || length > buf.len() {
-            return Err(ConntrackError::Malformed);
-        }
-        match i32::from(kind) {
-            libc::NLMSG_DONE => return Ok(true),
-            libc::NLMSG_ERROR => {
-                let code = buf
-                    .get(NLMSG_HEADER..NLMSG_HEADER + 4)
-                    .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                    .ok_or(ConntrackError::Malformed)?;
-                if code != 0 {
-                    return Err(ConntrackError::Refused(io::Error::from_raw_os_error(-code)));
-                }
-            }
-            _ => {
-                let attributes = buf
-                    .get(NLMSG_HEADER + NFGENMSG..length)
-                    .ok_or(ConntrackError::Malformed)?;
-                if let Some(backend) = established_backend(attributes) {
-                    *counts.entry(backend).or_default() += 1;
-                }
-            }
-        }
-        buf = &buf[align(length).min(buf.len())..];
-    }
-    Ok(false)
 }
 
 /// The backend of one conntrack entry, when it was translated and is
@@ -345,28 +209,6 @@ fn established_backend(attributes: &[u8]) -> Option<Backend> {
     Some((std::net::SocketAddr::new(address, port), protocol))
 }
 
-/// The payload of the first attribute of `kind` among `attributes`.
-fn attribute(mut attributes: &[u8], kind: u16) -> Option<&[u8]> {
-    while attributes.len() >= 4 {
-        let length = usize::from(u16::from_ne_bytes([attributes[0], attributes[1]]));
-        // Without the nested and byte-order flags.
-        let found = u16::from_ne_bytes([attributes[2], attributes[3]]) & 0x3fff;
-        if length < 4 || length > attributes.len() {
-            return None;
-        }
-        if found == kind {
-            return Some(&attributes[4..length]);
-        }
-        attributes = &attributes[align(length).min(attributes.len())..];
-    }
-    None
-}
-
-/// Netlink aligns messages and attributes to 4 bytes.
-fn align(length: usize) -> usize {
-    (length + 3) & !3
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,10 +216,7 @@ mod tests {
     /// A netlink attribute of `kind` around `payload`, padded.
     fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-        out.extend_from_slice(&kind.to_ne_bytes());
-        out.extend_from_slice(payload);
-        out.resize(align(out.len()), 0);
+        crate::nfnetlink::push_attribute(&mut out, kind, payload);
         out
     }
 
@@ -408,19 +247,10 @@ mod tests {
             )],
         );
         let body = [reply, attr(CTA_STATUS, &status.to_be_bytes()), info].concat();
-        message(
+        crate::nfnetlink::message(
             NFNL_SUBSYS_CTNETLINK << 8,
             &[vec![2, 0, 0, 0], body].concat(),
         )
-    }
-
-    fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(&((NLMSG_HEADER + payload.len()) as u32).to_ne_bytes());
-        out.extend_from_slice(&kind.to_ne_bytes());
-        out.extend_from_slice(&[0; 10]);
-        out.extend_from_slice(payload);
-        out
     }
 
     #[test]
@@ -443,7 +273,8 @@ mod tests {
         ]
         .concat();
         let mut counts = BTreeMap::new();
-        assert!(!count_messages(&dump, &mut counts).unwrap());
+        let mut each = |attributes: &[u8]| count(attributes, &mut counts);
+        assert!(!crate::nfnetlink::walk(&dump, &mut each).unwrap());
         let backend = |host, port, protocol| {
             (
                 std::net::SocketAddr::from(([198, 18, 1, host], port)),
@@ -457,17 +288,6 @@ mod tests {
                 (backend(13, 53, Protocol::Udp), 1),
             ])
         );
-        let done = message(libc::NLMSG_DONE as u16, &[0; 4]);
-        assert!(count_messages(&done, &mut counts).unwrap());
-        let refused = message(libc::NLMSG_ERROR as u16, &(-libc::EPERM).to_ne_bytes());
-        assert!(matches!(
-            count_messages(&refused, &mut counts),
-            Err(ConntrackError::Refused(_))
-        ));
-        assert!(matches!(
-            count_messages(&dump[..20], &mut counts),
-            Err(ConntrackError::Malformed)
-        ));
     }
 
     fn usage(entries: u64) -> Usage {

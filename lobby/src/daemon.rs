@@ -44,8 +44,11 @@ use crate::{
 /// How often the interfaces toward the upstreams are looked up again, so
 /// that counters follow routes and interfaces that change.
 const COUNTERS_RECHECK: Duration = Duration::from_secs(5);
-/// How often the table is compared with what Lobby applied, besides the
-/// kernel's notifications: the safety net for a notification missed.
+/// How often the table is compared with what Lobby applied while no `nft
+/// monitor` reports its changes (the monitor could not start, or ended).
+/// Not beside a live monitor: a comparison lists the whole table, and nft
+/// 1.0.6 fetches every element of every set to list it (about a second of
+/// CPU per 100,000-prefix block list, measured).
 const TABLE_CHECK: Duration = Duration::from_secs(10);
 /// The longest a stats request waits for a transaction on its way.
 const STATS_WAIT: Duration = Duration::from_secs(1);
@@ -301,7 +304,7 @@ pub async fn serve<P: DataPlane>(
             Some(()) = inbox.table_changed.recv() => {
                 actions.extend(core.on(Event::TableMayHaveChanged, Instant::now()));
             }
-            _ = table_check.tick() => {
+            _ = table_check.tick(), if !wiring.table_watched() => {
                 actions.extend(core.on(Event::TableMayHaveChanged, Instant::now()));
             }
             _ = measure_tick.tick() => actions.extend(wiring.measure(&mut core)),
@@ -458,6 +461,8 @@ struct Wiring<P> {
     control: mpsc::Sender<Control>,
     loaded: mpsc::Sender<Loaded>,
     table_changed: mpsc::Sender<()>,
+    /// The task that follows the kernel's notifications of table changes.
+    table_watch: Option<tokio::task::JoinHandle<()>>,
     /// A conntrack dump for least-connections is under way.
     dumping: Arc<std::sync::atomic::AtomicBool>,
     /// Dumps failed in a row (warned at the first).
@@ -505,6 +510,7 @@ impl<P: DataPlane> Wiring<P> {
             control: control_tx,
             loaded: loaded_tx,
             table_changed: table_changed_tx,
+            table_watch: None,
             dumping: Arc::default(),
             dump_failures: Arc::default(),
             reload_replies: Vec::new(),
@@ -554,9 +560,11 @@ impl<P: DataPlane> Wiring<P> {
             options.traffic_log_interval,
             self.cancel.child_token(),
         ));
-        self.tracker.spawn(
-            self.plane
-                .watch_table(self.table_changed.clone(), self.cancel.child_token()),
+        self.table_watch = Some(
+            self.tracker.spawn(
+                self.plane
+                    .watch_table(self.table_changed.clone(), self.cancel.child_token()),
+            ),
         );
         self.tracker.spawn(keep_counting(
             self.plane.clone(),
@@ -565,6 +573,13 @@ impl<P: DataPlane> Wiring<P> {
             self.events.clone(),
             self.cancel.child_token(),
         ));
+    }
+
+    /// Whether the kernel's notifications of table changes are followed.
+    fn table_watched(&self) -> bool {
+        self.table_watch
+            .as_ref()
+            .is_some_and(|watch| !watch.is_finished())
     }
 
     fn serve_metrics(&mut self, addr: SocketAddr, listener: tokio::net::TcpListener) {

@@ -30,6 +30,8 @@
 //! - [`conntrack`]: how full the connection-tracking table is, with a
 //!   warning before it fills up, and the established connections per
 //!   upstream (a ctnetlink dump) that least-connections picks by.
+//! - [`nfnetlink`]: dumps over netfilter's netlink (conntrack entries, the
+//!   table's named counters) without running a tool.
 //! - [`daemon`]: the loop that turns channels into the core's events and
 //!   its actions into calls on the data plane.
 pub mod accel;
@@ -46,6 +48,7 @@ pub mod listen;
 pub mod metrics;
 pub mod model;
 pub mod netlink;
+pub mod nfnetlink;
 pub mod nft;
 pub mod ownership;
 pub mod plane;

@@ -20,6 +20,7 @@ use std::{
 
 use tokio::process::Command;
 
+mod counters;
 pub mod flowtable;
 mod limits;
 mod local;
@@ -704,6 +705,8 @@ pub enum NftError {
         status: std::process::ExitStatus,
         stderr: String,
     },
+    #[error("reading the table's named counters over netlink")]
+    Counters(#[source] crate::nfnetlink::DumpError),
     #[error("reading nft's listing of the table")]
     Listing(#[source] serde_json::Error),
     #[error("nft may not read the ruleset (needs CAP_NET_ADMIN): {0}")]
@@ -765,24 +768,11 @@ pub async fn existing_rotation(table: &str) -> Result<Option<Rotation>, NftError
 /// The packets of every named counter of Lobby's table, by name; none
 /// without a table.
 pub async fn named_counters(table: &str) -> Result<BTreeMap<String, u64>, NftError> {
-    let Some(listing) = list(FAMILY, table, &["-j"]).await? else {
-        return Ok(BTreeMap::new());
-    };
-    let listing: serde_json::Value = serde_json::from_slice(&listing).map_err(NftError::Listing)?;
-    let items = listing["nftables"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    Ok(items
-        .iter()
-        .filter_map(|item| {
-            let counter = item.get("counter")?;
-            Some((
-                counter["name"].as_str()?.to_owned(),
-                counter["packets"].as_u64()?,
-            ))
-        })
-        .collect())
+    let table = table.to_owned();
+    tokio::task::spawn_blocking(move || counters::read(&table))
+        .await
+        .expect("reading the counters does not panic")
+        .map_err(NftError::Counters)
 }
 
 /// Lobby's table as nft prints it, followed by its mirror tables when they

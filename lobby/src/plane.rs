@@ -277,14 +277,16 @@ async fn watch_with_nft_monitor(
 }
 
 /// Follows `nft monitor`, the kernel's notifications of ruleset changes,
-/// and signals each one that names Lobby's `table`. Returns when nft ends.
+/// and signals each one that names Lobby's `table`, and anything nft says
+/// on stderr: notifications it lost (`# ERROR: We lost some netlink
+/// events!`) may have been Lobby's. Returns when nft ends.
 async fn monitor(table: &str, changed: &mpsc::Sender<()>) {
     let mut command = Command::new("nft");
     command
         .args(["monitor", "ruleset"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     let parent = std::process::id();
     // kill_on_drop needs a daemon that ends cleanly; after a kill -9 the
@@ -313,11 +315,26 @@ async fn monitor(table: &str, changed: &mpsc::Sender<()>) {
         }
     };
     let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
     let mut lines = tokio::io::BufReader::new(stdout).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if nft::names_own_table(&line, table) {
-            // A full channel already carries the news.
-            let _ = changed.try_send(());
+    let mut complaints = tokio::io::BufReader::new(stderr).lines();
+    let mut complaining = true;
+    loop {
+        // A full channel already carries the news.
+        tokio::select! {
+            line = lines.next_line() => match line {
+                Ok(Some(line)) => if nft::names_own_table(&line, table) {
+                    let _ = changed.try_send(());
+                },
+                _ => return,
+            },
+            complaint = complaints.next_line(), if complaining => match complaint {
+                Ok(Some(complaint)) => {
+                    warn!(complaint = %complaint, "nft monitor: checking Lobby's table");
+                    let _ = changed.try_send(());
+                }
+                _ => complaining = false,
+            },
         }
     }
 }

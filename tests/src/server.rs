@@ -104,17 +104,25 @@ pub fn ask_name_from(
     source: std::net::IpAddr,
     addr: SocketAddr,
 ) -> std::io::Result<String> {
-    let stream = client.within(move || -> std::io::Result<TcpStream> {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        socket.bind(&SocketAddr::new(source, 0).into())?;
-        socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
-        Ok(socket.into())
-    })?;
+    let stream = client.within(move || connect_from(source, addr, Duration::from_secs(5)))?;
     read_name(stream)
+}
+
+/// A connection to `addr` from the local address `source` (of the
+/// calling thread's namespace).
+pub fn connect_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&addr.into(), timeout)?;
+    Ok(socket.into())
 }
 
 pub fn read_name(stream: TcpStream) -> std::io::Result<String> {

@@ -446,9 +446,9 @@ pub fn idle_cost(count: usize, window: Duration, pairs: usize) -> IdleCost {
     };
     for _ in 0..pairs {
         let lobby = idle_daemon(&topology, count);
-        let before = cpu_ticks(lobby.pid());
+        let before = daemon_cpu_ticks(lobby.pid());
         std::thread::sleep(window);
-        let ticks = cpu_ticks(lobby.pid()) - before;
+        let ticks = daemon_cpu_ticks(lobby.pid()) - before;
         cost.lobby_cpu
             .push(ticks as f64 / ticks_per_second() / window.as_secs_f64() * 100.0);
         cost.rss_kib = stop_idle_daemon(lobby);
@@ -544,15 +544,53 @@ fn thread_cpu() -> Duration {
 /// CPU time of a process and of the children it waited for (the daemon's
 /// nft runs), in clock ticks.
 pub fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
-    // Fields after the command name, which may hold spaces: utime, stime,
-    // cutime and cstime are the 14th to 17th fields of the whole line.
-    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
-    rest.split_whitespace()
+    cpu_fields(pid).expect("/proc/PID/stat").iter().sum()
+}
+
+/// CPU a daemon used, in clock ticks: its own (utime + stime), its
+/// children's that ended (cutime + cstime) and its running children's (the
+/// nft runs it waits for, its nft monitor). A daemon's own figure alone
+/// misses the nft runs, which are where a large table costs.
+pub fn daemon_cpu_ticks(pid: u32) -> u64 {
+    let own = cpu_fields(pid).map_or(0, |f| f.iter().sum());
+    let running_children: u64 = daemon_children(pid)
+        .into_iter()
+        .filter_map(cpu_fields)
+        .map(|f| f.iter().sum::<u64>())
+        .sum();
+    own + running_children
+}
+
+/// The pids of the running children of process `pid` (of all its threads).
+pub fn daemon_children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|children| {
+            children
+                .split_whitespace()
+                .filter_map(|child| child.parse().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// utime, stime, cutime and cstime of a process, in clock ticks; `None`
+/// once it is gone.
+fn cpu_fields(pid: u32) -> Option<[u64; 4]> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces: utime is the
+    // 14th field of the whole line.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<u64> = rest
+        .split_whitespace()
         .skip(11)
         .take(4)
-        .map(|f| f.parse::<u64>().expect("a tick count"))
-        .sum()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    fields.try_into().ok()
 }
 
 fn rss_kib(pid: u32) -> u64 {

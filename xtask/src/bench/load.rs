@@ -3,7 +3,7 @@
 use std::{
     fs::File,
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     sync::{
         Arc,
@@ -11,6 +11,8 @@ use std::{
     },
     time::{Duration, Instant},
 };
+
+use lobby_tests::server::connect_from;
 
 /// Moves the calling thread into network namespace `ns`.
 fn enter(ns: &str) {
@@ -52,10 +54,14 @@ pub struct Rate {
 }
 
 /// `workers` concurrent clients, each connecting, reading one byte and
-/// closing, in turn over `targets`, until `duration` is over.
+/// closing, in turn over `targets`, until `duration` is over. With
+/// `sources`, worker i connects from `sources[i % len]`, so that every
+/// source address opens connections for the whole run; without, from the
+/// address the route gives.
 pub fn connection_rate(
     ns: &str,
     targets: Vec<SocketAddr>,
+    sources: Vec<IpAddr>,
     workers: usize,
     duration: Duration,
 ) -> Rate {
@@ -63,15 +69,20 @@ pub fn connection_rate(
     let results = on_threads(ns, workers, duration, move |worker, deadline| {
         let (mut ok, mut failed) = (0u64, 0u64);
         let mut next = worker;
+        let source = (!sources.is_empty()).then(|| sources[worker % sources.len()]);
+        let timeout = Duration::from_secs(3);
         while Instant::now() < deadline {
             let target = targets[next % targets.len()];
             next += 1;
-            let done =
-                TcpStream::connect_timeout(&target, Duration::from_secs(3)).and_then(|mut s| {
-                    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-                    let mut byte = [0u8; 1];
-                    s.read_exact(&mut byte)
-                });
+            let connected = match source {
+                Some(source) => connect_from(source, target, timeout),
+                None => TcpStream::connect_timeout(&target, timeout),
+            };
+            let done = connected.and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                let mut byte = [0u8; 1];
+                s.read_exact(&mut byte)
+            });
             match done {
                 Ok(()) => ok += 1,
                 Err(_) => failed += 1,

@@ -393,17 +393,20 @@ fn measure_rate(setup: &Setup, plan: &Plan, s: &mut Samples) {
     let daemon = setup
         .lobby
         .as_ref()
-        .map(|lobby| (lobby.pid(), control::cpu_ticks(lobby.pid())));
+        .map(|lobby| (lobby.pid(), control::daemon_cpu_ticks(lobby.pid())));
     let rate = load::connection_rate(
         &setup.client().name,
         setup.targets(Service::Greet),
+        setup.sources(),
         CONCURRENCY,
         Duration::from_secs_f64(plan.rate_secs),
     );
     let spent = meter.stop(rate.connections);
     s.daemon_cpu_percent
         .push(daemon.map_or(f64::NAN, |(pid, before)| {
-            (control::cpu_ticks(pid) - before) as f64 / control::ticks_per_second() / rate.seconds
+            (control::daemon_cpu_ticks(pid) - before) as f64
+                / control::ticks_per_second()
+                / rate.seconds
                 * 100.0
         }));
     if let Some((count, max)) = setup.conntrack()
@@ -861,6 +864,30 @@ impl Report {
                 ">= 0.97",
             ),
             (
+                "2 clients, source_nat masquerade: Lobby conn/s / forwarding",
+                self.pair(LobbyMasquerade2, Forwarding2, rate),
+                conn(Forwarding2),
+                "-",
+            ),
+            (
+                "2 clients, source_nat none: Lobby conn/s / forwarding",
+                self.pair(LobbyNoSnat2, Forwarding2, rate),
+                conn(Forwarding2),
+                "-",
+            ),
+            (
+                "2 clients, source_nat pool of 4: Lobby conn/s / forwarding",
+                self.pair(LobbySnatPool2, Forwarding2, rate),
+                conn(Forwarding2),
+                "-",
+            ),
+            (
+                "2 clients, source_nat range of 4: Lobby conn/s / forwarding",
+                self.pair(LobbySnatRange2, Forwarding2, rate),
+                conn(Forwarding2),
+                "-",
+            ),
+            (
                 "IPv6: Lobby conn/s / Lobby IPv4",
                 self.pair(Lobby6, Lobby, rate),
                 conn(Lobby),
@@ -963,11 +990,7 @@ impl Report {
             let Some(s) = self.samples.get(&variant) else {
                 continue;
             };
-            let fwd = if variant == Variant::Lobby6 || variant == Variant::Forwarding6 {
-                Variant::Forwarding6
-            } else {
-                Variant::Forwarding
-            };
+            let fwd = variant.forwarding();
             let show = |x: f64, digits: usize| {
                 if x.is_finite() {
                     format!("{x:.digits$}")
@@ -1009,7 +1032,8 @@ impl Report {
             writeln!(out, "\n{DISTRIBUTION_NOTE}").unwrap();
         }
         for (variant, s) in &self.samples {
-            if s.failures > 0 || s.conntrack_full {
+            // The source NAT modes' failures are part of their figure.
+            if s.failures > 0 || s.conntrack_full || variant.two_clients() {
                 writeln!(
                     out,
                     "\n{}: {} failed connections{}",

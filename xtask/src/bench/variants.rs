@@ -7,7 +7,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     process::{Child, Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use lobby_tests::{
@@ -16,7 +16,10 @@ use lobby_tests::{
     wait_for,
 };
 
-use super::servers::{self, ECHO_PORT, GREET_PORT, SINK_PORT, Servers, UDP_PORT};
+use super::{
+    control::{daemon_children, daemon_cpu_ticks},
+    servers::{self, ECHO_PORT, GREET_PORT, SINK_PORT, Servers, UDP_PORT},
+};
 
 pub const UPSTREAMS: usize = 3;
 
@@ -53,6 +56,17 @@ pub enum Variant {
     Lobby6,
     /// Lobby with a block list of 100,000 prefixes the client is not in.
     LobbyBlockList,
+    /// Two client addresses opening connections at once: plain routing,
+    /// and Lobby in each `source_nat` mode. Masquerading both onto one
+    /// address reuses the upstream-side tuples of either client's closed
+    /// connections, whose timestamps PAWS refuses.
+    Forwarding2,
+    LobbyMasquerade2,
+    LobbyNoSnat2,
+    LobbySnatPool2,
+    /// The same four addresses as a range ("A-B"): the kernel picks a
+    /// range's address by a hash of the client's, so each client keeps one.
+    LobbySnatRange2,
 }
 
 /// The persistence timeout of the persistence variants (s): far longer
@@ -187,7 +201,7 @@ impl Variant {
     ];
 
     /// The variants measured by connection rate only.
-    pub const RATE_ONLY: [Variant; 13] = [
+    pub const RATE_ONLY: [Variant; 18] = [
         Self::LobbyRandom,
         Self::RawNftRandom,
         Self::LobbySourceHash,
@@ -201,6 +215,11 @@ impl Variant {
         Self::Forwarding6,
         Self::Lobby6,
         Self::LobbyBlockList,
+        Self::Forwarding2,
+        Self::LobbyMasquerade2,
+        Self::LobbyNoSnat2,
+        Self::LobbySnatPool2,
+        Self::LobbySnatRange2,
     ];
 
     pub fn name(self) -> &'static str {
@@ -223,7 +242,34 @@ impl Variant {
             Self::Forwarding6 => "forwarding-ipv6",
             Self::Lobby6 => "lobby-ipv6",
             Self::LobbyBlockList => "lobby-block-100k",
+            Self::Forwarding2 => "forwarding-2-clients",
+            Self::LobbyMasquerade2 => "lobby-masquerade-2-clients",
+            Self::LobbyNoSnat2 => "lobby-snat-none-2-clients",
+            Self::LobbySnatPool2 => "lobby-snat-pool-4-2-clients",
+            Self::LobbySnatRange2 => "lobby-snat-range-4-2-clients",
         }
+    }
+
+    /// The plain-routing variant of the same clients: what "vs fwd" is
+    /// measured against.
+    pub fn forwarding(self) -> Variant {
+        match self {
+            Self::Lobby6 | Self::Forwarding6 => Self::Forwarding6,
+            _ if self.two_clients() => Self::Forwarding2,
+            _ => Self::Forwarding,
+        }
+    }
+
+    /// Whether two client addresses open the connections.
+    pub fn two_clients(self) -> bool {
+        matches!(
+            self,
+            Self::Forwarding2
+                | Self::LobbyMasquerade2
+                | Self::LobbyNoSnat2
+                | Self::LobbySnatPool2
+                | Self::LobbySnatRange2
+        )
     }
 
     fn ipv6(self) -> bool {
@@ -306,9 +352,16 @@ impl Setup {
             haproxy: None,
             servers,
         };
+        if variant.two_clients() {
+            setup.topology.add_other_client();
+        }
         match variant {
-            Variant::Forwarding | Variant::Forwarding6 => setup.route_without_nat(),
-            Variant::Lobby => setup.start_lobby(&lobby_config(Mode::RoundRobin, false)),
+            Variant::Forwarding | Variant::Forwarding6 | Variant::Forwarding2 => {
+                setup.route_without_nat()
+            }
+            Variant::Lobby | Variant::LobbyMasquerade2 => {
+                setup.start_lobby(&lobby_config(Mode::RoundRobin, false))
+            }
             Variant::Lobby6 => setup.start_lobby(&lobby_config(Mode::RoundRobin, true)),
             Variant::LobbyRandom => setup.start_lobby(&lobby_config(Mode::Random, false)),
             Variant::LobbySourceHash => setup.start_lobby(&lobby_config(Mode::SourceHash, false)),
@@ -324,6 +377,25 @@ impl Setup {
                 &lobby_config(Mode::RoundRobin, false),
                 100_000,
             )),
+            Variant::LobbyNoSnat2 => {
+                setup.route_back_through_lb("198.18.0.0/24");
+                setup.start_lobby(&with_target_key(
+                    &lobby_config(Mode::RoundRobin, false),
+                    "source_nat: none",
+                ));
+            }
+            Variant::LobbySnatPool2 | Variant::LobbySnatRange2 => {
+                let pool = setup.snat_pool();
+                let address = if variant == Variant::LobbySnatPool2 {
+                    format!("[{}]", pool.join(", "))
+                } else {
+                    format!("\"{}-{}\"", pool[0], pool[pool.len() - 1])
+                };
+                setup.start_lobby(&with_target_key(
+                    &lobby_config(Mode::RoundRobin, false),
+                    &format!("source_nat: {{ address: {address} }}"),
+                ));
+            }
             Variant::LobbyWithoutCounters => {
                 setup.lobby = Some(Lobby::start_with_args(
                     &setup.topology.lb,
@@ -338,6 +410,9 @@ impl Setup {
             Variant::RawNftSourceHash => setup.raw_dnat(Mode::SourceHash),
             Variant::RawNftWeighted => setup.raw_dnat(Mode::Weighted),
             Variant::RawNftPersistence => setup.raw_dnat(Mode::Persistence),
+        }
+        if let Some(lobby) = &setup.lobby {
+            settle(variant, lobby);
         }
         setup
     }
@@ -355,11 +430,24 @@ impl Setup {
         &self.topology.client
     }
 
+    /// The client addresses the connection rate opens connections from:
+    /// none for the variants of one client (the route picks).
+    pub fn sources(&self) -> Vec<IpAddr> {
+        if self.variant.two_clients() {
+            vec![
+                Topology::CLIENT_ADDR.into(),
+                Topology::OTHER_CLIENT_ADDR.into(),
+            ]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Where the client connects for `service`: the upstreams themselves
     /// when routing, else the balanced port.
     pub fn targets(&self, service: Service) -> Vec<SocketAddr> {
         match self.variant {
-            Variant::Forwarding => (0..UPSTREAMS)
+            Variant::Forwarding | Variant::Forwarding2 => (0..UPSTREAMS)
                 .map(|i| SocketAddr::from((Topology::upstream_addr(i), service.upstream_port())))
                 .collect(),
             Variant::Forwarding6 => (0..UPSTREAMS)
@@ -398,6 +486,7 @@ impl Setup {
     /// balancer, which only forwards.
     fn route_without_nat(&self) {
         self.forward();
+        self.route_back_through_lb("198.18.0.0/24");
         for (i, ns) in self.topology.upstreams.iter().enumerate() {
             let upstream_net = format!("198.18.{}.0/24", i + 1);
             self.topology.client.ip(&[
@@ -406,13 +495,6 @@ impl Setup {
                 &upstream_net,
                 "via",
                 &Topology::LB_ADDR.to_string(),
-            ]);
-            ns.ip(&[
-                "route",
-                "add",
-                "198.18.0.0/24",
-                "via",
-                &Topology::lb_addr_toward(i).to_string(),
             ]);
             if self.variant.ipv6() {
                 self.topology.client.ip(&[
@@ -433,6 +515,33 @@ impl Setup {
                 ]);
             }
         }
+    }
+
+    /// Routes from every upstream to `prefix` through the load balancer:
+    /// the clients' addresses without NAT, or an SNAT pool's.
+    fn route_back_through_lb(&self, prefix: &str) {
+        for (i, ns) in self.topology.upstreams.iter().enumerate() {
+            ns.ip(&[
+                "route",
+                "add",
+                prefix,
+                "via",
+                &Topology::lb_addr_toward(i).to_string(),
+            ]);
+        }
+    }
+
+    /// Four SNAT addresses on the load balancer's interface toward the
+    /// first upstream, which every upstream routes back through it.
+    fn snat_pool(&self) -> Vec<String> {
+        let pool: Vec<String> = (1..=4).map(|i| format!("198.18.250.{i}")).collect();
+        for address in &pool {
+            self.topology
+                .lb
+                .ip(&["addr", "add", &format!("{address}/32"), "dev", "up0"]);
+        }
+        self.route_back_through_lb("198.18.250.0/29");
+        pool
     }
 
     fn raw_dnat(&self, mode: Mode) {
@@ -514,11 +623,56 @@ fn lobby_config(mode: Mode, ipv6: bool) -> String {
 /// `config` with a block list of `count` spaced prefixes on every target.
 fn with_block_list(config: &str, count: u32) -> String {
     let prefixes: Vec<String> = spaced_prefixes(count).collect();
-    let list = format!(
-        "        block: [{}]\n        upstream_group:\n",
-        prefixes.join(", ")
-    );
-    config.replace("        upstream_group:\n", &list)
+    with_target_key(config, &format!("block: [{}]", prefixes.join(", ")))
+}
+
+/// `config` with the line `key` in every target.
+fn with_target_key(config: &str, key: &str) -> String {
+    config.replace(
+        "        upstream_group:\n",
+        &format!("        {key}\n        upstream_group:\n"),
+    )
+}
+
+/// Waits until the daemon has finished starting: after its first apply it
+/// lists the table once (what its repairs compare with), and nft fetches
+/// every element of every set to list it, seconds of CPU with 100,000-
+/// prefix block lists (a minute of wall time on a loaded machine). The
+/// connection rate is of a running balancer: no nft run of the daemon's
+/// under way but its monitor, and its CPU quiet.
+fn settle(variant: Variant, lobby: &Lobby) {
+    const QUIET: Duration = Duration::from_millis(500);
+    let started = Instant::now();
+    let pid = lobby.pid();
+    let mut last = daemon_cpu_ticks(pid);
+    loop {
+        std::thread::sleep(QUIET);
+        let now = daemon_cpu_ticks(pid);
+        // One tick: the periodic work of a running daemon.
+        if now.saturating_sub(last) <= 1 && !running_nft(pid) {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            eprintln!(
+                "bench: {}: the daemon is still busy 120 s after its start; measuring anyway",
+                variant.name()
+            );
+            return;
+        }
+        last = now;
+    }
+}
+
+/// Whether an nft run of the daemon `pid` other than its monitor is under
+/// way.
+fn running_nft(pid: u32) -> bool {
+    daemon_children(pid).iter().any(|child| {
+        std::fs::read(format!("/proc/{child}/cmdline")).is_ok_and(|cmdline| {
+            let mut args = cmdline.split(|b| *b == 0);
+            args.next().is_some_and(|program| program.ends_with(b"nft"))
+                && !args.any(|arg| arg == b"monitor")
+        })
+    })
 }
 
 fn start_haproxy(topology: &Topology) -> Child {
