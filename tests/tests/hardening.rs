@@ -145,24 +145,6 @@ fn outside_changes_of_the_table_are_repaired_with_one_warning_each() {
     );
 }
 
-/// The pid of the `nft monitor` the daemon `pid` runs, once it runs.
-fn nft_monitor_of(pid: u32) -> Option<i32> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
-        .flat_map(|children| {
-            children
-                .split_whitespace()
-                .filter_map(|child| child.parse::<i32>().ok())
-                .collect::<Vec<_>>()
-        })
-        .find(|child| {
-            std::fs::read(format!("/proc/{child}/cmdline"))
-                .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == b"monitor"))
-        })
-}
-
 #[test]
 fn without_its_nft_monitor_the_periodic_check_still_repairs_the_table() {
     if !privileged() {
@@ -176,12 +158,7 @@ fn without_its_nft_monitor_the_periodic_check_still_repairs_the_table() {
     // While the monitor runs it reports every change and no periodic
     // listing is taken; once it is gone, the listing every 10 s is the
     // only check left.
-    let monitor = wait_for("the daemon's nft monitor", Duration::from_secs(10), || {
-        nft_monitor_of(lobby.pid())
-    });
-    // SAFETY: kill has no preconditions; the pid is our daemon's child.
-    assert_eq!(unsafe { libc::kill(monitor, libc::SIGKILL) }, 0);
-    lobby.wait_for_log_count("nft monitor ended", 0);
+    lobby.kill_nft_monitor();
     let warnings = lobby.log_count(DRIFT);
     lb.exec("nft", &["flush", "chain", "inet", "lobby", "target-web"]);
     wait_for(
