@@ -713,6 +713,9 @@ impl Core {
             .flat_map(|c| &c.targets)
             .map(|t| (t.name.as_str(), t))
             .collect();
+        // A target equal to the running one keeps its upstreams as they
+        // are: only the others (touched) are compared upstream by upstream.
+        let mut touched: Vec<&config::Target> = Vec::new();
         for target in &config.targets {
             match old_targets.get(target.name.as_str()) {
                 None if starting => {}
@@ -725,8 +728,9 @@ impl Core {
                     summary.targets.changed += 1;
                     info!(target = %target.name, "reload: target {} changed", target.name);
                 }
-                Some(_) => {}
+                Some(_) => continue,
             }
+            touched.push(target);
         }
         let new_names: BTreeSet<&str> = config.targets.iter().map(|t| t.name.as_str()).collect();
         for name in old_targets.keys().filter(|n| !new_names.contains(*n)) {
@@ -734,13 +738,6 @@ impl Core {
             info!(target = %name, "reload: target {name} removed");
             self.computed.remove(*name);
         }
-        // A target equal to the running one keeps its upstreams as they
-        // are: only the others are compared upstream by upstream.
-        let touched: Vec<&config::Target> = config
-            .targets
-            .iter()
-            .filter(|t| old_targets.get(t.name.as_str()) != Some(t))
-            .collect();
         let touched_names: BTreeSet<&str> = touched.iter().map(|t| t.name.as_str()).collect();
         for name in &touched_names {
             self.stale.target(name);
