@@ -343,20 +343,13 @@ impl Lobby {
 
     /// The pid of the daemon's `nft monitor` child, if it runs.
     fn nft_monitor(&self) -> Option<i32> {
-        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid())).ok()?;
-        tasks
-            .filter_map(Result::ok)
-            .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
-            .flat_map(|children| {
-                children
-                    .split_whitespace()
-                    .filter_map(|child| child.parse::<i32>().ok())
-                    .collect::<Vec<_>>()
-            })
+        running_children(self.pid())
+            .into_iter()
             .find(|child| {
                 std::fs::read(format!("/proc/{child}/cmdline"))
                     .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == b"monitor"))
             })
+            .map(|child| child as i32)
     }
 
     pub fn signal(&self, signal: i32) {
@@ -470,4 +463,21 @@ pub fn run_once_with(
     };
     let said = std::fs::read_to_string(output.path()).expect("the output");
     (status, said, started.elapsed())
+}
+
+/// The pids of the running children of process `pid` (of all its threads);
+/// none once it is gone.
+pub fn running_children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|children| {
+            children
+                .split_whitespace()
+                .filter_map(|child| child.parse().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }

@@ -19,6 +19,7 @@ use lobby_tests::{
     fixtures::{
         ConfigBuilder, UPSTREAM_PORT, health_check, in_rotation, start_server, start_servers,
     },
+    lobby::running_children,
     wait_for,
 };
 
@@ -553,28 +554,12 @@ pub fn cpu_ticks(pid: u32) -> u64 {
 /// misses the nft runs, which are where a large table costs.
 pub fn daemon_cpu_ticks(pid: u32) -> u64 {
     let own = cpu_fields(pid).map_or(0, |f| f.iter().sum());
-    let running_children: u64 = daemon_children(pid)
+    let running_children: u64 = running_children(pid)
         .into_iter()
         .filter_map(cpu_fields)
         .map(|f| f.iter().sum::<u64>())
         .sum();
     own + running_children
-}
-
-/// The pids of the running children of process `pid` (of all its threads).
-pub fn daemon_children(pid: u32) -> Vec<u32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
-        .flat_map(|children| {
-            children
-                .split_whitespace()
-                .filter_map(|child| child.parse().ok())
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }
 
 /// utime, stime, cutime and cstime of a process, in clock ticks; `None`

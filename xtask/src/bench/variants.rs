@@ -13,11 +13,12 @@ use std::{
 use lobby_tests::{
     Launch, Lobby, NetNs, Topology,
     fixtures::{ConfigBuilder, health_check, spaced_prefixes},
+    lobby::running_children,
     wait_for,
 };
 
 use super::{
-    control::{daemon_children, daemon_cpu_ticks},
+    control::daemon_cpu_ticks,
     servers::{self, ECHO_PORT, GREET_PORT, SINK_PORT, Servers, UDP_PORT},
 };
 
@@ -666,7 +667,7 @@ fn settle(variant: Variant, lobby: &Lobby) {
 /// Whether an nft run of the daemon `pid` other than its monitor is under
 /// way.
 fn running_nft(pid: u32) -> bool {
-    daemon_children(pid).iter().any(|child| {
+    running_children(pid).iter().any(|child| {
         std::fs::read(format!("/proc/{child}/cmdline")).is_ok_and(|cmdline| {
             let mut args = cmdline.split(|b| *b == 0);
             args.next().is_some_and(|program| program.ends_with(b"nft"))
