@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::{
     accel::DeviceQuery,
-    config::{self, Config, Family, Target},
+    config::{self, Config, Family, Parsed},
     conntrack,
     ctl::{self, AdminState, Control, CtlError, Request, StatsReport, TargetStats, UpstreamStats},
     dns::{self, AddressUpdate, DnsStats, ResolverKey},
@@ -125,10 +125,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(),
 ) -> Result<(), DaemonError> {
-    let (config, config_text) = read_config(options.config_path.clone()).await?;
+    let parsed = read_config(options.config_path.clone()).await?;
+    let config = parsed.config();
     // Refused before anything is touched; `lobby check` (no privileges)
     // validates the syntax only.
-    flowtables_if_asked(&config, &options.config_path).await?;
+    flowtables_if_asked(config, &options.config_path).await?;
     // Before anything is touched: a live daemon's table is never taken.
     let table = config.nftables.table.clone();
     let lock = TableLock::claim(&ownership::default_lock_dir(), &table)?;
@@ -144,7 +145,7 @@ pub async fn run(
         None
     };
     let plane = Arc::new(KernelPlane::new(counters, table));
-    let result = serve(options, config, config_text, plane.clone(), shutdown, ready).await;
+    let result = serve(options, parsed, plane.clone(), shutdown, ready).await;
     if result.is_err() {
         // A failed start leaves nothing behind: no pinned map, no table.
         plane.remove().await;
@@ -157,12 +158,12 @@ pub async fn run(
 /// `shutdown`. Tests call it with a fake data plane.
 pub async fn serve<P: DataPlane>(
     options: Options,
-    config: Config,
-    config_text: String,
+    parsed: Parsed,
     plane: Arc<P>,
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(),
 ) -> Result<(), DaemonError> {
+    let config = parsed.config().clone();
     // A table left by a crashed run still balances: what it sends traffic
     // to is the best knowledge of which upstreams are up.
     let inherited = match plane.existing_rotation().await {
@@ -201,7 +202,7 @@ pub async fn serve<P: DataPlane>(
     let cancel = CancellationToken::new();
     let events = Events::start(config.events.clone(), &tracker, cancel.child_token());
     let (mut wiring, mut inbox) =
-        Wiring::new(plane, config_text, events, tracker.clone(), cancel.clone());
+        Wiring::new(plane, parsed, events, tracker.clone(), cancel.clone());
     log_warnings(&config);
     let mut core = Core::new(inherited, ipv6_forwarding());
     let now = Instant::now();
@@ -353,36 +354,29 @@ impl Drop for RemoveOnDrop {
 
 /// A configuration file read off the loop.
 struct Loaded {
-    /// `None` when the file could not be read.
-    text: Option<String>,
-    config: Result<Config, config::ConfigErrors>,
+    /// `None` when a change notice found the text the daemon runs.
+    parsed: Option<Result<Parsed, config::ConfigErrors>>,
     /// Asked for by SIGHUP: applied even when the text is unchanged.
     forced: bool,
 }
 
 /// The configuration at `path` and its text, read on a blocking thread: a
 /// slow or odd file never holds up the runtime.
-async fn read_config(path: PathBuf) -> Result<(Config, String), config::ConfigErrors> {
-    let loaded = tokio::task::spawn_blocking(move || read_and_parse(&path, false))
+async fn read_config(path: PathBuf) -> Result<Parsed, config::ConfigErrors> {
+    tokio::task::spawn_blocking(move || Parsed::parse(config::read(&path)?, &path))
         .await
-        .expect("reading the configuration does not panic");
-    let config = loaded.config?;
-    Ok((config, loaded.text.unwrap_or_default()))
+        .expect("reading the configuration does not panic")
 }
 
-fn read_and_parse(path: &Path, forced: bool) -> Loaded {
-    match config::read(path) {
-        Ok(text) => Loaded {
-            config: config::parse(&text, path),
-            text: Some(text),
-            forced,
-        },
-        Err(errors) => Loaded {
-            text: None,
-            config: Err(errors),
-            forced,
-        },
-    }
+/// The file at `path` read against `running`: only what changed is parsed
+/// again.
+fn read_and_parse(path: &Path, running: &Parsed, forced: bool) -> Loaded {
+    let parsed = match config::read(path) {
+        Ok(text) if !forced && text == running.text() => None,
+        Ok(text) => Some(running.reparse(text, path)),
+        Err(errors) => Some(Err(errors)),
+    };
+    Loaded { parsed, forced }
 }
 
 /// The kernel's flowtable support, when `config` asks for acceleration.
@@ -401,15 +395,15 @@ async fn flowtables_if_asked(config: &Config, path: &Path) -> Result<(), DaemonE
 /// A reload that asks for `acceleration` on a kernel without flowtables is
 /// refused as a start is, instead of failing every apply after it.
 async fn refuse_acceleration_without_flowtables(path: &Path, loaded: &mut Loaded) {
-    let Ok(config) = &loaded.config else {
+    let Some(Ok(parsed)) = &loaded.parsed else {
         return;
     };
-    if let Err(refusal) = flowtables_if_asked(config, path).await {
+    if let Err(refusal) = flowtables_if_asked(parsed.config(), path).await {
         let message = match std::error::Error::source(&refusal) {
             Some(answer) => format!("{refusal}: {answer}"),
             None => refusal.to_string(),
         };
-        loaded.config = Err(config::ConfigErrors::of_document(path, 0, 0, message));
+        loaded.parsed = Some(Err(config::ConfigErrors::of_document(path, 0, 0, message)));
     }
 }
 
@@ -440,9 +434,9 @@ struct Inbox {
 /// The loop's hands: what it runs and the handles of what it started.
 struct Wiring<P> {
     plane: Arc<P>,
-    /// The text of the running configuration: a change notice with the
-    /// same text is not a reload.
-    config_text: String,
+    /// The running configuration with its text: a change notice with the
+    /// same text is not a reload, and a new text is parsed against it.
+    parsed: Arc<Parsed>,
     /// One per checked address of an upstream.
     checkers: BTreeMap<(UpstreamId, AddressKey), Checker>,
     resolvers: BTreeMap<ResolverKey, Resolver>,
@@ -482,7 +476,7 @@ struct Wiring<P> {
 impl<P: DataPlane> Wiring<P> {
     fn new(
         plane: Arc<P>,
-        config_text: String,
+        parsed: Parsed,
         receivers: Events,
         tracker: TaskTracker,
         cancel: CancellationToken,
@@ -496,7 +490,7 @@ impl<P: DataPlane> Wiring<P> {
         let (table_changed_tx, table_changed) = mpsc::channel(1);
         let wiring = Self {
             plane,
-            config_text,
+            parsed: Arc::new(parsed),
             checkers: BTreeMap::new(),
             resolvers: BTreeMap::new(),
             retired_dns: BTreeMap::new(),
@@ -799,10 +793,11 @@ impl<P: DataPlane> Wiring<P> {
     fn read_config(&self, path: &Path, forced: bool) {
         let path = path.to_owned();
         let loaded = self.loaded.clone();
+        let running = self.parsed.clone();
         self.tracker.spawn(async move {
             let read = {
                 let path = path.clone();
-                tokio::task::spawn_blocking(move || read_and_parse(&path, forced))
+                tokio::task::spawn_blocking(move || read_and_parse(&path, &running, forced))
             };
             if let Ok(mut outcome) = read.await {
                 refuse_acceleration_without_flowtables(&path, &mut outcome).await;
@@ -814,12 +809,10 @@ impl<P: DataPlane> Wiring<P> {
     /// The core's event for a file read: none when a change notice found
     /// the text the daemon runs.
     fn reload_event(&mut self, loaded: Loaded) -> Option<Event> {
-        if !loaded.forced && loaded.text.as_ref() == Some(&self.config_text) {
-            return None;
-        }
-        match loaded.config {
-            Ok(config) => {
-                self.config_text = loaded.text.unwrap_or_default();
+        match loaded.parsed? {
+            Ok(parsed) => {
+                let config = parsed.config().clone();
+                self.parsed = Arc::new(parsed);
                 log_warnings(&config);
                 Some(Event::ConfigLoaded(config))
             }
@@ -833,7 +826,7 @@ impl<P: DataPlane> Wiring<P> {
         let (report, backends) = stats_without_counters(core, &self.latency());
         let policies = core
             .config()
-            .is_some_and(|c| c.targets.iter().any(Target::counts_refusals));
+            .is_some_and(|c| c.targets.iter().any(|t| t.counts_refusals()));
         let plane = self.plane.clone();
         match request {
             Request::Stats(reply) => {

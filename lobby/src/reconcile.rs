@@ -711,7 +711,7 @@ impl Core {
             .config
             .iter()
             .flat_map(|c| &c.targets)
-            .map(|t| (t.name.as_str(), t))
+            .map(|t| (t.name.as_str(), &**t))
             .collect();
         // A target equal to the running one keeps its upstreams as they
         // are: only the others (touched) are compared upstream by upstream.
@@ -724,7 +724,7 @@ impl Core {
                     info!(target = %target.name, "reload: target {} added", target.name);
                 }
                 // Any difference: a weight or a policy is a change too.
-                Some(old) if *old != target => {
+                Some(old) if *old != &**target => {
                     summary.targets.changed += 1;
                     info!(target = %target.name, "reload: target {} changed", target.name);
                 }

@@ -38,8 +38,8 @@ fn target(
     ip: Option<IpNet>,
     group: &str,
     upstreams: Vec<Upstream>,
-) -> Target {
-    Target {
+) -> Arc<Target> {
+    Arc::new(Target {
         name: name.to_owned(),
         protocol: Protocol::Tcp,
         port,
@@ -51,7 +51,7 @@ fn target(
             persistence: None,
         },
         policy: Default::default(),
-    }
+    })
 }
 
 fn upstream(name: &str, host: Host, port: u16) -> Upstream {

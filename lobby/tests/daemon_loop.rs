@@ -133,11 +133,10 @@ async fn the_loop_applies_answers_reloads_repairs_and_cleans_up() {
     let plane = Arc::new(FakePlane::default());
     let (stop, stopped) = oneshot::channel::<()>();
     let (ready_tx, ready_rx) = oneshot::channel();
-    let config = lobby::config::load(&config_path).unwrap();
+    let parsed = lobby::config::Parsed::parse(CONFIG.to_owned(), &config_path).unwrap();
     let daemon = tokio::spawn(daemon::serve(
         options.clone(),
-        config,
-        CONFIG.to_owned(),
+        parsed,
         plane.clone(),
         async move {
             let _ = stopped.await;

@@ -14,11 +14,13 @@ use std::{
 use http::uri::PathAndQuery;
 
 mod error;
+mod parsed;
 mod validate;
 mod values;
 mod yaml;
 
 pub use error::{ConfigError, ConfigErrors};
+pub use parsed::Parsed;
 
 /// Where [`find_default_path`] looks, in this order: Lobby's own name first,
 /// then the original Lobby's.
@@ -32,8 +34,18 @@ pub const DEFAULT_PATHS: [&str; 4] = [
 /// The configuration in `text`, or every problem in it; `file` only names
 /// the text in the errors.
 pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
-    match yaml::parse(text) {
-        Ok(Some(root)) => validate::config(&root, file).map_err(ConfigErrors::new),
+    let document = yaml::parse_document(text);
+    parse_root(document.as_ref().map(|d| d.root.as_ref()), file).map(|(config, _)| config)
+}
+
+/// The configuration a parsed document holds, and the `defaults` of each
+/// `lb` entry.
+fn parse_root(
+    document: Result<Option<&yaml::Node>, &yaml::SyntaxError>,
+    file: &Path,
+) -> Result<(Config, Vec<Policy>), ConfigErrors> {
+    match document {
+        Ok(Some(root)) => validate::config_and_defaults(root, file).map_err(ConfigErrors::new),
         Ok(None) => Err(ConfigErrors::of_document(
             file,
             1,
@@ -44,7 +56,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             file,
             error.mark.line,
             error.mark.column,
-            error.message,
+            error.message.clone(),
         )),
     }
 }
@@ -201,7 +213,8 @@ impl Config {
 /// A whole, valid configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    pub targets: Vec<Target>,
+    /// Shared, so that a reload that keeps a target keeps it without a copy.
+    pub targets: Vec<Arc<Target>>,
     pub metrics: Option<MetricsConfig>,
     pub events: Option<EventsConfig>,
     /// The kernel's flowtable fast path; `None`: off.

@@ -215,20 +215,32 @@ const DEFAULT_EVENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// the first failure.
 const DEFAULT_FAILURE_COUNT: u32 = 1;
 
-/// The configuration in `root`, or every problem found in it.
-pub(crate) fn config(root: &Node, file: &Path) -> Result<Config, Vec<ConfigError>> {
-    let mut checker = Checker {
-        file: file.to_path_buf(),
-        errors: Vec::new(),
-        warnings: Vec::new(),
-        target_names: Seen::default(),
-        group_names: Seen::default(),
-        listeners: HashMap::new(),
-    };
+/// A valid configuration and the `defaults` of each of its `lb` entries,
+/// in order.
+pub(crate) fn config_and_defaults(
+    root: &Node,
+    file: &Path,
+) -> Result<(Config, Vec<Policy>), Vec<ConfigError>> {
+    let mut checker = Checker::new(file);
     match checker.root(root) {
-        Some(config) if checker.errors.is_empty() => Ok(config),
+        Some(config) if checker.errors.is_empty() => Ok((config, checker.entry_defaults)),
         _ => Err(checker.errors),
     }
+}
+
+/// The targets `items` of an entry whose `defaults` are `defaults`, checked
+/// as the whole file's check would check them; `None` when one is invalid
+/// or draws a warning. What they must not share with the file's other
+/// targets (names, ports) is for the caller to check.
+pub(crate) fn targets_alone(items: &[Node], defaults: &Policy) -> Option<Vec<Target>> {
+    let mut checker = Checker::new(Path::new(""));
+    let targets: Option<Vec<Target>> = items
+        .iter()
+        .map(|item| checker.target(item, String::new(), Some(defaults)))
+        .collect();
+    (checker.errors.is_empty() && checker.warnings.is_empty())
+        .then_some(targets)
+        .flatten()
 }
 
 /// The keys of one mapping, checked against what it may hold.
@@ -286,9 +298,23 @@ struct Checker {
     group_names: Seen,
     /// Protocol and port to the target that listens there.
     listeners: HashMap<(Protocol, u16), Listener>,
+    /// Each `lb` entry's `defaults` (the default policy when invalid).
+    entry_defaults: Vec<Policy>,
 }
 
 impl Checker {
+    fn new(file: &Path) -> Self {
+        Checker {
+            file: file.to_path_buf(),
+            errors: Vec::new(),
+            warnings: Vec::new(),
+            target_names: Seen::default(),
+            group_names: Seen::default(),
+            listeners: HashMap::new(),
+            entry_defaults: Vec::new(),
+        }
+    }
+
     fn report(&mut self, mark: Mark, path: String, message: String) {
         let error = self.located(mark, path, message);
         self.errors.push(error);
@@ -495,7 +521,10 @@ impl Checker {
         }
         let nftables = self.one_table(nftables);
         Some(Config {
-            targets: targets.into_iter().collect::<Option<_>>()?,
+            targets: targets
+                .into_iter()
+                .map(|t| t.map(Arc::new))
+                .collect::<Option<_>>()?,
             metrics: metrics.map_or(Some(None), |m| m.map(Some))?,
             events: events?,
             acceleration: acceleration?,
@@ -611,6 +640,8 @@ impl Checker {
             Some(defaults) => self.policy(&defaults, &Policy::default()),
             None => Some(Policy::default()),
         };
+        self.entry_defaults
+            .push(defaults.clone().unwrap_or_default());
         let targets = self
             .list(&fields, "targets", "a list of targets", true)
             .into_iter()
@@ -1380,7 +1411,7 @@ fn enumerate(items: impl Iterator<Item = String>) -> String {
 /// Whether a target on `ip` (`None`: every local address) takes the
 /// connections to `listen`. Lobby's DNAT hooks prerouting, which sees only
 /// packets from other hosts: a loopback address is never taken.
-fn balances(ip: Option<IpNet>, listen: IpAddr) -> bool {
+pub(crate) fn balances(ip: Option<IpNet>, listen: IpAddr) -> bool {
     if listen.is_loopback() {
         return false;
     }

@@ -74,16 +74,31 @@ pub(crate) struct SyntaxError {
     pub message: String,
 }
 
-/// The single document in `text`; `None` when there is none (an empty file,
-/// or only comments).
-pub(crate) fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
-    TreeBuilder {
+/// A document and what decides whether a piece of it reads the same alone.
+pub(crate) struct Document {
+    /// `None` when there is none (an empty file, or only comments).
+    pub root: Option<Node>,
+    /// Anchors tie distant nodes together (an alias repeats what an anchor
+    /// holds), so a piece of such a document may not be read alone.
+    pub has_anchors: bool,
+    /// Nodes, counting those aliases repeat, against [`MAX_NODES`].
+    pub nodes: usize,
+}
+
+/// The single document in `text`.
+pub(crate) fn parse_document(text: &str) -> Result<Document, SyntaxError> {
+    let mut builder = TreeBuilder {
         parser: Parser::new_from_str(text),
         anchors: HashMap::new(),
         nodes: 0,
         last_mark: Mark { line: 1, column: 1 },
-    }
-    .document()
+    };
+    let root = builder.document()?;
+    Ok(Document {
+        root,
+        has_anchors: !builder.anchors.is_empty(),
+        nodes: builder.nodes,
+    })
 }
 
 /// The key that merges other mappings into this one (`<<: *defaults`), as in
@@ -99,7 +114,7 @@ struct TreeBuilder<'t> {
 }
 
 impl<'t> TreeBuilder<'t> {
-    fn document(mut self) -> Result<Option<Node>, SyntaxError> {
+    fn document(&mut self) -> Result<Option<Node>, SyntaxError> {
         self.expect(|e| matches!(e, Event::StreamStart), "the start of the text")?;
         let (event, _) = self.next()?;
         match event {
