@@ -385,8 +385,9 @@ impl Waiting {
 #[derive(Debug)]
 enum Flight {
     Idle,
-    /// An apply was asked for; this becomes `applied` on success.
-    Applying(Desired),
+    /// An apply was asked for; this becomes `applied` on success, with the
+    /// backends it masquerades.
+    Applying(Desired, BTreeSet<Backend>),
 }
 
 /// What the core knows of the table's text, to tell outside changes.
@@ -413,6 +414,9 @@ pub struct Core {
     /// failed one or an outside change (the next apply replaces the table
     /// whole).
     applied: Option<Desired>,
+    /// What `applied` masquerades: kept rather than computed again from
+    /// every target at each plan.
+    applied_backends: BTreeSet<Backend>,
     /// Whether a table of Lobby's may be in the kernel while `applied` is
     /// `None`: creating one is cheaper than replacing one.
     table_may_exist: bool,
@@ -470,6 +474,7 @@ impl Core {
             upstreams: BTreeMap::new(),
             resolvers: BTreeMap::new(),
             applied: None,
+            applied_backends: BTreeSet::new(),
             table_may_exist: inherited.is_some(),
             lingering: BTreeMap::new(),
             inherited: inherited.unwrap_or_default(),
@@ -589,7 +594,7 @@ impl Core {
     /// waits to be planned (a retry or a takeover's wait for names
     /// excepted: they wait for time, not for the kernel).
     pub fn is_applying(&self) -> bool {
-        matches!(self.flight, Flight::Applying(_))
+        matches!(self.flight, Flight::Applying(..))
             || (self.dirty && self.retry_at.is_none() && self.resolving_until.is_none())
     }
 
@@ -697,8 +702,18 @@ impl Core {
     /// What to look up for the flowtable's interfaces, `None` when
     /// acceleration is off.
     pub fn device_query(&self) -> Option<DeviceQuery> {
+        let config = self.config.as_ref()?;
+        config.acceleration?;
         let upstreams = self.counted_upstreams().map(|(_, (s, _))| s.ip()).collect();
-        DeviceQuery::of(self.config.as_ref()?, upstreams)
+        DeviceQuery::of(config, upstreams)
+    }
+
+    /// The upstreams of the target named `target`.
+    fn upstreams_of<'s>(&'s self, target: &'s str) -> impl Iterator<Item = &'s UpstreamId> + 's {
+        self.upstreams
+            .range(UpstreamId::new(target, "")..)
+            .map(|(id, _)| id)
+            .take_while(move |id| id.target == target)
     }
 
     /// Makes `config` the running configuration: upstreams whose spec is
@@ -733,7 +748,12 @@ impl Core {
             touched.push(target);
         }
         let new_names: BTreeSet<&str> = config.targets.iter().map(|t| t.name.as_str()).collect();
-        for name in old_targets.keys().filter(|n| !new_names.contains(*n)) {
+        let removed: Vec<&str> = old_targets
+            .keys()
+            .copied()
+            .filter(|n| !new_names.contains(n))
+            .collect();
+        for name in &removed {
             summary.targets.removed += 1;
             info!(target = %name, "reload: target {name} removed");
             self.computed.remove(*name);
@@ -757,16 +777,24 @@ impl Core {
                 next.insert(UpstreamId::new(&target.name, &upstream.name), spec);
             }
         }
-        let gone: Vec<UpstreamId> = self
-            .upstreams
-            .keys()
-            .filter(|id| {
-                let target = id.target.as_str();
-                !new_names.contains(target)
-                    || (touched_names.contains(target) && !next.contains_key(*id))
-            })
+        // Only the upstreams of touched and removed targets can go: looked
+        // up by target, not by walking every upstream.
+        let gone: Vec<UpstreamId> = touched_names
+            .iter()
+            .chain(&removed)
+            .flat_map(|target| self.upstreams_of(target))
+            .filter(|id| !new_names.contains(id.target.as_str()) || !next.contains_key(*id))
             .cloned()
             .collect();
+        // Names are resolved for the upstreams that use them: the set of
+        // names changes only when an upstream that leaves or arrives has one.
+        let names_may_change = gone
+            .iter()
+            .chain(next.keys())
+            .filter_map(|id| self.upstreams.get(id))
+            .map(|u| &u.spec)
+            .chain(next.values())
+            .any(|spec| spec.resolver_key().is_some());
         for id in gone {
             self.retire(&id, actions);
             summary.upstreams.removed += 1;
@@ -774,14 +802,17 @@ impl Core {
         }
         // Resolvers first, so that new upstreams of a known name start with
         // its address.
-        let keys: BTreeSet<ResolverKey> = self
-            .upstreams
-            .iter()
-            .filter(|(id, _)| !next.contains_key(*id))
-            .map(|(_, u)| &u.spec)
-            .chain(next.values())
-            .filter_map(UpstreamSpec::resolver_key)
-            .collect();
+        let keys: BTreeSet<ResolverKey> = if names_may_change || starting {
+            self.upstreams
+                .iter()
+                .filter(|(id, _)| !next.contains_key(*id))
+                .map(|(_, u)| &u.spec)
+                .chain(next.values())
+                .filter_map(UpstreamSpec::resolver_key)
+                .collect()
+        } else {
+            self.resolvers.keys().cloned().collect()
+        };
         self.resolvers.retain(|key, _| {
             let keep = keys.contains(key);
             if !keep {
@@ -811,6 +842,18 @@ impl Core {
             }
             self.start_upstream(id, spec, actions);
         }
+        #[cfg(debug_assertions)]
+        {
+            let used: BTreeSet<ResolverKey> = self
+                .upstreams
+                .values()
+                .filter_map(|u| u.spec.resolver_key())
+                .collect();
+            assert!(
+                self.resolvers.keys().eq(used.iter()),
+                "the resolvers are not the names in use"
+            );
+        }
         if !self.ipv6_forwarding {
             let ipv6: Vec<String> = config
                 .targets
@@ -822,8 +865,12 @@ impl Core {
                 actions.push(Action::Notify(Notice::Ipv6ForwardingOff(ipv6)));
             }
         }
+        // The flowtable's interfaces follow the targets' addresses too.
+        let accelerated = |c: Option<&Config>| c.is_some_and(|c| c.acceleration.is_some());
+        if starting || accelerated(self.config.as_ref()) || accelerated(Some(&config)) {
+            self.counted_stale = true;
+        }
         self.config = Some(config);
-        self.counted_stale = true;
         if starting {
             // A takeover lets names resolve before the first apply, so that
             // their upstreams do not leave rotation for the time DNS takes.
@@ -1072,7 +1119,7 @@ impl Core {
     fn reconcile(&mut self, now: Instant, actions: &mut Vec<Action>) {
         if self.config.is_none()
             || !self.dirty
-            || matches!(self.flight, Flight::Applying(_))
+            || matches!(self.flight, Flight::Applying(..))
             || self.retry_at.is_some()
             || (self.resolving_until.is_some() && self.resolvers.values().any(Option::is_none))
         {
@@ -1091,26 +1138,32 @@ impl Core {
         };
         self.selection.narrow(&mut desired, now);
         desired.flowtable = accel::flowtable(config.acceleration, self.devices.as_ref());
-        let masqueraded = self
-            .applied
-            .as_ref()
-            .map(Desired::backends)
-            .unwrap_or_default();
-        model::linger(&masqueraded, &desired.balanced(), &mut self.lingering, now);
+        #[cfg(debug_assertions)]
+        assert_eq!(
+            self.applied_backends,
+            self.applied
+                .as_ref()
+                .map(Desired::backends)
+                .unwrap_or_default(),
+            "the applied backends went stale"
+        );
+        let balanced = desired.balanced();
+        model::linger(&self.applied_backends, &balanced, &mut self.lingering, now);
         desired.lingering = self.lingering.keys().copied().collect();
+        let backends: BTreeSet<Backend> = balanced.union(&desired.lingering).copied().collect();
         let applied = match &self.applied {
             Some(applied) => Applied::Known(applied),
             None if self.table_may_exist => Applied::Unknown,
             None => Applied::Nothing,
         };
-        match nft::plan(applied, &desired) {
+        match nft::plan_with_backends(applied, &desired, (&self.applied_backends, &backends)) {
             Some(script) => {
                 // Even a rejected transaction leaves the table's content
                 // unknown: the next apply replaces it whole.
                 self.table_may_exist = true;
                 self.fingerprint.generation += 1;
                 self.fingerprint.text = None;
-                self.flight = Flight::Applying(desired);
+                self.flight = Flight::Applying(desired, backends);
                 self.applying = std::mem::take(&mut self.unplanned);
                 self.applying_reload = self.reloaded.take();
                 actions.push(Action::Apply(script));
@@ -1130,7 +1183,8 @@ impl Core {
         now: Instant,
         actions: &mut Vec<Action>,
     ) {
-        let Flight::Applying(desired) = std::mem::replace(&mut self.flight, Flight::Idle) else {
+        let Flight::Applying(desired, backends) = std::mem::replace(&mut self.flight, Flight::Idle)
+        else {
             debug!("an apply outcome nobody waited for");
             return;
         };
@@ -1167,6 +1221,7 @@ impl Core {
                     }
                 }
                 self.applied = Some(desired);
+                self.applied_backends = backends;
                 if let Some(summary) = self.applying_reload.take() {
                     actions.push(Action::Notify(Notice::ReloadApplied(summary)));
                 }
@@ -1180,6 +1235,7 @@ impl Core {
             }
             Err(error) => {
                 self.applied = None;
+                self.applied_backends.clear();
                 if !self.ready {
                     actions.push(Action::Abort(error));
                     return;
@@ -1202,7 +1258,7 @@ impl Core {
     /// Asks for a listing of the table, unless one is under way (then once
     /// more after it) or an apply is: its outcome asks for one anyway.
     fn list_table(&mut self, actions: &mut Vec<Action>) {
-        if !self.ready || matches!(self.flight, Flight::Applying(_)) {
+        if !self.ready || matches!(self.flight, Flight::Applying(..)) {
             return;
         }
         if self.fingerprint.listing {
@@ -1257,6 +1313,7 @@ impl Core {
             .unwrap_or_default();
         actions.push(Action::Notify(Notice::Drift { table, what }));
         self.applied = None;
+        self.applied_backends.clear();
         self.table_may_exist = exists;
         self.fingerprint.text = None;
         self.dirty = true;
