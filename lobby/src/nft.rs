@@ -14,7 +14,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     process::Stdio,
 };
 
@@ -588,56 +588,89 @@ fn postrouting_rules(desired: &Desired) -> Vec<String> {
         .collect();
     for target in desired.targets.values() {
         for rotation in &target.families {
-            let Some(to) = snat_to(&target.policy.source_nat, rotation.family) else {
-                continue;
-            };
+            let translations = snat_to(&target.policy.source_nat, rotation.family);
             let backends: BTreeSet<Backend> = target
                 .reachable(rotation)
                 .into_iter()
                 .map(|s| (s, target.protocol))
                 .collect();
-            if backends.is_empty() {
+            if translations.is_empty() || backends.is_empty() {
                 continue;
             }
-            let family = address_keyword(rotation.family);
-            rules.push(format!(
-                "ct status dnat {family} daddr . meta l4proto . th dport {{ {} }} snat {family} to {to}",
+            let matched = format!(
+                "ct status dnat {} daddr . meta l4proto . th dport {{ {} }}",
+                address_keyword(rotation.family),
                 backend_elements(&backends, rotation.family).join(", ")
-            ));
+            );
+            rules.extend(
+                translations
+                    .into_iter()
+                    .map(|translation| format!("{matched} {translation}")),
+            );
         }
     }
     rules
 }
 
-/// Where `source_nat` sends connections of `family` from, if it rewrites
-/// their source to configured addresses.
-fn snat_to(source_nat: &SourceNat, family: Family) -> Option<String> {
+/// `jhash`'s seed for the SNAT pool's pick by source port: "SNAT".
+const SNAT_SEED: u32 = 0x534e_4154;
+
+/// The SNAT statements (each after its own match, if any) by which
+/// `source_nat` rewrites the source of connections of `family`; none if it
+/// leaves them to the masquerade or to the client's own address.
+///
+/// A pool of N addresses is a rule per client bucket `k`: the clients
+/// whose address ends in a byte equal to `k` modulo N. In bucket `k` a
+/// hash of the client's source port `j` picks address `(k + j) mod N`. One
+/// client's connections so spread over the whole pool, and two clients in
+/// different buckets never SNAT one source port to the same address: the
+/// upstream never sees one client's SYN on a tuple whose TIME_WAIT holds
+/// the other's timestamps, which PAWS refuses (a `numgen` pick reuses
+/// every tuple for both). The last byte rather than a hash of the address:
+/// N neighbouring clients are N buckets for sure, where a hash puts two of
+/// them in one bucket with a chance of 1 in N each.
+fn snat_to(source_nat: &SourceNat, family: Family) -> Vec<String> {
+    let keyword = address_keyword(family);
     match source_nat {
-        SourceNat::Masquerade | SourceNat::None => None,
+        SourceNat::Masquerade | SourceNat::None => Vec::new(),
         SourceNat::Range(first, last) => {
-            (Family::of(*first) == family).then(|| format!("{first}-{last}"))
+            if Family::of(*first) == family {
+                vec![format!("snat {keyword} to {first}-{last}")]
+            } else {
+                Vec::new()
+            }
         }
         SourceNat::Addresses(addresses) => {
-            let of_family: Vec<&IpAddr> = addresses
+            let pool: Vec<&IpAddr> = addresses
                 .iter()
                 .filter(|a| Family::of(**a) == family)
                 .collect();
-            match of_family.as_slice() {
-                [] => None,
-                [one] => Some(one.to_string()),
-                pool => {
-                    let slots: Vec<String> = pool
-                        .iter()
-                        .enumerate()
-                        .map(|(i, a)| format!("{i} : {a}"))
-                        .collect();
-                    Some(format!(
-                        "numgen inc mod {} map {{ {} }}",
-                        pool.len(),
-                        slots.join(", ")
-                    ))
-                }
+            if let [one] = pool.as_slice() {
+                return vec![format!("snat {keyword} to {one}")];
             }
+            let n = pool.len();
+            let (mask, last_byte): (&str, fn(u8) -> IpAddr) = match family {
+                Family::Ipv4 => ("0.0.0.255", |b| Ipv4Addr::from(u32::from(b)).into()),
+                Family::Ipv6 => ("::ff", |b| Ipv6Addr::from(u128::from(b)).into()),
+            };
+            // A pool of more than 256 has buckets no last byte falls in.
+            (0..n.min(256))
+                .map(|bucket| {
+                    let clients: Vec<String> = (0..=u8::MAX)
+                        .filter(|b| usize::from(*b) % n == bucket)
+                        .map(|b| last_byte(b).to_string())
+                        .collect();
+                    let slots: Vec<String> = (0..n)
+                        .map(|port| format!("{port} : {}", pool[(bucket + port) % n]))
+                        .collect();
+                    format!(
+                        "{keyword} saddr & {mask} {{ {} }} \
+                         snat {keyword} to jhash th sport mod {n} seed {SNAT_SEED:#x} map {{ {} }}",
+                        clients.join(", "),
+                        slots.join(", ")
+                    )
+                })
+                .collect()
         }
     }
 }
@@ -919,6 +952,93 @@ mod tests {
                 .collect::<BTreeMap<_, _>>(),
             ..Default::default()
         }
+    }
+
+    /// The address a pool's statements SNAT to, by the last byte of the
+    /// client's address and the port bucket, read back from their text.
+    fn pool_picks(statements: &[String]) -> BTreeMap<(u8, usize), IpAddr> {
+        let mut picks = BTreeMap::new();
+        for statement in statements {
+            let (clients, slots) = statement
+                .split_once(" { ")
+                .and_then(|(_, rest)| rest.split_once(" } snat "))
+                .and_then(|(clients, rest)| Some((clients, rest.split_once(" map { ")?.1)))
+                .unwrap_or_else(|| panic!("not a pool statement: {statement}"));
+            for client in clients.split(", ") {
+                let client: IpAddr = client.parse().unwrap();
+                let last_byte = match client {
+                    IpAddr::V4(a) => a.octets()[3],
+                    IpAddr::V6(a) => a.octets()[15],
+                };
+                for slot in slots.trim_end_matches(" }").split(", ") {
+                    let (port, address) = slot.split_once(" : ").unwrap();
+                    let previous =
+                        picks.insert((last_byte, port.parse().unwrap()), address.parse().unwrap());
+                    assert!(previous.is_none(), "{client} in two buckets");
+                }
+            }
+        }
+        picks
+    }
+
+    #[test]
+    fn a_pool_spreads_each_client_and_never_gives_two_client_buckets_one_tuple() {
+        let addresses: Vec<IpAddr> = [
+            "198.18.1.250",
+            "2001:2:0:1::250",
+            "198.18.1.251",
+            "198.18.1.252",
+            "2001:2:0:1::251",
+            "198.18.1.253",
+            "2001:2:0:1::252",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        let pool = SourceNat::Addresses(addresses.clone());
+        for family in Family::BOTH {
+            let of_family: BTreeSet<IpAddr> = addresses
+                .iter()
+                .copied()
+                .filter(|a| Family::of(*a) == family)
+                .collect();
+            let n = of_family.len();
+            let statements = snat_to(&pool, family);
+            assert_eq!(statements.len(), n, "one statement per client bucket");
+            let picks = pool_picks(&statements);
+            assert_eq!(picks.len(), 256 * n, "every last byte, every port bucket");
+            for client in 0..=u8::MAX {
+                let spread: BTreeSet<IpAddr> = (0..n).map(|port| picks[&(client, port)]).collect();
+                assert_eq!(
+                    spread, of_family,
+                    "the client ending in {client} uses the pool"
+                );
+            }
+            for port in 0..n {
+                for (a, b) in (0..=u8::MAX).flat_map(|a| (0..a).map(move |b| (a, b))) {
+                    let apart = usize::from(a) % n != usize::from(b) % n;
+                    assert_eq!(
+                        picks[&(a, port)] != picks[&(b, port)],
+                        apart,
+                        "clients ending in {a} and {b}, port bucket {port}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_snat_address_or_a_range_is_one_statement_of_its_family() {
+        let one = SourceNat::Addresses(vec!["198.18.1.250".parse().unwrap()]);
+        assert_eq!(snat_to(&one, Family::Ipv4), ["snat ip to 198.18.1.250"]);
+        assert!(snat_to(&one, Family::Ipv6).is_empty());
+        let range = SourceNat::Range("2001:2::a".parse().unwrap(), "2001:2::d".parse().unwrap());
+        assert_eq!(
+            snat_to(&range, Family::Ipv6),
+            ["snat ip6 to 2001:2::a-2001:2::d"]
+        );
+        assert!(snat_to(&range, Family::Ipv4).is_empty());
+        assert!(snat_to(&SourceNat::None, Family::Ipv4).is_empty());
     }
 
     #[test]

@@ -104,14 +104,15 @@ pub fn ask_name_from(
     source: std::net::IpAddr,
     addr: SocketAddr,
 ) -> std::io::Result<String> {
+    let source = SocketAddr::new(source, 0);
     let stream = client.within(move || connect_from(source, addr, Duration::from_secs(5)))?;
     read_name(stream)
 }
 
 /// A connection to `addr` from the local address `source` (of the
-/// calling thread's namespace).
+/// calling thread's namespace; port 0: one the kernel picks).
 pub fn connect_from(
-    source: std::net::IpAddr,
+    source: SocketAddr,
     addr: SocketAddr,
     timeout: Duration,
 ) -> std::io::Result<TcpStream> {
@@ -120,7 +121,7 @@ pub fn connect_from(
         socket2::Type::STREAM,
         None,
     )?;
-    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.bind(&source.into())?;
     socket.connect_timeout(&addr.into(), timeout)?;
     Ok(socket.into())
 }

@@ -1,17 +1,19 @@
 //! Traffic policy end to end: allow and block lists drop refused sources
-//! silently and count them, source_nat decides the address upstreams see,
-//! and `interface` balances only traffic arriving on that interface.
+//! silently and count them, source_nat decides the address upstreams see
+//! (an address pool spreads one client and keeps two apart), and
+//! `interface` balances only traffic arriving on that interface.
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, SocketAddr},
+    collections::{BTreeMap, BTreeSet},
+    io::Write as _,
+    net::{IpAddr, SocketAddr, TcpStream},
     time::Duration,
 };
 
 use lobby_tests::{
-    Lobby, NetNs, Topology,
+    Lobby, Topology,
     fixtures::{ConfigBuilder, UPSTREAM_PORT, spaced_prefixes, start_servers, target_addr},
     privileged,
-    server::{ask_name, ask_name_from},
+    server::{ask_name, ask_name_from, connect_from, read_name},
     wait_for,
 };
 
@@ -72,10 +74,12 @@ fn allow_and_block_drop_refused_sources_silently_and_count_them() {
     assert!(denied(&lobby, "blocked") > 0);
 }
 
-/// A server in `ns` at `addr` that answers each connection with the
-/// address it sees the connection come from.
-fn peer_reporter(ns: &NetNs, addr: SocketAddr) {
-    let listener = ns.listen(addr);
+/// A topology of one upstream whose server answers each connection with
+/// the address it sees the connection come from.
+fn peer_reporting_topology() -> Topology {
+    let topology = Topology::new(1);
+    let upstream = SocketAddr::from((Topology::upstream_addr(0), UPSTREAM_PORT));
+    let listener = topology.upstreams[0].listen(upstream);
     std::thread::spawn(move || {
         for mut stream in listener.incoming().flatten() {
             let peer = stream
@@ -85,19 +89,17 @@ fn peer_reporter(ns: &NetNs, addr: SocketAddr) {
             let _ = writeln!(stream, "{peer}");
         }
     });
+    topology
 }
 
 fn seen_source(topology: &Topology) -> String {
-    let stream = topology
-        .client
-        .connect(target_addr(PORT), Duration::from_secs(5))
-        .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).unwrap();
-    line.trim().to_owned()
+    read_name(
+        topology
+            .client
+            .connect(target_addr(PORT), Duration::from_secs(5))
+            .unwrap(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -105,9 +107,7 @@ fn source_nat_decides_the_address_upstreams_see() {
     if !privileged() {
         return;
     }
-    let topology = Topology::new(1);
-    let upstream = SocketAddr::from((Topology::upstream_addr(0), UPSTREAM_PORT));
-    peer_reporter(&topology.upstreams[0], upstream);
+    let topology = peer_reporting_topology();
 
     // The default: the load balancer's address on the upstream's link.
     let lobby = Lobby::start(&topology.lb, &config(1, ""));
@@ -141,6 +141,76 @@ fn source_nat_decides_the_address_upstreams_see() {
         "        source_nat: { address: 198.18.1.250 }\n",
     ));
     assert_eq!(seen_source(&topology), "198.18.1.250");
+}
+
+/// The SNAT pool of [`a_snat_pool_spreads_one_client_and_keeps_two_clients_apart`]:
+/// addresses of the load balancer's on the upstream's link.
+const POOL: [&str; 4] = [
+    "198.18.1.250",
+    "198.18.1.251",
+    "198.18.1.252",
+    "198.18.1.253",
+];
+
+#[test]
+fn a_snat_pool_spreads_one_client_and_keeps_two_clients_apart() {
+    if !privileged() {
+        return;
+    }
+    let topology = peer_reporting_topology();
+    let other = topology.add_other_client();
+    for address in POOL {
+        topology
+            .lb
+            .ip(&["addr", "add", &format!("{address}/24"), "dev", "up0"]);
+    }
+    let _lobby = Lobby::start(
+        &topology.lb,
+        &config(
+            1,
+            &format!("        source_nat: {{ address: [{}] }}\n", POOL.join(", ")),
+        ),
+    );
+
+    // One client, from the ports its kernel picks: the whole pool.
+    let seen = topology.client.within(|| {
+        (0..400)
+            .map(|_| {
+                let stream = TcpStream::connect_timeout(&target_addr(PORT), Duration::from_secs(5));
+                read_name(stream.unwrap()).unwrap()
+            })
+            .collect::<Vec<String>>()
+    });
+    let mut per_address: BTreeMap<String, usize> = BTreeMap::new();
+    for address in seen {
+        *per_address.entry(address).or_default() += 1;
+    }
+    assert_eq!(
+        per_address.keys().collect::<Vec<_>>(),
+        POOL.iter().collect::<Vec<_>>(),
+        "{per_address:?}"
+    );
+    // About 100 each: far below that is not a spread.
+    assert!(per_address.values().all(|&n| n >= 40), "{per_address:?}");
+
+    // Two clients on one source port: the other's address is the first's
+    // rotated by the distance of their buckets (the last bytes 2 and 200
+    // modulo 4), the same on every port, so never the same.
+    let client = IpAddr::V4(Topology::CLIENT_ADDR);
+    let pool_index = |source: IpAddr, port: u16| {
+        let source = SocketAddr::new(source, port);
+        let stream = topology
+            .client
+            .within(move || connect_from(source, target_addr(PORT), Duration::from_secs(5)));
+        let seen = read_name(stream.unwrap()).unwrap();
+        POOL.iter()
+            .position(|a| *a == seen)
+            .unwrap_or_else(|| panic!("{source} seen as {seen}, outside the pool"))
+    };
+    let distances: BTreeSet<usize> = (41000..41016)
+        .map(|port| (pool_index(other, port) + POOL.len() - pool_index(client, port)) % POOL.len())
+        .collect();
+    assert_eq!(distances, BTreeSet::from([2]));
 }
 
 #[test]

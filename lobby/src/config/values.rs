@@ -475,11 +475,19 @@ impl Want for SnatAddress {
                 .ok_or_else(|| describe(node))
         };
         match node.value() {
-            Value::Sequence(items) if !items.is_empty() => items
-                .iter()
-                .map(address)
-                .collect::<Result<Vec<_>, _>>()
-                .map(SourceNat::Addresses),
+            Value::Sequence(items) if !items.is_empty() => {
+                let pool = items.iter().map(address).collect::<Result<Vec<_>, _>>()?;
+                // A pool's rotation gives each address to one client bucket
+                // per port bucket: an address twice would be two buckets'.
+                match pool
+                    .iter()
+                    .enumerate()
+                    .find(|(i, a)| pool[..*i].contains(a))
+                {
+                    Some((_, twice)) => Err(format!("{twice} twice in the list")),
+                    None => Ok(SourceNat::Addresses(pool)),
+                }
+            }
             Value::Sequence(_) => Err("an empty list".to_owned()),
             _ => {
                 let text = text(node)?;

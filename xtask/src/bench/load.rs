@@ -69,7 +69,8 @@ pub fn connection_rate(
     let results = on_threads(ns, workers, duration, move |worker, deadline| {
         let (mut ok, mut failed) = (0u64, 0u64);
         let mut next = worker;
-        let source = (!sources.is_empty()).then(|| sources[worker % sources.len()]);
+        let source =
+            (!sources.is_empty()).then(|| SocketAddr::new(sources[worker % sources.len()], 0));
         let timeout = Duration::from_secs(3);
         while Instant::now() < deadline {
             let target = targets[next % targets.len()];
