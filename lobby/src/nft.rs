@@ -589,12 +589,15 @@ fn postrouting_rules(desired: &Desired) -> Vec<String> {
     for target in desired.targets.values() {
         for rotation in &target.families {
             let translations = snat_to(&target.policy.source_nat, rotation.family);
+            if translations.is_empty() {
+                continue;
+            }
             let backends: BTreeSet<Backend> = target
                 .reachable(rotation)
                 .into_iter()
                 .map(|s| (s, target.protocol))
                 .collect();
-            if translations.is_empty() || backends.is_empty() {
+            if backends.is_empty() {
                 continue;
             }
             let matched = format!(

@@ -135,7 +135,8 @@ impl Parsed {
         let start = layout.items[first].bytes.start;
         let end = (layout.items[last].bytes.end + new.len()).checked_sub(old.len())?;
         let piece = text.get(start..end)?;
-        if !indented_under(piece, indent) {
+        // Most of the file is read as fast whole, and with no doubt.
+        if piece.len() > text.len() / 2 || !indented_under(piece, indent) {
             return None;
         }
         let document = yaml::parse_document(piece).ok()?;
@@ -415,8 +416,8 @@ mod tests {
         format!("lb:\n  - targets:\n{}{after}", targets.concat())
     }
 
-    fn three() -> Vec<String> {
-        (0..3).map(|i| target(i, &[8080, 8081])).collect()
+    fn six() -> Vec<String> {
+        (0..6).map(|i| target(i, &[8080, 8081])).collect()
     }
 
     const METRICS: &str = "metrics:\n  listen: 127.0.0.1:9100\n";
@@ -445,8 +446,8 @@ mod tests {
 
     #[test]
     fn an_edit_inside_targets_rereads_those_targets() {
-        let before = config(&three(), METRICS);
-        let mut changed = three();
+        let before = config(&six(), METRICS);
+        let mut changed = six();
         changed[1] = target(1, &[8080]);
         let after = piecewise(&before, &config(&changed, METRICS));
         assert_eq!(after.config.targets[1].group.upstreams.len(), 1);
@@ -464,34 +465,34 @@ mod tests {
 
     #[test]
     fn targets_added_removed_or_in_the_last_item_are_read_piecewise() {
-        let before = config(&three(), METRICS);
-        let mut four = three();
-        four.push(target(3, &[8080]));
-        piecewise(&before, &config(&four, METRICS));
-        let two: Vec<String> = three().into_iter().take(2).collect();
-        piecewise(&before, &config(&two, METRICS));
-        let mut middle = three();
+        let before = config(&six(), METRICS);
+        let mut seven = six();
+        seven.push(target(6, &[8080]));
+        piecewise(&before, &config(&seven, METRICS));
+        let five: Vec<String> = six().into_iter().take(5).collect();
+        piecewise(&before, &config(&five, METRICS));
+        let mut middle = six();
         middle.remove(1);
         piecewise(&before, &config(&middle, METRICS));
-        let mut inserted = three();
+        let mut inserted = six();
         inserted.insert(1, target(7, &[8080]));
         piecewise(&before, &config(&inserted, METRICS));
         // Without anything after the list: the last item reaches the end.
-        piecewise(&config(&three(), ""), &config(&four, ""));
-        let mut commented = three();
+        piecewise(&config(&six(), ""), &config(&seven, ""));
+        let mut commented = six();
         commented[0].push_str("      # drained for maintenance\n");
         piecewise(&before, &config(&commented, METRICS));
     }
 
     #[test]
     fn edits_outside_targets_or_that_cannot_read_alone_are_read_whole() {
-        let before = config(&three(), METRICS);
+        let before = config(&six(), METRICS);
         whole(
             &before,
-            &config(&three(), "metrics:\n  listen: 127.0.0.1:9101\n"),
+            &config(&six(), "metrics:\n  listen: 127.0.0.1:9101\n"),
         );
         // A duplicate name is an error only the whole file reports fully.
-        let mut duplicate = three();
+        let mut duplicate = six();
         duplicate[2] = duplicate[2].replace("name: t2", "name: t0");
         whole(&before, &config(&duplicate, METRICS));
         let error = parsed(&before)
@@ -501,16 +502,16 @@ mod tests {
             error.to_string().contains("duplicate target name"),
             "{error}"
         );
-        let mut port = three();
+        let mut port = six();
         port[2] = port[2].replace("port: 10002", "port: 10000");
         whole(&before, &config(&port, METRICS));
         // A line less indented than the list changes what encloses it.
-        let mut outdented = three();
+        let mut outdented = six();
         outdented[1].push_str("    defaults: {}\n");
         let running = parsed(&before);
         assert!(running.piecewise(&config(&outdented, METRICS)).is_none());
         // Removing every target leaves `targets:` empty: an error.
-        whole(&config(&three()[..1], METRICS), &config(&[], METRICS));
+        whole(&config(&six()[..1], METRICS), &config(&[], METRICS));
     }
 
     #[test]
