@@ -447,9 +447,16 @@ pub struct Core {
     reloaded: Option<ReloadSummary>,
     applying_reload: Option<ReloadSummary>,
     counted: BTreeSet<Backend>,
-    /// Upstreams or their addresses changed since `counted` (and the
-    /// flowtable's device query) were last worked out.
-    counted_stale: bool,
+    /// How many upstream addresses each backend of `counted` is.
+    counted_refs: BTreeMap<Backend, u32>,
+    /// What each upstream adds to `counted_refs`: a change recounts only
+    /// the upstreams it touched.
+    counted_by_upstream: BTreeMap<UpstreamId, Vec<Backend>>,
+    /// Upstreams whose addresses changed (or that went) since they were
+    /// last counted.
+    counted_stale: BTreeSet<UpstreamId>,
+    /// The flowtable's device query is to be worked out again.
+    devices_stale: bool,
     fingerprint: Fingerprint,
     reloads: ReloadCounts,
     apply_duration: Histogram,
@@ -490,7 +497,10 @@ impl Core {
             reloaded: None,
             applying_reload: None,
             counted: BTreeSet::new(),
-            counted_stale: false,
+            counted_refs: BTreeMap::new(),
+            counted_by_upstream: BTreeMap::new(),
+            counted_stale: BTreeSet::new(),
+            devices_stale: false,
             fingerprint: Fingerprint::default(),
             reloads: ReloadCounts::default(),
             apply_duration: Histogram::default(),
@@ -868,7 +878,7 @@ impl Core {
         // The flowtable's interfaces follow the targets' addresses too.
         let accelerated = |c: Option<&Config>| c.is_some_and(|c| c.acceleration.is_some());
         if starting || accelerated(self.config.as_ref()) || accelerated(Some(&config)) {
-            self.counted_stale = true;
+            self.devices_stale = true;
         }
         self.config = Some(config);
         if starting {
@@ -904,7 +914,7 @@ impl Core {
     }
 
     fn retire(&mut self, id: &UpstreamId, actions: &mut Vec<Action>) {
-        self.counted_stale = true;
+        self.counted_stale.insert(id.clone());
         if let Some(upstream) = self.upstreams.remove(id)
             && upstream.spec.health_check.is_some()
         {
@@ -1102,7 +1112,9 @@ impl Core {
                 .insert(key, next);
             changed = true;
         }
-        self.counted_stale |= changed;
+        if changed {
+            self.counted_stale.insert(id.clone());
+        }
         changed
     }
 
@@ -1353,23 +1365,54 @@ impl Core {
     /// Counts every configured upstream with a known address, available or
     /// not: draining connections still flow.
     fn track_counters(&mut self, actions: &mut Vec<Action>) {
-        if !std::mem::take(&mut self.counted_stale) {
-            #[cfg(debug_assertions)]
-            {
-                let counted: BTreeSet<Backend> = self.counted_upstreams().map(|(_, b)| b).collect();
-                assert_eq!(counted, self.counted, "an address changed unnoticed");
+        let stale = std::mem::take(&mut self.counted_stale);
+        let devices_stale = std::mem::take(&mut self.devices_stale) || !stale.is_empty();
+        let mut changed = false;
+        for id in stale {
+            for backend in self.counted_by_upstream.remove(&id).unwrap_or_default() {
+                let refs = self.counted_refs.get_mut(&backend).expect("counted");
+                *refs -= 1;
+                if *refs == 0 {
+                    self.counted_refs.remove(&backend);
+                    changed |= self.counted.remove(&backend);
+                }
+            }
+            let Some(upstream) = self.upstreams.get(&id) else {
+                continue;
+            };
+            let backends: Vec<Backend> = upstream
+                .addresses
+                .values()
+                .map(|a| {
+                    (
+                        SocketAddr::new(a.address, upstream.spec.port),
+                        upstream.spec.protocol,
+                    )
+                })
+                .collect();
+            for backend in &backends {
+                *self.counted_refs.entry(*backend).or_default() += 1;
+                changed |= self.counted.insert(*backend);
+            }
+            self.counted_by_upstream.insert(id, backends);
+        }
+        #[cfg(debug_assertions)]
+        {
+            let counted: BTreeSet<Backend> = self.counted_upstreams().map(|(_, b)| b).collect();
+            assert_eq!(counted, self.counted, "an address changed unnoticed");
+            if !devices_stale {
                 assert_eq!(
                     self.device_query(),
                     self.device_query,
                     "an address changed unnoticed"
                 );
             }
-            return;
         }
-        let counted: BTreeSet<Backend> = self.counted_upstreams().map(|(_, b)| b).collect();
-        if counted != self.counted {
-            self.counted = counted.clone();
-            actions.push(Action::TrackCounters(counted));
+        if changed {
+            actions.push(Action::TrackCounters(self.counted.clone()));
+        }
+        if !devices_stale {
+            return;
         }
         let query = self.device_query();
         if query != self.device_query {
