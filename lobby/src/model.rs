@@ -89,13 +89,7 @@ impl Desired {
     pub fn balanced(&self) -> BTreeSet<Backend> {
         self.targets
             .values()
-            .filter(|t| t.policy.source_nat == SourceNat::Masquerade)
-            .flat_map(|t| {
-                t.families
-                    .iter()
-                    .flat_map(|f| t.reachable(f))
-                    .map(|u| (u, t.protocol))
-            })
+            .flat_map(DesiredTarget::masqueraded)
             .collect()
     }
 
@@ -169,6 +163,18 @@ impl DesiredTarget {
     /// those its slots hold and, with persistence, every backend in
     /// rotation that remembers clients (a dynamic distribution may no
     /// longer pick it for new ones).
+    /// The upstreams it sends new connections to, if it masquerades them.
+    pub fn masqueraded(&self) -> Vec<Backend> {
+        if self.policy.source_nat != SourceNat::Masquerade {
+            return Vec::new();
+        }
+        self.families
+            .iter()
+            .flat_map(|f| self.reachable(f))
+            .map(|u| (u, self.protocol))
+            .collect()
+    }
+
     pub fn reachable(&self, rotation: &FamilyRotation) -> BTreeSet<SocketAddr> {
         let remembering = self
             .persistence
