@@ -29,6 +29,9 @@ const UPSTREAM_V6: &str = "[2001:2:1::11]:9000";
 const CLIENT: [u8; 4] = [198, 18, 0, 2];
 const CLIENT_V6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const CLIENT_PORT: u16 = 40_000;
+/// The probe's own port: the client's would make its packets from the
+/// upstream look like possible answers.
+const PROBE_PORT: u16 = 40_001;
 const TCP_ACK: u8 = 0x10;
 const TCP_SYN: u8 = 0x02;
 /// `struct __sk_buff` up to and including `ingress_ifindex`, the one field
@@ -52,6 +55,17 @@ impl PathCost {
     pub fn stats_overhead_ns(&self) -> f64 {
         median(&self.with_stats_ns) - median(&self.bare_ns)
     }
+}
+
+/// What the statistics report beyond the run itself, a run (the median
+/// over the paths): the part of their clock reads that falls between
+/// their two timestamps. NaN without paths.
+pub fn reported_overhead_ns(paths: &[PathCost]) -> f64 {
+    let overheads: Vec<f64> = paths
+        .iter()
+        .map(|p| median(&p.reported_ns) - median(&p.bare_ns))
+        .collect();
+    median(&overheads)
 }
 
 struct Case {
@@ -194,8 +208,14 @@ fn cases() -> Vec<Case> {
         case(
             "egress, a health probe (this host's socket)",
             "lobby_egress",
-            toward(IPPROTO_TCP, TCP_ACK),
+            ipv4(CLIENT, PROBE_PORT, up, up_port, IPPROTO_TCP, TCP_ACK),
             true,
+        ),
+        case(
+            "ingress, a probe's answer",
+            "lobby_ingress",
+            ipv4(up, up_port, CLIENT, PROBE_PORT, IPPROTO_TCP, TCP_ACK),
+            false,
         ),
         case(
             "egress, not toward an upstream",
