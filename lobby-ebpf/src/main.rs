@@ -268,9 +268,20 @@ fn count_toward_upstream(ctx: &TcContext, packet: &Packet) {
     if !socket.is_null() && received_on == 0 {
         // SAFETY: the helper has no preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
-        // A full table evicts its least recently used probe; a failed
-        // insert leaves this probe's answers counted.
-        let _ = PROBE_FLOWS.insert(Flow::toward(packet, upstream), now, 0);
+        let flow = Flow::toward(packet, upstream);
+        // A probe's later packets (its handshake's ACK, its reset) find
+        // its flow: a lookup and a store cost a fraction of an LRU insert,
+        // which takes a free element under a lock even when the key is
+        // there.
+        if let Some(sent) = PROBE_FLOWS.get_ptr_mut(&flow) {
+            // SAFETY: a value of the LRU map; a concurrent store by another
+            // CPU writes a timestamp as recent.
+            unsafe { *sent = now };
+        } else {
+            // A full table evicts its least recently used probe; a failed
+            // insert leaves this probe's answers counted.
+            let _ = PROBE_FLOWS.insert(&flow, now, 0);
+        }
         if let Some(last) = PROBE_PORTS.get_ptr_mut(u32::from(packet.sport)) {
             // SAFETY: an element of the array; CPUs sending probes from the
             // same port at once store close timestamps, either will do.

@@ -206,7 +206,7 @@ fn cases() -> Vec<Case> {
             false,
         ),
         case(
-            "egress, a health probe (this host's socket)",
+            "egress, a health probe's packet after its first (this host's socket)",
             "lobby_egress",
             ipv4(CLIENT, PROBE_PORT, up, up_port, IPPROTO_TCP, TCP_ACK),
             true,
