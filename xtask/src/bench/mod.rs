@@ -1198,15 +1198,16 @@ impl Report {
 fn isolated_table(paths: &[isolated::PathCost], out: &mut String) {
     writeln!(
         out,
-        "| counters alone (BPF_PROG_TEST_RUN), ns a run (median) | statistics off | on | added by the statistics | reported by them |\n|---|---|---|---|---|"
+        "| counters alone (BPF_PROG_TEST_RUN), ns a run (best of {} loops) | statistics off | on | added by the statistics | reported by them |\n|---|---|---|---|---|",
+        isolated::TRIALS
     )
     .unwrap();
     for p in paths {
         let ns = [
-            median(&p.bare_ns),
-            median(&p.with_stats_ns),
+            isolated::best(&p.bare_ns),
+            isolated::best(&p.with_stats_ns),
             p.stats_overhead_ns(),
-            median(&p.reported_ns),
+            isolated::best(&p.reported_ns),
         ];
         let cells: Vec<String> = ns.iter().map(|ns| format!("{ns:.1}")).collect();
         writeln!(out, "| {} | {} |", p.path, cells.join(" | ")).unwrap();
