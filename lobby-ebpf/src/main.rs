@@ -40,7 +40,9 @@
 //! flow noted there within [`PROBE_ANSWER_NS`] is a probe's answer, also
 //! when it arrives after the probe's socket is gone (a greeting the
 //! upstream wrote before the probe's reset reached it, a UDP answer after
-//! the probe's timeout).
+//! the probe's timeout). Most packets from an upstream answer no probe:
+//! [`PROBE_PORTS`], an array indexed by the local port, keeps them from
+//! the flow table's hash lookup.
 #![no_std]
 #![no_main]
 
@@ -49,7 +51,7 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET},
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes_relative},
     macros::{classifier, map},
-    maps::{LruHashMap, PerCpuHashMap},
+    maps::{Array, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use core::mem::MaybeUninit;
@@ -108,6 +110,17 @@ static PROBE_FLOWS: LruHashMap<Flow, u64> = LruHashMap::with_max_entries(PROBE_F
 /// 1.6 s of probes to 10,000 upstreams every second: far more than the
 /// time a late answer takes.
 const PROBE_FLOWS_MAX: u32 = 16_384;
+/// When a probe last sent a packet from each local port (the index: the
+/// port as the packet holds it, network byte order read as a native
+/// integer), 0 for never. An arriving packet whose destination port no
+/// probe used within [`PROBE_ANSWER_NS`] answers no probe, and
+/// [`PROBE_FLOWS`] is asked only for the others: an array's lookup is a
+/// few instructions the verifier inlines, a hash lookup of a 40-byte key
+/// is a call that hashes it. Shared by the CPUs: an answer may arrive on
+/// another one than its probe left from.
+#[map]
+static PROBE_PORTS: Array<u64> = Array::with_max_entries(1 << 16, 0);
+
 /// How long after a probe's last packet its flow's answers are still the
 /// probe's: conntrack keeps a closed TCP flow 10 s (`CLOSE`) and an
 /// unanswered UDP flow 30 s, so masquerade gives no client that flow's
@@ -255,9 +268,25 @@ fn count_toward_upstream(ctx: &TcContext, packet: &Packet) {
     if !socket.is_null() && received_on == 0 {
         // SAFETY: the helper has no preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
-        // A full table evicts its least recently used probe; a failed
-        // insert leaves this probe's answers counted.
-        let _ = PROBE_FLOWS.insert(Flow::toward(packet, upstream), now, 0);
+        let flow = Flow::toward(packet, upstream);
+        // A probe's later packets (its handshake's ACK, its reset) find
+        // its flow: a lookup and a store cost a fraction of an LRU insert,
+        // which takes a free element under a lock even when the key is
+        // there.
+        if let Some(sent) = PROBE_FLOWS.get_ptr_mut(&flow) {
+            // SAFETY: a value of the LRU map; a concurrent store by another
+            // CPU writes a timestamp as recent.
+            unsafe { *sent = now };
+        } else {
+            // A full table evicts its least recently used probe; a failed
+            // insert leaves this probe's answers counted.
+            let _ = PROBE_FLOWS.insert(&flow, now, 0);
+        }
+        if let Some(last) = PROBE_PORTS.get_ptr_mut(u32::from(packet.sport)) {
+            // SAFETY: an element of the array; CPUs sending probes from the
+            // same port at once store close timestamps, either will do.
+            unsafe { *last = now };
+        }
         return;
     }
     // SAFETY: a per-CPU value of a key the daemon inserted; only this CPU
@@ -335,6 +364,17 @@ fn count_from_upstream(packet: &Packet) {
 /// the egress program (see the module's documentation).
 #[inline(always)]
 fn is_probe_answer(packet: &Packet) -> bool {
+    let Some(&port_used) = PROBE_PORTS.get(u32::from(packet.dport)) else {
+        return false;
+    };
+    if port_used == 0 {
+        return false;
+    }
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(port_used) >= PROBE_ANSWER_NS {
+        return false;
+    }
     let flow = Flow {
         source: packet.daddr,
         source_port: packet.dport,
@@ -346,8 +386,6 @@ fn is_probe_answer(packet: &Packet) -> bool {
     let Some(&sent) = (unsafe { PROBE_FLOWS.get(&flow) }) else {
         return false;
     };
-    // SAFETY: the helper has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     now.saturating_sub(sent) < PROBE_ANSWER_NS
 }
 

@@ -15,7 +15,7 @@ use std::{
 
 use lobby::{
     config::{HealthCheck, HealthProtocol},
-    health::{ProbeStats, raise_fd_limit, spawn_checker},
+    health::{CheckerRuntime, ProbeStats, raise_fd_limit, spawn_checker},
     model::UpstreamId,
 };
 use tokio::{
@@ -47,6 +47,8 @@ async fn main() -> Result<()> {
     let (reports_tx, mut reports) = mpsc::channel(1024);
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // As in the daemon: the checkers on a thread of their own.
+    let checker_runtime = CheckerRuntime::start()?;
     let stats: Vec<Arc<ProbeStats>> = (0..checkers).map(|_| Arc::default()).collect();
     for (index, upstream_stats) in stats.iter().enumerate() {
         let check = HealthCheck {
@@ -67,6 +69,7 @@ async fn main() -> Result<()> {
             Arc::clone(upstream_stats),
             cancel.clone(),
             &tracker,
+            checker_runtime.handle(),
         );
     }
     drop(reports_tx);

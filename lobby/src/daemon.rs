@@ -30,7 +30,7 @@ use crate::{
     dns::{self, AddressUpdate, DnsStats, ResolverKey},
     ebpf::{Counters, CountersError},
     events::{EventKind, Events, LobbyEvent},
-    health::{self, HealthReport, ProbeStats},
+    health::{self, CheckerRuntime, HealthReport, ProbeStats},
     metrics::{self, MetricsError, Snapshot, UpstreamExtras},
     model::{Backend, UpstreamId},
     nft::NftError,
@@ -115,6 +115,8 @@ pub enum DaemonError {
     Forwarding(#[source] std::io::Error),
     #[error("installing the SIGHUP handler")]
     Signal(#[source] std::io::Error),
+    #[error("starting the health checkers' thread")]
+    CheckerRuntime(#[source] std::io::Error),
 }
 
 /// Runs the daemon on the kernel until `shutdown` completes, then removes
@@ -201,8 +203,15 @@ pub async fn serve<P: DataPlane>(
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let events = Events::start(config.events.clone(), &tracker, cancel.child_token());
-    let (mut wiring, mut inbox) =
-        Wiring::new(plane, parsed, events, tracker.clone(), cancel.clone());
+    let checker_runtime = CheckerRuntime::start().map_err(DaemonError::CheckerRuntime)?;
+    let (mut wiring, mut inbox) = Wiring::new(
+        plane,
+        parsed,
+        events,
+        checker_runtime,
+        tracker.clone(),
+        cancel.clone(),
+    );
     log_warnings(&config);
     let mut core = Core::new(inherited, ipv6_forwarding());
     let now = Instant::now();
@@ -469,6 +478,9 @@ struct Wiring<P> {
     started: bool,
     /// The metrics endpoint's address and what stops it, once started.
     metrics: Option<(SocketAddr, CancellationToken)>,
+    /// Where the health checkers run; it stops with the wiring, after the
+    /// daemon has waited for them.
+    checker_runtime: CheckerRuntime,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -478,6 +490,7 @@ impl<P: DataPlane> Wiring<P> {
         plane: Arc<P>,
         parsed: Parsed,
         receivers: Events,
+        checker_runtime: CheckerRuntime,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> (Self, Inbox) {
@@ -511,6 +524,7 @@ impl<P: DataPlane> Wiring<P> {
             receivers,
             started: false,
             metrics: None,
+            checker_runtime,
             tracker,
             cancel,
         };
@@ -686,6 +700,7 @@ impl<P: DataPlane> Wiring<P> {
                     stats.clone(),
                     cancel.clone(),
                     &self.tracker,
+                    self.checker_runtime.handle(),
                 );
                 self.checkers.insert(
                     (id, key),

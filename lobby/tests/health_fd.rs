@@ -55,6 +55,7 @@ async fn probe(port: u16) -> ProbeStats {
             Arc::clone(&stats),
             cancel.clone(),
             &tracker,
+            &tokio::runtime::Handle::current(),
         );
     }
     let probes =

@@ -114,6 +114,7 @@ async fn out_of_descriptors_an_up_upstream_stays_up_and_one_warning_says_why() {
         Arc::clone(&stats),
         cancel.clone(),
         &tracker,
+        &tokio::runtime::Handle::current(),
     );
     // A hundred probes are due in this second, each failing to open its
     // socket with EMFILE: a failure_count of 1 would take the upstream down

@@ -10,6 +10,9 @@ pub const EBPF_TARGET_ARGS: &[&str] = &[
     "--release",
 ];
 
+/// Where the build puts the object, below the workspace root.
+pub const OBJECT: &str = "target/bpfel-unknown-none/release/lobby-counters";
+
 pub fn run() -> anyhow::Result<()> {
     checked(
         nightly_cargo()
@@ -17,6 +20,6 @@ pub fn run() -> anyhow::Result<()> {
             .arg("build")
             .args(EBPF_TARGET_ARGS),
     )?;
-    eprintln!("build-ebpf: target/bpfel-unknown-none/release/lobby-counters");
+    eprintln!("build-ebpf: {OBJECT}");
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! - [`HealthState`]: the pure state machine that turns probe outcomes into
 //!   availability changes (`success_count`/`failure_count` runs).
 //! - [`spawn_checker`]: one task per checked upstream that probes it and
-//!   sends a [`HealthReport`] on each change.
+//!   sends a [`HealthReport`] on each change, on the [`CheckerRuntime`]'s
+//!   thread.
 //! - `probe`: one probe per protocol (tcp, udp, http, https, sctp), with its
 //!   round trip, on sockets marked with [`PROBE_MARK`]; `tls`: the https
 //!   probes' client configurations.
@@ -16,7 +17,7 @@ pub(crate) mod tls;
 
 use std::io;
 
-pub use checker::{HealthReport, ProbeStats, spawn_checker};
+pub use checker::{CheckerRuntime, HealthReport, ProbeStats, spawn_checker};
 pub use state::{
     FailureReason, HealthState, HttpFailure, ProbeOutcome, Shortage, TlsFailure, Transition,
 };

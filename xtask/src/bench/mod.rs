@@ -8,6 +8,7 @@
 //! noise hits them alike; ratios are of paired rounds, with a 95%
 //! confidence interval.
 mod control;
+mod isolated;
 mod load;
 mod programs;
 mod servers;
@@ -164,9 +165,11 @@ impl Meter {
             .map(|&pid| control::cpu_ticks(pid))
             .sum::<u64>()
             - self.traffic_ticks;
+        // No runs counted: the statistics were off, there is no run time.
         let run = self
             .programs
-            .map(|(pid, before)| RunTime::of_process(pid).since(before));
+            .map(|(pid, before)| RunTime::of_process(pid).since(before))
+            .filter(|run| run.runs > 0);
         let ns = |ticks: u64| ticks as f64 / control::ticks_per_second() * 1e9;
         Spent {
             busy_ns: ns(busy),
@@ -190,29 +193,43 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     unsafe { std::env::set_var("LOBBY_BIN", wrapper) };
     let mut plan = if quick { QUICK } else { FULL };
     // For narrower intervals on a few variants: LOBBY_BENCH_ROUNDS=N.
-    if let Ok(rounds) = std::env::var("LOBBY_BENCH_ROUNDS") {
-        plan.rounds = rounds
-            .parse()
-            .ok()
-            .filter(|&n| n > 0)
-            .with_context(|| format!("LOBBY_BENCH_ROUNDS={rounds}: not a positive count"))?;
+    if let Some(rounds) = count_from_env("LOBBY_BENCH_ROUNDS")? {
+        plan.rounds = rounds;
+    }
+    // For more windows at idle: LOBBY_BENCH_IDLE_PAIRS=N (and
+    // LOBBY_BENCH_ONLY=idle for the idle figures alone).
+    if let Some(pairs) = count_from_env("LOBBY_BENCH_IDLE_PAIRS")? {
+        plan.idle_pairs = pairs;
     }
     let started = std::time::Instant::now();
-    // For development: LOBBY_BENCH_ONLY=data or =control.
+    // For development: LOBBY_BENCH_ONLY=data, =control, =idle or =programs.
     let only = std::env::var("LOBBY_BENCH_ONLY").unwrap_or_default();
+    let runs = |part: &str| only.is_empty() || only == part;
 
-    let (samples, counters) = if only == "control" {
-        (BTreeMap::new(), CounterPairs::default())
+    // Before the data plane: its statistics stay on while it runs.
+    let isolated = if runs("data") || only == "programs" {
+        crate::build_ebpf::run()?;
+        isolated::measure(&workspace_root().join(crate::build_ebpf::OBJECT))?
     } else {
-        let _stats = programs::enable_run_time_stats()?;
-        data_plane(&plan)
+        Vec::new()
     };
-    let control = (only != "data").then(|| control_plane(&plan, &capture));
+    let (samples, counters) = if runs("data") {
+        data_plane(&plan)?
+    } else {
+        (BTreeMap::new(), CounterPairs::default())
+    };
+    let control = runs("control").then(|| control_plane(&plan, &capture));
+    let idle = (runs("control") || only == "idle").then(|| {
+        eprintln!("bench: idle cost, {} pairs of windows", plan.idle_pairs);
+        control::idle_cost(IDLE_UPSTREAMS, plan.idle_window, plan.idle_pairs)
+    });
 
     let report = Report {
+        isolated,
         samples,
         counters,
         control,
+        idle,
     };
     let text = report.table();
     println!("{text}");
@@ -233,6 +250,19 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The positive count that environment variable `name` gives, if set.
+fn count_from_env(name: &str) -> anyhow::Result<Option<usize>> {
+    let Ok(value) = std::env::var(name) else {
+        return Ok(None);
+    };
+    let count = value
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .with_context(|| format!("{name}={value}: not a positive count"))?;
+    Ok(Some(count))
+}
+
 /// Connection rates and bulk throughputs of Lobby with and without
 /// counters, measured back to back, and the traffic's CPU per connection
 /// and per byte: (with, without) per pair; and what Lobby's measurements
@@ -247,7 +277,14 @@ struct CounterPairs {
     bulk_spent: Vec<Spent>,
 }
 
-fn data_plane(plan: &Plan) -> (BTreeMap<Variant, Samples>, CounterPairs) {
+/// Every figure but the counters' run time is taken with the kernel's
+/// run-time statistics off: they slow down the traffic of the variant
+/// whose programs they time (by 10-20% of the connection rate in paired
+/// runs here, against 1.0x within noise without them), so Lobby would
+/// trail its anchors and its own run without counters by their cost.
+/// The run time comes from one more measurement of Lobby per counters'
+/// pair, with them on.
+fn data_plane(plan: &Plan) -> anyhow::Result<(BTreeMap<Variant, Samples>, CounterPairs)> {
     let mut samples: BTreeMap<Variant, Samples> = BTreeMap::new();
     let all = chosen_variants();
     for round in 0..plan.rounds {
@@ -287,7 +324,7 @@ fn data_plane(plan: &Plan) -> (BTreeMap<Variant, Samples>, CounterPairs) {
     if !(samples.contains_key(&Variant::Lobby)
         && samples.contains_key(&Variant::LobbyWithoutCounters))
     {
-        return (samples, counters);
+        return Ok((samples, counters));
     }
     for pair in 0..plan.counter_pairs {
         eprintln!(
@@ -304,13 +341,20 @@ fn data_plane(plan: &Plan) -> (BTreeMap<Variant, Samples>, CounterPairs) {
         }
         let [with, without] = &pair_samples;
         counters.add(with, Some(without));
+        let _stats = programs::enable_run_time_stats()?;
+        let mut timed = Samples::default();
+        let setup = Setup::new(Variant::Lobby);
+        measure_bulk(&setup, plan, &mut timed);
+        measure_rate(&setup, plan, &mut timed);
+        counters.add(&timed, None);
     }
-    (samples, counters)
+    Ok((samples, counters))
 }
 
 impl CounterPairs {
     /// What rounds of Lobby with counters cost, paired up with what rounds
-    /// without them measured when they ran.
+    /// without them measured when they ran (none for the rounds with the
+    /// run-time statistics on, which only serve the counters' run time).
     fn add(&mut self, with: &Samples, without: Option<&Samples>) {
         if let Some(without) = without {
             self.rate
@@ -333,8 +377,15 @@ impl CounterPairs {
             self.bulk_cpu
                 .extend(cpu(&with.bulk_spent, &without.bulk_spent));
         }
-        self.rate_spent.extend(&with.rate_spent);
-        self.bulk_spent.extend(&with.bulk_spent);
+        let timed = |spent: &Vec<Spent>| {
+            spent
+                .iter()
+                .filter(|s| s.program_ns.is_finite())
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        self.rate_spent.extend(timed(&with.rate_spent));
+        self.bulk_spent.extend(timed(&with.bulk_spent));
     }
 }
 
@@ -482,8 +533,6 @@ struct Control {
     repair: Repair,
     reports: Reports,
     other: Vec<Other>,
-    /// The idle daemon's CPU against the bare prober's.
-    idle_cpu: ControlRow,
 }
 
 /// Health report to applied transaction (ms), with `lobby stats` reading
@@ -601,49 +650,20 @@ fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
         quiet,
     };
 
-    eprintln!("bench: control plane, death to removal and idle cost");
+    eprintln!("bench: control plane, death to removal");
     let removal: Vec<f64> = (0..plan.apply_runs)
         .map(|_| control::death_to_removal_ms())
         .collect();
-    let idle = control::idle_cost(IDLE_UPSTREAMS, plan.idle_window, plan.idle_pairs);
-    let idle_rss_mib = |kib: u64| kib as f64 / 1024.0;
     Control {
         rows,
         repair,
         reports,
-        other: vec![
-            (
-                "upstream death to removal, 1 s probes (ms)",
-                median(&removal),
-                // interval x failure_count + timeout
-                Some((2000.0, "bound 1 s x 1 + 1 s")),
-            ),
-            (
-                "idle daemon RSS, 1,000 health-checked upstreams (MiB)",
-                idle_rss_mib(idle.rss_kib),
-                Some((idle_rss_mib(idle.base_rss_kib), "with 10 upstreams")),
-            ),
-            (
-                "idle daemon memory per upstream, RSS from 10 to 1,000 upstreams (KiB)",
-                (idle.rss_kib as f64 - idle.base_rss_kib as f64)
-                    / (IDLE_UPSTREAMS - control::IDLE_BASE) as f64,
-                None,
-            ),
-            (
-                "idle daemon CPU, 1,000 upstreams probed every 1 s (% of a core, median)",
-                median(&idle.lobby_cpu),
-                Some((
-                    median(&idle.bare_prober_cpu),
-                    "bare prober, the same connects",
-                )),
-            ),
-        ],
-        idle_cpu: ControlRow {
-            what: "idle CPU, 1,000 upstreams probed every 1 s (% of a core, windows in turn)"
-                .to_owned(),
-            lobby: idle.lobby_cpu,
-            raw: idle.bare_prober_cpu,
-        },
+        other: vec![(
+            "upstream death to removal, 1 s probes (ms)",
+            median(&removal),
+            // interval x failure_count + timeout
+            Some((2000.0, "bound 1 s x 1 + 1 s")),
+        )],
     }
 }
 
@@ -651,8 +671,21 @@ fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
 /// ratio per measurement, so the interval is over rounds), and what the
 /// machine, the traffic and the counters spent per `unit` moved (`scale`
 /// units of what `Spent::units` counts) and per program run.
-fn counters_share(spent: &[Spent], unit: &str, scale: f64) -> (Ratio, String) {
+///
+/// Also the share net of what the statistics themselves report as run
+/// time (`clock_ns` a run: their clock reads, measured by
+/// [`isolated::measure`]; NaN when it did not run).
+fn counters_share(
+    spent: &[Spent],
+    unit: &str,
+    scale: f64,
+    clock_ns: f64,
+) -> (Ratio, Ratio, String) {
     let program: Vec<f64> = spent.iter().map(|s| s.program_ns).collect();
+    let net: Vec<f64> = spent
+        .iter()
+        .map(|s| s.program_ns - s.program_runs * clock_ns)
+        .collect();
     let traffic: Vec<f64> = spent.iter().map(|s| s.traffic_ns).collect();
     let per_unit = |ns: fn(&Spent) -> f64| {
         median(
@@ -670,6 +703,7 @@ fn counters_share(spent: &[Spent], unit: &str, scale: f64) -> (Ratio, String) {
     );
     (
         Ratio::paired(&program, &traffic),
+        Ratio::paired(&net, &traffic),
         format!(
             "lobby: machine {:.0} ns/{unit}, traffic {:.0} ns/{unit}, counters {:.1} ns/{unit}, {per_run:.0} ns/run",
             per_unit(|s| s.busy_ns),
@@ -701,9 +735,11 @@ fn udp(s: &Samples) -> &Vec<f64> {
 }
 
 struct Report {
+    isolated: Vec<isolated::PathCost>,
     samples: BTreeMap<Variant, Samples>,
     counters: CounterPairs,
     control: Option<Control>,
+    idle: Option<control::IdleCost>,
 }
 
 /// (what, ratio, anchor's median and unit, goal)
@@ -800,8 +836,13 @@ impl Report {
             self.counters.rate_cpu.iter().copied().unzip();
         let (bulk_cpu_with, bulk_cpu_without): (Vec<f64>, Vec<f64>) =
             self.counters.bulk_cpu.iter().copied().unzip();
-        let (rate_share, rate_spent) = counters_share(&self.counters.rate_spent, "conn", 1.0);
-        let (bulk_share, bulk_spent) = counters_share(&self.counters.bulk_spent, "KiB", 1024.0);
+        let clock_ns = isolated::reported_overhead_ns(&self.isolated);
+        let (rate_share, rate_net, rate_spent) =
+            counters_share(&self.counters.rate_spent, "conn", 1.0, clock_ns);
+        let (bulk_share, bulk_net, bulk_spent) =
+            counters_share(&self.counters.bulk_spent, "KiB", 1024.0, clock_ns);
+        let clock =
+            format!("less {clock_ns:.0} ns a run (the statistics' clock reads, measured alone)");
         let fixed = vec![
             (
                 "Lobby bulk / forwarding",
@@ -935,6 +976,18 @@ impl Report {
                 bulk_spent,
                 "<= 0.03",
             ),
+            (
+                "counters: their eBPF run time net of the statistics / the traffic's CPU, conn/s test",
+                rate_net,
+                clock.clone(),
+                "<= 0.03",
+            ),
+            (
+                "counters: their eBPF run time net of the statistics / the traffic's CPU, bulk test",
+                bulk_net,
+                clock,
+                "<= 0.03",
+            ),
         ];
         let mut rows: Vec<RatioRow> = fixed
             .into_iter()
@@ -974,11 +1027,17 @@ impl Report {
 
     fn table(&self) -> String {
         let mut out = String::new();
+        if !self.isolated.is_empty() {
+            isolated_table(&self.isolated, &mut out);
+        }
         if !self.samples.is_empty() {
             self.data_tables(&mut out);
         }
         if let Some(control) = &self.control {
             control_tables(control, &mut out);
+        }
+        if let Some(idle) = &self.idle {
+            idle_tables(idle, &mut out);
         }
         out
     }
@@ -1101,12 +1160,6 @@ impl Report {
                 "other": c.other.iter().map(|(what, value, anchor)| ((*what).to_owned(), json!({
                     "value": value, "anchor": anchor.map(|a| a.0), "anchor_is": anchor.map(|a| a.1),
                 }))).collect::<serde_json::Map<_, _>>(),
-                "idle_cpu": ({
-                    let mut v = c.idle_cpu.ratio().json();
-                    v["lobby_percent"] = json!(c.idle_cpu.lobby);
-                    v["bare_prober_percent"] = json!(c.idle_cpu.raw);
-                    v
-                }),
             })
         });
         json!({
@@ -1116,6 +1169,10 @@ impl Report {
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
             "concurrency": CONCURRENCY, "bulk_streams": STREAMS, "udp_flows": FLOWS,
+            "programs_alone": self.isolated.iter().map(|p| (p.path.to_owned(), json!({
+                "bare_ns_per_run": p.bare_ns, "with_stats_ns_per_run": p.with_stats_ns,
+                "reported_by_stats_ns_per_run": p.reported_ns,
+            }))).collect::<serde_json::Map<_, _>>(),
             "variants": variants,
             "ratios": ratios,
             "distribution_note": DISTRIBUTION_NOTE,
@@ -1126,8 +1183,36 @@ impl Report {
                 "lobby_bulk_spent": self.counters.bulk_spent.iter().map(Spent::json).collect::<Vec<_>>(),
             },
             "control_plane": control,
+            "idle": self.idle.as_ref().map(|idle| {
+                let mut v = Ratio::paired(&idle.lobby_cpu, &idle.bare_prober_cpu).json();
+                v["lobby_percent"] = json!(idle.lobby_cpu);
+                v["bare_prober_percent"] = json!(idle.bare_prober_cpu);
+                v["rss_kib"] = json!(idle.rss_kib);
+                v["base_rss_kib"] = json!(idle.base_rss_kib);
+                v
+            }),
         })
     }
+}
+
+fn isolated_table(paths: &[isolated::PathCost], out: &mut String) {
+    writeln!(
+        out,
+        "| counters alone (BPF_PROG_TEST_RUN), ns a run (best of {} loops) | statistics off | on | added by the statistics | reported by them |\n|---|---|---|---|---|",
+        isolated::TRIALS
+    )
+    .unwrap();
+    for p in paths {
+        let ns = [
+            isolated::best(&p.bare_ns),
+            isolated::best(&p.with_stats_ns),
+            p.stats_overhead_ns(),
+            isolated::best(&p.reported_ns),
+        ];
+        let cells: Vec<String> = ns.iter().map(|ns| format!("{ns:.1}")).collect();
+        writeln!(out, "| {} | {} |", p.path, cells.join(" | ")).unwrap();
+    }
+    writeln!(out).unwrap();
 }
 
 fn control_tables(control: &Control, out: &mut String) {
@@ -1194,15 +1279,26 @@ fn control_tables(control: &Control, out: &mut String) {
             None => writeln!(out, "| {what} | {value:.1} | - | - |").unwrap(),
         }
     }
-    let idle = &control.idle_cpu;
+}
+
+fn idle_tables(idle: &control::IdleCost, out: &mut String) {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let per_upstream = (idle.rss_kib as f64 - idle.base_rss_kib as f64)
+        / (IDLE_UPSTREAMS - control::IDLE_BASE) as f64;
     writeln!(
         out,
-        "\n| {} | Lobby (median) | bare prober (median) | Lobby / bare prober [95% CI] | goal |\n|---|---|---|---|---|\n| {} windows each | {:.1} | {:.1} | {} | <= 1.5 |",
-        idle.what,
-        idle.lobby.len(),
-        median(&idle.lobby),
-        median(&idle.raw),
-        idle.ratio().show()
+        "\n| idle daemon, 1,000 upstreams probed every 1 s | value |\n|---|---|\n| RSS (MiB) | {:.1} (with 10 upstreams: {:.1}) |\n| memory per upstream, RSS from 10 to 1,000 upstreams (KiB) | {per_upstream:.1} |",
+        mib(idle.rss_kib),
+        mib(idle.base_rss_kib),
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "\n| idle CPU, 1,000 upstreams probed every 1 s (% of a core, windows in turn) | Lobby (median) | bare prober (median) | Lobby / bare prober [95% CI] | goal |\n|---|---|---|---|---|\n| {} windows each | {:.1} | {:.1} | {} | <= 1.5 |",
+        idle.lobby_cpu.len(),
+        median(&idle.lobby_cpu),
+        median(&idle.bare_prober_cpu),
+        Ratio::paired(&idle.lobby_cpu, &idle.bare_prober_cpu).show()
     )
     .unwrap();
 }
