@@ -124,6 +124,10 @@ pub struct Counters {
     /// Before 6.6 programs are attached as tc filters, which outlive a
     /// crashed daemon; those of a previous run are removed before attaching.
     netlink_filters: bool,
+    /// The map's keys as the last [`Counters::track`] left them (the
+    /// programs never add one); `None` until then, or after a failed
+    /// update: the map is listed instead, one system call per key.
+    keys: Option<BTreeSet<UpstreamKey>>,
 }
 
 /// One classifier on one interface. Dropping it (a daemon that fails) is
@@ -184,6 +188,7 @@ impl Counters {
             links: BTreeMap::new(),
             cpus,
             netlink_filters,
+            keys: None,
         })
     }
 
@@ -347,15 +352,31 @@ impl Counters {
     /// the counters of those still configured are left as they are, and
     /// removed upstreams are forgotten.
     pub fn track(&mut self, keys: &BTreeSet<UpstreamKey>) -> Result<(), CountersError> {
+        let known = self.keys.take();
+        self.update_keys(known, keys)?;
+        self.keys = Some(keys.clone());
+        Ok(())
+    }
+
+    /// Brings the map's keys from `known` (listed when `None`: a map a
+    /// previous run pinned holds its keys) to `keys`.
+    fn update_keys(
+        &mut self,
+        known: Option<BTreeSet<UpstreamKey>>,
+        keys: &BTreeSet<UpstreamKey>,
+    ) -> Result<(), CountersError> {
         let cpus = self.cpus;
         let mut map = self.map_mut()?;
-        let present: BTreeSet<UpstreamKey> =
-            map.keys()
+        let present: BTreeSet<UpstreamKey> = match known {
+            Some(known) => known,
+            None => map
+                .keys()
                 .collect::<Result<_, _>>()
                 .map_err(|source| CountersError::Map {
                     op: "listing keys",
                     source,
-                })?;
+                })?,
+        };
         for key in present.difference(keys) {
             map.remove(key).map_err(|source| CountersError::Map {
                 op: "removing a key",
