@@ -4,13 +4,13 @@
 //! sockets' mark exempts them, see `nft`), so upstreams keep their state
 //! and the warning names the cause. And, for `least-connections`, how many
 //! established connections the kernel translated to each upstream: a dump
-//! of the table over ctnetlink.
+//! over ctnetlink of the entries that carry [`LEAST_CONNECTIONS_MARK`].
 use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path, time::Duration};
 
 use crate::{
     config::Protocol,
     model::Backend,
-    nfnetlink::{self, DumpError, Request, attribute},
+    nfnetlink::{self, DumpError, Request, attribute, push_attribute},
 };
 
 use tokio::time::{Instant, MissedTickBehavior};
@@ -137,6 +137,8 @@ const IPCTNL_MSG_CT_GET: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_STATUS: u16 = 3;
 const CTA_PROTOINFO: u16 = 4;
+const CTA_MARK: u16 = 8;
+const CTA_MARK_MASK: u16 = 21;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -152,22 +154,42 @@ const SCTP_CONNTRACK_ESTABLISHED: u8 = 4;
 const IPS_ASSURED: u32 = 1 << 2;
 const IPS_DST_NAT: u32 = 1 << 5;
 
-/// Connections the kernel translated (DNAT) and that are established, per
-/// backend: the source of their reply direction. Established is a TCP or
-/// SCTP connection in that state, a UDP flow that has seen replies both
-/// ways (assured). Dumps the whole table of the daemon's namespace, both
-/// families; blocks, so the daemon calls it off its loop.
+/// The bit of the conntrack mark that least-connections targets set on
+/// each connection they translate and the ruleset clears at its first FIN
+/// or RST (`nft::closing`): the entries [`established`] asks for. One bit,
+/// set and cleared alone, so other software's marks keep their meaning.
+pub const LEAST_CONNECTIONS_MARK: u32 = 0x0010_0000;
+
+/// Connections of least-connections targets the kernel translated (DNAT)
+/// and that are established, per backend: the source of their reply
+/// direction. Established is a TCP or SCTP connection in that state, a UDP
+/// flow that has seen replies both ways (assured). Dumps the entries of
+/// the daemon's namespace (both families) that carry
+/// [`LEAST_CONNECTIONS_MARK`]: the kernel filters, so closed connections
+/// waiting out TIME_WAIT (at a high connection rate, nearly the whole
+/// table) are neither sent nor parsed. Blocks, so the daemon calls it off
+/// its loop.
 pub fn established() -> Result<BTreeMap<Backend, u64>, DumpError> {
     let mut counts = BTreeMap::new();
+    let attributes = marked();
     let request = Request {
         subsystem: NFNL_SUBSYS_CTNETLINK,
         message: IPCTNL_MSG_CT_GET,
         // AF_UNSPEC: both families.
         family: 0,
-        attributes: &[],
+        attributes: &attributes,
     };
     nfnetlink::dump(&request, |attributes| count(attributes, &mut counts))?;
     Ok(counts)
+}
+
+/// The dump's filter: entries whose mark has [`LEAST_CONNECTIONS_MARK`].
+fn marked() -> Vec<u8> {
+    let mut attributes = Vec::new();
+    let mark = LEAST_CONNECTIONS_MARK.to_be_bytes();
+    push_attribute(&mut attributes, CTA_MARK, &mark);
+    push_attribute(&mut attributes, CTA_MARK_MASK, &mark);
+    attributes
 }
 
 /// Counts one conntrack entry into `counts` when it is an established,
@@ -288,6 +310,15 @@ mod tests {
                 (backend(13, 53, Protocol::Udp), 1),
             ])
         );
+    }
+
+    #[test]
+    fn the_dump_asks_the_kernel_for_marked_entries_only() {
+        let filter = marked();
+        let mark = LEAST_CONNECTIONS_MARK.to_be_bytes();
+        assert_eq!(attribute(&filter, CTA_MARK), Some(&mark[..]));
+        assert_eq!(attribute(&filter, CTA_MARK_MASK), Some(&mark[..]));
+        assert_eq!(LEAST_CONNECTIONS_MARK.count_ones(), 1);
     }
 
     fn usage(entries: u64) -> Usage {

@@ -9,7 +9,8 @@
 //! translate between families) or, with none, a refusal: a TCP reset, an
 //! ICMP(v6) port unreachable for UDP and SCTP. Only connections to Lobby's
 //! own upstreams are masqueraded, one set per family. Two chains at the
-//! `raw` priority exempt the health probes' packets from conntrack. A
+//! `raw` priority exempt the health probes' packets from conntrack; two at
+//! `mangle` end least-connections' mark (see [`closing`]). A
 //! change touches only the chains and elements it must, in one transaction.
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -20,6 +21,7 @@ use std::{
 
 use tokio::process::Command;
 
+mod closing;
 mod counters;
 pub mod flowtable;
 mod limits;
@@ -105,6 +107,7 @@ pub fn render(desired: &Desired) -> String {
     writeln!(out, "\t\t{PREROUTING_RULE}").unwrap();
     writeln!(out, "\t}}").unwrap();
     local::render(&mut out, desired);
+    closing::render(&mut out, desired);
     for counter in denied_counters(desired) {
         writeln!(out, "\tcounter {counter} {{\n\t}}").unwrap();
     }
@@ -308,6 +311,7 @@ pub fn plan_with_backends(
         .unwrap();
     }
     local::plan_additions(&mut out, applied, desired);
+    closing::plan(&mut out, applied, desired);
     flowtable::plan(
         &mut out,
         table,
@@ -422,6 +426,9 @@ fn target_rules(name: &str, target: &DesiredTarget) -> Vec<String> {
             Some(opening) => format!("{matched} {opening}"),
             None => matched.clone(),
         };
+        if target.distribution == Distribution::LeastConnections {
+            rules.push(closing::mark_rule(&opened));
+        }
         match &target.persistence {
             // A client the kernel remembers goes to its backend's chain,
             // which refreshes the memory and translates; a new one is sent
@@ -1063,6 +1070,35 @@ mod tests {
             script,
             "delete element inet lobby backends4 { 198.18.1.11 . tcp . 9000 }\n"
         );
+    }
+
+    #[test]
+    fn least_connections_marks_its_connections_and_brings_the_closing_chains() {
+        let round_robin = desired(&[("web", target(8081, &[(11, 9000), (12, 9000)]))]);
+        let mut least = round_robin.clone();
+        least.targets.get_mut("web").unwrap().distribution = Distribution::LeastConnections;
+        let script = plan(Applied::Known(&round_robin), &least).expect("a change");
+        let expected = "\
+flush chain inet lobby target-web
+add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) == syn ct mark set ct mark | 0x100000
+add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) == syn dnat ip to numgen inc mod 2 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000 }
+add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp drop
+add chain inet lobby closing-prerouting { type filter hook prerouting priority mangle; policy accept; }
+add rule inet lobby closing-prerouting tcp flags & (fin | rst) != 0 ct mark & 0x100000 == 0x100000 ct mark set ct mark & 0xffefffff
+add chain inet lobby closing-output { type filter hook output priority mangle; policy accept; }
+add rule inet lobby closing-output tcp flags & (fin | rst) != 0 ct mark & 0x100000 == 0x100000 ct mark set ct mark & 0xffefffff
+";
+        assert_eq!(script, expected);
+        assert!(render(&least).contains("\tchain closing-output {\n"));
+        assert!(!render(&round_robin).contains("closing"));
+        let script = plan(Applied::Known(&least), &round_robin).expect("a change");
+        assert!(
+            script.ends_with(
+                "delete chain inet lobby closing-prerouting\ndelete chain inet lobby closing-output\n"
+            ),
+            "{script}"
+        );
+        assert!(!script.contains("ct mark"), "{script}");
     }
 
     #[test]

@@ -70,10 +70,21 @@ pub struct Tracked {
 
 /// The entries of `ns`'s table, both families.
 pub fn list(ns: &NetNs) -> Vec<Tracked> {
-    let output = ns.exec("conntrack", &["-L", "-f", "ipv4"]);
-    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let output = ns.exec("conntrack", &["-L", "-f", "ipv6"]);
-    text.push_str(&String::from_utf8_lossy(&output.stdout));
+    list_where(ns, &[])
+}
+
+/// The entries of `ns`'s table whose conntrack mark has every bit of
+/// `bits`, both families: what a dump the kernel filters by mark returns.
+pub fn list_marked(ns: &NetNs, bits: u32) -> Vec<Tracked> {
+    list_where(ns, &["--mark", &format!("{bits:#x}/{bits:#x}")])
+}
+
+fn list_where(ns: &NetNs, filter: &[&str]) -> Vec<Tracked> {
+    let mut text = String::new();
+    for family in ["ipv4", "ipv6"] {
+        let output = ns.exec("conntrack", &[&["-L", "-f", family], filter].concat());
+        text.push_str(&String::from_utf8_lossy(&output.stdout));
+    }
     text.lines().map(parse_entry).collect()
 }
 

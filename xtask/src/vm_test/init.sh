@@ -22,6 +22,9 @@
 #   - UDP and SCTP: a target of each over 3 upstreams (socat servers),
 #     every flow (a new source port) to the next upstream, counters exact,
 #     probed by their own protocol; an upstream killed leaves the rotation.
+#   - least-connections: the conntrack mark its targets set is cleared at
+#     a connection's close, the dump filtered by it counts a held
+#     connection (lobby stats) and returns no closed one.
 # Ends with one line the host parses, `VM-TEST-RESULT: PASS` or
 # `VM-TEST-RESULT: FAIL <failed checks>`, and powers off.
 
@@ -257,6 +260,23 @@ check_connections() {
     [ "$sum" = "$want" ] || fail "connections sum to $sum, expected $want (the client made $made)"
 }
 
+# poll SECONDS WHAT COMMAND...: runs COMMAND every 0.2 s until it
+# succeeds; after SECONDS, the failure WHAT.
+poll() {
+    limit=$(($1 * 5))
+    what=$2
+    shift 2
+    tries=0
+    until "$@"; do
+        tries=$((tries + 1))
+        if [ "$tries" -ge "$limit" ]; then
+            fail "$what"
+            return
+        fi
+        sleep 0.2
+    done
+}
+
 # kill_server I: kills every process in upI's namespace (the server and
 # any answer in flight), then waits for the health check to take webI out.
 kill_server() {
@@ -402,15 +422,10 @@ ip link add client1 type veth peer name eth1 netns client
 ip link set client1 up
 ip -n client link set eth1 up
 joined_at=$(date +%s)
-tries=0
-until nft list flowtables | grep -q client1; do
-    tries=$((tries + 1))
-    if [ "$tries" -ge 100 ]; then
-        fail "the flowtable did not take the new interface client1 in 20 s"
-        break
-    fi
-    sleep 0.2
-done
+client1_in_flowtable() {
+    nft list flowtables | grep -q client1
+}
+poll 20 "the flowtable did not take the new interface client1 in 20 s" client1_in_flowtable
 echo "client1 in the flowtable $(($(date +%s) - joined_at)) s after it appeared"
 grep "flowtable interfaces" "$LOG" | tail -n 1
 
@@ -539,4 +554,53 @@ echo "== 6. UDP: each flow to the next upstream, probed by UDP"
 check_protocol udp 8084 "UDP-RECVFROM:$UPSTREAM_PORT,fork" "protocol: udp\\n                send: ask"
 echo "== 7. SCTP: each association to the next upstream, probed by SCTP"
 check_protocol sctp 8085 "SCTP-LISTEN:$UPSTREAM_PORT,fork,reuseaddr" "protocol: sctp"
+
+echo "== 8. least-connections: only live connections carry the mark the dump asks for"
+for i in 1 2 3; do
+    kill $(ip netns pids "up$i") 2>/dev/null
+    ip netns exec "up$i" nc -ll -p "$UPSTREAM_PORT" -e echo "web$i" 2>/dev/null &
+done
+# bulk1 holds each connection open.
+ip netns exec up1 nc -ll -p 9001 -e sleep 60 2>/dev/null &
+target_protocol=tcp
+wait_for_servers "least-connections tcp"
+{
+    sed 's/distribution: round-robin/distribution: least-connections/' /etc/lobby/lobby.yaml
+    echo "      - name: bulk"
+    echo "        protocol: tcp"
+    echo "        port: 8082"
+    echo "        upstream_group:"
+    echo "          name: bulk-pool"
+    echo "          distribution: least-connections"
+    echo "          upstreams:"
+    echo "            - name: bulk1"
+    echo "              host: 198.18.1.11"
+    echo "              port: 9001"
+} >/etc/lobby/least.yaml
+start_lobby /etc/lobby/least.yaml " least-connections"
+target_name=vip
+target_addr=$LB_ADDR
+target_port=$PORT
+ip netns exec client sh -c "sleep 60 | nc $LB_ADDR 8082" >/dev/null 2>&1 &
+for n in 1 2 3 4 5 6; do
+    [ "$(connect)" != none ] || fail "short connection $n to vip was not answered"
+done
+held_counted() {
+    [ "$(upstream_stat bulk1 established_connections)" = 1 ]
+}
+poll 10 "bulk1 does not count its held connection as established after 10 s" held_counted
+marked=$(conntrack -L -p tcp --mark 0x100000/0x100000 2>/dev/null)
+echo "marked: $marked"
+[ "$(echo "$marked" | grep -c "dport=8082 ")" = 1 ] || fail "the held connection is not the one marked entry of bulk"
+echo "$marked" | grep -q "dport=$PORT " && fail "closed connections of vip still carry the mark"
+closed=$(conntrack -L -p tcp --dport "$PORT" 2>/dev/null | grep -c "dport=$PORT ")
+[ "$closed" -ge 6 ] || fail "$closed entries of vip's closed connections, expected 6 or more"
+grep "counting established connections" "$LOG" && fail "the conntrack dump by mark failed"
+grep " ERROR " "$LOG" && fail "lobby logged errors (least-connections)"
+kill "$lobby_pid"
+wait "$lobby_pid" || fail "lobby exited with status $? on SIGTERM (least-connections)"
+if [ "$failures" -gt 0 ]; then
+    echo "--- lobby log (least-connections) ---"
+    cat "$LOG"
+fi
 finish
