@@ -1,7 +1,10 @@
 //! The choice of the dynamic distributions, part of the core: which of a
 //! target's backends in rotation new connections go to, from what the
 //! daemon measured. `least-connections`: those with the fewest established
-//! connections per weight (ties share, in proportion to their weights);
+//! connections per weight, counting as tied those within a quarter plus
+//! one connection of the fewest (ties share, in proportion to their
+//! weights: upstreams about equally loaded share new connections rather
+//! than take turns receiving all of them for a second each);
 //! `least-latency`: those whose health probes' smoothed round trip is
 //! at most 1.5 times the lowest plus 1 ms (so that two equally fast
 //! upstreams share rather than flap).
@@ -35,6 +38,15 @@ fn within_band(latency: Duration, lowest: Duration) -> bool {
 }
 
 const LATENCY_SLACK: Duration = Duration::from_millis(1);
+
+/// Whether `(count, weight)` is at most a quarter plus one connection
+/// (per weight) above the least loaded's: within a dump's noise of the
+/// fewest, where a strict minimum would send a whole second's connections
+/// to whichever upstream a dump caught lowest, and the next dump would
+/// find it highest. Compared without division.
+fn within_a_quarter((count, weight): (u128, u128), (least, least_weight): (u128, u128)) -> bool {
+    4 * count * least_weight <= 5 * least * weight + 4 * least_weight * weight
+}
 
 /// What the daemon measured, as an [`super::Event::Measured`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,10 +198,7 @@ impl Selection {
                 choice
                     .rotation
                     .keys()
-                    .filter(|b| {
-                        let (count, weight) = load(b);
-                        count * least.1 == least.0 * weight
-                    })
+                    .filter(|b| within_a_quarter(load(b), least))
                     .copied()
                     .collect()
             }
@@ -238,4 +247,31 @@ fn narrowed(slots: &[SocketAddr], chosen: &BTreeSet<SocketAddr>) -> Vec<SocketAd
 
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 { a } else { gcd(b, a % b) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::within_a_quarter;
+
+    fn tied(loads: &[(u128, u128)]) -> Vec<usize> {
+        let least = loads
+            .iter()
+            .copied()
+            .min_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)))
+            .unwrap();
+        (0..loads.len())
+            .filter(|i| within_a_quarter(loads[*i], least))
+            .collect()
+    }
+
+    #[test]
+    fn counts_within_a_quarter_plus_one_of_the_fewest_are_tied() {
+        // The case: 20 held on the first, the others free.
+        assert_eq!(tied(&[(20, 1), (0, 1), (1, 1)]), [1, 2]);
+        // Steady short connections: about equal counts share.
+        assert_eq!(tied(&[(11, 1), (10, 1), (12, 1)]), [0, 1, 2]);
+        assert_eq!(tied(&[(21, 1), (4, 1), (1, 1)]), [2]);
+        // Per weight: 30 on weight 3 is 10 a weight, as loaded as 10 on 1.
+        assert_eq!(tied(&[(30, 3), (10, 1), (40, 1)]), [0, 1]);
+    }
 }
