@@ -312,6 +312,16 @@ struct Upstream {
 }
 
 impl Upstream {
+    /// Each of its addresses as the backend it is counted under.
+    fn backends(&self) -> impl Iterator<Item = Backend> + '_ {
+        self.addresses.values().map(|a| {
+            (
+                SocketAddr::new(a.address, self.spec.port),
+                self.spec.protocol,
+            )
+        })
+    }
+
     /// What the desired state takes from it.
     fn state(&self) -> UpstreamState {
         let addresses = self
@@ -381,56 +391,87 @@ impl Waiting {
     }
 }
 
-/// The backends a desired state's targets masquerade, kept per target so
-/// that the next state works out only the targets that differ (at 1,000
-/// targets, collecting 10,000 backends was most of a plan).
+/// The union of the backends each source (a target, an upstream) gives,
+/// kept with each source's share and a count per backend, so that a
+/// change is worked out from the sources it touched alone (at 10,000
+/// upstreams, collecting every backend was most of a plan).
+#[derive(Debug)]
+struct Tally<K> {
+    shares: BTreeMap<K, Vec<Backend>>,
+    /// How many shares hold each backend of `union`.
+    refs: BTreeMap<Backend, u32>,
+    union: BTreeSet<Backend>,
+}
+
+impl<K> Default for Tally<K> {
+    fn default() -> Self {
+        Self {
+            shares: BTreeMap::new(),
+            refs: BTreeMap::new(),
+            union: BTreeSet::new(),
+        }
+    }
+}
+
+impl<K: Ord> Tally<K> {
+    /// Makes `share` the backends `source` gives (none: `None`); whether
+    /// the union changed.
+    fn set(&mut self, source: K, share: Option<Vec<Backend>>) -> bool {
+        let mut changed = false;
+        for backend in self.shares.remove(&source).unwrap_or_default() {
+            let refs = self.refs.get_mut(&backend).expect("counted");
+            *refs -= 1;
+            if *refs == 0 {
+                self.refs.remove(&backend);
+                changed |= self.union.remove(&backend);
+            }
+        }
+        if let Some(share) = share {
+            for backend in &share {
+                *self.refs.entry(*backend).or_default() += 1;
+                changed |= self.union.insert(*backend);
+            }
+            self.shares.insert(source, share);
+        }
+        changed
+    }
+}
+
+/// The backends a desired state's targets masquerade, worked out again
+/// only for the targets that differ from the last state's.
 #[derive(Debug, Default)]
 struct Balanced {
-    by_target: BTreeMap<String, (DesiredTarget, Vec<Backend>)>,
-    /// How many targets masquerade each backend of `set`.
-    refs: BTreeMap<Backend, u32>,
-    set: BTreeSet<Backend>,
+    /// Each target as its share was worked out from.
+    seen: BTreeMap<String, DesiredTarget>,
+    tally: Tally<String>,
 }
 
 impl Balanced {
     /// What `desired` masquerades.
     fn update(&mut self, desired: &Desired) -> &BTreeSet<Backend> {
         let changed: Vec<String> = self
-            .by_target
+            .seen
             .iter()
-            .filter(|(name, (target, _))| desired.targets.get(*name) != Some(target))
+            .filter(|(name, target)| desired.targets.get(*name) != Some(target))
             .map(|(name, _)| name.clone())
             .collect();
         for name in changed {
-            let (_, backends) = self.by_target.remove(&name).expect("listed above");
-            for backend in backends {
-                let refs = self.refs.get_mut(&backend).expect("counted");
-                *refs -= 1;
-                if *refs == 0 {
-                    self.refs.remove(&backend);
-                    self.set.remove(&backend);
-                }
-            }
+            self.seen.remove(&name);
+            self.tally.set(name, None);
         }
         for (name, target) in &desired.targets {
-            if self.by_target.contains_key(name) {
-                continue;
+            if !self.seen.contains_key(name) {
+                self.tally.set(name.clone(), Some(target.masqueraded()));
+                self.seen.insert(name.clone(), target.clone());
             }
-            let backends = target.masqueraded();
-            for backend in &backends {
-                *self.refs.entry(*backend).or_default() += 1;
-                self.set.insert(*backend);
-            }
-            self.by_target
-                .insert(name.clone(), (target.clone(), backends));
         }
         #[cfg(debug_assertions)]
         assert_eq!(
-            self.set,
+            self.tally.union,
             desired.balanced(),
             "the balanced backends went stale"
         );
-        &self.set
+        &self.tally.union
     }
 }
 
@@ -501,12 +542,9 @@ pub struct Core {
     /// arrives during another apply waits for its own).
     reloaded: Option<ReloadSummary>,
     applying_reload: Option<ReloadSummary>,
-    counted: BTreeSet<Backend>,
-    /// How many upstream addresses each backend of `counted` is.
-    counted_refs: BTreeMap<Backend, u32>,
-    /// What each upstream adds to `counted_refs`: a change recounts only
-    /// the upstreams it touched.
-    counted_by_upstream: BTreeMap<UpstreamId, Vec<Backend>>,
+    /// Every address of every upstream, as a backend: a change recounts
+    /// only the upstreams it touched.
+    counted: Tally<UpstreamId>,
     /// Upstreams whose addresses changed (or that went) since they were
     /// last counted.
     counted_stale: BTreeSet<UpstreamId>,
@@ -552,9 +590,7 @@ impl Core {
             ready: false,
             reloaded: None,
             applying_reload: None,
-            counted: BTreeSet::new(),
-            counted_refs: BTreeMap::new(),
-            counted_by_upstream: BTreeMap::new(),
+            counted: Tally::default(),
             counted_stale: BTreeSet::new(),
             devices_stale: false,
             fingerprint: Fingerprint::default(),
@@ -755,14 +791,9 @@ impl Core {
 
     /// Every address of every upstream as the backend it is counted under.
     pub fn counted_upstreams(&self) -> impl Iterator<Item = (&UpstreamId, Backend)> {
-        self.upstreams.iter().flat_map(|(id, u)| {
-            u.addresses.values().map(move |a| {
-                (
-                    id,
-                    (SocketAddr::new(a.address, u.spec.port), u.spec.protocol),
-                )
-            })
-        })
+        self.upstreams
+            .iter()
+            .flat_map(|(id, u)| u.backends().map(move |b| (id, b)))
     }
 
     /// What to look up for the flowtable's interfaces, `None` when
@@ -775,11 +806,13 @@ impl Core {
     }
 
     /// The upstreams of the target named `target`.
-    fn upstreams_of<'s>(&'s self, target: &'s str) -> impl Iterator<Item = &'s UpstreamId> + 's {
+    fn upstreams_of<'s>(
+        &'s self,
+        target: &'s str,
+    ) -> impl Iterator<Item = (&'s UpstreamId, &'s Upstream)> + 's {
         self.upstreams
             .range(UpstreamId::new(target, "")..)
-            .map(|(id, _)| id)
-            .take_while(move |id| id.target == target)
+            .take_while(move |(id, _)| id.target == target)
     }
 
     /// Makes `config` the running configuration: upstreams whose spec is
@@ -843,13 +876,15 @@ impl Core {
                 next.insert(UpstreamId::new(&target.name, &upstream.name), spec);
             }
         }
-        // Only the upstreams of touched and removed targets can go: looked
-        // up by target, not by walking every upstream.
+        // Only the upstreams of touched and removed targets can go (`next`
+        // holds the touched ones' still configured): looked up by target,
+        // not by walking every upstream.
         let gone: Vec<UpstreamId> = touched_names
             .iter()
             .chain(&removed)
             .flat_map(|target| self.upstreams_of(target))
-            .filter(|id| !new_names.contains(id.target.as_str()) || !next.contains_key(*id))
+            .map(|(id, _)| id)
+            .filter(|id| !next.contains_key(*id))
             .cloned()
             .collect();
         // Names are resolved for the upstreams that use them: the set of
@@ -868,28 +903,28 @@ impl Core {
         }
         // Resolvers first, so that new upstreams of a known name start with
         // its address.
-        let keys: BTreeSet<ResolverKey> = if names_may_change || starting {
-            self.upstreams
+        if names_may_change {
+            let keys: BTreeSet<ResolverKey> = self
+                .upstreams
                 .iter()
                 .filter(|(id, _)| !next.contains_key(*id))
                 .map(|(_, u)| &u.spec)
                 .chain(next.values())
                 .filter_map(UpstreamSpec::resolver_key)
-                .collect()
-        } else {
-            self.resolvers.keys().cloned().collect()
-        };
-        self.resolvers.retain(|key, _| {
-            let keep = keys.contains(key);
-            if !keep {
-                actions.push(Action::StopResolver(key.clone()));
-            }
-            keep
-        });
-        for key in keys {
-            if let std::collections::btree_map::Entry::Vacant(entry) = self.resolvers.entry(key) {
-                actions.push(Action::StartResolver(entry.key().clone()));
-                entry.insert(None);
+                .collect();
+            self.resolvers.retain(|key, _| {
+                let keep = keys.contains(key);
+                if !keep {
+                    actions.push(Action::StopResolver(key.clone()));
+                }
+                keep
+            });
+            for key in keys {
+                if let std::collections::btree_map::Entry::Vacant(entry) = self.resolvers.entry(key)
+                {
+                    actions.push(Action::StartResolver(entry.key().clone()));
+                    entry.insert(None);
+                }
             }
         }
         for (id, spec) in next {
@@ -1396,9 +1431,7 @@ impl Core {
         let stale = std::mem::take(&mut self.stale.targets);
         for target in config.targets.iter().filter(|t| stale.contains(&t.name)) {
             let states: BTreeMap<UpstreamId, UpstreamState> = self
-                .upstreams
-                .range(UpstreamId::new(&target.name, "")..)
-                .take_while(|(id, _)| id.target == target.name)
+                .upstreams_of(&target.name)
                 .map(|(id, u)| (id.clone(), u.state()))
                 .collect();
             let computed = DesiredTarget::of(target, &states, self.ipv6_forwarding);
@@ -1425,37 +1458,13 @@ impl Core {
         let devices_stale = std::mem::take(&mut self.devices_stale) || !stale.is_empty();
         let mut changed = false;
         for id in stale {
-            for backend in self.counted_by_upstream.remove(&id).unwrap_or_default() {
-                let refs = self.counted_refs.get_mut(&backend).expect("counted");
-                *refs -= 1;
-                if *refs == 0 {
-                    self.counted_refs.remove(&backend);
-                    changed |= self.counted.remove(&backend);
-                }
-            }
-            let Some(upstream) = self.upstreams.get(&id) else {
-                continue;
-            };
-            let backends: Vec<Backend> = upstream
-                .addresses
-                .values()
-                .map(|a| {
-                    (
-                        SocketAddr::new(a.address, upstream.spec.port),
-                        upstream.spec.protocol,
-                    )
-                })
-                .collect();
-            for backend in &backends {
-                *self.counted_refs.entry(*backend).or_default() += 1;
-                changed |= self.counted.insert(*backend);
-            }
-            self.counted_by_upstream.insert(id, backends);
+            let share = self.upstreams.get(&id).map(|u| u.backends().collect());
+            changed |= self.counted.set(id, share);
         }
         #[cfg(debug_assertions)]
         {
             let counted: BTreeSet<Backend> = self.counted_upstreams().map(|(_, b)| b).collect();
-            assert_eq!(counted, self.counted, "an address changed unnoticed");
+            assert_eq!(counted, self.counted.union, "an address changed unnoticed");
             if !devices_stale {
                 assert_eq!(
                     self.device_query(),
@@ -1465,7 +1474,7 @@ impl Core {
             }
         }
         if changed {
-            actions.push(Action::TrackCounters(self.counted.clone()));
+            actions.push(Action::TrackCounters(self.counted.union.clone()));
         }
         if !devices_stale {
             return;
