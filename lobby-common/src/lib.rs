@@ -20,6 +20,17 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
 
+/// The mark (SO_MARK) every probe socket of the daemon carries: Lobby's
+/// table exempts the packets of sockets so marked from conntrack, in both
+/// directions, so that probes need no conntrack entry and a full table
+/// cannot fail them, and the counters know a probe by it before the daemon
+/// has inserted its upstream's key. "10bb" reads as "lobb"; it leaves alone
+/// the bits other software is known to match with masks (kube-proxy's
+/// 0x4000 and 0x8000, the upper 16 bits that Calico and Tailscale use).
+/// Being a mark, it is also what a policy routing rule (`ip rule add fwmark
+/// 0x10bb ...`) would match.
+pub const PROBE_MARK: u32 = 0x10bb;
+
 /// [`UpstreamKey::family`] values: the IP version number, as in the first
 /// nibble of the packet.
 pub const FAMILY_IPV4: u8 = 4;

@@ -22,14 +22,7 @@ pub use state::{
     FailureReason, HealthState, HttpFailure, ProbeOutcome, Shortage, TlsFailure, Transition,
 };
 
-/// The mark (SO_MARK) every probe socket carries: Lobby's table exempts the
-/// packets of sockets so marked from conntrack, in both directions, so that
-/// probes need no conntrack entry and a full table cannot fail them. "10bb"
-/// reads as "lobb"; it leaves alone the bits other software is known to
-/// match with masks (kube-proxy's 0x4000 and 0x8000, the upper 16 bits that
-/// Calico and Tailscale use). Being a mark, it is also what a policy
-/// routing rule (`ip rule add fwmark 0x10bb ...`) would match.
-pub const PROBE_MARK: u32 = 0x10bb;
+pub use lobby_common::PROBE_MARK;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {
