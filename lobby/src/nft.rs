@@ -32,7 +32,7 @@ mod persistence;
 use crate::{
     config::{Distribution, Family, IpNet, Nftables, Protocol, SourceNat},
     health::PROBE_MARK,
-    model::{Backend, Desired, DesiredTarget, FamilyRotation},
+    model::{self, Backend, Desired, DesiredTarget, FamilyRotation},
 };
 
 /// The family of Lobby's table (named by `nftables.table`); it never
@@ -208,6 +208,84 @@ pub fn plan_with_backends(
     if applied == desired {
         return None;
     }
+    #[cfg(debug_assertions)]
+    let whole = (applied, desired);
+    let (old_view, new_view);
+    let (applied, desired) = match changed_views(applied, desired) {
+        Some(views) => {
+            (old_view, new_view) = views;
+            (&old_view, &new_view)
+        }
+        None => (applied, desired),
+    };
+    let script = plan_known(applied, desired, (old_backends, new_backends));
+    // Every test build checks the plan of the changed targets against the
+    // plan of everything.
+    #[cfg(debug_assertions)]
+    {
+        assert_eq!(
+            script,
+            plan_known(whole.0, whole.1, (old_backends, new_backends)),
+            "the plan of the changed targets differs from the whole plan"
+        );
+    }
+    Some(script)
+}
+
+/// `applied` and `desired` with only the targets that differ, the rest of
+/// each state as it is; `None` when a changed target has a part in what
+/// the table's targets share (the local dispatch map, least-connections'
+/// closing chains, the mirror tables, the SNAT rules of `postrouting`),
+/// whose plan needs every target), or when the table's priority changes
+/// (which those shared chains follow). Everything else Lobby renders of a
+/// target (its chains, sets, counters, persistence objects, dispatch
+/// element) is named after it and rendered from it alone, so an equal
+/// target has nothing to plan: most of them, at 1,000 targets.
+fn changed_views(applied: &Desired, desired: &Desired) -> Option<(Desired, Desired)> {
+    if applied.nftables != desired.nftables {
+        return None;
+    }
+    let changes = model::changed_targets(&applied.targets, &desired.targets);
+    let shares = |target: &DesiredTarget| {
+        target.policy.local
+            || target.distribution == Distribution::LeastConnections
+            || target.policy.mirror.is_some()
+            || !matches!(
+                target.policy.source_nat,
+                SourceNat::Masquerade | SourceNat::None
+            )
+    };
+    if changes
+        .iter()
+        .flat_map(|(_, old, new)| old.iter().chain(new))
+        .any(|target| shares(target))
+    {
+        return None;
+    }
+    let view = |state: &Desired| Desired {
+        targets: BTreeMap::new(),
+        lingering: state.lingering.clone(),
+        flowtable: state.flowtable.clone(),
+        nftables: state.nftables.clone(),
+    };
+    let (mut old_view, mut new_view) = (view(applied), view(desired));
+    for (name, old, new) in changes {
+        for (view, target) in [(&mut old_view, old), (&mut new_view, new)] {
+            if let Some(target) = target {
+                view.targets.insert(name.to_owned(), target.clone());
+            }
+        }
+    }
+    Some((old_view, new_view))
+}
+
+/// The commands that turn the known `applied` into `desired`.
+fn plan_known(
+    applied: &Desired,
+    desired: &Desired,
+    (old_backends, new_backends): (&BTreeSet<Backend>, &BTreeSet<Backend>),
+) -> String {
+    let table = &desired.nftables.table;
     let mut out = String::new();
     // The jumps of the local dispatch go before the chains they name.
     local::plan_removals(&mut out, applied, desired);
@@ -329,7 +407,7 @@ pub fn plan_with_backends(
     for counter in old_counters.difference(&new_counters) {
         writeln!(out, "delete counter {FAMILY} {table} {counter}").unwrap();
     }
-    Some(out)
+    out
 }
 
 /// Creates `chain` of `table` with `rules`, or rewrites it when its `old`
@@ -933,6 +1011,7 @@ pub fn parse_rotation(listing: &[u8]) -> Result<Rotation, serde_json::Error> {
 mod tests {
     use super::*;
     use crate::config::Policy;
+    use std::sync::Arc;
 
     /// An IPv4 target, as on a host that does not forward IPv6.
     fn target(port: u16, upstreams: &[(u8, u16)]) -> DesiredTarget {
@@ -958,7 +1037,7 @@ mod tests {
         Desired {
             targets: targets
                 .iter()
-                .map(|(n, t)| (n.to_string(), t.clone()))
+                .map(|(n, t)| (n.to_string(), Arc::new(t.clone())))
                 .collect::<BTreeMap<_, _>>(),
             ..Default::default()
         }
@@ -1055,7 +1134,7 @@ mod tests {
     fn lingering_backends_stay_masqueraded_until_dropped() {
         let one = desired(&[("web", target(8081, &[(11, 9000)]))]);
         let mut lingering = one.clone();
-        lingering.targets.get_mut("web").unwrap().families[0]
+        Arc::make_mut(lingering.targets.get_mut("web").unwrap()).families[0]
             .slots
             .clear();
         lingering
@@ -1076,7 +1155,8 @@ mod tests {
     fn least_connections_marks_its_connections_and_brings_the_closing_chains() {
         let round_robin = desired(&[("web", target(8081, &[(11, 9000), (12, 9000)]))]);
         let mut least = round_robin.clone();
-        least.targets.get_mut("web").unwrap().distribution = Distribution::LeastConnections;
+        Arc::make_mut(least.targets.get_mut("web").unwrap()).distribution =
+            Distribution::LeastConnections;
         let script = plan(Applied::Known(&round_robin), &least).expect("a change");
         let expected = "\
 flush chain inet lobby target-web

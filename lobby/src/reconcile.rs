@@ -18,6 +18,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -442,28 +443,25 @@ impl<K: Ord> Tally<K> {
 #[derive(Debug, Default)]
 struct Balanced {
     /// Each target as its share was worked out from.
-    seen: BTreeMap<String, DesiredTarget>,
+    seen: BTreeMap<String, Arc<DesiredTarget>>,
     tally: Tally<String>,
 }
 
 impl Balanced {
     /// What `desired` masquerades.
     fn update(&mut self, desired: &Desired) -> &BTreeSet<Backend> {
-        let changed: Vec<String> = self
-            .seen
-            .iter()
-            .filter(|(name, target)| desired.targets.get(*name) != Some(target))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in changed {
-            self.seen.remove(&name);
-            self.tally.set(name, None);
-        }
-        for (name, target) in &desired.targets {
-            if !self.seen.contains_key(name) {
-                self.tally.set(name.clone(), Some(target.masqueraded()));
-                self.seen.insert(name.clone(), target.clone());
-            }
+        let changed: Vec<(String, Option<Arc<DesiredTarget>>)> =
+            model::changed_targets(&self.seen, &desired.targets)
+                .into_iter()
+                .map(|(name, _, new)| (name.to_owned(), new.cloned()))
+                .collect();
+        for (name, target) in changed {
+            self.tally
+                .set(name.clone(), target.as_ref().map(|t| t.masqueraded()));
+            match target {
+                Some(target) => self.seen.insert(name, target),
+                None => self.seen.remove(&name),
+            };
         }
         #[cfg(debug_assertions)]
         assert_eq!(
@@ -529,7 +527,7 @@ pub struct Core {
     /// Each target's desired state as last computed, before the dynamic
     /// distributions narrow it; only the targets in `stale` are computed
     /// again (at 1,000 targets a health report touches one).
-    computed: BTreeMap<String, DesiredTarget>,
+    computed: BTreeMap<String, Arc<DesiredTarget>>,
     stale: Stale,
     /// The changes not yet planned, and those of the transaction in
     /// flight: how long each waited for the kernel, logged with each apply.
@@ -821,11 +819,11 @@ impl Core {
     fn adopt(&mut self, config: Config, now: Instant, actions: &mut Vec<Action>) {
         let starting = self.config.is_none();
         let mut summary = ReloadSummary::default();
-        let old_targets: BTreeMap<&str, &config::Target> = self
+        let old_targets: BTreeMap<&str, &Arc<config::Target>> = self
             .config
             .iter()
             .flat_map(|c| &c.targets)
-            .map(|t| (t.name.as_str(), &**t))
+            .map(|t| (t.name.as_str(), t))
             .collect();
         // A target equal to the running one keeps its upstreams as they
         // are: only the others (touched) are compared upstream by upstream.
@@ -837,8 +835,10 @@ impl Core {
                     summary.targets.added += 1;
                     info!(target = %target.name, "reload: target {} added", target.name);
                 }
-                // Any difference: a weight or a policy is a change too.
-                Some(old) if *old != &**target => {
+                // Any difference: a weight or a policy is a change too. A
+                // target read again only when its lines changed is the
+                // same one.
+                Some(old) if !Arc::ptr_eq(old, target) && old != &target => {
                     summary.targets.changed += 1;
                     info!(target = %target.name, "reload: target {} changed", target.name);
                 }
@@ -1305,21 +1305,22 @@ impl Core {
                     config_to_apply_ms = waited(applying.config),
                     "ruleset applied"
                 );
-                for (name, target) in &desired.targets {
-                    let before = self
-                        .applied
-                        .as_ref()
-                        .and_then(|a| a.targets.get(name))
-                        .map(DesiredTarget::is_empty);
+                let no_targets = BTreeMap::new();
+                let before = self.applied.as_ref().map_or(&no_targets, |a| &a.targets);
+                for (name, before, target) in model::changed_targets(before, &desired.targets) {
+                    let Some(target) = target else {
+                        continue;
+                    };
+                    let before = before.map(|t| t.is_empty());
                     let now_empty = target.is_empty();
                     // Said at start too: an empty target refuses clients.
                     if now_empty && before != Some(true) {
                         actions.push(Action::Notify(Notice::TargetEmpty {
-                            target: name.clone(),
+                            target: name.to_owned(),
                         }));
                     } else if !now_empty && before == Some(true) {
                         actions.push(Action::Notify(Notice::TargetServing {
-                            target: name.clone(),
+                            target: name.to_owned(),
                         }));
                     }
                 }
@@ -1435,7 +1436,8 @@ impl Core {
                 .map(|(id, u)| (id.clone(), u.state()))
                 .collect();
             let computed = DesiredTarget::of(target, &states, self.ipv6_forwarding);
-            self.computed.insert(target.name.clone(), computed);
+            self.computed
+                .insert(target.name.clone(), Arc::new(computed));
         }
         // Every test build checks that what an event leaves alone is what
         // computing everything again would give.

@@ -457,6 +457,7 @@ mod tests {
         config::{Distribution, Limits, Policy, Protocol},
         nft::{Applied, plan},
     };
+    use std::sync::Arc;
 
     fn addr(host: u8) -> SocketAddr {
         SocketAddr::from(([198, 18, 1, host], 9000))
@@ -501,7 +502,7 @@ mod tests {
 
     fn desired(target: DesiredTarget) -> Desired {
         Desired {
-            targets: BTreeMap::from([("web".to_owned(), target)]),
+            targets: BTreeMap::from([("web".to_owned(), Arc::new(target))]),
             ..Desired::default()
         }
     }
@@ -616,7 +617,7 @@ mod tests {
         let before = desired(target(5, limits));
         // web2 goes down: the chains change, the sets are left alone.
         let mut down = before.clone();
-        down.targets.get_mut("web").unwrap().families[0].slots = vec![addr(11)];
+        Arc::make_mut(down.targets.get_mut("web").unwrap()).families[0].slots = vec![addr(11)];
         let script = plan(Applied::Known(&before), &down).unwrap();
         assert!(
             !script.contains("set inet lobby target-web")

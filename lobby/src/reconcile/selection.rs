@@ -16,6 +16,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    sync::Arc,
     time::Duration,
 };
 
@@ -126,7 +127,8 @@ impl Selection {
             if !target.distribution.is_dynamic() {
                 continue;
             }
-            for rotation in &mut target.families {
+            let mut narrowed_slots = Vec::new();
+            for rotation in &target.families {
                 let key = (name.clone(), rotation.family);
                 let mut weights: BTreeMap<SocketAddr, u32> = BTreeMap::new();
                 for slot in &rotation.slots {
@@ -163,9 +165,16 @@ impl Selection {
                         ..fresh
                     },
                 };
-                rotation.slots = narrowed(&rotation.slots, &choice.chosen);
+                narrowed_slots.push(narrowed(&rotation.slots, &choice.chosen));
                 self.choices.insert(key.clone(), choice);
                 kept.insert(key);
+            }
+            // A copy only of a target whose rotation the choice narrows.
+            if target.families.iter().map(|f| &f.slots).ne(&narrowed_slots) {
+                let target = Arc::make_mut(target);
+                for (rotation, slots) in target.families.iter_mut().zip(narrowed_slots) {
+                    rotation.slots = slots;
+                }
             }
         }
         self.choices.retain(|key, _| kept.contains(key));
