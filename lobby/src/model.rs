@@ -142,20 +142,45 @@ pub fn changed_targets<'a>(
     }
 }
 
-/// The lingering backends after a change from `before` to `after` at
-/// `now`: those `before` masqueraded that `after` no longer balances stay
-/// until their deadline in `lingering` (set at first sight), unless they are
-/// balanced again.
-pub fn linger(
-    before: &BTreeSet<Backend>,
+/// The lingering backends after a change to `after` at `now`: those of
+/// `left` (what was masqueraded before, or any part of it that holds every
+/// backend `after` no longer balances) stay until their deadline in
+/// `lingering` (set at first sight), unless they are balanced again.
+pub fn linger<'a>(
+    left: impl IntoIterator<Item = &'a Backend>,
     after: &BTreeSet<Backend>,
     lingering: &mut BTreeMap<Backend, Instant>,
     now: Instant,
 ) {
-    for backend in before.difference(after) {
+    for backend in left.into_iter().filter(|b| !after.contains(b)) {
         lingering.entry(*backend).or_insert(now + BACKEND_LINGER);
     }
     lingering.retain(|backend, until| !after.contains(backend) && *until > now);
+}
+
+/// The backends a change stops and starts masquerading.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendDelta {
+    pub gone: BTreeSet<Backend>,
+    pub added: BTreeSet<Backend>,
+}
+
+impl BackendDelta {
+    /// The difference between two whole sets.
+    pub fn between(before: &BTreeSet<Backend>, after: &BTreeSet<Backend>) -> Self {
+        Self {
+            gone: before.difference(after).copied().collect(),
+            added: after.difference(before).copied().collect(),
+        }
+    }
+
+    /// `backends` after the change.
+    pub fn apply_to(&self, backends: &mut BTreeSet<Backend>) {
+        for backend in &self.gone {
+            backends.remove(backend);
+        }
+        backends.extend(&self.added);
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -32,7 +32,7 @@ mod persistence;
 use crate::{
     config::{Distribution, Family, IpNet, Nftables, Protocol, SourceNat},
     health::PROBE_MARK,
-    model::{self, Backend, Desired, DesiredTarget, FamilyRotation},
+    model::{self, Backend, BackendDelta, Desired, DesiredTarget, FamilyRotation},
 };
 
 /// The family of Lobby's table (named by `nftables.table`); it never
@@ -185,19 +185,19 @@ pub enum Applied<'a> {
 /// Both states name the same table: a reload that renames it is refused
 /// before it gets here.
 pub fn plan(applied: Applied<'_>, desired: &Desired) -> Option<String> {
-    let applied_backends = match applied {
-        Applied::Known(applied) => applied.backends(),
-        _ => BTreeSet::new(),
+    let delta = match applied {
+        Applied::Known(applied) => BackendDelta::between(&applied.backends(), &desired.backends()),
+        _ => BackendDelta::default(),
     };
-    plan_with_backends(applied, desired, (&applied_backends, &desired.backends()))
+    plan_with_backends(applied, desired, &delta)
 }
 
-/// [`plan`] with what each state masquerades (`applied`'s, `desired`'s)
+/// [`plan`] with the backends the change stops and starts masquerading
 /// known: at 10,000 upstreams computing them is most of a plan's time.
 pub fn plan_with_backends(
     applied: Applied<'_>,
     desired: &Desired,
-    (old_backends, new_backends): (&BTreeSet<Backend>, &BTreeSet<Backend>),
+    backends: &BackendDelta,
 ) -> Option<String> {
     let table = &desired.nftables.table;
     let applied = match applied {
@@ -218,14 +218,14 @@ pub fn plan_with_backends(
         }
         None => (applied, desired),
     };
-    let script = plan_known(applied, desired, (old_backends, new_backends));
+    let script = plan_known(applied, desired, backends);
     // Every test build checks the plan of the changed targets against the
     // plan of everything.
     #[cfg(debug_assertions)]
     {
         assert_eq!(
             script,
-            plan_known(whole.0, whole.1, (old_backends, new_backends)),
+            plan_known(whole.0, whole.1, backends),
             "the plan of the changed targets differs from the whole plan"
         );
     }
@@ -280,11 +280,7 @@ fn changed_views(applied: &Desired, desired: &Desired) -> Option<(Desired, Desir
 }
 
 /// The commands that turn the known `applied` into `desired`.
-fn plan_known(
-    applied: &Desired,
-    desired: &Desired,
-    (old_backends, new_backends): (&BTreeSet<Backend>, &BTreeSet<Backend>),
-) -> String {
+fn plan_known(applied: &Desired, desired: &Desired, backends: &BackendDelta) -> String {
     let table = &desired.nftables.table;
     let mut out = String::new();
     // The jumps of the local dispatch go before the chains they name.
@@ -303,9 +299,7 @@ fn plan_known(
             Some(_) => {}
         }
     }
-    let gone: BTreeSet<Backend> = old_backends.difference(new_backends).copied().collect();
-    let added: BTreeSet<Backend> = new_backends.difference(old_backends).copied().collect();
-    for (verb, backends) in [("delete", &gone), ("add", &added)] {
+    for (verb, backends) in [("delete", &backends.gone), ("add", &backends.added)] {
         for family in Family::BOTH {
             let elements = backend_elements(backends, family);
             if !elements.is_empty() {

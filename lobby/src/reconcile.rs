@@ -32,7 +32,10 @@ use crate::{
     dns::{self, AddressUpdate, ResolverKey},
     health::HealthReport,
     metrics::Histogram,
-    model::{self, AddressState, Backend, Desired, DesiredTarget, UpstreamId, UpstreamState},
+    model::{
+        self, AddressState, Backend, BackendDelta, Desired, DesiredTarget, UpstreamId,
+        UpstreamState,
+    },
     nft::{self, Applied, Rotation},
 };
 
@@ -438,6 +441,42 @@ impl<K: Ord> Tally<K> {
     }
 }
 
+/// The targets of `new` that are not in `old` as they are, each with its
+/// running version if it has one (touched), in `new`'s order, and the
+/// names of `old`'s targets that `new` has not (removed). A target read
+/// again only when its lines changed is the same `Arc`: at the same place
+/// in both lists, it is left alone without looking names up (most of them,
+/// at 1,000 targets); only the others are compared by name.
+fn target_changes<'a>(
+    old: &'a [Arc<config::Target>],
+    new: &'a [Arc<config::Target>],
+) -> (
+    Vec<(&'a config::Target, Option<&'a config::Target>)>,
+    Vec<&'a str>,
+) {
+    let moved = |list: &'a [Arc<config::Target>], other: &'a [Arc<config::Target>]| {
+        list.iter()
+            .enumerate()
+            .filter(move |(i, t)| other.get(*i).is_none_or(|o| !Arc::ptr_eq(t, o)))
+            .map(|(_, t)| (t.name.as_str(), &**t))
+    };
+    let old_by_name: BTreeMap<&str, &config::Target> = moved(old, new).collect();
+    let new_names: BTreeSet<&str> = moved(new, old).map(|(name, _)| name).collect();
+    // Any difference: a weight or a policy is a change too.
+    let touched = moved(new, old)
+        .filter_map(|(name, target)| match old_by_name.get(name) {
+            Some(old) if *old == target => None,
+            old => Some((target, old.copied())),
+        })
+        .collect();
+    let removed = old_by_name
+        .keys()
+        .copied()
+        .filter(|name| !new_names.contains(name))
+        .collect();
+    (touched, removed)
+}
+
 /// The backends a desired state's targets masquerade, worked out again
 /// only for the targets that differ from the last state's.
 #[derive(Debug, Default)]
@@ -477,9 +516,10 @@ impl Balanced {
 #[derive(Debug)]
 enum Flight {
     Idle,
-    /// An apply was asked for; this becomes `applied` on success, with the
-    /// backends it masquerades.
-    Applying(Desired, BTreeSet<Backend>),
+    /// An apply was asked for; this becomes `applied` on success. With
+    /// what it changes of the applied state's masqueraded backends, when
+    /// it was planned as a change of one.
+    Applying(Desired, Option<BackendDelta>),
 }
 
 /// What the core knows of the table's text, to tell outside changes.
@@ -819,38 +859,27 @@ impl Core {
     fn adopt(&mut self, config: Config, now: Instant, actions: &mut Vec<Action>) {
         let starting = self.config.is_none();
         let mut summary = ReloadSummary::default();
-        let old_targets: BTreeMap<&str, &Arc<config::Target>> = self
-            .config
-            .iter()
-            .flat_map(|c| &c.targets)
-            .map(|t| (t.name.as_str(), t))
-            .collect();
+        let no_targets = Vec::new();
+        let old_targets = self.config.as_ref().map_or(&no_targets, |c| &c.targets);
         // A target equal to the running one keeps its upstreams as they
         // are: only the others (touched) are compared upstream by upstream.
-        let mut touched: Vec<&config::Target> = Vec::new();
-        for target in &config.targets {
-            match old_targets.get(target.name.as_str()) {
-                None if starting => {}
-                None => {
-                    summary.targets.added += 1;
-                    info!(target = %target.name, "reload: target {} added", target.name);
+        let (touched, removed) = target_changes(old_targets, &config.targets);
+        let touched: Vec<&config::Target> = touched
+            .into_iter()
+            .map(|(target, old)| {
+                match old {
+                    None if starting => {}
+                    None => {
+                        summary.targets.added += 1;
+                        info!(target = %target.name, "reload: target {} added", target.name);
+                    }
+                    Some(_) => {
+                        summary.targets.changed += 1;
+                        info!(target = %target.name, "reload: target {} changed", target.name);
+                    }
                 }
-                // Any difference: a weight or a policy is a change too. A
-                // target read again only when its lines changed is the
-                // same one.
-                Some(old) if !Arc::ptr_eq(old, target) && old != &target => {
-                    summary.targets.changed += 1;
-                    info!(target = %target.name, "reload: target {} changed", target.name);
-                }
-                Some(_) => continue,
-            }
-            touched.push(target);
-        }
-        let new_names: BTreeSet<&str> = config.targets.iter().map(|t| t.name.as_str()).collect();
-        let removed: Vec<&str> = old_targets
-            .keys()
-            .copied()
-            .filter(|n| !new_names.contains(n))
+                target
+            })
             .collect();
         for name in &removed {
             summary.targets.removed += 1;
@@ -1251,22 +1280,53 @@ impl Core {
             "the applied backends went stale"
         );
         let balanced = self.balanced.update(&desired);
-        model::linger(&self.applied_backends, balanced, &mut self.lingering, now);
+        // Only the backends of the targets that changed since the apply,
+        // and the lingering ones, can come or go: 10,000 upstreams are not
+        // walked for the few a reload touches.
+        let mut candidates: BTreeSet<Backend> = match &self.applied {
+            Some(applied) => model::changed_targets(&applied.targets, &desired.targets)
+                .into_iter()
+                .flat_map(|(_, old, new)| old.into_iter().chain(new))
+                .flat_map(|target| target.masqueraded())
+                .chain(applied.lingering.iter().copied())
+                .collect(),
+            None => BTreeSet::new(),
+        };
+        model::linger(
+            candidates.intersection(&self.applied_backends),
+            balanced,
+            &mut self.lingering,
+            now,
+        );
         desired.lingering = self.lingering.keys().copied().collect();
-        let backends: BTreeSet<Backend> = balanced.union(&desired.lingering).copied().collect();
+        candidates.extend(&desired.lingering);
+        let masqueraded = |b: &Backend| balanced.contains(b) || desired.lingering.contains(b);
+        let delta = BackendDelta {
+            gone: candidates
+                .iter()
+                .filter(|b| self.applied_backends.contains(b) && !masqueraded(b))
+                .copied()
+                .collect(),
+            added: candidates
+                .iter()
+                .filter(|b| masqueraded(b) && !self.applied_backends.contains(b))
+                .copied()
+                .collect(),
+        };
         let applied = match &self.applied {
             Some(applied) => Applied::Known(applied),
             None if self.table_may_exist => Applied::Unknown,
             None => Applied::Nothing,
         };
-        match nft::plan_with_backends(applied, &desired, (&self.applied_backends, &backends)) {
+        match nft::plan_with_backends(applied, &desired, &delta) {
             Some(script) => {
                 // Even a rejected transaction leaves the table's content
                 // unknown: the next apply replaces it whole.
                 self.table_may_exist = true;
                 self.fingerprint.generation += 1;
                 self.fingerprint.text = None;
-                self.flight = Flight::Applying(desired, backends);
+                let delta = self.applied.is_some().then_some(delta);
+                self.flight = Flight::Applying(desired, delta);
                 self.applying = std::mem::take(&mut self.unplanned);
                 self.applying_reload = self.reloaded.take();
                 actions.push(Action::Apply(script));
@@ -1286,7 +1346,7 @@ impl Core {
         now: Instant,
         actions: &mut Vec<Action>,
     ) {
-        let Flight::Applying(desired, backends) = std::mem::replace(&mut self.flight, Flight::Idle)
+        let Flight::Applying(desired, delta) = std::mem::replace(&mut self.flight, Flight::Idle)
         else {
             debug!("an apply outcome nobody waited for");
             return;
@@ -1324,8 +1384,14 @@ impl Core {
                         }));
                     }
                 }
+                match delta {
+                    // Only an apply sets `applied`, and none ran meanwhile.
+                    Some(delta) if self.applied.is_some() => {
+                        delta.apply_to(&mut self.applied_backends);
+                    }
+                    _ => self.applied_backends = desired.backends(),
+                }
                 self.applied = Some(desired);
-                self.applied_backends = backends;
                 if let Some(summary) = self.applying_reload.take() {
                     actions.push(Action::Notify(Notice::ReloadApplied(summary)));
                 }
