@@ -32,7 +32,7 @@ use crate::{
     events::{EventKind, Events, LobbyEvent},
     health::{self, CheckerRuntime, HealthReport, ProbeStats},
     metrics::{self, MetricsError, Snapshot, UpstreamExtras},
-    model::{Backend, UpstreamId},
+    model::{Backend, BackendDelta, UpstreamId},
     nft::NftError,
     ownership::{self, OwnershipError, TableLock},
     plane::{DataPlane, KernelPlane, Lookup},
@@ -451,10 +451,11 @@ struct Wiring<P> {
     resolvers: BTreeMap<ResolverKey, Resolver>,
     /// Queries of resolvers a reload retired, so that totals never go back.
     retired_dns: BTreeMap<String, u64>,
-    /// The backends to count; the counting task and every apply follow it.
-    counted: watch::Sender<std::collections::BTreeSet<Backend>>,
-    /// What the last apply that tracked counters tracked.
-    tracked_by_apply: std::collections::BTreeSet<Backend>,
+    /// The changes of the backends to count, to the counting task.
+    tracking: mpsc::UnboundedSender<Tracking>,
+    /// A change went to the counting task since the last apply waited for
+    /// it.
+    untracked: bool,
     /// What the flowtable's interfaces are looked up for, with the counters'.
     device_query: watch::Sender<Option<DeviceQuery>>,
     reports: mpsc::Sender<HealthReport>,
@@ -501,15 +502,26 @@ impl<P: DataPlane> Wiring<P> {
         let (control_tx, control) = mpsc::channel(16);
         let (loaded_tx, loaded) = mpsc::channel(4);
         let (table_changed_tx, table_changed) = mpsc::channel(1);
+        let (tracking_tx, tracking) = mpsc::unbounded_channel();
+        let device_query = watch::Sender::new(None);
+        // From the start: the first apply waits for the first counted
+        // backends.
+        tracker.spawn(keep_counting(
+            plane.clone(),
+            tracking,
+            device_query.subscribe(),
+            events_tx.clone(),
+            cancel.child_token(),
+        ));
         let wiring = Self {
             plane,
             parsed: Arc::new(parsed),
             checkers: BTreeMap::new(),
             resolvers: BTreeMap::new(),
             retired_dns: BTreeMap::new(),
-            counted: watch::Sender::new(Default::default()),
-            tracked_by_apply: Default::default(),
-            device_query: watch::Sender::new(None),
+            tracking: tracking_tx,
+            untracked: false,
+            device_query,
             reports: reports_tx,
             addresses: addresses_tx,
             events: events_tx,
@@ -574,13 +586,6 @@ impl<P: DataPlane> Wiring<P> {
                     .watch_table(self.table_changed.clone(), self.cancel.child_token()),
             ),
         );
-        self.tracker.spawn(keep_counting(
-            self.plane.clone(),
-            self.counted.subscribe(),
-            self.device_query.subscribe(),
-            self.events.clone(),
-            self.cancel.child_token(),
-        ));
     }
 
     /// Whether the kernel's notifications of table changes are followed.
@@ -639,20 +644,18 @@ impl<P: DataPlane> Wiring<P> {
         match action {
             Action::Apply(script) => {
                 let plane = self.plane.clone();
-                // Counted before the first connection can reach them; only
-                // when the set changed: tracking looks up the route to
-                // every upstream (1.3 s at 10,000), and the periodic
-                // recheck follows routes anyway.
-                let counted = self.counted.borrow();
-                let track = (*counted != self.tracked_by_apply).then(|| counted.clone());
-                drop(counted);
-                if let Some(track) = &track {
-                    self.tracked_by_apply.clone_from(track);
-                }
+                // Counted before the first connection can reach them: the
+                // apply waits for the counting task to have tracked the
+                // changes sent before it, if any.
+                let tracked = std::mem::take(&mut self.untracked).then(|| {
+                    let (done, tracked) = oneshot::channel();
+                    let _ = self.tracking.send(Tracking::Barrier(done));
+                    tracked
+                });
                 let events = self.events.clone();
                 self.tracker.spawn(async move {
-                    if let Some(track) = track {
-                        plane.track(&track, Lookup::NewAddresses).await;
+                    if let Some(tracked) = tracked {
+                        let _ = tracked.await;
                     }
                     let started = Instant::now();
                     let outcome = plane.apply(script).await;
@@ -739,8 +742,9 @@ impl<P: DataPlane> Wiring<P> {
                     add_counts(&mut self.retired_dns, &resolver.stats);
                 }
             }
-            Action::TrackCounters(backends) => {
-                self.counted.send_replace(backends);
+            Action::TrackCounters(change) => {
+                let _ = self.tracking.send(Tracking::Change(change));
+                self.untracked = true;
             }
             Action::WatchDevices(query) => {
                 self.device_query.send_replace(query);
@@ -1069,13 +1073,21 @@ fn admin_and_weight(core: &Core, id: &UpstreamId, configured: u32) -> (AdminStat
     (admin, weight)
 }
 
+/// What the counting task is told, in order.
+enum Tracking {
+    /// Count these backends too, no longer those.
+    Change(BackendDelta),
+    /// Say when every change sent before this one is tracked.
+    Barrier(oneshot::Sender<()>),
+}
+
 /// Keeps the counters on the interfaces toward the upstreams, and the
 /// flowtable's interfaces current (reported to the core, whose desired
 /// state they are part of): on every change of what is counted or looked
 /// up and every [`COUNTERS_RECHECK`].
 async fn keep_counting<P: DataPlane>(
     plane: Arc<P>,
-    mut counted: watch::Receiver<std::collections::BTreeSet<Backend>>,
+    mut tracking: mpsc::UnboundedReceiver<Tracking>,
     mut device_query: watch::Receiver<Option<DeviceQuery>>,
     events: mpsc::Sender<Event>,
     cancel: CancellationToken,
@@ -1083,16 +1095,26 @@ async fn keep_counting<P: DataPlane>(
     let mut recheck = tokio::time::interval_at(Instant::now() + COUNTERS_RECHECK, COUNTERS_RECHECK);
     recheck.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        // A change looks up only the new addresses (the apply before it
-        // may have done that already); the recheck looks up every route.
-        let lookup = tokio::select! {
+        // A change looks up only the new addresses; the recheck looks up
+        // every route.
+        let (change, lookup) = tokio::select! {
             () = cancel.cancelled() => return,
-            changed = counted.changed() => if changed.is_err() { return } else { Lookup::NewAddresses },
-            changed = device_query.changed() => if changed.is_err() { return } else { Lookup::NewAddresses },
-            _ = recheck.tick() => Lookup::All,
+            message = tracking.recv() => match message {
+                None => return,
+                Some(Tracking::Change(change)) => (change, Lookup::NewAddresses),
+                Some(Tracking::Barrier(done)) => {
+                    let _ = done.send(());
+                    continue;
+                }
+            },
+            changed = device_query.changed() => if changed.is_err() {
+                return
+            } else {
+                (BackendDelta::default(), Lookup::NewAddresses)
+            },
+            _ = recheck.tick() => (BackendDelta::default(), Lookup::All),
         };
-        let backends = counted.borrow_and_update().clone();
-        plane.track(&backends, lookup).await;
+        plane.track(&change, lookup).await;
         let query = device_query.borrow_and_update().clone();
         if let Some(query) = query
             && let Some(devices) = plane.flowtable_devices(&query, lookup).await

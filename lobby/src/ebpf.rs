@@ -348,42 +348,67 @@ impl Counters {
         }
     }
 
-    /// Makes the map's keys exactly `keys`: new upstreams start at zero,
-    /// the counters of those still configured are left as they are, and
-    /// removed upstreams are forgotten.
-    pub fn track(&mut self, keys: &BTreeSet<UpstreamKey>) -> Result<(), CountersError> {
-        let known = self.keys.take();
-        self.update_keys(known, keys)?;
-        self.keys = Some(keys.clone());
+    /// Takes the `gone` keys out of the map and puts the `added` ones in:
+    /// new upstreams start at zero, the counters of those still configured
+    /// are left as they are, and removed upstreams are forgotten. When the
+    /// map's keys are not known (the first call: a map a previous run
+    /// pinned holds its keys; a failed update), they are listed and made
+    /// exactly `every_key()`, the keys after the change.
+    pub fn track(
+        &mut self,
+        gone: &BTreeSet<UpstreamKey>,
+        added: &BTreeSet<UpstreamKey>,
+        every_key: impl FnOnce() -> BTreeSet<UpstreamKey>,
+    ) -> Result<(), CountersError> {
+        let keys = match self.keys.take() {
+            Some(mut keys) => {
+                let gone: Vec<&UpstreamKey> = gone.iter().filter(|k| keys.contains(*k)).collect();
+                let added: Vec<&UpstreamKey> =
+                    added.iter().filter(|k| !keys.contains(*k)).collect();
+                self.update_keys(gone.iter().copied(), added.iter().copied())?;
+                for key in gone {
+                    keys.remove(key);
+                }
+                keys.extend(added);
+                keys
+            }
+            None => {
+                let present = self.listed_keys()?;
+                let keys = every_key();
+                self.update_keys(present.difference(&keys), keys.difference(&present))?;
+                keys
+            }
+        };
+        self.keys = Some(keys);
         Ok(())
     }
 
-    /// Brings the map's keys from `known` (listed when `None`: a map a
-    /// previous run pinned holds its keys) to `keys`.
-    fn update_keys(
+    /// The keys in the map, one system call each.
+    fn listed_keys(&mut self) -> Result<BTreeSet<UpstreamKey>, CountersError> {
+        self.map_mut()?
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|source| CountersError::Map {
+                op: "listing keys",
+                source,
+            })
+    }
+
+    /// Removes `gone` from the map and inserts `added` at zero.
+    fn update_keys<'k>(
         &mut self,
-        known: Option<BTreeSet<UpstreamKey>>,
-        keys: &BTreeSet<UpstreamKey>,
+        gone: impl Iterator<Item = &'k UpstreamKey>,
+        added: impl Iterator<Item = &'k UpstreamKey>,
     ) -> Result<(), CountersError> {
         let cpus = self.cpus;
         let mut map = self.map_mut()?;
-        let present: BTreeSet<UpstreamKey> = match known {
-            Some(known) => known,
-            None => map
-                .keys()
-                .collect::<Result<_, _>>()
-                .map_err(|source| CountersError::Map {
-                    op: "listing keys",
-                    source,
-                })?,
-        };
-        for key in present.difference(keys) {
+        for key in gone {
             map.remove(key).map_err(|source| CountersError::Map {
                 op: "removing a key",
                 source,
             })?;
         }
-        for key in keys.difference(&present) {
+        for key in added {
             let zeros =
                 PerCpuValues::try_from(vec![UpstreamCounters::default(); cpus]).map_err(|e| {
                     CountersError::Map {
@@ -878,7 +903,10 @@ mod tests {
             let udp_key = key_of(SocketAddr::new(server_ip.into(), UDP_PORT), 17);
             let counters = router.within(move || {
                 let mut counters = Counters::load(&pin_dir).expect("loading the counters");
-                counters.track(&BTreeSet::from([tcp_key, udp_key])).unwrap();
+                let keys = BTreeSet::from([tcp_key, udp_key]);
+                counters
+                    .track(&BTreeSet::new(), &keys, || keys.clone())
+                    .unwrap();
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

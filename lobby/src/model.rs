@@ -174,6 +174,26 @@ impl BackendDelta {
         }
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.gone.is_empty() && self.added.is_empty()
+    }
+
+    /// Notes that `backend` leaves: a backend that joined within the same
+    /// change never joined.
+    pub fn note_gone(&mut self, backend: Backend) {
+        if !self.added.remove(&backend) {
+            self.gone.insert(backend);
+        }
+    }
+
+    /// Notes that `backend` joins: one that left within the same change
+    /// never left.
+    pub fn note_added(&mut self, backend: Backend) {
+        if !self.gone.remove(&backend) {
+            self.added.insert(backend);
+        }
+    }
+
     /// `backends` after the change.
     pub fn apply_to(&self, backends: &mut BTreeSet<Backend>) {
         for backend in &self.gone {

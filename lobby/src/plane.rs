@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use crate::{
     accel::{self, DeviceQuery, Devices},
     ebpf::{self, Counters},
-    model::Backend,
+    model::{Backend, BackendDelta},
     netlink::Routes,
     nft::{self, NftError, Rotation},
 };
@@ -32,15 +32,12 @@ pub trait DataPlane: Send + Sync + 'static {
     fn apply(&self, script: String) -> impl Future<Output = Result<(), NftError>> + Send;
     /// Lobby's table as text, `None` when it does not exist.
     fn list_table(&self) -> impl Future<Output = Result<Option<String>, NftError>> + Send;
-    /// Counts exactly `backends` from now on, on the interfaces that route
-    /// to them (looking up the routes `lookup` says); called again
-    /// periodically with [`Lookup::All`] so that counting follows routes and
-    /// interfaces that change.
-    fn track(
-        &self,
-        backends: &BTreeSet<Backend>,
-        lookup: Lookup,
-    ) -> impl Future<Output = ()> + Send;
+    /// Counts the backends `change` adds from now on, and no longer those
+    /// it takes away, on the interfaces that route to the counted ones
+    /// (looking up the routes `lookup` says); called again periodically
+    /// with no change and [`Lookup::All`] so that counting follows routes
+    /// and interfaces that change. Changes come in the order they happened.
+    fn track(&self, change: &BackendDelta, lookup: Lookup) -> impl Future<Output = ()> + Send;
     /// The counters of the tracked backends. May block: the loop calls it
     /// off its own task.
     fn read_counters(&self) -> BTreeMap<Backend, UpstreamCounters>;
@@ -88,6 +85,9 @@ pub struct KernelPlane {
 struct Tracked {
     counters: Counters,
     backends: BTreeSet<Backend>,
+    /// How many of `backends` are at each address: its route is looked up
+    /// while one is.
+    addresses: BTreeMap<IpAddr, usize>,
 }
 
 impl KernelPlane {
@@ -99,6 +99,7 @@ impl KernelPlane {
             counters: Mutex::new(counters.map(|counters| Tracked {
                 counters,
                 backends: BTreeSet::new(),
+                addresses: BTreeMap::new(),
             })),
             offload: Mutex::new(None),
             counted_routes: tokio::sync::Mutex::default(),
@@ -124,29 +125,45 @@ impl DataPlane for KernelPlane {
         nft::list_table(&self.table).await
     }
 
-    async fn track(&self, backends: &BTreeSet<Backend>, lookup: Lookup) {
-        if self.tracked().is_none() {
-            return;
-        }
-        let addresses: BTreeSet<IpAddr> = backends.iter().map(|(s, _)| s.ip()).collect();
+    async fn track(&self, change: &BackendDelta, lookup: Lookup) {
+        let key = |(socket, protocol): &Backend| ebpf::key_of(*socket, protocol.number());
+        let (forgotten, new) = {
+            let mut tracked = self.tracked();
+            let Some(tracked) = tracked.as_mut() else {
+                return;
+            };
+            let (mut forgotten, mut new) = (BTreeSet::new(), BTreeSet::new());
+            for (socket, _) in change.gone.iter().filter(|b| tracked.backends.remove(b)) {
+                let left = tracked.addresses.entry(socket.ip()).or_default();
+                *left = left.saturating_sub(1);
+                if *left == 0 {
+                    tracked.addresses.remove(&socket.ip());
+                    forgotten.insert(socket.ip());
+                }
+            }
+            for (socket, _) in change.added.iter().filter(|b| tracked.backends.insert(**b)) {
+                *tracked.addresses.entry(socket.ip()).or_default() += 1;
+                new.insert(socket.ip());
+            }
+            let gone = change.gone.iter().map(key).collect();
+            let added = change.added.iter().map(key).collect();
+            let backends = &tracked.backends;
+            let every_key = || backends.iter().map(key).collect();
+            if let Err(e) = tracked.counters.track(&gone, &added, every_key) {
+                error!(error = %e, "updating the counter map");
+            }
+            (forgotten, new)
+        };
         let interfaces = self
             .counted_routes
             .lock()
             .await
-            .interfaces_toward(&addresses, lookup)
+            .update(&forgotten, &new, lookup)
             .await;
-        let keys = backends
-            .iter()
-            .map(|(socket, protocol)| ebpf::key_of(*socket, protocol.number()))
-            .collect();
         let mut tracked = self.tracked();
         let Some(tracked) = tracked.as_mut() else {
             return;
         };
-        if let Err(e) = tracked.counters.track(&keys) {
-            error!(error = %e, "updating the counter map");
-        }
-        tracked.backends.clone_from(backends);
         match interfaces {
             Ok(interfaces) => {
                 if let Err(e) = tracked.counters.attach_to(&interfaces) {

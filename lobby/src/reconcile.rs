@@ -109,8 +109,9 @@ pub enum Action {
     },
     StartResolver(ResolverKey),
     StopResolver(ResolverKey),
-    /// Count exactly these upstreams from now on.
-    TrackCounters(BTreeSet<Backend>),
+    /// Count these upstreams too, and stop counting those: the change
+    /// since the last `TrackCounters`.
+    TrackCounters(BackendDelta),
     /// Look up the flowtable's interfaces for this query with the
     /// counters' interfaces, and report [`Event::Devices`]; `None`:
     /// acceleration is off.
@@ -418,26 +419,27 @@ impl<K> Default for Tally<K> {
 }
 
 impl<K: Ord> Tally<K> {
-    /// Makes `share` the backends `source` gives (none: `None`); whether
-    /// the union changed.
-    fn set(&mut self, source: K, share: Option<Vec<Backend>>) -> bool {
-        let mut changed = false;
+    /// Makes `share` the backends `source` gives (none: `None`), noting
+    /// in `changes` what leaves or joins the union.
+    fn set(&mut self, source: K, share: Option<Vec<Backend>>, changes: &mut BackendDelta) {
         for backend in self.shares.remove(&source).unwrap_or_default() {
             let refs = self.refs.get_mut(&backend).expect("counted");
             *refs -= 1;
             if *refs == 0 {
                 self.refs.remove(&backend);
-                changed |= self.union.remove(&backend);
+                self.union.remove(&backend);
+                changes.note_gone(backend);
             }
         }
         if let Some(share) = share {
             for backend in &share {
                 *self.refs.entry(*backend).or_default() += 1;
-                changed |= self.union.insert(*backend);
+                if self.union.insert(*backend) {
+                    changes.note_added(*backend);
+                }
             }
             self.shares.insert(source, share);
         }
-        changed
     }
 }
 
@@ -495,8 +497,11 @@ impl Balanced {
                 .map(|(name, _, new)| (name.to_owned(), new.cloned()))
                 .collect();
         for (name, target) in changed {
-            self.tally
-                .set(name.clone(), target.as_ref().map(|t| t.masqueraded()));
+            self.tally.set(
+                name.clone(),
+                target.as_ref().map(|t| t.masqueraded()),
+                &mut BackendDelta::default(),
+            );
             match target {
                 Some(target) => self.seen.insert(name, target),
                 None => self.seen.remove(&name),
@@ -1524,10 +1529,10 @@ impl Core {
     fn track_counters(&mut self, actions: &mut Vec<Action>) {
         let stale = std::mem::take(&mut self.counted_stale);
         let devices_stale = std::mem::take(&mut self.devices_stale) || !stale.is_empty();
-        let mut changed = false;
+        let mut changes = BackendDelta::default();
         for id in stale {
             let share = self.upstreams.get(&id).map(|u| u.backends().collect());
-            changed |= self.counted.set(id, share);
+            self.counted.set(id, share, &mut changes);
         }
         #[cfg(debug_assertions)]
         {
@@ -1541,8 +1546,8 @@ impl Core {
                 );
             }
         }
-        if changed {
-            actions.push(Action::TrackCounters(self.counted.union.clone()));
+        if !changes.is_empty() {
+            actions.push(Action::TrackCounters(changes));
         }
         if !devices_stale {
             return;

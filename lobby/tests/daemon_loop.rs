@@ -12,7 +12,7 @@ use std::{
 use lobby::{
     ctl,
     daemon::{self, Options},
-    model::Backend,
+    model::{Backend, BackendDelta},
     nft::{NftError, Rotation},
     plane::{DataPlane, Lookup},
 };
@@ -69,8 +69,8 @@ impl DataPlane for FakePlane {
         Ok(self.listing.lock().unwrap().clone())
     }
 
-    async fn track(&self, backends: &BTreeSet<Backend>, _: Lookup) {
-        self.tracked.lock().unwrap().clone_from(backends);
+    async fn track(&self, change: &BackendDelta, _: Lookup) {
+        change.apply_to(&mut self.tracked.lock().unwrap());
     }
 
     fn read_counters(&self) -> BTreeMap<Backend, UpstreamCounters> {

@@ -175,10 +175,10 @@ fn a_fresh_start_creates_the_table_and_starts_checkers() {
         })
         .collect();
     assert_eq!(checkers, [("web1", false), ("web2", true)]);
-    assert!(actions.contains(&Action::TrackCounters(BTreeSet::from([
-        (socket(11), Protocol::Tcp),
-        (socket(12), Protocol::Tcp),
-    ]))));
+    assert!(actions.contains(&Action::TrackCounters(BackendDelta {
+        gone: BTreeSet::new(),
+        added: BTreeSet::from([(socket(11), Protocol::Tcp), (socket(12), Protocol::Tcp)]),
+    })));
     let actions = harness.applied();
     assert_eq!(
         actions,
@@ -484,10 +484,10 @@ fn a_name_that_moves_moves_its_upstream_and_its_probes() {
         })
     );
     // Resolved but not yet healthy: counted, not balanced.
-    assert!(actions.contains(&Action::TrackCounters(BTreeSet::from([(
-        socket(11),
-        Protocol::Tcp
-    )]))));
+    assert!(actions.contains(&Action::TrackCounters(BackendDelta {
+        gone: BTreeSet::new(),
+        added: BTreeSet::from([(socket(11), Protocol::Tcp)]),
+    })));
     harness.step(report("web1", true));
     harness.applied();
     let actions = harness.step(Event::Address(AddressUpdate {
