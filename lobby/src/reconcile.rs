@@ -1297,27 +1297,30 @@ impl Core {
                 .collect(),
             None => BTreeSet::new(),
         };
-        model::linger(
-            candidates.intersection(&self.applied_backends),
-            balanced,
-            &mut self.lingering,
-            now,
-        );
+        // Set operations, not lookups one by one: they walk both sets side
+        // by side when every target changed.
+        let was: BTreeSet<Backend> = candidates
+            .intersection(&self.applied_backends)
+            .copied()
+            .collect();
+        model::linger(was.difference(balanced), balanced, &mut self.lingering, now);
         desired.lingering = self.lingering.keys().copied().collect();
+        let was: BTreeSet<Backend> = was
+            .into_iter()
+            .chain(
+                desired
+                    .lingering
+                    .intersection(&self.applied_backends)
+                    .copied(),
+            )
+            .collect();
         candidates.extend(&desired.lingering);
-        let masqueraded = |b: &Backend| balanced.contains(b) || desired.lingering.contains(b);
-        let delta = BackendDelta {
-            gone: candidates
-                .iter()
-                .filter(|b| self.applied_backends.contains(b) && !masqueraded(b))
-                .copied()
-                .collect(),
-            added: candidates
-                .iter()
-                .filter(|b| masqueraded(b) && !self.applied_backends.contains(b))
-                .copied()
-                .collect(),
-        };
+        let masqueraded: BTreeSet<Backend> = candidates
+            .intersection(balanced)
+            .chain(&desired.lingering)
+            .copied()
+            .collect();
+        let delta = BackendDelta::between(&was, &masqueraded);
         let applied = match &self.applied {
             Some(applied) => Applied::Known(applied),
             None if self.table_may_exist => Applied::Unknown,
