@@ -116,7 +116,14 @@ impl Parsed {
         let layout = self.layout.as_ref()?;
         let old = self.text.as_bytes();
         let new = text.as_bytes();
+        // From the start of the line: lines added at the end of a target
+        // begin with the indentation of the next target's first line, and
+        // are theirs, not the next target's.
         let prefix = common_prefix(old, new);
+        let prefix = old[..prefix]
+            .iter()
+            .rposition(|byte| *byte == b'\n')
+            .map_or(0, |newline| newline + 1);
         let suffix = common_prefix_rev(&old[prefix..], &new[prefix..]);
         // The edit: `old[prefix..old_end]` became `new[prefix..new_end]`.
         let old_end = old.len() - suffix;
@@ -461,6 +468,19 @@ mod tests {
             .piecewise(&config(&changed, METRICS))
             .expect("piecewise");
         assert_eq!(again.config.targets[2].group.upstreams.len(), 3);
+    }
+
+    #[test]
+    fn lines_added_at_the_end_of_a_target_are_read_with_it() {
+        // The added upstream's lines start with the indentation the next
+        // target's first line starts with: the edit begins mid-line there.
+        let before = config(&six(), METRICS);
+        let mut changed = six();
+        changed[1] = target(1, &[8080, 8081, 8082]);
+        let after = piecewise(&before, &config(&changed, METRICS));
+        assert_eq!(after.config.targets[1].group.upstreams.len(), 3);
+        // And back.
+        piecewise(&config(&changed, METRICS), &before);
     }
 
     #[test]
