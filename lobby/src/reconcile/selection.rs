@@ -40,13 +40,18 @@ fn within_band(latency: Duration, lowest: Duration) -> bool {
 
 const LATENCY_SLACK: Duration = Duration::from_millis(1);
 
-/// Whether `(count, weight)` is at most a quarter plus one connection
-/// (per weight) above the least loaded's: within a dump's noise of the
-/// fewest, where a strict minimum would send a whole second's connections
-/// to whichever upstream a dump caught lowest, and the next dump would
-/// find it highest. Compared without division.
-fn within_a_quarter((count, weight): (u128, u128), (least, least_weight): (u128, u128)) -> bool {
-    4 * count * least_weight <= 5 * least * weight + 4 * least_weight * weight
+/// Whether `(count, weight)` is within a dump's noise of the least
+/// loaded's, per weight: at most three standard deviations of a count of
+/// that size (its square root, as for arrivals at random) or a quarter,
+/// whichever is more, plus two connections above it. A strict minimum
+/// sends a whole second's connections to whichever upstream a dump caught
+/// lowest, and the next dump finds it highest; the counts of steady short
+/// connections (a few to a few dozen) vary by more than a quarter from one
+/// dump to the next.
+fn tied((count, weight): (u64, u64), (least, least_weight): (u64, u64)) -> bool {
+    let per_weight = |count: u64, weight: u64| count as f64 / weight.max(1) as f64;
+    let fewest = per_weight(least, least_weight);
+    per_weight(count, weight) <= fewest + (3.0 * fewest.sqrt()).max(fewest / 4.0) + 2.0
 }
 
 /// What the daemon measured, as an [`super::Event::Measured`].
@@ -188,26 +193,20 @@ impl Selection {
                 let Some(established) = &self.established else {
                     return all();
                 };
-                // Connections per weight, compared without division.
                 let load = |backend: &SocketAddr| {
                     let count = established
                         .get(&(*backend, choice.protocol))
                         .copied()
                         .unwrap_or(0);
-                    (u128::from(count), u128::from(choice.rotation[backend]))
+                    (count, u64::from(choice.rotation[backend]))
                 };
-                let Some(least) = choice
-                    .rotation
-                    .keys()
-                    .map(load)
-                    .min_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)))
-                else {
+                let Some(least) = fewest(choice.rotation.keys().map(load)) else {
                     return BTreeSet::new();
                 };
                 choice
                     .rotation
                     .keys()
-                    .filter(|b| within_a_quarter(load(b), least))
+                    .filter(|b| tied(load(b), least))
                     .copied()
                     .collect()
             }
@@ -229,6 +228,14 @@ impl Selection {
             Distribution::RoundRobin | Distribution::Random | Distribution::IpSrcHash => all(),
         }
     }
+}
+
+/// The least `(count, weight)` of `loads` per weight, compared without
+/// division.
+fn fewest(loads: impl Iterator<Item = (u64, u64)>) -> Option<(u64, u64)> {
+    loads.min_by(|a, b| {
+        (u128::from(a.0) * u128::from(b.1)).cmp(&(u128::from(b.0) * u128::from(a.1)))
+    })
 }
 
 /// `slots` with only the `chosen` backends, in their order, their shares
@@ -260,27 +267,26 @@ fn gcd(a: usize, b: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::within_a_quarter;
+    use super::{fewest, tied};
 
-    fn tied(loads: &[(u128, u128)]) -> Vec<usize> {
-        let least = loads
-            .iter()
-            .copied()
-            .min_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)))
-            .unwrap();
+    fn tied_with_fewest(loads: &[(u64, u64)]) -> Vec<usize> {
+        let least = fewest(loads.iter().copied()).unwrap();
         (0..loads.len())
-            .filter(|i| within_a_quarter(loads[*i], least))
+            .filter(|i| tied(loads[*i], least))
             .collect()
     }
 
     #[test]
-    fn counts_within_a_quarter_plus_one_of_the_fewest_are_tied() {
+    fn counts_within_a_dumps_noise_of_the_fewest_are_tied() {
         // The case: 20 held on the first, the others free.
-        assert_eq!(tied(&[(20, 1), (0, 1), (1, 1)]), [1, 2]);
-        // Steady short connections: about equal counts share.
-        assert_eq!(tied(&[(11, 1), (10, 1), (12, 1)]), [0, 1, 2]);
-        assert_eq!(tied(&[(21, 1), (4, 1), (1, 1)]), [2]);
+        assert_eq!(tied_with_fewest(&[(20, 1), (0, 1), (1, 1)]), [1, 2]);
+        // Steady short connections: counts a dump apart share.
+        assert_eq!(tied_with_fewest(&[(11, 1), (10, 1), (12, 1)]), [0, 1, 2]);
+        assert_eq!(tied_with_fewest(&[(3, 1), (9, 1), (5, 1)]), [0, 1, 2]);
+        assert_eq!(tied_with_fewest(&[(21, 1), (7, 1), (1, 1)]), [2]);
+        // Large counts: a quarter.
+        assert_eq!(tied_with_fewest(&[(1000, 1), (1240, 1), (1300, 1)]), [0, 1]);
         // Per weight: 30 on weight 3 is 10 a weight, as loaded as 10 on 1.
-        assert_eq!(tied(&[(30, 3), (10, 1), (40, 1)]), [0, 1]);
+        assert_eq!(tied_with_fewest(&[(30, 3), (10, 1), (40, 1)]), [0, 1]);
     }
 }

@@ -666,7 +666,7 @@ fn least_connections_follows_the_counts_at_most_once_a_second() {
     assert_eq!(script(&harness.step(established(&[(11, 21)]))), None);
     // web2 gains connections: web3 alone has the fewest, at once (the
     // last change was 1.5 s ago), in one transaction.
-    let actions = harness.step(established(&[(11, 21), (12, 4), (13, 1)]));
+    let actions = harness.step(established(&[(11, 21), (12, 8), (13, 1)]));
     assert_eq!(
         dnat_map(script(&actions).expect("a change")),
         "numgen inc mod 1 map { 0 : 198.18.1.13 . 9000 }"

@@ -418,8 +418,14 @@ impl Setup {
         setup
     }
 
+    /// Starts Lobby and waits until its start is over: the check of the
+    /// table after the first apply lists every element of every set (a
+    /// second of CPU with 100,000 prefixes), which would otherwise share
+    /// the machine with the first measurement.
     fn start_lobby(&mut self, config: &str) {
-        self.lobby = Some(Lobby::start(&self.topology.lb, config));
+        let lobby = Lobby::start(&self.topology.lb, config);
+        wait_until_quiet(lobby.pid());
+        self.lobby = Some(lobby);
     }
 
     /// Datagrams the upstreams' UDP servers received so far.
@@ -713,6 +719,22 @@ fn start_haproxy(topology: &Topology) -> Child {
             .map(|_| ())
     });
     child
+}
+
+/// Waits until the daemon `pid` (with the nft it runs) uses at most a
+/// tenth of a core over 300 ms, up to 30 s.
+fn wait_until_quiet(pid: u32) {
+    const WINDOW: Duration = Duration::from_millis(300);
+    // Clock ticks are hundredths of a second here (USER_HZ).
+    const QUIET_TICKS: u64 = 3;
+    let mut before = daemon_cpu_ticks(pid);
+    wait_for("the daemon to go quiet", Duration::from_secs(30), || {
+        std::thread::sleep(WINDOW);
+        let now = daemon_cpu_ticks(pid);
+        let quiet = now.saturating_sub(before) <= QUIET_TICKS;
+        before = now;
+        quiet.then_some(())
+    });
 }
 
 #[cfg(test)]
