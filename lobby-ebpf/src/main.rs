@@ -259,16 +259,15 @@ fn count_toward_upstream(ctx: &TcContext, packet: &Packet) {
     // the sender's socket until ip_rcv, which the fast path skips; found by
     // vm-test's acceleration step).
     // SAFETY: the context points at the packet's __sk_buff.
-    let (socket, received_on, mark) = unsafe {
-        let skb = &*ctx.skb.skb;
-        (skb.__bindgen_anon_2.sk, skb.ingress_ifindex, skb.mark)
-    };
+    let skb = unsafe { &*ctx.skb.skb };
+    // SAFETY: `sk` is the only member of its union.
+    let (socket, received_on) = (unsafe { skb.__bindgen_anon_2.sk }, skb.ingress_ifindex);
     if !socket.is_null() && received_on == 0 {
         // A probe marked as one is noted also before its upstream is
         // counted: the daemon inserts the key when it applies the
         // ruleset, which under load came after the first probe had left,
         // and that probe's late answer was then counted (a flaky test).
-        if counters.is_none() && mark != PROBE_MARK {
+        if counters.is_none() && skb.mark != PROBE_MARK {
             return;
         }
         // SAFETY: the helper has no preconditions.
