@@ -247,10 +247,6 @@ impl DesiredTarget {
         self.families.iter().all(|f| f.slots.is_empty())
     }
 
-    /// Every backend of `rotation`'s family a new connection may reach:
-    /// those its slots hold and, with persistence, every backend in
-    /// rotation that remembers clients (a dynamic distribution may no
-    /// longer pick it for new ones).
     /// The upstreams it sends new connections to, if it masquerades them.
     pub fn masqueraded(&self) -> Vec<Backend> {
         if self.policy.source_nat != SourceNat::Masquerade {
@@ -263,6 +259,10 @@ impl DesiredTarget {
             .collect()
     }
 
+    /// Every backend of `rotation`'s family a new connection may reach:
+    /// those its slots hold and, with persistence, every backend in
+    /// rotation that remembers clients (a dynamic distribution may no
+    /// longer pick it for new ones).
     pub fn reachable(&self, rotation: &FamilyRotation) -> BTreeSet<SocketAddr> {
         let remembering = self
             .persistence

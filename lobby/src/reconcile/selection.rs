@@ -1,8 +1,8 @@
 //! The choice of the dynamic distributions, part of the core: which of a
 //! target's backends in rotation new connections go to, from what the
 //! daemon measured. `least-connections`: those with the fewest established
-//! connections per weight, counting as tied those within a quarter plus
-//! one connection of the fewest (ties share, in proportion to their
+//! connections per weight, counting as tied those within a count's noise
+//! of the fewest (see [`tied`]; ties share, in proportion to their
 //! weights: upstreams about equally loaded share new connections rather
 //! than take turns receiving all of them for a second each);
 //! `least-latency`: those whose health probes' smoothed round trip is
