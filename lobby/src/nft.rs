@@ -247,13 +247,12 @@ fn changed_views(applied: &Desired, desired: &Desired) -> Option<(Desired, Desir
     }
     let changes = model::changed_targets(&applied.targets, &desired.targets);
     let shares = |target: &DesiredTarget| {
-        target.policy.local
-            || target.distribution == Distribution::LeastConnections
-            || target.policy.mirror.is_some()
-            || !matches!(
-                target.policy.source_nat,
-                SourceNat::Masquerade | SourceNat::None
-            )
+        local::takes_part(target)
+            || closing::takes_part(target)
+            || mirror::takes_part(target)
+            || Family::BOTH
+                .into_iter()
+                .any(|family| !snat_to(&target.policy.source_nat, family).is_empty())
     };
     if changes
         .iter()

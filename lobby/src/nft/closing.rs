@@ -18,7 +18,11 @@
 use std::fmt::Write as _;
 
 use super::FAMILY;
-use crate::{config::Distribution, conntrack::LEAST_CONNECTIONS_MARK, model::Desired};
+use crate::{
+    config::Distribution,
+    conntrack::LEAST_CONNECTIONS_MARK,
+    model::{Desired, DesiredTarget},
+};
 
 const CHAINS: [(&str, &str); 2] = [
     ("closing-prerouting", "prerouting"),
@@ -38,10 +42,12 @@ fn rule() -> String {
 
 /// Whether the chains belong in the table of `desired`.
 fn wanted(desired: &Desired) -> bool {
-    desired
-        .targets
-        .values()
-        .any(|t| t.distribution == Distribution::LeastConnections)
+    desired.targets.values().any(|t| takes_part(t))
+}
+
+/// Whether `target` marks its connections, which the chains clear.
+pub(super) fn takes_part(target: &DesiredTarget) -> bool {
+    target.distribution == Distribution::LeastConnections
 }
 
 /// The rule of a least-connections target's chain that marks each

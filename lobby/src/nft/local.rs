@@ -11,7 +11,10 @@
 use std::fmt::Write as _;
 
 use super::{FAMILY, dispatch_element};
-use crate::{health::PROBE_MARK, model::Desired};
+use crate::{
+    health::PROBE_MARK,
+    model::{Desired, DesiredTarget},
+};
 
 const MAP: &str = "local-targets";
 const CHAIN: &str = "output";
@@ -31,11 +34,16 @@ fn rules() -> [String; 4] {
 }
 
 /// The local targets' dispatch elements; empty when none is local.
+/// Whether `target` has an element in the local dispatch map.
+pub(super) fn takes_part(target: &DesiredTarget) -> bool {
+    target.policy.local
+}
+
 fn elements(desired: &Desired) -> Vec<String> {
     desired
         .targets
         .iter()
-        .filter(|(_, target)| target.policy.local)
+        .filter(|(_, target)| takes_part(target))
         .map(|(name, target)| dispatch_element(name, target))
         .collect()
 }

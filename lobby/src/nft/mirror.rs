@@ -13,7 +13,10 @@
 //! host must be on a network the Lobby host is attached to.
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use crate::{config::Family, model::Desired};
+use crate::{
+    config::Family,
+    model::{Desired, DesiredTarget},
+};
 
 /// The families of the mirror tables, IPv4 first.
 pub(super) const FAMILIES: [&str; 2] = ["ip", "ip6"];
@@ -29,6 +32,11 @@ fn family_name(family: Family) -> &'static str {
 }
 
 /// The copy rules of each family that has some, by family name.
+/// Whether `target` has a rule in the mirror tables.
+pub(super) fn takes_part(target: &DesiredTarget) -> bool {
+    target.policy.mirror.is_some()
+}
+
 fn rules(desired: &Desired) -> BTreeMap<&'static str, Vec<String>> {
     let mut rules: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
     for target in desired.targets.values() {
