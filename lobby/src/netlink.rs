@@ -113,21 +113,11 @@ impl Routes {
         for address in forgotten {
             self.known.remove(address);
         }
+        let unknown = new.iter().filter(|a| !self.known.contains_key(a)).copied();
         let asked: Vec<IpAddr> = match lookup {
-            Lookup::All => self
-                .known
-                .keys()
-                .chain(new)
-                .copied()
-                .collect::<BTreeSet<_>>(),
-            Lookup::NewAddresses => new
-                .iter()
-                .filter(|a| !self.known.contains_key(a))
-                .copied()
-                .collect(),
-        }
-        .into_iter()
-        .collect();
+            Lookup::All => self.known.keys().copied().chain(unknown).collect(),
+            Lookup::NewAddresses => unknown.collect(),
+        };
         if !asked.is_empty() {
             for (address, route) in look_up(&asked).await? {
                 self.learn(address, route);

@@ -1288,7 +1288,7 @@ impl Core {
         // Only the backends of the targets that changed since the apply,
         // and the lingering ones, can come or go: 10,000 upstreams are not
         // walked for the few a reload touches.
-        let mut candidates: BTreeSet<Backend> = match &self.applied {
+        let candidates: BTreeSet<Backend> = match &self.applied {
             Some(applied) => model::changed_targets(&applied.targets, &desired.targets)
                 .into_iter()
                 .flat_map(|(_, old, new)| old.into_iter().chain(new))
@@ -1305,16 +1305,15 @@ impl Core {
             .collect();
         model::linger(was.difference(balanced), balanced, &mut self.lingering, now);
         desired.lingering = self.lingering.keys().copied().collect();
-        let was: BTreeSet<Backend> = was
-            .into_iter()
-            .chain(
-                desired
-                    .lingering
-                    .intersection(&self.applied_backends)
-                    .copied(),
-            )
-            .collect();
-        candidates.extend(&desired.lingering);
+        // Lingering backends are candidates already: they lingered at the
+        // apply, or left with a changed target since.
+        #[cfg(debug_assertions)]
+        if self.applied.is_some() {
+            assert!(
+                desired.lingering.is_subset(&candidates),
+                "a lingering backend unseen"
+            );
+        }
         let masqueraded: BTreeSet<Backend> = candidates
             .intersection(balanced)
             .chain(&desired.lingering)
