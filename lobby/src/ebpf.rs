@@ -124,10 +124,10 @@ pub struct Counters {
     /// Before 6.6 programs are attached as tc filters, which outlive a
     /// crashed daemon; those of a previous run are removed before attaching.
     netlink_filters: bool,
-    /// The map's keys as the last [`Counters::track`] left them (the
-    /// programs never add one); `None` until then, or after a failed
-    /// update: the map is listed instead, one system call per key.
-    keys: Option<BTreeSet<UpstreamKey>>,
+    /// Whether the map's keys are those the last [`Counters::track`] was
+    /// told (the programs never add one): not before the first, nor after
+    /// a failed update; the map is then listed, one system call per key.
+    in_sync: bool,
 }
 
 /// One classifier on one interface. Dropping it (a daemon that fails) is
@@ -188,7 +188,7 @@ impl Counters {
             links: BTreeMap::new(),
             cpus,
             netlink_filters,
-            keys: None,
+            in_sync: false,
         })
     }
 
@@ -348,38 +348,27 @@ impl Counters {
         }
     }
 
-    /// Takes the `gone` keys out of the map and puts the `added` ones in:
+    /// Takes the `gone` keys out of the map and puts the `added` ones in
+    /// (the caller keeps the keys: exactly those that leave and join):
     /// new upstreams start at zero, the counters of those still configured
     /// are left as they are, and removed upstreams are forgotten. When the
-    /// map's keys are not known (the first call: a map a previous run
-    /// pinned holds its keys; a failed update), they are listed and made
-    /// exactly `every_key()`, the keys after the change.
+    /// map's keys may differ from the caller's (the first call: a map a
+    /// previous run pinned holds its keys; a failed update), they are
+    /// listed and made exactly `every_key()`, the keys after the change.
     pub fn track(
         &mut self,
-        gone: &BTreeSet<UpstreamKey>,
-        added: &BTreeSet<UpstreamKey>,
+        gone: &[UpstreamKey],
+        added: &[UpstreamKey],
         every_key: impl FnOnce() -> BTreeSet<UpstreamKey>,
     ) -> Result<(), CountersError> {
-        let keys = match self.keys.take() {
-            Some(mut keys) => {
-                let gone: Vec<&UpstreamKey> = gone.iter().filter(|k| keys.contains(*k)).collect();
-                let added: Vec<&UpstreamKey> =
-                    added.iter().filter(|k| !keys.contains(*k)).collect();
-                self.update_keys(gone.iter().copied(), added.iter().copied())?;
-                for key in gone {
-                    keys.remove(key);
-                }
-                keys.extend(added);
-                keys
-            }
-            None => {
-                let present = self.listed_keys()?;
-                let keys = every_key();
-                self.update_keys(present.difference(&keys), keys.difference(&present))?;
-                keys
-            }
-        };
-        self.keys = Some(keys);
+        if std::mem::take(&mut self.in_sync) {
+            self.update_keys(gone.iter(), added.iter())?;
+        } else {
+            let present = self.listed_keys()?;
+            let keys = every_key();
+            self.update_keys(present.difference(&keys), keys.difference(&present))?;
+        }
+        self.in_sync = true;
         Ok(())
     }
 
@@ -903,10 +892,8 @@ mod tests {
             let udp_key = key_of(SocketAddr::new(server_ip.into(), UDP_PORT), 17);
             let counters = router.within(move || {
                 let mut counters = Counters::load(&pin_dir).expect("loading the counters");
-                let keys = BTreeSet::from([tcp_key, udp_key]);
-                counters
-                    .track(&BTreeSet::new(), &keys, || keys.clone())
-                    .unwrap();
+                let keys = [tcp_key, udp_key];
+                counters.track(&[], &keys, || BTreeSet::from(keys)).unwrap();
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

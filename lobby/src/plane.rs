@@ -133,20 +133,22 @@ impl DataPlane for KernelPlane {
                 return;
             };
             let (mut forgotten, mut new) = (BTreeSet::new(), BTreeSet::new());
-            for (socket, _) in change.gone.iter().filter(|b| tracked.backends.remove(b)) {
-                let left = tracked.addresses.entry(socket.ip()).or_default();
+            let (mut gone, mut added) = (Vec::new(), Vec::new());
+            for backend in change.gone.iter().filter(|b| tracked.backends.remove(b)) {
+                gone.push(key(backend));
+                let address = backend.0.ip();
+                let left = tracked.addresses.entry(address).or_default();
                 *left = left.saturating_sub(1);
                 if *left == 0 {
-                    tracked.addresses.remove(&socket.ip());
-                    forgotten.insert(socket.ip());
+                    tracked.addresses.remove(&address);
+                    forgotten.insert(address);
                 }
             }
-            for (socket, _) in change.added.iter().filter(|b| tracked.backends.insert(**b)) {
-                *tracked.addresses.entry(socket.ip()).or_default() += 1;
-                new.insert(socket.ip());
+            for backend in change.added.iter().filter(|b| tracked.backends.insert(**b)) {
+                added.push(key(backend));
+                *tracked.addresses.entry(backend.0.ip()).or_default() += 1;
+                new.insert(backend.0.ip());
             }
-            let gone = change.gone.iter().map(key).collect();
-            let added = change.added.iter().map(key).collect();
             let backends = &tracked.backends;
             let every_key = || backends.iter().map(key).collect();
             if let Err(e) = tracked.counters.track(&gone, &added, every_key) {
