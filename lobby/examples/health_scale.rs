@@ -65,6 +65,7 @@ async fn main() -> Result<()> {
             check,
             true,
             address_rx.clone(),
+            std::future::ready(()),
             reports_tx.clone(),
             Arc::clone(upstream_stats),
             cancel.clone(),

@@ -257,6 +257,7 @@ pub async fn serve<P: DataPlane>(
                 action => wiring.execute(action, &core),
             }
         }
+        wiring.release_checkers();
         let deadline = core.next_deadline();
         tokio::select! {
             () = &mut shutdown => break 'run Ok(()),
@@ -456,6 +457,10 @@ struct Wiring<P> {
     /// A change went to the counting task since the last apply waited for
     /// it.
     untracked: bool,
+    /// The checkers started by the actions being carried out probe once
+    /// this barrier passes: it goes to the counting task after the actions,
+    /// behind the change that counts their upstreams.
+    unreleased_checkers: Option<watch::Sender<bool>>,
     /// What the flowtable's interfaces are looked up for, with the counters'.
     device_query: watch::Sender<Option<DeviceQuery>>,
     reports: mpsc::Sender<HealthReport>,
@@ -521,6 +526,7 @@ impl<P: DataPlane> Wiring<P> {
             retired_dns: BTreeMap::new(),
             tracking: tracking_tx,
             untracked: false,
+            unreleased_checkers: None,
             device_query,
             reports: reports_tx,
             addresses: addresses_tx,
@@ -648,14 +654,14 @@ impl<P: DataPlane> Wiring<P> {
                 // apply waits for the counting task to have tracked the
                 // changes sent before it, if any.
                 let tracked = std::mem::take(&mut self.untracked).then(|| {
-                    let (done, tracked) = oneshot::channel();
+                    let (done, tracked) = watch::channel(false);
                     let _ = self.tracking.send(Tracking::Barrier(done));
                     tracked
                 });
                 let events = self.events.clone();
                 self.tracker.spawn(async move {
                     if let Some(tracked) = tracked {
-                        let _ = tracked.await;
+                        passed(tracked).await;
                     }
                     let started = Instant::now();
                     let outcome = plane.apply(script).await;
@@ -694,11 +700,16 @@ impl<P: DataPlane> Wiring<P> {
                 };
                 let (address_tx, address_rx) = watch::channel(Some(address));
                 let cancel = self.cancel.child_token();
+                let counted = self
+                    .unreleased_checkers
+                    .get_or_insert_with(|| watch::Sender::new(false))
+                    .subscribe();
                 health::spawn_checker(
                     id.clone(),
                     check,
                     available,
                     address_rx,
+                    passed(counted),
                     self.reports.clone(),
                     stats.clone(),
                     cancel.clone(),
@@ -773,6 +784,15 @@ impl<P: DataPlane> Wiring<P> {
                 }
             }
             Action::Ready | Action::Abort(_) => unreachable!("handled by the loop"),
+        }
+    }
+
+    /// Lets the checkers started by the last actions probe once the
+    /// counting task has tracked what the actions changed.
+    fn release_checkers(&mut self) {
+        if let Some(done) = self.unreleased_checkers.take() {
+            // Without a counting task the dropped barrier releases them.
+            let _ = self.tracking.send(Tracking::Barrier(done));
         }
     }
 
@@ -1077,8 +1097,14 @@ fn admin_and_weight(core: &Core, id: &UpstreamId, configured: u32) -> (AdminStat
 enum Tracking {
     /// Count these backends too, no longer those.
     Change(BackendDelta),
-    /// Say when every change sent before this one is tracked.
-    Barrier(oneshot::Sender<()>),
+    /// Set it when every change sent before this one is tracked.
+    Barrier(watch::Sender<bool>),
+}
+
+/// Waits for a [`Tracking::Barrier`] to pass, or for the counting task to
+/// be gone (it dropped the barrier).
+async fn passed(mut barrier: watch::Receiver<bool>) {
+    let _ = barrier.wait_for(|passed| *passed).await;
 }
 
 /// Keeps the counters on the interfaces toward the upstreams, and the
@@ -1103,7 +1129,7 @@ async fn keep_counting<P: DataPlane>(
                 None => return,
                 Some(Tracking::Change(change)) => (change, Lookup::NewAddresses),
                 Some(Tracking::Barrier(done)) => {
-                    let _ = done.send(());
+                    done.send_replace(true);
                     continue;
                 }
             },

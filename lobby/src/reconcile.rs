@@ -1249,6 +1249,10 @@ impl Core {
     /// names.
     pub fn settle(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
+        // Tracked before the apply that may send traffic there, and before
+        // a checker started by these events probes there (the loop holds
+        // its first probe until then): also while an apply is in flight.
+        self.track_counters(&mut actions);
         self.reconcile(now, &mut actions);
         actions
     }
@@ -1264,8 +1268,6 @@ impl Core {
         }
         self.dirty = false;
         self.resolving_until = None;
-        // Tracked before the apply that may send traffic there.
-        self.track_counters(actions);
         self.compute_stale();
         let config = self.config.as_ref().expect("checked above");
         let mut desired = Desired {

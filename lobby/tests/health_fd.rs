@@ -51,6 +51,7 @@ async fn probe(port: u16) -> ProbeStats {
             check.clone(),
             check.start_available,
             address_rx.clone(),
+            std::future::ready(()),
             reports_tx.clone(),
             Arc::clone(&stats),
             cancel.clone(),

@@ -110,6 +110,7 @@ async fn out_of_descriptors_an_up_upstream_stays_up_and_one_warning_says_why() {
         check,
         true,
         address_rx,
+        std::future::ready(()),
         reports_tx,
         Arc::clone(&stats),
         cancel.clone(),

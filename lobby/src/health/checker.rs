@@ -163,6 +163,10 @@ fn micros(value: &AtomicU64) -> Option<Duration> {
 /// type that converts to an [`IpAddr`], so that an IPv4-only channel and a
 /// dual-stack one both fit.
 ///
+/// The first probe leaves once `counted` is done (the daemon's counters
+/// watch the route to the address by then, and tell the probe's late
+/// answers from the upstream's traffic), after a random part of a second.
+///
 /// The task runs on `runtime` (the daemon's [`CheckerRuntime`]), tracked
 /// by `tracker`; it ends when `cancel` is cancelled, even mid-probe, or
 /// when `reports` has no receiver left.
@@ -170,11 +174,12 @@ fn micros(value: &AtomicU64) -> Option<Duration> {
     clippy::too_many_arguments,
     reason = "each argument is a separate piece of the daemon's wiring"
 )]
-pub fn spawn_checker<A>(
+pub fn spawn_checker<A, C>(
     id: UpstreamId,
     check: HealthCheck,
     initial_available: bool,
     address: watch::Receiver<Option<A>>,
+    counted: C,
     reports: mpsc::Sender<HealthReport>,
     stats: Arc<ProbeStats>,
     cancel: CancellationToken,
@@ -182,12 +187,16 @@ pub fn spawn_checker<A>(
     runtime: &Handle,
 ) where
     A: Into<IpAddr> + Copy + Send + Sync + 'static,
+    C: Future<Output = ()> + Send + 'static,
 {
     tracker.spawn_on(
         async move {
             let state =
                 HealthState::new(initial_available, check.success_count, check.failure_count);
-            let probing = probe_until_closed(&id, &check, state, &address, &reports, &stats);
+            let probing = async {
+                counted.await;
+                probe_until_closed(&id, &check, state, &address, &reports, &stats).await;
+            };
             let stopped_by = match cancel.run_until_cancelled(probing).await {
                 Some(()) => "report channel closed",
                 None => "cancelled",
@@ -387,6 +396,7 @@ mod tests {
                 check,
                 start_available,
                 address_rx,
+                std::future::ready(()),
                 reports_tx,
                 Arc::clone(&stats),
                 cancel.clone(),

@@ -771,6 +771,34 @@ fn persistence_keeps_a_set_and_chain_per_backend_in_rotation() {
 
 /// One upstream on a name, checked, with one address of each family or
 /// (`all_addresses`) every address of the answer.
+/// The loop holds a new checker's first probe until the counting task has
+/// tracked the actions of its step: its address must be among them even
+/// when the step plans no transaction (one is in flight), or the probe's
+/// late answer would count as the upstream's traffic.
+#[test]
+fn an_address_is_tracked_in_the_step_that_starts_its_checker_even_during_an_apply() {
+    let mut harness = Harness::new(None);
+    let actions = harness.step(Event::ConfigLoaded(config(NAMED)));
+    assert!(script(&actions).is_some());
+    let actions = answer(&mut harness, &[socket(11).ip()]);
+    assert!(script(&actions).is_none(), "the first apply is in flight");
+    assert_eq!(
+        checkers_started(&actions),
+        [(AddressKey::Family(Family::Ipv4), socket(11).ip())]
+    );
+    assert!(actions.contains(&Action::TrackCounters(BackendDelta {
+        gone: BTreeSet::new(),
+        added: BTreeSet::from([(socket(11), Protocol::Tcp)]),
+    })));
+    let actions = harness.applied();
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::TrackCounters(_))),
+        "tracked once: {actions:?}"
+    );
+}
+
 fn named_checked(all_addresses: bool) -> String {
     format!("{NAMED}              dns: {{ all_addresses: {all_addresses} }}\n")
         .replace("start_available: false", "start_available: true")
