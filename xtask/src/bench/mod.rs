@@ -8,6 +8,7 @@
 //! noise hits them alike; ratios are of paired rounds, with a 95%
 //! confidence interval.
 mod control;
+mod interleaved;
 mod isolated;
 mod load;
 mod programs;
@@ -43,6 +44,8 @@ struct Plan {
     idle_window: Duration,
     /// Windows of the idle daemon and of the bare prober, in turn.
     idle_pairs: usize,
+    /// The goal ratios' interleaved measurement.
+    interleaved: interleaved::Schedule,
 }
 
 const FULL: Plan = Plan {
@@ -58,6 +61,11 @@ const FULL: Plan = Plan {
     flaps: 6,
     idle_window: Duration::from_secs(8),
     idle_pairs: 4,
+    interleaved: interleaved::Schedule {
+        rounds: 6,
+        slices: 6,
+        slice: Duration::from_millis(400),
+    },
 };
 
 const QUICK: Plan = Plan {
@@ -73,6 +81,11 @@ const QUICK: Plan = Plan {
     flaps: 2,
     idle_window: Duration::from_secs(3),
     idle_pairs: 2,
+    interleaved: interleaved::Schedule {
+        rounds: 1,
+        slices: 2,
+        slice: Duration::from_millis(250),
+    },
 };
 
 /// Concurrent connections of the connection-rate test.
@@ -201,8 +214,13 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     if let Some(pairs) = count_from_env("LOBBY_BENCH_IDLE_PAIRS")? {
         plan.idle_pairs = pairs;
     }
+    // For narrower intervals of the goal ratios: LOBBY_BENCH_PAIR_ROUNDS=N.
+    if let Some(rounds) = count_from_env("LOBBY_BENCH_PAIR_ROUNDS")? {
+        plan.interleaved.rounds = rounds;
+    }
     let started = std::time::Instant::now();
-    // For development: LOBBY_BENCH_ONLY=data, =control, =idle or =programs.
+    // For development: LOBBY_BENCH_ONLY=data, =pairs (the goal ratios
+    // alone), =control, =idle or =programs.
     let only = std::env::var("LOBBY_BENCH_ONLY").unwrap_or_default();
     let runs = |part: &str| only.is_empty() || only == part;
 
@@ -218,6 +236,16 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     } else {
         (BTreeMap::new(), CounterPairs::default())
     };
+    let pairs = if runs("data") || only == "pairs" {
+        let chosen = chosen_variants();
+        interleaved::PAIRS
+            .into_iter()
+            .filter(|(_, a, b, _)| chosen.contains(a) && chosen.contains(b))
+            .map(|pair| interleaved::measure(pair, &plan.interleaved))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let control = runs("control").then(|| control_plane(&plan, &capture));
     let idle = (runs("control") || only == "idle").then(|| {
         eprintln!("bench: idle cost, {} pairs of windows", plan.idle_pairs);
@@ -228,6 +256,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         isolated,
         samples,
         counters,
+        pairs,
         control,
         idle,
     };
@@ -738,6 +767,7 @@ struct Report {
     isolated: Vec<isolated::PathCost>,
     samples: BTreeMap<Variant, Samples>,
     counters: CounterPairs,
+    pairs: Vec<interleaved::Measured>,
     control: Option<Control>,
     idle: Option<control::IdleCost>,
 }
@@ -1033,6 +1063,9 @@ impl Report {
         if !self.samples.is_empty() {
             self.data_tables(&mut out);
         }
+        if !self.pairs.is_empty() {
+            pairs_table(&self.pairs, &mut out);
+        }
         if let Some(control) = &self.control {
             control_tables(control, &mut out);
         }
@@ -1176,6 +1209,18 @@ impl Report {
             "variants": variants,
             "ratios": ratios,
             "distribution_note": DISTRIBUTION_NOTE,
+            "interleaved": self.pairs.iter().map(|m| {
+                let (what, measured, anchor, goal) = m.pair;
+                let mut v = m.ratio.json();
+                v["measured"] = json!(measured.name());
+                v["anchor"] = json!(anchor.name());
+                v["round_ratios"] = json!(m.rounds);
+                v["measured_conn_per_s"] = json!(m.measured_rate);
+                v["anchor_conn_per_s"] = json!(m.anchor_rate);
+                v["failed_connections"] = json!(m.failures);
+                v["goal"] = json!(goal);
+                (what.to_owned(), v)
+            }).collect::<serde_json::Map<_, _>>(),
             "counter_pairs": {
                 "conn_per_s": self.counters.rate, "bulk_bytes_per_s": self.counters.bulk,
                 "traffic_ns_per_conn": self.counters.rate_cpu, "traffic_ns_per_byte": self.counters.bulk_cpu,
@@ -1193,6 +1238,31 @@ impl Report {
             }),
         })
     }
+}
+
+fn pairs_table(pairs: &[interleaved::Measured], out: &mut String) {
+    writeln!(
+        out,
+        "\n| ratio (interleaved slices, interval over rounds of fresh setups) | value [95% CI] | anchor, same run | goal |\n|---|---|---|---|"
+    )
+    .unwrap();
+    for m in pairs {
+        let (what, _, anchor, goal) = m.pair;
+        let failed = if m.failures > 0 {
+            format!(", {} failed connections", m.failures)
+        } else {
+            String::new()
+        };
+        writeln!(
+            out,
+            "| {what} | {} | {} {:.0} conn/s{failed} | {goal} |",
+            m.ratio.show(),
+            anchor.name(),
+            m.anchor_rate
+        )
+        .unwrap();
+    }
+    writeln!(out).unwrap();
 }
 
 fn isolated_table(paths: &[isolated::PathCost], out: &mut String) {
