@@ -21,6 +21,7 @@ use std::{
 
 use tokio::process::Command;
 
+mod block;
 mod closing;
 mod counters;
 pub mod flowtable;
@@ -564,13 +565,7 @@ fn policy_rules(name: &str, target: &DesiredTarget) -> Vec<String> {
     if !policy.block.is_empty() {
         let counter = denied_counter(name, Denied::Blocked);
         for family in served() {
-            let nets = nets_of(&policy.block, family);
-            if !nets.is_empty() {
-                rules.push(format!(
-                    "{} saddr {{ {nets} }} counter name \"{counter}\" drop",
-                    address_keyword(family)
-                ));
-            }
+            rules.extend(block::rules(&policy.block, family, &counter));
         }
     }
     if let Some(allow) = &policy.allow {

@@ -74,6 +74,49 @@ fn allow_and_block_drop_refused_sources_silently_and_count_them() {
     assert!(denied(&lobby, "blocked") > 0);
 }
 
+/// Block lists of many prefixes of one length are looked up by hash (the
+/// address itself, or masked to the length): the blocked source is refused
+/// by either kind of rule, the other balanced.
+#[test]
+fn a_block_list_looked_up_by_hash_blocks_by_address_and_by_masked_prefix() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let _servers = start_servers(&topology);
+    topology.add_other_client();
+    let block = |blocked: &str, others: Vec<String>| {
+        format!("        block: [{blocked}, {}]\n", others.join(", "))
+    };
+    let addresses = block(
+        &format!("{}/32", Topology::OTHER_CLIENT_ADDR),
+        spaced_prefixes(999).collect(),
+    );
+    // (A listing shows a hash set of addresses and a tree of /32s alike.)
+    let lobby = Lobby::start(&topology.lb, &config(1, &addresses));
+    refused_silently(&topology);
+    assert_eq!(
+        ask_name(&topology.client, target_addr(PORT)).unwrap(),
+        "web0"
+    );
+    let blocked = denied(&lobby, "blocked");
+    assert!(blocked > 0);
+
+    let halves = (1..1000).map(|i| format!("10.{}.{}.0/25", i / 256, i % 256));
+    lobby.reload_with(&config(1, &block("198.18.0.128/25", halves.collect())));
+    let ruleset = topology.lb.lobby_ruleset();
+    assert!(
+        ruleset.contains("ip saddr & 255.255.255.128 == { "),
+        "the /25s in a hash set of masked addresses:\n{ruleset}"
+    );
+    refused_silently(&topology);
+    assert_eq!(
+        ask_name(&topology.client, target_addr(PORT)).unwrap(),
+        "web0"
+    );
+    assert!(denied(&lobby, "blocked") > blocked);
+}
+
 /// A topology of one upstream whose server answers each connection with
 /// the address it sees the connection come from.
 fn peer_reporting_topology() -> Topology {
