@@ -213,7 +213,20 @@ pub async fn serve<P: DataPlane>(
         cancel.clone(),
     );
     log_warnings(&config);
-    let mut core = Core::new(inherited, ipv6_forwarding());
+    let probe_ports = health::confine_probe_ports();
+    match probe_ports {
+        Some(ports) => info!(
+            first = ports.first,
+            last = ports.last,
+            "TCP health probes use local ports {}-{}",
+            ports.first,
+            ports.last
+        ),
+        None => info!(
+            "TCP health probes use any local port (no IP_LOCAL_PORT_RANGE before Linux 6.3): every received packet's socket is looked up"
+        ),
+    }
+    let mut core = Core::new(inherited, ipv6_forwarding()).with_probe_ports(probe_ports);
     let now = Instant::now();
     let mut actions = core.on(Event::ConfigLoaded(config), now);
     // The first ruleset has the flowtable already.

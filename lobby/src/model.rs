@@ -15,6 +15,7 @@ use crate::config::{
     Config, Distribution, Family, HealthCheck, IpNet, Nftables, Policy, Protocol, SourceNat,
     Target, Upstream,
 };
+use crate::health::ProbePorts;
 
 /// Names one upstream of one target, as operators read it in logs:
 /// `web/web1`.
@@ -79,6 +80,10 @@ pub struct Desired {
     pub flowtable: Option<crate::accel::Flowtable>,
     /// The table's name and its nat chains' priority.
     pub nftables: Nftables,
+    /// The local ports of TCP probes, when the daemon confined them: the
+    /// table looks up the socket of no other TCP packet. Fixed for a
+    /// daemon's life.
+    pub probe_ports: Option<ProbePorts>,
 }
 
 /// An upstream as the masquerade rule matches it.

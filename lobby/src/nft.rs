@@ -130,6 +130,16 @@ pub fn render(desired: &Desired) -> String {
             "\t\ttype filter hook {hook} priority raw; policy accept;"
         )
         .unwrap();
+        if hook == "prerouting"
+            && let Some(ports) = desired.probe_ports
+        {
+            writeln!(
+                out,
+                "\t\ttcp dport != {}-{} accept",
+                ports.first, ports.last
+            )
+            .unwrap();
+        }
         writeln!(out, "\t\t{rule} {PROBE_MARK:#x} notrack").unwrap();
         writeln!(out, "\t}}").unwrap();
     }
@@ -159,8 +169,10 @@ pub fn render(desired: &Desired) -> String {
 /// `raw` priority they run before conntrack looks at a packet: on the way
 /// out a probe's packet carries its socket's mark; on the way in, the
 /// `socket` expression looks up the socket a packet is for (an ICMP error
-/// by the header it quotes), whose mark is the probe's. Static: no change
-/// of the desired state touches them.
+/// by the header it quotes), whose mark is the probe's; a TCP packet to a
+/// port outside the [`ProbePorts`] (when confined) cannot be for a probe,
+/// and leaves before that lookup. Static: no change of the desired state
+/// touches them.
 const PROBE_CHAINS: [(&str, &str, &str); 2] = [
     ("probes-output", "output", "meta mark"),
     ("probes-prerouting", "prerouting", "socket mark"),
@@ -267,6 +279,7 @@ fn changed_views(applied: &Desired, desired: &Desired) -> Option<(Desired, Desir
         lingering: state.lingering.clone(),
         flowtable: state.flowtable.clone(),
         nftables: state.nftables.clone(),
+        probe_ports: state.probe_ports,
     };
     let (mut old_view, mut new_view) = (view(applied), view(desired));
     for (name, old, new) in changes {

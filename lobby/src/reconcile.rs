@@ -30,7 +30,7 @@ use crate::{
     config::{self, Config, DnsConfig, Family, HealthCheck, Host, Protocol},
     ctl::AdminState,
     dns::{self, AddressUpdate, ResolverKey},
-    health::HealthReport,
+    health::{HealthReport, ProbePorts},
     metrics::Histogram,
     model::{
         self, AddressState, Backend, BackendDelta, Desired, DesiredTarget, UpstreamId,
@@ -599,6 +599,8 @@ pub struct Core {
     /// Whether the host forwards IPv6 (`net.ipv6.conf.all.forwarding`):
     /// Lobby never turns it on itself, and balances no IPv6 without it.
     ipv6_forwarding: bool,
+    /// Where TCP probes take their local ports, if confined.
+    probe_ports: Option<ProbePorts>,
     /// The query of the last [`Action::WatchDevices`].
     device_query: Option<DeviceQuery>,
     /// The flowtable's interfaces, once looked up.
@@ -640,9 +642,19 @@ impl Core {
             reloads: ReloadCounts::default(),
             apply_duration: Histogram::default(),
             ipv6_forwarding,
+            probe_ports: None,
             device_query: None,
             devices: None,
             selection: selection::Selection::default(),
+        }
+    }
+
+    /// The core of a daemon whose TCP probes take their local ports among
+    /// `ports` (see [`crate::health::confine_probe_ports`]).
+    pub fn with_probe_ports(self, ports: Option<ProbePorts>) -> Self {
+        Self {
+            probe_ports: ports,
+            ..self
         }
     }
 
@@ -1273,6 +1285,7 @@ impl Core {
         let mut desired = Desired {
             targets: self.computed.clone(),
             nftables: config.nftables.clone(),
+            probe_ports: self.probe_ports,
             ..Desired::default()
         };
         self.selection.narrow(&mut desired, now);

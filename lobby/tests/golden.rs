@@ -36,7 +36,7 @@ use std::{
 use lobby::{
     config::{self, Host},
     dns::{AddressUpdate, ResolverKey},
-    health::HealthReport,
+    health::{HealthReport, ProbePorts},
     model::UpstreamId,
     nft::{self, Rotation},
     reconcile::{Action, AddressKey, Core, Event, Measures},
@@ -242,7 +242,11 @@ fn plans_match_the_golden_files() {
         let mut run = Run {
             case,
             // IPv6 forwarding on: every family a target serves is rendered.
-            core: Core::new(inherited(&first), true),
+            // Ports as confined on a default ip_local_port_range.
+            core: Core::new(inherited(&first), true).with_probe_ports(Some(ProbePorts {
+                first: 56904,
+                last: 60999,
+            })),
             now: Instant::now(),
             config: config.clone(),
             established: BTreeMap::new(),

@@ -18,6 +18,7 @@ pub(crate) mod tls;
 use std::io;
 
 pub use checker::{CheckerRuntime, HealthReport, ProbeStats, spawn_checker};
+pub use probe::{ProbePorts, confine_probe_ports};
 pub use state::{
     FailureReason, HealthState, HttpFailure, ProbeOutcome, Shortage, TlsFailure, Transition,
 };
