@@ -22,7 +22,7 @@ use super::{
 pub type Pair = (&'static str, Variant, Variant, &'static str);
 
 /// The goal ratios between variants of the data plane.
-pub const PAIRS: [Pair; 10] = [
+pub const PAIRS: [Pair; 12] = [
     (
         "block list of 100,000 prefixes: Lobby conn/s / Lobby without",
         Variant::LobbyBlockList,
@@ -69,6 +69,18 @@ pub const PAIRS: [Pair; 10] = [
         "persistence: Lobby conn/s / raw nft dynamic map",
         Variant::LobbyPersistence,
         Variant::RawNftPersistence,
+        ">= 0.97",
+    ),
+    (
+        "ip-src-hash, 12 client addresses, source_nat none: Lobby conn/s / Lobby round-robin",
+        Variant::LobbySourceHashMany,
+        Variant::LobbyNoSnatMany,
+        ">= 0.97",
+    ),
+    (
+        "persistence, 12 client addresses, source_nat none: Lobby conn/s / Lobby round-robin",
+        Variant::LobbyPersistenceMany,
+        Variant::LobbyNoSnatMany,
         ">= 0.97",
     ),
     (

@@ -5,7 +5,7 @@
 //! persistence, each with the hand-written ruleset of the same mode, and
 //! IPv6 through Lobby and plain forwarding.
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -68,7 +68,18 @@ pub enum Variant {
     /// The same four addresses as a range ("A-B"): the kernel picks a
     /// range's address by a hash of the client's, so each client keeps one.
     LobbySnatRange2,
+    /// Twelve client addresses, `source_nat: none` (one masquerade address
+    /// for many clients collapses, see above): round-robin, and the two
+    /// modes that keep a client on one upstream, which the one client of
+    /// the other variants sends to a single upstream.
+    LobbyNoSnatMany,
+    LobbySourceHashMany,
+    LobbyPersistenceMany,
 }
+
+/// The client addresses of the many-client variants: the client's own
+/// and 198.18.0.10-20.
+const MANY_CLIENTS: usize = 12;
 
 /// The persistence timeout of the persistence variants (s): far longer
 /// than a measurement, so the client never moves.
@@ -202,7 +213,7 @@ impl Variant {
     ];
 
     /// The variants measured by connection rate only.
-    pub const RATE_ONLY: [Variant; 18] = [
+    pub const RATE_ONLY: [Variant; 21] = [
         Self::LobbyRandom,
         Self::RawNftRandom,
         Self::LobbySourceHash,
@@ -221,6 +232,9 @@ impl Variant {
         Self::LobbyNoSnat2,
         Self::LobbySnatPool2,
         Self::LobbySnatRange2,
+        Self::LobbyNoSnatMany,
+        Self::LobbySourceHashMany,
+        Self::LobbyPersistenceMany,
     ];
 
     pub fn name(self) -> &'static str {
@@ -248,6 +262,9 @@ impl Variant {
             Self::LobbyNoSnat2 => "lobby-snat-none-2-clients",
             Self::LobbySnatPool2 => "lobby-snat-pool-4-2-clients",
             Self::LobbySnatRange2 => "lobby-snat-range-4-2-clients",
+            Self::LobbyNoSnatMany => "lobby-snat-none-12-clients",
+            Self::LobbySourceHashMany => "lobby-ip-src-hash-12-clients",
+            Self::LobbyPersistenceMany => "lobby-persistence-12-clients",
         }
     }
 
@@ -270,6 +287,13 @@ impl Variant {
                 | Self::LobbyNoSnat2
                 | Self::LobbySnatPool2
                 | Self::LobbySnatRange2
+        )
+    }
+
+    fn many_clients(self) -> bool {
+        matches!(
+            self,
+            Self::LobbyNoSnatMany | Self::LobbySourceHashMany | Self::LobbyPersistenceMany
         )
     }
 
@@ -356,6 +380,15 @@ impl Setup {
         if variant.two_clients() {
             setup.topology.add_other_client();
         }
+        if variant.many_clients() {
+            for address in &setup.sources()[1..] {
+                setup
+                    .topology
+                    .client
+                    .ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
+            }
+            setup.route_back_through_lb("198.18.0.0/24");
+        }
         match variant {
             Variant::Forwarding | Variant::Forwarding6 | Variant::Forwarding2 => {
                 setup.route_without_nat()
@@ -395,6 +428,19 @@ impl Setup {
                 setup.start_lobby(&with_target_key(
                     &lobby_config(Mode::RoundRobin, false),
                     &format!("source_nat: {{ address: {address} }}"),
+                ));
+            }
+            Variant::LobbyNoSnatMany
+            | Variant::LobbySourceHashMany
+            | Variant::LobbyPersistenceMany => {
+                let mode = match variant {
+                    Variant::LobbySourceHashMany => Mode::SourceHash,
+                    Variant::LobbyPersistenceMany => Mode::Persistence,
+                    _ => Mode::RoundRobin,
+                };
+                setup.start_lobby(&with_target_key(
+                    &lobby_config(mode, false),
+                    "source_nat: none",
                 ));
             }
             Variant::LobbyWithoutCounters => {
@@ -445,6 +491,15 @@ impl Setup {
                 Topology::CLIENT_ADDR.into(),
                 Topology::OTHER_CLIENT_ADDR.into(),
             ]
+        } else if self.variant.many_clients() {
+            std::iter::once(Topology::CLIENT_ADDR)
+                .chain(
+                    (10..)
+                        .take(MANY_CLIENTS - 1)
+                        .map(|host| Ipv4Addr::new(198, 18, 0, host)),
+                )
+                .map(IpAddr::V4)
+                .collect()
         } else {
             Vec::new()
         }
