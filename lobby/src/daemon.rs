@@ -223,7 +223,7 @@ pub async fn serve<P: DataPlane>(
             ports.last
         ),
         None => info!(
-            "TCP health probes use any local port (no IP_LOCAL_PORT_RANGE before Linux 6.3): every received packet's socket is looked up"
+            "TCP health probes use any local port (the kernel has no IP_LOCAL_PORT_RANGE): every received packet's socket is looked up"
         ),
     }
     let mut core = Core::new(inherited, ipv6_forwarding()).with_probe_ports(probe_ports);
@@ -270,7 +270,7 @@ pub async fn serve<P: DataPlane>(
                 action => wiring.execute(action, &core),
             }
         }
-        wiring.release_checkers();
+        wiring.end_step();
         let deadline = core.next_deadline();
         tokio::select! {
             () = &mut shutdown => break 'run Ok(()),
@@ -470,10 +470,12 @@ struct Wiring<P> {
     /// A change went to the counting task since the last apply waited for
     /// it.
     untracked: bool,
-    /// The checkers started by the actions being carried out probe once
-    /// this barrier passes: it goes to the counting task after the actions,
-    /// behind the change that counts their upstreams.
-    unreleased_checkers: Option<watch::Sender<bool>>,
+    /// What waits for the counting task to have tracked the changes of
+    /// the actions being carried out (an apply that sends traffic to new
+    /// backends, the first probes of the checkers they start): this
+    /// barrier goes to the counting task after the actions, behind those
+    /// changes.
+    step_barrier: Option<watch::Sender<bool>>,
     /// What the flowtable's interfaces are looked up for, with the counters'.
     device_query: watch::Sender<Option<DeviceQuery>>,
     reports: mpsc::Sender<HealthReport>,
@@ -539,7 +541,7 @@ impl<P: DataPlane> Wiring<P> {
             retired_dns: BTreeMap::new(),
             tracking: tracking_tx,
             untracked: false,
-            unreleased_checkers: None,
+            step_barrier: None,
             device_query,
             reports: reports_tx,
             addresses: addresses_tx,
@@ -666,11 +668,7 @@ impl<P: DataPlane> Wiring<P> {
                 // Counted before the first connection can reach them: the
                 // apply waits for the counting task to have tracked the
                 // changes sent before it, if any.
-                let tracked = std::mem::take(&mut self.untracked).then(|| {
-                    let (done, tracked) = watch::channel(false);
-                    let _ = self.tracking.send(Tracking::Barrier(done));
-                    tracked
-                });
+                let tracked = std::mem::take(&mut self.untracked).then(|| self.step_barrier());
                 let events = self.events.clone();
                 self.tracker.spawn(async move {
                     if let Some(tracked) = tracked {
@@ -713,10 +711,7 @@ impl<P: DataPlane> Wiring<P> {
                 };
                 let (address_tx, address_rx) = watch::channel(Some(address));
                 let cancel = self.cancel.child_token();
-                let counted = self
-                    .unreleased_checkers
-                    .get_or_insert_with(|| watch::Sender::new(false))
-                    .subscribe();
+                let counted = self.step_barrier();
                 health::spawn_checker(
                     id.clone(),
                     check,
@@ -800,10 +795,18 @@ impl<P: DataPlane> Wiring<P> {
         }
     }
 
-    /// Lets the checkers started by the last actions probe once the
-    /// counting task has tracked what the actions changed.
-    fn release_checkers(&mut self) {
-        if let Some(done) = self.unreleased_checkers.take() {
+    /// The barrier of the actions being carried out, passed once the
+    /// counting task has tracked what they changed.
+    fn step_barrier(&mut self) -> watch::Receiver<bool> {
+        self.step_barrier
+            .get_or_insert_with(|| watch::Sender::new(false))
+            .subscribe()
+    }
+
+    /// Sends the step's barrier, if anything waits for it, behind the
+    /// step's changes.
+    fn end_step(&mut self) {
+        if let Some(done) = self.step_barrier.take() {
             // Without a counting task the dropped barrier releases them.
             let _ = self.tracking.send(Tracking::Barrier(done));
         }
