@@ -12,10 +12,9 @@
 use std::time::Duration;
 
 use super::{
-    CONCURRENCY,
-    load::{self, Rate},
+    connection_rate,
     stats::{Ratio, median},
-    variants::{Service, Setup, Variant},
+    variants::{Setup, Variant},
 };
 
 /// (what, measured, anchor, goal)
@@ -133,13 +132,13 @@ pub fn measure(pair: Pair, schedule: &Schedule) -> Measured {
             [Setup::new(measured), first]
         };
         for setup in &setups {
-            slice(setup, schedule.slice);
+            connection_rate(setup, schedule.slice);
         }
         let mut sums = [0.0; 2];
         for n in 0..schedule.slices {
             let order = if (n + round) % 2 == 0 { [0, 1] } else { [1, 0] };
             for i in order {
-                let rate = slice(&setups[i], schedule.slice);
+                let rate = connection_rate(&setups[i], schedule.slice);
                 failures += rate.failures;
                 let per_second = rate.connections as f64 / rate.seconds;
                 sums[i] += per_second;
@@ -161,14 +160,4 @@ pub fn measure(pair: Pair, schedule: &Schedule) -> Measured {
         anchor_rate: median(&anchor_rates),
         failures,
     }
-}
-
-fn slice(setup: &Setup, duration: Duration) -> Rate {
-    load::connection_rate(
-        &setup.client().name,
-        setup.targets(Service::Greet),
-        setup.sources(),
-        CONCURRENCY,
-        duration,
-    )
 }

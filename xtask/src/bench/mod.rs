@@ -463,6 +463,18 @@ fn measure_bulk(setup: &Setup, plan: &Plan, s: &mut Samples) {
     s.bulk_spent.push(meter.stop(bulk.bytes));
 }
 
+/// The connection-rate load through `setup` for `duration`: short
+/// connections to the greeting servers from the variant's clients.
+fn connection_rate(setup: &Setup, duration: Duration) -> load::Rate {
+    load::connection_rate(
+        &setup.client().name,
+        setup.targets(Service::Greet),
+        setup.sources(),
+        CONCURRENCY,
+        duration,
+    )
+}
+
 fn measure_rate(setup: &Setup, plan: &Plan, s: &mut Samples) {
     // Neighbours resolved first: a fresh IPv6 path drops the first SYNs
     // while it resolves, and their retransmission costs a second.
@@ -474,13 +486,7 @@ fn measure_rate(setup: &Setup, plan: &Plan, s: &mut Samples) {
         .lobby
         .as_ref()
         .map(|lobby| (lobby.pid(), control::daemon_cpu_ticks(lobby.pid())));
-    let rate = load::connection_rate(
-        &setup.client().name,
-        setup.targets(Service::Greet),
-        setup.sources(),
-        CONCURRENCY,
-        Duration::from_secs_f64(plan.rate_secs),
-    );
+    let rate = connection_rate(setup, Duration::from_secs_f64(plan.rate_secs));
     let spent = meter.stop(rate.connections);
     s.daemon_cpu_percent
         .push(daemon.map_or(f64::NAN, |(pid, before)| {
