@@ -19,7 +19,8 @@
 #     the fast path starts and ends, and SIGTERM removes the flowtable,
 #   - IPv6: an IPv6 target over 3 IPv6 upstreams, round robin with exact
 #     counters; an upstream killed leaves the rotation,
-#   - UDP and SCTP: a target of each over 3 upstreams (socat servers),
+#   - UDP and SCTP: a target of each over 3 upstreams (udp-name-server,
+#     socat for SCTP),
 #     every flow (a new source port) to the next upstream, counters exact,
 #     probed by their own protocol; an upstream killed leaves the rotation.
 #   - least-connections: the conntrack mark its targets set is cleared at
@@ -527,14 +528,14 @@ target_port=8083
 check_balancing_and_stop IPv6
 
 # 6 and 7: the first step's target and checks over PROTOCOL on PORT.
-# check_protocol PROTOCOL PORT SERVER CHECK [TIMEOUT]: every upstream runs the socat
-# SERVER address (answering webI to each flow), is probed by CHECK (a
-# health_check protocol line and its options) with a probe timeout of
-# TIMEOUT s (1 unless given).
+# check_protocol PROTOCOL PORT SERVER CHECK [TIMEOUT]: every upstream I runs
+# `SERVER I` (which answers each flow with webI in upI), is probed
+# by CHECK (a health_check protocol line and its options) with a probe
+# timeout of TIMEOUT s (1 unless given).
 check_protocol() {
     for i in 1 2 3; do
         kill $(ip netns pids "up$i") 2>/dev/null
-        ip netns exec "up$i" socat "$3" SYSTEM:"echo web$i" 2>/dev/null &
+        "$3" "$i" 2>/dev/null &
     done
     target_protocol=$1
     target_name=vip-$1
@@ -552,14 +553,23 @@ check_protocol() {
     check_balancing_and_stop "$1"
 }
 
+# udp_server I, sctp_server I: upI's server, answering webI.
+udp_server() {
+    ip netns exec "up$1" udp-name-server "0.0.0.0:$UPSTREAM_PORT" "web$1"
+}
+sctp_server() {
+    ip netns exec "up$1" socat "SCTP-LISTEN:$UPSTREAM_PORT,fork,reuseaddr" SYSTEM:"echo web$1"
+}
+
 echo "== 6. UDP: each flow to the next upstream, probed by UDP"
-# A probe timeout of 3 s: the server forks a shell for every datagram, which
-# under TCG took over a second once, and that one late answer took web2 out
-# of rotation mid-cycle (CI, 2026-11-30 23:39). A killed server still fails
-# its next probe at once (ICMP port unreachable).
-check_protocol udp 8084 "UDP-RECVFROM:$UPSTREAM_PORT,fork" "protocol: udp\\n                send: ask" 3
+# One process answers every datagram: socat's UDP-RECVFROM with fork lost
+# answers to datagrams that arrived together (see udp-name-server.rs). A
+# probe timeout of 3 s: under TCG an answer took over a second once (CI,
+# 2026-11-30 23:39). A killed server still fails its next probe at once
+# (ICMP port unreachable).
+check_protocol udp 8084 udp_server "protocol: udp\\n                send: ask" 3
 echo "== 7. SCTP: each association to the next upstream, probed by SCTP"
-check_protocol sctp 8085 "SCTP-LISTEN:$UPSTREAM_PORT,fork,reuseaddr" "protocol: sctp"
+check_protocol sctp 8085 sctp_server "protocol: sctp"
 
 echo "== 8. least-connections: only live connections carry the mark the dump asks for"
 for i in 1 2 3; do

@@ -1,7 +1,7 @@
 //! The guest's whole file system, as a newc cpio archive for `-initrd`:
-//! busybox, the init script, lobby, nft and iproute2's ip with the shared
-//! libraries they link, and the kernel modules the scenario needs in the
-//! order they load.
+//! busybox, the init script, lobby and the guest's UDP server, nft and
+//! iproute2's ip with the shared libraries they link, and the kernel
+//! modules the scenario needs in the order they load.
 //!
 //! The archive is written here rather than by the cpio command so that
 //! owners are root and /dev/console exists without privileges on the host.
@@ -58,7 +58,7 @@ const BUSYBOX: &str = "/bin/busybox";
 /// Dynamically linked host programs the guest runs: nft for lobby,
 /// iproute2's ip for lobby's route lookups and for `ip netns`, which
 /// busybox's ip lacks, conntrack to see flows offloaded, and socat for
-/// UDP and SCTP servers and clients (busybox has neither).
+/// SCTP servers and UDP and SCTP clients (busybox has neither).
 const HOST_PROGRAMS: &[&str] = &[
     "/usr/sbin/nft",
     "/usr/sbin/ip",
@@ -73,8 +73,14 @@ const HOST_FILES: &[&str] = &["/etc/protocols", "/etc/services"];
 /// The guest's list of modules to insmod, one name a line, in order.
 const MODULE_LIST: &str = "etc/vm-test/modules";
 
-/// Writes the initramfs for `kernel` to `out`.
-pub fn build(out: &Path, kernel: &Kernel, lobby: &Path, init_script: &str) -> anyhow::Result<()> {
+/// Writes the initramfs for `kernel` to `out`, with the workspace's
+/// `programs` (lobby, the test servers) in /usr/bin.
+pub fn build(
+    out: &Path,
+    kernel: &Kernel,
+    programs: &[PathBuf],
+    init_script: &str,
+) -> anyhow::Result<()> {
     let mut archive = Cpio::default();
     for dir in ["proc", "sys", "dev", "run", "tmp", "usr/bin"] {
         archive.dir(Path::new(dir));
@@ -84,7 +90,10 @@ pub fn build(out: &Path, kernel: &Kernel, lobby: &Path, init_script: &str) -> an
     archive.char_device(Path::new("dev/console"), 5, 1);
     archive.file(Path::new("init"), 0o755, init_script.as_bytes());
     archive.file(Path::new("bin/busybox"), 0o755, &read(Path::new(BUSYBOX))?);
-    archive.elf(lobby, Path::new("usr/bin/lobby"))?;
+    for program in programs {
+        let name = program.file_name().context("a program's file name")?;
+        archive.elf(program, &Path::new("usr/bin").join(name))?;
+    }
     for program in HOST_PROGRAMS {
         archive.elf(Path::new(program), &relative(Path::new(program)))?;
     }

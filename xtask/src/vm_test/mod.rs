@@ -10,13 +10,16 @@ mod initramfs;
 mod kernel;
 mod qemu;
 
-use std::{path::Path, time::Instant};
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use anyhow::{Context as _, bail};
 
 pub use kernel::OLDEST_SUPPORTED;
 
-use crate::cmd::build_lobby;
+use crate::cmd::{build_lobby, cargo, checked, workspace_root};
 
 /// The guest's PID 1: the scenario itself.
 const INIT_SCRIPT: &str = include_str!("init.sh");
@@ -29,7 +32,7 @@ const WRONG_EXPECTATION: &str = "vmtest.wrong_expectation";
 pub fn run(requested: Option<&str>, wrong_expectation: bool) -> anyhow::Result<()> {
     crate::setup::run()?;
     // The build the integration tests use, so that CI builds lobby once.
-    let lobby = build_lobby()?;
+    let programs = [build_lobby()?, build_udp_name_server()?];
     let work = lobby_tests::lobby::target_dir().join("vm-test");
     let cache = work.join("cache");
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
@@ -43,7 +46,7 @@ pub fn run(requested: Option<&str>, wrong_expectation: bool) -> anyhow::Result<(
     let mut outcomes = Vec::new();
     for version in &versions {
         let started = Instant::now();
-        let outcome = boot(&work, &cache, version, &lobby, cmdline);
+        let outcome = boot(&work, &cache, version, &programs, cmdline);
         outcomes.push((version, outcome, started.elapsed()));
     }
 
@@ -69,12 +72,25 @@ fn boot(
     work: &Path,
     cache: &Path,
     version: &str,
-    lobby: &Path,
+    programs: &[PathBuf],
     cmdline: &str,
 ) -> anyhow::Result<()> {
     let kernel = kernel::fetch(cache, version)?;
     let image = work.join(format!("initramfs-{}.cpio", kernel.release));
-    initramfs::build(&image, &kernel, lobby, INIT_SCRIPT)?;
+    initramfs::build(&image, &kernel, programs, INIT_SCRIPT)?;
     eprintln!("vm-test: booting {} under QEMU (TCG)", kernel.release);
     qemu::run(&kernel.vmlinuz, &image, cmdline)
+}
+
+/// The guest's UDP upstream server (tests/src/bin/udp-name-server.rs).
+fn build_udp_name_server() -> anyhow::Result<PathBuf> {
+    const NAME: &str = "udp-name-server";
+    checked(cargo().current_dir(workspace_root()).args([
+        "build",
+        "-p",
+        "lobby-tests",
+        "--bin",
+        NAME,
+    ]))?;
+    Ok(lobby_tests::lobby::target_dir().join("debug").join(NAME))
 }
