@@ -13,7 +13,7 @@ use crate::cmd::{cargo, checked, find_file, stdout};
 /// dpkg-parsechangelog) and binutils (strip) for the Debian package;
 /// headless Chromium for the status page's test; keepalived, conntrackd
 /// and BIRD for the several-hosts recipes (dist/ha, dist/ecmp); socat for
-/// the UDP and SCTP servers and clients of `vm-test`'s guests.
+/// the SCTP servers and the UDP and SCTP clients of `vm-test`'s guests.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("ip", "iproute2"),
