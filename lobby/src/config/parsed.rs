@@ -11,10 +11,13 @@
 //! its list, and the targets it holds are valid, draw no warning and clash
 //! with no other target. Anything else is read whole. Every debug build
 //! checks the piece's result against reading the whole file.
+//!
+//! A large piece (an edit of every target) is read in runs of whole items,
+//! one a CPU: a reload's parse is then a fraction of the whole file's.
 use std::{collections::HashSet, ops::Range, path::Path, sync::Arc};
 
 use super::{
-    Config, ConfigErrors, Policy, Protocol, parse_root,
+    Config, ConfigErrors, Policy, Protocol, Target, parse_root,
     validate::{self, balances},
     yaml::{self, MAX_NODES, Node, Value},
 };
@@ -142,21 +145,27 @@ impl Parsed {
         let start = layout.items[first].bytes.start;
         let end = (layout.items[last].bytes.end + new.len()).checked_sub(old.len())?;
         let piece = text.get(start..end)?;
-        // Most of the file is read as fast whole, and with no doubt.
-        if piece.len() > text.len() / 2 || !indented_under(piece, indent) {
+        if !indented_under(piece, indent) {
             return None;
         }
-        let document = yaml::parse_document(piece).ok()?;
-        if document.has_anchors || layout.nodes + document.nodes > MAX_NODES {
+        let threads = reading_threads(piece.len());
+        // On one thread most of the file is read as fast whole, and with no
+        // doubt.
+        if threads == 1 && piece.len() > text.len() / 2 {
             return None;
         }
-        let nodes: &[Node] = match document.root.as_ref().map(Node::value) {
-            Some(Value::Sequence(nodes)) => nodes,
-            None => &[],
-            Some(_) => return None,
-        };
-        let targets = validate::targets_alone(nodes, &layout.defaults[entry])?;
-        let items = piece_items(piece, nodes, start, indent, entry)?;
+        let read = read_piece(
+            piece,
+            start,
+            indent,
+            entry,
+            &layout.defaults[entry],
+            threads,
+        )?;
+        if layout.nodes + read.nodes > MAX_NODES {
+            return None;
+        }
+        let (targets, items) = (read.targets, read.items);
 
         let mut config = self.config.clone();
         config
@@ -169,7 +178,7 @@ impl Parsed {
         let mut layout = Layout {
             items: layout.items[..first].to_vec(),
             defaults: layout.defaults.clone(),
-            nodes: layout.nodes + document.nodes,
+            nodes: layout.nodes + read.nodes,
         };
         layout.items.extend(items);
         layout
@@ -258,6 +267,134 @@ fn piece_items(
         });
     }
     Some(items)
+}
+
+/// A piece of at least this many bytes is read on several threads: a
+/// thread's start costs tens of microseconds, a target's read a few.
+const SHARED_READ: usize = 64 * 1024;
+
+/// Threads to read a piece of `len` bytes on: the CPUs this process may
+/// use, at most 4.
+fn reading_threads(len: usize) -> usize {
+    if len < SHARED_READ {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+/// What the items of a piece read as.
+struct PieceRead {
+    targets: Vec<Target>,
+    items: Vec<Item>,
+    nodes: usize,
+}
+
+/// Reads `piece` (at byte `offset` of the text, its items at column
+/// `indent` of `lb` entry `entry`) in `threads` runs of whole items, one a
+/// thread; `None` when any run cannot be read alone. A run starts at the
+/// line of an item's `-` at `indent`, which nothing read whole carries
+/// over: a scalar or flow collection spanning such a line is left open in
+/// the run before it, which then fails to read.
+fn read_piece(
+    piece: &str,
+    offset: usize,
+    indent: usize,
+    entry: usize,
+    defaults: &Policy,
+    threads: usize,
+) -> Option<PieceRead> {
+    let runs = runs_of_items(piece, indent, threads);
+    let read = |&(at, run): &(usize, &str)| read_run(run, offset + at, indent, entry, defaults);
+    let reads: Vec<Option<PieceRead>> = match runs.split_first() {
+        Some((first, [])) => vec![read(first)],
+        Some((first, rest)) => std::thread::scope(|scope| {
+            let others: Vec<_> = rest
+                .iter()
+                .map(|run| scope.spawn(move || read(run)))
+                .collect();
+            let first = read(first);
+            std::iter::once(first)
+                .chain(others.into_iter().map(|other| other.join().ok().flatten()))
+                .collect()
+        }),
+        None => vec![],
+    };
+    let mut whole = PieceRead {
+        targets: Vec::new(),
+        items: Vec::new(),
+        nodes: 0,
+    };
+    for read in reads {
+        let read = read?;
+        whole.targets.extend(read.targets);
+        whole.items.extend(read.items);
+        whole.nodes += read.nodes;
+    }
+    Some(whole)
+}
+
+/// One run of a piece's items, read alone.
+fn read_run(
+    run: &str,
+    offset: usize,
+    indent: usize,
+    entry: usize,
+    defaults: &Policy,
+) -> Option<PieceRead> {
+    let document = yaml::parse_document(run).ok()?;
+    if document.has_anchors {
+        return None;
+    }
+    let nodes: &[Node] = match document.root.as_ref().map(Node::value) {
+        Some(Value::Sequence(nodes)) => nodes,
+        None => &[],
+        Some(_) => return None,
+    };
+    Some(PieceRead {
+        targets: validate::targets_alone(nodes, defaults)?,
+        items: piece_items(run, nodes, offset, indent, entry)?,
+        nodes: document.nodes,
+    })
+}
+
+/// `piece` cut into at most `parts` runs of about equal length, each
+/// starting at the line of an item's `-` at column `indent` (the first at
+/// the piece's start), with where each starts in the piece.
+fn runs_of_items(piece: &str, indent: usize, parts: usize) -> Vec<(usize, &str)> {
+    let mut cuts = vec![0];
+    for part in 1..parts {
+        let Some(&last) = cuts.last() else { break };
+        let wanted = (piece.len() * part / parts).max(last + 1);
+        let Some(cut) = next_item_line(piece, wanted, indent) else {
+            break;
+        };
+        cuts.push(cut);
+    }
+    cuts.dedup();
+    cuts.iter()
+        .enumerate()
+        .map(|(i, &at)| {
+            (
+                at,
+                &piece[at..cuts.get(i + 1).copied().unwrap_or(piece.len())],
+            )
+        })
+        .collect()
+}
+
+/// The first line at or after byte `from` of `piece` that holds an item's
+/// `-` at column `indent`.
+fn next_item_line(piece: &str, from: usize, indent: usize) -> Option<usize> {
+    let mut at = piece.get(from..)?.find('\n')? + from + 1;
+    while at < piece.len() {
+        let line = &piece[at..];
+        let content = line.trim_start_matches(' ');
+        if line.len() - content.len() == indent && is_dash(content.lines().next()?) {
+            return Some(at);
+        }
+        at += line.find('\n')? + 1;
+    }
+    None
 }
 
 /// Whether no two targets share a name, an upstream group's name or a
@@ -502,6 +639,36 @@ mod tests {
         let mut commented = six();
         commented[0].push_str("      # drained for maintenance\n");
         piecewise(&before, &config(&commented, METRICS));
+    }
+
+    #[test]
+    fn a_large_edit_is_read_in_runs_of_whole_items_on_several_threads() {
+        let many =
+            |upstreams: &[u16]| -> Vec<String> { (0..400).map(|i| target(i, upstreams)).collect() };
+        let before = config(&many(&[8080, 8081]), METRICS);
+        let after = config(&many(&[8080]), METRICS);
+        let start = after.find("      - name: t0").expect("the first target");
+        let piece = &after[start..after.find(METRICS).expect("metrics")];
+        assert!(piece.len() >= SHARED_READ);
+        let runs = runs_of_items(piece, 6, 3);
+        assert_eq!(runs.len(), 3);
+        for (at, run) in &runs {
+            assert!(run.starts_with("      - name: t"), "{run:.40}");
+            assert!(piece[*at..].starts_with(run));
+        }
+        let defaults = parsed(&before).layout.expect("a layout").defaults;
+        let read = read_piece(piece, start, 6, 0, &defaults[0], 3).expect("read in runs");
+        let whole = parsed(&after);
+        assert!(
+            read.targets
+                .iter()
+                .eq(whole.config.targets.iter().map(|t| &**t))
+        );
+        assert_eq!(read.items, whole.layout.expect("a layout").items);
+        // Through a reload, on as many threads as this machine gives.
+        if reading_threads(piece.len()) > 1 {
+            piecewise(&before, &after);
+        }
     }
 
     #[test]
