@@ -14,13 +14,6 @@ use lobby::{
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
-/// A reload at 1,000 targets builds and frees a few hundred thousand small
-/// objects (the YAML tree, the configuration, the plan, the script): glibc's
-/// allocator spent a quarter of that time in malloc and free (and
-/// consolidating freed chunks), mimalloc a third less time overall.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
