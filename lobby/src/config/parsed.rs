@@ -382,8 +382,8 @@ fn runs_of_items(piece: &str, indent: usize, parts: usize) -> Vec<(usize, &str)>
         .collect()
 }
 
-/// The first line at or after byte `from` of `piece` that holds an item's
-/// `-` at column `indent`.
+/// The first line starting after byte `from` of `piece` that holds an
+/// item's `-` at column `indent`.
 fn next_item_line(piece: &str, from: usize, indent: usize) -> Option<usize> {
     let mut at = piece.get(from..)?.find('\n')? + from + 1;
     while at < piece.len() {
