@@ -56,7 +56,10 @@ const FULL: Plan = Plan {
     round_trips: 2000,
     counter_pairs: 10,
     apply_runs: 5,
-    reload_runs: 3,
+    // A reload of every target at 1,000 x 10 swings by 200 ms from one
+    // daemon to the next (392-595 ms in one run): at 3 the interval was
+    // [0.64, 4.19], wider than any effect worth deciding.
+    reload_runs: 8,
     repairs: 20,
     flaps: 6,
     idle_window: Duration::from_secs(8),
