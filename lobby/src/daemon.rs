@@ -476,6 +476,11 @@ struct Wiring<P> {
     /// barrier goes to the counting task after the actions, behind those
     /// changes.
     step_barrier: Option<watch::Sender<bool>>,
+    /// Whether an apply has succeeded: the table holds the chains that
+    /// keep probes out of conntrack, so a probe sent before it is tracked
+    /// (vm-test found a first probe's SYN_SENT entry, left UNREPLIED for
+    /// 120 s because its answer came after the table and was exempted).
+    table_applied: Arc<watch::Sender<bool>>,
     /// What the flowtable's interfaces are looked up for, with the counters'.
     device_query: watch::Sender<Option<DeviceQuery>>,
     reports: mpsc::Sender<HealthReport>,
@@ -542,6 +547,7 @@ impl<P: DataPlane> Wiring<P> {
             tracking: tracking_tx,
             untracked: false,
             step_barrier: None,
+            table_applied: Arc::new(watch::Sender::new(false)),
             device_query,
             reports: reports_tx,
             addresses: addresses_tx,
@@ -670,12 +676,16 @@ impl<P: DataPlane> Wiring<P> {
                 // changes sent before it, if any.
                 let tracked = std::mem::take(&mut self.untracked).then(|| self.step_barrier());
                 let events = self.events.clone();
+                let table_applied = self.table_applied.clone();
                 self.tracker.spawn(async move {
                     if let Some(tracked) = tracked {
                         passed(tracked).await;
                     }
                     let started = Instant::now();
                     let outcome = plane.apply(script).await;
+                    if outcome.is_ok() {
+                        table_applied.send_replace(true);
+                    }
                     let outcome = outcome
                         .map(|()| started.elapsed())
                         .map_err(|e: NftError| e.to_string());
@@ -712,12 +722,16 @@ impl<P: DataPlane> Wiring<P> {
                 let (address_tx, address_rx) = watch::channel(Some(address));
                 let cancel = self.cancel.child_token();
                 let counted = self.step_barrier();
+                let table_applied = self.table_applied.subscribe();
                 health::spawn_checker(
                     id.clone(),
                     check,
                     available,
                     address_rx,
-                    passed(counted),
+                    async move {
+                        passed(counted).await;
+                        passed(table_applied).await;
+                    },
                     self.reports.clone(),
                     stats.clone(),
                     cancel.clone(),
