@@ -304,7 +304,16 @@ echo "== 1b. health probes are not tracked"
 # connections go to the target's address, not the upstreams'.
 for i in 1 2 3; do
     tracked=$(conntrack -L -d "198.18.$i.11" 2>/dev/null)
-    [ -z "$tracked" ] || fail "probes of web$i are tracked: $tracked"
+    if [ -n "$tracked" ]; then
+        fail "probes of web$i are tracked: $tracked"
+        # Once in CI (2026-12-01 04:50) a SYN_SENT [UNREPLIED] entry of a
+        # probe's port, cause not found: what the next one needs.
+        echo "--- the probe chains, conntrack, lobby's log ---"
+        nft list chain inet lobby probes-output
+        nft list chain inet lobby probes-prerouting
+        conntrack -L 2>/dev/null
+        cat "$LOG"
+    fi
 done
 
 echo "== 2. the server of web2 is killed"
