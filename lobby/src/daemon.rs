@@ -477,9 +477,9 @@ struct Wiring<P> {
     /// changes.
     step_barrier: Option<watch::Sender<bool>>,
     /// Whether an apply has succeeded: the table holds the chains that
-    /// keep probes out of conntrack, so a probe sent before it is tracked
-    /// (vm-test found a first probe's SYN_SENT entry, left UNREPLIED for
-    /// 120 s because its answer came after the table and was exempted).
+    /// keep probes out of conntrack, so a probe sent before it would be
+    /// tracked, and its entry, whose answer the table then exempts, left
+    /// UNREPLIED for SYN_SENT's 120 s.
     table_applied: Arc<watch::Sender<bool>>,
     /// What the flowtable's interfaces are looked up for, with the counters'.
     device_query: watch::Sender<Option<DeviceQuery>>,

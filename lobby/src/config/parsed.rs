@@ -370,7 +370,6 @@ fn runs_of_items(piece: &str, indent: usize, parts: usize) -> Vec<(usize, &str)>
         };
         cuts.push(cut);
     }
-    cuts.dedup();
     cuts.iter()
         .enumerate()
         .map(|(i, &at)| {
