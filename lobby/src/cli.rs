@@ -57,6 +57,13 @@ pub struct RunArgs {
     /// Balance without loading the eBPF counters (stats then show zeros).
     #[arg(long)]
     pub no_counters: bool,
+    /// Look at the table every 10 s instead of following the kernel's
+    /// notifications of ruleset changes. While anyone listens to them, the
+    /// kernel builds one for every object of every nft transaction on the
+    /// host, other software's too; without them, an outside change of
+    /// Lobby's table is repaired within 10 s instead of at once.
+    #[arg(long)]
+    pub no_table_notifications: bool,
 }
 
 #[derive(Subcommand, Debug)]

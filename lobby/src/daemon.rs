@@ -44,9 +44,9 @@ use crate::{
 /// How often the interfaces toward the upstreams are looked up again, so
 /// that counters follow routes and interfaces that change.
 const COUNTERS_RECHECK: Duration = Duration::from_secs(5);
-/// How often the table is compared with what Lobby applied while no `nft
-/// monitor` reports its changes (the monitor could not start, or ended).
-/// Not beside a live monitor: a comparison lists the whole table, and nft
+/// How often the table is compared with what Lobby applied while the
+/// kernel's notifications of its changes are not followed (turned off, or
+/// they could not be). Not beside them: a comparison lists the whole table, and nft
 /// 1.0.6 fetches every element of every set to list it (about a second of
 /// CPU per 100,000-prefix block list, measured).
 const TABLE_CHECK: Duration = Duration::from_secs(10);
@@ -68,6 +68,9 @@ pub struct Options {
     pub traffic_log_interval: Option<Duration>,
     /// Load the eBPF counters; without them stats show zeros.
     pub counters: bool,
+    /// Follow the kernel's notifications of ruleset changes; without them
+    /// the table is compared every [`TABLE_CHECK`].
+    pub table_notifications: bool,
 }
 
 impl Options {
@@ -607,12 +610,14 @@ impl<P: DataPlane> Wiring<P> {
             options.traffic_log_interval,
             self.cancel.child_token(),
         ));
-        self.table_watch = Some(
-            self.tracker.spawn(
-                self.plane
-                    .watch_table(self.table_changed.clone(), self.cancel.child_token()),
-            ),
-        );
+        if options.table_notifications {
+            self.table_watch = Some(
+                self.tracker.spawn(
+                    self.plane
+                        .watch_table(self.table_changed.clone(), self.cancel.child_token()),
+                ),
+            );
+        }
     }
 
     /// Whether the kernel's notifications of table changes are followed.

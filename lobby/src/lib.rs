@@ -32,6 +32,8 @@
 //!   upstream (a ctnetlink dump) that least-connections picks by.
 //! - [`nfnetlink`]: dumps over netfilter's netlink (conntrack entries, the
 //!   table's named counters) without running a tool.
+//! - [`table_watch`]: the kernel's notifications of ruleset changes, heard
+//!   for everyone's commits but Lobby's own.
 //! - [`daemon`]: the loop that turns channels into the core's events and
 //!   its actions into calls on the data plane.
 pub mod accel;
@@ -55,5 +57,6 @@ pub mod plane;
 pub mod process;
 pub mod reconcile;
 pub mod systemd;
+pub mod table_watch;
 pub mod traffic;
 pub mod watch;

@@ -169,6 +169,7 @@ fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
         traffic_log_interval: (args.traffic_log_interval > 0)
             .then(|| Duration::from_secs(args.traffic_log_interval)),
         counters: !args.no_counters,
+        table_notifications: !args.no_table_notifications,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {

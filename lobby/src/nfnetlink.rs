@@ -1,7 +1,12 @@
-//! Dumps over nfnetlink, netfilter's netlink protocol: one request, then
-//! the kernel's messages until the dump's end. How the daemon reads what
-//! conntrack holds and the table's named counters without running a tool.
-use std::io;
+//! nfnetlink, netfilter's netlink protocol: dumps (one request, then the
+//! kernel's messages until the dump's end), single requests, and the
+//! kernel's notifications of a multicast group. How the daemon reads what
+//! conntrack holds, the table's named counters and the ruleset's changes
+//! without running a tool.
+use std::{
+    io,
+    os::fd::{AsRawFd, RawFd},
+};
 
 pub const NLMSG_HEADER: usize = 16;
 pub const NFGENMSG: usize = 4;
@@ -30,12 +35,11 @@ pub struct Request<'a> {
 }
 
 impl Request<'_> {
-    fn encode(&self) -> Vec<u8> {
+    fn encode(&self, flags: u16) -> Vec<u8> {
         let length = NLMSG_HEADER + NFGENMSG + self.attributes.len();
         let mut out = Vec::with_capacity(length);
         out.extend_from_slice(&(length as u32).to_ne_bytes());
         out.extend_from_slice(&(self.subsystem << 8 | self.message).to_ne_bytes());
-        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
         out.extend_from_slice(&flags.to_ne_bytes());
         out.extend_from_slice(&1u32.to_ne_bytes()); // sequence
         out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
@@ -50,7 +54,7 @@ impl Request<'_> {
 /// to `each`, until the dump ends. Blocks: callers run it off the loop.
 pub fn dump(request: &Request, mut each: impl FnMut(&[u8])) -> Result<(), DumpError> {
     let socket = Socket::open()?;
-    socket.send(&request.encode())?;
+    socket.send(&request.encode((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16))?;
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         let n = socket.recv(&mut buf)?;
@@ -60,9 +64,37 @@ pub fn dump(request: &Request, mut each: impl FnMut(&[u8])) -> Result<(), DumpEr
     }
 }
 
+/// Sends `request`, a get of one object, and returns the attributes of
+/// the kernel's answer. The kernel answers before the send returns, so the
+/// receive does not wait.
+pub fn ask(request: &Request) -> Result<Vec<u8>, DumpError> {
+    let socket = Socket::open()?;
+    socket.send(&request.encode(libc::NLM_F_REQUEST as u16))?;
+    let mut buf = vec![0u8; 8192];
+    let n = socket.recv(&mut buf)?;
+    let mut answer = None;
+    walk(&buf[..n], &mut |attributes: &[u8]| {
+        answer.get_or_insert_with(|| attributes.to_vec());
+    })?;
+    answer.ok_or(DumpError::Malformed)
+}
+
 /// Hands the attributes of each netlink message in `buf` to `each`; `true`
 /// at the end of the dump.
-pub fn walk(mut buf: &[u8], each: &mut impl FnMut(&[u8])) -> Result<bool, DumpError> {
+pub fn walk(buf: &[u8], each: &mut impl FnMut(&[u8])) -> Result<bool, DumpError> {
+    walk_messages(buf, &mut |message: Message| each(message.attributes))
+}
+
+/// One netfilter netlink message: its type (subsystem and message), the
+/// family of its nfgenmsg, its attributes.
+pub struct Message<'a> {
+    pub kind: u16,
+    pub family: u8,
+    pub attributes: &'a [u8],
+}
+
+/// [`walk`], handing `each` the whole message.
+pub fn walk_messages(mut buf: &[u8], each: &mut impl FnMut(Message)) -> Result<bool, DumpError> {
     while buf.len() >= NLMSG_HEADER {
         let length = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
         let kind = u16::from_ne_bytes(buf[4..6].try_into().expect("2 bytes"));
@@ -80,10 +112,16 @@ pub fn walk(mut buf: &[u8], each: &mut impl FnMut(&[u8])) -> Result<bool, DumpEr
                     return Err(DumpError::Refused(io::Error::from_raw_os_error(-code)));
                 }
             }
-            _ => each(
-                buf.get(NLMSG_HEADER + NFGENMSG..length)
+            _ => each(Message {
+                kind,
+                family: buf[NLMSG_HEADER..length]
+                    .first()
+                    .copied()
                     .ok_or(DumpError::Malformed)?,
-            ),
+                attributes: buf
+                    .get(NLMSG_HEADER + NFGENMSG..length)
+                    .ok_or(DumpError::Malformed)?,
+            }),
         }
         buf = &buf[align(length).min(buf.len())..];
     }
@@ -125,11 +163,16 @@ struct Socket(libc::c_int);
 
 impl Socket {
     fn open() -> Result<Self, DumpError> {
+        Self::open_with(0)
+    }
+
+    /// `flags`: more of socket(2)'s type flags (`SOCK_NONBLOCK`).
+    fn open_with(flags: libc::c_int) -> Result<Self, DumpError> {
         // SAFETY: plain socket(2); the descriptor is owned by the result.
         let fd = unsafe {
             libc::socket(
                 libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | flags,
                 libc::NETLINK_NETFILTER,
             )
         };
@@ -145,22 +188,12 @@ impl Socket {
             tv_sec: 5,
             tv_usec: 0,
         };
-        // SAFETY: the option value is a timeval we own, with its size.
-        let set = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if set != 0 {
-            return Err(DumpError::Socket {
+        socket
+            .set_option(libc::SOL_SOCKET, libc::SO_RCVTIMEO, &timeout)
+            .map_err(|source| DumpError::Socket {
                 op: "configuring",
-                source: io::Error::last_os_error(),
-            });
-        }
+                source,
+            })?;
         Ok(socket)
     }
 
@@ -189,12 +222,102 @@ impl Socket {
     }
 
     fn recv(&self, buf: &mut [u8]) -> Result<usize, DumpError> {
+        self.recv_raw(buf).map_err(|source| DumpError::Socket {
+            op: "reading from",
+            source,
+        })
+    }
+
+    fn recv_raw(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
         let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        usize::try_from(n).map_err(|_| DumpError::Socket {
-            op: "reading from",
-            source: io::Error::last_os_error(),
-        })
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
+    fn set_option<T>(&self, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+        // SAFETY: the option value is a `T` we own, with its size.
+        let set = unsafe {
+            libc::setsockopt(
+                self.0,
+                level,
+                name,
+                (value as *const T).cast(),
+                std::mem::size_of::<T>() as libc::socklen_t,
+            )
+        };
+        if set == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+/// A non-blocking socket that receives the kernel's notifications of one
+/// netfilter multicast group while it listens.
+pub struct Subscription {
+    socket: Socket,
+    group: u32,
+}
+
+impl Subscription {
+    /// Listens to `group` (an `NFNLGRP_` number). Notifications that
+    /// overflow the receive buffer are lost, and the next receive says so
+    /// (`ENOBUFS`).
+    pub fn open(group: u32) -> Result<Self, DumpError> {
+        let socket = Socket::open_with(libc::SOCK_NONBLOCK)?;
+        // Bound, the socket has a port id of its own: the kernel skips the
+        // listener whose port id is the notification's origin, and an
+        // unbound socket's is 0.
+        // SAFETY: a zeroed sockaddr_nl with its family asks for any port id.
+        let mut own: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        own.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: the address lives across the call, with its size.
+        let bound = unsafe {
+            libc::bind(
+                socket.0,
+                (&raw const own).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if bound != 0 {
+            return Err(DumpError::Socket {
+                op: "binding",
+                source: io::Error::last_os_error(),
+            });
+        }
+        let subscription = Self { socket, group };
+        subscription
+            .listen(true)
+            .map_err(|source| DumpError::Socket {
+                op: "subscribing",
+                source,
+            })?;
+        Ok(subscription)
+    }
+
+    /// Joins or leaves the group. While no socket listens to a group, the
+    /// kernel does not build its notifications at all.
+    pub fn listen(&self, on: bool) -> io::Result<()> {
+        let option = if on {
+            libc::NETLINK_ADD_MEMBERSHIP
+        } else {
+            libc::NETLINK_DROP_MEMBERSHIP
+        };
+        self.socket
+            .set_option(libc::SOL_NETLINK, option, &self.group)
+    }
+
+    /// The notifications that have arrived, up to `buf`'s size; `WouldBlock`
+    /// when none has.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.socket.recv_raw(buf)
+    }
+}
+
+impl AsRawFd for Subscription {
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket.0
     }
 }
 
@@ -253,7 +376,7 @@ mod tests {
             family: 1,
             attributes: &[8, 0, 1, 0, b'l', b'b', 0, 0],
         };
-        let bytes = request.encode();
+        let bytes = request.encode(libc::NLM_F_REQUEST as u16);
         assert_eq!(bytes.len(), NLMSG_HEADER + NFGENMSG + 8);
         assert_eq!(u32::from_ne_bytes(bytes[0..4].try_into().unwrap()), 28);
         assert_eq!(u16::from_ne_bytes([bytes[4], bytes[5]]), 10 << 8 | 19);

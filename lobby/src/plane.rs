@@ -6,11 +6,11 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
     net::IpAddr,
-    sync::Mutex,
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use lobby_common::UpstreamCounters;
-use tokio::{io::AsyncBufReadExt as _, process::Command, sync::mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -20,6 +20,7 @@ use crate::{
     model::{Backend, BackendDelta},
     netlink::Routes,
     nft::{self, NftError, Rotation},
+    table_watch::TableWatch,
 };
 
 /// What the loop needs from the kernel. Methods take `&self`: the loop
@@ -80,7 +81,12 @@ pub struct KernelPlane {
     /// The routes toward the counted upstreams and toward the flowtable's.
     counted_routes: tokio::sync::Mutex<Routes>,
     flowtable_routes: tokio::sync::Mutex<Routes>,
+    /// Set once the table is watched: applies then commit unheard by it.
+    watch: OnceLock<Arc<TableWatch>>,
 }
+
+/// The log line when the kernel's notifications cannot be followed.
+const UNWATCHED: &str = "following the ruleset's notifications: outside changes of the table are found by the periodic check only";
 
 struct Tracked {
     counters: Counters,
@@ -104,6 +110,7 @@ impl KernelPlane {
             offload: Mutex::new(None),
             counted_routes: tokio::sync::Mutex::default(),
             flowtable_routes: tokio::sync::Mutex::default(),
+            watch: OnceLock::new(),
         }
     }
 
@@ -118,7 +125,10 @@ impl DataPlane for KernelPlane {
     }
 
     async fn apply(&self, script: String) -> Result<(), NftError> {
-        nft::apply(&script).await
+        match self.watch.get() {
+            Some(watch) => watch.unheard(nft::apply(&script)).await,
+            None => nft::apply(&script).await,
+        }
     }
 
     async fn list_table(&self) -> Result<Option<String>, NftError> {
@@ -210,7 +220,24 @@ impl DataPlane for KernelPlane {
         changed: mpsc::Sender<()>,
         cancel: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static {
-        watch_with_nft_monitor(self.table.clone(), changed, cancel)
+        let watch = match TableWatch::open(self.table.clone(), changed) {
+            Ok(watch) => {
+                let watch = Arc::new(watch);
+                // Watched once: the daemon starts its services once.
+                let _ = self.watch.set(watch.clone());
+                Some(watch)
+            }
+            Err(e) => {
+                warn!(error = %e, "{UNWATCHED}");
+                None
+            }
+        };
+        async move {
+            let Some(watch) = watch else { return };
+            if let Err(e) = watch.follow(cancel).await {
+                warn!(error = %e, "{UNWATCHED}");
+            }
+        }
     }
 
     async fn flowtable_devices(&self, query: &DeviceQuery, lookup: Lookup) -> Option<Devices> {
@@ -280,80 +307,5 @@ impl KernelPlane {
         }
         *self.offload.lock().expect("no panic holds the lock") = Some((names.clone(), able));
         able
-    }
-}
-
-async fn watch_with_nft_monitor(
-    table: String,
-    changed: mpsc::Sender<()>,
-    cancel: CancellationToken,
-) {
-    if let Some(()) = cancel.run_until_cancelled(monitor(&table, &changed)).await {
-        warn!(
-            "nft monitor ended: outside changes of the table are found by the periodic check only"
-        );
-    }
-}
-
-/// Follows `nft monitor`, the kernel's notifications of ruleset changes,
-/// and signals each one that names Lobby's `table`, and anything nft says
-/// on stderr: notifications it lost (`# ERROR: We lost some netlink
-/// events!`) may have been Lobby's. Returns when nft ends.
-async fn monitor(table: &str, changed: &mpsc::Sender<()>) {
-    let mut command = Command::new("nft");
-    command
-        .args(["monitor", "ruleset"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let parent = std::process::id();
-    // kill_on_drop needs a daemon that ends cleanly; after a kill -9 the
-    // monitor would run on forever (found: 162 of them, 238 MB each, left
-    // by the test suite's crashes). The kernel kills it with its parent
-    // thread, a runtime worker that lives as long as the daemon.
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent died before the prctl: nobody would kill it.
-            if libc::getppid() as u32 != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-    let child = command.spawn();
-    let mut child = match child {
-        Ok(child) => child,
-        Err(e) => {
-            warn!(error = %e, "starting nft monitor");
-            return;
-        }
-    };
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let mut complaints = tokio::io::BufReader::new(stderr).lines();
-    let mut complaining = true;
-    loop {
-        // A full channel already carries the news.
-        tokio::select! {
-            line = lines.next_line() => match line {
-                Ok(Some(line)) => if nft::names_own_table(&line, table) {
-                    let _ = changed.try_send(());
-                },
-                _ => return,
-            },
-            complaint = complaints.next_line(), if complaining => match complaint {
-                Ok(Some(complaint)) => {
-                    warn!(complaint = %complaint, "nft monitor: checking Lobby's table");
-                    let _ = changed.try_send(());
-                }
-                _ => complaining = false,
-            },
-        }
     }
 }

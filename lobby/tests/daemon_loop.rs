@@ -129,6 +129,7 @@ async fn the_loop_applies_answers_reloads_repairs_and_cleans_up() {
         socket_path: Some(dir.path().join("lobby.sock")),
         traffic_log_interval: None,
         counters: false,
+        table_notifications: true,
     };
     let plane = Arc::new(FakePlane::default());
     let (stop, stopped) = oneshot::channel::<()>();

@@ -329,29 +329,6 @@ impl Lobby {
         self.child.as_ref().expect("lobby is running").id()
     }
 
-    /// Kills the daemon's `nft monitor` and waits for the daemon to notice:
-    /// from then on only its periodic check looks at the table, which runs
-    /// only while no monitor reports changes.
-    pub fn kill_nft_monitor(&self) {
-        let monitor = wait_for("the daemon's nft monitor", Duration::from_secs(10), || {
-            self.nft_monitor()
-        });
-        // SAFETY: kill has no preconditions; the pid is our daemon's child.
-        assert_eq!(unsafe { libc::kill(monitor, libc::SIGKILL) }, 0);
-        self.wait_for_log_count("nft monitor ended", 0);
-    }
-
-    /// The pid of the daemon's `nft monitor` child, if it runs.
-    fn nft_monitor(&self) -> Option<i32> {
-        running_children(self.pid())
-            .into_iter()
-            .find(|child| {
-                std::fs::read(format!("/proc/{child}/cmdline"))
-                    .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == b"monitor"))
-            })
-            .map(|child| child as i32)
-    }
-
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill on our own child's pid.
         let rc = unsafe { libc::kill(self.pid() as i32, signal) };

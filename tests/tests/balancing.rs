@@ -78,9 +78,9 @@ fn sigterm_removes_the_table_and_a_restart_after_kill_takes_over() {
     let status = lobby.stop_with(libc::SIGKILL);
     assert!(!status.success());
     assert_round_robin(&names(&topology, PORT, 6), 3);
-    // Nothing of the daemon runs on: its `nft monitor` died with it.
+    // Nothing of the daemon runs on: no nft of its outlives it.
     lobby_tests::wait_for(
-        "the daemon's nft monitor to end",
+        "the daemon's nft runs to end",
         std::time::Duration::from_secs(10),
         || {
             // Asked from outside: a command run inside would list itself.

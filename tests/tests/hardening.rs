@@ -20,7 +20,7 @@ use lobby_tests::{
         ConfigBuilder, UPSTREAM_PORT, assert_round_robin, health_check, names, start_server,
         start_servers, target_addr,
     },
-    lobby::{Bpffs, binary, run_once, run_once_with},
+    lobby::{Bpffs, Launch, binary, run_once, run_once_with},
     netns::normalize_ruleset,
     privileged,
     server::ask_name,
@@ -146,19 +146,22 @@ fn outside_changes_of_the_table_are_repaired_with_one_warning_each() {
 }
 
 #[test]
-fn without_its_nft_monitor_the_periodic_check_still_repairs_the_table() {
+fn without_the_kernels_notifications_the_periodic_check_still_repairs_the_table() {
     if !privileged() {
         return;
     }
     let topology = Topology::new(3);
     let _servers = start_servers(&topology);
     let lb = &topology.lb;
-    let lobby = Lobby::start(lb, &three_upstreams(""));
+    // Following the notifications, the daemon takes no periodic listing;
+    // without them, the listing every 10 s is the only check.
+    let lobby = Lobby::start_with_args(
+        lb,
+        &three_upstreams(""),
+        Launch::Setns,
+        &["--no-table-notifications"],
+    );
     let applied = lb.lobby_ruleset();
-    // While the monitor runs it reports every change and no periodic
-    // listing is taken; once it is gone, the listing every 10 s is the
-    // only check left.
-    lobby.kill_nft_monitor();
     let warnings = lobby.log_count(DRIFT);
     lb.exec("nft", &["flush", "chain", "inet", "lobby", "target-web"]);
     wait_for(

@@ -550,7 +550,7 @@ pub fn cpu_ticks(pid: u32) -> u64 {
 
 /// CPU a daemon used, in clock ticks: its own (utime + stime), its
 /// children's that ended (cutime + cstime) and its running children's (the
-/// nft runs it waits for, its nft monitor). A daemon's own figure alone
+/// nft runs it waits for). A daemon's own figure alone
 /// misses the nft runs, which are where a large table costs.
 pub fn daemon_cpu_ticks(pid: u32) -> u64 {
     let own = cpu_fields(pid).map_or(0, |f| f.iter().sum());

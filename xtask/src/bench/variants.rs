@@ -701,7 +701,7 @@ fn with_target_key(config: &str, key: &str) -> String {
 /// every element of every set to list it, seconds of CPU with 100,000-
 /// prefix block lists (a minute of wall time on a loaded machine). The
 /// connection rate is of a running balancer: no nft run of the daemon's
-/// under way but its monitor, and its CPU quiet.
+/// under way, and its CPU quiet.
 fn settle(variant: Variant, lobby: &Lobby) {
     const QUIET: Duration = Duration::from_millis(500);
     let started = Instant::now();
@@ -725,14 +725,14 @@ fn settle(variant: Variant, lobby: &Lobby) {
     }
 }
 
-/// Whether an nft run of the daemon `pid` other than its monitor is under
-/// way.
+/// Whether an nft run of the daemon `pid` is under way.
 fn running_nft(pid: u32) -> bool {
     running_children(pid).iter().any(|child| {
         std::fs::read(format!("/proc/{child}/cmdline")).is_ok_and(|cmdline| {
-            let mut args = cmdline.split(|b| *b == 0);
-            args.next().is_some_and(|program| program.ends_with(b"nft"))
-                && !args.any(|arg| arg == b"monitor")
+            cmdline
+                .split(|b| *b == 0)
+                .next()
+                .is_some_and(|program| program.ends_with(b"nft"))
         })
     })
 }
