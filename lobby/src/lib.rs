@@ -32,6 +32,7 @@
 //!   upstream (a ctnetlink dump) that least-connections picks by.
 //! - [`nfnetlink`]: dumps over netfilter's netlink (conntrack entries, the
 //!   table's named counters) without running a tool.
+//! - [`parallel`]: the few jobs large enough to split over the CPUs.
 //! - [`table_watch`]: the kernel's notifications of ruleset changes, heard
 //!   for everyone's commits but Lobby's own.
 //! - [`daemon`]: the loop that turns channels into the core's events and
@@ -53,6 +54,7 @@ pub mod netlink;
 pub mod nfnetlink;
 pub mod nft;
 pub mod ownership;
+pub mod parallel;
 pub mod plane;
 pub mod process;
 pub mod reconcile;

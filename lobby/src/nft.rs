@@ -347,38 +347,22 @@ fn plan_known(applied: &Desired, desired: &Desired, backends: &BackendDelta) -> 
             object.add(&mut out, table);
         }
     }
-    for (name, new) in &desired.targets {
-        let old = applied.targets.get(name);
-        // A target's chains are rendered from the target alone: an equal
-        // one has nothing to change (most of them, at 1,000 targets).
-        if old == Some(new) {
-            continue;
-        }
-        // The chains a target's chain jumps to first.
-        let old_chains: BTreeMap<String, Vec<String>> = old
-            .map(|old| limits::chains(name, old).into_iter().collect())
-            .unwrap_or_default();
-        for (chain, rules) in limits::chains(name, new) {
-            plan_chain(&mut out, table, &chain, old_chains.get(&chain), &rules);
-        }
-        let rules = target_rules(name, new);
-        let old_rules = old.map(|old| target_rules(name, old));
-        plan_chain(
-            &mut out,
-            table,
-            &chain_name(name),
-            old_rules.as_ref(),
-            &rules,
-        );
-        if old.is_none_or(|old| dispatch_key(old) != dispatch_key(new)) {
-            writeln!(
-                out,
-                "add element {FAMILY} {table} targets {{ {} }}",
-                dispatch_element(name, new)
-            )
-            .unwrap();
-        }
-    }
+    // A target's chains are rendered from the target alone: an equal one
+    // has nothing to change (most of them, at 1,000 targets), and the
+    // others can be rendered apart, on several threads when many changed.
+    let changed: Vec<(&str, &DesiredTarget)> = desired
+        .targets
+        .iter()
+        .filter(|(name, new)| applied.targets.get(*name) != Some(*new))
+        .map(|(name, new)| (name.as_str(), &**new))
+        .collect();
+    let rendered = crate::parallel::map_items(&changed, SHARED_RENDER, |(name, new)| {
+        let mut out = String::new();
+        let old = applied.targets.get(*name).map(|old| &**old);
+        plan_target(&mut out, table, name, old, new);
+        out
+    });
+    out.extend(rendered);
     if applied.nftables.priority != desired.nftables.priority {
         // A hook's priority is fixed at creation: the chain is replaced
         // in this transaction, so no packet sees it missing.
@@ -415,6 +399,39 @@ fn plan_known(applied: &Desired, desired: &Desired, backends: &BackendDelta) -> 
         writeln!(out, "delete counter {FAMILY} {table} {counter}").unwrap();
     }
     out
+}
+
+/// Changed targets rendered on several threads from this many on: a
+/// thread's start costs tens of microseconds, a target's chains ~15.
+const SHARED_RENDER: usize = 64;
+
+/// The chains of target `name`, `new`, and its dispatch element, as a
+/// change from `old` (`None`: a new target).
+fn plan_target(
+    out: &mut String,
+    table: &str,
+    name: &str,
+    old: Option<&DesiredTarget>,
+    new: &DesiredTarget,
+) {
+    // The chains a target's chain jumps to first.
+    let old_chains: BTreeMap<String, Vec<String>> = old
+        .map(|old| limits::chains(name, old).into_iter().collect())
+        .unwrap_or_default();
+    for (chain, rules) in limits::chains(name, new) {
+        plan_chain(out, table, &chain, old_chains.get(&chain), &rules);
+    }
+    let rules = target_rules(name, new);
+    let old_rules = old.map(|old| target_rules(name, old));
+    plan_chain(out, table, &chain_name(name), old_rules.as_ref(), &rules);
+    if old.is_none_or(|old| dispatch_key(old) != dispatch_key(new)) {
+        writeln!(
+            out,
+            "add element {FAMILY} {table} targets {{ {} }}",
+            dispatch_element(name, new)
+        )
+        .unwrap();
+    }
 }
 
 /// Creates `chain` of `table` with `rules`, or rewrites it when its `old`

@@ -273,13 +273,12 @@ fn piece_items(
 /// thread's start costs tens of microseconds, a target's read a few.
 const SHARED_READ: usize = 64 * 1024;
 
-/// Threads to read a piece of `len` bytes on: the CPUs this process may
-/// use, at most 4.
+/// Threads to read a piece of `len` bytes on.
 fn reading_threads(len: usize) -> usize {
     if len < SHARED_READ {
         return 1;
     }
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+    crate::parallel::threads()
 }
 
 /// What the items of a piece read as.
@@ -305,20 +304,9 @@ fn read_piece(
 ) -> Option<PieceRead> {
     let runs = runs_of_items(piece, indent, threads);
     let read = |&(at, run): &(usize, &str)| read_run(run, offset + at, indent, entry, defaults);
-    let reads: Vec<Option<PieceRead>> = match runs.split_first() {
-        Some((first, [])) => vec![read(first)],
-        Some((first, rest)) => std::thread::scope(|scope| {
-            let others: Vec<_> = rest
-                .iter()
-                .map(|run| scope.spawn(move || read(run)))
-                .collect();
-            let first = read(first);
-            std::iter::once(first)
-                .chain(others.into_iter().map(|other| other.join().ok().flatten()))
-                .collect()
-        }),
-        None => vec![],
-    };
+    let reads = crate::parallel::map_runs(&runs, read)
+        .into_iter()
+        .map(|read| read.ok().flatten());
     let mut whole = PieceRead {
         targets: Vec::new(),
         items: Vec::new(),

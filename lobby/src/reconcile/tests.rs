@@ -1032,3 +1032,35 @@ fn least_latency_measures_each_address_of_an_upstream_apart() {
         "numgen inc mod 1 map { 0 : 198.18.1.11 . 9000 }"
     );
 }
+
+#[test]
+fn a_share_changed_in_part_moves_only_what_differs() {
+    let backend =
+        |last: u8| -> Backend { (SocketAddr::from(([198, 18, 1, last], 9000)), Protocol::Tcp) };
+    let mut tally = Tally::default();
+    let mut changes = BackendDelta::default();
+    tally.set("a", Some(vec![backend(2), backend(1)]), &mut changes);
+    tally.set("b", Some(vec![backend(2)]), &mut changes);
+    assert_eq!(changes.added, [backend(1), backend(2)].into());
+    // One backend left and one came: the one kept is not let go.
+    let mut changes = BackendDelta::default();
+    tally.set("a", Some(vec![backend(3), backend(2)]), &mut changes);
+    assert_eq!(changes.gone, [backend(1)].into());
+    assert_eq!(changes.added, [backend(3)].into());
+    // Another source still holds what one lets go.
+    let mut changes = BackendDelta::default();
+    tally.set("a", None, &mut changes);
+    assert_eq!(changes.gone, [backend(3)].into());
+    assert!(changes.added.is_empty());
+    assert_eq!(tally.union, [backend(2)].into());
+    tally.set("b", Some(Vec::new()), &mut changes);
+    assert!(tally.union.is_empty() && tally.refs.is_empty());
+}
+
+#[test]
+fn a_large_reload_logs_its_first_lines_at_info() {
+    let mut lines = ReloadLines::default();
+    let loud = (0..RELOAD_LINES + 5).filter(|_| lines.loud()).count();
+    assert_eq!(loud, RELOAD_LINES);
+    assert_eq!(lines.0, RELOAD_LINES + 5);
+}
