@@ -120,6 +120,11 @@ pub struct Counters {
     /// under its old name is a new one, and its programs went with the old.
     /// Egress, then ingress.
     links: BTreeMap<Interface, [Attachment; 2]>,
+    /// The index of each interface the counters left because it was gone:
+    /// one that comes back under its name was recreated. Routes are looked
+    /// up again when the kernel says they changed, so a deletion and the
+    /// creation after it are usually seen apart.
+    vanished: BTreeMap<String, u32>,
     cpus: usize,
     /// Before 6.6 programs are attached as tc filters, which outlive a
     /// crashed daemon; those of a previous run are removed before attaching.
@@ -186,6 +191,7 @@ impl Counters {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             links: BTreeMap::new(),
+            vanished: BTreeMap::new(),
             cpus,
             netlink_filters,
             in_sync: false,
@@ -215,22 +221,19 @@ impl Counters {
                     debug!(interface, index = old.index, program, error = %e, "detaching a counter");
                 }
             }
-            match interfaces.iter().find(|i| i.name == old.name) {
-                Some(new) => info!(
-                    interface,
-                    old_index = old.index,
-                    new_index = new.index,
-                    "interface {interface} was recreated (index {} -> {}); counters move to the new one",
-                    old.index,
-                    new.index
-                ),
-                None => info!(interface, index = old.index, "counters detached"),
+            if !interfaces.iter().any(|i| i.name == old.name) {
+                info!(interface, index = old.index, "counters detached");
             }
+            self.vanished.insert(old.name, old.index);
         }
         for interface in interfaces {
             if self.links.contains_key(interface) {
                 continue;
             }
+            let recreated = self
+                .vanished
+                .remove(&interface.name)
+                .filter(|old| *old != interface.index);
             let name = interface.name.as_str();
             if self.netlink_filters {
                 prepare_clsact(name)?;
@@ -244,11 +247,20 @@ impl Counters {
                 }
             };
             self.links.insert(interface.clone(), [egress, ingress]);
-            info!(
-                interface = name,
-                index = interface.index,
-                "counters attached"
-            );
+            match recreated {
+                Some(old_index) => info!(
+                    interface = name,
+                    old_index,
+                    new_index = interface.index,
+                    "interface {name} was recreated (index {old_index} -> {}); counters move to the new one",
+                    interface.index
+                ),
+                None => info!(
+                    interface = name,
+                    index = interface.index,
+                    "counters attached"
+                ),
+            }
         }
         if !self.netlink_filters {
             self.remove_stale_pins();

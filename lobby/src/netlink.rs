@@ -1,7 +1,8 @@
 //! Route lookups over rtnetlink: which interfaces the kernel sends the
 //! traffic for given addresses through, by index and name (what the
-//! counters attach to), and every interface with its addresses (what the
-//! flowtable's client side is chosen from).
+//! counters attach to), every interface with its addresses (what the
+//! flowtable's client side is chosen from), and when any of that may have
+//! changed.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     io,
@@ -18,6 +19,8 @@ use rtnetlink::{
         route::{RouteAttribute, RouteType},
     },
 };
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// A network interface as the kernel names it now. The index tells a
@@ -67,6 +70,71 @@ enum Route {
     /// Traffic to this host is not forwarded: nothing to count.
     Local,
     Unroutable,
+}
+
+// rtnetlink's multicast groups (linux/rtnetlink.h): what a route lookup's
+// answer and the interfaces' list depend on.
+const RTNLGRP_LINK: u32 = 1;
+const RTNLGRP_IPV4_IFADDR: u32 = 5;
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV4_RULE: u32 = 8;
+const RTNLGRP_IPV6_IFADDR: u32 = 9;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
+const RTNLGRP_IPV6_RULE: u32 = 19;
+
+/// Sends `()` on `changed` whenever the kernel says a link, an address, a
+/// route or a routing rule changed (or that such news was lost), until
+/// `cancel`. Without the notifications (the socket cannot be opened, or
+/// fails), every `fallback` instead, as a lookup of every route used to
+/// run: at 10,000 upstreams that pass costs ~175 ms of CPU.
+pub async fn watch_routes(
+    changed: mpsc::Sender<()>,
+    fallback: std::time::Duration,
+    cancel: CancellationToken,
+) {
+    let groups = [
+        RTNLGRP_LINK,
+        RTNLGRP_IPV4_IFADDR,
+        RTNLGRP_IPV4_ROUTE,
+        RTNLGRP_IPV4_RULE,
+        RTNLGRP_IPV6_IFADDR,
+        RTNLGRP_IPV6_ROUTE,
+        RTNLGRP_IPV6_RULE,
+    ];
+    let failure = match crate::nfnetlink::subscribe(libc::NETLINK_ROUTE, &groups) {
+        Ok(socket) => {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let received = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    received = crate::nfnetlink::receive(&socket, &mut buf) => received,
+                };
+                match received {
+                    Err(e) if e.raw_os_error() != Some(libc::ENOBUFS) => break e.to_string(),
+                    // What arrived is not read: any change means looking
+                    // again, and the receiver rate-limits the lookups.
+                    _ => {
+                        let _ = changed.try_send(());
+                    }
+                }
+            }
+        }
+        Err(e) => e.to_string(),
+    };
+    warn!(
+        error = %failure,
+        "following the kernel's route changes: every route toward the upstreams is looked up every {} s instead",
+        fallback.as_secs()
+    );
+    let mut every = tokio::time::interval(fallback);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = every.tick() => {
+                let _ = changed.try_send(());
+            }
+        }
+    }
 }
 
 /// The route toward each address as last looked up, so that a change of

@@ -1,8 +1,9 @@
 //! nfnetlink, netfilter's netlink protocol: dumps (one request, then the
 //! kernel's messages until the dump's end), single requests, and the
-//! kernel's notifications of a multicast group. How the daemon reads what
-//! conntrack holds, the table's named counters and the ruleset's changes
-//! without running a tool.
+//! kernel's notifications of multicast groups (netfilter's, or the routing
+//! tables' on a NETLINK_ROUTE socket). How the daemon reads what conntrack
+//! holds, the table's named counters and the ruleset's changes without
+//! running a tool, and hears when routes change.
 use std::{
     io,
     os::fd::{AsRawFd, RawFd},
@@ -163,17 +164,18 @@ struct Socket(libc::c_int);
 
 impl Socket {
     fn open() -> Result<Self, DumpError> {
-        Self::open_with(0)
+        Self::open_with(libc::NETLINK_NETFILTER, 0)
     }
 
-    /// `flags`: more of socket(2)'s type flags (`SOCK_NONBLOCK`).
-    fn open_with(flags: libc::c_int) -> Result<Self, DumpError> {
+    /// A socket of netlink `protocol`; `flags`: more of socket(2)'s type
+    /// flags (`SOCK_NONBLOCK`).
+    fn open_with(protocol: libc::c_int, flags: libc::c_int) -> Result<Self, DumpError> {
         // SAFETY: plain socket(2); the descriptor is owned by the result.
         let fd = unsafe {
             libc::socket(
                 libc::AF_NETLINK,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC | flags,
-                libc::NETLINK_NETFILTER,
+                protocol,
             )
         };
         if fd < 0 {
@@ -253,19 +255,24 @@ impl Socket {
     }
 }
 
-/// A non-blocking socket that receives the kernel's notifications of one
-/// netfilter multicast group while it listens.
+/// A non-blocking socket that receives the kernel's notifications of some
+/// multicast groups while it listens.
 pub struct Subscription {
     socket: Socket,
-    group: u32,
+    groups: Vec<u32>,
 }
 
 impl Subscription {
-    /// Listens to `group` (an `NFNLGRP_` number). Notifications that
+    /// Listens to netfilter's `group` (an `NFNLGRP_` number).
+    pub fn open(group: u32) -> Result<Self, DumpError> {
+        Self::open_on(libc::NETLINK_NETFILTER, &[group])
+    }
+
+    /// Listens to `groups` of netlink `protocol`. Notifications that
     /// overflow the receive buffer are lost, and the next receive says so
     /// (`ENOBUFS`).
-    pub fn open(group: u32) -> Result<Self, DumpError> {
-        let socket = Socket::open_with(libc::SOCK_NONBLOCK)?;
+    pub fn open_on(protocol: libc::c_int, groups: &[u32]) -> Result<Self, DumpError> {
+        let socket = Socket::open_with(protocol, libc::SOCK_NONBLOCK)?;
         // Bound, the socket has a port id of its own: the kernel skips the
         // listener whose port id is the notification's origin, and an
         // unbound socket's is 0.
@@ -286,7 +293,10 @@ impl Subscription {
                 source: io::Error::last_os_error(),
             });
         }
-        let subscription = Self { socket, group };
+        let subscription = Self {
+            socket,
+            groups: groups.to_vec(),
+        };
         subscription
             .listen(true)
             .map_err(|source| DumpError::Socket {
@@ -296,7 +306,7 @@ impl Subscription {
         Ok(subscription)
     }
 
-    /// Joins or leaves the group. While no socket listens to a group, the
+    /// Joins or leaves the groups. While no socket listens to a group, the
     /// kernel does not build its notifications at all.
     pub fn listen(&self, on: bool) -> io::Result<()> {
         let option = if on {
@@ -304,8 +314,9 @@ impl Subscription {
         } else {
             libc::NETLINK_DROP_MEMBERSHIP
         };
-        self.socket
-            .set_option(libc::SOL_NETLINK, option, &self.group)
+        self.groups
+            .iter()
+            .try_for_each(|group| self.socket.set_option(libc::SOL_NETLINK, option, group))
     }
 
     /// The notifications that have arrived, up to `buf`'s size; `WouldBlock`
@@ -313,6 +324,40 @@ impl Subscription {
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.socket.recv_raw(buf)
     }
+}
+
+/// Waits for the next datagram of notifications on `socket` (registered
+/// with the runtime) and reads it into `buf`: its length.
+pub async fn receive(
+    socket: &tokio::io::unix::AsyncFd<Subscription>,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    loop {
+        let mut ready = socket.readable().await?;
+        if let Ok(received) = ready.try_io(|socket| socket.get_ref().recv(buf)) {
+            return received;
+        }
+    }
+}
+
+/// [`Subscription::open_on`], registered with the runtime for reading.
+pub fn subscribe(
+    protocol: libc::c_int,
+    groups: &[u32],
+) -> Result<tokio::io::unix::AsyncFd<Subscription>, DumpError> {
+    let subscription = Subscription::open_on(protocol, groups)?;
+    // SAFETY: the subscription owns its descriptor and closes it only when
+    // dropped, with the AsyncFd that owns it.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            subscription,
+            tokio::io::Interest::READABLE,
+        )
+    }
+    .map_err(|e| DumpError::Socket {
+        op: "registering",
+        source: e.into_parts().1,
+    })
 }
 
 impl AsRawFd for Subscription {

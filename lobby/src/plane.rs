@@ -52,6 +52,18 @@ pub trait DataPlane: Send + Sync + 'static {
         changed: mpsc::Sender<()>,
         cancel: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static;
+    /// Sends `()` on `changed` whenever routes, links or addresses may have
+    /// changed, until `cancel`; without such news, every `fallback`.
+    /// Planes without routes (tests' fakes) send nothing.
+    fn watch_routes(
+        &self,
+        changed: mpsc::Sender<()>,
+        fallback: std::time::Duration,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let _ = (changed, fallback);
+        async move { cancel.cancelled().await }
+    }
     /// Removes the ruleset and the counters: a clean shutdown.
     fn remove(&self) -> impl Future<Output = ()> + Send;
     /// The interfaces the flowtable covers for `query`, `None` when they
@@ -264,6 +276,15 @@ impl DataPlane for KernelPlane {
         }
         let offload = query.hardware_offload && self.offload_supported(&names).await;
         Some(Devices { names, offload })
+    }
+
+    fn watch_routes(
+        &self,
+        changed: mpsc::Sender<()>,
+        fallback: std::time::Duration,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        crate::netlink::watch_routes(changed, fallback, cancel)
     }
 
     async fn remove(&self) {

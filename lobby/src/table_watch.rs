@@ -15,7 +15,7 @@
 use std::future::Future;
 
 use tokio::{
-    io::{Interest, unix::AsyncFd},
+    io::unix::AsyncFd,
     sync::{Mutex, mpsc},
 };
 use tokio_util::sync::CancellationToken;
@@ -41,8 +41,6 @@ const NFTA_OBJECT_TABLE: u16 = 1;
 pub enum WatchError {
     #[error("the kernel's ruleset notifications")]
     Subscribe(#[source] DumpError),
-    #[error("registering the notifications' socket with the runtime")]
-    Register(#[source] std::io::Error),
     #[error("reading the ruleset notifications")]
     Read(#[source] std::io::Error),
     #[error("joining the notifications' group again after a commit")]
@@ -66,13 +64,9 @@ impl TableWatch {
     /// Starts listening: from here on a notification about `table` in a
     /// family Lobby owns it in sends `()` on `changed`. Needs the runtime.
     pub fn open(table: String, changed: mpsc::Sender<()>) -> Result<Self, WatchError> {
-        let subscription = Subscription::open(NFNLGRP_NFTABLES).map_err(WatchError::Subscribe)?;
-        // SAFETY: the subscription owns its descriptor and closes it only
-        // when dropped, with the AsyncFd that owns it.
-        let socket = unsafe { AsyncFd::register_with_interest(subscription, Interest::READABLE) }
-            .map_err(|e| WatchError::Register(e.into_parts().1))?;
         Ok(Self {
-            socket,
+            socket: nfnetlink::subscribe(libc::NETLINK_NETFILTER, &[NFNLGRP_NFTABLES])
+                .map_err(WatchError::Subscribe)?,
             table,
             changed,
             own_commit: Mutex::new(()),
@@ -86,13 +80,10 @@ impl TableWatch {
     pub async fn follow(&self, cancel: CancellationToken) -> Result<(), WatchError> {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let mut ready = tokio::select! {
+            let received = tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
                 () = self.deaf.cancelled() => return Ok(()),
-                ready = self.socket.readable() => ready.map_err(WatchError::Read)?,
-            };
-            let Ok(received) = ready.try_io(|socket| socket.get_ref().recv(&mut buf)) else {
-                continue;
+                received = nfnetlink::receive(&self.socket, &mut buf) => received,
             };
             let about_table = match received {
                 Ok(length) => names_table(&buf[..length], &self.table),
