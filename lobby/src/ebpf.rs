@@ -135,6 +135,89 @@ pub struct Counters {
     in_sync: bool,
 }
 
+/// The counters of every key of the per-CPU hash map `map`, summed over
+/// `cpus` (the possible CPUs), a batch of keys per system call
+/// (`BPF_MAP_LOOKUP_BATCH`, Linux 5.6): read one by one, 10,000 upstreams
+/// took 20,000 calls, every 2 s for the reset check. An error (a kernel
+/// without batches) leaves the caller to read them one by one.
+fn read_in_batches(
+    map: std::os::fd::BorrowedFd<'_>,
+    cpus: usize,
+) -> std::io::Result<BTreeMap<UpstreamKey, UpstreamCounters>> {
+    /// `union bpf_attr`'s batch member (linux/bpf.h).
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const BATCH: usize = 512;
+    // A per-CPU value is 8-byte aligned per CPU, which the counters are.
+    const _: () = assert!(std::mem::size_of::<UpstreamCounters>().is_multiple_of(8));
+    let empty_key = UpstreamKey {
+        addr: [0; 16],
+        port: 0,
+        protocol: 0,
+        family: 0,
+    };
+    let mut keys = vec![empty_key; BATCH];
+    let mut values = vec![UpstreamCounters::default(); BATCH * cpus];
+    // A hash map's batch position is its next bucket.
+    let (mut position, mut next) = (0u32, 0u32);
+    let mut all = BTreeMap::new();
+    for first in std::iter::once(true).chain(std::iter::repeat(false)) {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                (&raw const position) as u64
+            },
+            out_batch: (&raw mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: std::os::fd::AsRawFd::as_raw_fd(&map) as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: the attribute points at buffers of `count` keys and
+        // `count` x `cpus` values, and at the positions, all of which live
+        // across the call.
+        let done = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        } < 0;
+        let error = std::io::Error::last_os_error();
+        // The last batch ends with ENOENT, holding what was left.
+        if done && error.raw_os_error() != Some(libc::ENOENT) {
+            return Err(error);
+        }
+        let read = (attr.count as usize).min(BATCH);
+        for (key, per_cpu) in keys[..read].iter().zip(values.chunks(cpus)) {
+            let mut total = UpstreamCounters::default();
+            for cpu in per_cpu {
+                total.add(cpu);
+            }
+            all.insert(*key, total);
+        }
+        if done {
+            break;
+        }
+        position = next;
+    }
+    Ok(all)
+}
+
 /// One classifier on one interface. Dropping it (a daemon that fails) is
 /// not detaching it: see [`Attachment::detach`].
 enum Attachment {
@@ -429,6 +512,41 @@ impl Counters {
 
     /// The counters of every tracked upstream, summed over the CPUs.
     pub fn read(&self) -> Result<BTreeMap<UpstreamKey, UpstreamCounters>, CountersError> {
+        let map = self
+            .ebpf
+            .map(COUNTERS_MAP)
+            .expect("the object defines the counter map");
+        if let aya::maps::Map::PerCpuHashMap(data) = map {
+            match read_in_batches(std::os::fd::AsFd::as_fd(data.fd()), self.cpus) {
+                Ok(all) => {
+                    // Every test build reads the map both ways.
+                    #[cfg(debug_assertions)]
+                    {
+                        let one_by_one = self.read_one_by_one()?;
+                        let keys = |all: &BTreeMap<UpstreamKey, _>| {
+                            all.keys().copied().collect::<Vec<_>>()
+                        };
+                        assert_eq!(keys(&all), keys(&one_by_one), "a batch read missed keys");
+                        // Traffic may count between the two reads.
+                        for (key, counters) in &all {
+                            assert!(
+                                counters.packets_out <= one_by_one[key].packets_out,
+                                "a batch read out of order"
+                            );
+                        }
+                    }
+                    return Ok(all);
+                }
+                Err(e) => {
+                    debug!(error = %e, "reading the counters in batches; reading them one by one");
+                }
+            }
+        }
+        self.read_one_by_one()
+    }
+
+    /// [`Self::read`] with two system calls per key.
+    fn read_one_by_one(&self) -> Result<BTreeMap<UpstreamKey, UpstreamCounters>, CountersError> {
         let map = self
             .ebpf
             .map(COUNTERS_MAP)
