@@ -47,9 +47,9 @@ use crate::{
 const COUNTERS_RECHECK: Duration = Duration::from_secs(5);
 /// How often the table is compared with what Lobby applied while the
 /// kernel's notifications of its changes are not followed (turned off, or
-/// they could not be). Not beside them: a comparison lists the whole table, and nft
-/// 1.0.6 fetches every element of every set to list it (about a second of
-/// CPU per 100,000-prefix block list, measured).
+/// they could not be). Not beside them: a comparison lists the whole
+/// table, and nft 1.0.6 fetches every element of every set to list it
+/// (about a second of CPU per 100,000-prefix block list, measured).
 const TABLE_CHECK: Duration = Duration::from_secs(10);
 /// The longest a stats request waits for a transaction on its way.
 const STATS_WAIT: Duration = Duration::from_secs(1);

@@ -204,11 +204,7 @@ fn read_in_batches(
         }
         let read = (attr.count as usize).min(BATCH);
         for (key, per_cpu) in keys[..read].iter().zip(values.chunks(cpus)) {
-            let mut total = UpstreamCounters::default();
-            for cpu in per_cpu {
-                total.add(cpu);
-            }
-            all.insert(*key, total);
+            all.insert(*key, summed(per_cpu));
         }
         if done {
             break;
@@ -216,6 +212,15 @@ fn read_in_batches(
         position = next;
     }
     Ok(all)
+}
+
+/// One upstream's counters over the CPUs.
+fn summed<'a>(per_cpu: impl IntoIterator<Item = &'a UpstreamCounters>) -> UpstreamCounters {
+    let mut total = UpstreamCounters::default();
+    for cpu in per_cpu {
+        total.add(cpu);
+    }
+    total
 }
 
 /// One classifier on one interface. Dropping it (a daemon that fails) is
@@ -562,11 +567,7 @@ impl Counters {
                     op: "reading",
                     source,
                 })?;
-                let mut total = UpstreamCounters::default();
-                for cpu in per_cpu.iter() {
-                    total.add(cpu);
-                }
-                Ok((key, total))
+                Ok((key, summed(per_cpu.iter())))
             })
             .collect()
     }

@@ -263,11 +263,6 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// Listens to netfilter's `group` (an `NFNLGRP_` number).
-    pub fn open(group: u32) -> Result<Self, DumpError> {
-        Self::open_on(libc::NETLINK_NETFILTER, &[group])
-    }
-
     /// Listens to `groups` of netlink `protocol`. Notifications that
     /// overflow the receive buffer are lost, and the next receive says so
     /// (`ENOBUFS`).

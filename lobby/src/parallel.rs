@@ -3,8 +3,12 @@
 //! rewrites many targets. Scoped threads, started per job: a thread's start
 //! costs tens of microseconds, so callers split only work of milliseconds.
 
-/// The threads a job may use: the CPUs this process may run on, at most 4.
-pub fn threads() -> usize {
+/// The threads a job of `size` may use: one below `shared_from`, else the
+/// CPUs this process may run on, at most 4.
+pub fn threads(size: usize, shared_from: usize) -> usize {
+    if size < shared_from {
+        return 1;
+    }
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
@@ -40,11 +44,7 @@ pub fn map_items<T: Sync, R: Send>(
     shared_from: usize,
     work: impl Fn(&T) -> R + Sync,
 ) -> Vec<R> {
-    let threads = if items.len() >= shared_from {
-        threads()
-    } else {
-        1
-    };
+    let threads = threads(items.len(), shared_from);
     let runs: Vec<&[T]> = items.chunks(items.len().div_ceil(threads).max(1)).collect();
     map_runs(&runs, |run| run.iter().map(&work).collect::<Vec<R>>())
         .into_iter()

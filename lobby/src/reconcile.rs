@@ -15,6 +15,7 @@
 //! the rotation of a table taken over from a dead run, and the fingerprint
 //! that tells an outside change of the table from Lobby's own.
 use std::{
+    cmp::Ordering,
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, SocketAddr},
@@ -472,21 +473,19 @@ impl<K: Ord> Tally<K> {
         let new = share.as_deref().unwrap_or_default();
         let (mut kept, mut taken) = (old.iter().peekable(), new.iter().peekable());
         loop {
-            match (kept.peek(), taken.peek()) {
+            let order = match (kept.peek(), taken.peek()) {
                 (None, None) => break,
-                (Some(left), Some(joined)) if left == joined => {
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some(left), Some(joined)) => left.cmp(joined),
+            };
+            match order {
+                Ordering::Less => self.release(*kept.next().expect("peeked"), changes),
+                Ordering::Greater => self.hold(*taken.next().expect("peeked"), changes),
+                Ordering::Equal => {
                     kept.next();
                     taken.next();
                 }
-                (Some(left), joined) if joined.is_none_or(|joined| left < joined) => {
-                    self.release(**left, changes);
-                    kept.next();
-                }
-                (_, Some(joined)) => {
-                    self.hold(**joined, changes);
-                    taken.next();
-                }
-                (Some(_), None) => unreachable!("a backend left is released above"),
             }
         }
         if let Some(share) = share {

@@ -55,8 +55,8 @@ pub struct TableWatch {
     /// Held while Lobby's own transaction commits with the socket out of
     /// the group: one at a time, so that the generation counts one commit.
     own_commit: Mutex<()>,
-    /// Cancelled when the socket could not join the group again: the watch
-    /// has gone deaf and ends.
+    /// Cancelled when the watch stops reading (it ended, or the socket
+    /// could not join the group again): its socket stays out of the group.
     deaf: CancellationToken,
 }
 
@@ -76,8 +76,17 @@ impl TableWatch {
 
     /// Reads notifications until `cancel` (`Ok`) or until the socket
     /// fails. Lost notifications (the receive buffer overflowed) and ones
-    /// it cannot read count as changes of the table.
+    /// it cannot read count as changes of the table. A watch that stops
+    /// reading leaves the group for good: a member nobody reads would make
+    /// every commit on the host build notifications for nothing.
     pub async fn follow(&self, cancel: CancellationToken) -> Result<(), WatchError> {
+        let outcome = self.read_until(cancel).await;
+        self.deaf.cancel();
+        let _ = self.socket.get_ref().listen(false);
+        outcome
+    }
+
+    async fn read_until(&self, cancel: CancellationToken) -> Result<(), WatchError> {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let received = tokio::select! {
@@ -106,6 +115,9 @@ impl TableWatch {
     /// generation cannot be read, the commit runs heard, as before.
     pub async fn unheard<T, E>(&self, commit: impl Future<Output = Result<T, E>>) -> Result<T, E> {
         let _one = self.own_commit.lock().await;
+        if self.deaf.is_cancelled() {
+            return commit.await;
+        }
         let before = match generation() {
             Ok(before) => before,
             Err(e) => {

@@ -275,10 +275,7 @@ const SHARED_READ: usize = 64 * 1024;
 
 /// Threads to read a piece of `len` bytes on.
 fn reading_threads(len: usize) -> usize {
-    if len < SHARED_READ {
-        return 1;
-    }
-    crate::parallel::threads()
+    crate::parallel::threads(len, SHARED_READ)
 }
 
 /// What the items of a piece read as.
