@@ -64,6 +64,11 @@ pub struct RunArgs {
     /// Lobby's table is repaired within 10 s instead of at once.
     #[arg(long)]
     pub no_table_notifications: bool,
+    /// Apply each transaction by running the nft binary instead of through
+    /// libnftables inside the daemon: a process per transaction, about
+    /// 20 ms more per change at 1,000 targets.
+    #[arg(long)]
+    pub nft_process: bool,
 }
 
 #[derive(Subcommand, Debug)]

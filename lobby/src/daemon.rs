@@ -33,7 +33,7 @@ use crate::{
     health::{self, CheckerRuntime, HealthReport, ProbeStats},
     metrics::{self, MetricsError, Snapshot, UpstreamExtras},
     model::{Backend, BackendDelta, UpstreamId},
-    nft::NftError,
+    nft::{self, NftError},
     ownership::{self, OwnershipError, TableLock},
     plane::{DataPlane, KernelPlane, Lookup},
     reconcile::{Action, AddressKey, CHOICE_PERIOD, Core, Event, HeldAddress, Measures, Notice},
@@ -72,6 +72,8 @@ pub struct Options {
     /// Follow the kernel's notifications of ruleset changes; without them
     /// the table is compared every [`TABLE_CHECK`].
     pub table_notifications: bool,
+    /// Run the nft binary for each transaction instead of libnftables.
+    pub nft_process: bool,
 }
 
 impl Options {
@@ -150,7 +152,8 @@ pub async fn run(
         info!("counters are off (--no-counters)");
         None
     };
-    let plane = Arc::new(KernelPlane::new(counters, table));
+    let nft = nft::Nft::open(options.nft_process);
+    let plane = Arc::new(KernelPlane::new(counters, table, nft));
     let result = serve(options, parsed, plane.clone(), shutdown, ready).await;
     if result.is_err() {
         // A failed start leaves nothing behind: no pinned map, no table.

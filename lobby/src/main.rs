@@ -170,6 +170,7 @@ fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
             .then(|| Duration::from_secs(args.traffic_log_interval)),
         counters: !args.no_counters,
         table_notifications: !args.no_table_notifications,
+        nft_process: args.nft_process,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {

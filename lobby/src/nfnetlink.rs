@@ -65,19 +65,32 @@ pub fn dump(request: &Request, mut each: impl FnMut(&[u8])) -> Result<(), DumpEr
     }
 }
 
-/// Sends `request`, a get of one object, and returns the attributes of
-/// the kernel's answer. The kernel answers before the send returns, so the
-/// receive does not wait.
-pub fn ask(request: &Request) -> Result<Vec<u8>, DumpError> {
-    let socket = Socket::open()?;
-    socket.send(&request.encode(libc::NLM_F_REQUEST as u16))?;
-    let mut buf = vec![0u8; 8192];
-    let n = socket.recv(&mut buf)?;
-    let mut answer = None;
-    walk(&buf[..n], &mut |attributes: &[u8]| {
-        answer.get_or_insert_with(|| attributes.to_vec());
-    })?;
-    answer.ok_or(DumpError::Malformed)
+/// A socket that asks the kernel about single objects, kept open. Closing
+/// a NETLINK_NETFILTER socket makes the kernel first finish freeing what
+/// the last transactions removed (an RCU grace period), and the closer
+/// waits: 10-15 ms after a one-target change at 1,000 x 10, measured in a
+/// daemon that read the ruleset's generation on a fresh socket after each
+/// of its commits.
+pub struct Asker(Socket);
+
+impl Asker {
+    pub fn open() -> Result<Self, DumpError> {
+        Socket::open().map(Self)
+    }
+
+    /// Sends `request`, a get of one object, and returns the attributes of
+    /// the kernel's answer. The kernel answers before the send returns, so
+    /// the receive does not wait.
+    pub fn ask(&self, request: &Request) -> Result<Vec<u8>, DumpError> {
+        self.0.send(&request.encode(libc::NLM_F_REQUEST as u16))?;
+        let mut buf = vec![0u8; 8192];
+        let n = self.0.recv(&mut buf)?;
+        let mut answer = None;
+        walk(&buf[..n], &mut |attributes: &[u8]| {
+            answer.get_or_insert_with(|| attributes.to_vec());
+        })?;
+        answer.ok_or(DumpError::Malformed)
+    }
 }
 
 /// Hands the attributes of each netlink message in `buf` to `each`; `true`

@@ -85,6 +85,7 @@ pub use crate::netlink::Lookup;
 pub struct KernelPlane {
     /// The name of Lobby's table (`nftables.table`).
     table: String,
+    nft: nft::Nft,
     /// `None` when counting is off, and after [`DataPlane::remove`].
     counters: Mutex<Option<Tracked>>,
     /// The interfaces last checked for hardware offload, and whether all
@@ -110,10 +111,11 @@ struct Tracked {
 
 impl KernelPlane {
     /// `counters`: the loaded eBPF counters, `None` when counting is off;
-    /// `table`: the name of Lobby's table.
-    pub fn new(counters: Option<Counters>, table: String) -> Self {
+    /// `table`: the name of Lobby's table; `nft`: how to reach nft.
+    pub fn new(counters: Option<Counters>, table: String, nft: nft::Nft) -> Self {
         Self {
             table,
+            nft,
             counters: Mutex::new(counters.map(|counters| Tracked {
                 counters,
                 backends: BTreeSet::new(),
@@ -133,18 +135,18 @@ impl KernelPlane {
 
 impl DataPlane for KernelPlane {
     async fn existing_rotation(&self) -> Result<Option<Rotation>, NftError> {
-        nft::existing_rotation(&self.table).await
+        self.nft.existing_rotation(&self.table).await
     }
 
     async fn apply(&self, script: String) -> Result<(), NftError> {
         match self.watch.get() {
-            Some(watch) => watch.unheard(nft::apply(&script)).await,
-            None => nft::apply(&script).await,
+            Some(watch) => watch.unheard(self.nft.apply(&script)).await,
+            None => self.nft.apply(&script).await,
         }
     }
 
     async fn list_table(&self) -> Result<Option<String>, NftError> {
-        nft::list_table(&self.table).await
+        self.nft.list_table(&self.table).await
     }
 
     async fn track(&self, change: &BackendDelta, lookup: Lookup) {
@@ -288,7 +290,7 @@ impl DataPlane for KernelPlane {
     }
 
     async fn remove(&self) {
-        match nft::apply(&nft::teardown(&self.table)).await {
+        match self.nft.apply(&nft::teardown(&self.table)).await {
             Ok(()) => info!(table = %self.table, "ruleset removed"),
             Err(e) => error!(error = %e, "removing the ruleset"),
         }

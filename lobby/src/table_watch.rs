@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
 use crate::{
-    nfnetlink::{self, DumpError, Message, Request, Subscription, attribute},
+    nfnetlink::{self, Asker, DumpError, Message, Request, Subscription, attribute},
     nft,
 };
 
@@ -45,6 +45,8 @@ pub enum WatchError {
     Read(#[source] std::io::Error),
     #[error("joining the notifications' group again after a commit")]
     Rejoin(#[source] std::io::Error),
+    #[error("a socket to read the ruleset's generation")]
+    Asker(#[source] DumpError),
 }
 
 /// The socket that follows the ruleset's notifications for one table.
@@ -54,7 +56,8 @@ pub struct TableWatch {
     changed: mpsc::Sender<()>,
     /// Held while Lobby's own transaction commits with the socket out of
     /// the group: one at a time, so that the generation counts one commit.
-    own_commit: Mutex<()>,
+    /// Holds the socket that reads the generation.
+    own_commit: Mutex<Asker>,
     /// Cancelled when the watch stops reading (it ended, or the socket
     /// could not join the group again): its socket stays out of the group.
     deaf: CancellationToken,
@@ -69,7 +72,7 @@ impl TableWatch {
                 .map_err(WatchError::Subscribe)?,
             table,
             changed,
-            own_commit: Mutex::new(()),
+            own_commit: Mutex::new(Asker::open().map_err(WatchError::Asker)?),
             deaf: CancellationToken::new(),
         })
     }
@@ -114,11 +117,11 @@ impl TableWatch {
     /// generation says another commit came in between. When the
     /// generation cannot be read, the commit runs heard, as before.
     pub async fn unheard<T, E>(&self, commit: impl Future<Output = Result<T, E>>) -> Result<T, E> {
-        let _one = self.own_commit.lock().await;
+        let asker = self.own_commit.lock().await;
         if self.deaf.is_cancelled() {
             return commit.await;
         }
-        let before = match generation() {
+        let before = match generation(&asker) {
             Ok(before) => before,
             Err(e) => {
                 debug!(error = %e, "reading the ruleset's generation: Lobby's commit is heard");
@@ -135,7 +138,7 @@ impl TableWatch {
             self.deaf.cancel();
         }
         let own = u32::from(outcome.is_ok());
-        if generation().ok() != Some(before.wrapping_add(own)) {
+        if generation(&asker).ok() != Some(before.wrapping_add(own)) {
             let _ = self.changed.try_send(());
         }
         outcome
@@ -144,8 +147,8 @@ impl TableWatch {
 
 /// The ruleset's generation: the kernel's count of committed
 /// transactions, in the daemon's network namespace.
-fn generation() -> Result<u32, DumpError> {
-    let answer = nfnetlink::ask(&Request {
+fn generation(asker: &Asker) -> Result<u32, DumpError> {
+    let answer = asker.ask(&Request {
         subsystem: NFNL_SUBSYS_NFTABLES,
         message: NFT_MSG_GETGEN,
         family: 0,

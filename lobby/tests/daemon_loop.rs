@@ -130,6 +130,7 @@ async fn the_loop_applies_answers_reloads_repairs_and_cleans_up() {
         traffic_log_interval: None,
         counters: false,
         table_notifications: true,
+        nft_process: false,
     };
     let plane = Arc::new(FakePlane::default());
     let (stop, stopped) = oneshot::channel::<()>();

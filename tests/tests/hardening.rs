@@ -644,7 +644,7 @@ fn a_failed_start_leaves_no_socket_pins_or_table() {
         std::fs::write(&config_path, text).unwrap();
         let socket = dir.path().join("lobby.sock");
         let pins = bpffs.0.join("lobby");
-        let args = [
+        let mut args = vec![
             OsStr::new("-c"),
             config_path.as_os_str(),
             OsStr::new("--socket"),
@@ -652,6 +652,10 @@ fn a_failed_start_leaves_no_socket_pins_or_table() {
             OsStr::new("--pin-dir"),
             pins.as_os_str(),
         ];
+        if path.is_some() {
+            // The failing nft is a binary: the daemon must run it.
+            args.push(OsStr::new("--nft-process"));
+        }
         // The failing nft comes first in the daemon's PATH only.
         let path_var = path.map(|bin| {
             let mut paths = vec![bin.to_owned()];

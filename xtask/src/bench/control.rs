@@ -149,10 +149,11 @@ fn ms_between(earlier: SystemTime, later: SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
-/// Lobby's binary behind a wrapper that, while a flag file exists, puts
-/// an `nft` shim first on the daemon's PATH; the shim keeps each
-/// transaction the daemon applies. Without the flag the wrapper only
-/// execs the binary.
+/// Lobby's binary behind a wrapper that, while a flag file exists, runs
+/// the daemon with `--nft-process` and an `nft` shim first on its PATH;
+/// the shim keeps each transaction the daemon applies (the text is the
+/// same through libnftables). Without the flag the wrapper only execs the
+/// binary.
 pub struct Capture {
     dir: PathBuf,
 }
@@ -170,8 +171,8 @@ impl Capture {
         write_executable(
             &wrapper,
             &format!(
-                "#!/bin/sh\nif [ -e {d}/on ]; then PATH={d}/bin:$PATH; export PATH; fi\nexec {} \"$@\"\n",
-                binary.display()
+                "#!/bin/sh\nif [ -e {d}/on ]; then PATH={d}/bin:$PATH; export PATH; exec {lobby} --nft-process \"$@\"; fi\nexec {lobby} \"$@\"\n",
+                lobby = binary.display()
             ),
         )?;
         write_executable(
