@@ -40,8 +40,9 @@ const WRITTEN: [(&str, &str); 2] = [
     ("copyright", "usr/share/doc/lobby/copyright"),
     ("changelog", "usr/share/doc/lobby/changelog.Debian.gz"),
 ];
-/// Programs the daemon runs, beyond the libraries dpkg-shlibdeps finds.
-const RUNS: &str = "nftables, iproute2";
+/// Programs the daemon runs, and the library it loads at run time
+/// (libnftables), beyond the libraries dpkg-shlibdeps finds.
+const RUNS: &str = "nftables, libnftables1, iproute2";
 const DESCRIPTION: &str = "\
 layer-4 load balancer in the kernel: nftables DNAT, eBPF counters
  Lobby balances TCP connections over upstreams with nftables round-robin
