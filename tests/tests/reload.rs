@@ -158,3 +158,65 @@ fn an_invalid_file_changes_nothing_and_a_later_valid_one_applies() {
         lobby.log()
     );
 }
+
+/// The daemon applies through libnftables unless told otherwise; the `nft`
+/// binary (`--nft-process`, and the fallback without the library) must
+/// leave the very same table, from a start and through a reload, and
+/// balance the same way.
+#[test]
+fn libnftables_and_the_nft_binary_build_the_same_table() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(3);
+    let _servers = start_servers(&topology);
+    let mut listings = Vec::new();
+    for args in [&[][..], &["--nft-process"][..]] {
+        let mut lobby = Lobby::start_with_args(
+            &topology.lb,
+            &config(false),
+            lobby_tests::Launch::Setns,
+            args,
+        );
+        let started = topology.lb.exec("nft", &["list", "table", "inet", "lobby"]);
+        lobby.reload_with(&config(true));
+        let names: Vec<String> = (0..6)
+            .map(|_| {
+                ask_name(&topology.client, target_addr(STABLE)).expect("a balanced connection")
+            })
+            .collect();
+        let reloaded = topology.lb.exec("nft", &["list", "table", "inet", "lobby"]);
+        assert!(
+            !lobby.log().contains("a process per transaction"),
+            "{args:?}: the daemon fell back to the nft binary:\n{}",
+            lobby.log()
+        );
+        lobby.stop_with(libc::SIGTERM);
+        listings.push((started.stdout, reloaded.stdout, names));
+    }
+    let (library, binary) = (&listings[0], &listings[1]);
+    assert!(
+        String::from_utf8_lossy(&library.1).contains("chain target-churn {"),
+        "the reload's target is in the table"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&library.0),
+        String::from_utf8_lossy(&binary.0),
+        "after the start"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&library.1),
+        String::from_utf8_lossy(&binary.1),
+        "after the reload"
+    );
+    // Round-robin over web0, web1 and web2 after the reload: each twice.
+    for names in [&library.2, &binary.2] {
+        for web in ["web0", "web1", "web2"] {
+            assert_eq!(
+                names.iter().filter(|n| n.as_str() == web).count(),
+                2,
+                "{names:?}"
+            );
+        }
+    }
+}
