@@ -173,8 +173,13 @@ impl Lobby {
             .arg("-c")
             .arg(&self.config_path)
             .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .args(["-l", "debug"])
+            .arg(&self.pin_dir);
+        // Debug lines tell what a failing test saw; a caller that passes
+        // its own level (the bench: the operators' default) keeps it.
+        if !self.args.iter().any(|a| a == "-l" || a == "--log-level") {
+            command.args(["-l", "debug"]);
+        }
+        command
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
