@@ -1,7 +1,7 @@
 //! libnftables inside the daemon: the library the `nft` binary is a thin
 //! shell around, loaded at run time (`libnftables.so.1`, which every
-//! nftables package ships for its `nft`), with one context that lives as
-//! long as the daemon.
+//! nftables package ships for its `nft`) once per process; contexts are
+//! opened from it, the transactions' one for as long as the daemon runs.
 //!
 //! Why not a process per transaction: at 1,000 targets x 10 upstreams, a
 //! one-target change took a fresh `nft -f` 22-36 ms and the same
@@ -18,7 +18,7 @@
 //! of its own, which runs one command at a time.
 use std::{
     ffi::{CStr, CString, c_char, c_int, c_uint, c_void},
-    sync::mpsc,
+    sync::{OnceLock, mpsc},
 };
 
 use tokio::sync::oneshot;
@@ -30,7 +30,7 @@ const SONAME: &str = "libnftables.so.1";
 pub const OUTPUT_STATELESS: c_uint = 1 << 2;
 pub const OUTPUT_JSON: c_uint = 1 << 4;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum LibraryError {
     #[error("loading {SONAME}: {0}")]
     Load(String),
@@ -38,6 +38,8 @@ pub enum LibraryError {
     Symbol(String, &'static str),
     #[error("libnftables could not create a context")]
     Context,
+    #[error("starting the libnftables thread: {0}")]
+    Thread(String),
 }
 
 /// What one command did: whether nft accepted it, what it printed, and
@@ -86,7 +88,7 @@ impl Libnftables {
                     let _ = command.reply.send(outcome);
                 }
             })
-            .map_err(|e| LibraryError::Load(e.to_string()))?;
+            .map_err(|e| LibraryError::Thread(e.to_string()))?;
         opened
             .recv()
             .map_err(|_| LibraryError::Context)?
@@ -124,18 +126,28 @@ type CtxSetFlags = unsafe extern "C" fn(*mut c_void, c_uint);
 type CtxBuffer = unsafe extern "C" fn(*mut c_void) -> *const c_char;
 type RunCmd = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
 
-/// The library's functions Lobby calls, and one context.
-struct Context {
-    context: *mut c_void,
+/// The library's functions Lobby calls.
+#[derive(Clone, Copy)]
+struct Symbols {
+    new: CtxNew,
     free: CtxFree,
+    buffer_output: CtxCall,
+    buffer_error: CtxCall,
     set_output_flags: CtxSetFlags,
     run_cmd: RunCmd,
     output: CtxBuffer,
     error: CtxBuffer,
 }
 
-impl Context {
-    fn open() -> Result<Self, LibraryError> {
+impl Symbols {
+    /// The library, loaded on first use; a failure is the same for every
+    /// later caller.
+    fn get() -> Result<Self, LibraryError> {
+        static SYMBOLS: OnceLock<Result<Symbols, LibraryError>> = OnceLock::new();
+        SYMBOLS.get_or_init(Self::load).clone()
+    }
+
+    fn load() -> Result<Self, LibraryError> {
         let soname = CString::new(SONAME).expect("no NUL in the soname");
         // SAFETY: a NUL-terminated name; the library stays loaded for the
         // life of the process (never dlclosed: its functions are kept).
@@ -143,48 +155,65 @@ impl Context {
         if handle.is_null() {
             return Err(LibraryError::Load(dl_error()));
         }
-        let symbol = |name: &'static CStr| -> Result<*mut c_void, LibraryError> {
-            // SAFETY: a handle dlopen returned and a NUL-terminated name.
-            let address = unsafe { libc::dlsym(handle, name.as_ptr()) };
-            if address.is_null() {
-                Err(LibraryError::Symbol(
-                    dl_error(),
-                    name.to_str().expect("an ASCII name"),
-                ))
-            } else {
-                Ok(address)
-            }
-        };
-        // SAFETY (each transmute): the symbol is the libnftables.h
-        // function of this signature, stable since the library's 0.9 ABI.
-        let new: CtxNew = unsafe { std::mem::transmute(symbol(c"nft_ctx_new")?) };
-        let buffer_output: CtxCall =
-            unsafe { std::mem::transmute(symbol(c"nft_ctx_buffer_output")?) };
-        let buffer_error: CtxCall =
-            unsafe { std::mem::transmute(symbol(c"nft_ctx_buffer_error")?) };
-        let free: CtxFree = unsafe { std::mem::transmute(symbol(c"nft_ctx_free")?) };
-        let set_output_flags: CtxSetFlags =
-            unsafe { std::mem::transmute(symbol(c"nft_ctx_output_set_flags")?) };
-        let run_cmd: RunCmd = unsafe { std::mem::transmute(symbol(c"nft_run_cmd_from_buffer")?) };
-        let output: CtxBuffer =
-            unsafe { std::mem::transmute(symbol(c"nft_ctx_get_output_buffer")?) };
-        let error: CtxBuffer = unsafe { std::mem::transmute(symbol(c"nft_ctx_get_error_buffer")?) };
+        // SAFETY (each call): `handle` is the library's, and each field's
+        // type is the libnftables.h signature of its function, stable
+        // since the library's 0.9 ABI.
+        unsafe {
+            Ok(Self {
+                new: function(handle, c"nft_ctx_new")?,
+                free: function(handle, c"nft_ctx_free")?,
+                buffer_output: function(handle, c"nft_ctx_buffer_output")?,
+                buffer_error: function(handle, c"nft_ctx_buffer_error")?,
+                set_output_flags: function(handle, c"nft_ctx_output_set_flags")?,
+                run_cmd: function(handle, c"nft_run_cmd_from_buffer")?,
+                output: function(handle, c"nft_ctx_get_output_buffer")?,
+                error: function(handle, c"nft_ctx_get_error_buffer")?,
+            })
+        }
+    }
+}
+
+/// The function `name` of the library `handle`, as an `F`.
+///
+/// # Safety
+/// `handle` must come from dlopen and `F` be the function pointer type of
+/// `name`'s signature.
+unsafe fn function<F: Copy>(handle: *mut c_void, name: &'static CStr) -> Result<F, LibraryError> {
+    const { assert!(size_of::<F>() == size_of::<*mut c_void>()) };
+    // SAFETY: a handle dlopen returned and a NUL-terminated name.
+    let address = unsafe { libc::dlsym(handle, name.as_ptr()) };
+    if address.is_null() {
+        return Err(LibraryError::Symbol(
+            dl_error(),
+            name.to_str().expect("an ASCII name"),
+        ));
+    }
+    // SAFETY: the caller's promise; the sizes are equal (checked above).
+    Ok(unsafe { std::mem::transmute_copy(&address) })
+}
+
+/// One context, and the functions it is used with.
+struct Context {
+    context: *mut c_void,
+    symbols: Symbols,
+}
+
+impl Context {
+    fn open() -> Result<Self, LibraryError> {
+        let symbols = Symbols::get()?;
         // SAFETY: NFT_CTX_DEFAULT (0) is the flag set nft uses.
-        let raw = unsafe { new(0) };
+        let raw = unsafe { (symbols.new)(0) };
         if raw.is_null() {
             return Err(LibraryError::Context);
         }
         let context = Self {
             context: raw,
-            free,
-            set_output_flags,
-            run_cmd,
-            output,
-            error,
+            symbols,
         };
         // SAFETY: a live context. Both buffer what nft would print, which
         // the daemon must not: its stdout and stderr are its log.
-        let buffered = unsafe { buffer_output(raw) == 0 && buffer_error(raw) == 0 };
+        let buffered =
+            unsafe { (symbols.buffer_output)(raw) == 0 && (symbols.buffer_error)(raw) == 0 };
         if !buffered {
             return Err(LibraryError::Context);
         }
@@ -194,13 +223,14 @@ impl Context {
     fn run(&self, text: &CStr, output_flags: c_uint) -> Outcome {
         // SAFETY: a live context, used by this thread only; the buffers'
         // strings are copied out before the next call replaces them.
+        let symbols = self.symbols;
         unsafe {
-            (self.set_output_flags)(self.context, output_flags);
-            let accepted = (self.run_cmd)(self.context, text.as_ptr()) == 0;
+            (symbols.set_output_flags)(self.context, output_flags);
+            let accepted = (symbols.run_cmd)(self.context, text.as_ptr()) == 0;
             Outcome {
                 accepted,
-                output: buffer(self.output, self.context).into_bytes(),
-                said: buffer(self.error, self.context).trim().to_owned(),
+                output: buffer(symbols.output, self.context).into_bytes(),
+                said: buffer(symbols.error, self.context).trim().to_owned(),
             }
         }
     }
@@ -209,7 +239,7 @@ impl Context {
 impl Drop for Context {
     fn drop(&mut self) {
         // SAFETY: the live context, freed once.
-        unsafe { (self.free)(self.context) }
+        unsafe { (self.symbols.free)(self.context) }
     }
 }
 
