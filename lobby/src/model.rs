@@ -80,10 +80,19 @@ pub struct Desired {
     pub flowtable: Option<crate::accel::Flowtable>,
     /// The table's name and its nat chains' priority.
     pub nftables: Nftables,
+    /// The chains that keep health probes out of conntrack, while some
+    /// upstream is checked: without probes the table does without them,
+    /// and forwarded packets cross one hook fewer.
+    pub probes: Option<ProbeExemption>,
+}
+
+/// How the table tells the daemon's probes from other traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeExemption {
     /// The local ports of TCP probes, when the daemon confined them: the
     /// table looks up the socket of no other TCP packet. Fixed for a
     /// daemon's life.
-    pub probe_ports: Option<ProbePorts>,
+    pub ports: Option<ProbePorts>,
 }
 
 /// An upstream as the masquerade rule matches it.

@@ -9,8 +9,9 @@
 //! translate between families) or, with none, a refusal: a TCP reset, an
 //! ICMP(v6) port unreachable for UDP and SCTP. Only connections to Lobby's
 //! own upstreams are masqueraded, one set per family. Two chains at the
-//! `raw` priority exempt the health probes' packets from conntrack; two at
-//! `mangle` end least-connections' mark (see [`closing`]). A
+//! `raw` priority exempt the health probes' packets from conntrack (see
+//! [`probes`]); two at `mangle` end least-connections' mark (see
+//! [`closing`]). A
 //! change touches only the chains and elements it must, in one transaction.
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -30,10 +31,10 @@ mod limits;
 mod local;
 mod mirror;
 mod persistence;
+mod probes;
 
 use crate::{
     config::{Distribution, Family, IpNet, Nftables, Protocol, SourceNat},
-    health::PROBE_MARK,
     model::{self, Backend, BackendDelta, Desired, DesiredTarget, FamilyRotation},
 };
 
@@ -124,26 +125,7 @@ pub fn render(desired: &Desired) -> String {
         writeln!(out, "\t\t{rule}").unwrap();
     }
     writeln!(out, "\t}}").unwrap();
-    for (chain, hook, rule) in PROBE_CHAINS {
-        writeln!(out, "\tchain {chain} {{").unwrap();
-        writeln!(
-            out,
-            "\t\ttype filter hook {hook} priority raw; policy accept;"
-        )
-        .unwrap();
-        if hook == "prerouting"
-            && let Some(ports) = desired.probe_ports
-        {
-            writeln!(
-                out,
-                "\t\ttcp dport != {}-{} accept",
-                ports.first, ports.last
-            )
-            .unwrap();
-        }
-        writeln!(out, "\t\t{rule} {PROBE_MARK:#x} notrack").unwrap();
-        writeln!(out, "\t}}").unwrap();
-    }
+    probes::render(&mut out, desired);
     for object in persistence::objects(desired).values() {
         object.render(&mut out);
     }
@@ -165,19 +147,48 @@ pub fn render(desired: &Desired) -> String {
     out
 }
 
-/// The chains that keep health probes out of conntrack, so that a full
-/// table cannot fail them (name, hook, match of the probe mark). At the
-/// `raw` priority they run before conntrack looks at a packet: on the way
-/// out a probe's packet carries its socket's mark; on the way in, the
-/// `socket` expression looks up the socket a packet is for (an ICMP error
-/// by the header it quotes), whose mark is the probe's; a TCP packet to a
-/// port outside the [`ProbePorts`] (when confined) cannot be for a probe,
-/// and leaves before that lookup. Static: no change of the desired state
-/// touches them.
-const PROBE_CHAINS: [(&str, &str, &str); 2] = [
-    ("probes-output", "output", "meta mark"),
-    ("probes-prerouting", "prerouting", "socket mark"),
-];
+/// A base chain that a table has whole or not at all: its name, its
+/// `type ... hook ...` line and its rules.
+struct FixedChain {
+    name: &'static str,
+    spec: String,
+    rules: Vec<String>,
+}
+
+/// Writes `chains` inside `table ... { }`.
+fn render_fixed(out: &mut String, chains: &[FixedChain]) {
+    for chain in chains {
+        writeln!(out, "\tchain {} {{", chain.name).unwrap();
+        writeln!(out, "\t\t{}", chain.spec).unwrap();
+        for rule in &chain.rules {
+            writeln!(out, "\t\t{rule}").unwrap();
+        }
+        writeln!(out, "\t}}").unwrap();
+    }
+}
+
+/// The commands that add `chains` to `table`.
+fn add_fixed(out: &mut String, table: &str, chains: &[FixedChain]) {
+    for chain in chains {
+        let name = chain.name;
+        writeln!(
+            out,
+            "add chain {FAMILY} {table} {name} {{ {} }}",
+            chain.spec
+        )
+        .unwrap();
+        for rule in &chain.rules {
+            writeln!(out, "add rule {FAMILY} {table} {name} {rule}").unwrap();
+        }
+    }
+}
+
+/// The commands that delete `chains` from `table`.
+fn delete_fixed(out: &mut String, table: &str, chains: &[FixedChain]) {
+    for chain in chains {
+        writeln!(out, "delete chain {FAMILY} {table} {}", chain.name).unwrap();
+    }
+}
 
 /// What the kernel holds before a transaction.
 #[derive(Clone, Copy, Debug)]
@@ -280,7 +291,7 @@ fn changed_views(applied: &Desired, desired: &Desired) -> Option<(Desired, Desir
         lingering: state.lingering.clone(),
         flowtable: state.flowtable.clone(),
         nftables: state.nftables.clone(),
-        probe_ports: state.probe_ports,
+        probes: state.probes,
     };
     let (mut old_view, mut new_view) = (view(applied), view(desired));
     for (name, old, new) in changes {
@@ -382,6 +393,7 @@ fn plan_known(applied: &Desired, desired: &Desired, backends: &BackendDelta) -> 
     }
     local::plan_additions(&mut out, applied, desired);
     closing::plan(&mut out, applied, desired);
+    probes::plan(&mut out, applied, desired);
     flowtable::plan(
         &mut out,
         table,
@@ -1115,7 +1127,7 @@ pub fn parse_rotation(listing: &[u8]) -> Result<Rotation, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Policy;
+    use crate::{config::Policy, health::ProbePorts, model::ProbeExemption};
     use std::sync::Arc;
 
     /// An IPv4 target, as on a host that does not forward IPv6.
@@ -1297,6 +1309,10 @@ add rule inet lobby closing-output tcp flags & (fin | rst) != 0 ct mark & 0x1000
             ("web", target(8081, &[(11, 9000), (12, 9000)])),
             ("api", api),
         ]);
+        let state = Desired {
+            probes: Some(ProbeExemption { ports: None }),
+            ..state
+        };
         let expected = "\
 table inet lobby {
 \tmap targets {
@@ -1337,6 +1353,35 @@ table inet lobby {
 }
 ";
         assert_eq!(render(&state), expected);
+    }
+
+    #[test]
+    fn probe_chains_come_with_the_first_checked_upstream_and_go_with_the_last() {
+        let unchecked = desired(&[("web", target(8081, &[(11, 9000)]))]);
+        assert!(!render(&unchecked).contains("probes-"));
+        let checked = Desired {
+            probes: Some(ProbeExemption {
+                ports: Some(ProbePorts {
+                    first: 56904,
+                    last: 60999,
+                }),
+            }),
+            ..unchecked.clone()
+        };
+        assert_eq!(
+            plan(Applied::Known(&unchecked), &checked).unwrap(),
+            "\
+add chain inet lobby probes-output { type filter hook output priority raw; policy accept; }
+add rule inet lobby probes-output meta mark 0x10bb notrack
+add chain inet lobby probes-prerouting { type filter hook prerouting priority raw; policy accept; }
+add rule inet lobby probes-prerouting tcp dport != 56904-60999 accept
+add rule inet lobby probes-prerouting socket mark 0x10bb notrack
+"
+        );
+        assert_eq!(
+            plan(Applied::Known(&checked), &unchecked).unwrap(),
+            "delete chain inet lobby probes-output\ndelete chain inet lobby probes-prerouting\n"
+        );
     }
 
     #[test]

@@ -34,8 +34,8 @@ use crate::{
     health::{HealthReport, ProbePorts},
     metrics::Histogram,
     model::{
-        self, AddressState, Backend, BackendDelta, Desired, DesiredTarget, UpstreamId,
-        UpstreamState,
+        self, AddressState, Backend, BackendDelta, Desired, DesiredTarget, ProbeExemption,
+        UpstreamId, UpstreamState,
     },
     nft::{self, Applied, Rotation},
 };
@@ -1355,7 +1355,13 @@ impl Core {
         let mut desired = Desired {
             targets: self.computed.clone(),
             nftables: config.nftables.clone(),
-            probe_ports: self.probe_ports,
+            probes: self
+                .upstreams
+                .values()
+                .any(|u| u.spec.health_check.is_some())
+                .then_some(ProbeExemption {
+                    ports: self.probe_ports,
+                }),
             ..Desired::default()
         };
         self.selection.narrow(&mut desired, now);

@@ -15,29 +15,27 @@
 //! local process sends, so a FIN from either end clears the mark. Filter
 //! chains after conntrack (`mangle` runs after it), other bits of the
 //! mark untouched.
-use std::fmt::Write as _;
-
-use super::FAMILY;
+use super::{FixedChain, add_fixed, delete_fixed, render_fixed};
 use crate::{
     config::Distribution,
     conntrack::LEAST_CONNECTIONS_MARK,
     model::{Desired, DesiredTarget},
 };
 
-const CHAINS: [(&str, &str); 2] = [
-    ("closing-prerouting", "prerouting"),
-    ("closing-output", "output"),
-];
-
-fn chain_type(hook: &str) -> String {
-    format!("type filter hook {hook} priority mangle; policy accept;")
-}
-
-fn rule() -> String {
-    format!(
+fn chains() -> [FixedChain; 2] {
+    let rule = format!(
         "tcp flags & (fin | rst) != 0 ct mark & {LEAST_CONNECTIONS_MARK:#x} == {LEAST_CONNECTIONS_MARK:#x} ct mark set ct mark & {:#x}",
         !LEAST_CONNECTIONS_MARK
-    )
+    );
+    [
+        ("closing-prerouting", "prerouting"),
+        ("closing-output", "output"),
+    ]
+    .map(|(name, hook)| FixedChain {
+        name,
+        spec: format!("type filter hook {hook} priority mangle; policy accept;"),
+        rules: vec![rule.clone()],
+    })
 }
 
 /// Whether the chains belong in the table of `desired`.
@@ -59,14 +57,8 @@ pub(super) fn mark_rule(opened: &str) -> String {
 
 /// Writes the chains inside `table ... { }`, if wanted.
 pub(super) fn render(out: &mut String, desired: &Desired) {
-    if !wanted(desired) {
-        return;
-    }
-    for (chain, hook) in CHAINS {
-        writeln!(out, "\tchain {chain} {{").unwrap();
-        writeln!(out, "\t\t{}", chain_type(hook)).unwrap();
-        writeln!(out, "\t\t{}", rule()).unwrap();
-        writeln!(out, "\t}}").unwrap();
+    if wanted(desired) {
+        render_fixed(out, &chains());
     }
 }
 
@@ -75,22 +67,8 @@ pub(super) fn render(out: &mut String, desired: &Desired) {
 pub(super) fn plan(out: &mut String, applied: &Desired, desired: &Desired) {
     let table = &desired.nftables.table;
     match (wanted(applied), wanted(desired)) {
-        (false, true) => {
-            for (chain, hook) in CHAINS {
-                writeln!(
-                    out,
-                    "add chain {FAMILY} {table} {chain} {{ {} }}",
-                    chain_type(hook)
-                )
-                .unwrap();
-                writeln!(out, "add rule {FAMILY} {table} {chain} {}", rule()).unwrap();
-            }
-        }
-        (true, false) => {
-            for (chain, _) in CHAINS {
-                writeln!(out, "delete chain {FAMILY} {table} {chain}").unwrap();
-            }
-        }
+        (false, true) => add_fixed(out, table, &chains()),
+        (true, false) => delete_fixed(out, table, &chains()),
         _ => {}
     }
 }
