@@ -21,7 +21,7 @@ use super::{
 pub type Pair = (&'static str, Variant, Variant, &'static str);
 
 /// The goal ratios between variants of the data plane.
-pub const PAIRS: [Pair; 12] = [
+pub const PAIRS: [Pair; 13] = [
     (
         "block list of 100,000 prefixes: Lobby conn/s / Lobby without",
         Variant::LobbyBlockList,
@@ -89,10 +89,16 @@ pub const PAIRS: [Pair; 12] = [
         ">= 0.97",
     ),
     (
-        "least-latency: Lobby conn/s / Lobby round-robin",
+        "least-latency: Lobby conn/s / Lobby round-robin, both health-checked",
         Variant::LobbyLeastLatency,
-        Variant::Lobby,
+        Variant::LobbyChecked,
         ">= 0.97",
+    ),
+    (
+        "TCP health checks on every upstream: Lobby conn/s / Lobby without",
+        Variant::LobbyChecked,
+        Variant::Lobby,
+        "-",
     ),
 ];
 

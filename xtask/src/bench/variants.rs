@@ -51,6 +51,10 @@ pub enum Variant {
     /// With TCP health checks on every upstream: the probes' round trips
     /// are the measure.
     LobbyLeastLatency,
+    /// Round-robin with the health checks of [`Variant::LobbyLeastLatency`]:
+    /// its anchor, since checks bring the chains that keep probes out of
+    /// conntrack, which a table without checks does without.
+    LobbyChecked,
     /// IPv6 on a dual-stack topology: plain routing, and Lobby.
     Forwarding6,
     Lobby6,
@@ -96,12 +100,14 @@ pub enum Mode {
     Persistence,
     LeastConnections,
     LeastLatency,
+    /// Round-robin with health checks on every upstream.
+    Checked,
 }
 
 impl Mode {
     fn distribution(self) -> &'static str {
         match self {
-            Self::RoundRobin | Self::Weighted | Self::Persistence => "round-robin",
+            Self::RoundRobin | Self::Weighted | Self::Persistence | Self::Checked => "round-robin",
             Self::Random => "random",
             Self::SourceHash => "ip-src-hash",
             Self::LeastConnections => "least-connections",
@@ -123,7 +129,7 @@ impl Mode {
             1 => String::new(),
             weight => format!("weight: {weight}\n"),
         };
-        if self == Self::LeastLatency {
+        if matches!(self, Self::LeastLatency | Self::Checked) {
             // Every upstream (the datagram ones too) is probed on its
             // greeting server, which accepts any connection at once.
             keys.push_str(&health_check(GREET_PORT, true, 1, 1, 2));
@@ -162,7 +168,11 @@ impl Mode {
         let (declaration, pick) = match self {
             // The dynamic distributions' kernel path is the round-robin
             // map, which the daemon narrows to the backends it chooses.
-            Self::RoundRobin | Self::Weighted | Self::LeastConnections | Self::LeastLatency => {
+            Self::RoundRobin
+            | Self::Weighted
+            | Self::LeastConnections
+            | Self::LeastLatency
+            | Self::Checked => {
                 (String::new(), format!("dnat ip to numgen inc mod {count}"))
             }
             Self::Random => (
@@ -212,7 +222,7 @@ impl Variant {
     ];
 
     /// The variants measured by connection rate only.
-    pub const RATE_ONLY: [Variant; 21] = [
+    pub const RATE_ONLY: [Variant; 22] = [
         Self::LobbyRandom,
         Self::RawNftRandom,
         Self::LobbySourceHash,
@@ -223,6 +233,7 @@ impl Variant {
         Self::RawNftPersistence,
         Self::LobbyLeastConnections,
         Self::LobbyLeastLatency,
+        Self::LobbyChecked,
         Self::Forwarding6,
         Self::Lobby6,
         Self::LobbyBlockList,
@@ -253,6 +264,7 @@ impl Variant {
             Self::RawNftPersistence => "raw-nft-persistence",
             Self::LobbyLeastConnections => "lobby-least-connections",
             Self::LobbyLeastLatency => "lobby-least-latency",
+            Self::LobbyChecked => "lobby-checked",
             Self::Forwarding6 => "forwarding-ipv6",
             Self::Lobby6 => "lobby-ipv6",
             Self::LobbyBlockList => "lobby-block-100k",
@@ -406,6 +418,7 @@ impl Setup {
             Variant::LobbyLeastLatency => {
                 setup.start_lobby(&lobby_config(Mode::LeastLatency, false))
             }
+            Variant::LobbyChecked => setup.start_lobby(&lobby_config(Mode::Checked, false)),
             Variant::LobbyBlockList => setup.start_lobby(&with_block_list(
                 &lobby_config(Mode::RoundRobin, false),
                 100_000,
