@@ -33,25 +33,48 @@ impl From<&Marker> for Mark {
     }
 }
 
-/// Cheap to clone: an alias shares the anchored value instead of copying it,
-/// so memory grows with the text, not with what aliases repeat.
-#[derive(Clone, Debug)]
+/// A node written once owns its value. A node an alias may repeat (one
+/// inside an anchored node, or an alias itself) shares it instead, so
+/// memory grows with the text, not with what aliases repeat; sharing only
+/// there spares the rest of the document an allocation per node.
+#[derive(Debug)]
 pub(crate) struct Node {
     pub mark: Mark,
-    value: Rc<Value>,
+    value: Content,
+}
+
+#[derive(Debug)]
+enum Content {
+    Own(Value),
+    Shared(Rc<Value>),
 }
 
 impl Node {
     pub fn value(&self) -> &Value {
-        &self.value
+        match &self.value {
+            Content::Own(value) => value,
+            Content::Shared(value) => value,
+        }
     }
 
     pub fn is_null(&self) -> bool {
-        matches!(*self.value, Value::Null)
+        matches!(self.value(), Value::Null)
+    }
+
+    /// The same node again, for a node inside a shared one: every node
+    /// an alias may repeat is built shared.
+    fn share(&self) -> Node {
+        match &self.value {
+            Content::Shared(value) => Node {
+                mark: self.mark,
+                value: Content::Shared(Rc::clone(value)),
+            },
+            Content::Own(_) => unreachable!("a node inside a shared one is shared"),
+        }
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) enum Value {
     /// An empty value, `~` or `null`.
     Null,
@@ -92,6 +115,9 @@ pub(crate) fn parse_document(text: &str) -> Result<Document, SyntaxError> {
         anchors: HashMap::new(),
         nodes: 0,
         last_mark: Mark { line: 1, column: 1 },
+        anchored: 0,
+        items: Vec::new(),
+        entries: Vec::new(),
     };
     let root = builder.document()?;
     Ok(Document {
@@ -107,10 +133,17 @@ const MERGE_KEY: &str = "<<";
 
 struct TreeBuilder<'t> {
     parser: Parser<'t, StrInput<'t>>,
-    /// Anchor id to the anchored node and its size in nodes.
-    anchors: HashMap<usize, (Node, usize)>,
+    /// Anchor id to the anchored node's mark, value and size in nodes.
+    anchors: HashMap<usize, (Mark, Rc<Value>, usize)>,
     nodes: usize,
     last_mark: Mark,
+    /// Anchored nodes being built around the current one, whose nodes an
+    /// alias may repeat.
+    anchored: usize,
+    /// The items and entries of the collections being built, one after the
+    /// other: each collection then takes one allocation of its exact size.
+    items: Vec<Node>,
+    entries: Vec<(Node, Node)>,
 }
 
 impl<'t> TreeBuilder<'t> {
@@ -199,12 +232,19 @@ impl<'t> TreeBuilder<'t> {
         self.count(1, mark)?;
         let (value, size, anchor) = match event {
             Event::Alias(anchor) => {
-                let Some((node, size)) = self.anchors.get(&anchor).cloned() else {
+                let Some((anchored, value, size)) = self.anchors.get(&anchor) else {
                     return Err(SyntaxError {
                         mark,
                         message: "alias to an unknown anchor".to_owned(),
                     });
                 };
+                let (node, size) = (
+                    Node {
+                        mark: *anchored,
+                        value: Content::Shared(Rc::clone(value)),
+                    },
+                    *size,
+                );
                 self.count(size - 1, mark)?;
                 return Ok((node, size));
             }
@@ -222,36 +262,52 @@ impl<'t> TreeBuilder<'t> {
                 (value, 1, anchor)
             }
             Event::SequenceStart(anchor, _) => {
+                self.anchored += usize::from(anchor != 0);
                 let (items, size) = self.sequence(depth)?;
+                self.anchored -= usize::from(anchor != 0);
                 (Value::Sequence(items), size, anchor)
             }
             Event::MappingStart(anchor, _) => {
+                self.anchored += usize::from(anchor != 0);
                 let (entries, size) = self.mapping(mark, depth)?;
+                self.anchored -= usize::from(anchor != 0);
                 (Value::Mapping(entries), size, anchor)
             }
             _ => return Err(self.unexpected("a value")),
         };
-        let node = Node {
-            mark,
-            value: Rc::new(value),
-        };
-        if anchor != 0 {
-            self.anchors.insert(anchor, (node.clone(), size));
+        if anchor == 0 && self.anchored == 0 {
+            return Ok((
+                Node {
+                    mark,
+                    value: Content::Own(value),
+                },
+                size,
+            ));
         }
-        Ok((node, size))
+        let value = Rc::new(value);
+        if anchor != 0 {
+            self.anchors.insert(anchor, (mark, Rc::clone(&value), size));
+        }
+        Ok((
+            Node {
+                mark,
+                value: Content::Shared(value),
+            },
+            size,
+        ))
     }
 
     fn sequence(&mut self, depth: usize) -> Result<(Vec<Node>, usize), SyntaxError> {
-        let mut items = Vec::new();
+        let start = self.items.len();
         let mut size = 1;
         loop {
             let (event, mark) = self.next()?;
             if matches!(event, Event::SequenceEnd) {
-                return Ok((items, size));
+                return Ok((self.items.drain(start..).collect(), size));
             }
             let (item, item_size) = self.node(event, mark, depth + 1)?;
             size += item_size;
-            items.push(item);
+            self.items.push(item);
         }
     }
 
@@ -260,7 +316,7 @@ impl<'t> TreeBuilder<'t> {
         mark: Mark,
         depth: usize,
     ) -> Result<(Vec<(Node, Node)>, usize), SyntaxError> {
-        let mut entries = Vec::new();
+        let start = self.entries.len();
         let mut merged = Vec::new();
         let mut size = 1;
         loop {
@@ -275,40 +331,63 @@ impl<'t> TreeBuilder<'t> {
             if scalar_text(&key) == Some(MERGE_KEY) {
                 merged.push(value);
             } else {
-                entries.push((key, value));
+                self.entries.push((key, value));
             }
         }
+        let mut entries: Vec<_> = self.entries.drain(start..).collect();
         for source in merged {
-            merge_into(&mut entries, &source, mark)?;
+            merge_into(&mut entries, source, mark)?;
         }
         Ok((entries, size))
     }
 }
 
 /// Adds the entries of `source` (a mapping or a list of mappings) whose keys
-/// `entries` lacks: keys written in the mapping win over merged ones.
+/// `entries` lacks: keys written in the mapping win over merged ones. What
+/// an alias may repeat is shared, what is written once moves.
 fn merge_into(
     entries: &mut Vec<(Node, Node)>,
-    source: &Node,
+    source: Node,
     mark: Mark,
 ) -> Result<(), SyntaxError> {
-    match source.value() {
-        Value::Mapping(source_entries) => {
+    let lacks = |entries: &[(Node, Node)], key: &Node| {
+        let text = scalar_text(key);
+        !entries.iter().any(|(k, _)| scalar_text(k) == text)
+    };
+    match source.value {
+        Content::Own(Value::Mapping(source_entries)) => {
             for (key, value) in source_entries {
-                let text = scalar_text(key);
-                if !entries.iter().any(|(k, _)| scalar_text(k) == text) {
-                    entries.push((key.clone(), value.clone()));
+                if lacks(entries, &key) {
+                    entries.push((key, value));
                 }
             }
             Ok(())
         }
-        Value::Sequence(sources) => sources
-            .iter()
+        Content::Own(Value::Sequence(sources)) => sources
+            .into_iter()
             .try_for_each(|source| merge_into(entries, source, mark)),
-        _ => Err(SyntaxError {
-            mark,
-            message: format!("`{MERGE_KEY}` must be given a mapping or a list of mappings"),
-        }),
+        Content::Shared(value) => match &*value {
+            Value::Mapping(source_entries) => {
+                for (key, value) in source_entries {
+                    if lacks(entries, key) {
+                        entries.push((key.share(), value.share()));
+                    }
+                }
+                Ok(())
+            }
+            Value::Sequence(sources) => sources
+                .iter()
+                .try_for_each(|source| merge_into(entries, source.share(), mark)),
+            _ => Err(not_mergeable(mark)),
+        },
+        Content::Own(_) => Err(not_mergeable(mark)),
+    }
+}
+
+fn not_mergeable(mark: Mark) -> SyntaxError {
+    SyntaxError {
+        mark,
+        message: format!("`{MERGE_KEY}` must be given a mapping or a list of mappings"),
     }
 }
 
@@ -327,5 +406,63 @@ fn syntax_message(info: &str) -> String {
         format!("YAML syntax: nesting too deep ({info})")
     } else {
         format!("YAML syntax: {info}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tree as flow YAML, with each mapping's line.
+    fn render(node: &Node) -> String {
+        match node.value() {
+            Value::Null => "~".to_owned(),
+            Value::Scalar { text, .. } => text.clone(),
+            Value::Sequence(items) => {
+                format!(
+                    "[{}]",
+                    items.iter().map(render).collect::<Vec<_>>().join(", ")
+                )
+            }
+            Value::Mapping(entries) => format!(
+                "{}{{{}}}",
+                node.mark.line,
+                entries
+                    .iter()
+                    .map(|(k, v)| format!("{}: {}", render(k), render(v)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    fn parsed(text: &str) -> String {
+        render(&parse_document(text).unwrap().root.unwrap())
+    }
+
+    #[test]
+    fn merges_from_written_and_repeated_mappings_read_alike() {
+        // Written in place: moved into the mapping.
+        assert_eq!(parsed("a: 1\n<<: {a: 2, b: 3}\n"), "1{a: 1, b: 3}");
+        assert_eq!(
+            parsed("<<: [{a: 1}, {a: 2, b: 3}]\nc: 4\n"),
+            "1{c: 4, a: 1, b: 3}"
+        );
+        // Repeated through aliases, of a mapping or a list of them, and
+        // merges inside anchored nodes: shared, with the anchor's line.
+        let text = "x: &x\n  a: 1\n  <<: {b: 2}\n\
+                    l: &l\n  - {c: 3}\n  - *x\n\
+                    y:\n  <<: *x\n  d: 4\n\
+                    z:\n  <<: *l\n\
+                    w:\n  <<: [*x, {e: 5}]\n";
+        assert_eq!(
+            parsed(text),
+            "1{x: 1{a: 1, b: 2}, l: [5{c: 3}, 1{a: 1, b: 2}], y: 8{d: 4, a: 1, b: 2}, \
+             z: 11{c: 3, a: 1, b: 2}, w: 13{a: 1, b: 2, e: 5}}"
+        );
+        let document = parse_document(text).unwrap();
+        assert!(document.has_anchors);
+        let refused = parse_document("a: &s text\n<<: *s\n").err().unwrap();
+        assert_eq!(refused, not_mergeable(Mark { line: 1, column: 1 }));
     }
 }
