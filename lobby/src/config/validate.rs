@@ -61,6 +61,7 @@
 //!   duplicates a packet in its own family.
 use std::{
     collections::HashMap,
+    fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
@@ -236,7 +237,7 @@ pub(crate) fn targets_alone(items: &[Node], defaults: &Policy) -> Option<Vec<Tar
     let mut checker = Checker::new(Path::new(""));
     let targets: Option<Vec<Target>> = items
         .iter()
-        .map(|item| checker.target(item, String::new(), Some(defaults)))
+        .map(|item| checker.target(item, At::Root, Some(defaults)))
         .collect();
     (checker.errors.is_empty() && checker.warnings.is_empty())
         .then_some(targets)
@@ -244,13 +245,13 @@ pub(crate) fn targets_alone(items: &[Node], defaults: &Policy) -> Option<Vec<Tar
 }
 
 /// The keys of one mapping, checked against what it may hold.
-struct Fields<'n> {
-    path: String,
+struct Fields<'n, 'p> {
+    path: At<'p>,
     mark: Mark,
     entries: Vec<(&'n str, &'n Node)>,
 }
 
-impl<'n> Fields<'n> {
+impl<'n> Fields<'n, '_> {
     fn get(&self, key: &str) -> Option<&'n Node> {
         self.entries
             .iter()
@@ -259,7 +260,32 @@ impl<'n> Fields<'n> {
     }
 
     fn path(&self, key: &str) -> String {
-        child(&self.path, key)
+        self.at(key).to_string()
+    }
+
+    fn at<'s>(&'s self, key: &'s str) -> At<'s> {
+        At::Key(&self.path, key)
+    }
+}
+
+/// Where a value is written (`lb[0].targets[3].port`), spelled out only
+/// when a problem there is reported: most values have none, and a large
+/// file has tens of thousands of them.
+#[derive(Clone, Copy)]
+enum At<'p> {
+    Root,
+    Key(&'p At<'p>, &'p str),
+    /// Item `.2` of the list at key `.1`.
+    Item(&'p At<'p>, &'p str, usize),
+}
+
+impl fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            At::Root => Ok(()),
+            At::Key(parent, key) => f.write_str(&child(&parent.to_string(), key)),
+            At::Item(parent, key, i) => write!(f, "{}[{i}]", child(&parent.to_string(), key)),
+        }
     }
 }
 
@@ -338,10 +364,15 @@ impl Checker {
 
     /// The entries of a mapping, after reporting keys that are not in
     /// `schema` or appear twice.
-    fn mapping<'n>(&mut self, node: &'n Node, path: String, schema: &[&str]) -> Option<Fields<'n>> {
+    fn mapping<'n, 'p>(
+        &mut self,
+        node: &'n Node,
+        path: At<'p>,
+        schema: &[&str],
+    ) -> Option<Fields<'n, 'p>> {
         let Value::Mapping(pairs) = node.value() else {
             let message = format!("expected a mapping, found {}", describe(node));
-            self.report(node.mark, path, message);
+            self.report(node.mark, path.to_string(), message);
             return None;
         };
         let mut fields = Fields {
@@ -352,7 +383,7 @@ impl Checker {
         for (key, value) in pairs {
             let Value::Scalar { text, .. } = key.value() else {
                 let message = format!("expected a key, found {}", describe(key));
-                self.report(key.mark, fields.path.clone(), message);
+                self.report(key.mark, fields.path.to_string(), message);
                 continue;
             };
             if let Some(first) = fields.entries.iter().find(|(k, _)| k == text) {
@@ -371,27 +402,27 @@ impl Checker {
     }
 
     /// A sub-mapping; `None` also when it is absent or empty.
-    fn optional_mapping<'n>(
+    fn optional_mapping<'n, 'p>(
         &mut self,
-        fields: &Fields<'n>,
-        key: &str,
+        fields: &'p Fields<'n, '_>,
+        key: &'p str,
         schema: &[&str],
-    ) -> Option<Fields<'n>> {
+    ) -> Option<Fields<'n, 'p>> {
         let node = fields.get(key).filter(|n| !n.is_null())?;
-        self.mapping(node, fields.path(key), schema)
+        self.mapping(node, fields.at(key), schema)
     }
 
-    fn required_mapping<'n>(
+    fn required_mapping<'n, 'p>(
         &mut self,
-        fields: &Fields<'n>,
-        key: &str,
+        fields: &'p Fields<'n, '_>,
+        key: &'p str,
         schema: &[&str],
-    ) -> Option<Fields<'n>> {
+    ) -> Option<Fields<'n, 'p>> {
         let Some(node) = fields.get(key) else {
             self.missing(fields, key, "a mapping");
             return None;
         };
-        self.mapping(node, fields.path(key), schema)
+        self.mapping(node, fields.at(key), schema)
     }
 
     fn missing(&mut self, fields: &Fields, key: &str, expected: &str) {
@@ -399,12 +430,12 @@ impl Checker {
         self.report(fields.mark, fields.path(key), message);
     }
 
-    fn read<W: Want>(&mut self, node: &Node, path: String, want: &W) -> Option<W::Value> {
+    fn read<W: Want>(&mut self, node: &Node, path: At, want: &W) -> Option<W::Value> {
         match want.read(node) {
             Ok(value) => Some(value),
             Err(found) => {
                 let message = format!("expected {}, found {found}", want.expected());
-                self.report(node.mark, path, message);
+                self.report(node.mark, path.to_string(), message);
                 None
             }
         }
@@ -413,7 +444,7 @@ impl Checker {
     /// `None` when absent, null or invalid (reported).
     fn optional<W: Want>(&mut self, fields: &Fields, key: &str, want: &W) -> Option<W::Value> {
         let node = fields.get(key).filter(|n| !n.is_null())?;
-        self.read(node, fields.path(key), want)
+        self.read(node, fields.at(key), want)
     }
 
     fn required<W: Want>(&mut self, fields: &Fields, key: &str, want: &W) -> Option<W::Value> {
@@ -421,7 +452,7 @@ impl Checker {
             self.missing(fields, key, &want.expected());
             return None;
         };
-        self.read(node, fields.path(key), want)
+        self.read(node, fields.at(key), want)
     }
 
     /// `Some(None)` when absent (the caller has a default), `None` when
@@ -434,20 +465,19 @@ impl Checker {
     ) -> Option<Option<W::Value>> {
         match fields.get(key) {
             None => Some(None),
-            Some(node) => self.read(node, fields.path(key), want).map(Some),
+            Some(node) => self.read(node, fields.at(key), want).map(Some),
         }
     }
 
     /// The items of a list with their paths; empty when absent and
     /// optional, or when not a list (reported).
-    fn list<'n>(
+    fn list<'n, 'p>(
         &mut self,
-        fields: &Fields<'n>,
-        key: &str,
+        fields: &'p Fields<'n, '_>,
+        key: &'p str,
         expected: &str,
         required: bool,
-    ) -> Vec<(String, &'n Node)> {
-        let path = fields.path(key);
+    ) -> Vec<(At<'p>, &'n Node)> {
         let node = match fields.get(key) {
             Some(node) if required || !node.is_null() => node,
             Some(_) => return Vec::new(),
@@ -462,11 +492,11 @@ impl Checker {
             Value::Sequence(items) => items
                 .iter()
                 .enumerate()
-                .map(|(i, item)| (format!("{path}[{i}]"), item))
+                .map(|(i, item)| (At::Item(&fields.path, key, i), item))
                 .collect(),
             _ => {
                 let message = format!("expected {expected}, found {}", describe(node));
-                self.report(node.mark, path, message);
+                self.report(node.mark, fields.path(key), message);
                 Vec::new()
             }
         }
@@ -489,7 +519,7 @@ impl Checker {
     }
 
     fn root(&mut self, root: &Node) -> Option<Config> {
-        let fields = self.mapping(root, String::new(), &["lb", "metrics", "events"])?;
+        let fields = self.mapping(root, At::Root, &["lb", "metrics", "events"])?;
         let metrics_fields = self.optional_mapping(&fields, "metrics", &["listen"]);
         let metrics = metrics_fields.as_ref().map(|metrics| {
             self.required(metrics, "listen", &Listen)
@@ -593,7 +623,7 @@ impl Checker {
         };
         if fields.get("command").is_none() && fields.get("webhook").is_none() {
             let message = "expected `command`, `webhook` or both".to_owned();
-            self.report(fields.mark, fields.path.clone(), message);
+            self.report(fields.mark, fields.path.to_string(), message);
         }
         let command = self.command(&fields);
         let webhook = self.defaulted(&fields, "webhook", &WebhookUrl);
@@ -628,7 +658,7 @@ impl Checker {
 
     /// The targets of one `lb` entry (`None` for those that are invalid),
     /// its `acceleration` and its `nftables` keys (`None` when invalid).
-    fn load_balancer(&mut self, node: &Node, path: String) -> Entry {
+    fn load_balancer(&mut self, node: &Node, path: At) -> Entry {
         let schema = ["engine", "defaults", "targets", "acceleration", "nftables"];
         let Some(fields) = self.mapping(node, path, &schema) else {
             return (Vec::new(), Some(None), Some(NftablesKeys::default()));
@@ -674,7 +704,7 @@ impl Checker {
                     .and_then(|snat| self.required(&snat, "address", &SnatAddress))
                     .map(Some),
                 _ => self
-                    .read(node, fields.path("source_nat"), &SOURCE_NAT)
+                    .read(node, fields.at("source_nat"), &SOURCE_NAT)
                     .map(|masquerade| {
                         Some(if masquerade {
                             SourceNat::Masquerade
@@ -689,7 +719,7 @@ impl Checker {
             interface.is_some() || fields.get("interface").is_none_or(|n| n.is_null());
         let limits = match fields.get("limits").filter(|n| !n.is_null()) {
             None => Some(defaults.limits),
-            Some(node) => self.limits(node, fields.path("limits")),
+            Some(node) => self.limits(node, fields.at("limits")),
         };
         let local = self.optional(fields, "local", &Boolean);
         let local_valid = local.is_some() || fields.get("local").is_none_or(|n| n.is_null());
@@ -714,13 +744,13 @@ impl Checker {
 
     /// `limits`, whole: a target's replaces its entry's defaults. An empty
     /// mapping is no limit.
-    fn limits(&mut self, node: &Node, path: String) -> Option<Limits> {
+    fn limits(&mut self, node: &Node, path: At) -> Option<Limits> {
         let schema: Vec<&str> = LIMIT_KEYS.into_iter().chain(["per_source"]).collect();
         let fields = self.mapping(node, path, &schema)?;
         let target = self.limit(&fields);
         let per_source = match fields.get("per_source") {
             None => Some(Limit::default()),
-            Some(node) => self.per_source(node, fields.path("per_source")),
+            Some(node) => self.per_source(node, fields.at("per_source")),
         };
         let (target, per_source) = (target?, per_source?);
         if let (Some(own), Some(whole), Some(node)) = (
@@ -740,18 +770,18 @@ impl Checker {
     }
 
     /// `per_source`, which must limit something.
-    fn per_source(&mut self, node: &Node, path: String) -> Option<Limit> {
+    fn per_source(&mut self, node: &Node, path: At) -> Option<Limit> {
         let expected = "`new_connections_per_second`, `max_connections` or both";
         if node.is_null() {
             let message = format!("expected a mapping with {expected}, found nothing");
-            self.report(node.mark, path, message);
+            self.report(node.mark, path.to_string(), message);
             return None;
         }
         let fields = self.mapping(node, path, &LIMIT_KEYS)?;
         let limit = self.limit(&fields)?;
         if limit == Limit::default() {
             let message = format!("limits nothing; expected {expected}");
-            self.report(fields.mark, fields.path.clone(), message);
+            self.report(fields.mark, fields.path.to_string(), message);
             return None;
         }
         Some(limit)
@@ -779,7 +809,7 @@ impl Checker {
         })
     }
 
-    fn target(&mut self, node: &Node, path: String, defaults: Option<&Policy>) -> Option<Target> {
+    fn target(&mut self, node: &Node, path: At, defaults: Option<&Policy>) -> Option<Target> {
         let keys: Vec<&str> = ["name", "protocol", "port", "ip", "upstream_group"]
             .into_iter()
             .chain(POLICY_KEYS)
@@ -1070,7 +1100,7 @@ impl Checker {
                            (and moves only the clients of an upstream that leaves); remove it \
                            or choose another distribution"
                 .to_owned();
-            self.report(fields.mark, fields.path.clone(), message);
+            self.report(fields.mark, fields.path.to_string(), message);
             return None;
         }
         let capped = upstreams
@@ -1083,7 +1113,7 @@ impl Checker {
                  of the two",
                 capped.name
             );
-            self.report(fields.mark, fields.path.clone(), message);
+            self.report(fields.mark, fields.path.to_string(), message);
             return None;
         }
         Some(Some(Duration::from_secs(timeout?)))
@@ -1126,7 +1156,7 @@ impl Checker {
     fn upstream(
         &mut self,
         node: &Node,
-        path: String,
+        path: At,
         target_protocol: Option<Protocol>,
         names: &mut Seen,
     ) -> Option<Upstream> {
@@ -1195,15 +1225,14 @@ impl Checker {
         host: Option<&Host>,
     ) -> Option<Option<HealthCheck>> {
         let node = upstream.get("health_check");
-        if node.is_some_and(|n| matches!(n.value(), Value::Mapping(e) if e.is_empty())) {
+        if node
+            .is_none_or(|n| n.is_null() || matches!(n.value(), Value::Mapping(e) if e.is_empty()))
+        {
             return Some(None);
         }
         let mut schema = vec!["protocol", "port", "start_available", "probe"];
         schema.extend(PROTOCOL_KEYS.iter().map(|(key, _)| *key));
-        let Some(fields) = self.optional_mapping(upstream, "health_check", &schema) else {
-            // Absent and null are no health check; anything else was reported.
-            return node.is_none_or(|n| n.is_null()).then_some(None);
-        };
+        let fields = self.optional_mapping(upstream, "health_check", &schema)?;
         let kind = self.required(&fields, "protocol", &HEALTH_PROTOCOL);
         let protocol = self.health_protocol(&fields, kind, host);
         let port = self.required(&fields, "port", &PORT).map(port_number);
@@ -1314,7 +1343,7 @@ impl Checker {
         }
         let fields = self.mapping(
             node,
-            upstream.path("dns"),
+            upstream.at("dns"),
             &["servers", "ttl", "all_addresses"],
         )?;
         let servers: Vec<_> = self
