@@ -172,9 +172,7 @@ impl Mode {
             | Self::Weighted
             | Self::LeastConnections
             | Self::LeastLatency
-            | Self::Checked => {
-                (String::new(), format!("dnat ip to numgen inc mod {count}"))
-            }
+            | Self::Checked => (String::new(), format!("dnat ip to numgen inc mod {count}")),
             Self::Random => (
                 String::new(),
                 format!("dnat ip to numgen random mod {count}"),
