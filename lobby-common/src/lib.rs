@@ -15,6 +15,19 @@ pub const COUNTERS_MAP: &str = "LOBBY_COUNTERS_V2";
 /// Upper bound on upstreams whose traffic is counted at once.
 pub const MAX_UPSTREAMS: u32 = 65_536;
 
+/// Name of the array that holds, by interface index, the length of the
+/// link-layer header in front of the IP header where the programs see a
+/// packet: [`ETHERNET_HEADER`] on the Ethernet interfaces the daemon
+/// counts on, 0 elsewhere. With a length the programs read the headers in
+/// place; with 0 (another link type, an index of [`LINK_HEADER_SLOTS`] or
+/// more, or before the daemon wrote it) through a helper that finds the
+/// IP header itself. Not pinned: each program instance reads its own.
+pub const LINK_HEADERS_MAP: &str = "LINK_HEADERS";
+/// Interface indexes the array covers.
+pub const LINK_HEADER_SLOTS: u32 = 65_536;
+/// An untagged Ethernet header: two addresses and the EtherType.
+pub const ETHERNET_HEADER: u32 = 14;
+
 /// IP protocol numbers of what Lobby balances.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;

@@ -59,8 +59,9 @@ use aya_ebpf::{
 use core::mem::MaybeUninit;
 
 use lobby_common::{
-    COUNTERS_MAP, FAMILY_IPV4, FAMILY_IPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, MAX_UPSTREAMS,
-    PROBE_MARK, UpstreamCounters, UpstreamKey,
+    COUNTERS_MAP, ETHERNET_HEADER, FAMILY_IPV4, FAMILY_IPV6, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, LINK_HEADER_SLOTS, LINK_HEADERS_MAP, MAX_UPSTREAMS, PROBE_MARK, UpstreamCounters,
+    UpstreamKey,
 };
 
 #[map(name = "LOBBY_COUNTERS_V2")]
@@ -84,6 +85,13 @@ const fn const_str_eq(a: &str, b: &str) -> bool {
     }
     true
 }
+
+/// The link-layer header's length on each counted interface, by index
+/// (see [`LINK_HEADERS_MAP`]).
+#[map(name = "LINK_HEADERS")]
+static LINK_HEADERS: Array<u32> = Array::with_max_entries(LINK_HEADER_SLOTS, 0);
+
+const _: () = assert!(const_str_eq(LINK_HEADERS_MAP, "LINK_HEADERS"));
 
 /// UDP flows toward counted upstreams, with when each last sent a datagram
 /// (`bpf_ktime_get_ns`).
@@ -441,6 +449,13 @@ fn ipv4_addr(bytes: [u8; 4]) -> [u8; 16] {
 
 #[inline(always)]
 fn read_packet(ctx: &TcContext) -> Option<Packet> {
+    if let Some(head) = head_in_place(ctx) {
+        return match head[0] >> 4 {
+            4 => read_ipv4(ctx, head, false),
+            6 => read_ipv6(ctx, head),
+            _ => None,
+        };
+    }
     // One load covers an IPv6 header, or an IPv4 header without options and
     // the transport bytes counting reads: the usual IPv4 packet costs one
     // helper call. An IPv4 datagram shorter than that is read in two.
@@ -455,6 +470,35 @@ fn read_packet(ctx: &TcContext) -> Option<Packet> {
         6 if !short => read_ipv6(ctx, head),
         _ => None,
     }
+}
+
+/// The first [`IPV6_HEADER`] bytes of the IP header where they lie in the
+/// packet's linear data: on an interface the daemon found to be Ethernet,
+/// behind an untagged Ethernet header whose EtherType is IPv4 or IPv6.
+/// `None` sends the caller to the helper, which finds the IP header
+/// whatever is in front of it (another link type, a VLAN tag in the
+/// frame, headers beyond the linear data). Reading in place spares the
+/// helper call: 63 ns a TCP segment instead of 77 (`BPF_PROG_TEST_RUN`).
+#[inline(always)]
+fn head_in_place(ctx: &TcContext) -> Option<&[u8; IPV6_HEADER]> {
+    // SAFETY: the context points at the packet's __sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if LINK_HEADERS.get(ifindex).copied() != Some(ETHERNET_HEADER) {
+        return None;
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let ip = data + ETHERNET_HEADER as usize;
+    if ip + IPV6_HEADER > end {
+        return None;
+    }
+    // SAFETY: both bytes lie within the packet's data (checked above).
+    let ether_type = unsafe { [*((ip - 2) as *const u8), *((ip - 1) as *const u8)] };
+    if !matches!(ether_type, [0x08, 0x00] | [0x86, 0xdd]) {
+        return None;
+    }
+    // SAFETY: the IPV6_HEADER bytes from `ip` lie within the packet's
+    // data (checked above), which no one writes while the program runs.
+    Some(unsafe { &*(ip as *const [u8; IPV6_HEADER]) })
 }
 
 #[inline(always)]

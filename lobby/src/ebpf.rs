@@ -20,7 +20,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuHashMap, PerCpuValues},
+    maps::{Array, MapData, PerCpuHashMap, PerCpuValues},
     programs::{
         Link as _, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
@@ -28,7 +28,10 @@ use aya::{
     },
     util::{KernelVersion, nr_cpus},
 };
-use lobby_common::{COUNTERS_MAP, UpstreamCounters, UpstreamKey};
+use lobby_common::{
+    COUNTERS_MAP, ETHERNET_HEADER, LINK_HEADER_SLOTS, LINK_HEADERS_MAP, UpstreamCounters,
+    UpstreamKey,
+};
 use tracing::{debug, info, warn};
 
 pub use crate::netlink::Interface;
@@ -309,6 +312,7 @@ impl Counters {
                     debug!(interface, index = old.index, program, error = %e, "detaching a counter");
                 }
             }
+            self.set_link_header(&old, 0);
             if !interfaces.iter().any(|i| i.name == old.name) {
                 info!(interface, index = old.index, "counters detached");
             }
@@ -335,17 +339,21 @@ impl Counters {
                 }
             };
             self.links.insert(interface.clone(), [egress, ingress]);
+            let link_header = link_header(name);
+            self.set_link_header(interface, link_header);
             match recreated {
                 Some(old_index) => info!(
                     interface = name,
                     old_index,
                     new_index = interface.index,
+                    link_header,
                     "interface {name} was recreated (index {old_index} -> {}); counters move to the new one",
                     interface.index
                 ),
                 None => info!(
                     interface = name,
                     index = interface.index,
+                    link_header,
                     "counters attached"
                 ),
             }
@@ -600,6 +608,25 @@ impl Counters {
             .expect("checked at load")
     }
 
+    /// Tells the programs the length of `interface`'s link-layer header
+    /// (0: find the IP header through the helper). Until they are told,
+    /// and on an index the array does not cover, they use the helper:
+    /// slower, never wrong.
+    fn set_link_header(&mut self, interface: &Interface, length: u32) {
+        if interface.index >= LINK_HEADER_SLOTS {
+            return;
+        }
+        let map = self
+            .ebpf
+            .map_mut(LINK_HEADERS_MAP)
+            .expect("the object defines the link header map");
+        let set = Array::<&mut MapData, u32>::try_from(map)
+            .and_then(|mut array| array.set(interface.index, length, 0));
+        if let Err(e) = set {
+            warn!(interface = %interface.name, error = %e, "telling the counters the interface's link type; they read its packets through the helper");
+        }
+    }
+
     fn map_mut(
         &mut self,
     ) -> Result<PerCpuHashMap<&mut MapData, UpstreamKey, UpstreamCounters>, CountersError> {
@@ -611,6 +638,40 @@ impl Counters {
                 op: "opening",
                 source,
             })
+    }
+}
+
+/// The length of the link-layer header in front of the IP header where
+/// the programs see a packet of interface `name`: an Ethernet header on
+/// an Ethernet interface (`SIOCGIFHWADDR`'s address family is the link
+/// type), else 0 (an IP tunnel or WireGuard has none, other types other
+/// ones). An interface that cannot be asked gets 0: the helper then finds
+/// the IP header.
+fn link_header(name: &str) -> u32 {
+    // SAFETY: an ifreq is plain old data; zeroes are a valid one.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= request.ifr_name.len() {
+        return 0;
+    }
+    for (to, from) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *to = from as libc::c_char;
+    }
+    // SAFETY: a socket call with constant arguments.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if socket < 0 {
+        return 0;
+    }
+    // SAFETY: `request` is an ifreq naming the interface, which the call
+    // fills; the socket is ours.
+    let asked = unsafe { libc::ioctl(socket, libc::SIOCGIFHWADDR, &mut request) };
+    // SAFETY: our socket, closed once.
+    unsafe { libc::close(socket) };
+    // SAFETY: SIOCGIFHWADDR filled the address member of the union.
+    let link_type = unsafe { request.ifr_ifru.ifru_hwaddr.sa_family };
+    if asked == 0 && link_type == libc::ARPHRD_ETHER {
+        ETHERNET_HEADER
+    } else {
+        0
     }
 }
 

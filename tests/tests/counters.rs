@@ -113,6 +113,17 @@ fn counts_equal_the_kernels_own_and_split_by_round_robin() {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     };
+    // The programs read these Ethernet frames' headers in place (the
+    // daemon told them the veth's link header); the helper path is the
+    // other tests' too.
+    assert!(
+        lobby
+            .log()
+            .lines()
+            .any(|l| l.contains("counters attached") && l.contains("link_header=14")),
+        "the counters were not told the veth is Ethernet:\n{}",
+        lobby.log()
+    );
     let mut total = 0;
     for i in 0..3 {
         let stats = settled(i);

@@ -10,11 +10,13 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{PerCpuHashMap, PerCpuValues},
+    maps::{Array, PerCpuHashMap, PerCpuValues},
     programs::{SchedClassifier, TestRun, TestRunOptions},
     util::nr_cpus,
 };
-use lobby_common::{IPPROTO_TCP, IPPROTO_UDP, UpstreamCounters, UpstreamKey};
+use lobby_common::{
+    ETHERNET_HEADER, IPPROTO_TCP, IPPROTO_UDP, LINK_HEADERS_MAP, UpstreamCounters, UpstreamKey,
+};
 
 use super::{programs::enable_run_time_stats, stats::median};
 
@@ -82,7 +84,14 @@ struct Case {
     frame: Vec<u8>,
     /// Sent by this host (carries the test run's socket, received nowhere).
     from_host: bool,
+    /// Read through the helper, as on an interface whose link type the
+    /// daemon did not find to be Ethernet; else in place.
+    through_helper: bool,
 }
+
+/// The interface of a test run's packet: loopback, whose frames the bench
+/// builds as Ethernet ones and tells the programs so.
+const TEST_RUN_IFINDEX: u32 = 1;
 
 /// Every packet path of the programs that the traffic tests take, timed
 /// alone. The statistics must be off when called: no other holder of
@@ -110,6 +119,16 @@ pub fn measure(object: &Path) -> anyhow::Result<Vec<PathCost>> {
     cases()
         .into_iter()
         .map(|case| {
+            let link_header = if case.through_helper {
+                0
+            } else {
+                ETHERNET_HEADER
+            };
+            let mut link_headers: Array<_, u32> = ebpf
+                .map_mut(LINK_HEADERS_MAP)
+                .context("the link header map")?
+                .try_into()?;
+            link_headers.set(TEST_RUN_IFINDEX, link_header, 0)?;
             let program: &SchedClassifier = ebpf
                 .program(case.program)
                 .expect("loaded above")
@@ -182,6 +201,7 @@ fn cases() -> Vec<Case> {
         program,
         frame,
         from_host,
+        through_helper: false,
     };
     vec![
         case(
@@ -190,6 +210,15 @@ fn cases() -> Vec<Case> {
             toward(IPPROTO_TCP, TCP_ACK),
             false,
         ),
+        Case {
+            through_helper: true,
+            ..case(
+                "egress, TCP segment, headers through the helper (not Ethernet)",
+                "lobby_egress",
+                toward(IPPROTO_TCP, TCP_ACK),
+                false,
+            )
+        },
         case(
             "egress, TCP SYN (the same one again: a retransmission)",
             "lobby_egress",
