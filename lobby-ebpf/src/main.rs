@@ -452,7 +452,7 @@ fn read_packet(ctx: &TcContext) -> Option<Packet> {
     if let Some(head) = head_in_place(ctx) {
         return match head[0] >> 4 {
             4 => read_ipv4(ctx, head, false),
-            6 => read_ipv6(ctx, head),
+            6 => read_ipv6(ctx, head, true),
             _ => None,
         };
     }
@@ -467,7 +467,7 @@ fn read_packet(ctx: &TcContext) -> Option<Packet> {
     }
     match head[0] >> 4 {
         4 => read_ipv4(ctx, head, short),
-        6 if !short => read_ipv6(ctx, head),
+        6 if !short => read_ipv6(ctx, head, false),
         _ => None,
     }
 }
@@ -531,8 +531,10 @@ fn read_ipv4(ctx: &TcContext, head: &[u8; IPV6_HEADER], short: bool) -> Option<P
     })
 }
 
+/// `in_place`: `head` was read in place ([`head_in_place`]), and so may
+/// the transport header be.
 #[inline(always)]
-fn read_ipv6(ctx: &TcContext, head: &[u8; IPV6_HEADER]) -> Option<Packet> {
+fn read_ipv6(ctx: &TcContext, head: &[u8; IPV6_HEADER], in_place: bool) -> Option<Packet> {
     let mut protocol = head[6];
     let mut offset = IPV6_HEADER as u32;
     for _ in 0..MAX_EXT_HEADERS {
@@ -560,7 +562,10 @@ fn read_ipv6(ctx: &TcContext, head: &[u8; IPV6_HEADER]) -> Option<Packet> {
         offset += len;
     }
     let mut loaded = MaybeUninit::uninit();
-    let transport = load_transport(ctx, protocol, offset, &mut loaded)?;
+    let transport = match in_place.then(|| transport_in_place(ctx, offset)).flatten() {
+        Some(transport) => transport,
+        None => load_transport(ctx, protocol, offset, &mut loaded)?,
+    };
     let (sport, dport, seq, transport) = parse_transport(protocol, transport)?;
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
@@ -586,6 +591,24 @@ fn read_ipv6(ctx: &TcContext, head: &[u8; IPV6_HEADER]) -> Option<Packet> {
         seq,
         transport,
     })
+}
+
+/// The transport bytes counting reads, in place right after an IPv6
+/// header read in place, when no extension header comes between them
+/// (their lengths vary, and those packets are rare) and the packet's
+/// linear data holds them; `None` sends the caller to the helper.
+#[inline(always)]
+fn transport_in_place(ctx: &TcContext, offset: u32) -> Option<&[u8; TRANSPORT_HEAD]> {
+    if offset != IPV6_HEADER as u32 {
+        return None;
+    }
+    let start = ctx.data() + ETHERNET_HEADER as usize + IPV6_HEADER;
+    if start + TRANSPORT_HEAD > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: the TRANSPORT_HEAD bytes from `start` lie within the
+    // packet's data (checked above).
+    Some(unsafe { &*(start as *const [u8; TRANSPORT_HEAD]) })
 }
 
 /// `declared`, the length the IP header gives; BIG TCP super-packets carry
