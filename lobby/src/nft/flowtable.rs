@@ -13,7 +13,10 @@
 //! flowtable's transmit, so they see every packet either path carries.
 use std::fmt::Write as _;
 
-use super::{FAMILY, NftError, address_keyword, backends_set};
+use super::{
+    FAMILY, FixedChain, NftError, add_fixed, address_keyword, backends_set, delete_fixed,
+    render_fixed,
+};
 use crate::{accel::Flowtable, config::Family};
 
 /// The flowtable's name in Lobby's table.
@@ -39,9 +42,8 @@ fn body(flowtable: &Flowtable) -> Vec<String> {
     lines
 }
 
-const CHAIN_TYPE: &str = "type filter hook forward priority filter; policy accept;";
-
-fn rules() -> Vec<String> {
+/// The forward chain that adds Lobby's connections to the flowtable.
+fn chain() -> [FixedChain; 1] {
     let mut rules = Vec::new();
     for family in Family::BOTH {
         let (set, _) = backends_set(family);
@@ -53,7 +55,11 @@ fn rules() -> Vec<String> {
             "ct status dnat ct direction reply {ip} saddr . meta l4proto . th sport @{set} flow add @{FLOWTABLE}"
         ));
     }
-    rules
+    [FixedChain {
+        name: CHAIN,
+        spec: "type filter hook forward priority filter; policy accept;".to_owned(),
+        rules,
+    }]
 }
 
 /// Writes the flowtable and its chain inside `table ... { }`, if any.
@@ -66,12 +72,7 @@ pub(super) fn render(out: &mut String, flowtable: Option<&Flowtable>) {
         writeln!(out, "\t\t{line}").unwrap();
     }
     writeln!(out, "\t}}").unwrap();
-    writeln!(out, "\tchain {CHAIN} {{").unwrap();
-    writeln!(out, "\t\t{CHAIN_TYPE}").unwrap();
-    for rule in rules() {
-        writeln!(out, "\t\t{rule}").unwrap();
-    }
-    writeln!(out, "\t}}").unwrap();
+    render_fixed(out, &chain());
 }
 
 /// Writes the commands that turn `old` into `new`. Any change (an
@@ -90,7 +91,7 @@ pub(super) fn plan(
         return;
     }
     if old.is_some() {
-        writeln!(out, "delete chain {FAMILY} {table} {CHAIN}").unwrap();
+        delete_fixed(out, table, &chain());
         writeln!(out, "delete flowtable {FAMILY} {table} {FLOWTABLE}").unwrap();
     }
     if let Some(new) = new {
@@ -100,10 +101,7 @@ pub(super) fn plan(
             body(new).join("; ")
         )
         .unwrap();
-        writeln!(out, "add chain {FAMILY} {table} {CHAIN} {{ {CHAIN_TYPE} }}").unwrap();
-        for rule in rules() {
-            writeln!(out, "add rule {FAMILY} {table} {CHAIN} {rule}").unwrap();
-        }
+        add_fixed(out, table, &chain());
     }
 }
 
