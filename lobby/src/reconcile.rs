@@ -929,13 +929,18 @@ impl Core {
     }
 
     /// The upstreams of the target named `target`.
-    fn upstreams_of<'s>(
+    fn upstreams_of<'s, 't>(
         &'s self,
-        target: &'s str,
-    ) -> impl Iterator<Item = (&'s UpstreamId, &'s Upstream)> + 's {
+        target: &'t str,
+    ) -> impl Iterator<Item = (&'s UpstreamId, &'s Upstream)> + use<'s, 't> {
         self.upstreams
             .range(UpstreamId::new(target, "")..)
             .take_while(move |(id, _)| id.target == target)
+    }
+
+    /// The upstreams of `targets`, in the order of `targets`.
+    fn upstreams_of_all<'s>(&'s self, targets: &[&str]) -> Vec<(&'s UpstreamId, &'s Upstream)> {
+        targets.iter().flat_map(|t| self.upstreams_of(t)).collect()
     }
 
     /// Makes `config` the running configuration: upstreams whose spec is
@@ -972,45 +977,67 @@ impl Core {
             reload_line!(lines, target = %name, "reload: target {name} removed");
             self.computed.remove(*name);
         }
-        let touched_names: BTreeSet<&str> = touched.iter().map(|t| t.name.as_str()).collect();
-        for name in &touched_names {
-            self.stale.target(name);
+        // In name order, and each target's upstreams in theirs: the order of
+        // `self.upstreams`, so that the running and the new upstreams of the
+        // touched targets are compared side by side (at 1,000 x 10, three
+        // map lookups an upstream were half of an every-target reload's
+        // decisions).
+        let mut touched = touched;
+        touched.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        for target in &touched {
+            self.stale.target(&target.name);
         }
-
-        let mut next: BTreeMap<UpstreamId, UpstreamSpec> = BTreeMap::new();
-        for target in touched {
-            for upstream in &target.group.upstreams {
-                let spec = UpstreamSpec {
-                    protocol: target.protocol,
-                    host: upstream.host.clone(),
-                    port: upstream.port,
-                    health_check: upstream.health_check.clone(),
-                    dns: upstream.dns.clone(),
-                    family: target.ip.map(|ip| ip.family()),
-                };
-                next.insert(UpstreamId::new(&target.name, &upstream.name), spec);
-            }
-        }
-        // Only the upstreams of touched and removed targets can go (`next`
-        // holds the touched ones' still configured): looked up by target,
-        // not by walking every upstream.
-        let gone: Vec<UpstreamId> = touched_names
+        let next: Vec<(UpstreamId, UpstreamSpec)> = touched
             .iter()
-            .chain(&removed)
-            .flat_map(|target| self.upstreams_of(target))
-            .map(|(id, _)| id)
-            .filter(|id| !next.contains_key(*id))
-            .cloned()
+            .flat_map(|target| {
+                let mut upstreams: Vec<&config::Upstream> = target.group.upstreams.iter().collect();
+                upstreams.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+                upstreams.into_iter().map(|upstream| {
+                    let spec = UpstreamSpec {
+                        protocol: target.protocol,
+                        host: upstream.host.clone(),
+                        port: upstream.port,
+                        health_check: upstream.health_check.clone(),
+                        dns: upstream.dns.clone(),
+                        family: target.ip.map(|ip| ip.family()),
+                    };
+                    (UpstreamId::new(&target.name, &upstream.name), spec)
+                })
+            })
             .collect();
         // Names are resolved for the upstreams that use them: the set of
-        // names changes only when an upstream that leaves or arrives has one.
-        let names_may_change = gone
+        // names changes only when an upstream of a touched or removed target
+        // has one, before or after.
+        let touched_names: Vec<&str> = touched.iter().map(|t| t.name.as_str()).collect();
+        let names_may_change = self
+            .upstreams_of_all(&touched_names)
             .iter()
-            .chain(next.keys())
-            .filter_map(|id| self.upstreams.get(id))
-            .map(|u| &u.spec)
-            .chain(next.values())
-            .any(|spec| spec.resolver_key().is_some());
+            .chain(&self.upstreams_of_all(&removed))
+            .map(|(_, u)| &u.spec)
+            .chain(next.iter().map(|(_, spec)| spec))
+            .any(|spec| matches!(spec.host, Host::Fqdn(_)));
+        // Only the upstreams of touched and removed targets can go or change.
+        let mut gone: Vec<UpstreamId> = self
+            .upstreams_of_all(&removed)
+            .into_iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut starts: Vec<(UpstreamId, UpstreamSpec, Arrival)> = Vec::new();
+        {
+            let mut old = self.upstreams_of_all(&touched_names).into_iter().peekable();
+            for (id, spec) in next {
+                while let Some((left, _)) = old.next_if(|(o, _)| **o < id) {
+                    gone.push(left.clone());
+                }
+                match old.next_if(|(o, _)| **o == id) {
+                    Some((_, upstream)) if upstream.spec == spec => {}
+                    Some(_) => starts.push((id, spec, Arrival::Changed)),
+                    None if starting => starts.push((id, spec, Arrival::AtStart)),
+                    None => starts.push((id, spec, Arrival::Added)),
+                }
+            }
+            gone.extend(old.map(|(id, _)| id.clone()));
+        }
         for id in gone {
             self.retire(&id, actions);
             summary.upstreams.removed += 1;
@@ -1019,12 +1046,17 @@ impl Core {
         // Resolvers first, so that new upstreams of a known name start with
         // its address.
         if names_may_change {
+            let changed: BTreeSet<&UpstreamId> = starts
+                .iter()
+                .filter(|(.., arrival)| *arrival == Arrival::Changed)
+                .map(|(id, ..)| id)
+                .collect();
             let keys: BTreeSet<ResolverKey> = self
                 .upstreams
                 .iter()
-                .filter(|(id, _)| !next.contains_key(*id))
+                .filter(|(id, _)| !changed.contains(id))
                 .map(|(_, u)| &u.spec)
-                .chain(next.values())
+                .chain(starts.iter().map(|(_, spec, _)| spec))
                 .filter_map(UpstreamSpec::resolver_key)
                 .collect();
             self.resolvers.retain(|key, _| {
@@ -1042,19 +1074,18 @@ impl Core {
                 }
             }
         }
-        for (id, spec) in next {
-            match self.upstreams.get(&id) {
-                Some(upstream) if upstream.spec == spec => continue,
-                Some(_) => {
+        for (id, spec, arrival) in starts {
+            match arrival {
+                Arrival::Changed => {
                     self.retire(&id, actions);
                     summary.upstreams.changed += 1;
                     reload_line!(lines, upstream = %id, "reload: upstream {id} changed");
                 }
-                None if starting => {}
-                None => {
+                Arrival::Added => {
                     summary.upstreams.added += 1;
                     reload_line!(lines, upstream = %id, "reload: upstream {id} added");
                 }
+                Arrival::AtStart => {}
             }
             self.start_upstream(id, spec, actions);
         }
@@ -1661,6 +1692,17 @@ impl Core {
             actions.push(Action::WatchDevices(query));
         }
     }
+}
+
+/// Why an upstream starts with a configuration.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// The daemon's first configuration has it.
+    AtStart,
+    /// A reload added it.
+    Added,
+    /// A reload changed how it is reached or checked.
+    Changed,
 }
 
 /// Why a reload from `running` to `new` cannot be applied, when it moves

@@ -341,8 +341,10 @@ pub(super) fn rotation_rules(
     keys: [String; 2],
 ) -> Vec<String> {
     let chain = chain_name(name);
-    let jump = |slot: &SocketAddr| format!("jump {}", upstream_chain(&chain, &target.caps[slot]));
-    let elements = slot_elements(&rotation.slots, jump).join(", ");
+    let jump = |out: &mut String, slot: &SocketAddr| {
+        write!(out, "jump {}", upstream_chain(&chain, &target.caps[slot]))
+    };
+    let elements = slot_elements(&rotation.slots, jump);
     let [first, second] = keys;
     let mut rules = vec![format!("{matched} {first} vmap {{ {elements} }}")];
     let mut upstreams: Vec<&SocketAddr> = Vec::new();
@@ -354,7 +356,9 @@ pub(super) fn rotation_rules(
     if upstreams.len() > 1 {
         rules.push(format!("{matched} {second} vmap {{ {elements} }}"));
         for upstream in upstreams {
-            rules.push(format!("{matched} {}", jump(upstream)));
+            let mut rule = format!("{matched} ");
+            jump(&mut rule, upstream).expect("writing to a String");
+            rules.push(rule);
             if target.caps[upstream].max_connections.is_none() {
                 // An upstream without a cap always takes the connection.
                 return rules;
