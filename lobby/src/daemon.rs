@@ -340,6 +340,9 @@ pub async fn serve<P: DataPlane>(
             }
             _ = measure_tick.tick() => actions.extend(wiring.measure(&mut core)),
         }
+        for action in core.track() {
+            wiring.execute(action, &core);
+        }
         actions.extend(core.settle(Instant::now()));
         let now = Instant::now();
         let (due, waiting): (Vec<_>, Vec<_>) = deferred

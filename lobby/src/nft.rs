@@ -843,9 +843,38 @@ fn slot_elements(
     elements
 }
 
-/// An upstream as a DNAT map's value.
+/// An upstream as a DNAT map's value. IPv4 digits by hand: through
+/// `Display`, 10,000 addresses were 7% of an every-target reload's
+/// decisions.
 fn dnat_value(out: &mut String, upstream: &SocketAddr) -> fmt::Result {
-    write!(out, "{} . {}", upstream.ip(), upstream.port())
+    match upstream.ip() {
+        IpAddr::V4(ip) => {
+            for (i, octet) in ip.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_decimal(out, octet.into());
+            }
+        }
+        IpAddr::V6(ip) => write!(out, "{ip}")?,
+    }
+    out.push_str(" . ");
+    push_decimal(out, upstream.port().into());
+    Ok(())
+}
+
+fn push_decimal(out: &mut String, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[start..]).expect("ASCII digits"));
 }
 
 /// How a target with no upstream of a client's family answers it: TCP
@@ -1435,6 +1464,21 @@ add rule inet lobby probes-prerouting socket mark 0x10bb notrack
             text.contains("elements = { 2001:db8::11 . udp . 53, 2001:db8::12 . udp . 53 }"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn map_values_are_written_as_display_writes_them() {
+        for upstream in [
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.0.100.9:8080",
+            "[2001:db8::1]:443",
+        ] {
+            let upstream: SocketAddr = upstream.parse().unwrap();
+            let mut written = String::new();
+            dnat_value(&mut written, &upstream).unwrap();
+            assert_eq!(written, format!("{} . {}", upstream.ip(), upstream.port()));
+        }
     }
 
     #[test]

@@ -1026,11 +1026,17 @@ impl Core {
         {
             let mut old = self.upstreams_of_all(&touched_names).into_iter().peekable();
             for (id, spec) in next {
-                while let Some((left, _)) = old.next_if(|(o, _)| **o < id) {
-                    gone.push(left.clone());
-                }
-                match old.next_if(|(o, _)| **o == id) {
-                    Some((_, upstream)) if upstream.spec == spec => {}
+                let running = loop {
+                    match old.peek().map(|(o, _)| (*o).cmp(&id)) {
+                        Some(Ordering::Less) => {
+                            gone.push(old.next().expect("peeked").0.clone());
+                        }
+                        Some(Ordering::Equal) => break old.next().map(|(_, u)| u),
+                        Some(Ordering::Greater) | None => break None,
+                    }
+                };
+                match running {
+                    Some(upstream) if upstream.spec == spec => {}
                     Some(_) => starts.push((id, spec, Arrival::Changed)),
                     None if starting => starts.push((id, spec, Arrival::AtStart)),
                     None => starts.push((id, spec, Arrival::Added)),
@@ -1361,12 +1367,21 @@ impl Core {
     /// outcome), a retry is not due yet, or a takeover still waits for
     /// names.
     pub fn settle(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = self.track();
+        self.reconcile(now, &mut actions);
+        actions
+    }
+
+    /// The counters' part of [`Core::settle`], which a loop may carry out
+    /// before settling: the counting task then tracks them while the core
+    /// works out the transaction (at 1,000 x 10, an every-target reload's
+    /// 1,000 map entries and route lookups took 4-14 ms).
+    pub fn track(&mut self) -> Vec<Action> {
         let mut actions = Vec::new();
         // Tracked before the apply that may send traffic there, and before
         // a checker started by these events probes there (the loop holds
         // its first probe until then): also while an apply is in flight.
         self.track_counters(&mut actions);
-        self.reconcile(now, &mut actions);
         actions
     }
 
