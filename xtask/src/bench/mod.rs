@@ -1324,7 +1324,7 @@ fn control_tables(control: &Control, out: &mut String) {
     .unwrap();
     writeln!(
         out,
-        "| {} repetitions, until `nft list table` succeeds | {:.0} | {:.0} | {:.1} | {:.1} |",
+        "| {} repetitions, from the deleting nft's start to the repair's apply in the daemon's log | {:.0} | {:.0} | {:.1} | {:.2} |",
         r.samples.len(),
         median(&r.samples),
         percentile(&r.samples, 0.99),
