@@ -10,35 +10,35 @@
 //! the host with their loopback source.
 use std::fmt::Write as _;
 
-use super::{FAMILY, dispatch_element};
+use super::{FAMILY, FixedChain, add_fixed, delete_fixed, dispatch_element, render_fixed};
 use crate::{
     health::PROBE_MARK,
     model::{Desired, DesiredTarget},
 };
 
 const MAP: &str = "local-targets";
-const CHAIN: &str = "output";
 
-/// The output hook knows no `dstnat` by name: the priority as a number.
-fn chain_type(priority: i32) -> String {
-    format!("type nat hook output priority {priority}; policy accept;")
+/// The chain at the table's `priority` (the output hook knows no `dstnat`
+/// by name: the priority as a number).
+fn chain(priority: i32) -> [FixedChain; 1] {
+    [FixedChain {
+        name: "output",
+        spec: format!("type nat hook output priority {priority}; policy accept;"),
+        rules: vec![
+            format!("meta mark {PROBE_MARK:#x} return"),
+            "ip daddr 127.0.0.0/8 return".to_owned(),
+            "ip6 daddr ::1 return".to_owned(),
+            format!("fib daddr type local meta l4proto . th dport vmap @{MAP}"),
+        ],
+    }]
 }
 
-fn rules() -> [String; 4] {
-    [
-        format!("meta mark {PROBE_MARK:#x} return"),
-        "ip daddr 127.0.0.0/8 return".to_owned(),
-        "ip6 daddr ::1 return".to_owned(),
-        format!("fib daddr type local meta l4proto . th dport vmap @{MAP}"),
-    ]
-}
-
-/// The local targets' dispatch elements; empty when none is local.
 /// Whether `target` has an element in the local dispatch map.
 pub(super) fn takes_part(target: &DesiredTarget) -> bool {
     target.policy.local
 }
 
+/// The local targets' dispatch elements; empty when none is local.
 fn elements(desired: &Desired) -> Vec<String> {
     desired
         .targets
@@ -59,12 +59,7 @@ pub(super) fn render(out: &mut String, desired: &Desired) {
     writeln!(out, "\t\ttype inet_proto . inet_service : verdict").unwrap();
     super::write_elements(out, &elements);
     writeln!(out, "\t}}").unwrap();
-    writeln!(out, "\tchain {CHAIN} {{").unwrap();
-    writeln!(out, "\t\t{}", chain_type(desired.nftables.priority)).unwrap();
-    for rule in rules() {
-        writeln!(out, "\t\t{rule}").unwrap();
-    }
-    writeln!(out, "\t}}").unwrap();
+    render_fixed(out, &chain(desired.nftables.priority));
 }
 
 /// The first part of a change: the jumps that may name a chain the
@@ -76,7 +71,7 @@ pub(super) fn plan_removals(out: &mut String, applied: &Desired, desired: &Desir
         return;
     }
     if new.is_empty() {
-        writeln!(out, "delete chain {FAMILY} {table} {CHAIN}").unwrap();
+        delete_fixed(out, table, &chain(applied.nftables.priority));
         writeln!(out, "delete map {FAMILY} {table} {MAP}").unwrap();
     } else {
         writeln!(out, "flush map {FAMILY} {table} {MAP}").unwrap();
@@ -100,18 +95,10 @@ pub(super) fn plan_additions(out: &mut String, applied: &Desired, desired: &Desi
         )
         .unwrap();
     } else if applied.nftables.priority != priority {
-        writeln!(out, "delete chain {FAMILY} {table} {CHAIN}").unwrap();
+        delete_fixed(out, table, &chain(applied.nftables.priority));
     }
     if create || applied.nftables.priority != priority {
-        writeln!(
-            out,
-            "add chain {FAMILY} {table} {CHAIN} {{ {} }}",
-            chain_type(priority)
-        )
-        .unwrap();
-        for rule in rules() {
-            writeln!(out, "add rule {FAMILY} {table} {CHAIN} {rule}").unwrap();
-        }
+        add_fixed(out, table, &chain(priority));
     }
     if old != new {
         writeln!(
