@@ -389,6 +389,82 @@ fn a_reload_keeps_unchanged_upstreams_and_restarts_changed_ones() {
     assert_eq!(harness.core.reloads().succeeded, 1);
 }
 
+/// Upstreams listed out of name order, a host that becomes a name and a
+/// name that becomes an address, and a removed target with a name of its
+/// own: the core compares the running and the new upstreams in name order,
+/// and the resolvers follow the names still in use (the debug build's
+/// check in `adopt` compares them with every upstream's).
+#[test]
+fn a_reload_in_any_upstream_order_moves_names_and_resolvers() {
+    let target = |name: &str, port: u16, upstreams: &[(&str, &str)]| {
+        let mut yaml = format!(
+            "      - name: {name}\n        protocol: tcp\n        port: {port}\n        upstream_group:\n          name: {name}-pool\n          distribution: round-robin\n          upstreams:\n"
+        );
+        for (upstream, host) in upstreams {
+            yaml += &format!("            - {{ name: {upstream}, host: {host}, port: 9000 }}\n");
+        }
+        yaml
+    };
+    let file = |targets: &[String]| {
+        format!(
+            "lb:\n  - engine: nftables\n    targets:\n{}",
+            targets.concat()
+        )
+    };
+    let before = file(&[
+        target(
+            "web",
+            8081,
+            &[
+                ("zeta", "198.18.1.13"),
+                ("alpha", "alpha.example.test"),
+                ("mid", "198.18.1.12"),
+            ],
+        ),
+        target("api", 8082, &[("one", "api.example.test")]),
+    ]);
+    let after = file(&[target(
+        "web",
+        8081,
+        &[
+            ("zeta", "zeta.example.test"),
+            ("beta", "198.18.1.14"),
+            ("alpha", "198.18.1.11"),
+        ],
+    )]);
+    let mut harness = Harness::started(&before);
+    let actions = harness.step(Event::ConfigLoaded(config(&after)));
+    let resolvers: BTreeSet<String> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::StartResolver(key) => Some(format!("start {key:?}")),
+            Action::StopResolver(key) => Some(format!("stop {key:?}")),
+            _ => None,
+        })
+        .collect();
+    let expected: BTreeSet<String> = [
+        ("start", "zeta.example.test"),
+        ("stop", "alpha.example.test"),
+        ("stop", "api.example.test"),
+    ]
+    .iter()
+    .map(|(what, name)| format!("{what} {:?}", ResolverKey::new(name, None)))
+    .collect();
+    assert_eq!(resolvers, expected);
+    // In the file's order: beta at once, alpha at its new address; zeta
+    // waits for its name.
+    let script = script(&actions).expect("a change");
+    assert!(
+        script.contains("numgen inc mod 2 map { 0 : 198.18.1.14 . 9000, 1 : 198.18.1.11 . 9000 }"),
+        "{script}"
+    );
+    let actions = harness.applied();
+    assert_eq!(
+        notices(&actions),
+        ["reload applied: -1 target, ~1 target, +1 upstream, -2 upstreams, ~2 upstreams"]
+    );
+}
+
 #[test]
 fn a_weight_change_is_a_changed_target_and_keeps_the_checkers() {
     let mut harness = Harness::started(TWO_CHECKED);
