@@ -375,19 +375,15 @@ fn slots(distribution: Distribution, candidates: &[Candidate<'_>]) -> Vec<Socket
 
 /// The caps of `target`'s upstreams with an address, when one has a cap;
 /// of upstreams sharing an address, the first.
-fn caps(
-    target: &Target,
-    states: &BTreeMap<UpstreamId, UpstreamState>,
-) -> BTreeMap<SocketAddr, Cap> {
+fn caps(target: &Target, states: &BTreeMap<&str, UpstreamState>) -> BTreeMap<SocketAddr, Cap> {
     let upstreams = &target.group.upstreams;
     let mut caps = BTreeMap::new();
     if upstreams.iter().all(|u| u.max_connections.is_none()) {
         return caps;
     }
     for (place, upstream) in upstreams.iter().enumerate() {
-        let id = UpstreamId::new(&target.name, &upstream.name);
         let mut addresses: Vec<IpAddr> = states
-            .get(&id)
+            .get(upstream.name.as_str())
             .map(|s| s.addresses.iter().map(|a| a.address).collect())
             .unwrap_or_default();
         addresses.sort();
@@ -464,7 +460,12 @@ impl Desired {
             .targets
             .iter()
             .map(|target| {
-                let desired = DesiredTarget::of(target, states, ipv6);
+                let own: BTreeMap<&str, UpstreamState> = states
+                    .range(UpstreamId::new(&target.name, "")..)
+                    .take_while(|(id, _)| id.target == target.name)
+                    .map(|(id, state)| (id.upstream.as_str(), state.clone()))
+                    .collect();
+                let desired = DesiredTarget::of(target, &own, ipv6);
                 (target.name.clone(), Arc::new(desired))
             })
             .collect();
@@ -478,16 +479,16 @@ impl Desired {
 
 impl DesiredTarget {
     /// Every available address of the upstreams of `target` in `states`
-    /// (the others are left out), each a backend with its upstream's
-    /// weight. A target serves the family of its `ip`, or both without
-    /// one; IPv6 only when `ipv6` (forwarding) allows it.
-    pub fn of(target: &Target, states: &BTreeMap<UpstreamId, UpstreamState>, ipv6: bool) -> Self {
+    /// (by upstream name; the others are left out), each a backend with its
+    /// upstream's weight. A target serves the family of its `ip`, or both
+    /// without one; IPv6 only when `ipv6` (forwarding) allows it.
+    pub fn of(target: &Target, states: &BTreeMap<&str, UpstreamState>, ipv6: bool) -> Self {
         let candidates: Vec<Candidate<'_>> = target
             .group
             .upstreams
             .iter()
             .filter_map(|upstream| {
-                let state = states.get(&UpstreamId::new(&target.name, &upstream.name))?;
+                let state = states.get(upstream.name.as_str())?;
                 Some((upstream, state))
             })
             .flat_map(|(upstream, state)| {
