@@ -34,6 +34,16 @@ impl UpstreamId {
     }
 }
 
+/// The entries of `map`, keyed by upstream, that belong to `target`: one
+/// range of the map, since ids sort by target first.
+pub fn of_target<'m, 't, V>(
+    map: &'m BTreeMap<UpstreamId, V>,
+    target: &'t str,
+) -> impl Iterator<Item = (&'m UpstreamId, &'m V)> + use<'m, 't, V> {
+    map.range(UpstreamId::new(target, "")..)
+        .take_while(move |(id, _)| id.target == target)
+}
+
 impl fmt::Display for UpstreamId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.target, self.upstream)
@@ -460,9 +470,7 @@ impl Desired {
             .targets
             .iter()
             .map(|target| {
-                let own: BTreeMap<&str, UpstreamState> = states
-                    .range(UpstreamId::new(&target.name, "")..)
-                    .take_while(|(id, _)| id.target == target.name)
+                let own: BTreeMap<&str, UpstreamState> = of_target(states, &target.name)
                     .map(|(id, state)| (id.upstream.as_str(), state.clone()))
                     .collect();
                 let desired = DesiredTarget::of(target, &own, ipv6);

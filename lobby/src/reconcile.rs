@@ -933,9 +933,7 @@ impl Core {
         &'s self,
         target: &'t str,
     ) -> impl Iterator<Item = (&'s UpstreamId, &'s Upstream)> + use<'s, 't> {
-        self.upstreams
-            .range(UpstreamId::new(target, "")..)
-            .take_while(move |(id, _)| id.target == target)
+        model::of_target(&self.upstreams, target)
     }
 
     /// The upstreams of `targets`, in the order of `targets`.
@@ -1005,26 +1003,26 @@ impl Core {
                 })
             })
             .collect();
-        // Names are resolved for the upstreams that use them: the set of
-        // names changes only when an upstream of a touched or removed target
-        // has one, before or after.
         let touched_names: Vec<&str> = touched.iter().map(|t| t.name.as_str()).collect();
-        let names_may_change = self
-            .upstreams_of_all(&touched_names)
-            .iter()
-            .chain(&self.upstreams_of_all(&removed))
-            .map(|(_, u)| &u.spec)
-            .chain(next.iter().map(|(_, spec)| spec))
-            .any(|spec| matches!(spec.host, Host::Fqdn(_)));
         // Only the upstreams of touched and removed targets can go or change.
-        let mut gone: Vec<UpstreamId> = self
-            .upstreams_of_all(&removed)
-            .into_iter()
-            .map(|(id, _)| id.clone())
-            .collect();
-        let mut starts: Vec<(UpstreamId, UpstreamSpec, Arrival)> = Vec::new();
-        {
-            let mut old = self.upstreams_of_all(&touched_names).into_iter().peekable();
+        let (names_may_change, gone, starts) = {
+            let running_touched = self.upstreams_of_all(&touched_names);
+            let running_removed = self.upstreams_of_all(&removed);
+            // Names are resolved for the upstreams that use them: the set of
+            // names changes only when an upstream of a touched or removed
+            // target has one, before or after.
+            let names_may_change = running_touched
+                .iter()
+                .chain(&running_removed)
+                .map(|(_, u)| &u.spec)
+                .chain(next.iter().map(|(_, spec)| spec))
+                .any(|spec| matches!(spec.host, Host::Fqdn(_)));
+            let mut gone: Vec<UpstreamId> = running_removed
+                .iter()
+                .map(|(id, _)| (*id).clone())
+                .collect();
+            let mut starts: Vec<(UpstreamId, UpstreamSpec, Arrival)> = Vec::new();
+            let mut old = running_touched.into_iter().peekable();
             for (id, spec) in next {
                 let running = loop {
                     match old.peek().map(|(o, _)| (*o).cmp(&id)) {
@@ -1043,7 +1041,8 @@ impl Core {
                 }
             }
             gone.extend(old.map(|(id, _)| id.clone()));
-        }
+            (names_may_change, gone, starts)
+        };
         for id in gone {
             self.retire(&id, actions);
             summary.upstreams.removed += 1;
