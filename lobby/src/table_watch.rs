@@ -19,7 +19,7 @@ use tokio::{
     sync::{Mutex, mpsc},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error};
+use tracing::{debug, error, info};
 
 use crate::{
     nfnetlink::{self, Asker, DumpError, Message, Request, Subscription, attribute},
@@ -91,6 +91,7 @@ impl TableWatch {
 
     async fn read_until(&self, cancel: CancellationToken) -> Result<(), WatchError> {
         let mut buf = vec![0u8; 64 * 1024];
+        let mut commit = CommitSeen::default();
         loop {
             let received = tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
@@ -98,7 +99,7 @@ impl TableWatch {
                 received = nfnetlink::receive(&self.socket, &mut buf) => received,
             };
             let about_table = match received {
-                Ok(length) => names_table(&buf[..length], &self.table),
+                Ok(length) => commit.names_table(&buf[..length], &self.table),
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                     debug!("ruleset notifications were lost: checking Lobby's table");
                     true
@@ -160,14 +161,42 @@ fn generation(asker: &Asker) -> Result<u32, DumpError> {
         .ok_or(DumpError::Malformed)
 }
 
-/// Whether any notification in `received` is about `table` in a family
-/// Lobby owns it in; a datagram that cannot be read counts as one.
-fn names_table(received: &[u8], table: &str) -> bool {
-    let mut about_table = false;
-    let walked = nfnetlink::walk_messages(received, &mut |message: Message| {
-        about_table |= is_about(&message, table);
-    });
-    about_table || walked.is_err()
+/// What the notifications read so far said of the commit they belong to:
+/// a commit's notifications span many datagrams (a deleted table's name
+/// every rule, set and chain) and end with its generation.
+#[derive(Default)]
+struct CommitSeen {
+    /// Whether the commit touched the table (and the log said so).
+    touched: bool,
+}
+
+impl CommitSeen {
+    /// Whether any notification in `received` is about `table` in a family
+    /// Lobby owns it in; a datagram that cannot be read counts as one.
+    /// Logs the first notification about the table of each commit: the
+    /// moment an outside change is heard, once.
+    fn names_table(&mut self, received: &[u8], table: &str) -> bool {
+        let mut about_table = false;
+        let walked = nfnetlink::walk_messages(received, &mut |message: Message| {
+            if is_generation(&message) {
+                self.touched = false;
+            } else if is_about(&message, table) {
+                if !self.touched {
+                    info!(
+                        table,
+                        "a commit from outside Lobby changed its table: checking it"
+                    );
+                }
+                self.touched = true;
+                about_table = true;
+            }
+        });
+        about_table || walked.is_err()
+    }
+}
+
+fn is_generation(message: &Message) -> bool {
+    message.kind == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWGEN
 }
 
 fn is_about(message: &Message, table: &str) -> bool {
@@ -207,23 +236,37 @@ mod tests {
         const DELTABLE: u16 = 2;
         const NEWCHAIN: u16 = 3;
         let (inet, ip, ip6, bridge) = (1, 2, 10, 7);
-        assert!(names_table(&notification(NEWRULE, inet, "lb2"), "lb2"));
-        assert!(names_table(&notification(DELTABLE, ip, "lb2"), "lb2"));
-        assert!(names_table(&notification(NEWCHAIN, ip6, "lb2"), "lb2"));
-        assert!(!names_table(&notification(NEWRULE, inet, "lobby"), "lb2"));
-        assert!(!names_table(&notification(DELTABLE, bridge, "lb2"), "lb2"));
-        assert!(!names_table(&notification(DELTABLE, inet, "lb20"), "lb2"));
+        assert!(CommitSeen::default().names_table(&notification(NEWRULE, inet, "lb2"), "lb2"));
+        assert!(CommitSeen::default().names_table(&notification(DELTABLE, ip, "lb2"), "lb2"));
+        assert!(CommitSeen::default().names_table(&notification(NEWCHAIN, ip6, "lb2"), "lb2"));
+        assert!(!CommitSeen::default().names_table(&notification(NEWRULE, inet, "lobby"), "lb2"));
+        assert!(!CommitSeen::default().names_table(&notification(DELTABLE, bridge, "lb2"), "lb2"));
+        assert!(!CommitSeen::default().names_table(&notification(DELTABLE, inet, "lb20"), "lb2"));
         // A generation's attribute 1 is its number, not a table.
         let generation = notification(NFT_MSG_NEWGEN, 0, "lb2");
-        assert!(!names_table(&generation, "lb2"));
+        assert!(!CommitSeen::default().names_table(&generation, "lb2"));
         // One datagram carries several notifications.
         let both = [
             notification(NEWRULE, inet, "lobby"),
             notification(NEWRULE, inet, "lb2"),
         ]
         .concat();
-        assert!(names_table(&both, "lb2"));
+        assert!(CommitSeen::default().names_table(&both, "lb2"));
         // What cannot be read may have been about the table.
-        assert!(names_table(&both[..20], "lb2"));
+        assert!(CommitSeen::default().names_table(&both[..20], "lb2"));
+    }
+
+    #[test]
+    fn a_commit_is_told_once_and_its_generation_ends_it() {
+        let inet = 1;
+        let rule = notification(6, inet, "lb2");
+        let generation = notification(NFT_MSG_NEWGEN, 0, "lb2");
+        let mut seen = CommitSeen::default();
+        assert!(seen.names_table(&rule, "lb2"));
+        assert!(seen.touched);
+        assert!(seen.names_table(&[rule.clone(), generation.clone()].concat(), "lb2"));
+        assert!(!seen.touched, "the generation closes the commit");
+        assert!(!seen.names_table(&generation, "lb2"));
+        assert!(!seen.touched);
     }
 }

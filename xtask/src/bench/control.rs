@@ -355,17 +355,21 @@ pub fn reloads_ms(config: &str, reloads: &[String]) -> Vec<ReloadMs> {
     reloads.iter().map(|next| reload(&lobby, next)).collect()
 }
 
-/// Milliseconds from the start of an outside `nft delete table inet
-/// lobby` to the daemon's log line of the apply that put the table back,
-/// `repetitions` times on one daemon. From the start, not from the
-/// deleting process's exit: it commits within a few ms, then waits 15-25
-/// ms for the kernel to free the table, while the daemon already repairs.
-/// Polling with `nft list table` until it succeeded added the poll's
-/// latency and the polling processes' competition for the CPU and
+/// The daemon's line when it hears a commit from outside touch its table.
+const OUTSIDE_COMMIT: &str = "a commit from outside Lobby changed its table";
+
+/// Milliseconds from the daemon hearing an outside `nft delete table inet
+/// lobby` (its log line of the commit's first notification) to its log
+/// line of the apply that put the table back, `repetitions` times on one
+/// daemon, each paired with a bare `nft -f -` of `full_table` (the last
+/// of those scripts, as [`raw_ms`] times it) right after. From the
+/// deleting process's start instead, the figure also held that process's
+/// own start and cache fetch (several ms at 100 x 10), which is no part of
+/// the repair. Polling with `nft list table` until it succeeded added the
+/// poll's latency and the polling processes' competition for the CPU and
 /// nftables' lock: at 100 x 10 it read 39-54 ms even from the deleting
-/// process's exit, the log 25-39 from its start (runs by hand,
-/// 2026-12-01).
-pub fn repair_ms(config: &str, repetitions: usize) -> Vec<f64> {
+/// process's exit (runs by hand, 2026-12-01).
+pub fn repair_ms(config: &str, full_table: &[String], repetitions: usize) -> (Vec<f64>, Vec<f64>) {
     let topology = lb_topology();
     let lobby = control_daemon(&topology.lb, config);
     let listed = || {
@@ -373,23 +377,31 @@ pub fn repair_ms(config: &str, repetitions: usize) -> Vec<f64> {
             .1
             .is_ok()
     };
-    (0..repetitions)
-        .map(|_| {
-            // Let the daemon settle (its check of the table after an apply).
-            std::thread::sleep(Duration::from_millis(300));
-            assert!(listed(), "the table is there before the deletion");
-            let before = lobby.log_count("ruleset applied");
-            let deleted = SystemTime::now();
-            if let Err(e) = nft_in(&topology.lb, &["delete", "table", "inet", "lobby"], None).1 {
-                panic!("deleting the table: {e}");
-            }
-            let (_, repaired, _) = wait_for("the table's repair", Duration::from_secs(20), || {
-                applied(&lobby, before)
-            });
-            assert!(listed(), "the repair put the table back");
-            ms_between(deleted, repaired)
-        })
-        .collect()
+    let logged = |needle: &str, n: usize| {
+        let log = lobby.log();
+        let line = log.lines().filter(|l| l.contains(needle)).nth(n)?;
+        timestamp(line)
+    };
+    let mut repaired_ms = Vec::new();
+    let mut raw = Vec::new();
+    for _ in 0..repetitions {
+        // Let the daemon settle (its check of the table after an apply).
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(listed(), "the table is there before the deletion");
+        let before = lobby.log_count("ruleset applied");
+        let heard_before = lobby.log_count(OUTSIDE_COMMIT);
+        if let Err(e) = nft_in(&topology.lb, &["delete", "table", "inet", "lobby"], None).1 {
+            panic!("deleting the table: {e}");
+        }
+        let (_, repaired, _) = wait_for("the table's repair", Duration::from_secs(20), || {
+            applied(&lobby, before)
+        });
+        let heard = logged(OUTSIDE_COMMIT, heard_before).expect("the deletion was heard");
+        assert!(listed(), "the repair put the table back");
+        repaired_ms.push(ms_between(heard, repaired));
+        raw.push(raw_ms(full_table));
+    }
+    (repaired_ms, raw)
 }
 
 /// Milliseconds from a health-checked upstream's death (its server stops)
