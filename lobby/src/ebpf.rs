@@ -15,6 +15,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io,
     net::SocketAddr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -185,7 +186,7 @@ fn read_in_batches(
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
             count: BATCH as u32,
-            map_fd: std::os::fd::AsRawFd::as_raw_fd(&map) as u32,
+            map_fd: map.as_raw_fd() as u32,
             elem_flags: 0,
             flags: 0,
         };
@@ -657,15 +658,15 @@ fn link_header(name: &str) -> u32 {
         *to = from as libc::c_char;
     }
     // SAFETY: a socket call with constant arguments.
-    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if socket < 0 {
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
         return 0;
     }
+    // SAFETY: `raw` is a descriptor just opened, which nothing else holds.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
     // SAFETY: `request` is an ifreq naming the interface, which the call
     // fills; the socket is ours.
-    let asked = unsafe { libc::ioctl(socket, libc::SIOCGIFHWADDR, &mut request) };
-    // SAFETY: our socket, closed once.
-    unsafe { libc::close(socket) };
+    let asked = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &mut request) };
     // SAFETY: SIOCGIFHWADDR filled the address member of the union.
     let link_type = unsafe { request.ifr_ifru.ifru_hwaddr.sa_family };
     if asked == 0 && link_type == libc::ARPHRD_ETHER {
@@ -876,8 +877,8 @@ mod tests {
         assert_eq!(keys.len(), 6);
     }
 
-    /// IPv6 end to end through the library alone (the daemon does not
-    /// balance IPv6 yet): client -> router (counters) -> server, no NAT.
+    /// IPv6 end to end through this module alone, without the daemon:
+    /// client -> router (counters) -> server, no NAT.
     /// Needs root; skipped without it, fails without it under CI=true.
     mod ipv6_namespaces {
         use std::{

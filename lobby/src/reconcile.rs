@@ -1016,7 +1016,7 @@ impl Core {
                 .chain(&running_removed)
                 .map(|(_, u)| &u.spec)
                 .chain(next.iter().map(|(_, spec)| spec))
-                .any(|spec| matches!(spec.host, Host::Fqdn(_)));
+                .any(|spec| spec.host.is_name());
             let mut gone: Vec<UpstreamId> = running_removed
                 .iter()
                 .map(|(id, _)| (*id).clone())
@@ -1260,7 +1260,7 @@ impl Core {
                 .into_iter()
                 .map(|a| (spec.key(a), a))
                 .collect();
-        let named = matches!(spec.host, Host::Fqdn(_));
+        let named = spec.host.is_name();
         let check = spec.health_check.clone();
         let port = spec.port;
         // At a takeover, an address the old table balanced to is

@@ -203,9 +203,7 @@ impl Config {
             targets: self.targets.len(),
             upstreams: upstreams().count(),
             health_checked: upstreams().filter(|u| u.health_check.is_some()).count(),
-            fqdn: upstreams()
-                .filter(|u| matches!(u.host, Host::Fqdn(_)))
-                .count(),
+            fqdn: upstreams().filter(|u| u.host.is_name()).count(),
         }
     }
 }
@@ -538,6 +536,13 @@ pub enum Host {
     Ip(IpAddr),
     /// A valid FQDN, lower-cased, without a trailing dot.
     Fqdn(String),
+}
+
+impl Host {
+    /// Whether the host is a name, which a resolver turns into addresses.
+    pub fn is_name(&self) -> bool {
+        matches!(self, Host::Fqdn(_))
+    }
 }
 
 impl std::fmt::Display for Host {
