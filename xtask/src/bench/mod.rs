@@ -55,7 +55,7 @@ const FULL: Plan = Plan {
     udp_secs: 2.0,
     round_trips: 2000,
     counter_pairs: 10,
-    apply_runs: 5,
+    apply_runs: 8,
     // A reload of every target at 1,000 x 10 swings by 200 ms from one
     // daemon to the next (392-595 ms in one run): at 3 the interval was
     // [0.64, 4.19], wider than any effect worth deciding. At 8, a one-
@@ -604,12 +604,11 @@ fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
         );
         let config = scale_config(targets, per, Change::None);
         let (scripts, _) = control::capture(capture, &config, &[]);
-        // The largest scales take seconds a run; at 2 and 3 runs their
-        // intervals spanned 0.8-1.3, so they get one or two runs less only.
+        // 5,000 x 2 takes seconds a run; at 2 and 3 runs the intervals of
+        // the large scales spanned 0.7-1.7 (2026-12-01), so it gets only
+        // a few runs less.
         let runs = if targets >= 5000 {
-            plan.apply_runs.min(3)
-        } else if targets * per > 5000 {
-            plan.apply_runs.min(4)
+            plan.apply_runs.min(5)
         } else {
             plan.apply_runs
         };
