@@ -23,7 +23,29 @@ use lobby_tests::{
     wait_for,
 };
 
-use super::servers;
+use super::{busy_ticks, servers};
+
+/// Waits, up to 30 s, until the machine is quiet: at most 3 clock ticks
+/// (a twentieth of a CPU) busy over 300 ms. The kernel frees a deleted
+/// namespace's tables in the background, seconds of CPU after a 5,000 x 2
+/// table: without this wait, from-scratch applies at 5,000 x 2 read about
+/// 3.0 s on both sides in one run and 3.7-11.4 s in the next, each side
+/// slowed by the teardown of the namespace before it (2026-12-01).
+fn wait_for_quiet_machine() {
+    const WINDOW: Duration = Duration::from_millis(300);
+    const QUIET_TICKS: u64 = 3;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut before = busy_ticks();
+    while Instant::now() < deadline {
+        std::thread::sleep(WINDOW);
+        let now = busy_ticks();
+        if now.saturating_sub(before) <= QUIET_TICKS {
+            return;
+        }
+        before = now;
+    }
+    eprintln!("bench: the machine stayed busy for 30 s; timing anyway");
+}
 
 /// How long the daemon is left alone after an apply before the next
 /// change is timed: its check of the table after an apply is over and
@@ -284,6 +306,7 @@ pub fn raw_ms(scripts: &[String]) -> f64 {
             panic!("replaying a captured transaction: {e}");
         }
     }
+    wait_for_quiet_machine();
     let (elapsed, outcome) = nft_in(&ns, &["-f", "-"], Some(last));
     if let Err(e) = outcome {
         panic!("the captured transaction does not apply: {e}");
@@ -343,6 +366,7 @@ fn reload(lobby: &Lobby, config: &str) -> ReloadMs {
 /// Apply time (ms, as the daemon logs it: its nft run) of a first start.
 pub fn first_apply_ms(config: &str) -> f64 {
     let topology = lb_topology();
+    wait_for_quiet_machine();
     let lobby = control_daemon(&topology.lb, config);
     applied(&lobby, 0).expect("the first apply is logged").0
 }
