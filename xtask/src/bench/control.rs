@@ -299,19 +299,40 @@ pub fn nft_in(ns: &NetNs, args: &[&str], stdin: Option<&str>) -> (Duration, Resu
 /// Milliseconds a bare `nft -f -` takes for `scripts.last()` in a fresh
 /// namespace that first received the others (untimed).
 pub fn raw_ms(scripts: &[String]) -> f64 {
-    let ns = NetNs::new("raw");
-    let (last, before) = scripts.split_last().expect("a script to time");
-    for script in before {
-        if let Err(e) = nft_in(&ns, &["-f", "-"], Some(script)).1 {
-            panic!("replaying a captured transaction: {e}");
+    RawApply::prepare(scripts).time()
+}
+
+/// The last of some captured transactions, to be applied by a bare `nft -f
+/// -` in a fresh namespace that already received the others.
+pub struct RawApply {
+    ns: NetNs,
+    last: String,
+}
+
+impl RawApply {
+    pub fn prepare(scripts: &[String]) -> Self {
+        let ns = NetNs::new("raw");
+        let (last, before) = scripts.split_last().expect("a script to time");
+        for script in before {
+            if let Err(e) = nft_in(&ns, &["-f", "-"], Some(script)).1 {
+                panic!("replaying a captured transaction: {e}");
+            }
+        }
+        Self {
+            ns,
+            last: last.clone(),
         }
     }
-    wait_for_quiet_machine();
-    let (elapsed, outcome) = nft_in(&ns, &["-f", "-"], Some(last));
-    if let Err(e) = outcome {
-        panic!("the captured transaction does not apply: {e}");
+
+    /// Milliseconds the last transaction takes, once the machine is quiet.
+    pub fn time(self) -> f64 {
+        wait_for_quiet_machine();
+        let (elapsed, outcome) = nft_in(&self.ns, &["-f", "-"], Some(&self.last));
+        if let Err(e) = outcome {
+            panic!("the captured transaction does not apply: {e}");
+        }
+        elapsed.as_secs_f64() * 1000.0
     }
-    elapsed.as_secs_f64() * 1000.0
 }
 
 /// The transactions of a first start with `config`, then of reloads to
@@ -372,11 +393,24 @@ pub fn first_apply_ms(config: &str) -> f64 {
 }
 
 /// Milliseconds from SIGHUP to each reload's apply, starting from
-/// `config` and reloading to each of `reloads` in turn.
-pub fn reloads_ms(config: &str, reloads: &[String]) -> Vec<ReloadMs> {
+/// `config` and reloading to each of `reloads` in turn, each beside its
+/// anchor (`anchors`, one a reload), timed right after it. The machine's
+/// speed drifts within minutes (the same bare transaction 325 ms median at
+/// one hour, 410-500 at the next, on either CPU): an anchor timed after
+/// all the reloads and its namespace's replays was 10-15 s from its reload.
+pub fn reloads_ms(
+    config: &str,
+    reloads: &[String],
+    anchors: Vec<RawApply>,
+) -> Vec<(ReloadMs, f64)> {
+    assert_eq!(reloads.len(), anchors.len(), "an anchor a reload");
     let topology = lb_topology();
     let lobby = control_daemon(&topology.lb, config);
-    reloads.iter().map(|next| reload(&lobby, next)).collect()
+    reloads
+        .iter()
+        .zip(anchors)
+        .map(|(next, anchor)| (reload(&lobby, next), anchor.time()))
+        .collect()
 }
 
 /// The daemon's line when it hears a commit from outside touch its table.

@@ -663,9 +663,13 @@ fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
         .map(|c| row(c, "parsed file to applied"))
         .collect();
     for _ in 0..plan.reload_runs {
-        let lobby = control::reloads_ms(&base, &steps);
-        for (step, ms) in lobby.iter().enumerate() {
-            let raw = control::raw_ms(&scripts[..=marks[step + 1]]);
+        let anchors = (0..steps.len())
+            .map(|step| control::RawApply::prepare(&scripts[..=marks[step + 1]]))
+            .collect();
+        for (step, (ms, raw)) in control::reloads_ms(&base, &steps, anchors)
+            .into_iter()
+            .enumerate()
+        {
             signalled[step].lobby.push(ms.signalled);
             signalled[step].raw.push(raw);
             parsed[step].lobby.push(ms.parsed);
