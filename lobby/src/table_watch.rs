@@ -218,6 +218,11 @@ mod tests {
     use super::*;
     use crate::nfnetlink::{message, push_attribute};
 
+    /// Whether `received` names `table`, read as a commit's first datagram.
+    fn names_table(received: &[u8], table: &str) -> bool {
+        CommitSeen::default().names_table(received, table)
+    }
+
     /// A notification of `kind` about an object of `table` in `family`.
     fn notification(kind: u16, family: u8, table: &str) -> Vec<u8> {
         let mut body = vec![family, 0, 0, 0];
@@ -236,24 +241,24 @@ mod tests {
         const DELTABLE: u16 = 2;
         const NEWCHAIN: u16 = 3;
         let (inet, ip, ip6, bridge) = (1, 2, 10, 7);
-        assert!(CommitSeen::default().names_table(&notification(NEWRULE, inet, "lb2"), "lb2"));
-        assert!(CommitSeen::default().names_table(&notification(DELTABLE, ip, "lb2"), "lb2"));
-        assert!(CommitSeen::default().names_table(&notification(NEWCHAIN, ip6, "lb2"), "lb2"));
-        assert!(!CommitSeen::default().names_table(&notification(NEWRULE, inet, "lobby"), "lb2"));
-        assert!(!CommitSeen::default().names_table(&notification(DELTABLE, bridge, "lb2"), "lb2"));
-        assert!(!CommitSeen::default().names_table(&notification(DELTABLE, inet, "lb20"), "lb2"));
+        assert!(names_table(&notification(NEWRULE, inet, "lb2"), "lb2"));
+        assert!(names_table(&notification(DELTABLE, ip, "lb2"), "lb2"));
+        assert!(names_table(&notification(NEWCHAIN, ip6, "lb2"), "lb2"));
+        assert!(!names_table(&notification(NEWRULE, inet, "lobby"), "lb2"));
+        assert!(!names_table(&notification(DELTABLE, bridge, "lb2"), "lb2"));
+        assert!(!names_table(&notification(DELTABLE, inet, "lb20"), "lb2"));
         // A generation's attribute 1 is its number, not a table.
         let generation = notification(NFT_MSG_NEWGEN, 0, "lb2");
-        assert!(!CommitSeen::default().names_table(&generation, "lb2"));
+        assert!(!names_table(&generation, "lb2"));
         // One datagram carries several notifications.
         let both = [
             notification(NEWRULE, inet, "lobby"),
             notification(NEWRULE, inet, "lb2"),
         ]
         .concat();
-        assert!(CommitSeen::default().names_table(&both, "lb2"));
+        assert!(names_table(&both, "lb2"));
         // What cannot be read may have been about the table.
-        assert!(CommitSeen::default().names_table(&both[..20], "lb2"));
+        assert!(names_table(&both[..20], "lb2"));
     }
 
     #[test]

@@ -23,28 +23,18 @@ use lobby_tests::{
     wait_for,
 };
 
-use super::{busy_ticks, servers};
+use super::{busy_ticks, servers, went_quiet};
 
-/// Waits, up to 30 s, until the machine is quiet: at most 3 clock ticks
-/// (a twentieth of a CPU) busy over 300 ms. The kernel frees a deleted
+/// Waits, up to 30 s, until the machine is quiet (a twentieth of a CPU
+/// busy over 300 ms, [`went_quiet`]). The kernel frees a deleted
 /// namespace's tables in the background, seconds of CPU after a 5,000 x 2
 /// table: without this wait, from-scratch applies at 5,000 x 2 read about
 /// 3.0 s on both sides in one run and 3.7-11.4 s in the next, each side
 /// slowed by the teardown of the namespace before it (2026-12-01).
 fn wait_for_quiet_machine() {
-    const WINDOW: Duration = Duration::from_millis(300);
-    const QUIET_TICKS: u64 = 3;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut before = busy_ticks();
-    while Instant::now() < deadline {
-        std::thread::sleep(WINDOW);
-        let now = busy_ticks();
-        if now.saturating_sub(before) <= QUIET_TICKS {
-            return;
-        }
-        before = now;
+    if !went_quiet(busy_ticks) {
+        eprintln!("bench: the machine stayed busy for 30 s; timing anyway");
     }
-    eprintln!("bench: the machine stayed busy for 30 s; timing anyway");
 }
 
 /// How long the daemon is left alone after an apply before the next
@@ -121,11 +111,7 @@ fn scale_targets(
 /// run), its timestamp, and its `config_to_apply_ms` if it carried a
 /// configuration.
 fn applied(lobby: &Lobby, n: usize) -> Option<(f64, SystemTime, Option<f64>)> {
-    let log = lobby.log();
-    let line = log
-        .lines()
-        .filter(|l| l.contains("ruleset applied"))
-        .nth(n)?;
+    let line = logged_line(lobby, "ruleset applied", n)?;
     let field = |name: &str| -> Option<f64> {
         line.split(&format!("{name}="))
             .nth(1)?
@@ -136,9 +122,19 @@ fn applied(lobby: &Lobby, n: usize) -> Option<(f64, SystemTime, Option<f64>)> {
     };
     Some((
         field("elapsed_ms")?,
-        timestamp(line)?,
+        timestamp(&line)?,
         field("config_to_apply_ms"),
     ))
+}
+
+/// The `n`th line (from 0) of the daemon's log that holds `needle`.
+fn logged_line(lobby: &Lobby, needle: &str, n: usize) -> Option<String> {
+    lobby
+        .log()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .nth(n)
+        .map(str::to_owned)
 }
 
 /// The RFC 3339 UTC timestamp tracing puts first on a line
@@ -435,11 +431,6 @@ pub fn repair_ms(config: &str, full_table: &[String], repetitions: usize) -> (Ve
             .1
             .is_ok()
     };
-    let logged = |needle: &str, n: usize| {
-        let log = lobby.log();
-        let line = log.lines().filter(|l| l.contains(needle)).nth(n)?;
-        timestamp(line)
-    };
     let mut repaired_ms = Vec::new();
     let mut raw = Vec::new();
     for _ in 0..repetitions {
@@ -454,7 +445,9 @@ pub fn repair_ms(config: &str, full_table: &[String], repetitions: usize) -> (Ve
         let (_, repaired, _) = wait_for("the table's repair", Duration::from_secs(20), || {
             applied(&lobby, before)
         });
-        let heard = logged(OUTSIDE_COMMIT, heard_before).expect("the deletion was heard");
+        let heard = logged_line(&lobby, OUTSIDE_COMMIT, heard_before)
+            .and_then(|line| timestamp(&line))
+            .expect("the deletion was heard");
         assert!(listed(), "the repair put the table back");
         repaired_ms.push(ms_between(heard, repaired));
         raw.push(raw_ms(full_table));

@@ -530,6 +530,24 @@ fn softirq_threads() -> Vec<u32> {
         .collect()
 }
 
+/// Whether `ticks` (busy clock ticks: hundredths of a second, USER_HZ)
+/// grows by at most 3 over some 300 ms window within 30 s.
+fn went_quiet(mut ticks: impl FnMut() -> u64) -> bool {
+    const WINDOW: Duration = Duration::from_millis(300);
+    const QUIET_TICKS: u64 = 3;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut before = ticks();
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(WINDOW);
+        let now = ticks();
+        if now.saturating_sub(before) <= QUIET_TICKS {
+            return true;
+        }
+        before = now;
+    }
+    false
+}
+
 /// Busy clock ticks of the whole machine (all CPUs) from /proc/stat.
 fn busy_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");

@@ -778,17 +778,10 @@ fn start_haproxy(topology: &Topology) -> Child {
 /// Waits until the daemon `pid` (with the nft it runs) uses at most a
 /// tenth of a core over 300 ms, up to 30 s.
 fn wait_until_quiet(pid: u32) {
-    const WINDOW: Duration = Duration::from_millis(300);
-    // Clock ticks are hundredths of a second here (USER_HZ).
-    const QUIET_TICKS: u64 = 3;
-    let mut before = daemon_cpu_ticks(pid);
-    wait_for("the daemon to go quiet", Duration::from_secs(30), || {
-        std::thread::sleep(WINDOW);
-        let now = daemon_cpu_ticks(pid);
-        let quiet = now.saturating_sub(before) <= QUIET_TICKS;
-        before = now;
-        quiet.then_some(())
-    });
+    assert!(
+        super::went_quiet(|| daemon_cpu_ticks(pid)),
+        "timed out after 30s waiting for the daemon to go quiet"
+    );
 }
 
 #[cfg(test)]
