@@ -621,6 +621,7 @@ impl<P: DataPlane> Wiring<P> {
             .spawn(conntrack::watch(self.cancel.child_token()));
         self.tracker.spawn(traffic::watch(
             self.requests.clone(),
+            self.plane.clone(),
             options.traffic_log_interval,
             self.cancel.child_token(),
         ));
