@@ -128,6 +128,9 @@ pub fn walk(buf: &[u8], each: &mut impl FnMut(&[u8])) -> Result<bool, DumpError>
 /// family of its nfgenmsg, its attributes.
 pub struct Message<'a> {
     pub kind: u16,
+    /// `nlmsg_pid`: in a notification, the port id of the socket whose
+    /// request caused it (the committing process's, for nftables).
+    pub sender: u32,
     pub family: u8,
     pub attributes: &'a [u8],
 }
@@ -153,6 +156,7 @@ pub fn walk_messages(mut buf: &[u8], each: &mut impl FnMut(Message)) -> Result<b
             }
             _ => each(Message {
                 kind,
+                sender: u32::from_ne_bytes(buf[12..16].try_into().expect("4 bytes")),
                 family: buf[NLMSG_HEADER..length]
                     .first()
                     .copied()
