@@ -1007,14 +1007,16 @@ impl<P: DataPlane> Wiring<P> {
             .map(|entry| {
                 let checker = entry
                     .held
-                    .and_then(|(key, _)| self.checkers.get(&(entry.id.clone(), key)));
+                    .filter(|_| !self.checkers.is_empty())
+                    .and_then(|(key, _)| self.checkers.get(&(entry.id(), key)));
                 let extras = UpstreamExtras {
                     health_successes: checker.map_or(0, |c| load(&c.stats.successes)),
                     health_failures: checker.map_or(0, |c| load(&c.stats.failures)),
                     state_changes: entry.held.map_or(0, |(_, a)| a.state_changes),
                 };
                 let address = entry.address().map(|a| a.to_string());
-                ((entry.id.target, entry.id.upstream, address), extras)
+                let name = entry.upstream.name.clone();
+                ((entry.target.to_owned(), name, address), extras)
             })
             .collect()
     }
@@ -1063,8 +1065,8 @@ fn event_of(notice: &Notice) -> Option<LobbyEvent> {
 /// One line of the stats of an upstream: one of its addresses, or none
 /// while its name never resolved.
 struct Entry<'a> {
+    target: &'a str,
     upstream: &'a config::Upstream,
-    id: UpstreamId,
     held: Option<(AddressKey, HeldAddress)>,
     admin_state: AdminState,
     weight: u32,
@@ -1078,29 +1080,42 @@ impl Entry<'_> {
     fn available(&self) -> bool {
         self.held.is_some_and(|(_, a)| a.available)
     }
+
+    /// Built on demand: an id is two allocations, which a report of every
+    /// upstream pays only where a map keyed by id is not empty.
+    fn id(&self) -> UpstreamId {
+        UpstreamId::new(self.target, &self.upstream.name)
+    }
 }
 
 /// The entries of `target`'s upstreams, in configuration order, each
 /// upstream's addresses IPv4 first.
-fn entries<'a>(core: &Core, target: &'a config::Target) -> Vec<Entry<'a>> {
+fn entries<'a>(core: &'a Core, target: &'a config::Target) -> Vec<Entry<'a>> {
+    let held = core.held_upstreams(&target.name);
     let mut entries = Vec::new();
     for upstream in &target.group.upstreams {
-        let id = UpstreamId::new(&target.name, &upstream.name);
-        let (admin_state, weight) = admin_and_weight(core, &id, upstream.weight);
-        let held: Vec<Option<(AddressKey, HeldAddress)>> = core
-            .upstream(&id)
-            .into_iter()
-            .flatten()
-            .map(|(key, a)| Some((*key, *a)))
-            .collect();
-        let held = if held.is_empty() { vec![None] } else { held };
-        entries.extend(held.into_iter().map(|held| Entry {
+        let found = held
+            .binary_search_by(|(name, ..)| (*name).cmp(upstream.name.as_str()))
+            .ok()
+            .map(|i| &held[i]);
+        let admin_state = found.map_or(AdminState::Enabled, |(_, admin, _)| *admin);
+        let weight = match admin_state {
+            AdminState::Enabled => upstream.weight,
+            AdminState::Drained | AdminState::Disabled => 0,
+        };
+        let entry = |held| Entry {
+            target: &target.name,
             upstream,
-            id: id.clone(),
             held,
             admin_state,
             weight,
-        }));
+        };
+        match found.map(|(_, _, addresses)| *addresses) {
+            Some(addresses) if !addresses.is_empty() => {
+                entries.extend(addresses.iter().map(|(key, a)| entry(Some((*key, *a)))));
+            }
+            _ => entries.push(entry(None)),
+        }
     }
     entries
 }
@@ -1129,18 +1144,6 @@ fn state_report(core: &Core) -> ctl::StateReport {
         })
         .collect();
     ctl::StateReport { targets }
-}
-
-/// The operator's say over the upstream `id` and the share of new
-/// connections it leaves it: its `configured` weight, or 0 when drained or
-/// disabled.
-fn admin_and_weight(core: &Core, id: &UpstreamId, configured: u32) -> (AdminState, u32) {
-    let admin = core.admin_state(id).unwrap_or(AdminState::Enabled);
-    let weight = match admin {
-        AdminState::Enabled => configured,
-        AdminState::Drained | AdminState::Disabled => 0,
-    };
-    (admin, weight)
 }
 
 /// What the counting task is told, in order.
@@ -1247,7 +1250,8 @@ fn stats_without_counters(
                         target.group.distribution == config::Distribution::LeastConnections;
                     let latency = entry
                         .held
-                        .and_then(|(key, _)| latency.get(&(entry.id.clone(), key)));
+                        .filter(|_| !latency.is_empty())
+                        .and_then(|(key, _)| latency.get(&(entry.id(), key)));
                     UpstreamStats {
                         established_connections: backend
                             .filter(|_| least_connections)

@@ -899,9 +899,18 @@ impl Core {
         Ok(())
     }
 
-    /// The operator's say over an upstream.
-    pub fn admin_state(&self, id: &UpstreamId) -> Option<AdminState> {
-        self.upstreams.get(id).map(|u| u.admin)
+    /// The upstreams of `target` the core holds, in name order: each one's
+    /// name, the operator's say over it and its addresses (IPv4 first).
+    /// One walk of the target's range: a report of 10,000 upstreams that
+    /// looked each one up by an id built for it spent most of its time
+    /// building ids and comparing them.
+    pub fn held_upstreams<'s>(
+        &'s self,
+        target: &str,
+    ) -> Vec<(&'s str, AdminState, &'s BTreeMap<AddressKey, HeldAddress>)> {
+        self.upstreams_of(target)
+            .map(|(id, u)| (id.upstream.as_str(), u.admin, &u.addresses))
+            .collect()
     }
 
     pub fn reloads(&self) -> ReloadCounts {
