@@ -912,7 +912,7 @@ impl<P: DataPlane> Wiring<P> {
     /// Answers a request with what the core knows now, and the counters
     /// read off the loop.
     fn answer(&self, request: Request, core: &Core) {
-        let (report, backends) = stats_without_counters(core, &self.latency());
+        let held = HeldStats::of(core, &self.latency());
         let policies = core
             .config()
             .is_some_and(|c| c.targets.iter().any(|t| t.counts_refusals()));
@@ -920,6 +920,7 @@ impl<P: DataPlane> Wiring<P> {
         match request {
             Request::Stats(reply) => {
                 tokio::spawn(async move {
+                    let (report, backends) = held.report();
                     let _ = reply.send(read_counters(report, backends, policies, plane).await);
                 });
             }
@@ -932,6 +933,7 @@ impl<P: DataPlane> Wiring<P> {
                 let reloads = core.reloads();
                 let apply_duration = core.apply_duration().clone();
                 tokio::spawn(async move {
+                    let (report, backends) = held.report();
                     let _ = reply.send(Snapshot {
                         conntrack: conntrack::read(),
                         stats: read_counters(report, backends, policies, plane).await,
@@ -1067,6 +1069,8 @@ fn event_of(notice: &Notice) -> Option<LobbyEvent> {
 struct Entry<'a> {
     target: &'a str,
     upstream: &'a config::Upstream,
+    /// The upstream's place in the target's group.
+    index: usize,
     held: Option<(AddressKey, HeldAddress)>,
     admin_state: AdminState,
     weight: u32,
@@ -1081,6 +1085,12 @@ impl Entry<'_> {
         self.held.is_some_and(|(_, a)| a.available)
     }
 
+    /// The backend it is counted under, with its target's `protocol`.
+    fn backend(&self, protocol: config::Protocol) -> Option<Backend> {
+        self.address()
+            .map(|a| (SocketAddr::new(a, self.upstream.port), protocol))
+    }
+
     /// Built on demand: an id is two allocations, which a report of every
     /// upstream pays only where a map keyed by id is not empty.
     fn id(&self) -> UpstreamId {
@@ -1093,7 +1103,7 @@ impl Entry<'_> {
 fn entries<'a>(core: &'a Core, target: &'a config::Target) -> Vec<Entry<'a>> {
     let held = core.held_upstreams(&target.name);
     let mut entries = Vec::new();
-    for upstream in &target.group.upstreams {
+    for (index, upstream) in target.group.upstreams.iter().enumerate() {
         let found = held
             .binary_search_by(|(name, ..)| (*name).cmp(upstream.name.as_str()))
             .ok()
@@ -1106,6 +1116,7 @@ fn entries<'a>(core: &'a Core, target: &'a config::Target) -> Vec<Entry<'a>> {
         let entry = |held| Entry {
             target: &target.name,
             upstream,
+            index,
             held,
             admin_state,
             weight,
@@ -1218,65 +1229,111 @@ async fn keep_counting<P: DataPlane>(
     }
 }
 
-/// The stats report with every counter at zero, and the backend each
-/// entry is counted under, in the report's order; `latency` is each
-/// health-checked address's smoothed probe round trip.
-fn stats_without_counters(
-    core: &Core,
-    latency: &BTreeMap<(UpstreamId, AddressKey), Duration>,
-) -> (StatsReport, Vec<Option<Backend>>) {
-    let mut backends = Vec::new();
-    let targets = core
-        .config()
-        .map(|c| c.targets.as_slice())
-        .unwrap_or_default()
-        .iter()
-        .map(|target| TargetStats {
-            name: target.name.clone(),
-            protocol: target.protocol.as_str().to_owned(),
-            port: target.port,
-            upstream_group: target.group.name.clone(),
-            distribution: target.group.distribution.as_str().to_owned(),
-            denied: ctl::DeniedStats::default(),
-            upstreams: entries(core, target)
-                .into_iter()
-                .map(|entry| {
-                    let upstream = entry.upstream;
-                    let address = entry.address();
-                    let backend =
-                        address.map(|a| (SocketAddr::new(a, upstream.port), target.protocol));
-                    backends.push(backend);
-                    let least_connections =
-                        target.group.distribution == config::Distribution::LeastConnections;
-                    let latency = entry
-                        .held
-                        .filter(|_| !latency.is_empty())
-                        .and_then(|(key, _)| latency.get(&(entry.id(), key)));
-                    UpstreamStats {
-                        established_connections: backend
-                            .filter(|_| least_connections)
-                            .and_then(|b| core.established(&b)),
-                        probe_latency_seconds: latency.copied().map(ctl::Latency),
-                        name: upstream.name.clone(),
-                        host: upstream.host.to_string(),
-                        address: address.map(|a| a.to_string()),
-                        family: address.map(|a| Family::of(a).as_str().to_owned()),
-                        port: upstream.port,
-                        available: entry.available(),
-                        connections: 0,
-                        resets: 0,
-                        packets_out: 0,
-                        bytes_out: 0,
-                        packets_in: 0,
-                        bytes_in: 0,
-                        admin_state: entry.admin_state,
-                        weight: entry.weight,
-                    }
-                })
-                .collect(),
-        })
-        .collect();
-    (StatsReport { targets }, backends)
+/// What a stats report takes from the loop's state: the targets (shared)
+/// and each entry's state, copied. The report's text (names, hosts,
+/// addresses: ~10 allocations an entry) is written off the loop, by
+/// [`HeldStats::report`]; at 10,000 upstreams writing it on the loop
+/// delayed the health reports that arrived meanwhile.
+struct HeldStats {
+    targets: Vec<(Arc<config::Target>, Vec<HeldEntry>)>,
+}
+
+/// One entry of [`HeldStats`]: its upstream's place in the target's
+/// group, and what the core and the checkers say of it.
+struct HeldEntry {
+    upstream: usize,
+    /// Where it is counted; `None` while its name never resolved.
+    backend: Option<Backend>,
+    available: bool,
+    admin_state: AdminState,
+    weight: u32,
+    latency: Option<Duration>,
+    established: Option<u64>,
+}
+
+impl HeldStats {
+    /// `latency` is each health-checked address's smoothed probe round
+    /// trip.
+    fn of(core: &Core, latency: &BTreeMap<(UpstreamId, AddressKey), Duration>) -> Self {
+        let targets = core
+            .config()
+            .map(|c| c.targets.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|target| {
+                let least_connections =
+                    target.group.distribution == config::Distribution::LeastConnections;
+                let entries = entries(core, target)
+                    .into_iter()
+                    .map(|entry| {
+                        let backend = entry.backend(target.protocol);
+                        HeldEntry {
+                            upstream: entry.index,
+                            backend,
+                            available: entry.available(),
+                            admin_state: entry.admin_state,
+                            weight: entry.weight,
+                            latency: entry
+                                .held
+                                .filter(|_| !latency.is_empty())
+                                .and_then(|(key, _)| latency.get(&(entry.id(), key)))
+                                .copied(),
+                            established: backend
+                                .filter(|_| least_connections)
+                                .and_then(|b| core.established(&b)),
+                        }
+                    })
+                    .collect();
+                (target.clone(), entries)
+            })
+            .collect();
+        Self { targets }
+    }
+
+    /// The stats report with every counter at zero, and the backend each
+    /// entry is counted under, in the report's order.
+    fn report(self) -> (StatsReport, Vec<Option<Backend>>) {
+        let mut backends = Vec::new();
+        let targets = self
+            .targets
+            .into_iter()
+            .map(|(target, entries)| TargetStats {
+                name: target.name.clone(),
+                protocol: target.protocol.as_str().to_owned(),
+                port: target.port,
+                upstream_group: target.group.name.clone(),
+                distribution: target.group.distribution.as_str().to_owned(),
+                denied: ctl::DeniedStats::default(),
+                upstreams: entries
+                    .into_iter()
+                    .map(|entry| {
+                        let upstream = &target.group.upstreams[entry.upstream];
+                        let address = entry.backend.map(|(at, _)| at.ip());
+                        backends.push(entry.backend);
+                        UpstreamStats {
+                            established_connections: entry.established,
+                            probe_latency_seconds: entry.latency.map(ctl::Latency),
+                            name: upstream.name.clone(),
+                            host: upstream.host.to_string(),
+                            address: address.map(|a| a.to_string()),
+                            family: address.map(|a| Family::of(a).as_str().to_owned()),
+                            port: upstream.port,
+                            available: entry.available,
+                            connections: 0,
+                            resets: 0,
+                            packets_out: 0,
+                            bytes_out: 0,
+                            packets_in: 0,
+                            bytes_in: 0,
+                            admin_state: entry.admin_state,
+                            weight: entry.weight,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        (StatsReport { targets }, backends)
+    }
 }
 
 /// `report` with the counters of upstreams (from the eBPF maps, on a
