@@ -255,40 +255,28 @@ mod tests {
         );
     }
 
+    /// A target as `lobby stats --json` writes it, with `upstreams` (name,
+    /// address, port, available) and nothing counted.
     fn target(
         name: &str,
         protocol: &str,
         upstreams: &[(&str, Option<&str>, u16, bool)],
     ) -> TargetStats {
-        TargetStats {
-            name: name.to_owned(),
-            protocol: protocol.to_owned(),
-            port: 80,
-            upstream_group: "group".to_owned(),
-            distribution: "round-robin".to_owned(),
-            denied: ctl::DeniedStats::default(),
-            upstreams: upstreams
-                .iter()
-                .map(|&(name, address, port, available)| UpstreamStats {
-                    name: name.to_owned(),
-                    host: address.unwrap_or("web.example").to_owned(),
-                    address: address.map(str::to_owned),
-                    family: None,
-                    port,
-                    available,
-                    connections: 0,
-                    resets: 0,
-                    packets_out: 0,
-                    bytes_out: 0,
-                    packets_in: 0,
-                    bytes_in: 0,
-                    admin_state: ctl::AdminState::default(),
-                    weight: 1,
-                    established_connections: None,
-                    probe_latency_seconds: None,
+        let upstreams: Vec<_> = upstreams
+            .iter()
+            .map(|&(name, address, port, available)| {
+                serde_json::json!({
+                    "name": name, "host": address.unwrap_or("web.example"), "address": address,
+                    "port": port, "available": available, "connections": 0, "resets": 0,
+                    "packets_out": 0, "bytes_out": 0, "packets_in": 0, "bytes_in": 0,
                 })
-                .collect(),
-        }
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "name": name, "protocol": protocol, "port": 80, "upstream_group": "group",
+            "distribution": "round-robin", "upstreams": upstreams,
+        }))
+        .expect("a target as lobby stats --json writes it")
     }
 
     #[test]
