@@ -152,21 +152,35 @@ fn warn_about_resets(report: &StatsReport, alarming: &BTreeMap<Backend, Upstream
 }
 
 /// The upstreams of `report` marked available and counted at one of the
-/// `alarming` backends, each with its backend's gain.
+/// `alarming` backends, each with its backend's gain. The report names a
+/// target's protocol as text, so the backends are keyed by that name: one
+/// lookup an upstream, not a walk of every alarming backend (thousands of
+/// them when a whole farm refuses).
 fn alarming_upstreams<'a>(
     report: &'a StatsReport,
     alarming: &'a BTreeMap<Backend, UpstreamCounters>,
-) -> impl Iterator<Item = (&'a TargetStats, &'a UpstreamStats, &'a UpstreamCounters)> {
-    report.targets.iter().flat_map(move |target| {
-        target.upstreams.iter().filter_map(move |upstream| {
-            let ip: IpAddr = upstream.address.as_deref()?.parse().ok()?;
+) -> Vec<(&'a TargetStats, &'a UpstreamStats, &'a UpstreamCounters)> {
+    let by_name: BTreeMap<(SocketAddr, &str), &UpstreamCounters> = alarming
+        .iter()
+        .map(|((at, protocol), delta)| ((*at, protocol.as_str()), delta))
+        .collect();
+    let mut found = Vec::new();
+    for target in &report.targets {
+        for upstream in target.upstreams.iter().filter(|u| u.available) {
+            let Some(ip) = upstream
+                .address
+                .as_deref()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+            else {
+                continue;
+            };
             let at = SocketAddr::new(ip, upstream.port);
-            let delta = alarming.iter().find_map(|((backend, protocol), delta)| {
-                (*backend == at && protocol.as_str() == target.protocol).then_some(delta)
-            })?;
-            upstream.available.then_some((target, upstream, delta))
-        })
-    })
+            if let Some(delta) = by_name.get(&(at, target.protocol.as_str())) {
+                found.push((target, upstream, *delta));
+            }
+        }
+    }
+    found
 }
 
 fn log_traffic(seen: &BTreeMap<Key, UpstreamCounters>, now: &BTreeMap<Key, UpstreamCounters>) {
@@ -305,6 +319,7 @@ mod tests {
             (backend("198.18.1.2:80"), counters(5, 5)),
         ]);
         let named: Vec<_> = alarming_upstreams(&report, &alarming)
+            .into_iter()
             .map(|(target, upstream, delta)| {
                 (target.name.as_str(), upstream.name.as_str(), delta.resets)
             })
