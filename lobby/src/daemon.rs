@@ -912,7 +912,7 @@ impl<P: DataPlane> Wiring<P> {
     /// Answers a request with what the core knows now, and the counters
     /// read off the loop.
     fn answer(&self, request: Request, core: &Core) {
-        let held = HeldStats::of(core, &self.latency());
+        let held = HeldStats::of(core, &self.checkers);
         let policies = core
             .config()
             .is_some_and(|c| c.targets.iter().any(|t| t.counts_refusals()));
@@ -920,12 +920,11 @@ impl<P: DataPlane> Wiring<P> {
         match request {
             Request::Stats(reply) => {
                 tokio::spawn(async move {
-                    let (report, backends) = held.report();
+                    let (report, backends, _) = held.report();
                     let _ = reply.send(read_counters(report, backends, policies, plane).await);
                 });
             }
             Request::Metrics(reply) => {
-                let extras = self.extras(core);
                 let mut dns_resolutions = self.retired_dns.clone();
                 for resolver in self.resolvers.values() {
                     add_counts(&mut dns_resolutions, &resolver.stats);
@@ -933,7 +932,7 @@ impl<P: DataPlane> Wiring<P> {
                 let reloads = core.reloads();
                 let apply_duration = core.apply_duration().clone();
                 tokio::spawn(async move {
-                    let (report, backends) = held.report();
+                    let (report, backends, extras) = held.report();
                     let _ = reply.send(Snapshot {
                         conntrack: conntrack::read(),
                         stats: read_counters(report, backends, policies, plane).await,
@@ -995,33 +994,6 @@ impl<P: DataPlane> Wiring<P> {
         }
         actions
     }
-
-    /// By (target, upstream, address) as the stats entries name them.
-    fn extras(&self, core: &Core) -> BTreeMap<metrics::EntryId, UpstreamExtras> {
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        let targets = core
-            .config()
-            .map(|c| c.targets.as_slice())
-            .unwrap_or_default();
-        targets
-            .iter()
-            .flat_map(|target| entries(core, target))
-            .map(|entry| {
-                let checker = entry
-                    .held
-                    .filter(|_| !self.checkers.is_empty())
-                    .and_then(|(key, _)| self.checkers.get(&(entry.id(), key)));
-                let extras = UpstreamExtras {
-                    health_successes: checker.map_or(0, |c| load(&c.stats.successes)),
-                    health_failures: checker.map_or(0, |c| load(&c.stats.failures)),
-                    state_changes: entry.held.map_or(0, |(_, a)| a.state_changes),
-                };
-                let address = entry.address().map(|a| a.to_string());
-                let name = entry.upstream.name.clone();
-                ((entry.target.to_owned(), name, address), extras)
-            })
-            .collect()
-    }
 }
 
 /// What an event receiver hears of a notice, if anything.
@@ -1067,7 +1039,6 @@ fn event_of(notice: &Notice) -> Option<LobbyEvent> {
 /// One line of the stats of an upstream: one of its addresses, or none
 /// while its name never resolved.
 struct Entry<'a> {
-    target: &'a str,
     upstream: &'a config::Upstream,
     /// The upstream's place in the target's group.
     index: usize,
@@ -1090,12 +1061,24 @@ impl Entry<'_> {
         self.address()
             .map(|a| (SocketAddr::new(a, self.upstream.port), protocol))
     }
+}
 
-    /// Built on demand: an id is two allocations, which a report of every
-    /// upstream pays only where a map keyed by id is not empty.
-    fn id(&self) -> UpstreamId {
-        UpstreamId::new(self.target, &self.upstream.name)
-    }
+/// The checkers of `target`'s upstreams, sorted by upstream name and
+/// address: one range of `checkers`, whose keys sort by target first (no
+/// upstream is named "", so the range starts before the target's first).
+fn checkers_of<'c>(
+    checkers: &'c BTreeMap<(UpstreamId, AddressKey), Checker>,
+    target: &str,
+) -> Vec<(&'c str, AddressKey, &'c Checker)> {
+    let first = (
+        UpstreamId::new(target, ""),
+        AddressKey::Family(Family::Ipv4),
+    );
+    checkers
+        .range(first..)
+        .take_while(|((id, _), _)| id.target == target)
+        .map(|((id, key), checker)| (id.upstream.as_str(), *key, checker))
+        .collect()
 }
 
 /// The entries of `target`'s upstreams, in configuration order, each
@@ -1114,7 +1097,6 @@ fn entries<'a>(core: &'a Core, target: &'a config::Target) -> Vec<Entry<'a>> {
             AdminState::Drained | AdminState::Disabled => 0,
         };
         let entry = |held| Entry {
-            target: &target.name,
             upstream,
             index,
             held,
@@ -1249,12 +1231,14 @@ struct HeldEntry {
     weight: u32,
     latency: Option<Duration>,
     established: Option<u64>,
+    extras: UpstreamExtras,
 }
 
 impl HeldStats {
-    /// `latency` is each health-checked address's smoothed probe round
-    /// trip.
-    fn of(core: &Core, latency: &BTreeMap<(UpstreamId, AddressKey), Duration>) -> Self {
+    /// `checkers` are the health checkers, by upstream and address: each
+    /// entry's is looked up once, and its figures copied.
+    fn of(core: &Core, checkers: &BTreeMap<(UpstreamId, AddressKey), Checker>) -> Self {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         let targets = core
             .config()
             .map(|c| c.targets.as_slice())
@@ -1263,24 +1247,33 @@ impl HeldStats {
             .map(|target| {
                 let least_connections =
                     target.group.distribution == config::Distribution::LeastConnections;
+                let checkers = checkers_of(checkers, &target.name);
                 let entries = entries(core, target)
                     .into_iter()
                     .map(|entry| {
                         let backend = entry.backend(target.protocol);
+                        let checker = entry.held.and_then(|(key, _)| {
+                            let name = entry.upstream.name.as_str();
+                            checkers
+                                .binary_search_by(|(n, k, _)| (*n, *k).cmp(&(name, key)))
+                                .ok()
+                                .map(|i| checkers[i].2)
+                        });
                         HeldEntry {
                             upstream: entry.index,
                             backend,
                             available: entry.available(),
                             admin_state: entry.admin_state,
                             weight: entry.weight,
-                            latency: entry
-                                .held
-                                .filter(|_| !latency.is_empty())
-                                .and_then(|(key, _)| latency.get(&(entry.id(), key)))
-                                .copied(),
+                            latency: checker.and_then(|c| c.stats.smoothed_rtt()),
                             established: backend
                                 .filter(|_| least_connections)
                                 .and_then(|b| core.established(&b)),
+                            extras: UpstreamExtras {
+                                health_successes: checker.map_or(0, |c| load(&c.stats.successes)),
+                                health_failures: checker.map_or(0, |c| load(&c.stats.failures)),
+                                state_changes: entry.held.map_or(0, |(_, a)| a.state_changes),
+                            },
                         }
                     })
                     .collect();
@@ -1290,10 +1283,12 @@ impl HeldStats {
         Self { targets }
     }
 
-    /// The stats report with every counter at zero, and the backend each
-    /// entry is counted under, in the report's order.
-    fn report(self) -> (StatsReport, Vec<Option<Backend>>) {
+    /// The stats report with every counter at zero, and, in the report's
+    /// order, the backend each entry is counted under and its figures for
+    /// the metrics endpoint.
+    fn report(self) -> (StatsReport, Vec<Option<Backend>>, Vec<UpstreamExtras>) {
         let mut backends = Vec::new();
+        let mut extras = Vec::new();
         let targets = self
             .targets
             .into_iter()
@@ -1310,6 +1305,7 @@ impl HeldStats {
                         let upstream = &target.group.upstreams[entry.upstream];
                         let address = entry.backend.map(|(at, _)| at.ip());
                         backends.push(entry.backend);
+                        extras.push(entry.extras);
                         UpstreamStats {
                             established_connections: entry.established,
                             probe_latency_seconds: entry.latency.map(ctl::Latency),
@@ -1332,7 +1328,7 @@ impl HeldStats {
                     .collect(),
             })
             .collect();
-        (StatsReport { targets }, backends)
+        (StatsReport { targets }, backends, extras)
     }
 }
 
@@ -1412,4 +1408,71 @@ fn enable_forwarding() -> std::io::Result<()> {
     std::fs::write(IP_FORWARD, "1")?;
     info!("IPv4 forwarding was off; turned it on (net.ipv4.ip_forward=1)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Targets and upstreams whose configuration order is not their
+    /// names' order, and a target whose name starts another's: each
+    /// entry's checker figures land on that entry of the report.
+    #[test]
+    fn held_stats_carry_each_entrys_checker_figures_in_report_order() {
+        let upstreams = |first: u8| {
+            format!(
+                "[{{ name: b, host: 198.18.1.{first}, port: 9000 }}, {{ name: a, host: 198.18.1.{}, port: 9000 }}]",
+                first + 1
+            )
+        };
+        let target = |name: &str, port: u16, first: u8| {
+            format!(
+                "      - {{ name: {name}, protocol: tcp, port: {port}, upstream_group: {{ name: {name}-pool, distribution: round-robin, upstreams: {} }} }}\n",
+                upstreams(first)
+            )
+        };
+        let text = format!(
+            "lb:\n  - engine: nftables\n    targets:\n{}{}",
+            target("web2", 8082, 21),
+            target("web", 8081, 11)
+        );
+        let parsed = Parsed::parse(text, Path::new("lobby.yaml")).unwrap();
+        let mut core = Core::new(None, false);
+        core.on(Event::ConfigLoaded(parsed.config().clone()), Instant::now());
+        // A checker per entry, its successes telling which it is.
+        let mut checkers = BTreeMap::new();
+        let mut expected = Vec::new();
+        for target in &parsed.config().targets {
+            for entry in entries(&core, target) {
+                let (key, held) = entry.held.expect("an IP host is held at once");
+                let IpAddr::V4(v4) = held.address else {
+                    panic!("an IPv4 upstream")
+                };
+                let successes = u64::from(v4.octets()[3]);
+                let stats = Arc::new(ProbeStats::default());
+                stats
+                    .successes
+                    .store(successes, std::sync::atomic::Ordering::Relaxed);
+                let id = UpstreamId::new(target.name.as_str(), entry.upstream.name.as_str());
+                let checker = Checker {
+                    cancel: CancellationToken::new(),
+                    address: watch::channel(Some(held.address)).0,
+                    stats,
+                };
+                checkers.insert((id, key), checker);
+                expected.push((held.address.to_string(), successes));
+            }
+        }
+        let (report, _, extras) = HeldStats::of(&core, &checkers).report();
+        let reported: Vec<(String, u64)> = report
+            .targets
+            .iter()
+            .flat_map(|t| &t.upstreams)
+            .zip(&extras)
+            .map(|(u, e)| (u.address.clone().unwrap(), e.health_successes))
+            .collect();
+        assert_eq!(reported, expected);
+        assert_eq!(reported[0], ("198.18.1.21".to_owned(), 21));
+        assert_eq!(extras.len(), 4);
+    }
 }

@@ -57,22 +57,19 @@ impl Histogram {
 }
 
 /// Per-upstream figures that are not in the stats report.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UpstreamExtras {
     pub health_successes: u64,
     pub health_failures: u64,
     pub state_changes: u64,
 }
 
-/// One entry of the stats report: target, upstream and address (`None`
-/// while unresolved), as [`UpstreamStats`] names them.
-pub type EntryId = (String, String, Option<String>);
-
 /// Everything the endpoint shows, gathered by the daemon's loop.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub stats: StatsReport,
-    pub extras: BTreeMap<EntryId, UpstreamExtras>,
+    /// One per upstream entry of `stats`, in its order (target by target).
+    pub extras: Vec<UpstreamExtras>,
     /// By result (`success`, `nxdomain`, ...).
     pub dns_resolutions: BTreeMap<String, u64>,
     pub reloads_succeeded: u64,
@@ -137,12 +134,9 @@ impl Collector for Exposition {
         let upstreams: Vec<(UpstreamLabels, &UpstreamStats, UpstreamExtras)> =
             upstreams(&snapshot.stats)
                 .zip(&addresses)
-                .map(|((target, u), address)| {
-                    let extras = snapshot
-                        .extras
-                        .get(&(target.name.clone(), u.name.clone(), u.address.clone()))
-                        .cloned()
-                        .unwrap_or_default();
+                .enumerate()
+                .map(|(i, ((target, u), address))| {
+                    let extras = snapshot.extras.get(i).copied().unwrap_or_default();
                     let labels = [
                         ("target", target.name.as_str()),
                         ("upstream", u.name.as_str()),
@@ -582,24 +576,18 @@ mod tests {
                     ],
                 }],
             },
-            extras: BTreeMap::from([
-                (
-                    ("web".into(), "web1".into(), Some("198.18.1.11".into())),
-                    UpstreamExtras {
-                        health_successes: 40,
-                        health_failures: 2,
-                        state_changes: 1,
-                    },
-                ),
-                (
-                    ("web".into(), "web1".into(), Some("2001:2::11".into())),
-                    UpstreamExtras {
-                        health_successes: 0,
-                        health_failures: 5,
-                        state_changes: 1,
-                    },
-                ),
-            ]),
+            extras: vec![
+                UpstreamExtras {
+                    health_successes: 40,
+                    health_failures: 2,
+                    state_changes: 1,
+                },
+                UpstreamExtras {
+                    health_successes: 0,
+                    health_failures: 5,
+                    state_changes: 1,
+                },
+            ],
             dns_resolutions: BTreeMap::from([("success".into(), 5), ("nxdomain".into(), 1)]),
             reloads_succeeded: 3,
             reloads_failed: 1,
