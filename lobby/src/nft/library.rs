@@ -72,6 +72,7 @@ impl Libnftables {
         std::thread::Builder::new()
             .name("libnftables".into())
             .spawn(move || {
+                reserve_heap();
                 let context = match Context::open() {
                     Ok(context) => {
                         let _ = ready.send(Ok(()));
@@ -116,6 +117,34 @@ impl Libnftables {
             // Only a panic on the context's thread ends it early.
             _ => panic!("the libnftables thread ended"),
         }
+    }
+}
+
+/// How much of its malloc heap the context's thread reserves up front:
+/// the library's memory for a transaction rewriting 1,000 x 10 upstreams
+/// (~37 MB), with room, within glibc's 64 MB a heap.
+const RESERVED_HEAP: usize = 56 << 20;
+/// Below glibc's smallest mmap threshold (128 KiB), so that each block
+/// comes from the thread's heap.
+const RESERVING_BLOCK: usize = 96 << 10;
+
+/// Grows the calling thread's malloc heap to [`RESERVED_HEAP`] in a few
+/// hundred steps and frees it again. glibc gives every thread but the
+/// main one a heap of its own, which it grows by the page as allocations
+/// need it, an `mprotect` each time (and keeps grown when it frees the
+/// memory, returning only the pages): a first start at 1,000 x 10 made
+/// ~9,600 of them on the transactions' thread, 4.6% of its time, where
+/// the `nft` binary, on the main heap with its 128 KiB steps, makes 14.
+/// Listings run on threads of their own, and glibc hands a finished
+/// thread's heap to the next one: they reserve too.
+fn reserve_heap() {
+    let blocks: Vec<*mut c_void> = (0..RESERVED_HEAP / RESERVING_BLOCK)
+        // SAFETY: plain malloc; a null (no memory) is freed as a no-op.
+        .map(|_| unsafe { libc::malloc(RESERVING_BLOCK) })
+        .collect();
+    for block in blocks {
+        // SAFETY: each came from malloc above and is freed once.
+        unsafe { libc::free(block) }
     }
 }
 
