@@ -1066,10 +1066,14 @@ impl Entry<'_> {
 /// The checkers of `target`'s upstreams, sorted by upstream name and
 /// address: one range of `checkers`, whose keys sort by target first (no
 /// upstream is named "", so the range starts before the target's first).
+/// Without health checks, nothing is built or sought per target.
 fn checkers_of<'c>(
     checkers: &'c BTreeMap<(UpstreamId, AddressKey), Checker>,
     target: &str,
 ) -> Vec<(&'c str, AddressKey, &'c Checker)> {
+    if checkers.is_empty() {
+        return Vec::new();
+    }
     let first = (
         UpstreamId::new(target, ""),
         AddressKey::Family(Family::Ipv4),
