@@ -19,8 +19,7 @@
 #     the fast path starts and ends, and SIGTERM removes the flowtable,
 #   - IPv6: an IPv6 target over 3 IPv6 upstreams, round robin with exact
 #     counters; an upstream killed leaves the rotation,
-#   - UDP and SCTP: a target of each over 3 upstreams (udp-name-server,
-#     socat for SCTP),
+#   - UDP and SCTP: a target of each over 3 upstreams (name-server),
 #     every flow (a new source port) to the next upstream, counters exact,
 #     probed by their own protocol; an upstream killed leaves the rotation.
 #   - least-connections: the conntrack mark its targets set is cleared at
@@ -198,7 +197,9 @@ target_port=$PORT
 # One connection from the client to the target: the name of the upstream
 # that answered, or "none".
 connect() {
-    answer=$(ask ip netns exec client 2>/dev/null)
+    answer=$(ask ip netns exec client 2>/tmp/connect.err)
+    # On stderr: stdout is the answer the caller compares.
+    [ -n "$answer" ] || echo "no answer from $target_name: $(cat /tmp/connect.err)" >&2
     echo "${answer:-none}"
 }
 
@@ -564,15 +565,15 @@ check_protocol() {
 
 # udp_server I, sctp_server I: upI's server, answering webI.
 udp_server() {
-    ip netns exec "up$1" udp-name-server "0.0.0.0:$UPSTREAM_PORT" "web$1"
+    ip netns exec "up$1" name-server udp "0.0.0.0:$UPSTREAM_PORT" "web$1"
 }
 sctp_server() {
-    ip netns exec "up$1" socat "SCTP-LISTEN:$UPSTREAM_PORT,fork,reuseaddr" SYSTEM:"echo web$1"
+    ip netns exec "up$1" name-server sctp "0.0.0.0:$UPSTREAM_PORT" "web$1"
 }
 
 echo "== 6. UDP: each flow to the next upstream, probed by UDP"
 # One process answers every datagram: socat's UDP-RECVFROM with fork lost
-# answers to datagrams that arrived together (see udp-name-server.rs). A
+# answers to datagrams that arrived together (see name-server.rs). A
 # probe timeout of 3 s: under TCG an answer took over a second once (CI,
 # 2026-11-30 23:39). A killed server still fails its next probe at once
 # (ICMP port unreachable).

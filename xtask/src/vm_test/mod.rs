@@ -32,7 +32,7 @@ const WRONG_EXPECTATION: &str = "vmtest.wrong_expectation";
 pub fn run(requested: Option<&str>, wrong_expectation: bool) -> anyhow::Result<()> {
     crate::setup::run()?;
     // The build the integration tests use, so that CI builds lobby once.
-    let programs = [build_lobby()?, build_udp_name_server()?];
+    let programs = [build_lobby()?, build_name_server()?];
     let work = lobby_tests::lobby::target_dir().join("vm-test");
     let cache = work.join("cache");
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
@@ -82,9 +82,9 @@ fn boot(
     qemu::run(&kernel.vmlinuz, &image, cmdline)
 }
 
-/// The guest's UDP upstream server (tests/src/bin/udp-name-server.rs).
-fn build_udp_name_server() -> anyhow::Result<PathBuf> {
-    const NAME: &str = "udp-name-server";
+/// The guest's UDP and SCTP upstream server (tests/src/bin/name-server.rs).
+fn build_name_server() -> anyhow::Result<PathBuf> {
+    const NAME: &str = "name-server";
     checked(cargo().current_dir(workspace_root()).args([
         "build",
         "-p",
