@@ -37,6 +37,8 @@ struct Plan {
     /// (bulk and connection rate), for the interval of the counters' cost.
     counter_pairs: usize,
     apply_runs: usize,
+    /// Runs from scratch at 5,000 targets and more, seconds each.
+    large_apply_runs: usize,
     reload_runs: usize,
     repairs: usize,
     /// DOWN-and-UP cycles of the checked upstreams, for report-to-apply.
@@ -56,6 +58,10 @@ const FULL: Plan = Plan {
     round_trips: 2000,
     counter_pairs: 10,
     apply_runs: 8,
+    // 5,000 x 2 takes seconds a run; at 2 and 3 runs the intervals of the
+    // large scales spanned 0.7-1.7 (2026-12-01), so it gets only a few
+    // runs less.
+    large_apply_runs: 5,
     // A reload of every target at 1,000 x 10 swings by 200 ms from one
     // daemon to the next (392-595 ms in one run): at 3 the interval was
     // [0.64, 4.19], wider than any effect worth deciding. At 8, a one-
@@ -83,6 +89,7 @@ const QUICK: Plan = Plan {
     round_trips: 300,
     counter_pairs: 2,
     apply_runs: 1,
+    large_apply_runs: 1,
     reload_runs: 1,
     repairs: 5,
     flaps: 2,
@@ -225,9 +232,16 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     if let Some(rounds) = count_from_env("LOBBY_BENCH_PAIR_ROUNDS")? {
         plan.interleaved.rounds = rounds;
     }
+    // For a narrower interval of the large applies from scratch, whose
+    // kernel time varies 3-13 s: LOBBY_BENCH_LARGE_RUNS=N (with
+    // LOBBY_BENCH_ONLY=scratch and LOBBY_BENCH_SCALES=5000x2, them alone).
+    if let Some(runs) = count_from_env("LOBBY_BENCH_LARGE_RUNS")? {
+        plan.large_apply_runs = runs;
+    }
     let started = std::time::Instant::now();
     // For development: LOBBY_BENCH_ONLY=data, =pairs (the goal ratios
-    // alone), =control, =idle or =programs.
+    // alone), =control, =scratch (the control plane's applies from scratch
+    // alone), =idle or =programs.
     let only = std::env::var("LOBBY_BENCH_ONLY").unwrap_or_default();
     let runs = |part: &str| only.is_empty() || only == part;
 
@@ -253,7 +267,13 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    let control = runs("control").then(|| control_plane(&plan, &capture));
+    let control = if runs("control") {
+        Some(control_plane(&plan, &capture, SCALES, false))
+    } else if only == "scratch" {
+        Some(control_plane(&plan, &capture, &chosen_scales()?, true))
+    } else {
+        None
+    };
     let idle = (runs("control") || only == "idle").then(|| {
         eprintln!("bench: idle cost, {} pairs of windows", plan.idle_pairs);
         control::idle_cost(IDLE_UPSTREAMS, plan.idle_window, plan.idle_pairs)
@@ -591,6 +611,12 @@ type Other = (&'static str, f64, Option<(f64, &'static str)>);
 
 struct Control {
     rows: Vec<ControlRow>,
+    /// `None` when the applies from scratch ran alone.
+    beyond_scratch: Option<BeyondScratch>,
+}
+
+/// The control plane's figures besides the applies from scratch.
+struct BeyondScratch {
     repair: Repair,
     reports: Reports,
     other: Vec<Other>,
@@ -604,29 +630,63 @@ struct Reports {
     quiet: Vec<f64>,
 }
 
-fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
+/// The scales applied from scratch: (what, targets, upstreams each).
+type Scale = (&'static str, usize, usize);
+
+const SCALES: &[Scale] = &[
+    ("1 x 10", 1, 10),
+    ("100 x 10", 100, 10),
+    ("1,000 x 10", 1000, 10),
+    ("1 x 10,000", 1, 10_000),
+    ("5,000 x 2", 5000, 2),
+];
+
+/// The scales LOBBY_BENCH_SCALES names (`TARGETSxUPSTREAMS`, comma
+/// separated, among [`SCALES`]), every one when unset.
+fn chosen_scales() -> anyhow::Result<Vec<Scale>> {
+    let Ok(names) = std::env::var("LOBBY_BENCH_SCALES") else {
+        return Ok(SCALES.to_vec());
+    };
+    names
+        .split(',')
+        .map(|name| {
+            SCALES
+                .iter()
+                .find(|(_, targets, per)| name.trim() == format!("{targets}x{per}"))
+                .copied()
+                .with_context(|| {
+                    let known: Vec<String> =
+                        SCALES.iter().map(|(_, t, p)| format!("{t}x{p}")).collect();
+                    format!(
+                        "LOBBY_BENCH_SCALES: no scale {name:?} (known: {})",
+                        known.join(", ")
+                    )
+                })
+        })
+        .collect()
+}
+
+/// The control plane's figures; with `scratch_only`, the applies from
+/// scratch at `scales` alone.
+fn control_plane(
+    plan: &Plan,
+    capture: &control::Capture,
+    scales: &[Scale],
+    scratch_only: bool,
+) -> Control {
     use control::{Change, scale_config};
     let started = std::time::Instant::now();
     let mut rows = Vec::new();
     let mut repair_scripts = Vec::new();
-    for (what, targets, per) in [
-        ("1 x 10", 1, 10),
-        ("100 x 10", 100, 10),
-        ("1,000 x 10", 1000, 10),
-        ("1 x 10,000", 1, 10_000),
-        ("5,000 x 2", 5000, 2),
-    ] {
+    for &(what, targets, per) in scales {
         eprintln!(
             "bench: control plane, from scratch, {what} ({:.0} s in)",
             started.elapsed().as_secs_f64()
         );
         let config = scale_config(targets, per, Change::None);
         let (scripts, _) = control::capture(capture, &config, &[]);
-        // 5,000 x 2 takes seconds a run; at 2 and 3 runs the intervals of
-        // the large scales spanned 0.7-1.7 (2026-12-01), so it gets only
-        // a few runs less.
         let runs = if targets >= 5000 {
-            plan.apply_runs.min(5)
+            plan.large_apply_runs
         } else {
             plan.apply_runs
         };
@@ -649,6 +709,12 @@ fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
             repair_scripts = scripts.clone();
         }
         rows.push(row);
+    }
+    if scratch_only {
+        return Control {
+            rows,
+            beyond_scratch: None,
+        };
     }
 
     eprintln!("bench: control plane, reloads at 1,000 x 10");
@@ -724,14 +790,16 @@ fn control_plane(plan: &Plan, capture: &control::Capture) -> Control {
         .collect();
     Control {
         rows,
-        repair,
-        reports,
-        other: vec![(
-            "upstream death to removal, 1 s probes (ms)",
-            median(&removal),
-            // interval x failure_count + timeout
-            Some((2000.0, "bound 1 s x 1 + 1 s")),
-        )],
+        beyond_scratch: Some(BeyondScratch {
+            repair,
+            reports,
+            other: vec![(
+                "upstream death to removal, 1 s probes (ms)",
+                median(&removal),
+                // interval x failure_count + timeout
+                Some((2000.0, "bound 1 s x 1 + 1 s")),
+            )],
+        }),
     }
 }
 
@@ -1211,13 +1279,23 @@ impl Report {
                 .collect()
         };
         let control = self.control.as_ref().map(|c| {
+            let anchored = c
+                .rows
+                .iter()
+                .map(|r| {
+                    (r.what.clone(), {
+                        let mut v = r.ratio().json();
+                        v["lobby_ms"] = json!(r.lobby);
+                        v["raw_nft_ms"] = json!(r.raw);
+                        v
+                    })
+                })
+                .collect::<serde_json::Map<_, _>>();
+            let Some(c) = &c.beyond_scratch else {
+                return json!({ "anchored": anchored });
+            };
             json!({
-                "anchored": c.rows.iter().map(|r| (r.what.clone(), {
-                    let mut v = r.ratio().json();
-                    v["lobby_ms"] = json!(r.lobby);
-                    v["raw_nft_ms"] = json!(r.raw);
-                    v
-                })).collect::<serde_json::Map<_, _>>(),
+                "anchored": anchored,
                 "repair": {
                     "scale": c.repair.scale,
                     "ms": c.repair.samples,
@@ -1343,7 +1421,10 @@ fn control_tables(control: &Control, out: &mut String) {
         )
         .unwrap();
     }
-    let r = &control.repair;
+    let Some(beyond) = &control.beyond_scratch else {
+        return;
+    };
+    let r = &beyond.repair;
     writeln!(
         out,
         "\n| repair after `nft delete table inet lobby`, {} | median ms | p99 ms | full table by bare nft -f, median ms | repair / nft, paired |\n|---|---|---|---|---|",
@@ -1360,7 +1441,7 @@ fn control_tables(control: &Control, out: &mut String) {
         Ratio::paired(&r.samples, &r.raw_full_table).show()
     )
     .unwrap();
-    let r = &control.reports;
+    let r = &beyond.reports;
     writeln!(
         out,
         "\n| health report to applied, 1 target of 10 checked + 999 x 10 | p50 ms | p99 ms | applies |\n|---|---|---|---|\n| nobody asks for stats | {:.0} | {:.0} | {} |\n| `lobby stats --json` back to back ({} scrapes of 10,000 upstreams) | {:.0} | {:.0} | {} |",
@@ -1378,7 +1459,7 @@ fn control_tables(control: &Control, out: &mut String) {
         "\n| other | value | anchor | value / anchor |\n|---|---|---|---|"
     )
     .unwrap();
-    for (what, value, anchor) in &control.other {
+    for (what, value, anchor) in &beyond.other {
         match anchor {
             Some((a, name)) => writeln!(
                 out,
