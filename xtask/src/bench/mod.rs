@@ -647,16 +647,16 @@ fn chosen_scales() -> anyhow::Result<Vec<Scale>> {
     let Ok(names) = std::env::var("LOBBY_BENCH_SCALES") else {
         return Ok(SCALES.to_vec());
     };
+    let name_of = |&(_, targets, per): &Scale| format!("{targets}x{per}");
     names
         .split(',')
         .map(|name| {
             SCALES
                 .iter()
-                .find(|(_, targets, per)| name.trim() == format!("{targets}x{per}"))
+                .find(|scale| name.trim() == name_of(scale))
                 .copied()
                 .with_context(|| {
-                    let known: Vec<String> =
-                        SCALES.iter().map(|(_, t, p)| format!("{t}x{p}")).collect();
+                    let known: Vec<String> = SCALES.iter().map(name_of).collect();
                     format!(
                         "LOBBY_BENCH_SCALES: no scale {name:?} (known: {})",
                         known.join(", ")
