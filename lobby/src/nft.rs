@@ -130,6 +130,9 @@ pub fn render(desired: &Desired) -> String {
         object.render(&mut out);
     }
     for (name, target) in &desired.targets {
+        for map in slot_maps(name, target) {
+            map.render(&mut out);
+        }
         // The chains a target's chain jumps to come first.
         let mut chains = limits::chains(name, target);
         chains.push((chain_name(name), target_rules(name, target)));
@@ -317,6 +320,9 @@ fn plan_known(applied: &Desired, desired: &Desired, backends: &BackendDelta) -> 
             None => {
                 delete_dispatch(&mut out, table, old);
                 writeln!(out, "delete chain {FAMILY} {table} {}", chain_name(name)).unwrap();
+                for map in slot_maps(name, old) {
+                    map.delete(&mut out, table);
+                }
             }
             Some(new) if dispatch_key(old) != dispatch_key(new) => {
                 delete_dispatch(&mut out, table, old)
@@ -418,8 +424,8 @@ fn plan_known(applied: &Desired, desired: &Desired, backends: &BackendDelta) -> 
 /// thread's start costs tens of microseconds, a target's chains ~15.
 const SHARED_RENDER: usize = 64;
 
-/// The chains of target `name`, `new`, and its dispatch element, as a
-/// change from `old` (`None`: a new target).
+/// The chains of target `name`, `new`, its slot maps and its dispatch
+/// element, as a change from `old` (`None`: a new target).
 fn plan_target(
     out: &mut String,
     table: &str,
@@ -432,11 +438,42 @@ fn plan_target(
         .map(|old| limits::chains(name, old).into_iter().collect())
         .unwrap_or_default();
     for (chain, rules) in limits::chains(name, new) {
-        plan_chain(out, table, &chain, old_chains.get(&chain), &rules);
+        if open_chain(out, table, &chain, old_chains.get(&chain), &rules, false) {
+            add_rules(out, table, &chain, &rules);
+        }
     }
+    let chain = chain_name(name);
     let rules = target_rules(name, new);
     let old_rules = old.map(|old| target_rules(name, old));
-    plan_chain(out, table, &chain_name(name), old_rules.as_ref(), &rules);
+    let old_maps = old.map(|old| slot_maps(name, old)).unwrap_or_default();
+    let new_maps = slot_maps(name, new);
+    // A map that goes, or whose declaration changes, is deleted (and made
+    // again): the rule that binds it must go first.
+    let stale: Vec<&SlotMap> = old_maps
+        .iter()
+        .filter(|old| !new_maps.iter().any(|new| new.declares_as(old)))
+        .collect();
+    let rewrite = open_chain(
+        out,
+        table,
+        &chain,
+        old_rules.as_ref(),
+        &rules,
+        !stale.is_empty(),
+    );
+    for map in &stale {
+        map.delete(out, table);
+    }
+    for map in &new_maps {
+        match old_maps.iter().find(|old| map.declares_as(old)) {
+            Some(old) if old.elements == map.elements => {}
+            Some(_) => map.refill(out, table),
+            None => map.add(out, table),
+        }
+    }
+    if rewrite {
+        add_rules(out, table, &chain, &rules);
+    }
     if old.is_none_or(|old| dispatch_key(old) != dispatch_key(new)) {
         writeln!(
             out,
@@ -447,20 +484,28 @@ fn plan_target(
     }
 }
 
-/// Creates `chain` of `table` with `rules`, or rewrites it when its `old`
-/// rules differ.
-fn plan_chain(
+/// Creates `chain` of `table`, or empties it when its `old` rules differ
+/// from `rules` or `unbind` asks it to release the maps its rules name;
+/// whether `rules` are to be added.
+fn open_chain(
     out: &mut String,
     table: &str,
     chain: &str,
     old: Option<&Vec<String>>,
     rules: &[String],
-) {
+    unbind: bool,
+) -> bool {
     match old {
         None => writeln!(out, "add chain {FAMILY} {table} {chain}").unwrap(),
-        Some(old) if old != rules => writeln!(out, "flush chain {FAMILY} {table} {chain}").unwrap(),
-        Some(_) => return,
+        Some(old) if unbind || old != rules => {
+            writeln!(out, "flush chain {FAMILY} {table} {chain}").unwrap()
+        }
+        Some(_) => return false,
     }
+    true
+}
+
+fn add_rules(out: &mut String, table: &str, chain: &str, rules: &[String]) {
     for rule in rules {
         writeln!(out, "add rule {FAMILY} {table} {chain} {rule}").unwrap();
     }
@@ -573,9 +618,9 @@ fn target_rules(name: &str, target: &DesiredTarget) -> Vec<String> {
                 ));
             }
             None => rules.push(format!(
-                "{opened} dnat {family} to {} map {{ {} }}",
+                "{opened} dnat {family} to {} map @{}",
                 slot_key(target.distribution, rotation, HASH_SEED),
-                slot_elements(&rotation.slots, dnat_value)
+                slot_map_name(name, rotation.family)
             )),
         }
         rules.push(format!("{matched} drop"));
@@ -814,6 +859,104 @@ fn slot_key(distribution: Distribution, rotation: &FamilyRotation, seed: u32) ->
 
 /// `jhash`'s seed: "LOBB".
 const HASH_SEED: u32 = 0x4c4f_4242;
+
+/// A target's map from slots to the upstreams of one family, which its
+/// DNAT rule names. Named, not written into the rule: the kernel binds an
+/// anonymous map by walking the whole transaction, once per map (a first
+/// apply of 5,000 targets took 3-16 s, a third to half of it with named
+/// maps), and a change of upstreams that keeps the slot count refills the
+/// map and leaves the chain alone.
+struct SlotMap {
+    name: String,
+    /// What nft is told of its key and value, and `flags interval` when
+    /// runs of one upstream are written as ranges.
+    declaration: String,
+    elements: String,
+}
+
+/// The key's declared type: a slot number, whatever the rule computes it
+/// with. Not the rule's own key: a map is made again when its
+/// declaration changes, which took 1.6 times a refill for a change of
+/// every target at 1,000 x 10; and nft 1.0.6 crashes listing a map
+/// declared `typeof jhash ...`.
+const SLOT_TYPE: &str = "typeof numgen inc mod 1";
+
+/// The slot maps of `target`: one per family with upstreams, unless its
+/// slots pick persistence chains or capped upstreams' chains (a verdict
+/// map, written into the rule).
+fn slot_maps(name: &str, target: &DesiredTarget) -> Vec<SlotMap> {
+    if target.persistence.is_some() {
+        return Vec::new();
+    }
+    target
+        .families
+        .iter()
+        .filter(|rotation| !rotation.slots.is_empty() && !limits::capped(target, rotation))
+        .map(|rotation| {
+            let ranged = rotation.slots.windows(2).any(|pair| pair[0] == pair[1]);
+            SlotMap {
+                name: slot_map_name(name, rotation.family),
+                declaration: format!(
+                    "{SLOT_TYPE} : {} daddr . {} dport{}",
+                    address_keyword(rotation.family),
+                    target.protocol.as_str(),
+                    if ranged { "; flags interval" } else { "" }
+                ),
+                elements: slot_elements(&rotation.slots, dnat_value),
+            }
+        })
+        .collect()
+}
+
+/// `target-NAME_slots4` (or `6`): `_` and `s` never follow each other in
+/// a chain name (an escaped byte is `_` and two hex digits), so no other
+/// set of the table has it.
+fn slot_map_name(target: &str, family: Family) -> String {
+    let digit = match family {
+        Family::Ipv4 => '4',
+        Family::Ipv6 => '6',
+    };
+    format!("{}_slots{digit}", chain_name(target))
+}
+
+impl SlotMap {
+    /// Whether `other` is this map with the same declaration.
+    fn declares_as(&self, other: &SlotMap) -> bool {
+        self.name == other.name && self.declaration == other.declaration
+    }
+
+    fn render(&self, out: &mut String) {
+        writeln!(out, "\tmap {} {{", self.name).unwrap();
+        for line in self.declaration.split("; ") {
+            writeln!(out, "\t\t{line}").unwrap();
+        }
+        writeln!(out, "\t\telements = {{ {} }}", self.elements).unwrap();
+        writeln!(out, "\t}}").unwrap();
+    }
+
+    fn add(&self, out: &mut String, table: &str) {
+        writeln!(
+            out,
+            "add map {FAMILY} {table} {} {{ {}; elements = {{ {} }} }}",
+            self.name, self.declaration, self.elements
+        )
+        .unwrap();
+    }
+
+    fn refill(&self, out: &mut String, table: &str) {
+        writeln!(out, "flush map {FAMILY} {table} {}", self.name).unwrap();
+        writeln!(
+            out,
+            "add element {FAMILY} {table} {} {{ {} }}",
+            self.name, self.elements
+        )
+        .unwrap();
+    }
+
+    fn delete(&self, out: &mut String, table: &str) {
+        writeln!(out, "delete map {FAMILY} {table} {}", self.name).unwrap();
+    }
+}
 
 /// The elements of the map from slots to what `value` writes of their
 /// upstreams, runs of one upstream as ranges. Written into one string: at
@@ -1126,7 +1269,8 @@ pub fn owns_family(family: u8) -> bool {
 }
 
 /// Reads, from `nft -j list table` output, the `addr . port` data of the
-/// DNAT map in each chain's rules.
+/// DNAT map in each chain's rules: a named map's elements, or the map
+/// written into the rule (as Lobby wrote it before its maps were named).
 pub fn parse_rotation(listing: &[u8]) -> Result<Rotation, serde_json::Error> {
     let listing: serde_json::Value = serde_json::from_slice(listing)?;
     let mut rotation = Rotation::new();
@@ -1134,6 +1278,13 @@ pub fn parse_rotation(listing: &[u8]) -> Result<Rotation, serde_json::Error> {
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or_default();
+    let maps: BTreeMap<&str, &Vec<serde_json::Value>> = items
+        .iter()
+        .filter_map(|item| {
+            let map = item.get("map")?;
+            Some((map["name"].as_str()?, map["elem"].as_array()?))
+        })
+        .collect();
     for rule in items.iter().filter_map(|item| item.get("rule")) {
         let (Some(chain), Some(exprs)) = (rule["chain"].as_str(), rule["expr"].as_array()) else {
             continue;
@@ -1147,7 +1298,11 @@ pub fn parse_rotation(listing: &[u8]) -> Result<Rotation, serde_json::Error> {
         for dnat in dnat {
             // A rotation's map of `addr . port`, or one upstream's.
             let one = [(&dnat["addr"], &dnat["port"])];
-            let slots = dnat["addr"]["map"]["data"]["set"].as_array();
+            let data = &dnat["addr"]["map"]["data"];
+            let slots = match data.as_str() {
+                Some(named) => named.strip_prefix('@').and_then(|n| maps.get(n).copied()),
+                None => data["set"].as_array(),
+            };
             let targets = slots
                 .into_iter()
                 .flatten()
@@ -1320,7 +1475,7 @@ mod tests {
         let expected = "\
 flush chain inet lobby target-web
 add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) == syn ct mark set ct mark | 0x100000
-add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) == syn dnat ip to numgen inc mod 2 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000 }
+add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) == syn dnat ip to numgen inc mod 2 map @target-web_slots4
 add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp drop
 add chain inet lobby closing-prerouting { type filter hook prerouting priority mangle; policy accept; }
 add rule inet lobby closing-prerouting tcp flags & (fin | rst) != 0 ct mark & 0x100000 == 0x100000 ct mark set ct mark & 0xffefffff
@@ -1388,8 +1543,12 @@ table inet lobby {
 \tchain target-api {
 \t\tip daddr 198.18.0.0/24 meta l4proto tcp reject with tcp reset
 \t}
+\tmap target-web_slots4 {
+\t\ttypeof numgen inc mod 1 : ip daddr . tcp dport
+\t\telements = { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000 }
+\t}
 \tchain target-web {
-\t\tmeta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) == syn dnat ip to numgen inc mod 2 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000 }
+\t\tmeta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) == syn dnat ip to numgen inc mod 2 map @target-web_slots4
 \t\tmeta nfproto ipv4 meta l4proto tcp drop
 \t}
 }
@@ -1455,7 +1614,7 @@ add rule inet lobby probes-prerouting socket mark 0x10bb notrack
             rules,
             [
                 "meta nfproto ipv4 meta l4proto udp reject",
-                "meta nfproto ipv6 meta l4proto udp dnat ip6 to numgen inc mod 2 map { 0 : 2001:db8::11 . 53, 1 : 2001:db8::12 . 53 }",
+                "meta nfproto ipv6 meta l4proto udp dnat ip6 to numgen inc mod 2 map @target-dns_slots6",
                 "meta nfproto ipv6 meta l4proto udp drop",
             ]
         );
@@ -1542,7 +1701,9 @@ add rule inet lobby probes-prerouting socket mark 0x10bb notrack
             script,
             "delete element inet lobby backends4 { 198.18.1.11 . tcp . 9000 }\n\
              flush chain inet lobby target-web\n\
-             add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) == syn dnat ip to numgen inc mod 1 map { 0 : 198.18.1.12 . 9000 }\n\
+             flush map inet lobby target-web_slots4\n\
+             add element inet lobby target-web_slots4 { 0 : 198.18.1.12 . 9000 }\n\
+             add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) == syn dnat ip to numgen inc mod 1 map @target-web_slots4\n\
              add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp drop\n"
         );
     }
@@ -1562,6 +1723,7 @@ add rule inet lobby probes-prerouting socket mark 0x10bb notrack
             script,
             "delete element inet lobby targets { tcp . 8083 }\n\
              delete chain inet lobby target-old\n\
+             delete map inet lobby target-old_slots4\n\
              delete element inet lobby targets { tcp . 8081 }\n\
              delete element inet lobby backends4 { 198.18.1.31 . tcp . 80 }\n\
              add chain inet lobby target-new\n\
@@ -1584,19 +1746,80 @@ add rule inet lobby probes-prerouting socket mark 0x10bb notrack
             {"set": {"op": "update", "elem": {"payload": {"protocol": "ip", "field": "saddr"}}, "set": "@target-sticky.198.18.2.11.80.tcp.3s"}},
             {"dnat": {"family": "ip", "addr": "198.18.2.11", "port": 80}}]}}]}"#;
         let rotation = parse_rotation(listing).unwrap();
-        let web: Vec<String> = rotation["target-web"]
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(web, ["198.18.1.11:9000", "198.18.1.12:9000"]);
+        assert_eq!(
+            upstreams_of(&rotation, "target-web"),
+            ["198.18.1.11:9000", "198.18.1.12:9000"]
+        );
         assert!(rotation["target-api"].is_empty());
         // A persistence chain's backend is its target's.
-        let sticky: Vec<String> = rotation["target-sticky"]
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(sticky, ["198.18.2.11:80"]);
+        assert_eq!(upstreams_of(&rotation, "target-sticky"), ["198.18.2.11:80"]);
         assert!(parse_rotation(b"not json").is_err());
+    }
+
+    fn upstreams_of(rotation: &Rotation, chain: &str) -> Vec<String> {
+        rotation[chain].iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_named_maps_elements_are_the_rotation_of_the_chain_that_names_it() {
+        // As `nft -j list table` printed it: a range for a weighted run.
+        let listing = br#"{"nftables": [
+          {"map": {"family": "inet", "name": "target-web_slots4", "table": "lobby", "type": "integer",
+            "handle": 2, "map": "ipv4_addr . inet_service", "flags": ["interval"], "elem": [
+            [{"range": [0, 1]}, {"concat": ["198.18.1.11", 9000]}], [2, {"concat": ["198.18.1.12", 9000]}]]}},
+          {"rule": {"family": "inet", "table": "lobby", "chain": "target-web", "handle": 4, "expr": [
+            {"dnat": {"family": "ip", "addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 3, "offset": 0}},
+              "data": "@target-web_slots4"}}}}]}},
+          {"rule": {"family": "inet", "table": "lobby", "chain": "target-gone", "handle": 5, "expr": [
+            {"dnat": {"family": "ip", "addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 1, "offset": 0}},
+              "data": "@target-gone_slots4"}}}}]}}]}"#;
+        let rotation = parse_rotation(listing).unwrap();
+        assert_eq!(
+            upstreams_of(&rotation, "target-web"),
+            ["198.18.1.11:9000", "198.18.1.12:9000"]
+        );
+        // A map the listing lacks balances nothing known.
+        assert!(rotation["target-gone"].is_empty());
+    }
+
+    #[test]
+    fn a_swap_of_upstreams_refills_the_map_and_leaves_the_chain() {
+        let before = desired(&[("web", target(8081, &[(11, 9000), (12, 9000)]))]);
+        let after = desired(&[("web", target(8081, &[(11, 9000), (13, 9000)]))]);
+        let script = plan(Applied::Known(&before), &after).expect("a change");
+        assert_eq!(
+            script,
+            "delete element inet lobby backends4 { 198.18.1.12 . tcp . 9000 }\n\
+             add element inet lobby backends4 { 198.18.1.13 . tcp . 9000 }\n\
+             flush map inet lobby target-web_slots4\n\
+             add element inet lobby target-web_slots4 { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.13 . 9000 }\n"
+        );
+    }
+
+    #[test]
+    fn a_weighted_run_makes_the_map_again_as_an_interval_one_with_its_chain() {
+        let before = desired(&[("web", target(8081, &[(11, 9000), (12, 9000)]))]);
+        let after = desired(&[("web", target(8081, &[(11, 9000), (11, 9000), (12, 9000)]))]);
+        let script = plan(Applied::Known(&before), &after).expect("a change");
+        assert_eq!(
+            script,
+            "flush chain inet lobby target-web\n\
+             delete map inet lobby target-web_slots4\n\
+             add map inet lobby target-web_slots4 { typeof numgen inc mod 1 : ip daddr . tcp dport; flags interval; elements = { 0-1 : 198.18.1.11 . 9000, 2 : 198.18.1.12 . 9000 } }\n\
+             add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp tcp flags & (syn | ack) == syn dnat ip to numgen inc mod 3 map @target-web_slots4\n\
+             add rule inet lobby target-web meta nfproto ipv4 meta l4proto tcp drop\n"
+        );
+        // The same slot count without the run: the declaration changes too.
+        let back = desired(&[("web", target(8081, &[(11, 9000), (12, 9000), (11, 9000)]))]);
+        let script = plan(Applied::Known(&after), &back).expect("a change");
+        assert!(
+            script.starts_with(
+                "flush chain inet lobby target-web\n\
+                 delete map inet lobby target-web_slots4\n\
+                 add map inet lobby target-web_slots4 { typeof numgen inc mod 1 : ip daddr . tcp dport; elements = "
+            ),
+            "{script}"
+        );
     }
 
     #[test]

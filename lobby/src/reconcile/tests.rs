@@ -164,7 +164,7 @@ fn a_fresh_start_creates_the_table_and_starts_checkers() {
     assert!(!script.contains("delete table"), "{script}");
     // Only web2 starts available.
     assert!(
-        script.contains("numgen inc mod 1 map { 0 : 198.18.1.12 . 9000 }"),
+        slots(script, '4') == Some("0 : 198.18.1.12 . 9000"),
         "{script}"
     );
     let checkers: Vec<_> = actions
@@ -205,7 +205,7 @@ fn a_takeover_replaces_the_table_and_keeps_balanced_upstreams_available() {
         "{script}"
     );
     assert!(
-        script.contains("numgen inc mod 2 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000 }"),
+        slots(script, '4') == Some("0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000"),
         "{script}"
     );
     assert!(
@@ -267,11 +267,9 @@ fn health_flaps_in_one_batch_make_one_transaction() {
     actions.extend(harness.core.on(report("web2", false), harness.now));
     actions.extend(harness.core.settle(harness.now));
     let script = script(&actions).expect("one transaction");
-    assert!(
-        script.contains("flush chain inet lobby target-web"),
-        "{script}"
-    );
-    assert!(script.contains("0 : 198.18.1.11 . 9000 }"), "{script}");
+    // One upstream for another: the slot count stays, the chain too.
+    assert!(!script.contains("flush chain"), "{script}");
+    assert_eq!(slots(script, '4'), Some("0 : 198.18.1.11 . 9000"));
     assert_eq!(
         notices(&actions),
         [
@@ -291,7 +289,7 @@ fn changes_during_an_apply_wait_for_its_outcome() {
     let actions = harness.applied();
     let script = script(&actions).expect("the change made meanwhile");
     assert!(
-        script.contains("numgen inc mod 1 map { 0 : 198.18.1.11 . 9000 }"),
+        slots(script, '4') == Some("0 : 198.18.1.11 . 9000"),
         "{script}"
     );
 }
@@ -378,7 +376,8 @@ fn a_reload_keeps_unchanged_upstreams_and_restarts_changed_ones() {
     let script = script(&actions).expect("a change");
     // web1 stays available, web2 restarts available (its start state), web3 has no check.
     assert!(
-        script.contains("numgen inc mod 3 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9001, 2 : 198.18.1.13 . 9000 }"),
+        slots(script, '4')
+            == Some("0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9001, 2 : 198.18.1.13 . 9000"),
         "{script}"
     );
     let actions = harness.applied();
@@ -455,7 +454,7 @@ fn a_reload_in_any_upstream_order_moves_names_and_resolvers() {
     // waits for its name.
     let script = script(&actions).expect("a change");
     assert!(
-        script.contains("numgen inc mod 2 map { 0 : 198.18.1.14 . 9000, 1 : 198.18.1.11 . 9000 }"),
+        slots(script, '4') == Some("0 : 198.18.1.14 . 9000, 1 : 198.18.1.11 . 9000"),
         "{script}"
     );
     let actions = harness.applied();
@@ -712,11 +711,27 @@ fn established(counts: &[(u8, u64)]) -> Event {
     ))
 }
 
-/// The DNAT map of target web's IPv4 rotation in `script`.
-fn dnat_map(script: &str) -> &str {
-    let start = script.find("numgen inc").expect("a rotation");
-    let end = script[start..].find('}').expect("a map") + start + 1;
-    &script[start..end]
+/// The elements `script` gives target web's slot map of family `digit`
+/// (`4` or `6`), however it writes them: in a table, a new map or a
+/// refill.
+fn slots(script: &str, digit: char) -> Option<&str> {
+    let map = format!("target-web_slots{digit}");
+    let refill = format!("add element inet lobby {map} {{ ");
+    let start = match script.find(&refill) {
+        Some(at) => at + refill.len(),
+        None => {
+            let declared = [
+                format!("add map inet lobby {map} {{"),
+                format!("\tmap {map} {{"),
+            ]
+            .iter()
+            .find_map(|declared| script.find(declared.as_str()))?;
+            let elements = "elements = { ";
+            declared + script[declared..].find(elements)? + elements.len()
+        }
+    };
+    let end = start + script[start..].find(" }")?;
+    Some(&script[start..end])
 }
 
 #[test]
@@ -733,8 +748,8 @@ fn least_connections_follows_the_counts_at_most_once_a_second() {
     let actions = harness.advance(Duration::from_millis(800));
     let script_text = script(&actions).expect("the choice changes once the second is over");
     assert_eq!(
-        dnat_map(script_text),
-        "numgen inc mod 2 map { 0 : 198.18.1.12 . 9000, 1 : 198.18.1.13 . 9000 }"
+        slots(script_text, '4'),
+        Some("0 : 198.18.1.12 . 9000, 1 : 198.18.1.13 . 9000")
     );
     harness.applied();
     // The same preference again changes nothing.
@@ -744,16 +759,16 @@ fn least_connections_follows_the_counts_at_most_once_a_second() {
     // last change was 1.5 s ago), in one transaction.
     let actions = harness.step(established(&[(11, 21), (12, 8), (13, 1)]));
     assert_eq!(
-        dnat_map(script(&actions).expect("a change")),
-        "numgen inc mod 1 map { 0 : 198.18.1.13 . 9000 }"
+        slots(script(&actions).expect("a change"), '4'),
+        Some("0 : 198.18.1.13 . 9000")
     );
     harness.applied();
     // Ties share: counts per weight, here all weights 1.
     harness.now += Duration::from_millis(1000);
     let actions = harness.step(established(&[(11, 21), (12, 4), (13, 4)]));
     assert_eq!(
-        dnat_map(script(&actions).expect("a change")),
-        "numgen inc mod 2 map { 0 : 198.18.1.12 . 9000, 1 : 198.18.1.13 . 9000 }"
+        slots(script(&actions).expect("a change"), '4'),
+        Some("0 : 198.18.1.12 . 9000, 1 : 198.18.1.13 . 9000")
     );
 }
 
@@ -773,8 +788,8 @@ fn a_rotation_change_chooses_again_at_once() {
         .unwrap();
     let actions = harness.step(Event::Tick);
     assert_eq!(
-        dnat_map(script(&actions).expect("a change")),
-        "numgen inc mod 2 map { 0 : 198.18.1.12 . 9000, 1 : 198.18.1.13 . 9000 }"
+        slots(script(&actions).expect("a change"), '4'),
+        Some("0 : 198.18.1.12 . 9000, 1 : 198.18.1.13 . 9000")
     );
 }
 
@@ -789,8 +804,8 @@ fn least_latency_takes_the_fast_upstreams_and_leaves_the_slow_one() {
     ]);
     let actions = harness.step(Event::Measured(Measures::Latency(latency)));
     assert_eq!(
-        dnat_map(script(&actions).expect("a change")),
-        "numgen inc mod 2 map { 0 : 198.18.1.12 . 9000, 1 : 198.18.1.13 . 9000 }"
+        slots(script(&actions).expect("a change"), '4'),
+        Some("0 : 198.18.1.12 . 9000, 1 : 198.18.1.13 . 9000")
     );
     harness.applied();
     // Only web1 measured yet: it is the only one known to answer.
@@ -798,8 +813,8 @@ fn least_latency_takes_the_fast_upstreams_and_leaves_the_slow_one() {
     let only_slow = BTreeMap::from([(ipv4_of("web1"), Duration::from_millis(50))]);
     let actions = harness.step(Event::Measured(Measures::Latency(only_slow)));
     assert_eq!(
-        dnat_map(script(&actions).expect("a change")),
-        "numgen inc mod 1 map { 0 : 198.18.1.11 . 9000 }"
+        slots(script(&actions).expect("a change"), '4'),
+        Some("0 : 198.18.1.11 . 9000")
     );
 }
 
@@ -916,7 +931,7 @@ fn a_name_that_gains_an_aaaa_serves_ipv6_clients_at_it() {
     );
     let first = script(&actions).expect("the IPv4 address").to_owned();
     assert!(
-        first.contains("dnat ip to numgen inc mod 1 map { 0 : 198.18.1.11 . 9000 }"),
+        slots(&first, '4') == Some("0 : 198.18.1.11 . 9000"),
         "{first}"
     );
     assert!(!first.contains("dnat ip6"), "{first}");
@@ -930,11 +945,13 @@ fn a_name_that_gains_an_aaaa_serves_ipv6_clients_at_it() {
     );
     let second = script(&actions).expect("the IPv6 address").to_owned();
     assert!(
-        second.contains("dnat ip6 to numgen inc mod 1 map { 0 : 2001:2:0:1::11 . 9000 }"),
+        slots(&second, '6') == Some("0 : 2001:2:0:1::11 . 9000"),
         "{second}"
     );
+    // The IPv4 rule is added again beside the IPv6 one; its map stays.
+    assert_eq!(slots(&second, '4'), None, "{second}");
     assert!(
-        second.contains("dnat ip to numgen inc mod 1 map { 0 : 198.18.1.11 . 9000 }"),
+        second.contains("dnat ip to numgen inc mod 1 map @target-web_slots4"),
         "{second}"
     );
     harness.applied();
@@ -962,7 +979,11 @@ fn a_name_that_gains_an_aaaa_serves_ipv6_clients_at_it() {
         "{script}"
     );
     assert!(
-        script.contains("dnat ip to numgen inc mod 1 map { 0 : 198.18.1.11 . 9000 }"),
+        script.contains("delete map inet lobby target-web_slots6"),
+        "{script}"
+    );
+    assert!(
+        script.contains("dnat ip to numgen inc mod 1 map @target-web_slots4"),
         "{script}"
     );
 }
@@ -1020,7 +1041,8 @@ fn all_addresses_makes_each_address_a_backend_and_a_removed_one_drains() {
     );
     let script_text = script(&actions).expect("three backends").to_owned();
     assert!(
-        script_text.contains("numgen inc mod 3 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000, 2 : 198.18.1.13 . 9000 }"),
+        slots(&script_text, '4')
+            == Some("0 : 198.18.1.11 . 9000, 1 : 198.18.1.12 . 9000, 2 : 198.18.1.13 . 9000"),
         "{script_text}"
     );
     harness.applied();
@@ -1044,8 +1066,7 @@ fn all_addresses_makes_each_address_a_backend_and_a_removed_one_drains() {
     }));
     let script_text = script(&actions).expect("two backends").to_owned();
     assert!(
-        script_text
-            .contains("numgen inc mod 2 map { 0 : 198.18.1.11 . 9000, 1 : 198.18.1.13 . 9000 }"),
+        slots(&script_text, '4') == Some("0 : 198.18.1.11 . 9000, 1 : 198.18.1.13 . 9000"),
         "{script_text}"
     );
     assert!(!script_text.contains("delete element"), "{script_text}");
@@ -1104,8 +1125,8 @@ fn least_latency_measures_each_address_of_an_upstream_apart() {
     ]);
     let actions = harness.step(Event::Measured(Measures::Latency(latency)));
     assert_eq!(
-        dnat_map(script(&actions).expect("a change")),
-        "numgen inc mod 1 map { 0 : 198.18.1.11 . 9000 }"
+        slots(script(&actions).expect("a change"), '4'),
+        Some("0 : 198.18.1.11 . 9000")
     );
 }
 
