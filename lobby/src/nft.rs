@@ -1076,8 +1076,9 @@ pub enum NftError {
 /// libnftables in the daemon (see [`library`]), or the `nft` binary, a
 /// process each. Both read the same text and answer in the same words.
 pub enum Nft {
-    /// The context of transactions, kept open. Listings get a context of
-    /// their own each, dropped after it: the daemon lists its table after
+    /// The context of transactions, kept open. A transaction that builds
+    /// the whole table, and each listing, get a context of their own,
+    /// dropped after it (see [`Nft::apply`] for the first): the daemon lists its table after
     /// every apply (~190 ms at 1,000 x 10), which must not hold up the
     /// next transaction; a context that also lists fetches every rule and
     /// element again on its next transaction (at 1,000 x 10: 15.6 ms a
@@ -1141,7 +1142,7 @@ impl Nft {
                 // own, freed on its thread after the answer; a failure to
                 // open one leaves it to the kept context.
                 let own = builds_the_table(script)
-                    .then(library::Libnftables::open)
+                    .then(|| library::Libnftables::open_for_script(script.len()))
                     .and_then(Result::ok);
                 let outcome = own.as_ref().unwrap_or(transactions).run(script, 0).await;
                 if outcome.accepted {

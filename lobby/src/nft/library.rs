@@ -67,12 +67,26 @@ impl Libnftables {
     /// Loads the library and opens a context, in the network namespace of
     /// the calling process.
     pub fn open() -> Result<Self, LibraryError> {
+        Self::open_for(RESERVED_HEAP)
+    }
+
+    /// [`Libnftables::open`] for one script of `bytes`: its thread
+    /// reserves the heap such a script takes, not the most any does.
+    pub fn open_for_script(bytes: usize) -> Result<Self, LibraryError> {
+        Self::open_for(
+            bytes
+                .saturating_mul(HEAP_PER_SCRIPT_BYTE)
+                .min(RESERVED_HEAP),
+        )
+    }
+
+    fn open_for(heap: usize) -> Result<Self, LibraryError> {
         let (commands, received) = mpsc::channel::<Command>();
         let (ready, opened) = mpsc::channel();
         std::thread::Builder::new()
             .name("libnftables".into())
             .spawn(move || {
-                reserve_heap();
+                reserve_heap(heap);
                 let context = match Context::open() {
                     Ok(context) => {
                         let _ = ready.send(Ok(()));
@@ -124,12 +138,17 @@ impl Libnftables {
 /// the library's memory for a transaction rewriting 1,000 x 10 upstreams
 /// (~37 MB), with room, within glibc's 64 MB a heap.
 const RESERVED_HEAP: usize = 56 << 20;
+/// The library's heap per byte of a script that builds a table, with
+/// room: ~37 MB for the 728 KB of 1,000 x 10's. Reserving the whole
+/// [`RESERVED_HEAP`] for the table's first transaction took a first
+/// start at 1 x 10 from 1 to 5 ms.
+const HEAP_PER_SCRIPT_BYTE: usize = 64;
 /// Below glibc's smallest mmap threshold (128 KiB), so that each block
 /// comes from the thread's heap.
 const RESERVING_BLOCK: usize = 96 << 10;
 
-/// Grows the calling thread's malloc heap to [`RESERVED_HEAP`] in a few
-/// hundred steps and frees it again. glibc gives every thread but the
+/// Grows the calling thread's malloc heap by `heap` bytes (at most
+/// [`RESERVED_HEAP`]) in up to a few hundred steps and frees it again. glibc gives every thread but the
 /// main one a heap of its own, which it grows by the page as allocations
 /// need it, an `mprotect` each time (and keeps grown when it frees the
 /// memory, returning only the pages): a first start at 1,000 x 10 made
@@ -137,8 +156,8 @@ const RESERVING_BLOCK: usize = 96 << 10;
 /// the `nft` binary, on the main heap with its 128 KiB steps, makes 14.
 /// Listings run on threads of their own, and glibc hands a finished
 /// thread's heap to the next one: they reserve too.
-fn reserve_heap() {
-    let blocks: Vec<*mut c_void> = (0..RESERVED_HEAP / RESERVING_BLOCK)
+fn reserve_heap(heap: usize) {
+    let blocks: Vec<*mut c_void> = (0..heap / RESERVING_BLOCK)
         // SAFETY: plain malloc; a null (no memory) is freed as a no-op.
         .map(|_| unsafe { libc::malloc(RESERVING_BLOCK) })
         .collect();
