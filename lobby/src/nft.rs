@@ -83,6 +83,14 @@ fn address_keyword(family: Family) -> &'static str {
     }
 }
 
+/// The digit that ends the name of a set of one family.
+fn family_digit(family: Family) -> char {
+    match family {
+        Family::Ipv4 => '4',
+        Family::Ipv6 => '6',
+    }
+}
+
 /// Renders the whole table.
 pub fn render(desired: &Desired) -> String {
     let table = &desired.nftables.table;
@@ -875,9 +883,10 @@ const HASH_SEED: u32 = 0x4c4f_4242;
 /// map and leaves the chain alone.
 struct SlotMap {
     name: String,
-    /// What nft is told of its key and value, and `flags interval` when
-    /// runs of one upstream are written as ranges.
-    declaration: String,
+    /// `typeof KEY : VALUE`.
+    types: String,
+    /// Whether runs of one upstream are written as ranges.
+    interval: bool,
     elements: String,
 }
 
@@ -899,18 +908,15 @@ fn slot_maps(name: &str, target: &DesiredTarget) -> Vec<SlotMap> {
         .families
         .iter()
         .filter(|rotation| !rotation.slots.is_empty() && !limits::capped(target, rotation))
-        .map(|rotation| {
-            let ranged = rotation.slots.windows(2).any(|pair| pair[0] == pair[1]);
-            SlotMap {
-                name: slot_map_name(name, rotation.family),
-                declaration: format!(
-                    "{SLOT_TYPE} : {} daddr . {} dport{}",
-                    address_keyword(rotation.family),
-                    target.protocol.as_str(),
-                    if ranged { "; flags interval" } else { "" }
-                ),
-                elements: slot_elements(&rotation.slots, dnat_value),
-            }
+        .map(|rotation| SlotMap {
+            name: slot_map_name(name, rotation.family),
+            types: format!(
+                "{SLOT_TYPE} : {} daddr . {} dport",
+                address_keyword(rotation.family),
+                target.protocol.as_str(),
+            ),
+            interval: rotation.slots.windows(2).any(|pair| pair[0] == pair[1]),
+            elements: slot_elements(&rotation.slots, dnat_value),
         })
         .collect()
 }
@@ -919,33 +925,35 @@ fn slot_maps(name: &str, target: &DesiredTarget) -> Vec<SlotMap> {
 /// a chain name (an escaped byte is `_` and two hex digits), so no other
 /// set of the table has it.
 fn slot_map_name(target: &str, family: Family) -> String {
-    let digit = match family {
-        Family::Ipv4 => '4',
-        Family::Ipv6 => '6',
-    };
-    format!("{}_slots{digit}", chain_name(target))
+    format!("{}_slots{}", chain_name(target), family_digit(family))
 }
 
 impl SlotMap {
     /// Whether `other` is this map with the same declaration.
     fn declares_as(&self, other: &SlotMap) -> bool {
-        self.name == other.name && self.declaration == other.declaration
+        self.name == other.name && self.types == other.types && self.interval == other.interval
     }
 
     fn render(&self, out: &mut String) {
         writeln!(out, "\tmap {} {{", self.name).unwrap();
-        for line in self.declaration.split("; ") {
-            writeln!(out, "\t\t{line}").unwrap();
+        writeln!(out, "\t\t{}", self.types).unwrap();
+        if self.interval {
+            writeln!(out, "\t\tflags interval").unwrap();
         }
         writeln!(out, "\t\telements = {{ {} }}", self.elements).unwrap();
         writeln!(out, "\t}}").unwrap();
     }
 
     fn add(&self, out: &mut String, table: &str) {
+        let flags = if self.interval {
+            " flags interval;"
+        } else {
+            ""
+        };
         writeln!(
             out,
-            "add map {FAMILY} {table} {} {{ {}; elements = {{ {} }} }}",
-            self.name, self.declaration, self.elements
+            "add map {FAMILY} {table} {} {{ {};{flags} elements = {{ {} }} }}",
+            self.name, self.types, self.elements
         )
         .unwrap();
     }
@@ -1076,16 +1084,16 @@ pub enum NftError {
 /// libnftables in the daemon (see [`library`]), or the `nft` binary, a
 /// process each. Both read the same text and answer in the same words.
 pub enum Nft {
-    /// The context of transactions, kept open. A transaction that builds
-    /// the whole table, and each listing, get a context of their own,
-    /// dropped after it (see [`Nft::apply`] for the first): the daemon lists its table after
-    /// every apply (~190 ms at 1,000 x 10), which must not hold up the
-    /// next transaction; a context that also lists fetches every rule and
-    /// element again on its next transaction (at 1,000 x 10: 15.6 ms a
-    /// one-target change after a listing, 3.2 ms after another
-    /// transaction); and a listing's cache kept between listings was 28
-    /// MiB of the daemon's RSS at 1,000 x 10 (141 MiB after its start,
-    /// 113 with a context a listing; opening one takes ~0.1 ms).
+    /// The context of transactions, kept open. A transaction that builds the
+    /// whole table, and each listing, get a context of their own, dropped after
+    /// it (see [`Nft::apply`] for the first): the daemon lists its table after
+    /// every apply (~190 ms at 1,000 x 10), which must not hold up the next
+    /// transaction; a context that also lists fetches every rule and element
+    /// again on its next transaction (at 1,000 x 10: 15.6 ms a one-target
+    /// change after a listing, 3.2 ms after another transaction); and a
+    /// listing's cache kept between listings was 28 MiB of the daemon's RSS at
+    /// 1,000 x 10 (141 MiB after its start, 113 with a context a listing;
+    /// opening one takes ~0.1 ms).
     Library(library::Libnftables),
     Process,
 }

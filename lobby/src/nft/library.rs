@@ -148,14 +148,14 @@ const HEAP_PER_SCRIPT_BYTE: usize = 64;
 const RESERVING_BLOCK: usize = 96 << 10;
 
 /// Grows the calling thread's malloc heap by `heap` bytes (at most
-/// [`RESERVED_HEAP`]) in up to a few hundred steps and frees it again. glibc gives every thread but the
-/// main one a heap of its own, which it grows by the page as allocations
-/// need it, an `mprotect` each time (and keeps grown when it frees the
-/// memory, returning only the pages): a first start at 1,000 x 10 made
-/// ~9,600 of them on the transactions' thread, 4.6% of its time, where
-/// the `nft` binary, on the main heap with its 128 KiB steps, makes 14.
-/// Listings run on threads of their own, and glibc hands a finished
-/// thread's heap to the next one: they reserve too.
+/// [`RESERVED_HEAP`]) in up to a few hundred steps and frees it again. glibc
+/// gives every thread but the main one a heap of its own, which it grows by the
+/// page as allocations need it, an `mprotect` each time (and keeps grown when
+/// it frees the memory, returning only the pages): a first start at 1,000 x 10
+/// made ~9,600 of them on the transactions' thread, 4.6% of its time, where the
+/// `nft` binary, on the main heap with its 128 KiB steps, makes 14. Listings
+/// run on threads of their own, and glibc hands a finished thread's heap to the
+/// next one: they reserve too.
 fn reserve_heap(heap: usize) {
     let blocks: Vec<*mut c_void> = (0..heap / RESERVING_BLOCK)
         // SAFETY: plain malloc; a null (no memory) is freed as a no-op.

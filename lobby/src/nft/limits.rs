@@ -40,7 +40,9 @@
 //! them again from the connections opened after it.
 use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
-use super::{Denied, FAMILY, address_keyword, chain_name, denied_counter, slot_elements};
+use super::{
+    Denied, FAMILY, address_keyword, chain_name, denied_counter, family_digit, slot_elements,
+};
 use crate::{
     config::{Family, Limit, Rate},
     model::{Cap, Desired, DesiredTarget, FamilyRotation},
@@ -174,13 +176,6 @@ fn upstream_chain(chain: &str, cap: &Cap) -> String {
     match cap.ordinal {
         0 => format!("{chain}_u{}", cap.place),
         ordinal => format!("{chain}_u{}_{ordinal}", cap.place),
-    }
-}
-
-fn family_digit(family: Family) -> char {
-    match family {
-        Family::Ipv4 => '4',
-        Family::Ipv6 => '6',
     }
 }
 
