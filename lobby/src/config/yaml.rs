@@ -6,9 +6,11 @@
 //! nesting depth, and the number of nodes including those that aliases
 //! repeat, so an alias bomb ("billion laughs") stops at the limit instead of
 //! expanding.
-use std::{collections::HashMap, rc::Rc};
+use std::{borrow::Cow, collections::HashMap, rc::Rc};
 
 use saphyr_parser::{Event, Marker, Parser, ScalarStyle, StrInput};
+
+mod lines;
 
 /// Far deeper than a Lobby file (11 levels) needs.
 pub(crate) const MAX_DEPTH: usize = 32;
@@ -108,8 +110,25 @@ pub(crate) struct Document {
     pub nodes: usize,
 }
 
-/// The single document in `text`.
+/// The single document in `text`: read line by line when it is written
+/// in the block style Lobby's files use (see [`lines`]), else by saphyr.
 pub(crate) fn parse_document(text: &str) -> Result<Document, SyntaxError> {
+    let Some(document) = lines::read(text) else {
+        return parse_events(text);
+    };
+    #[cfg(debug_assertions)]
+    {
+        let events = parse_events(text).expect("what the line reader reads is valid YAML");
+        assert!(
+            lines::same_document(&document, &events),
+            "the line reader read differently from saphyr:\n{text}"
+        );
+    }
+    Ok(document)
+}
+
+/// The single document in `text`, from saphyr's events.
+fn parse_events(text: &str) -> Result<Document, SyntaxError> {
     let mut builder = TreeBuilder {
         parser: Parser::new_from_str(text),
         anchors: HashMap::new(),
@@ -251,15 +270,7 @@ impl<'t> TreeBuilder<'t> {
             Event::Scalar(text, style, anchor, tag) => {
                 let quoted = style != ScalarStyle::Plain
                     || tag.is_some_and(|t| t.is_yaml_core_schema() && t.suffix == "str");
-                let value = if !quoted && matches!(&*text, "" | "~" | "null" | "Null" | "NULL") {
-                    Value::Null
-                } else {
-                    Value::Scalar {
-                        text: text.into_owned(),
-                        quoted,
-                    }
-                };
-                (value, 1, anchor)
+                (scalar_value(text, quoted), 1, anchor)
             }
             Event::SequenceStart(anchor, _) => {
                 self.anchored += usize::from(anchor != 0);
@@ -388,6 +399,18 @@ fn not_mergeable(mark: Mark) -> SyntaxError {
     SyntaxError {
         mark,
         message: format!("`{MERGE_KEY}` must be given a mapping or a list of mappings"),
+    }
+}
+
+/// A scalar's value: plain `~`, `null` or nothing is null.
+fn scalar_value(text: Cow<str>, quoted: bool) -> Value {
+    if !quoted && matches!(&*text, "" | "~" | "null" | "Null" | "NULL") {
+        Value::Null
+    } else {
+        Value::Scalar {
+            text: text.into_owned(),
+            quoted,
+        }
     }
 }
 
