@@ -241,7 +241,8 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     // For development: LOBBY_BENCH_ONLY=data, =pairs (the goal ratios
     // alone), =control, =scratch (the control plane's applies from scratch
-    // alone), =idle or =programs.
+    // alone), =reloads (its reloads at 1,000 x 10 alone), =idle or
+    // =programs.
     let only = std::env::var("LOBBY_BENCH_ONLY").unwrap_or_default();
     let runs = |part: &str| only.is_empty() || only == part;
 
@@ -268,9 +269,16 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         Vec::new()
     };
     let control = if runs("control") {
-        Some(control_plane(&plan, &capture, SCALES, false))
+        Some(control_plane(&plan, &capture, SCALES, ControlParts::All))
     } else if only == "scratch" {
-        Some(control_plane(&plan, &capture, &chosen_scales()?, true))
+        Some(control_plane(
+            &plan,
+            &capture,
+            &chosen_scales()?,
+            ControlParts::Scratch,
+        ))
+    } else if only == "reloads" {
+        Some(control_plane(&plan, &capture, &[], ControlParts::Reloads))
     } else {
         None
     };
@@ -611,7 +619,7 @@ type Other = (&'static str, f64, Option<(f64, &'static str)>);
 
 struct Control {
     rows: Vec<ControlRow>,
-    /// `None` when the applies from scratch ran alone.
+    /// `None` when only the applies from scratch or the reloads ran.
     beyond_scratch: Option<BeyondScratch>,
 }
 
@@ -666,13 +674,23 @@ fn chosen_scales() -> anyhow::Result<Vec<Scale>> {
         .collect()
 }
 
-/// The control plane's figures; with `scratch_only`, the applies from
-/// scratch at `scales` alone.
+/// Which of the control plane's figures a run takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ControlParts {
+    All,
+    /// The applies from scratch alone.
+    Scratch,
+    /// The reloads at 1,000 x 10 alone.
+    Reloads,
+}
+
+/// The control plane's figures: `parts` of them, the applies from scratch
+/// at `scales`.
 fn control_plane(
     plan: &Plan,
     capture: &control::Capture,
     scales: &[Scale],
-    scratch_only: bool,
+    parts: ControlParts,
 ) -> Control {
     use control::{Change, scale_config};
     let started = std::time::Instant::now();
@@ -710,7 +728,7 @@ fn control_plane(
         }
         rows.push(row);
     }
-    if scratch_only {
+    if parts == ControlParts::Scratch {
         return Control {
             rows,
             beyond_scratch: None,
@@ -762,6 +780,12 @@ fn control_plane(
     }
     rows.extend(signalled);
     rows.extend(parsed);
+    if parts == ControlParts::Reloads {
+        return Control {
+            rows,
+            beyond_scratch: None,
+        };
+    }
 
     eprintln!("bench: control plane, repair after an outside table deletion");
     let (samples, raw_full_table) = control::repair_ms(
