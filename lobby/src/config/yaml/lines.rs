@@ -33,10 +33,11 @@ pub(super) fn read(text: &str) -> Option<Document> {
         }
         let indent = line.len() - content.len();
         // Document markers and directives.
-        if indent == 0 && (content.starts_with("---") || content.starts_with("...")) {
-            return None;
-        }
-        if indent == 0 && content.starts_with('%') {
+        if indent == 0
+            && (content.starts_with("---")
+                || content.starts_with("...")
+                || content.starts_with('%'))
+        {
             return None;
         }
         lines.push(Line {
@@ -112,12 +113,11 @@ impl<'t> Reader<'t> {
         // saphyr marks a sequence under a key at its first item's content,
         // others at their first `-`.
         let column = if under_key {
-            let rest = &first.content[1..];
-            let content = rest.trim_start_matches(' ');
+            let (content, inner) = item_content(first);
             if content.is_empty() {
                 return None;
             }
-            indent + 2 + rest.len() - content.len()
+            inner + 1
         } else {
             indent + 1
         };
@@ -131,10 +131,7 @@ impl<'t> Reader<'t> {
             if line.indent != indent || !is_item(line.content) {
                 break;
             }
-            let rest = &line.content[1..];
-            let content = rest.trim_start_matches(' ');
-            // The content's indent, and its column from 1.
-            let inner = indent + 1 + rest.len() - content.len();
+            let (content, inner) = item_content(line);
             let number = line.number;
             if content.is_empty() {
                 // `-` alone: the item is the block below it.
@@ -182,7 +179,7 @@ impl<'t> Reader<'t> {
             let (key, rest) = key_and_rest(line.content)?;
             let number = line.number;
             self.enter(depth + 1)?;
-            let key = Node {
+            let key_node = Node {
                 mark: Mark {
                     line: number,
                     column: indent + 1,
@@ -190,7 +187,7 @@ impl<'t> Reader<'t> {
                 value: Content::Own(scalar_value(key.into(), false)),
             };
             let content = rest.trim_start_matches(' ');
-            let column = indent + 1 + key_len(line.content) + 1 + rest.len() - content.len();
+            let column = indent + 1 + key.len() + 1 + rest.len() - content.len();
             self.next += 1;
             let value = if content.is_empty() || content.starts_with('#') {
                 match self.lines.get(self.next) {
@@ -206,7 +203,7 @@ impl<'t> Reader<'t> {
             } else {
                 self.value(content, number, column, depth + 1)?
             };
-            entries.push((key, value));
+            entries.push((key_node, value));
             if self.more_indented(indent) {
                 return None;
             }
@@ -311,16 +308,17 @@ impl<'t> Reader<'t> {
                         return None;
                     }
                     self.enter(depth + 1)?;
-                    let key = Node {
+                    let key_node = Node {
                         mark: Mark {
                             line: number,
                             column: column + *at,
                         },
                         value: Content::Own(scalar_value(key.into(), false)),
                     };
-                    *at += key_len(&text[*at..]) + 1;
+                    *at += key.len() + 1;
                     skip_spaces(bytes, at);
-                    entries.push((key, self.flow(text, at, number, column, depth + 1)?));
+                    let value = self.flow(text, at, number, column, depth + 1)?;
+                    entries.push((key_node, value));
                 } else {
                     items.push(self.flow(text, at, number, column, depth + 1)?);
                 }
@@ -375,6 +373,13 @@ fn skip_spaces(bytes: &[u8], at: &mut usize) {
     while bytes.get(*at) == Some(&b' ') {
         *at += 1;
     }
+}
+
+/// What an item's line holds after its `-`, and the indent it starts at.
+fn item_content(line: Line<'_>) -> (&str, usize) {
+    let rest = &line.content[1..];
+    let content = rest.trim_start_matches(' ');
+    (content, line.indent + 1 + rest.len() - content.len())
 }
 
 /// `- ` or `-` alone: a sequence's item.
