@@ -423,7 +423,12 @@ fn scalar_text(node: &Node) -> Option<&str> {
 
 /// The parser's words, made plainer where an operator often trips.
 fn syntax_message(info: &str) -> String {
-    if info.contains("tab") {
+    // saphyr's one "unprintable character" is a NUL, and the word holds
+    // "tab".
+    if info.contains("unprintable character") {
+        "YAML syntax: a NUL byte, which YAML does not allow anywhere (is this a text file?)"
+            .to_owned()
+    } else if info.contains("tab") {
         format!("YAML syntax: {info} (indent with spaces, not tabs)")
     } else if info.contains("recursion limit") {
         format!("YAML syntax: nesting too deep ({info})")

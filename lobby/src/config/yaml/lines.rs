@@ -8,8 +8,8 @@
 //! keys of letters, digits, `_` and `-`, plain scalars of letters, digits,
 //! spaces and `._/:+=~-` (no `: `, no leading indicator), quoted scalars
 //! without escapes and flow collections of these, each on one line,
-//! whole-line and trailing comments, in ASCII text without tabs or
-//! carriage returns. Anything else, an empty value
+//! whole-line and trailing comments, in printable ASCII (no tabs, no
+//! carriage returns, no control characters). Anything else, an empty value
 //! among them, gives `None`, and the document goes to saphyr, which also
 //! words every error. Debug builds check each document read here against
 //! saphyr's reading of it.
@@ -22,7 +22,12 @@ const MAX_KEY: usize = 128;
 /// The document in `text`, when it is written in the style this module
 /// reads.
 pub(super) fn read(text: &str) -> Option<Document> {
-    if !text.is_ascii() || text.bytes().any(|b| b == b'\t' || b == b'\r') {
+    // Printable ASCII only: saphyr refuses a NUL anywhere, comments
+    // included, and tabs and carriage returns have rules of their own.
+    if !text
+        .bytes()
+        .all(|b| b == b'\n' || (b' '..=b'~').contains(&b))
+    {
         return None;
     }
     let mut lines = Vec::new();
@@ -701,6 +706,12 @@ mod tests {
         } else {
             mapping(&mut g, &mut out, indent, None, 0);
         }
+        // Now and then a character YAML does not print, anywhere.
+        if g.one_in(6) {
+            let at = g.below(out.len());
+            let unprintable = g.pick(&["\u{0}", "\u{1}", "\u{b}", "\u{1b}", "\u{7f}"]);
+            out.insert_str(at, unprintable);
+        }
         // Now and then a line moved by a space, or a tab: not ours.
         if g.one_in(6) {
             let lines: Vec<&str> = out.lines().collect();
@@ -798,6 +809,9 @@ mod tests {
             "- - a\n",
             "a: 1\n - b\n",
             "a:\tb\n",
+            "a: 1 # \u{0}\n",
+            "# \u{0}\na: 1\n",
+            "a: \"x\u{1}y\"\n",
             "---\na: 1\n",
         ] {
             assert!(read(text).is_none(), "{text:?} was read line by line");
