@@ -21,7 +21,7 @@ use super::{
 pub type Pair = (&'static str, Variant, Variant, &'static str);
 
 /// The goal ratios between variants of the data plane.
-pub const PAIRS: [Pair; 13] = [
+pub const PAIRS: [Pair; 14] = [
     (
         "block list of 100,000 prefixes: Lobby conn/s / Lobby without",
         Variant::LobbyBlockList,
@@ -39,6 +39,14 @@ pub const PAIRS: [Pair; 13] = [
         Variant::Lobby,
         Variant::RawNft,
         ">= 0.97",
+    ),
+    // The hand-written rulesets count nothing: the ruleset alone, to
+    // tell its cost from the counters'.
+    (
+        "Lobby without counters conn/s / raw nft DNAT",
+        Variant::LobbyWithoutCounters,
+        Variant::RawNft,
+        "-",
     ),
     (
         "random: Lobby conn/s / raw nft numgen random",
