@@ -174,14 +174,6 @@ const IPV6_HEADER: usize = 40;
 /// common header and the first chunk's type (13), UDP's ports (4).
 const TRANSPORT_HEAD: usize = 14;
 
-/// What counting needs of the transport header.
-#[derive(Clone, Copy)]
-enum Transport {
-    Tcp { flags: u8 },
-    Udp,
-    Sctp { first_chunk: u8 },
-}
-
 /// The fields of an IP packet that counting needs. Addresses are laid out
 /// as in [`UpstreamKey::addr`], ports in network byte order.
 struct Packet {
@@ -192,12 +184,15 @@ struct Packet {
     sport: u16,
     dport: u16,
     ip_len: u32,
-    /// TCP's sequence number as in the packet, 0 for other protocols. Not
-    /// a field of [`Transport::Tcp`]: LLVM then leaves it undefined on the
-    /// other paths, and the verifier rejects the read of an undefined
-    /// register.
+    /// TCP's sequence number as in the packet, 0 for other protocols.
     seq: u32,
-    transport: Transport,
+    /// TCP's flags, the type of SCTP's first chunk, 0 for UDP. These and
+    /// `seq` are fields defined on every path, not the data of an enum of
+    /// the three protocols: LLVM leaves a variant's data undefined on the
+    /// other variants' paths and may spill that undefined register, whose
+    /// read the verifier rejects (the ingress program's UDP path, after an
+    /// unrelated change of the code around it).
+    flags_or_chunk: u8,
 }
 
 impl Flow {
@@ -304,12 +299,13 @@ fn count_toward_upstream(ctx: &TcContext, packet: &Packet) {
     let counters = unsafe { &mut *counters };
     counters.packets_out += 1;
     counters.bytes_out += u64::from(packet.ip_len);
-    let new_flow = match packet.transport {
-        Transport::Tcp { flags } => {
-            flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN && is_first_syn(packet)
+    let new_flow = match packet.protocol {
+        IPPROTO_TCP => {
+            packet.flags_or_chunk & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+                && is_first_syn(packet)
         }
-        Transport::Sctp { first_chunk } => first_chunk == SCTP_CHUNK_INIT,
-        Transport::Udp => is_new_udp_flow(packet, upstream),
+        IPPROTO_SCTP => packet.flags_or_chunk == SCTP_CHUNK_INIT,
+        _ => is_new_udp_flow(packet, upstream),
     };
     if new_flow {
         counters.connections += 1;
@@ -403,9 +399,7 @@ fn count_from_upstream(packet: &Packet) {
     let counters = unsafe { &mut *counters };
     counters.packets_in += 1;
     counters.bytes_in += u64::from(packet.ip_len);
-    if let Transport::Tcp { flags } = packet.transport
-        && flags & TCP_FLAG_RST != 0
-    {
+    if packet.protocol == IPPROTO_TCP && packet.flags_or_chunk & TCP_FLAG_RST != 0 {
         counters.resets += 1;
     }
 }
@@ -517,7 +511,7 @@ fn read_ipv4(ctx: &TcContext, head: &[u8; IPV6_HEADER], short: bool) -> Option<P
     } else {
         load_transport(ctx, protocol, header_len as u32, &mut loaded)?
     };
-    let (sport, dport, seq, transport) = parse_transport(protocol, transport)?;
+    let (sport, dport, seq, flags_or_chunk) = parse_transport(protocol, transport)?;
     Some(Packet {
         family: FAMILY_IPV4,
         protocol,
@@ -527,7 +521,7 @@ fn read_ipv4(ctx: &TcContext, head: &[u8; IPV6_HEADER], short: bool) -> Option<P
         dport,
         ip_len: ip_len(ctx, u32::from(u16::from_be_bytes([head[2], head[3]]))),
         seq,
-        transport,
+        flags_or_chunk,
     })
 }
 
@@ -566,7 +560,7 @@ fn read_ipv6(ctx: &TcContext, head: &[u8; IPV6_HEADER], in_place: bool) -> Optio
         Some(transport) => transport,
         None => load_transport(ctx, protocol, offset, &mut loaded)?,
     };
-    let (sport, dport, seq, transport) = parse_transport(protocol, transport)?;
+    let (sport, dport, seq, flags_or_chunk) = parse_transport(protocol, transport)?;
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
     saddr.copy_from_slice(&head[8..24]);
@@ -589,7 +583,7 @@ fn read_ipv6(ctx: &TcContext, head: &[u8; IPV6_HEADER], in_place: bool) -> Optio
             },
         ),
         seq,
-        transport,
+        flags_or_chunk,
     })
 }
 
@@ -644,31 +638,26 @@ fn load_transport<'a>(
     Some(buf)
 }
 
-/// The ports (network byte order), the TCP sequence number and what
-/// counting reads of a transport header.
+/// The ports (network byte order), TCP's sequence number and TCP's flags
+/// or SCTP's first chunk type (see [`Packet`]) of a transport header;
+/// `None` for a protocol not counted.
 #[inline(always)]
-fn parse_transport(
-    protocol: u8,
-    head: &[u8; TRANSPORT_HEAD],
-) -> Option<(u16, u16, u32, Transport)> {
-    let transport = match protocol {
-        IPPROTO_TCP => Transport::Tcp { flags: head[13] },
-        IPPROTO_UDP => Transport::Udp,
+fn parse_transport(protocol: u8, head: &[u8; TRANSPORT_HEAD]) -> Option<(u16, u16, u32, u8)> {
+    let (seq, flags_or_chunk) = match protocol {
+        IPPROTO_TCP => (
+            u32::from_ne_bytes([head[4], head[5], head[6], head[7]]),
+            head[13],
+        ),
+        IPPROTO_UDP => (0, 0),
         // The first chunk's type follows the 12-byte common header.
-        IPPROTO_SCTP => Transport::Sctp {
-            first_chunk: head[12],
-        },
+        IPPROTO_SCTP => (0, head[12]),
         _ => return None,
-    };
-    let seq = match transport {
-        Transport::Tcp { .. } => u32::from_ne_bytes([head[4], head[5], head[6], head[7]]),
-        Transport::Udp | Transport::Sctp { .. } => 0,
     };
     Some((
         u16::from_ne_bytes([head[0], head[1]]),
         u16::from_ne_bytes([head[2], head[3]]),
         seq,
-        transport,
+        flags_or_chunk,
     ))
 }
 
