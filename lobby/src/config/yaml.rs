@@ -423,12 +423,15 @@ fn scalar_text(node: &Node) -> Option<&str> {
 
 /// The parser's words, made plainer where an operator often trips.
 fn syntax_message(info: &str) -> String {
-    // saphyr's one "unprintable character" is a NUL, and the word holds
-    // "tab".
+    // Whole words: "unprintable" (saphyr's word for a NUL) holds "tab".
+    let mentions_tabs = info
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .any(|word| word == "tab" || word == "tabs");
+    // saphyr's one "unprintable character" is a NUL.
     if info.contains("unprintable character") {
         "YAML syntax: a NUL byte, which YAML does not allow anywhere (is this a text file?)"
             .to_owned()
-    } else if info.contains("tab") {
+    } else if mentions_tabs {
         format!("YAML syntax: {info} (indent with spaces, not tabs)")
     } else if info.contains("recursion limit") {
         format!("YAML syntax: nesting too deep ({info})")
