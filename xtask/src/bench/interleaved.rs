@@ -21,7 +21,7 @@ use super::{
 pub type Pair = (&'static str, Variant, Variant, &'static str);
 
 /// The goal ratios between variants of the data plane.
-pub const PAIRS: [Pair; 14] = [
+pub const PAIRS: [Pair; 16] = [
     (
         "block list of 100,000 prefixes: Lobby conn/s / Lobby without",
         Variant::LobbyBlockList,
@@ -45,6 +45,20 @@ pub const PAIRS: [Pair; 14] = [
     (
         "Lobby without counters conn/s / raw nft DNAT",
         Variant::LobbyWithoutCounters,
+        Variant::RawNft,
+        "-",
+    ),
+    // Like with like: the hand-written ruleset counting per upstream what
+    // Lobby's programs count, in nft; and what that counting costs it.
+    (
+        "Lobby conn/s / raw nft DNAT counting per upstream in nft",
+        Variant::Lobby,
+        Variant::RawNftCounted,
+        "-",
+    ),
+    (
+        "raw nft DNAT counting per upstream in nft conn/s / raw nft DNAT",
+        Variant::RawNftCounted,
         Variant::RawNft,
         "-",
     ),

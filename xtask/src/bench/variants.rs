@@ -2,7 +2,8 @@
 //! fresh namespaces: TIME_WAIT sockets and conntrack entries of one run
 //! must not slow the next (PAWS drops reused tuples' SYNs). Besides the
 //! five main variants: Lobby's other distributions, weights and
-//! persistence, each with the hand-written ruleset of the same mode, and
+//! persistence, each with the hand-written ruleset of the same mode; the
+//! hand-written round-robin ruleset counting per upstream in nft; and
 //! IPv6 through Lobby and plain forwarding.
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -32,6 +33,10 @@ pub enum Variant {
     HaProxy,
     /// A fixed hand-written round-robin DNAT ruleset.
     RawNft,
+    /// [`Variant::RawNft`] counting what Lobby's eBPF programs count, in
+    /// nft: each upstream's packets and bytes each way, its new
+    /// connections and the resets it sends, in named counters.
+    RawNftCounted,
     LobbyRandom,
     RawNftRandom,
     LobbySourceHash,
@@ -220,7 +225,8 @@ impl Variant {
     ];
 
     /// The variants measured by connection rate only.
-    pub const RATE_ONLY: [Variant; 22] = [
+    pub const RATE_ONLY: [Variant; 23] = [
+        Self::RawNftCounted,
         Self::LobbyRandom,
         Self::RawNftRandom,
         Self::LobbySourceHash,
@@ -252,6 +258,7 @@ impl Variant {
             Self::LobbyWithoutCounters => "lobby-no-counters",
             Self::HaProxy => "haproxy",
             Self::RawNft => "raw-nft-dnat",
+            Self::RawNftCounted => "raw-nft-dnat-counted",
             Self::LobbyRandom => "lobby-random",
             Self::RawNftRandom => "raw-nft-random",
             Self::LobbySourceHash => "lobby-ip-src-hash",
@@ -462,11 +469,12 @@ impl Setup {
                 ))
             }
             Variant::HaProxy => setup.haproxy = Some(start_haproxy(&setup.topology)),
-            Variant::RawNft => setup.raw_dnat(Mode::RoundRobin),
-            Variant::RawNftRandom => setup.raw_dnat(Mode::Random),
-            Variant::RawNftSourceHash => setup.raw_dnat(Mode::SourceHash),
-            Variant::RawNftWeighted => setup.raw_dnat(Mode::Weighted),
-            Variant::RawNftPersistence => setup.raw_dnat(Mode::Persistence),
+            Variant::RawNft => setup.raw_dnat(Mode::RoundRobin, Counting::None),
+            Variant::RawNftCounted => setup.raw_dnat(Mode::RoundRobin, Counting::PerUpstream),
+            Variant::RawNftRandom => setup.raw_dnat(Mode::Random, Counting::None),
+            Variant::RawNftSourceHash => setup.raw_dnat(Mode::SourceHash, Counting::None),
+            Variant::RawNftWeighted => setup.raw_dnat(Mode::Weighted, Counting::None),
+            Variant::RawNftPersistence => setup.raw_dnat(Mode::Persistence, Counting::None),
         }
         if let Some(lobby) = &setup.lobby {
             settle(variant, lobby);
@@ -616,12 +624,18 @@ impl Setup {
         pool
     }
 
-    fn raw_dnat(&self, mode: Mode) {
+    fn raw_dnat(&self, mode: Mode, counting: Counting) {
         self.forward();
-        let (declarations, rules): (Vec<String>, Vec<String>) =
+        let (mut declarations, rules): (Vec<String>, Vec<String>) =
             Service::ALL.into_iter().map(|s| mode.raw_rule(s)).unzip();
+        let mut chains = String::new();
+        if counting == Counting::PerUpstream {
+            let (counters, count_chain) = per_upstream_counting();
+            declarations.push(counters);
+            chains = count_chain;
+        }
         let rules = format!(
-            "table ip rawlb {{\n{} chain pre {{ type nat hook prerouting priority dstnat; policy accept;\n{} }}\n chain post {{ type nat hook postrouting priority srcnat; policy accept; ct status dnat masquerade; }}\n}}\n",
+            "table ip rawlb {{\n{} chain pre {{ type nat hook prerouting priority dstnat; policy accept;\n{} }}\n chain post {{ type nat hook postrouting priority srcnat; policy accept; ct status dnat masquerade; }}\n{chains}}}\n",
             declarations.concat(),
             rules.iter().map(|r| format!("  {r}\n")).collect::<String>()
         );
@@ -632,6 +646,46 @@ impl Setup {
             .exec("nft", &["-f", path.to_str().unwrap()]);
         let _ = std::fs::remove_file(path);
     }
+}
+
+/// Whether a hand-written ruleset counts traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Counting {
+    None,
+    /// What Lobby's counters count, in nft (see [`per_upstream_counting`]).
+    PerUpstream,
+}
+
+/// Named counters for each upstream of each service (packets and bytes
+/// toward it and from it, new connections, resets from it), and a
+/// forward chain that feeds them: the hand-written way to count what
+/// Lobby's eBPF programs count. The forward hook sees a packet toward an
+/// upstream after its DNAT and an answer before its reverse NAT, as the
+/// programs on the upstreams' interfaces do; a counter named by a map
+/// lookup is one rule for every upstream, as a map of counters is one
+/// hash lookup in the programs.
+fn per_upstream_counting() -> (String, String) {
+    let mut counters = String::new();
+    let mut maps: [Vec<String>; 4] = Default::default();
+    for service in Service::ALL {
+        for i in 0..UPSTREAMS {
+            let upstream = format!(
+                "{} . {}",
+                Topology::upstream_addr(i),
+                service.upstream_port()
+            );
+            let name = format!("{}-{i}", service.upstream_port());
+            for (way, map) in ["out", "in", "new", "rst"].into_iter().zip(&mut maps) {
+                counters.push_str(&format!(" counter {way}{name} {{ }}\n"));
+                map.push(format!("{upstream} : \"{way}{name}\""));
+            }
+        }
+    }
+    let [out, into, new, reset] = maps.map(|m| m.join(", "));
+    let chain = format!(
+        " chain count {{ type filter hook forward priority filter; policy accept;\n  counter name ip daddr . th dport map {{ {out} }}\n  counter name ip saddr . th sport map {{ {into} }}\n  ct state new counter name ip daddr . th dport map {{ {new} }}\n  tcp flags rst counter name ip saddr . th sport map {{ {reset} }}\n }}\n"
+    );
+    (counters, chain)
 }
 
 impl Drop for Setup {
@@ -787,6 +841,15 @@ fn wait_until_quiet(pid: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_counted_ruleset_feeds_four_counters_of_each_upstream() {
+        let (counters, chain) = per_upstream_counting();
+        let upstreams = Service::ALL.len() * UPSTREAMS;
+        assert_eq!(counters.matches(" counter ").count(), 4 * upstreams);
+        assert_eq!(chain.matches(": \"").count(), 4 * upstreams);
+        assert!(chain.contains("198.18.1.11 . 9000 : \"out9000-0\""));
+    }
 
     #[test]
     fn a_weight_is_a_range_of_as_many_slots() {
