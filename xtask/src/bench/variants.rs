@@ -626,16 +626,14 @@ impl Setup {
 
     fn raw_dnat(&self, mode: Mode, counting: Counting) {
         self.forward();
-        let (mut declarations, rules): (Vec<String>, Vec<String>) =
+        let (declarations, rules): (Vec<String>, Vec<String>) =
             Service::ALL.into_iter().map(|s| mode.raw_rule(s)).unzip();
-        let mut chains = String::new();
-        if counting == Counting::PerUpstream {
-            let (counters, count_chain) = per_upstream_counting();
-            declarations.push(counters);
-            chains = count_chain;
-        }
+        let (counters, count_chain) = match counting {
+            Counting::None => Default::default(),
+            Counting::PerUpstream => per_upstream_counting(),
+        };
         let rules = format!(
-            "table ip rawlb {{\n{} chain pre {{ type nat hook prerouting priority dstnat; policy accept;\n{} }}\n chain post {{ type nat hook postrouting priority srcnat; policy accept; ct status dnat masquerade; }}\n{chains}}}\n",
+            "table ip rawlb {{\n{}{counters} chain pre {{ type nat hook prerouting priority dstnat; policy accept;\n{} }}\n chain post {{ type nat hook postrouting priority srcnat; policy accept; ct status dnat masquerade; }}\n{count_chain}}}\n",
             declarations.concat(),
             rules.iter().map(|r| format!("  {r}\n")).collect::<String>()
         );
@@ -649,7 +647,7 @@ impl Setup {
 }
 
 /// Whether a hand-written ruleset counts traffic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 enum Counting {
     None,
     /// What Lobby's counters count, in nft (see [`per_upstream_counting`]).
