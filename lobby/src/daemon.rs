@@ -36,8 +36,12 @@ use crate::{
     nft::{self, NftError},
     ownership::{self, OwnershipError, TableLock},
     plane::{DataPlane, KernelPlane, Lookup},
-    reconcile::{Action, AddressKey, CHOICE_PERIOD, Core, Event, HeldAddress, Measures, Notice},
-    systemd, traffic,
+    reconcile::{
+        Action, AddressKey, CHOICE_PERIOD, Core, Event, HeldAddress, Measures, Notice, Outside,
+    },
+    systemd,
+    table_watch::Heard,
+    traffic,
     watch::{self as config_watch, DEBOUNCE},
 };
 
@@ -278,6 +282,7 @@ pub async fn serve<P: DataPlane>(
             }
         }
         wiring.end_step();
+        core.hear_outside(wiring.table_watched());
         let deadline = core.next_deadline();
         tokio::select! {
             () = &mut shutdown => break 'run Ok(()),
@@ -332,11 +337,13 @@ pub async fn serve<P: DataPlane>(
             () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                 actions.extend(core.on(Event::Tick, Instant::now()));
             }
-            Some(()) = inbox.table_changed.recv() => {
-                actions.extend(core.on(Event::TableMayHaveChanged, Instant::now()));
+            Ok(()) = inbox.table_heard.changed() => {
+                let outside = inbox.outside();
+                actions.extend(core.on(Event::TableMayHaveChanged(outside), Instant::now()));
             }
             _ = table_check.tick(), if !wiring.table_watched() => {
-                actions.extend(core.on(Event::TableMayHaveChanged, Instant::now()));
+                let outside = Outside::Polled;
+                actions.extend(core.on(Event::TableMayHaveChanged(outside), Instant::now()));
             }
             _ = measure_tick.tick() => actions.extend(wiring.measure(&mut core)),
         }
@@ -461,7 +468,22 @@ struct Inbox {
     requests: mpsc::Receiver<Request>,
     control: mpsc::Receiver<Control>,
     loaded: mpsc::Receiver<Loaded>,
-    table_changed: mpsc::Receiver<()>,
+    table_heard: watch::Receiver<Heard>,
+    /// What the table's watch had heard when last read.
+    heard_until: Heard,
+}
+
+impl Inbox {
+    /// What the table's watch heard since it was last asked.
+    fn outside(&mut self) -> Outside {
+        let heard = *self.table_heard.borrow_and_update();
+        let before = std::mem::replace(&mut self.heard_until, heard);
+        if heard.named == before.named {
+            Outside::Raced
+        } else {
+            Outside::Changed
+        }
+    }
 }
 
 /// The loop's hands: what it runs and the handles of what it started.
@@ -499,7 +521,7 @@ struct Wiring<P> {
     requests: mpsc::Sender<Request>,
     control: mpsc::Sender<Control>,
     loaded: mpsc::Sender<Loaded>,
-    table_changed: mpsc::Sender<()>,
+    table_heard: watch::Sender<Heard>,
     /// The task that follows the kernel's notifications of table changes.
     table_watch: Option<tokio::task::JoinHandle<()>>,
     /// A conntrack dump for least-connections is under way.
@@ -536,7 +558,7 @@ impl<P: DataPlane> Wiring<P> {
         let (requests_tx, requests) = mpsc::channel(64);
         let (control_tx, control) = mpsc::channel(16);
         let (loaded_tx, loaded) = mpsc::channel(4);
-        let (table_changed_tx, table_changed) = mpsc::channel(1);
+        let (table_heard_tx, table_heard) = watch::channel(Heard::default());
         let (tracking_tx, tracking) = mpsc::unbounded_channel();
         let device_query = watch::Sender::new(None);
         // From the start: the first apply waits for the first counted
@@ -572,7 +594,7 @@ impl<P: DataPlane> Wiring<P> {
             requests: requests_tx,
             control: control_tx,
             loaded: loaded_tx,
-            table_changed: table_changed_tx,
+            table_heard: table_heard_tx,
             table_watch: None,
             dumping: Arc::default(),
             dump_failures: Arc::default(),
@@ -591,7 +613,8 @@ impl<P: DataPlane> Wiring<P> {
             requests,
             control,
             loaded,
-            table_changed,
+            table_heard,
+            heard_until: Heard::default(),
         };
         (wiring, inbox)
     }
@@ -629,7 +652,7 @@ impl<P: DataPlane> Wiring<P> {
             self.table_watch = Some(
                 self.tracker.spawn(
                     self.plane
-                        .watch_table(self.table_changed.clone(), self.cancel.child_token()),
+                        .watch_table(self.table_heard.clone(), self.cancel.child_token()),
                 ),
             );
         }
@@ -716,11 +739,14 @@ impl<P: DataPlane> Wiring<P> {
                 let plane = self.plane.clone();
                 let events = self.events.clone();
                 self.tracker.spawn(async move {
+                    let started = Instant::now();
                     let listing = plane.list_table().await.map_err(|e| e.to_string());
+                    let elapsed = started.elapsed();
                     let _ = events
                         .send(Event::TableListed {
                             generation,
                             listing,
+                            elapsed,
                         })
                         .await;
                 });

@@ -10,7 +10,7 @@ use std::{
 };
 
 use lobby_common::UpstreamCounters;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -20,7 +20,7 @@ use crate::{
     model::{Backend, BackendDelta},
     netlink::Routes,
     nft::{self, NftError, Rotation},
-    table_watch::TableWatch,
+    table_watch::{Heard, TableWatch},
 };
 
 /// What the loop needs from the kernel. Methods take `&self`: the loop
@@ -45,11 +45,11 @@ pub trait DataPlane: Send + Sync + 'static {
     /// The packets each of the table's named counters counted (the
     /// policies' refusals), by counter name.
     fn read_denied(&self) -> impl Future<Output = BTreeMap<String, u64>> + Send;
-    /// Sends `()` on `changed` whenever something may have changed Lobby's
-    /// table, until `cancel`.
+    /// Counts in `heard` what may have changed Lobby's table, until
+    /// `cancel`.
     fn watch_table(
         &self,
-        changed: mpsc::Sender<()>,
+        heard: watch::Sender<Heard>,
         cancel: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static;
     /// Sends `()` on `changed` whenever routes, links or addresses may have
@@ -231,10 +231,10 @@ impl DataPlane for KernelPlane {
 
     fn watch_table(
         &self,
-        changed: mpsc::Sender<()>,
+        heard: watch::Sender<Heard>,
         cancel: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let watch = match TableWatch::open(self.table.clone(), changed) {
+        let watch = match TableWatch::open(self.table.clone(), heard) {
             Ok(watch) => {
                 let watch = Arc::new(watch);
                 // Watched once: the daemon starts its services once.

@@ -57,6 +57,12 @@ const SHARED_COMPUTE: usize = 64;
 /// 1,000 targets wrote 2,000 lines, 9 ms of the core's time before its
 /// apply; the reload's summary line counts them all.
 const RELOAD_LINES: usize = 20;
+/// After a listing, the next one Lobby's own change asks for waits this
+/// many times as long as it took, when outside changes are heard of: the
+/// listings then take at most a twentieth of a core. At 1,000 x 10 a
+/// listing costs ~0.25 s of CPU and its apply 5 ms, and a dynamic
+/// distribution may apply every second.
+const LISTING_PAUSE: u32 = 19;
 
 /// Counts a reload's lines about single targets and upstreams.
 #[derive(Default)]
@@ -100,14 +106,15 @@ pub enum Event {
     Address(AddressUpdate),
     /// The outcome of the last [`Action::Apply`].
     Applied(Result<Duration, String>),
-    /// Something may have changed Lobby's table (a notification from the
-    /// kernel, or the periodic safety net).
-    TableMayHaveChanged,
+    /// Something may have changed Lobby's table.
+    TableMayHaveChanged(Outside),
     /// The listing asked for by [`Action::ListTable`] with that generation:
-    /// the table's text, `None` when it does not exist.
+    /// the table's text, `None` when it does not exist, and how long it
+    /// took.
     TableListed {
         generation: u64,
         listing: Result<Option<String>, String>,
+        elapsed: Duration,
     },
     /// A deadline of [`Core::next_deadline`] passed.
     Tick,
@@ -116,6 +123,19 @@ pub enum Event {
     Devices(Devices),
     /// What drives the dynamic distributions, measured by the daemon.
     Measured(Measures),
+}
+
+/// How the daemon came to think that Lobby's table may have changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outside {
+    /// The kernel's notifications named the table (or were lost): another
+    /// process changed it.
+    Changed,
+    /// Another commit came in during Lobby's own: it may have touched the
+    /// table.
+    Raced,
+    /// The periodic comparison, when the notifications are not followed.
+    Polled,
 }
 
 /// What the loop must do.
@@ -601,11 +621,21 @@ struct Fingerprint {
     /// Bumped by every apply: a listing of an older generation may show a
     /// half-known table and is ignored.
     generation: u64,
-    /// The table as listed right after Lobby's last apply.
+    /// The table as listed after Lobby's last apply; `None` while that
+    /// listing is owed.
     text: Option<String>,
     /// A listing is under way; `again`: another was asked for meanwhile.
     listing: bool,
     again: bool,
+    /// Another process changed the table while the listing was owed: the
+    /// listing cannot tell its change from Lobby's.
+    doubted: bool,
+    /// Outside changes are heard of as they happen, so that an owed
+    /// listing may wait: without, one that waits would take an outside
+    /// change made meanwhile for Lobby's.
+    heard: bool,
+    /// Until when an owed listing waits ([`LISTING_PAUSE`]).
+    rested_at: Option<Instant>,
 }
 
 /// The daemon's whole decision state.
@@ -759,11 +789,15 @@ impl Core {
                 self.dirty |= self.on_address(update, &mut actions);
             }
             Event::Applied(outcome) => self.on_applied(outcome, now, &mut actions),
-            Event::TableMayHaveChanged => self.list_table(&mut actions),
+            Event::TableMayHaveChanged(outside) => self.on_outside(outside, &mut actions),
             Event::TableListed {
                 generation,
                 listing,
-            } => self.on_listing(generation, listing, &mut actions),
+                elapsed,
+            } => {
+                self.fingerprint.rested_at = Some(now + elapsed * LISTING_PAUSE);
+                self.on_listing(generation, listing, now, &mut actions);
+            }
             Event::Devices(devices) => {
                 if self.devices.as_ref() != Some(&devices) {
                     let names: Vec<&str> = devices.names.iter().map(String::as_str).collect();
@@ -794,6 +828,7 @@ impl Core {
                 if self.resolving_until.is_some_and(|at| at <= now) {
                     self.resolving_until = None;
                 }
+                self.list_owed(now, &mut actions);
                 // A lingering backend may be due.
                 self.dirty = true;
             }
@@ -809,6 +844,7 @@ impl Core {
             self.resolving_until,
             self.lingering.values().min().copied(),
             self.selection.next_deadline(),
+            self.owed_listing_at(),
         ]
         .into_iter()
         .flatten()
@@ -1553,7 +1589,12 @@ impl Core {
                     actions.push(Action::Ready);
                 }
                 // The table as Lobby left it: what later listings must show.
-                self.list_table(actions);
+                if std::mem::take(&mut self.fingerprint.doubted) {
+                    let what = "a change heard of during Lobby's own".to_owned();
+                    self.repair(what, true, actions);
+                } else {
+                    self.list_owed(now, actions);
+                }
             }
             Err(error) => {
                 self.applied = None;
@@ -1577,6 +1618,51 @@ impl Core {
         }
     }
 
+    /// Whether the daemon hears of outside changes of the table as they
+    /// happen (it follows the kernel's notifications); the watch may stop
+    /// at any time.
+    pub fn hear_outside(&mut self, heard: bool) {
+        self.fingerprint.heard = heard;
+    }
+
+    /// Whether Lobby's last apply is still to be listed, and nothing is
+    /// under way that would list it.
+    fn listing_owed(&self) -> bool {
+        self.ready
+            && self.applied.is_some()
+            && self.fingerprint.text.is_none()
+            && !self.fingerprint.listing
+            && matches!(self.flight, Flight::Idle)
+    }
+
+    /// When the owed listing's pause ends, while it waits for one.
+    fn owed_listing_at(&self) -> Option<Instant> {
+        let waits = self.fingerprint.heard && self.listing_owed();
+        waits.then_some(self.fingerprint.rested_at).flatten()
+    }
+
+    /// Asks for the owed listing once its pause is over; at once when
+    /// outside changes are not heard of.
+    fn list_owed(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        let rested =
+            !self.fingerprint.heard || self.fingerprint.rested_at.is_none_or(|at| at <= now);
+        if rested && self.listing_owed() {
+            self.list_table(actions);
+        }
+    }
+
+    fn on_outside(&mut self, outside: Outside, actions: &mut Vec<Action>) {
+        match outside {
+            Outside::Polled => self.fingerprint.heard = false,
+            // What the owed listing shows would be taken for Lobby's.
+            Outside::Changed if self.fingerprint.text.is_none() => {
+                self.fingerprint.doubted = true;
+            }
+            Outside::Changed | Outside::Raced => {}
+        }
+        self.list_table(actions);
+    }
+
     /// Asks for a listing of the table, unless one is under way (then once
     /// more after it) or an apply is: its outcome asks for one anyway.
     fn list_table(&mut self, actions: &mut Vec<Action>) {
@@ -1597,6 +1683,7 @@ impl Core {
         &mut self,
         generation: u64,
         listing: Result<Option<String>, String>,
+        now: Instant,
         actions: &mut Vec<Action>,
     ) {
         self.fingerprint.listing = false;
@@ -1610,6 +1697,10 @@ impl Core {
                 info!(error = %error, "listing Lobby's table to check it");
             }
             Ok(listing) if current => match (&self.fingerprint.text, listing) {
+                (None, Some(_)) if self.fingerprint.doubted => {
+                    let what = "a change heard of before Lobby had listed its own";
+                    self.repair(what.to_owned(), true, actions);
+                }
                 (None, Some(text)) => self.fingerprint.text = Some(text),
                 (_, None) => self.repair("the table was deleted".to_owned(), false, actions),
                 (Some(known), Some(text)) if *known != text => {
@@ -1622,6 +1713,8 @@ impl Core {
         }
         if again {
             self.list_table(actions);
+        } else {
+            self.list_owed(now, actions);
         }
     }
 
@@ -1638,6 +1731,7 @@ impl Core {
         self.applied_backends.clear();
         self.table_may_exist = exists;
         self.fingerprint.text = None;
+        self.fingerprint.doubted = false;
         self.dirty = true;
     }
 

@@ -16,7 +16,7 @@ use std::future::Future;
 
 use tokio::{
     io::unix::AsyncFd,
-    sync::{Mutex, mpsc},
+    sync::{Mutex, watch},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
@@ -49,11 +49,23 @@ pub enum WatchError {
     Asker(#[source] DumpError),
 }
 
+/// What a watch has heard so far, as counts: whoever reads them late
+/// still tells a certain change from a doubt by which count moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Heard {
+    /// Notifications that named the table, or were lost (they may have):
+    /// another process changed it.
+    pub named: u64,
+    /// Lobby's own commits that another one came in beside: it may have
+    /// touched the table before or after Lobby's.
+    pub raced: u64,
+}
+
 /// The socket that follows the ruleset's notifications for one table.
 pub struct TableWatch {
     socket: AsyncFd<Subscription>,
     table: String,
-    changed: mpsc::Sender<()>,
+    heard: watch::Sender<Heard>,
     /// Held while Lobby's own transaction commits with the socket out of
     /// the group: one at a time, so that the generation counts one commit.
     /// Holds the socket that reads the generation.
@@ -65,13 +77,13 @@ pub struct TableWatch {
 
 impl TableWatch {
     /// Starts listening: from here on a notification about `table` in a
-    /// family Lobby owns it in sends `()` on `changed`. Needs the runtime.
-    pub fn open(table: String, changed: mpsc::Sender<()>) -> Result<Self, WatchError> {
+    /// family Lobby owns it in counts in `heard`. Needs the runtime.
+    pub fn open(table: String, heard: watch::Sender<Heard>) -> Result<Self, WatchError> {
         Ok(Self {
             socket: nfnetlink::subscribe(libc::NETLINK_NETFILTER, &[NFNLGRP_NFTABLES])
                 .map_err(WatchError::Subscribe)?,
             table,
-            changed,
+            heard,
             own_commit: Mutex::new(Asker::open().map_err(WatchError::Asker)?),
             deaf: CancellationToken::new(),
         })
@@ -108,8 +120,7 @@ impl TableWatch {
                 Err(e) => return Err(WatchError::Read(e)),
             };
             if about_table {
-                // A full channel already carries the news.
-                let _ = self.changed.try_send(());
+                self.heard.send_modify(|heard| heard.named += 1);
             }
         }
     }
@@ -141,7 +152,7 @@ impl TableWatch {
         }
         let own = u32::from(outcome.is_ok());
         if generation(&asker).ok() != Some(before.wrapping_add(own)) {
-            let _ = self.changed.try_send(());
+            self.heard.send_modify(|heard| heard.raced += 1);
         }
         outcome
     }

@@ -15,9 +15,10 @@ use lobby::{
     model::{Backend, BackendDelta},
     nft::{NftError, Rotation},
     plane::{DataPlane, Lookup},
+    table_watch::Heard,
 };
 use lobby_common::UpstreamCounters;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 const CONFIG: &str = "
@@ -44,7 +45,7 @@ struct FakePlane {
     listings: Mutex<usize>,
     removed: Mutex<bool>,
     /// Where the loop wants to hear of table changes.
-    table_changed: Mutex<Option<mpsc::Sender<()>>>,
+    table_changed: Mutex<Option<watch::Sender<Heard>>>,
 }
 
 impl FakePlane {
@@ -94,7 +95,7 @@ impl DataPlane for FakePlane {
 
     fn watch_table(
         &self,
-        changed: mpsc::Sender<()>,
+        changed: watch::Sender<Heard>,
         cancel: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static {
         *self.table_changed.lock().unwrap() = Some(changed);
@@ -192,7 +193,7 @@ async fn the_loop_applies_answers_reloads_repairs_and_cleans_up() {
     let before = plane.applied().len();
     *plane.listing.lock().unwrap() = Some("table inet lobby {\n\tdrop\n}\n".to_owned());
     let notify = plane.table_changed.lock().unwrap().clone().unwrap();
-    notify.send(()).await.unwrap();
+    notify.send_modify(|heard| heard.named += 1);
     eventually("the repair", || {
         plane
             .applied()

@@ -585,17 +585,18 @@ fn an_outside_change_of_the_table_is_repaired_whole() {
     let listed = |generation, text: Option<&str>| Event::TableListed {
         generation,
         listing: Ok(text.map(str::to_owned)),
+        elapsed: Duration::ZERO,
     };
     let table = "table inet lobby {\n\tchain prerouting {\n\t}\n}\n";
     assert_eq!(harness.step(listed(1, Some(table))), []);
     // A listing that matches is quiet.
     assert_eq!(
-        harness.step(Event::TableMayHaveChanged),
+        harness.step(Event::TableMayHaveChanged(Outside::Raced)),
         [Action::ListTable { generation: 1 }]
     );
     assert_eq!(harness.step(listed(1, Some(table))), []);
     // A rule inserted by hand.
-    harness.step(Event::TableMayHaveChanged);
+    harness.step(Event::TableMayHaveChanged(Outside::Raced));
     let tampered = table.replace("prerouting {\n", "prerouting {\n\t\tdrop\n");
     let actions = harness.step(listed(1, Some(&tampered)));
     assert_eq!(
@@ -610,7 +611,7 @@ fn an_outside_change_of_the_table_is_repaired_whole() {
     // Deleted outright: created again, nothing to delete.
     harness.applied();
     harness.step(listed(2, Some(table)));
-    harness.step(Event::TableMayHaveChanged);
+    harness.step(Event::TableMayHaveChanged(Outside::Raced));
     let actions = harness.step(listed(2, None));
     assert_eq!(
         notices(&actions),
@@ -625,14 +626,154 @@ fn a_listing_taken_during_an_apply_proves_nothing() {
     let listed = |generation| Event::TableListed {
         generation,
         listing: Ok(Some("table inet lobby {\n}\n".to_owned())),
+        elapsed: Duration::ZERO,
     };
     harness.step(listed(1));
-    harness.step(Event::TableMayHaveChanged);
+    harness.step(Event::TableMayHaveChanged(Outside::Raced));
     // An apply starts before the listing comes back: the listing is stale.
     assert!(script(&harness.step(report("web1", true))).is_some());
     assert_eq!(harness.step(listed(1)), []);
     // Nor are listings asked for while the apply is in flight.
-    assert_eq!(harness.step(Event::TableMayHaveChanged), []);
+    assert_eq!(harness.step(Event::TableMayHaveChanged(Outside::Raced)), []);
+}
+
+/// The listing of `text` that the listing action of `generation` asked
+/// for, which took `elapsed`.
+fn listed_in(generation: u64, text: &str, elapsed: Duration) -> Event {
+    Event::TableListed {
+        generation,
+        listing: Ok(Some(text.to_owned())),
+        elapsed,
+    }
+}
+
+const LISTED: &str = "table inet lobby {\n\tchain prerouting {\n\t}\n}\n";
+
+/// The generations of the listings among `actions`.
+fn listings(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ListTable { generation } => Some(*generation),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Harness {
+    /// Reports every apply a success until none follows (a backend
+    /// dropped from rotation lingers, then goes in one of its own).
+    fn settled(&mut self) -> Vec<Action> {
+        let mut all = Vec::new();
+        loop {
+            let actions = self.applied();
+            let again = script(&actions).is_some();
+            all.extend(actions);
+            if !again {
+                return all;
+            }
+        }
+    }
+}
+
+#[test]
+fn while_outside_changes_are_heard_lobby_lists_its_own_at_most_a_twentieth_of_the_time() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    harness.core.hear_outside(true);
+    let listed_at = harness.now;
+    harness.step(listed_in(1, LISTED, Duration::from_secs(1)));
+    assert!(script(&harness.step(report("web1", true))).is_some());
+    // The listing waits 19 times its own second after the last one.
+    assert!(listings(&harness.settled()).is_empty());
+    let due = listed_at + Duration::from_secs(19);
+    assert_eq!(harness.core.next_deadline(), Some(due));
+    // Lobby's next change meanwhile is applied at once, and listed once.
+    harness.now += Duration::from_secs(5);
+    assert!(script(&harness.step(report("web1", false))).is_some());
+    assert!(listings(&harness.settled()).is_empty());
+    // The backend it dropped lingers a while, then goes in an apply of
+    // its own: not listed either.
+    let mut actions = harness.advance(Duration::from_secs(13));
+    if script(&actions).is_some() {
+        actions.extend(harness.settled());
+    }
+    assert!(listings(&actions).is_empty(), "{actions:?}");
+    harness.now = due;
+    let generation = match listings(&harness.step(Event::Tick))[..] {
+        [generation] => generation,
+        ref other => panic!("one listing: {other:?}"),
+    };
+    assert_eq!(harness.core.next_deadline(), None);
+    // Without the notifications, an outside change in that pause would be
+    // taken for Lobby's: the listing follows each apply.
+    harness.step(listed_in(generation, LISTED, Duration::from_secs(1)));
+    harness.step(Event::TableMayHaveChanged(Outside::Polled));
+    harness.step(listed_in(generation, LISTED, Duration::from_secs(1)));
+    harness.step(report("web1", true));
+    assert_eq!(listings(&harness.settled()), [generation + 1]);
+}
+
+#[test]
+fn an_outside_change_before_lobby_listed_its_own_is_repaired() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    harness.core.hear_outside(true);
+    harness.step(listed_in(1, LISTED, Duration::from_secs(1)));
+    harness.step(report("web1", true));
+    harness.settled();
+    // The listing would show the outside change as if Lobby had made it.
+    assert_eq!(
+        harness.step(Event::TableMayHaveChanged(Outside::Changed)),
+        [Action::ListTable { generation: 2 }]
+    );
+    let actions = harness.step(listed_in(2, LISTED, Duration::from_secs(1)));
+    assert_eq!(
+        notices(&actions),
+        [
+            "table inet lobby was changed outside Lobby (a change heard of before Lobby had listed its own); restoring it"
+        ]
+    );
+    assert!(script(&actions).is_some_and(|s| s.contains("delete table inet lobby")));
+    // A commit beside Lobby's own may not have touched the table: the
+    // listing is taken for Lobby's, as without the pause.
+    // Its own listing waits its pause too.
+    assert!(listings(&harness.settled()).is_empty());
+    assert_eq!(
+        harness.advance(Duration::from_secs(19)),
+        [Action::ListTable { generation: 3 }]
+    );
+    harness.step(listed_in(3, LISTED, Duration::from_secs(1)));
+    let mut actions = harness.step(report("web2", false));
+    actions.extend(harness.settled());
+    let applies = actions.iter().filter(|a| matches!(a, Action::Apply(_)));
+    let generation = 3 + applies.count() as u64;
+    assert_eq!(
+        harness.step(Event::TableMayHaveChanged(Outside::Raced)),
+        [Action::ListTable { generation }]
+    );
+    assert_eq!(
+        harness.step(listed_in(generation, LISTED, Duration::ZERO)),
+        []
+    );
+}
+
+#[test]
+fn an_outside_change_during_lobbys_own_is_repaired_after_it() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    harness.core.hear_outside(true);
+    harness.step(listed_in(1, LISTED, Duration::ZERO));
+    harness.step(report("web1", true));
+    assert_eq!(
+        harness.step(Event::TableMayHaveChanged(Outside::Changed)),
+        []
+    );
+    let actions = harness.applied();
+    assert_eq!(
+        notices(&actions),
+        [
+            "table inet lobby was changed outside Lobby (a change heard of during Lobby's own); restoring it"
+        ]
+    );
+    assert!(script(&actions).is_some_and(|s| s.contains("delete table inet lobby")));
 }
 
 #[test]
