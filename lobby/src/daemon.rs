@@ -479,7 +479,7 @@ impl Inbox {
         let heard = *self.table_heard.borrow_and_update();
         let before = std::mem::replace(&mut self.heard_until, heard);
         if heard.named == before.named {
-            Outside::Raced
+            Outside::Possible
         } else {
             Outside::Changed
         }

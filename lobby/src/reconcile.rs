@@ -128,12 +128,12 @@ pub enum Event {
 /// How the daemon came to think that Lobby's table may have changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outside {
-    /// The kernel's notifications named the table (or were lost): another
-    /// process changed it.
+    /// The kernel's notifications named the table: another process
+    /// changed it.
     Changed,
-    /// Another commit came in during Lobby's own: it may have touched the
-    /// table.
-    Raced,
+    /// Notifications were lost, or another commit came in during Lobby's
+    /// own: the table may have changed.
+    Possible,
     /// The periodic comparison, when the notifications are not followed.
     Polled,
 }
@@ -1658,7 +1658,7 @@ impl Core {
             Outside::Changed if self.fingerprint.text.is_none() => {
                 self.fingerprint.doubted = true;
             }
-            Outside::Changed | Outside::Raced => {}
+            Outside::Changed | Outside::Possible => {}
         }
         self.list_table(actions);
     }

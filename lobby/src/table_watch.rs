@@ -53,12 +53,11 @@ pub enum WatchError {
 /// still tells a certain change from a doubt by which count moved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Heard {
-    /// Notifications that named the table, or were lost (they may have):
-    /// another process changed it.
+    /// Notifications that named the table: another process changed it.
     pub named: u64,
-    /// Lobby's own commits that another one came in beside: it may have
-    /// touched the table before or after Lobby's.
-    pub raced: u64,
+    /// Times notifications were lost, or another commit came in beside
+    /// Lobby's own: either may hide a change of the table.
+    pub doubts: u64,
 }
 
 /// The socket that follows the ruleset's notifications for one table.
@@ -110,17 +109,20 @@ impl TableWatch {
                 () = self.deaf.cancelled() => return Ok(()),
                 received = nfnetlink::receive(&self.socket, &mut buf) => received,
             };
-            let about_table = match received {
-                Ok(length) => commit.names_table(&buf[..length], &self.table),
+            match received {
+                Ok(length) => {
+                    if commit.names_table(&buf[..length], &self.table) {
+                        self.heard.send_modify(|heard| heard.named += 1);
+                    }
+                }
+                // Other tables' commits overflow the buffer too (a busy
+                // host's): a doubt, not a change.
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                     debug!("ruleset notifications were lost: checking Lobby's table");
                     commit.lost();
-                    true
+                    self.heard.send_modify(|heard| heard.doubts += 1);
                 }
                 Err(e) => return Err(WatchError::Read(e)),
-            };
-            if about_table {
-                self.heard.send_modify(|heard| heard.named += 1);
             }
         }
     }
@@ -152,7 +154,7 @@ impl TableWatch {
         }
         let own = u32::from(outcome.is_ok());
         if generation(&asker).ok() != Some(before.wrapping_add(own)) {
-            self.heard.send_modify(|heard| heard.raced += 1);
+            self.heard.send_modify(|heard| heard.doubts += 1);
         }
         outcome
     }

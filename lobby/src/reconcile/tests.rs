@@ -591,12 +591,12 @@ fn an_outside_change_of_the_table_is_repaired_whole() {
     assert_eq!(harness.step(listed(1, Some(table))), []);
     // A listing that matches is quiet.
     assert_eq!(
-        harness.step(Event::TableMayHaveChanged(Outside::Raced)),
+        harness.step(Event::TableMayHaveChanged(Outside::Possible)),
         [Action::ListTable { generation: 1 }]
     );
     assert_eq!(harness.step(listed(1, Some(table))), []);
     // A rule inserted by hand.
-    harness.step(Event::TableMayHaveChanged(Outside::Raced));
+    harness.step(Event::TableMayHaveChanged(Outside::Changed));
     let tampered = table.replace("prerouting {\n", "prerouting {\n\t\tdrop\n");
     let actions = harness.step(listed(1, Some(&tampered)));
     assert_eq!(
@@ -611,7 +611,7 @@ fn an_outside_change_of_the_table_is_repaired_whole() {
     // Deleted outright: created again, nothing to delete.
     harness.applied();
     harness.step(listed(2, Some(table)));
-    harness.step(Event::TableMayHaveChanged(Outside::Raced));
+    harness.step(Event::TableMayHaveChanged(Outside::Changed));
     let actions = harness.step(listed(2, None));
     assert_eq!(
         notices(&actions),
@@ -629,12 +629,15 @@ fn a_listing_taken_during_an_apply_proves_nothing() {
         elapsed: Duration::ZERO,
     };
     harness.step(listed(1));
-    harness.step(Event::TableMayHaveChanged(Outside::Raced));
+    harness.step(Event::TableMayHaveChanged(Outside::Possible));
     // An apply starts before the listing comes back: the listing is stale.
     assert!(script(&harness.step(report("web1", true))).is_some());
     assert_eq!(harness.step(listed(1)), []);
     // Nor are listings asked for while the apply is in flight.
-    assert_eq!(harness.step(Event::TableMayHaveChanged(Outside::Raced)), []);
+    assert_eq!(
+        harness.step(Event::TableMayHaveChanged(Outside::Possible)),
+        []
+    );
 }
 
 /// The listing of `text` that the listing action of `generation` asked
@@ -747,7 +750,7 @@ fn an_outside_change_before_lobby_listed_its_own_is_repaired() {
     let applies = actions.iter().filter(|a| matches!(a, Action::Apply(_)));
     let generation = 3 + applies.count() as u64;
     assert_eq!(
-        harness.step(Event::TableMayHaveChanged(Outside::Raced)),
+        harness.step(Event::TableMayHaveChanged(Outside::Possible)),
         [Action::ListTable { generation }]
     );
     assert_eq!(
