@@ -89,8 +89,8 @@ impl TableWatch {
     }
 
     /// Reads notifications until `cancel` (`Ok`) or until the socket
-    /// fails. Lost notifications (the receive buffer overflowed) and ones
-    /// it cannot read count as changes of the table. A watch that stops
+    /// fails. Notifications it cannot read count as changes of the table,
+    /// lost ones (the receive buffer overflowed) as doubts. A watch that stops
     /// reading leaves the group for good: a member nobody reads would make
     /// every commit on the host build notifications for nothing.
     pub async fn follow(&self, cancel: CancellationToken) -> Result<(), WatchError> {
