@@ -176,6 +176,61 @@ fn without_the_kernels_notifications_the_periodic_check_still_repairs_the_table(
     lobby.wait_for_log_count(DRIFT, warnings);
 }
 
+/// `web` over the three servers, and 999 targets of 10 upstreams each that
+/// nothing routes to (198.19.0.0/16): a table whose listing takes long
+/// enough (~0.25 s of CPU) that Lobby paces its listings of its own
+/// changes. `weight` is the first filler upstream's.
+fn thousand_targets(weight: u32) -> String {
+    let mut config = ConfigBuilder::new()
+        .target("web", PORT)
+        .topology_upstreams(3, "");
+    for t in 1..1000u32 {
+        config = config.target(&format!("t{t}"), 10_000 + t as u16);
+        for u in 0..10 {
+            let index = t * 10 + u;
+            let host = format!("198.19.{}.{}", index / 250, index % 250 + 1);
+            let extra = if index == 10 {
+                format!("weight: {weight}")
+            } else {
+                String::new()
+            };
+            config = config.upstream_with(&format!("u{u}"), host, 9000, &extra);
+        }
+    }
+    config.build()
+}
+
+#[test]
+fn an_outside_change_before_lobby_listed_its_own_is_repaired() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(3);
+    let _servers = start_servers(&topology);
+    let lb = &topology.lb;
+    let mut lobby = Lobby::start(lb, &thousand_targets(1));
+    // Two changes of Lobby's own in a row: the listing that follows the
+    // first makes the second's wait ~19 times as long (seconds here).
+    lobby.reload_with(&thousand_targets(2));
+    lobby.reload_with(&thousand_targets(3));
+    let applied = lb.lobby_ruleset();
+    lb.exec(
+        "nft",
+        &["insert", "rule", "inet", "lobby", "prerouting", "drop"],
+    );
+    lobby.wait_for_log("before Lobby had listed its own");
+    wait_for("the table restored", REPAIR_DEADLINE, || {
+        (lb.lobby_ruleset() == applied).then_some(())
+    });
+    assert_eq!(
+        lobby.log_count(DRIFT),
+        1,
+        "one warning, for the outside change:\n{}",
+        lobby.log()
+    );
+    assert_balanced(&topology);
+}
+
 #[test]
 fn lobby_does_not_take_its_own_changes_for_outside_ones() {
     if !privileged() {
