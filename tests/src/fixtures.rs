@@ -1,5 +1,9 @@
 //! Configurations and servers the tests share.
-use std::{fmt::Display, net::SocketAddr};
+use std::{
+    fmt::Display,
+    net::{Ipv4Addr, SocketAddr},
+    ops::Range,
+};
 
 use crate::{NameServer, Topology, server::ask_name};
 
@@ -90,6 +94,28 @@ impl ConfigBuilder {
             UPSTREAM_PORT,
             extra,
         )
+    }
+
+    /// Targets `t{n}` for each `n` in `targets`, on port 10,000 + n, with
+    /// `upstreams(n)` (at most `per_target`) upstreams `u0`, `u1`, ... at
+    /// distinct addresses in 198.19.0.0/16, which no namespace routes: no
+    /// traffic goes to them. `extra(n, u)` is upstream `u`'s extra keys.
+    pub fn unrouted_targets(
+        mut self,
+        targets: Range<usize>,
+        per_target: usize,
+        upstreams: impl Fn(usize) -> usize,
+        extra: impl Fn(usize, usize) -> String,
+    ) -> Self {
+        for t in targets {
+            self = self.target(&format!("t{t}"), 10_000 + t as u16);
+            for u in 0..upstreams(t) {
+                let index = t * per_target + u;
+                let addr = Ipv4Addr::new(198, 19, (index / 250) as u8, (index % 250) as u8 + 1);
+                self = self.upstream_with(&format!("u{u}"), addr, 8080, &extra(t, u));
+            }
+        }
+        self
     }
 
     /// A Prometheus endpoint on `listen`.

@@ -177,27 +177,23 @@ fn without_the_kernels_notifications_the_periodic_check_still_repairs_the_table(
 }
 
 /// `web` over the three servers, and 999 targets of 10 upstreams each that
-/// nothing routes to (198.19.0.0/16): a table whose listing takes long
-/// enough (~0.25 s of CPU) that Lobby paces its listings of its own
-/// changes. `weight` is the first filler upstream's.
+/// nothing routes to: a table whose listing takes long enough (~0.25 s of
+/// CPU) that Lobby paces its listings of its own changes. `weight` is the
+/// first filler upstream's.
 fn thousand_targets(weight: u32) -> String {
-    let mut config = ConfigBuilder::new()
+    ConfigBuilder::new()
         .target("web", PORT)
-        .topology_upstreams(3, "");
-    for t in 1..1000u32 {
-        config = config.target(&format!("t{t}"), 10_000 + t as u16);
-        for u in 0..10 {
-            let index = t * 10 + u;
-            let host = format!("198.19.{}.{}", index / 250, index % 250 + 1);
-            let extra = if index == 10 {
-                format!("weight: {weight}")
-            } else {
-                String::new()
-            };
-            config = config.upstream_with(&format!("u{u}"), host, 9000, &extra);
-        }
-    }
-    config.build()
+        .topology_upstreams(3, "")
+        .unrouted_targets(
+            1..1000,
+            10,
+            |_| 10,
+            |t, u| match (t, u) {
+                (1, 0) => format!("weight: {weight}"),
+                _ => String::new(),
+            },
+        )
+        .build()
 }
 
 #[test]

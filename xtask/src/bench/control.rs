@@ -8,7 +8,7 @@
 use std::{
     fs::File,
     io::Write as _,
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant, SystemTime},
@@ -79,32 +79,32 @@ pub fn scale_config(targets: usize, per_target: usize, change: Change) -> String
 /// `config` with `targets` more targets of `per_target` unchecked
 /// upstreams each, changed as `change` says.
 fn scale_targets(
-    mut config: ConfigBuilder,
+    config: ConfigBuilder,
     targets: usize,
     per_target: usize,
     change: Change,
 ) -> ConfigBuilder {
-    for t in 0..targets {
-        config = config.target(&format!("t{t}"), 10_000 + t as u16);
-        let shorter = match change {
-            Change::None => false,
-            Change::OneTarget | Change::OneTargetAndWeight => t == 0,
-            Change::AllTargets => true,
-        };
-        let count = if shorter { per_target - 1 } else { per_target };
-        for u in 0..count {
-            let index = t * per_target + u;
-            let addr = Ipv4Addr::new(198, 19, (index / 250) as u8, (index % 250) as u8 + 1);
-            let weighted = matches!(change, Change::OneTargetAndWeight | Change::AllTargets);
-            let extra = if weighted && t == 1 && u == 0 {
-                "weight: 3"
+    let shorter = |t: usize| match change {
+        Change::None => false,
+        Change::OneTarget | Change::OneTargetAndWeight => t == 0,
+        Change::AllTargets => true,
+    };
+    let weighted = matches!(change, Change::OneTargetAndWeight | Change::AllTargets);
+    config.unrouted_targets(
+        0..targets,
+        per_target,
+        |t| {
+            if shorter(t) {
+                per_target - 1
             } else {
-                ""
-            };
-            config = config.upstream_with(&format!("u{u}"), addr, 8080, extra);
-        }
-    }
-    config
+                per_target
+            }
+        },
+        |t, u| {
+            let weight = weighted && t == 1 && u == 0;
+            if weight { "weight: 3" } else { "" }.to_owned()
+        },
+    )
 }
 
 /// The `n`-th (from 0) `ruleset applied` line: its `elapsed_ms` (the nft
