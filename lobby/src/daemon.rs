@@ -342,7 +342,7 @@ pub async fn serve<P: DataPlane>(
                 actions.extend(core.on(Event::TableMayHaveChanged(outside), Instant::now()));
             }
             _ = table_check.tick(), if !wiring.table_watched() => {
-                let outside = Outside::Polled;
+                let outside = Outside::Possible;
                 actions.extend(core.on(Event::TableMayHaveChanged(outside), Instant::now()));
             }
             _ = measure_tick.tick() => actions.extend(wiring.measure(&mut core)),

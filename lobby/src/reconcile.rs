@@ -131,11 +131,10 @@ pub enum Outside {
     /// The kernel's notifications named the table: another process
     /// changed it.
     Changed,
-    /// Notifications were lost, or another commit came in during Lobby's
-    /// own: the table may have changed.
+    /// Notifications were lost, another commit came in during Lobby's own,
+    /// or the periodic comparison is due (the notifications are not
+    /// followed): the table may have changed.
     Possible,
-    /// The periodic comparison, when the notifications are not followed.
-    Polled,
 }
 
 /// What the loop must do.
@@ -1652,13 +1651,9 @@ impl Core {
     }
 
     fn on_outside(&mut self, outside: Outside, actions: &mut Vec<Action>) {
-        match outside {
-            Outside::Polled => self.fingerprint.heard = false,
-            // What the owed listing shows would be taken for Lobby's.
-            Outside::Changed if self.fingerprint.text.is_none() => {
-                self.fingerprint.doubted = true;
-            }
-            Outside::Changed | Outside::Possible => {}
+        // What the owed listing shows would be taken for Lobby's.
+        if outside == Outside::Changed && self.fingerprint.text.is_none() {
+            self.fingerprint.doubted = true;
         }
         self.list_table(actions);
     }

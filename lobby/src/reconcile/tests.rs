@@ -128,6 +128,20 @@ impl Harness {
     fn applied(&mut self) -> Vec<Action> {
         self.step(Event::Applied(Ok(Duration::from_millis(3))))
     }
+
+    /// Reports every apply a success until none follows (a backend
+    /// dropped from rotation lingers, then goes in one of its own).
+    fn settled(&mut self) -> Vec<Action> {
+        let mut all = Vec::new();
+        loop {
+            let actions = self.applied();
+            let again = script(&actions).is_some();
+            all.extend(actions);
+            if !again {
+                return all;
+            }
+        }
+    }
 }
 
 /// The one transaction among `actions`.
@@ -579,67 +593,6 @@ fn a_name_that_moves_moves_its_upstream_and_its_probes() {
     assert!(script.contains("0 : 198.18.1.21 . 9000"), "{script}");
 }
 
-#[test]
-fn an_outside_change_of_the_table_is_repaired_whole() {
-    let mut harness = Harness::started(TWO_CHECKED);
-    let listed = |generation, text: Option<&str>| Event::TableListed {
-        generation,
-        listing: Ok(text.map(str::to_owned)),
-        elapsed: Duration::ZERO,
-    };
-    let table = "table inet lobby {\n\tchain prerouting {\n\t}\n}\n";
-    assert_eq!(harness.step(listed(1, Some(table))), []);
-    // A listing that matches is quiet.
-    assert_eq!(
-        harness.step(Event::TableMayHaveChanged(Outside::Possible)),
-        [Action::ListTable { generation: 1 }]
-    );
-    assert_eq!(harness.step(listed(1, Some(table))), []);
-    // A rule inserted by hand.
-    harness.step(Event::TableMayHaveChanged(Outside::Changed));
-    let tampered = table.replace("prerouting {\n", "prerouting {\n\t\tdrop\n");
-    let actions = harness.step(listed(1, Some(&tampered)));
-    assert_eq!(
-        notices(&actions),
-        ["table inet lobby was changed outside Lobby (added `drop`); restoring it"]
-    );
-    let repair = script(&actions).expect("a repair");
-    assert!(
-        repair.contains("add table inet lobby\ndelete table inet lobby\n"),
-        "{repair}"
-    );
-    // Deleted outright: created again, nothing to delete.
-    harness.applied();
-    harness.step(listed(2, Some(table)));
-    harness.step(Event::TableMayHaveChanged(Outside::Changed));
-    let actions = harness.step(listed(2, None));
-    assert_eq!(
-        notices(&actions),
-        ["table inet lobby was changed outside Lobby (the table was deleted); restoring it"]
-    );
-    assert!(script(&actions).unwrap().starts_with("table inet lobby {"));
-}
-
-#[test]
-fn a_listing_taken_during_an_apply_proves_nothing() {
-    let mut harness = Harness::started(TWO_CHECKED);
-    let listed = |generation| Event::TableListed {
-        generation,
-        listing: Ok(Some("table inet lobby {\n}\n".to_owned())),
-        elapsed: Duration::ZERO,
-    };
-    harness.step(listed(1));
-    harness.step(Event::TableMayHaveChanged(Outside::Possible));
-    // An apply starts before the listing comes back: the listing is stale.
-    assert!(script(&harness.step(report("web1", true))).is_some());
-    assert_eq!(harness.step(listed(1)), []);
-    // Nor are listings asked for while the apply is in flight.
-    assert_eq!(
-        harness.step(Event::TableMayHaveChanged(Outside::Possible)),
-        []
-    );
-}
-
 /// The listing of `text` that the listing action of `generation` asked
 /// for, which took `elapsed`.
 fn listed_in(generation: u64, text: &str, elapsed: Duration) -> Event {
@@ -663,20 +616,60 @@ fn listings(actions: &[Action]) -> Vec<u64> {
         .collect()
 }
 
-impl Harness {
-    /// Reports every apply a success until none follows (a backend
-    /// dropped from rotation lingers, then goes in one of its own).
-    fn settled(&mut self) -> Vec<Action> {
-        let mut all = Vec::new();
-        loop {
-            let actions = self.applied();
-            let again = script(&actions).is_some();
-            all.extend(actions);
-            if !again {
-                return all;
-            }
-        }
-    }
+#[test]
+fn an_outside_change_of_the_table_is_repaired_whole() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    let listed = |generation, text: Option<&str>| Event::TableListed {
+        generation,
+        listing: Ok(text.map(str::to_owned)),
+        elapsed: Duration::ZERO,
+    };
+    assert_eq!(harness.step(listed(1, Some(LISTED))), []);
+    // A listing that matches is quiet.
+    assert_eq!(
+        harness.step(Event::TableMayHaveChanged(Outside::Possible)),
+        [Action::ListTable { generation: 1 }]
+    );
+    assert_eq!(harness.step(listed(1, Some(LISTED))), []);
+    // A rule inserted by hand.
+    harness.step(Event::TableMayHaveChanged(Outside::Changed));
+    let tampered = LISTED.replace("prerouting {\n", "prerouting {\n\t\tdrop\n");
+    let actions = harness.step(listed(1, Some(&tampered)));
+    assert_eq!(
+        notices(&actions),
+        ["table inet lobby was changed outside Lobby (added `drop`); restoring it"]
+    );
+    let repair = script(&actions).expect("a repair");
+    assert!(
+        repair.contains("add table inet lobby\ndelete table inet lobby\n"),
+        "{repair}"
+    );
+    // Deleted outright: created again, nothing to delete.
+    harness.applied();
+    harness.step(listed(2, Some(LISTED)));
+    harness.step(Event::TableMayHaveChanged(Outside::Changed));
+    let actions = harness.step(listed(2, None));
+    assert_eq!(
+        notices(&actions),
+        ["table inet lobby was changed outside Lobby (the table was deleted); restoring it"]
+    );
+    assert!(script(&actions).unwrap().starts_with("table inet lobby {"));
+}
+
+#[test]
+fn a_listing_taken_during_an_apply_proves_nothing() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    let listed = |generation| listed_in(generation, LISTED, Duration::ZERO);
+    harness.step(listed(1));
+    harness.step(Event::TableMayHaveChanged(Outside::Possible));
+    // An apply starts before the listing comes back: the listing is stale.
+    assert!(script(&harness.step(report("web1", true))).is_some());
+    assert_eq!(harness.step(listed(1)), []);
+    // Nor are listings asked for while the apply is in flight.
+    assert_eq!(
+        harness.step(Event::TableMayHaveChanged(Outside::Possible)),
+        []
+    );
 }
 
 #[test]
@@ -710,8 +703,7 @@ fn while_outside_changes_are_heard_lobby_lists_its_own_at_most_a_twentieth_of_th
     // Without the notifications, an outside change in that pause would be
     // taken for Lobby's: the listing follows each apply.
     harness.step(listed_in(generation, LISTED, Duration::from_secs(1)));
-    harness.step(Event::TableMayHaveChanged(Outside::Polled));
-    harness.step(listed_in(generation, LISTED, Duration::from_secs(1)));
+    harness.core.hear_outside(false);
     harness.step(report("web1", true));
     assert_eq!(listings(&harness.settled()), [generation + 1]);
 }
@@ -736,9 +728,7 @@ fn an_outside_change_before_lobby_listed_its_own_is_repaired() {
         ]
     );
     assert!(script(&actions).is_some_and(|s| s.contains("delete table inet lobby")));
-    // A commit beside Lobby's own may not have touched the table: the
-    // listing is taken for Lobby's, as without the pause.
-    // Its own listing waits its pause too.
+    // The repair's own listing waits its pause too.
     assert!(listings(&harness.settled()).is_empty());
     assert_eq!(
         harness.advance(Duration::from_secs(19)),
@@ -749,6 +739,8 @@ fn an_outside_change_before_lobby_listed_its_own_is_repaired() {
     actions.extend(harness.settled());
     let applies = actions.iter().filter(|a| matches!(a, Action::Apply(_)));
     let generation = 3 + applies.count() as u64;
+    // A commit beside Lobby's own may not have touched the table: the
+    // listing is taken for Lobby's, as without the pause.
     assert_eq!(
         harness.step(Event::TableMayHaveChanged(Outside::Possible)),
         [Action::ListTable { generation }]
