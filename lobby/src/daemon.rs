@@ -39,6 +39,7 @@ use crate::{
     reconcile::{
         Action, AddressKey, CHOICE_PERIOD, Core, Event, HeldAddress, Measures, Notice, Outside,
     },
+    reloads::{Read, Reloads},
     systemd,
     table_watch::Heard,
     traffic,
@@ -239,7 +240,7 @@ pub async fn serve<P: DataPlane>(
     }
     let mut core = Core::new(inherited, ipv6_forwarding()).with_probe_ports(probe_ports);
     let now = Instant::now();
-    let mut actions = core.on(Event::ConfigLoaded(config), now);
+    let mut actions = core.on(Event::ConfigLoaded { config, read: 0 }, now);
     // The first ruleset has the flowtable already.
     if let Some(query) = core.device_query()
         && let Some(devices) = wiring.plane.flowtable_devices(&query, Lookup::All).await
@@ -309,29 +310,31 @@ pub async fn serve<P: DataPlane>(
             }
             Some(control) = inbox.control.recv() => {
                 // The control server logged who asked.
-                if let Some(reload) = wiring.control(control, &mut core) {
+                if let Some(reply) = wiring.control(control, &mut core) {
                     systemd::reloading();
-                    wiring.reload_replies.push(reload);
-                    wiring.read_config(&options.config_path, true);
+                    wiring.reload(&options.config_path, true, Some(reply));
                 }
             }
             _ = hangup.recv() => {
                 info!("SIGHUP received, reloading {}", options.config_path.display());
                 systemd::reloading();
-                wiring.read_config(&options.config_path, true);
+                wiring.reload(&options.config_path, true, None);
             }
             Some(()) = changed_rx.recv() => reload_at = Some(Instant::now() + DEBOUNCE),
             () = sleep_until(reload_at.unwrap_or_else(Instant::now)), if reload_at.is_some() => {
                 reload_at = None;
-                wiring.read_config(&options.config_path, false);
+                wiring.reload(&options.config_path, false, None);
             }
             Some(loaded) = inbox.loaded.recv() => {
-                let forced = loaded.forced;
+                let forced = loaded.read.forced;
                 if let Some(event) = wiring.reload_event(loaded) {
                     actions.extend(core.on(event, Instant::now()));
                 }
                 if forced {
                     systemd::ready();
+                }
+                if let Some(read) = wiring.reloads.ended() {
+                    wiring.read_config(&options.config_path, read);
                 }
             }
             () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
@@ -394,10 +397,9 @@ impl Drop for RemoveOnDrop {
 
 /// A configuration file read off the loop.
 struct Loaded {
+    read: Read,
     /// `None` when a change notice found the text the daemon runs.
     parsed: Option<Result<Parsed, config::ConfigErrors>>,
-    /// Asked for by SIGHUP: applied even when the text is unchanged.
-    forced: bool,
 }
 
 /// The configuration at `path` and its text, read on a blocking thread: a
@@ -410,13 +412,13 @@ async fn read_config(path: PathBuf) -> Result<Parsed, config::ConfigErrors> {
 
 /// The file at `path` read against `running`: only what changed is parsed
 /// again.
-fn read_and_parse(path: &Path, running: &Parsed, forced: bool) -> Loaded {
+fn read_and_parse(path: &Path, running: &Parsed, read: Read) -> Loaded {
     let parsed = match config::read(path) {
-        Ok(text) if !forced && text == running.text() => None,
+        Ok(text) if !read.forced && text == running.text() => None,
         Ok(text) => Some(running.reparse(text, path)),
         Err(errors) => Some(Err(errors)),
     };
-    Loaded { parsed, forced }
+    Loaded { read, parsed }
 }
 
 /// The kernel's flowtable support, when `config` asks for acceleration.
@@ -528,8 +530,8 @@ struct Wiring<P> {
     dumping: Arc<std::sync::atomic::AtomicBool>,
     /// Dumps failed in a row (warned at the first).
     dump_failures: Arc<std::sync::atomic::AtomicU64>,
-    /// `lobby ctl reload`s waiting for the outcome.
-    reload_replies: Vec<oneshot::Sender<Result<String, String>>>,
+    /// The file's reads, and the `lobby ctl reload`s waiting for them.
+    reloads: Reloads<oneshot::Sender<Result<String, String>>>,
     /// Where operators' event receivers hear of changes.
     receivers: Events,
     /// Whether the services run (the first ruleset is in).
@@ -598,7 +600,7 @@ impl<P: DataPlane> Wiring<P> {
             table_watch: None,
             dumping: Arc::default(),
             dump_failures: Arc::default(),
-            reload_replies: Vec::new(),
+            reloads: Reloads::default(),
             receivers,
             started: false,
             metrics: None,
@@ -834,16 +836,20 @@ impl<P: DataPlane> Wiring<P> {
                 } else {
                     info!("{notice}");
                 }
-                let outcome = match &notice {
-                    Notice::ReloadApplied(_) => Some(Ok(notice.to_string())),
-                    Notice::ReloadFailed(_) => Some(Err(notice.to_string())),
+                let answered = match &notice {
+                    Notice::ReloadApplied(summary) => {
+                        Some((self.reloads.applied(summary.read()), Ok(notice.to_string())))
+                    }
+                    Notice::ReloadFailed { read, .. } => {
+                        Some((self.reloads.refused(*read), Err(notice.to_string())))
+                    }
                     _ => None,
                 };
                 if matches!(notice, Notice::ReloadApplied(_)) && self.started {
                     self.follow_metrics(core);
                 }
-                if let Some(outcome) = outcome {
-                    for reply in self.reload_replies.drain(..) {
+                if let Some((replies, outcome)) = answered {
+                    for reply in replies {
                         let _ = reply.send(outcome.clone());
                     }
                 }
@@ -903,35 +909,59 @@ impl<P: DataPlane> Wiring<P> {
         }
     }
 
+    /// Asks for a read of the configuration (see [`Reloads`]); `reply`
+    /// waits for its outcome.
+    fn reload(
+        &mut self,
+        path: &Path,
+        forced: bool,
+        reply: Option<oneshot::Sender<Result<String, String>>>,
+    ) {
+        if let Some(read) = self.reloads.ask(forced, reply) {
+            self.read_config(path, read);
+        }
+    }
+
     /// Reads the configuration off the loop; the outcome comes back on
-    /// `loaded`.
-    fn read_config(&self, path: &Path, forced: bool) {
+    /// `loaded`, always: the next read waits for it.
+    fn read_config(&self, path: &Path, read: Read) {
         let path = path.to_owned();
         let loaded = self.loaded.clone();
         let running = self.parsed.clone();
         self.tracker.spawn(async move {
-            let read = {
+            let reading = {
                 let path = path.clone();
-                tokio::task::spawn_blocking(move || read_and_parse(&path, &running, forced))
+                tokio::task::spawn_blocking(move || read_and_parse(&path, &running, read))
             };
-            if let Ok(mut outcome) = read.await {
-                refuse_acceleration_without_flowtables(&path, &mut outcome).await;
-                let _ = loaded.send(outcome).await;
-            }
+            let mut outcome = reading.await.unwrap_or_else(|e| Loaded {
+                read,
+                parsed: Some(Err(config::ConfigErrors::of_document(
+                    &path,
+                    0,
+                    0,
+                    format!("reading the file failed: {e}"),
+                ))),
+            });
+            refuse_acceleration_without_flowtables(&path, &mut outcome).await;
+            let _ = loaded.send(outcome).await;
         });
     }
 
     /// The core's event for a file read: none when a change notice found
     /// the text the daemon runs.
     fn reload_event(&mut self, loaded: Loaded) -> Option<Event> {
+        let read = loaded.read.id;
         match loaded.parsed? {
             Ok(parsed) => {
                 let config = parsed.config().clone();
                 self.parsed = Arc::new(parsed);
                 log_warnings(&config);
-                Some(Event::ConfigLoaded(config))
+                Some(Event::ConfigLoaded { config, read })
             }
-            Err(errors) => Some(Event::ConfigRejected(errors.to_string())),
+            Err(errors) => Some(Event::ConfigRejected {
+                errors: errors.to_string(),
+                read,
+            }),
         }
     }
 
@@ -1047,7 +1077,7 @@ fn event_of(notice: &Notice) -> Option<LobbyEvent> {
             (EventKind::TargetNotEmpty, Some(target.clone()), None, None)
         }
         Notice::ReloadApplied(_) => (EventKind::ReloadApplied, None, None, None),
-        Notice::ReloadFailed(_) => (EventKind::ReloadFailed, None, None, None),
+        Notice::ReloadFailed { .. } => (EventKind::ReloadFailed, None, None, None),
         Notice::ApplyFailed(_) | Notice::Drift { .. } | Notice::Ipv6ForwardingOff(_) => {
             return None;
         }
@@ -1468,7 +1498,13 @@ mod tests {
         );
         let parsed = Parsed::parse(text, Path::new("lobby.yaml")).unwrap();
         let mut core = Core::new(None, false);
-        core.on(Event::ConfigLoaded(parsed.config().clone()), Instant::now());
+        core.on(
+            Event::ConfigLoaded {
+                config: parsed.config().clone(),
+                read: 0,
+            },
+            Instant::now(),
+        );
         // A checker per entry, its successes telling which it is.
         let mut checkers = BTreeMap::new();
         let mut expected = Vec::new();

@@ -58,6 +58,7 @@ pub mod parallel;
 pub mod plane;
 pub mod process;
 pub mod reconcile;
+pub mod reloads;
 pub mod systemd;
 pub mod table_watch;
 pub mod traffic;

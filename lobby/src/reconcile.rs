@@ -98,10 +98,19 @@ macro_rules! reload_line {
 /// Something that happened, as the core sees it.
 #[derive(Debug)]
 pub enum Event {
-    /// A valid configuration was read: at start, or a reload.
-    ConfigLoaded(Config),
-    /// A reload found the file invalid; the text says why.
-    ConfigRejected(String),
+    /// A valid configuration was read: at start (read 0), or a reload.
+    /// `read` numbers the daemon's reads of the file in the order they
+    /// started, and comes back in the reload's notice
+    /// ([`ReloadSummary::read`], [`Notice::ReloadFailed`]).
+    ConfigLoaded {
+        config: Config,
+        read: u64,
+    },
+    /// A reload found the file invalid; `errors` says why.
+    ConfigRejected {
+        errors: String,
+        read: u64,
+    },
     Health(HealthReport),
     Address(AddressUpdate),
     /// The outcome of the last [`Action::Apply`].
@@ -201,7 +210,11 @@ pub enum Notice {
         target: String,
     },
     ReloadApplied(ReloadSummary),
-    ReloadFailed(String),
+    ReloadFailed {
+        /// The read that found the file invalid.
+        read: u64,
+        errors: String,
+    },
     ApplyFailed(String),
     /// Lobby's table was changed from outside; it is being restored.
     Drift {
@@ -218,7 +231,7 @@ impl Notice {
         match self {
             Notice::UpstreamChanged { report, .. } => !report.available,
             Notice::TargetEmpty { .. }
-            | Notice::ReloadFailed(_)
+            | Notice::ReloadFailed { .. }
             | Notice::ApplyFailed(_)
             | Notice::Drift { .. }
             | Notice::Ipv6ForwardingOff(_) => true,
@@ -247,7 +260,7 @@ impl fmt::Display for Notice {
                 write!(f, "target {target} has an upstream available again")
             }
             Notice::ReloadApplied(summary) => write!(f, "reload applied: {summary}"),
-            Notice::ReloadFailed(errors) => {
+            Notice::ReloadFailed { errors, .. } => {
                 write!(
                     f,
                     "reload failed, the running configuration stays:\n{errors}"
@@ -277,8 +290,17 @@ impl fmt::Display for Notice {
 /// What a reload changed, for its summary line.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReloadSummary {
+    /// The newest read of the file the configuration comes from: a valid
+    /// read not yet applied when a newer one came is applied with it.
+    read: u64,
     targets: Changes,
     upstreams: Changes,
+}
+
+impl ReloadSummary {
+    pub fn read(&self) -> u64 {
+        self.read
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -760,20 +782,20 @@ impl Core {
     pub fn on(&mut self, event: Event, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         match event {
-            Event::ConfigLoaded(config) => {
+            Event::ConfigLoaded { config, read } => {
                 match self.config.as_ref().and_then(|c| renamed(c, &config)) {
-                    Some(refusal) => return self.on(Event::ConfigRejected(refusal), now),
+                    Some(errors) => return self.on(Event::ConfigRejected { errors, read }, now),
                     None => {
-                        self.adopt(config, now, &mut actions);
+                        self.adopt(config, read, now, &mut actions);
                         self.unplanned.config = earliest(self.unplanned.config, Some(now));
                         self.dirty = true;
                     }
                 }
             }
-            Event::ConfigRejected(errors) => {
+            Event::ConfigRejected { errors, read } => {
                 self.reloads.failed += 1;
                 self.reloads.last_successful = false;
-                actions.push(Action::Notify(Notice::ReloadFailed(errors)));
+                actions.push(Action::Notify(Notice::ReloadFailed { read, errors }));
             }
             Event::Health(report) => {
                 let decided_at = report.decided_at;
@@ -988,9 +1010,12 @@ impl Core {
     /// Makes `config` the running configuration: upstreams whose spec is
     /// unchanged keep their state, the others start afresh; resolvers
     /// follow the names still in use.
-    fn adopt(&mut self, config: Config, now: Instant, actions: &mut Vec<Action>) {
+    fn adopt(&mut self, config: Config, read: u64, now: Instant, actions: &mut Vec<Action>) {
         let starting = self.config.is_none();
-        let mut summary = ReloadSummary::default();
+        let mut summary = ReloadSummary {
+            read,
+            ..ReloadSummary::default()
+        };
         let mut lines = ReloadLines::default();
         let no_targets = Vec::new();
         let old_targets = self.config.as_ref().map_or(&no_targets, |c| &c.targets);

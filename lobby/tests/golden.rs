@@ -89,6 +89,8 @@ struct Run<'a> {
     /// all of them, as the daemon's measures do.
     established: BTreeMap<(SocketAddr, config::Protocol), u64>,
     latency: BTreeMap<(UpstreamId, AddressKey), Duration>,
+    /// The reads of the file so far, as the daemon numbers them.
+    reads: u64,
 }
 
 impl Run<'_> {
@@ -102,7 +104,11 @@ impl Run<'_> {
                     let path = self.case.join(file);
                     self.config =
                         config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                    Event::ConfigLoaded(self.config.clone())
+                    self.reads += 1;
+                    Event::ConfigLoaded {
+                        config: self.config.clone(),
+                        read: self.reads,
+                    }
                 }
                 ["takeover", ..] => continue,
                 ["fail"] => {
@@ -251,8 +257,10 @@ fn plans_match_the_golden_files() {
             config: config.clone(),
             established: BTreeMap::new(),
             latency: BTreeMap::new(),
+            reads: 0,
         };
-        run.core.on(Event::ConfigLoaded(config), run.now);
+        run.core
+            .on(Event::ConfigLoaded { config, read: 0 }, run.now);
         let mut steps: Vec<PathBuf> = fs::read_dir(case)
             .unwrap()
             .map(|e| e.unwrap().path())

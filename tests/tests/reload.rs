@@ -220,3 +220,101 @@ fn libnftables_and_the_nft_binary_build_the_same_table() {
         }
     }
 }
+
+/// 299 targets of ten upstreams that nothing routes to, each target's
+/// first upstream at `weight`: a change of the weight rewrites every
+/// target, a transaction that takes ~0.1 s to commit.
+fn heavy(weight: u32) -> String {
+    ConfigBuilder::new()
+        .unrouted_targets(
+            1..300,
+            10,
+            |_| 10,
+            |_, u| match u {
+                0 => format!("weight: {weight}"),
+                _ => String::new(),
+            },
+        )
+        .build()
+}
+
+/// How many of target t1's slots send to its first upstream (198.19.0.11,
+/// see `unrouted_targets`): its weight, as the kernel has it.
+fn first_weight_in_kernel(lb: &NetNs) -> usize {
+    let map = lb.exec("nft", &["list", "map", "inet", "lobby", "target-t1_slots4"]);
+    String::from_utf8_lossy(&map.stdout)
+        .matches("198.19.0.11 . 8080")
+        .count()
+}
+
+/// `lobby ctl reload` says how the reload it asked for ended: it returns
+/// once the file as it was when asked is in the kernel, also when another
+/// reload is committing as it asks (that one's end used to answer it).
+#[test]
+fn a_control_reload_returns_once_its_own_file_is_in_the_kernel() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(1);
+    let lb = &topology.lb;
+    let lobby = Lobby::start(lb, &heavy(1));
+    for weight in [2, 4, 6] {
+        let adopted = lobby.log_count("reload: target t1 changed");
+        lobby.write_config(&heavy(weight));
+        lobby.reload();
+        // Read and planned: its transaction is on its way to the kernel.
+        lobby.wait_for_log_count("reload: target t1 changed", adopted);
+        lobby.write_config(&heavy(weight + 1));
+        let reloaded = lobby.ctl(&["reload"]);
+        let said = String::from_utf8_lossy(&reloaded.stdout);
+        assert!(reloaded.status.success(), "{said}\n{}", lobby.log());
+        assert_eq!(
+            first_weight_in_kernel(lb),
+            weight as usize + 1,
+            "`lobby ctl reload` said {said:?} before its file was applied\n{}",
+            lobby.log()
+        );
+    }
+}
+
+/// A reload asked for while the file is being read waits for that read:
+/// two reads at once could end in either order. A large file read before
+/// a small one was applied after it, and the older file ran until the
+/// next change of the file, unless the config watcher's read of the
+/// rename came later still (1 run of 3 failed then).
+#[test]
+fn the_file_as_last_written_runs_when_reloads_overlap() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(3);
+    let _servers = start_servers(&topology);
+    let lobby = Lobby::start(&topology.lb, &config(false));
+    let (hangups, applied) = (
+        lobby.log_count("SIGHUP received"),
+        lobby.log_count("reload applied"),
+    );
+    lobby.write_config(&heavy(2));
+    lobby.reload();
+    // Being read (~0.3 s in a debug build) when the small file replaces it.
+    lobby.wait_for_log_count("SIGHUP received", hangups);
+    // Renamed over it: written in place, the read in flight could find
+    // the file cut short.
+    let next = lobby.config_path.with_extension("next");
+    std::fs::write(&next, config(true)).unwrap();
+    std::fs::rename(&next, &lobby.config_path).unwrap();
+    lobby.reload();
+    // Both files applied, in some order; the config watcher's reads find
+    // the text already read.
+    lobby.wait_for_log_count("reload applied", applied + 1);
+    let ruleset = topology.lb.lobby_ruleset();
+    assert!(
+        ruleset.contains("chain target-churn {") && !ruleset.contains("chain target-t1 {"),
+        "the file read first runs:\n{}",
+        lobby.log()
+    );
+    assert_eq!(
+        ask_name(&topology.client, target_addr(CHURN)).unwrap(),
+        "web2"
+    );
+}

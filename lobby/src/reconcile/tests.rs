@@ -93,6 +93,8 @@ fn socket(host: u8) -> SocketAddr {
 struct Harness {
     core: Core,
     now: Instant,
+    /// The number of the next read of the file, as the daemon counts them.
+    next_read: u64,
 }
 
 impl Harness {
@@ -100,7 +102,31 @@ impl Harness {
         Self {
             core: Core::new(inherited, true),
             now: Instant::now(),
+            next_read: 0,
         }
+    }
+
+    /// The file read, valid: `yaml`; at start, then a reload.
+    fn read(&mut self, yaml: &str) -> Vec<Action> {
+        let read = self.take_read();
+        self.step(Event::ConfigLoaded {
+            config: config(yaml),
+            read,
+        })
+    }
+
+    /// The file read again, invalid: `errors` say why.
+    fn refused(&mut self, errors: &str) -> Vec<Action> {
+        let read = self.take_read();
+        self.step(Event::ConfigRejected {
+            errors: errors.to_owned(),
+            read,
+        })
+    }
+
+    fn take_read(&mut self) -> u64 {
+        self.next_read += 1;
+        self.next_read - 1
     }
 
     /// One event, then the plan, as the loop does.
@@ -118,7 +144,7 @@ impl Harness {
     /// Starts on `yaml` and reports the first apply a success.
     fn started(yaml: &str) -> Self {
         let mut harness = Self::new(None);
-        let actions = harness.step(Event::ConfigLoaded(config(yaml)));
+        let actions = harness.read(yaml);
         assert!(script(&actions).is_some(), "{actions:?}");
         let actions = harness.applied();
         assert!(actions.contains(&Action::Ready), "{actions:?}");
@@ -172,7 +198,7 @@ fn rotation(target: &str, upstreams: &[SocketAddr]) -> Rotation {
 #[test]
 fn a_fresh_start_creates_the_table_and_starts_checkers() {
     let mut harness = Harness::new(None);
-    let actions = harness.step(Event::ConfigLoaded(config(TWO_CHECKED)));
+    let actions = harness.read(TWO_CHECKED);
     let script = script(&actions).expect("a first transaction");
     assert!(script.starts_with("table inet lobby {"), "{script}");
     assert!(!script.contains("delete table"), "{script}");
@@ -203,7 +229,7 @@ fn a_fresh_start_creates_the_table_and_starts_checkers() {
 #[test]
 fn the_first_apply_failing_aborts_the_start() {
     let mut harness = Harness::new(None);
-    harness.step(Event::ConfigLoaded(config(TWO_CHECKED)));
+    harness.read(TWO_CHECKED);
     let actions = harness.step(Event::Applied(Err("nft: no such file".into())));
     assert_eq!(actions, [Action::Abort("nft: no such file".into())]);
 }
@@ -212,7 +238,7 @@ fn the_first_apply_failing_aborts_the_start() {
 fn a_takeover_replaces_the_table_and_keeps_balanced_upstreams_available() {
     // The dead run balanced to web1 (which starts unavailable by config).
     let mut harness = Harness::new(Some(rotation("web", &[socket(11)])));
-    let actions = harness.step(Event::ConfigLoaded(config(TWO_CHECKED)));
+    let actions = harness.read(TWO_CHECKED);
     let script = script(&actions).expect("a first transaction");
     assert!(
         script.starts_with("add table ip lobby\ndelete table ip lobby\nadd table ip6 lobby\ndelete table ip6 lobby\nadd table inet lobby\ndelete table inet lobby\n"),
@@ -239,7 +265,7 @@ fn a_takeover_replaces_the_table_and_keeps_balanced_upstreams_available() {
 #[test]
 fn a_takeover_waits_for_names_then_inherits_what_they_resolve_to() {
     let mut harness = Harness::new(Some(rotation("web", &[socket(11)])));
-    let actions = harness.step(Event::ConfigLoaded(config(NAMED)));
+    let actions = harness.read(NAMED);
     assert!(script(&actions).is_none(), "waits for DNS: {actions:?}");
     let key = ResolverKey::new("web1.example.test", None);
     assert!(actions.contains(&Action::StartResolver(key.clone())));
@@ -268,7 +294,7 @@ fn a_takeover_waits_for_names_then_inherits_what_they_resolve_to() {
 #[test]
 fn a_takeover_applies_after_the_wait_when_a_name_never_resolves() {
     let mut harness = Harness::new(Some(rotation("web", &[socket(11)])));
-    harness.step(Event::ConfigLoaded(config(NAMED)));
+    harness.read(NAMED);
     let actions = harness.advance(TAKEOVER_DNS_WAIT);
     let script = script(&actions).expect("applies after the wait");
     assert!(script.contains("reject with tcp reset"), "{script}");
@@ -316,7 +342,7 @@ fn a_reload_during_an_apply_is_reported_after_its_own_transaction() {
     let mut harness = Harness::started(TWO_CHECKED);
     assert!(script(&harness.step(report("web1", true))).is_some());
     let changed = TWO_CHECKED.replace("port: 8081", "port: 8082");
-    let actions = harness.step(Event::ConfigLoaded(config(&changed)));
+    let actions = harness.read(&changed);
     assert!(script(&actions).is_none(), "one transaction at a time");
     let actions = harness.applied();
     assert!(
@@ -373,7 +399,7 @@ fn a_reload_keeps_unchanged_upstreams_and_restarts_changed_ones() {
         "198.18.1.12\n              port: 9000",
         "198.18.1.12\n              port: 9001",
     ) + "            - name: web3\n              host: 198.18.1.13\n              port: 9000\n";
-    let actions = harness.step(Event::ConfigLoaded(config(&next)));
+    let actions = harness.read(&next);
     assert!(
         actions.contains(&Action::StopChecker {
             id: id("web2"),
@@ -446,7 +472,7 @@ fn a_reload_in_any_upstream_order_moves_names_and_resolvers() {
         ],
     )]);
     let mut harness = Harness::started(&before);
-    let actions = harness.step(Event::ConfigLoaded(config(&after)));
+    let actions = harness.read(&after);
     let resolvers: BTreeSet<String> = actions
         .iter()
         .filter_map(|a| match a {
@@ -486,7 +512,7 @@ fn a_weight_change_is_a_changed_target_and_keeps_the_checkers() {
         "198.18.1.12\n              port: 9000\n              weight: 3\n",
     );
     assert_ne!(next, TWO_CHECKED);
-    let actions = harness.step(Event::ConfigLoaded(config(&next)));
+    let actions = harness.read(&next);
     assert!(
         !actions
             .iter()
@@ -504,7 +530,7 @@ fn a_weight_change_is_a_changed_target_and_keeps_the_checkers() {
 #[test]
 fn a_reload_without_changes_says_so_without_a_transaction() {
     let mut harness = Harness::started(TWO_CHECKED);
-    let actions = harness.step(Event::ConfigLoaded(config(TWO_CHECKED)));
+    let actions = harness.read(TWO_CHECKED);
     assert!(script(&actions).is_none());
     assert_eq!(notices(&actions), ["reload applied: no change"]);
 }
@@ -512,7 +538,7 @@ fn a_reload_without_changes_says_so_without_a_transaction() {
 #[test]
 fn an_invalid_reload_changes_nothing() {
     let mut harness = Harness::started(TWO_CHECKED);
-    let actions = harness.step(Event::ConfigRejected("test.yaml:3:5: bad".into()));
+    let actions = harness.refused("test.yaml:3:5: bad");
     assert!(script(&actions).is_none());
     assert_eq!(
         notices(&actions),
@@ -521,11 +547,47 @@ fn an_invalid_reload_changes_nothing() {
     assert!(!harness.core.reloads().last_successful);
 }
 
+/// The reads of the file that a step's reload notices answer: applied
+/// through the first, refused the second.
+fn reloads_answered(actions: &[Action]) -> (Vec<u64>, Vec<u64>) {
+    let mut answered = (Vec::new(), Vec::new());
+    for action in actions {
+        match action {
+            Action::Notify(Notice::ReloadApplied(summary)) => answered.0.push(summary.read()),
+            Action::Notify(Notice::ReloadFailed { read, .. }) => answered.1.push(*read),
+            _ => {}
+        }
+    }
+    answered
+}
+
+#[test]
+fn a_reload_notice_names_the_newest_read_it_holds() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    let on_port = |port: &str| TWO_CHECKED.replace("port: 8081", &format!("port: {port}"));
+    // Read 1 commits; 2 and 3 come meanwhile, and 4 is refused.
+    let actions = harness.read(&on_port("8082"));
+    assert!(script(&actions).is_some());
+    for port in ["8083", "8084"] {
+        let actions = harness.read(&on_port(port));
+        assert!(script(&actions).is_none(), "one transaction at a time");
+        assert_eq!(reloads_answered(&actions), (vec![], vec![]));
+    }
+    let actions = harness.refused("test.yaml:3:5: bad");
+    assert_eq!(reloads_answered(&actions), (vec![], vec![4]));
+    let actions = harness.applied();
+    assert_eq!(reloads_answered(&actions), (vec![1], vec![]));
+    // Read 3 superseded read 2 before it was applied: one transaction.
+    assert!(script(&actions).expect("read 3's").contains("8084"));
+    let actions = harness.applied();
+    assert_eq!(reloads_answered(&actions), (vec![3], vec![]));
+}
+
 #[test]
 fn a_removed_upstream_stays_masqueraded_until_its_linger_ends() {
     let mut harness = Harness::started(TWO_CHECKED);
     let without_web2 = &TWO_CHECKED[..TWO_CHECKED.find("            - name: web2").unwrap()];
-    let actions = harness.step(Event::ConfigLoaded(config(without_web2)));
+    let actions = harness.read(without_web2);
     let script_text = script(&actions).expect("a change").to_owned();
     assert!(
         !script_text.contains("delete element inet lobby backends"),
@@ -551,7 +613,7 @@ fn a_removed_upstream_stays_masqueraded_until_its_linger_ends() {
 #[test]
 fn a_name_that_moves_moves_its_upstream_and_its_probes() {
     let mut harness = Harness::new(None);
-    let actions = harness.step(Event::ConfigLoaded(config(NAMED)));
+    let actions = harness.read(NAMED);
     assert!(script(&actions).unwrap().contains("reject with tcp reset"));
     harness.applied();
     let key = ResolverKey::new("web1.example.test", None);
@@ -1005,7 +1067,7 @@ fn persistence_keeps_a_set_and_chain_per_backend_in_rotation() {
 #[test]
 fn an_address_is_tracked_in_the_step_that_starts_its_checker_even_during_an_apply() {
     let mut harness = Harness::new(None);
-    let actions = harness.step(Event::ConfigLoaded(config(NAMED)));
+    let actions = harness.read(NAMED);
     assert!(script(&actions).is_some());
     let actions = answer(&mut harness, &[socket(11).ip()]);
     assert!(script(&actions).is_none(), "the first apply is in flight");
