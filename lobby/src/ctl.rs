@@ -388,6 +388,16 @@ pub const LIMITS: Limits = Limits {
 /// How long `lobby stats` waits for the daemon's answer.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the daemon waits for the outcome of a runtime command before
+/// it answers that there is none yet. A reload reads, plans and applies the
+/// file (seconds for a 100,000-prefix block list in a debug build), and
+/// one whose apply fails is reported when a retry succeeds.
+pub const OUTCOME_WAIT: Duration = Duration::from_secs(60);
+
+/// How long `lobby ctl` waits for a command's answer: beyond
+/// [`OUTCOME_WAIT`], so that the daemon's word on it arrives first.
+const COMMAND_TIMEOUT: Duration = OUTCOME_WAIT.saturating_add(CLIENT_TIMEOUT);
+
 /// Where the server hands what it reads to the loop.
 #[derive(Clone)]
 struct Loop {
@@ -442,7 +452,7 @@ async fn serve_within(
         || async { listener.accept().await.map(|(stream, _)| stream) },
         |stream| {
             let to = to.clone();
-            async move { answer(stream, &to, limits.request_timeout).await }
+            async move { answer(stream, &to, limits).await }
         },
     )
     .await;
@@ -461,15 +471,24 @@ async fn ask_loop<T, R>(
     answer.await.ok()
 }
 
+/// The outcome of a command the loop was asked (`None`: the loop is gone),
+/// or word that none came within [`OUTCOME_WAIT`].
+async fn outcome(asked: impl Future<Output = Option<Result<String, String>>>) -> WireResponse {
+    match tokio::time::timeout(OUTCOME_WAIT, asked).await {
+        Ok(Some(Ok(text))) => WireResponse::Done(text),
+        Ok(Some(Err(error))) => WireResponse::Error(error),
+        Ok(None) => WireResponse::Error(SHUTTING_DOWN.into()),
+        Err(_) => WireResponse::Error(format!(
+            "no outcome within {}s; the daemon goes on with it, and its log says how it ends",
+            OUTCOME_WAIT.as_secs()
+        )),
+    }
+}
+
 /// The loop's answer to one runtime command from the peer `uid`.
 async fn control(request: WireRequest, uid: io::Result<u32>, to: &Loop) -> WireResponse {
     let Some(control) = &to.control else {
         return WireResponse::Error("this daemon does not take runtime commands".into());
-    };
-    let done = |outcome: Option<Result<String, String>>| match outcome {
-        Some(Ok(text)) => WireResponse::Done(text),
-        Some(Err(error)) => WireResponse::Error(error),
-        None => WireResponse::Error(SHUTTING_DOWN.into()),
     };
     match request {
         WireRequest::Admin {
@@ -489,16 +508,14 @@ async fn control(request: WireRequest, uid: io::Result<u32>, to: &Loop) -> WireR
                 "control: uid {peer_uid} asks to {} {target}/{upstream}",
                 command.as_str()
             );
-            done(
-                ask_loop(control, |reply| Control::Admin {
-                    command,
-                    target,
-                    upstream,
-                    peer_uid,
-                    reply,
-                })
-                .await,
-            )
+            outcome(ask_loop(control, |reply| Control::Admin {
+                command,
+                target,
+                upstream,
+                peer_uid,
+                reply,
+            }))
+            .await
         }
         WireRequest::State => ask_loop(control, Control::State).await.map_or_else(
             || WireResponse::Error(SHUTTING_DOWN.into()),
@@ -506,18 +523,20 @@ async fn control(request: WireRequest, uid: io::Result<u32>, to: &Loop) -> WireR
         ),
         WireRequest::Reload => {
             info!(uid = uid.as_ref().ok().copied(), "control: reload asked");
-            done(ask_loop(control, Control::Reload).await)
+            outcome(ask_loop(control, Control::Reload)).await
         }
         WireRequest::Stats => unreachable!("stats are answered by the caller"),
     }
 }
 
-async fn answer(
-    stream: Watched<UnixStream>,
-    to: &Loop,
-    request_timeout: Duration,
-) -> io::Result<()> {
+async fn answer(stream: Watched<UnixStream>, to: &Loop, limits: Limits) -> io::Result<()> {
+    let Limits {
+        request_timeout,
+        idle_timeout,
+        ..
+    } = limits;
     let uid = stream.get_ref().peer_cred().map(|cred| cred.uid());
+    let busy = stream.busy();
     let (read, mut write) = tokio::io::split(stream);
     let mut line = String::new();
     // One bounded line: a client cannot make the daemon buffer without end.
@@ -535,7 +554,10 @@ async fn answer(
             || WireResponse::Error(SHUTTING_DOWN.into()),
             WireResponse::Stats,
         ),
-        Ok(request) => control(request, uid, to).await,
+        Ok(request) => {
+            busy.during(control(request, uid, to), idle_timeout / 2)
+                .await
+        }
         Err(e) => WireResponse::Error(format!("bad request: {e}")),
     };
     let mut out = serde_json::to_vec(&response).expect("plain data serializes");
@@ -546,7 +568,7 @@ async fn answer(
 /// Asks the daemon listening on `path` for its stats, giving up after
 /// [`CLIENT_TIMEOUT`].
 pub async fn fetch_stats(path: &Path) -> Result<StatsReport, CtlError> {
-    match ask(path, "lobby stats", &WireRequest::Stats).await? {
+    match ask(path, "lobby stats", &WireRequest::Stats, CLIENT_TIMEOUT).await? {
         WireResponse::Stats(report) => Ok(report),
         _ => Err(unexpected(path, "stats")),
     }
@@ -554,7 +576,7 @@ pub async fn fetch_stats(path: &Path) -> Result<StatsReport, CtlError> {
 
 /// `lobby ctl state`: every upstream's health and admin state.
 pub async fn fetch_state(path: &Path) -> Result<StateReport, CtlError> {
-    match ask(path, "lobby ctl", &WireRequest::State).await? {
+    match ask(path, "lobby ctl", &WireRequest::State, CLIENT_TIMEOUT).await? {
         WireResponse::State(report) => Ok(report),
         _ => Err(unexpected(path, "the state")),
     }
@@ -571,12 +593,18 @@ pub async fn admin(
         target: upstream.target.clone(),
         upstream: upstream.upstream.clone(),
     };
-    done(path, ask(path, "lobby ctl", &request).await?)
+    done(
+        path,
+        ask(path, "lobby ctl", &request, COMMAND_TIMEOUT).await?,
+    )
 }
 
 /// `lobby ctl reload`: the outcome of the reload.
 pub async fn reload(path: &Path) -> Result<String, CtlError> {
-    done(path, ask(path, "lobby ctl", &WireRequest::Reload).await?)
+    done(
+        path,
+        ask(path, "lobby ctl", &WireRequest::Reload, COMMAND_TIMEOUT).await?,
+    )
 }
 
 fn done(path: &Path, response: WireResponse) -> Result<String, CtlError> {
@@ -593,18 +621,19 @@ fn unexpected(path: &Path, expected: &'static str) -> CtlError {
     }
 }
 
-/// One request and its answer, within [`CLIENT_TIMEOUT`]; the daemon's
-/// refusal is an error. `client` names the command in a permission error.
+/// One request and its answer, within `wait`; the daemon's refusal is an
+/// error. `client` names the command in a permission error.
 async fn ask(
     path: &Path,
     client: &'static str,
     request: &WireRequest,
+    wait: Duration,
 ) -> Result<WireResponse, CtlError> {
-    let response = tokio::time::timeout(CLIENT_TIMEOUT, exchange(path, client, request))
+    let response = tokio::time::timeout(wait, exchange(path, client, request))
         .await
         .map_err(|_| CtlError::Timeout {
             path: path.to_owned(),
-            after: CLIENT_TIMEOUT,
+            after: wait,
         })??;
     match response {
         WireResponse::Error(message) => Err(CtlError::Daemon(message)),
@@ -1146,11 +1175,12 @@ mod tests {
     /// A control socket in `dir` whose loop keeps `state_report()`, applies
     /// admin commands to it, refuses unknown upstreams by naming the ones
     /// there are, and answers reloads: applied, then failed.
-    async fn controlled_daemon(dir: &Path) -> (PathBuf, CancellationToken) {
+    /// A control server on `dir`'s socket, and what it asks the loop.
+    async fn control_server(dir: &Path) -> (PathBuf, CancellationToken, mpsc::Receiver<Control>) {
         let path = dir.join("lobby.sock");
         let listener = bind(&path).await.unwrap();
         let (requests, _) = mpsc::channel(1);
-        let (control, mut incoming) = mpsc::channel(4);
+        let (control, incoming) = mpsc::channel(4);
         let cancel = CancellationToken::new();
         tokio::spawn(serve_with_control(
             listener,
@@ -1159,6 +1189,11 @@ mod tests {
             control,
             cancel.clone(),
         ));
+        (path, cancel, incoming)
+    }
+
+    async fn controlled_daemon(dir: &Path) -> (PathBuf, CancellationToken) {
+        let (path, cancel, mut incoming) = control_server(dir).await;
         tokio::spawn(async move {
             let mut state = state_report();
             let mut reloads = 0;
@@ -1273,6 +1308,53 @@ mod tests {
         assert_eq!(
             reload(&path).await.unwrap_err().to_string(),
             "lobby.yaml:3:5: lb: expected a list"
+        );
+        cancel.cancel();
+    }
+
+    /// A daemon on the shipped limits whose reloads take `takes` (`None`:
+    /// forever).
+    async fn slow_reloading_daemon(
+        dir: &Path,
+        takes: Option<Duration>,
+    ) -> (PathBuf, CancellationToken) {
+        let (path, cancel, mut incoming) = control_server(dir).await;
+        tokio::spawn(async move {
+            let mut unanswered = Vec::new();
+            while let Some(Control::Reload(reply)) = incoming.recv().await {
+                match takes {
+                    Some(takes) => {
+                        tokio::time::sleep(takes).await;
+                        let _ = reply.send(Ok("reload applied: no change".to_owned()));
+                    }
+                    None => unanswered.push(reply),
+                }
+            }
+        });
+        (path, cancel)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_longer_than_the_idle_timeout_gets_its_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let takes = LIMITS.idle_timeout * 4;
+        let (path, cancel) = slow_reloading_daemon(dir.path(), Some(takes)).await;
+        let start = tokio::time::Instant::now();
+        assert_eq!(reload(&path).await.unwrap(), "reload applied: no change");
+        assert!(start.elapsed() >= takes);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_without_an_outcome_says_so_after_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, cancel) = slow_reloading_daemon(dir.path(), None).await;
+        let start = tokio::time::Instant::now();
+        let error = reload(&path).await.unwrap_err();
+        assert_eq!(start.elapsed(), OUTCOME_WAIT);
+        assert_eq!(
+            error.to_string(),
+            "no outcome within 60s; the daemon goes on with it, and its log says how it ends"
         );
         cancel.cancel();
     }

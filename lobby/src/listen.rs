@@ -34,7 +34,7 @@ pub struct Limits {
     /// The longest a client may take to send its whole request.
     pub request_timeout: Duration,
     /// A connection on which no byte moved either way for this long is
-    /// closed, whatever it was doing.
+    /// closed, unless the daemon is working on its answer ([`Busy`]).
     pub idle_timeout: Duration,
 }
 
@@ -168,11 +168,36 @@ impl<S> Watched<S> {
         &self.inner
     }
 
+    /// What keeps the connection from counting as idle while the daemon
+    /// works on its answer.
+    pub fn busy(&self) -> Busy {
+        Busy(Arc::clone(&self.activity))
+    }
+
     fn moved(&self, bytes: usize) {
         if bytes > 0 {
             // Stores a permit when the watchdog is not waiting: no activity
             // is missed.
             self.activity.notify_one();
+        }
+    }
+}
+
+/// Keeps a [`Watched`] connection out of its idle timeout while the
+/// daemon, not the client, takes its time: a reload that reads and applies
+/// a large file.
+pub struct Busy(Arc<Notify>);
+
+impl Busy {
+    /// Runs `work`, telling the watchdog every `every` that the connection
+    /// is in use.
+    pub async fn during<T>(&self, work: impl Future<Output = T>, every: Duration) -> T {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                () = tokio::time::sleep(every) => self.0.notify_one(),
+            }
         }
     }
 }
