@@ -147,12 +147,20 @@ impl Lobby {
         std::fs::write(&self.config_path, config).expect("writing the config");
     }
 
-    /// Writes `config`, sends SIGHUP and waits until the kernel has it.
+    /// Writes `config` and reloads it with `lobby ctl reload`, which
+    /// returns once the kernel has it. (Waiting for the log's next "reload
+    /// applied" after a SIGHUP could return on the config watcher's reload
+    /// of an earlier write.)
     pub fn reload_with(&self, config: &str) {
-        let before = self.log_count("reload applied");
         self.write_config(config);
-        self.reload();
-        self.wait_for_log_count("reload applied", before);
+        let reloaded = self.ctl(&["reload"]);
+        assert!(
+            reloaded.status.success(),
+            "lobby ctl reload: {}{}\n{}",
+            String::from_utf8_lossy(&reloaded.stdout),
+            String::from_utf8_lossy(&reloaded.stderr),
+            self.log()
+        );
     }
 
     fn spawn(&mut self) {
