@@ -277,8 +277,12 @@ pub enum Request {
     Metrics(oneshot::Sender<crate::metrics::Snapshot>),
 }
 
+/// Where a command's answer goes: the text to print, or why it was
+/// refused.
+pub type Answer = oneshot::Sender<Result<String, String>>;
+
 /// A runtime command for the daemon's loop (`lobby ctl`), with where to
-/// send the answer: the text to print, or why it was refused.
+/// send the answer.
 pub enum Control {
     Admin {
         command: AdminCommand,
@@ -286,11 +290,11 @@ pub enum Control {
         upstream: String,
         /// Who asked (SO_PEERCRED), for the log.
         peer_uid: u32,
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: Answer,
     },
     State(oneshot::Sender<StateReport>),
     /// Like SIGHUP, answered once the outcome is known.
-    Reload(oneshot::Sender<Result<String, String>>),
+    Reload(Answer),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,7 @@ use std::{
 
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::{mpsc, oneshot, watch},
+    sync::{mpsc, watch},
     time::{Instant, MissedTickBehavior, sleep_until},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -283,6 +283,7 @@ pub async fn serve<P: DataPlane>(
             }
         }
         wiring.end_step();
+        wiring.answer_commands(&core);
         core.hear_outside(wiring.table_watched());
         let deadline = core.next_deadline();
         tokio::select! {
@@ -531,7 +532,10 @@ struct Wiring<P> {
     /// Dumps failed in a row (warned at the first).
     dump_failures: Arc<std::sync::atomic::AtomicU64>,
     /// The file's reads, and the `lobby ctl reload`s waiting for them.
-    reloads: Reloads<oneshot::Sender<Result<String, String>>>,
+    reloads: Reloads<ctl::Answer>,
+    /// `lobby ctl drain|enable|disable`s waiting for the kernel to have
+    /// them: each one's number ([`Core::admin`]) and answer.
+    commands: Vec<(u64, String, ctl::Answer)>,
     /// Where operators' event receivers hear of changes.
     receivers: Events,
     /// Whether the services run (the first ruleset is in).
@@ -601,6 +605,7 @@ impl<P: DataPlane> Wiring<P> {
             dumping: Arc::default(),
             dump_failures: Arc::default(),
             reloads: Reloads::default(),
+            commands: Vec::new(),
             receivers,
             started: false,
             metrics: None,
@@ -878,13 +883,20 @@ impl<P: DataPlane> Wiring<P> {
         }
     }
 
-    /// Answers a `lobby ctl` command; a reload is handed back to the loop,
+    /// Answers the commands the kernel now has.
+    fn answer_commands(&mut self, core: &Core) {
+        let applied = core.commands_applied();
+        for (_, said, reply) in self
+            .commands
+            .extract_if(.., |(number, ..)| *number <= applied)
+        {
+            let _ = reply.send(Ok(said));
+        }
+    }
+
+    /// Takes a `lobby ctl` command; a reload is handed back to the loop,
     /// which answers it once the outcome is known.
-    fn control(
-        &mut self,
-        control: Control,
-        core: &mut Core,
-    ) -> Option<oneshot::Sender<Result<String, String>>> {
+    fn control(&mut self, control: Control, core: &mut Core) -> Option<ctl::Answer> {
         match control {
             Control::Admin {
                 command,
@@ -894,11 +906,17 @@ impl<P: DataPlane> Wiring<P> {
                 reply,
             } => {
                 let id = UpstreamId::new(&target, &upstream);
-                let outcome = core.admin(&id, command.state()).map(|()| {
-                    info!(upstream = %id, uid = peer_uid, "upstream {id} {} by uid {peer_uid}", command.state().as_str());
-                    format!("upstream {id} {}", command.state().as_str())
-                });
-                let _ = reply.send(outcome);
+                match core.admin(&id, command.state()) {
+                    Ok(number) => {
+                        let state = command.state().as_str();
+                        info!(upstream = %id, uid = peer_uid, "upstream {id} {state} by uid {peer_uid}");
+                        let said = format!("upstream {id} {state}");
+                        self.commands.push((number, said, reply));
+                    }
+                    Err(refusal) => {
+                        let _ = reply.send(Err(refusal));
+                    }
+                }
                 None
             }
             Control::State(reply) => {
@@ -911,12 +929,7 @@ impl<P: DataPlane> Wiring<P> {
 
     /// Asks for a read of the configuration (see [`Reloads`]); `reply`
     /// waits for its outcome.
-    fn reload(
-        &mut self,
-        path: &Path,
-        forced: bool,
-        reply: Option<oneshot::Sender<Result<String, String>>>,
-    ) {
+    fn reload(&mut self, path: &Path, forced: bool, reply: Option<ctl::Answer>) {
         if let Some(read) = self.reloads.ask(forced, reply) {
             self.read_config(path, read);
         }

@@ -704,6 +704,12 @@ pub struct Core {
     /// arrives during another apply waits for its own).
     reloaded: Option<ReloadSummary>,
     applying_reload: Option<ReloadSummary>,
+    /// The operator's commands so far, by number, and the newest of them
+    /// in the transaction in flight and in the kernel: a command is
+    /// answered once the kernel has it.
+    commands: u64,
+    commands_applying: u64,
+    commands_applied: u64,
     /// Every address of every upstream, as a backend: a change recounts
     /// only the upstreams it touched.
     counted: Tally<UpstreamId>,
@@ -753,6 +759,9 @@ impl Core {
             retry_at: None,
             ready: false,
             reloaded: None,
+            commands: 0,
+            commands_applying: 0,
+            commands_applied: 0,
             applying_reload: None,
             counted: Tally::default(),
             counted_stale: BTreeSet::new(),
@@ -925,9 +934,10 @@ impl Core {
     }
 
     /// Sets the operator's say over an upstream (`lobby ctl`); the next
-    /// [`Core::settle`] applies it. An unknown name is refused with what
-    /// exists.
-    pub fn admin(&mut self, id: &UpstreamId, state: AdminState) -> Result<(), String> {
+    /// [`Core::settle`] applies it. The command's number: the kernel has
+    /// it once [`Core::commands_applied`] reaches it. An unknown name is
+    /// refused with what exists.
+    pub fn admin(&mut self, id: &UpstreamId, state: AdminState) -> Result<u64, String> {
         let Some(upstream) = self.upstreams.get_mut(id) else {
             let siblings: Vec<&str> = self
                 .upstreams
@@ -952,8 +962,16 @@ impl Core {
             upstream.admin = state;
             self.stale.target(&id.target);
             self.dirty = true;
+            self.commands += 1;
         }
-        Ok(())
+        // Unchanged, it waits for the commands before it: what it says is
+        // true once the kernel has them.
+        Ok(self.commands)
+    }
+
+    /// The newest of the operator's commands the kernel has.
+    pub fn commands_applied(&self) -> u64 {
+        self.commands_applied
     }
 
     /// The upstreams of `target` the core holds, in name order: each one's
@@ -1541,10 +1559,12 @@ impl Core {
                 self.flight = Flight::Applying(desired, delta);
                 self.applying = std::mem::take(&mut self.unplanned);
                 self.applying_reload = self.reloaded.take();
+                self.commands_applying = self.commands;
                 actions.push(Action::Apply(script));
             }
             None => {
                 self.unplanned = Waiting::default();
+                self.commands_applied = self.commands;
                 if let Some(summary) = self.reloaded.take() {
                     actions.push(Action::Notify(Notice::ReloadApplied(summary)));
                 }
@@ -1604,6 +1624,7 @@ impl Core {
                     _ => self.applied_backends = desired.backends(),
                 }
                 self.applied = Some(desired);
+                self.commands_applied = self.commands_applying;
                 if let Some(summary) = self.applying_reload.take() {
                     actions.push(Action::Notify(Notice::ReloadApplied(summary)));
                 }

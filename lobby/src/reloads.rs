@@ -90,11 +90,10 @@ impl<R> Reloads<R> {
     }
 
     fn answer(&mut self, answered: impl Fn(u64) -> bool) -> Vec<R> {
-        let (done, waiting) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|(read, _)| answered(*read));
-        self.waiting = waiting;
-        done.into_iter().map(|(_, reply)| reply).collect()
+        self.waiting
+            .extract_if(.., |(read, _)| answered(*read))
+            .map(|(_, reply)| reply)
+            .collect()
     }
 }
 

@@ -584,6 +584,43 @@ fn a_reload_notice_names_the_newest_read_it_holds() {
 }
 
 #[test]
+fn an_operators_command_is_applied_once_the_kernel_has_it() {
+    let mut harness = Harness::started(TWO_CHECKED);
+    // web2 is in rotation: its drain is a transaction.
+    let drain = harness
+        .core
+        .admin(&id("web2"), AdminState::Drained)
+        .unwrap();
+    assert_eq!(harness.core.commands_applied(), drain - 1);
+    let actions = harness.core.settle(harness.now);
+    assert!(script(&actions).is_some(), "{actions:?}");
+    assert_eq!(
+        harness.core.commands_applied(),
+        drain - 1,
+        "still on its way"
+    );
+    harness.step(Event::Applied(Err("nft: busy".into())));
+    assert_eq!(harness.core.commands_applied(), drain - 1, "failed");
+    let actions = harness.advance(APPLY_RETRY);
+    assert!(script(&actions).is_some(), "the retry: {actions:?}");
+    harness.applied();
+    assert_eq!(harness.core.commands_applied(), drain);
+    // Said again, it is true already.
+    assert_eq!(
+        harness.core.admin(&id("web2"), AdminState::Drained),
+        Ok(drain)
+    );
+    // web1 is down: out of rotation either way, no transaction.
+    let disable = harness
+        .core
+        .admin(&id("web1"), AdminState::Disabled)
+        .unwrap();
+    let actions = harness.core.settle(harness.now);
+    assert!(script(&actions).is_none(), "{actions:?}");
+    assert_eq!(harness.core.commands_applied(), disable);
+}
+
+#[test]
 fn a_removed_upstream_stays_masqueraded_until_its_linger_ends() {
     let mut harness = Harness::started(TWO_CHECKED);
     let without_web2 = &TWO_CHECKED[..TWO_CHECKED.find("            - name: web2").unwrap()];
