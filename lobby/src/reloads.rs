@@ -25,8 +25,8 @@ pub struct Read {
 /// waiting for their outcome (`R`, a reply's sender).
 #[derive(Debug)]
 pub struct Reloads<R> {
-    /// The read in flight.
-    reading: Option<u64>,
+    /// Whether a read is in flight.
+    reading: bool,
     /// A read asked for while another was in flight: whether forced.
     queued: Option<bool>,
     /// The number of the next read to start.
@@ -38,7 +38,7 @@ pub struct Reloads<R> {
 impl<R> Default for Reloads<R> {
     fn default() -> Self {
         Self {
-            reading: None,
+            reading: false,
             queued: None,
             next: 1,
             waiting: Vec::new(),
@@ -54,7 +54,7 @@ impl<R> Reloads<R> {
         if let Some(reply) = reply {
             self.waiting.push((self.next, reply));
         }
-        if self.reading.is_some() {
+        if self.reading {
             self.queued = Some(self.queued.unwrap_or(false) || forced);
             return None;
         }
@@ -64,7 +64,7 @@ impl<R> Reloads<R> {
     /// The read in flight ended and its outcome went to the core: the read
     /// asked for meanwhile, to start now.
     pub fn ended(&mut self) -> Option<Read> {
-        self.reading = None;
+        self.reading = false;
         let forced = self.queued.take()?;
         Some(self.start(forced))
     }
@@ -85,7 +85,7 @@ impl<R> Reloads<R> {
     fn start(&mut self, forced: bool) -> Read {
         let id = self.next;
         self.next += 1;
-        self.reading = Some(id);
+        self.reading = true;
         Read { id, forced }
     }
 
