@@ -396,7 +396,7 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// it answers that there is none yet. A reload reads, plans and applies the
 /// file (seconds for a 100,000-prefix block list in a debug build), and
 /// one whose apply fails is reported when a retry succeeds.
-pub const OUTCOME_WAIT: Duration = Duration::from_secs(60);
+const OUTCOME_WAIT: Duration = Duration::from_secs(60);
 
 /// How long `lobby ctl` waits for a command's answer: beyond
 /// [`OUTCOME_WAIT`], so that the daemon's word on it arrives first.
