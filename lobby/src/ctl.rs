@@ -1176,9 +1176,6 @@ mod tests {
         }
     }
 
-    /// A control socket in `dir` whose loop keeps `state_report()`, applies
-    /// admin commands to it, refuses unknown upstreams by naming the ones
-    /// there are, and answers reloads: applied, then failed.
     /// A control server on `dir`'s socket, and what it asks the loop.
     async fn control_server(dir: &Path) -> (PathBuf, CancellationToken, mpsc::Receiver<Control>) {
         let path = dir.join("lobby.sock");
@@ -1196,6 +1193,9 @@ mod tests {
         (path, cancel, incoming)
     }
 
+    /// A control socket in `dir` whose loop keeps `state_report()`, applies
+    /// admin commands to it, refuses unknown upstreams by naming the ones
+    /// there are, and answers reloads: applied, then failed.
     async fn controlled_daemon(dir: &Path) -> (PathBuf, CancellationToken) {
         let (path, cancel, mut incoming) = control_server(dir).await;
         tokio::spawn(async move {
