@@ -264,14 +264,11 @@ fn a_control_reload_returns_once_its_own_file_is_in_the_kernel() {
         lobby.reload();
         // Read and planned: its transaction is on its way to the kernel.
         lobby.wait_for_log_count("reload: target t1 changed", adopted);
-        lobby.write_config(&heavy(weight + 1));
-        let reloaded = lobby.ctl(&["reload"]);
-        let said = String::from_utf8_lossy(&reloaded.stdout);
-        assert!(reloaded.status.success(), "{said}\n{}", lobby.log());
+        lobby.reload_with(&heavy(weight + 1));
         assert_eq!(
             first_weight_in_kernel(lb),
             weight as usize + 1,
-            "`lobby ctl reload` said {said:?} before its file was applied\n{}",
+            "`lobby ctl reload` returned before its file was applied\n{}",
             lobby.log()
         );
     }
