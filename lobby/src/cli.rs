@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 
-use crate::{config::Nftables, ctl};
+use crate::{
+    config::{self, ConfigErrors, Nftables},
+    ctl,
+};
 
 /// Lobby: layer-4 load balancing by the kernel (nftables DNAT), with exact
 /// per-upstream counters (eBPF).
@@ -102,8 +105,9 @@ pub enum Command {
     },
 }
 
-/// Which daemon a client command talks to: by its control socket, or by
-/// its table, whose default socket it finds.
+/// Which daemon a client command talks to: by its control socket, by its
+/// table, whose default socket it finds, or by the configuration file it
+/// runs, whose table it reads.
 #[derive(clap::Args, Debug, PartialEq, Eq)]
 pub struct DaemonSocket {
     /// The daemon's control socket.
@@ -113,13 +117,31 @@ pub struct DaemonSocket {
     /// /run/lobby/TABLE.sock.
     #[arg(long, global = true, default_value = Nftables::DEFAULT_TABLE)]
     pub table: String,
+    /// The daemon running this configuration file: the socket of the
+    /// file's table, as the daemon finds it when started with `-c FILE`
+    /// and no `--socket` (what the systemd unit's reload relies on).
+    #[arg(
+        short = 'c',
+        long = "config",
+        value_name = "FILE",
+        global = true,
+        conflicts_with_all = ["socket", "table"]
+    )]
+    pub config: Option<PathBuf>,
 }
 
 impl DaemonSocket {
-    pub fn path(&self) -> PathBuf {
-        self.socket
+    /// The control socket; with `--config`, a file that does not validate
+    /// names none, and its errors say why.
+    pub fn path(&self) -> Result<PathBuf, ConfigErrors> {
+        let table = match &self.config {
+            Some(file) => config::load(file)?.nftables.table,
+            None => self.table.clone(),
+        };
+        Ok(self
+            .socket
             .clone()
-            .unwrap_or_else(|| ctl::default_socket(&self.table))
+            .unwrap_or_else(|| ctl::default_socket(&table)))
     }
 }
 
@@ -209,7 +231,7 @@ mod tests {
 
     fn ctl_command(args: &[&str]) -> (PathBuf, CtlAction) {
         match parse(args).unwrap().command {
-            Some(Command::Ctl { daemon, action }) => (daemon.path(), action),
+            Some(Command::Ctl { daemon, action }) => (daemon.path().unwrap(), action),
             other => panic!("{args:?}: {other:?}"),
         }
     }
@@ -280,7 +302,7 @@ mod tests {
     #[test]
     fn stats_finds_the_socket_of_a_table() {
         let socket = |args: &[&str]| match parse(args).unwrap().command {
-            Some(Command::Stats { daemon, .. }) => daemon.path(),
+            Some(Command::Stats { daemon, .. }) => daemon.path().unwrap(),
             other => panic!("{args:?}: {other:?}"),
         };
         assert_eq!(socket(&["stats"]), PathBuf::from("/run/lobby/lobby.sock"));
@@ -292,5 +314,53 @@ mod tests {
             socket(&["stats", "--socket", "/tmp/l.sock"]),
             PathBuf::from("/tmp/l.sock")
         );
+    }
+
+    #[test]
+    fn ctl_finds_the_daemon_of_a_configuration_file_by_its_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lobby.yaml");
+        let config = r#"
+lb:
+  - engine: nftables
+    nftables: { table: lb2 }
+    targets:
+      - name: web
+        protocol: tcp
+        port: 80
+        upstream_group:
+          name: pool
+          distribution: round-robin
+          upstreams:
+            - { name: web1, host: 198.18.1.11, port: 80 }
+"#;
+        std::fs::write(&file, config).unwrap();
+        let path = file.to_str().unwrap();
+        assert_eq!(
+            ctl_command(&["ctl", "-c", path, "reload"]),
+            (PathBuf::from("/run/lobby/lb2.sock"), CtlAction::Reload)
+        );
+        assert_eq!(
+            ctl_command(&["ctl", "reload", "--config", path]).0,
+            PathBuf::from("/run/lobby/lb2.sock")
+        );
+        for other in ["--table", "--socket"] {
+            assert!(
+                parse(&["ctl", "-c", path, other, "x", "reload"]).is_err(),
+                "the file names the daemon: {other} is a second answer"
+            );
+        }
+        std::fs::write(
+            &file,
+            config.replace("port: 80\n        upstream", "port: 0\n        upstream"),
+        )
+        .unwrap();
+        let Some(Command::Ctl { daemon, .. }) =
+            parse(&["ctl", "-c", path, "reload"]).unwrap().command
+        else {
+            panic!("a ctl command");
+        };
+        let error = daemon.path().unwrap_err().to_string();
+        assert!(error.contains("port"), "{error}");
     }
 }

@@ -8,7 +8,7 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser as _;
 use lobby::{
-    cli::{Cli, Command, CtlAction, LogLevel, RunArgs},
+    cli::{Cli, Command, CtlAction, DaemonSocket, LogLevel, RunArgs},
     config, ctl, daemon,
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -22,8 +22,10 @@ fn main() -> ExitCode {
             daemon,
             json,
             watch,
-        }) => stats(&daemon.path(), json, watch),
-        Some(Command::Ctl { daemon, action }) => control(&daemon.path(), action),
+        }) => daemon_socket(&daemon).and_then(|socket| stats(&socket, json, watch)),
+        Some(Command::Ctl { daemon, action }) => {
+            daemon_socket(&daemon).and_then(|socket| control(&socket, action))
+        }
         None => run_daemon(cli.run),
     };
     match result {
@@ -76,6 +78,13 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// `lobby ctl`: prints the daemon's answer; its refusal is the error.
+/// The control socket of the daemon a client command names.
+fn daemon_socket(daemon: &DaemonSocket) -> anyhow::Result<PathBuf> {
+    daemon
+        .path()
+        .context("the configuration file that would name the daemon's table does not validate")
+}
+
 fn control(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<()> {
     client_runtime()?.block_on(async {
         let text = match action {

@@ -2,7 +2,7 @@
 //! the Prometheus endpoint and log output fit for journald, the original's
 //! command line, and a non-root user with CAP_NET_ADMIN alone.
 use std::{
-    ffi::OsStr,
+    ffi::{OsStr, OsString},
     io::{Read as _, Write as _},
     path::Path,
     process::{Child, Command, ExitStatus, Stdio},
@@ -49,6 +49,70 @@ fn the_unit_file_passes_systemd_analyze_verify() {
         output.status.success() && said.trim().is_empty(),
         "systemd-analyze verify: {said}"
     );
+}
+
+/// `systemctl reload lobby` with this build and `config`: the unit's
+/// `ExecReload=` lines in turn, the first failure failing it. Whether it
+/// succeeded, and what it printed.
+fn unit_reload(config: &Path) -> (bool, String) {
+    let unit = std::fs::read_to_string(dist("lobby.service")).unwrap();
+    let mut said = String::new();
+    for line in unit.lines().filter_map(|l| l.strip_prefix("ExecReload=")) {
+        let words: Vec<OsString> = line
+            .split_whitespace()
+            .map(|word| match word {
+                "/usr/bin/lobby" => binary().into_os_string(),
+                "/etc/lobby/lobby.yaml" => config.as_os_str().to_owned(),
+                word => word.into(),
+            })
+            .collect();
+        let output = Command::new(&words[0]).args(&words[1..]).output().unwrap();
+        said.push_str(&String::from_utf8_lossy(&output.stdout));
+        said.push_str(&String::from_utf8_lossy(&output.stderr));
+        if !output.status.success() {
+            return (false, said);
+        }
+    }
+    (true, said)
+}
+
+#[test]
+fn the_units_reload_returns_once_the_kernel_has_the_file_and_fails_with_the_reasons() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(2);
+    let _servers = start_servers(&topology);
+    // The unit names no socket: the daemon takes its table's, which the
+    // reload finds from the file.
+    let config = |upstreams: &[usize]| {
+        let mut builder = ConfigBuilder::new().target("web", 8081);
+        for &i in upstreams {
+            builder = builder.topology_upstream(i, "");
+        }
+        builder.build().replace(
+            "  - engine: nftables\n",
+            "  - engine: nftables\n    nftables: { table: lbunit }\n",
+        )
+    };
+    let lobby = Lobby::start_on_table_socket(&topology.lb, &config(&[0, 1]), "lbunit");
+
+    lobby.write_config(&config(&[1]));
+    let (reloaded, said) = unit_reload(&lobby.config_path);
+    assert!(reloaded && said.contains("reload applied"), "{said}");
+    // Returned once the kernel had it: no wait before asking.
+    assert_eq!(names(&topology, 8081, 4), ["web1"; 4], "{}", lobby.log());
+
+    // A file the daemon would refuse fails the reload, with its location;
+    // the running configuration stays.
+    lobby.write_config(&config(&[0]).replace("port: 8081", "port: 0"));
+    let (reloaded, said) = unit_reload(&lobby.config_path);
+    assert!(!reloaded, "{said}");
+    assert!(
+        said.contains("lobby.yaml:") && said.contains("port"),
+        "{said}"
+    );
+    assert_eq!(names(&topology, 8081, 4), ["web1"; 4], "{}", lobby.log());
 }
 
 #[test]
