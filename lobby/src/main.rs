@@ -77,7 +77,6 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// `lobby ctl`: prints the daemon's answer; its refusal is the error.
 /// The control socket of the daemon a client command names.
 fn daemon_socket(daemon: &DaemonSocket) -> anyhow::Result<PathBuf> {
     daemon
@@ -85,6 +84,7 @@ fn daemon_socket(daemon: &DaemonSocket) -> anyhow::Result<PathBuf> {
         .context("the configuration file that would name the daemon's table does not validate")
 }
 
+/// `lobby ctl`: prints the daemon's answer; its refusal is the error.
 fn control(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<()> {
     client_runtime()?.block_on(async {
         let text = match action {
