@@ -81,7 +81,7 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn daemon_socket(daemon: &DaemonSocket) -> anyhow::Result<PathBuf> {
     daemon
         .path()
-        .context("the configuration file that would name the daemon's table does not validate")
+        .context("reading the daemon's table from its configuration file")
 }
 
 /// `lobby ctl`: prints the daemon's answer; its refusal is the error.
