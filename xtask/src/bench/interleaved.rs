@@ -21,7 +21,7 @@ use super::{
 pub type Pair = (&'static str, Variant, Variant, &'static str);
 
 /// The goal ratios between variants of the data plane.
-pub const PAIRS: [Pair; 16] = [
+pub const PAIRS: [Pair; 20] = [
     (
         "block list of 100,000 prefixes: Lobby conn/s / Lobby without",
         Variant::LobbyBlockList,
@@ -69,6 +69,12 @@ pub const PAIRS: [Pair; 16] = [
         ">= 0.97",
     ),
     (
+        "random: Lobby conn/s / raw nft numgen random counting per upstream in nft",
+        Variant::LobbyRandom,
+        Variant::RawNftRandomCounted,
+        "-",
+    ),
+    (
         "random: Lobby conn/s / Lobby round-robin",
         Variant::LobbyRandom,
         Variant::Lobby,
@@ -81,16 +87,34 @@ pub const PAIRS: [Pair; 16] = [
         ">= 0.97",
     ),
     (
+        "ip-src-hash: Lobby conn/s / raw nft jhash counting per upstream in nft",
+        Variant::LobbySourceHash,
+        Variant::RawNftSourceHashCounted,
+        "-",
+    ),
+    (
         "weights 3:1:1: Lobby conn/s / raw nft numgen inc over 5 slots",
         Variant::LobbyWeighted,
         Variant::RawNftWeighted,
         ">= 0.97",
     ),
     (
+        "weights 3:1:1: Lobby conn/s / raw nft numgen inc over 5 slots counting per upstream in nft",
+        Variant::LobbyWeighted,
+        Variant::RawNftWeightedCounted,
+        "-",
+    ),
+    (
         "persistence: Lobby conn/s / raw nft dynamic map",
         Variant::LobbyPersistence,
         Variant::RawNftPersistence,
         ">= 0.97",
+    ),
+    (
+        "persistence: Lobby conn/s / raw nft dynamic map counting per upstream in nft",
+        Variant::LobbyPersistence,
+        Variant::RawNftPersistenceCounted,
+        "-",
     ),
     (
         "ip-src-hash, 12 client addresses, source_nat none: Lobby conn/s / Lobby round-robin",

@@ -3,7 +3,7 @@
 //! must not slow the next (PAWS drops reused tuples' SYNs). Besides the
 //! five main variants: Lobby's other distributions, weights and
 //! persistence, each with the hand-written ruleset of the same mode; the
-//! hand-written round-robin ruleset counting per upstream in nft; and
+//! hand-written rulesets counting per upstream in nft; and
 //! IPv6 through Lobby and plain forwarding.
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -49,6 +49,12 @@ pub enum Variant {
     /// one upstream, in both).
     LobbyPersistence,
     RawNftPersistence,
+    /// The hand-written twins of the other distributions counting as
+    /// [`Variant::RawNftCounted`] does: like with like for each mode.
+    RawNftRandomCounted,
+    RawNftSourceHashCounted,
+    RawNftWeightedCounted,
+    RawNftPersistenceCounted,
     /// The dynamic distributions. Their kernel path is the round-robin map
     /// the daemon rewrites as its measures change, so their hand-written
     /// twin is [`Variant::RawNft`].
@@ -225,7 +231,7 @@ impl Variant {
     ];
 
     /// The variants measured by connection rate only.
-    pub const RATE_ONLY: [Variant; 23] = [
+    pub const RATE_ONLY: [Variant; 27] = [
         Self::RawNftCounted,
         Self::LobbyRandom,
         Self::RawNftRandom,
@@ -235,6 +241,10 @@ impl Variant {
         Self::RawNftWeighted,
         Self::LobbyPersistence,
         Self::RawNftPersistence,
+        Self::RawNftRandomCounted,
+        Self::RawNftSourceHashCounted,
+        Self::RawNftWeightedCounted,
+        Self::RawNftPersistenceCounted,
         Self::LobbyLeastConnections,
         Self::LobbyLeastLatency,
         Self::LobbyChecked,
@@ -267,6 +277,10 @@ impl Variant {
             Self::RawNftWeighted => "raw-nft-weighted",
             Self::LobbyPersistence => "lobby-persistence",
             Self::RawNftPersistence => "raw-nft-persistence",
+            Self::RawNftRandomCounted => "raw-nft-random-counted",
+            Self::RawNftSourceHashCounted => "raw-nft-jhash-counted",
+            Self::RawNftWeightedCounted => "raw-nft-weighted-counted",
+            Self::RawNftPersistenceCounted => "raw-nft-persistence-counted",
             Self::LobbyLeastConnections => "lobby-least-connections",
             Self::LobbyLeastLatency => "lobby-least-latency",
             Self::LobbyChecked => "lobby-checked",
@@ -475,6 +489,14 @@ impl Setup {
             Variant::RawNftSourceHash => setup.raw_dnat(Mode::SourceHash, Counting::None),
             Variant::RawNftWeighted => setup.raw_dnat(Mode::Weighted, Counting::None),
             Variant::RawNftPersistence => setup.raw_dnat(Mode::Persistence, Counting::None),
+            Variant::RawNftRandomCounted => setup.raw_dnat(Mode::Random, Counting::PerUpstream),
+            Variant::RawNftSourceHashCounted => {
+                setup.raw_dnat(Mode::SourceHash, Counting::PerUpstream)
+            }
+            Variant::RawNftWeightedCounted => setup.raw_dnat(Mode::Weighted, Counting::PerUpstream),
+            Variant::RawNftPersistenceCounted => {
+                setup.raw_dnat(Mode::Persistence, Counting::PerUpstream)
+            }
         }
         if let Some(lobby) = &setup.lobby {
             settle(variant, lobby);
