@@ -79,9 +79,21 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// The control socket of the daemon a client command names.
 fn daemon_socket(daemon: &DaemonSocket) -> anyhow::Result<PathBuf> {
-    daemon
+    let socket = daemon
         .path()
-        .context("reading the daemon's table from its configuration file")
+        .context("reading the daemon's table from its configuration file")?;
+    // A file whose table was renamed since its daemon started names a
+    // socket no one binds: say so rather than only that it is missing.
+    if let Some(file) = &daemon.config
+        && !socket.exists()
+    {
+        anyhow::bail!(
+            "no daemon of the table {} names: {} does not exist (a daemon keeps the table it started with until it restarts)",
+            file.display(),
+            socket.display()
+        );
+    }
+    Ok(socket)
 }
 
 /// `lobby ctl`: prints the daemon's answer; its refusal is the error.

@@ -113,6 +113,14 @@ fn the_units_reload_returns_once_the_kernel_has_the_file_and_fails_with_the_reas
         "{said}"
     );
     assert_eq!(names(&topology, 8081, 4), ["web1"; 4], "{}", lobby.log());
+
+    // A renamed table is the daemon's restart, and the reload says why it
+    // found no daemon.
+    lobby.write_config(&config(&[0]).replace("table: lbunit", "table: lbrenamed"));
+    let (reloaded, said) = unit_reload(&lobby.config_path);
+    assert!(!reloaded, "{said}");
+    assert!(said.contains("keeps the table it started with"), "{said}");
+    assert_eq!(names(&topology, 8081, 4), ["web1"; 4], "{}", lobby.log());
 }
 
 #[test]
