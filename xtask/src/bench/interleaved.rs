@@ -21,7 +21,7 @@ use super::{
 pub type Pair = (&'static str, Variant, Variant, &'static str);
 
 /// The goal ratios between variants of the data plane.
-pub const PAIRS: [Pair; 20] = [
+pub const PAIRS: [Pair; 21] = [
     (
         "block list of 100,000 prefixes: Lobby conn/s / Lobby without",
         Variant::LobbyBlockList,
@@ -103,6 +103,12 @@ pub const PAIRS: [Pair; 20] = [
         Variant::LobbyWeighted,
         Variant::RawNftWeightedCounted,
         "-",
+    ),
+    (
+        "weights 3:1:1: Lobby conn/s / Lobby round-robin",
+        Variant::LobbyWeighted,
+        Variant::Lobby,
+        ">= 0.97",
     ),
     (
         "persistence: Lobby conn/s / raw nft dynamic map",
