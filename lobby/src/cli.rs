@@ -134,14 +134,14 @@ impl DaemonSocket {
     /// The control socket; with `--config`, a file that does not validate
     /// names none, and its errors say why.
     pub fn path(&self) -> Result<PathBuf, ConfigErrors> {
+        if let Some(socket) = &self.socket {
+            return Ok(socket.clone());
+        }
         let table = match &self.config {
             Some(file) => config::load(file)?.nftables.table,
             None => self.table.clone(),
         };
-        Ok(self
-            .socket
-            .clone()
-            .unwrap_or_else(|| ctl::default_socket(&table)))
+        Ok(ctl::default_socket(&table))
     }
 }
 
